@@ -26,6 +26,8 @@ class QuantizedModel:
     tokenizer: object | None
     recipe: Recipe
     seconds: float
+    plan: object | None = None  # leanq.planner.Plan when a size budget was given
+    sensitivity: object | None = None  # its leanq.sensitivity.SensitivityTable
 
     def save(self, out: str | Path, overwrite: bool = False) -> Path:
         return save_checkpoint(self.model, self.tokenizer, self.recipe, out, overwrite)
@@ -39,17 +41,32 @@ def pick_device(device: str = "auto") -> str:
     return device
 
 
-def quantize(model: str, method: str = "gptq", bits: int = 4, group_size: int | None = 128, sym: bool = False,
+def quantize(model: str, method: str = "gptq", bits: int = 4, group_size: int | None | str = "auto", sym: bool = False,
              calib: str | None = None, nsamples: int = 128, seqlen: int = 512, seed: int = 0,
              act_order: bool = False, mse_clip: bool = True, damp: float = 0.01, keep: tuple[str, ...] = (),
              dtype: str = "float16", keep_dtype: str = "float16", device: str = "auto",
-             progress: bool = True) -> QuantizedModel:
-    """Quantize the decoder-block linears of ``model`` (HF folder, .gguf, or built-in name)."""
+             progress: bool = True, smooth: float = 0.5, overrides: tuple[str, ...] | str = (),
+             bpw: float | None = None, max_size: int | str | None = None, sensitivity_cache: str | None = None,
+             sensitivity_samples: int = 32) -> QuantizedModel:
+    """Quantize the decoder-block linears of ``model`` (HF folder, .gguf, or built-in name).
+
+    keep / overrides: pattern rules (see :mod:`leanq.rules`; later overrides win, keep wins over all).
+    bpw / max_size: a size budget; each module's setting is then planned from measured
+    sensitivities (:mod:`leanq.hybrid`), cached in ``sensitivity_cache`` when given.
+
+    group_size "auto" takes the method's default (128; NF4's block 64); fields a
+    method fixes (fp8/w8a8: 8-bit per-row symmetric; awq: in_scale) override the
+    arguments.  smooth: SmoothQuant alpha of w8a8 (0 = off).
+    """
     info = get_method(method)
-    fmt = "float" if method == "cast" else "int"
-    spec = QuantSpec(fmt=fmt, bits=bits, group_size=group_size, sym=sym, dtype=dtype)
+    fmt = "float" if method == "cast" else info.fmt
+    if group_size == "auto":
+        group_size = info.default_group
+    fields = dict(fmt=fmt, bits=bits, group_size=group_size, sym=sym, dtype=dtype)
+    fields.update(dict(info.spec))
+    spec = QuantSpec(**fields)
     cfg = MethodConfig(name=method, damp=damp, act_order=act_order, mse_clip=mse_clip,
-                       nsamples=nsamples, seqlen=seqlen, seed=seed)
+                       nsamples=nsamples, seqlen=seqlen, seed=seed, smooth=smooth)
     if keep_dtype not in ("float32", "float16", "bfloat16"):
         raise LeanqError(f"keep dtype must be float32, float16 or bfloat16, got {keep_dtype!r}")
     dev = pick_device(device)
@@ -60,14 +77,30 @@ def quantize(model: str, method: str = "gptq", bits: int = 4, group_size: int | 
     if info.needs_data:
         path = find_file(calib, CALIB_FILE, "--calib")
         calib_ids = calibration_ids(loaded.tokenizer, path, nsamples, seqlen, seed)
+    from .rules import parse_rules
+
+    rules = parse_rules(tuple(keep), overrides, spec)
+    if rules.overrides and spec.fmt != "int":
+        raise LeanqError(f"--override sets integer formats; use it with --method rtn or gptq, not {method}")
+    ov, plan, table = (rules if rules.overrides else None), None, None
+    if bpw is not None or max_size is not None:
+        from .hybrid import plan_model
+        from .planner import parse_size
+
+        size = parse_size(max_size) if isinstance(max_size, str) else max_size
+        plan, table = plan_model(loaded, spec, cfg, rules, find_file(calib, CALIB_FILE, "--calib"), bpw=bpw,
+                                 max_size=size, cache=sensitivity_cache, samples=sensitivity_samples,
+                                 keep_dtype=keep_dtype, device=dev, progress=progress)
+        ov = plan
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    modules = quantize_blocks(loaded.model, spec, cfg, calib_ids, keep=tuple(keep), device=dev, progress=progress)
+    modules = quantize_blocks(loaded.model, spec, cfg, calib_ids, keep=rules.keep, overrides=ov, device=dev,
+                              progress=progress)
     secs = time.perf_counter() - t0
     _round_kept(loaded.model, keep_dtype)
     recipe = Recipe(source=Path(loaded.source).name, model_type=loaded.model.config.model_type, method=cfg,
                     default_spec=spec, modules=modules, keep_dtype=keep_dtype, leanq_version=__version__)
-    return QuantizedModel(loaded.model, loaded.tokenizer, recipe, secs)
+    return QuantizedModel(loaded.model, loaded.tokenizer, recipe, secs, plan, table)
 
 
 def _round_kept(model: torch.nn.Module, keep_dtype: str) -> None:

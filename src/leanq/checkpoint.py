@@ -10,9 +10,11 @@ reports the first problem as one :class:`LeanqError` naming the file.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -77,7 +79,7 @@ def save(model: nn.Module, tokenizer, recipe: Recipe, out: str | Path, overwrite
     tmp.mkdir()
     try:
         state = state_to_save(model, recipe.keep_dtype)
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "producer": "leanq"})
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})  # one key: safetensors writes a map in random order
         cfg = model.config.to_dict()
         cfg.pop("quantization_config", None)  # a GGUF source's marker; the weights here are leanq's
         cfg.pop("_name_or_path", None)
@@ -112,7 +114,10 @@ def read_recipe(path: str | Path) -> tuple[Recipe, dict]:
         raise LeanqError(f"{f}: missing; this is not a leanq checkpoint")
     if f.stat().st_size > MAX_JSON_BYTES:
         raise LeanqError(f"{f}: too large to be a recipe ({f.stat().st_size} bytes)")
-    raw = f.read_bytes()
+    try:
+        raw = f.read_bytes()
+    except OSError as e:
+        raise LeanqError(f"{f}: cannot be read ({e.strerror})") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -121,16 +126,21 @@ def read_recipe(path: str | Path) -> tuple[Recipe, dict]:
     files = json.loads(text).get("files")
     if not isinstance(files, dict) or not isinstance(files.get(WEIGHTS), dict):
         raise LeanqError(f"{f}: no 'files' entry for {WEIGHTS}")
+    w = files[WEIGHTS]
+    n, sha = w.get("bytes"), w.get("sha256")
+    if type(n) is not int or n < 0 or not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
+        raise LeanqError(f"{f}: the 'files' entry of {WEIGHTS} needs 'bytes' (an integer) and 'sha256' (64 hex digits)")
     return recipe, files
 
 
 def load(path: str | Path, device: str = "cpu", verify: bool = True):
     """Rebuild a quantized model from a checkpoint folder: returns (model, tokenizer, recipe)."""
     from safetensors import SafetensorError, safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     p = Path(path)
     recipe, files = read_recipe(p)
     wf = p / WEIGHTS
@@ -149,23 +159,16 @@ def load(path: str | Path, device: str = "cpu", verify: bool = True):
         cfg_dict = json.loads(cfgf.read_text(encoding="utf-8"))
         if not isinstance(cfg_dict, dict):
             raise ValueError("expected a JSON object")
-        config = AutoConfig.from_pretrained(str(p), local_files_only=True)
-    except (ValueError, OSError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise LeanqError(f"{cfgf}: unreadable model config ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        # never run code shipped in a checkpoint (and never prompt for it)
+        config = AutoConfig.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
+    except Exception as e:  # transformers' config validation raises many types (ZeroDivisionError, AttributeError, ...)
+        raise LeanqError(f"{cfgf}: unreadable model config ({_first_line(e)})") from None
     if config.model_type != recipe.model_type:
         raise LeanqError(f"{cfgf}: model type {config.model_type!r} does not match the recipe's {recipe.model_type!r}")
 
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _check_bounded(p, recipe, config, wf, size)  # on the meta device: nothing allocated yet
+    model = _skeleton(p, recipe, config)
     model.eval()
-    names = dict(model.named_modules())
-    for full, mr in recipe.modules.items():
-        old = names.get(full)
-        if old is None:
-            raise LeanqError(f"{p / RECIPE}: module {full!r} does not exist in this model")
-        new = QuantLinear(mr.in_features, mr.out_features, mr.spec, mr.bias)
-        from .arch import set_submodule
-
-        set_submodule(model, full, new)
 
     expected = _unique_state(model)
     keep_dt = getattr(torch, recipe.keep_dtype)
@@ -188,7 +191,7 @@ def load(path: str | Path, device: str = "cpu", verify: bool = True):
                     want_shape, want_dtype = tuple(ref.shape), keep_dt if ref.is_floating_point() else ref.dtype
                 if tuple(t.shape) != want_shape or t.dtype != want_dtype:
                     raise LeanqError(f"{wf}: tensor {k} is {t.dtype} {tuple(t.shape)}, expected {want_dtype} {want_shape}")
-                if t.is_floating_point() and not torch.isfinite(t).all():
+                if t.is_floating_point() and not torch.isfinite(t.float() if t.element_size() == 1 else t).all():  # fp8: no isfinite
                     raise LeanqError(f"{wf}: tensor {k} holds NaN or Inf")
                 state[k] = t.to(ref.dtype)
     except SafetensorError as e:
@@ -201,10 +204,88 @@ def load(path: str | Path, device: str = "cpu", verify: bool = True):
     tok = None
     if any((p / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
         try:
-            tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
+        except Exception as e:  # the tokenizers library raises plain Exception on a malformed file
+
             raise LeanqError(f"{p}: tokenizer files unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     return model, tok, recipe
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _skeleton(p: Path, recipe: Recipe, config, meta: bool = False) -> nn.Module:
+    """The model config.json describes, float32, with the recipe's QuantLinears in place.
+
+    meta=True builds it on the meta device (no memory, no initialisation) for
+    checks.  Every recipe module must replace a linear of exactly its shape.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from .arch import linear_weight, set_submodule
+
+    ctx = torch.device("meta") if meta else contextlib.nullcontext()
+    try:
+        with ctx:
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    except Exception as e:  # transformers rejects bad configs with many types (TypeError, ZeroDivisionError, ...)
+        raise LeanqError(f"{p / 'config.json'}: no model can be built from it ({_first_line(e)})") from None
+    names = dict(model.named_modules())
+    for full, mr in recipe.modules.items():
+        old = names.get(full)
+        if old is None:
+            raise LeanqError(f"{p / RECIPE}: module {full!r} does not exist in this model")
+        try:
+            w, _ = linear_weight(old)
+        except TypeError:
+            raise LeanqError(f"{p / RECIPE}: module {full!r} is not a linear layer") from None
+        if tuple(w.shape) != (mr.out_features, mr.in_features):
+            raise LeanqError(f"{p / RECIPE}: module {full!r} is {mr.out_features}x{mr.in_features} in the recipe "
+                             f"but {w.shape[0]}x{w.shape[1]} in config.json")
+        with ctx:
+            new = QuantLinear(mr.in_features, mr.out_features, mr.spec, mr.bias)
+        set_submodule(model, full, new)
+    return model
+
+
+# config fields whose size is a count of modules: building millions of them takes hours even on meta
+_MODULE_COUNTS = ("num_hidden_layers", "num_layers", "n_layer", "num_experts", "num_local_experts", "n_routed_experts")
+
+
+def _check_bounded(p: Path, recipe: Recipe, config, wf: Path, file_bytes: int) -> None:
+    """Refuse a config.json that describes a model larger than model.safetensors holds.
+
+    A hostile or mistaken config (hidden_size 10**6, a billion layers) would
+    otherwise exhaust memory or hang before any tensor is read.  Module counts
+    are bounded by the number of tensors in the file; then the model is built
+    on the meta device and the bytes its stored tensors need are compared with
+    the file size, so the real build allocates at most a few times the file.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(wf), framework="pt") as st:
+            ntensors = len(st.keys())
+    except SafetensorError as e:
+        raise LeanqError(f"{wf}: not a valid safetensors file ({e})") from None
+    for k in _MODULE_COUNTS:
+        v = getattr(config, k, None)
+        if isinstance(v, int) and v > ntensors:
+            raise LeanqError(f"{p / 'config.json'}: {k}={v} but {WEIGHTS} holds only {ntensors} tensors")
+    model = _skeleton(p, recipe, config, meta=True)
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    quant = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    keep_size = torch.empty(0, dtype=getattr(torch, recipe.keep_dtype)).element_size()
+    need = 0
+    for k, v in model.state_dict().items():
+        if k in tied:
+            continue
+        float_kept = v.is_floating_point() and k.rsplit(".", 1)[0] not in quant
+        need += v.numel() * (keep_size if float_kept else v.element_size())
+    if need > file_bytes:
+        raise LeanqError(f"{p / 'config.json'}: describes a model whose tensors need {need} bytes, "
+                         f"but {WEIGHTS} has only {file_bytes}")
 
 
 def _check_codes(model: nn.Module, state: dict[str, torch.Tensor], quant: set[str]) -> None:

@@ -28,7 +28,9 @@ Data files default to $LEANQ_DATA/wikitext-2/... or ../shared/data/wikitext-2/..
 """
 
 
-def _group(v: str) -> int | None:
+def _group(v: str) -> int | None | str:
+    if v.lower() == "auto":
+        return "auto"
     if v.lower() in ("none", "0", "-1", "channel", "per-channel"):
         return None
     try:
@@ -43,8 +45,9 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="gptq", choices=sorted(METHODS),
                    help="; ".join(f"{k}: {v.help}" for k, v in sorted(METHODS.items())) + " (default gptq)")
     p.add_argument("--bits", type=int, default=4, help="bits per weight code, 2..8 (default 4)")
-    p.add_argument("--group-size", type=_group, default=128,
-                   help="input columns sharing one scale; 'none' for per-channel (default 128). "
+    p.add_argument("--group-size", type=_group, default="auto",
+                   help="input columns sharing one scale; 'none' for per-channel (default: the method's, "
+                        "128; nf4's block 64). "
                         "A width the group does not divide gets a shorter last group")
     p.add_argument("--sym", action="store_true", help="symmetric codes (no stored zero point)")
     p.add_argument("--calib", help="calibration text file (default: wikitext-2/wiki.valid.tokens in the data folder)")
@@ -53,16 +56,38 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for picking calibration windows (default 0)")
     p.add_argument("--act-order", action="store_true", help="GPTQ: visit columns by decreasing Hessian diagonal")
     p.add_argument("--no-mse-clip", action="store_true", help="plain min/max scales instead of a searched clipping")
+    p.add_argument("--smooth", type=float, default=0.5, metavar="ALPHA",
+                   help="w8a8: SmoothQuant migration strength in [0, 1]; 0 = no smoothing (default 0.5)")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of mean diag(H) (default 0.01)")
     p.add_argument("--keep", default="", help="comma-separated name patterns to leave in float, e.g. '*.layers.0.*'")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"], help="target dtype of --method cast")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (default)")
 
 
+def _add_hybrid_args(p: argparse.ArgumentParser) -> None:
+    """Pattern rules and size budgets (leanq.rules, leanq.planner)."""
+    p.add_argument("--override", default="", metavar="RULES",
+                   help="comma-separated PATTERN=BITS[:gSIZE|:gnone][:sym] (or =float16), e.g. "
+                        "'*.down_proj=8,*.v_proj=4:g64'; the last matching rule wins, --keep wins over all")
+    b = p.add_mutually_exclusive_group()
+    b.add_argument("--bpw", type=float, help="plan each module's setting to fit this average bits per weight over "
+                                             "the decoder-block linears (scales, zeros and kept modules counted)")
+    b.add_argument("--max-size", metavar="SIZE", help="plan to fit model.safetensors in SIZE (e.g. 70MB, 64MiB)")
+    p.add_argument("--sensitivity-cache", metavar="FILE",
+                   help="JSON file of measured sensitivities: reused when it matches, else written")
+    p.add_argument("--sensitivity-samples", type=int, default=32,
+                   help="calibration sequences for the sensitivity pass (default 32)")
+
+
+def _hybrid_kwargs(a) -> dict:
+    return dict(overrides=a.override, bpw=a.bpw, max_size=a.max_size, sensitivity_cache=a.sensitivity_cache,
+                sensitivity_samples=a.sensitivity_samples)
+
+
 def _quantize_kwargs(a) -> dict:
     return dict(method=a.method, bits=a.bits, group_size=a.group_size, sym=a.sym, calib=a.calib,
                 nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed, act_order=a.act_order,
-                mse_clip=not a.no_mse_clip, damp=a.damp,
+                mse_clip=not a.no_mse_clip, damp=a.damp, smooth=a.smooth,
                 keep=tuple(k for k in a.keep.split(",") if k), dtype=a.dtype, device=a.device)
 
 
@@ -78,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quant_args(q)
     q.add_argument("--out", required=True, help="output checkpoint folder (written atomically)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
+    _add_hybrid_args(q)
 
     e = sub.add_parser("eval", help="perplexity and size report (WikiText-2 protocol)")
     e.add_argument("model", metavar="MODEL_OR_DIR")
@@ -98,6 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=40)
     g.add_argument("--device", default="auto")
 
+    x = sub.add_parser("export", help="write a checkpoint as compressed-tensors (vLLM, transformers) or GGUF (llama.cpp)",
+                       description="compressed-tensors: int 4/8-bit group-wise or per-channel, sym or asym, exact. "
+                                   "gguf: requantized onto GGUF's Q8_0/Q4_0/Q4_1 blocks; the extra error is reported.")
+    x.add_argument("dir", metavar="DIR", help="a leanq checkpoint folder")
+    x.add_argument("--format", required=True, choices=["compressed-tensors", "gguf"])
+    x.add_argument("--out", required=True, help="output folder (compressed-tensors) or .gguf file, written atomically")
+    x.add_argument("--gguf-type", default="auto", choices=["auto", "Q8_0", "Q4_0", "Q4_1"],
+                   help="GGUF block type of the quantized linears (default auto: Q8_0 for 8-bit, Q4_1 for asym 4-bit, "
+                        "Q4_0 for sym 4-bit)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
     d = sub.add_parser("demo", help=f"quantize {DEFAULT_MODEL} to 4-bit GPTQ g128, evaluate it and the original, report")
     d.add_argument("--out", default="leanq-demo", help="checkpoint folder (default ./leanq-demo)")
     d.add_argument("--max-windows", type=int, default=16, help="evaluation windows of 1024 tokens (default 16)")
@@ -116,13 +153,19 @@ def _version() -> str:
 def cmd_quantize(a) -> int:
     from .api import quantize
 
-    qm = quantize(a.model, **_quantize_kwargs(a))
+    qm = quantize(a.model, **_quantize_kwargs(a), **_hybrid_kwargs(a))
     out = qm.save(a.out, overwrite=a.overwrite)
     from .evaluate import size_report
 
     rep = size_report(qm.model, out)
     print(f"wrote {out}: {rep.bits_per_weight:.3f} bits per weight in quantized linears, "
           f"{rep.bytes_on_disk / (1 << 20):.1f} MiB on disk, quantized in {qm.seconds:.1f} s")
+    if qm.plan is not None:
+        from .plan_report import write_report
+
+        files = write_report(qm.plan, qm.sensitivity, out, title=f"leanq plan, {qm.recipe.source}")
+        print(f"plan: {qm.plan.bpw:.3f} bits per weight over the decoder-block linears "
+              f"(budget {qm.plan.budget_label}); report: {', '.join(f.name for f in files)}")
     return 0
 
 
@@ -167,9 +210,15 @@ def cmd_info(a) -> int:
         from .api import load
         from .kernels import explain
 
+        import torch
+
         model, _, _ = load(a.dir)
-        for name, k in explain(model):
-            print(f"  {name}: {k}")
+        # the choice where the model would run: the GPU when there is one (fp16 activations)
+        dev, dt = ("cuda", torch.float16) if torch.cuda.is_available() else ("cpu", torch.float32)
+        many = dict(explain(model, batch=64, device=dev, dtype=dt))
+        print(f"  kernels on {dev}, batch 1 / batch 64:")
+        for name, k in explain(model, batch=1, device=dev, dtype=dt):
+            print(f"  {name}: {k} / {many[name]}")
     return 0
 
 
@@ -187,6 +236,20 @@ def cmd_generate(a) -> int:
         out = model.generate(ids, max_new_tokens=a.max_new_tokens, do_sample=False,
                              pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     print(tok.decode(out[0], skip_special_tokens=True))
+    return 0
+
+
+def cmd_export(a) -> int:
+    from .export import export
+
+    kw = {"qtype": a.gguf_type} if a.format == "gguf" else {}
+    res = export(a.dir, a.format, a.out, overwrite=a.overwrite, **kw)
+    if isinstance(res, dict):  # GGUF: what requantizing onto its blocks cost
+        print(f"wrote {res['out']} (gguf {', '.join(f'{k} x{v}' for k, v in sorted(res['qtypes'].items()))}): "
+              f"{100 * res['exact_share']:.1f}% of blocks copied exactly, extra relative squared weight error "
+              f"{res['rel_sq_err']:.2e}")
+    else:
+        print(f"wrote {res} ({a.format})")
     return 0
 
 
@@ -212,9 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         rc = {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info, "generate": cmd_generate,
-              "demo": cmd_demo}[a.cmd](a)
+              "demo": cmd_demo, "export": cmd_export}[a.cmd](a)
     except LeanqError as e:
-        print(f"leanq: error: {e}", file=sys.stderr)
+        print("leanq: error: " + " ".join(str(e).splitlines()), file=sys.stderr)  # one line, whatever a file held
         return 2
     except KeyboardInterrupt:
         print("leanq: interrupted; nothing was written at the output path", file=sys.stderr)

@@ -16,8 +16,9 @@ from typing import Any
 from .errors import LeanqError
 
 RECIPE_VERSION = 1
-FORMATS = ("int", "float")
+FORMATS = ("int", "float", "nf4", "fp8", "w8a8")
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+MAX_DIM = 1 << 20  # bound on widths and group sizes read from files, so a recipe cannot ask for absurd tensors
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,17 @@ class QuantSpec:
     group of each row is shorter; its scale and zero are counted like any other.
 
     fmt="float": the weight is kept in float of dtype ``dtype``.
+
+    fmt="nf4": 4-bit normal-float levels, one float16 absmax per block of
+    ``group_size`` input columns (``leanq.formats.nf4``).  fmt="fp8": FP8 E4M3
+    weights with one float16 scale per output row (``leanq.formats.fp8``).
+    fmt="w8a8": int8 weights per row plus int8 activations quantized per token
+    at run time, with a stored SmoothQuant vector (``leanq.formats.w8a8``).
+
+    in_scale (fmt="int" only): a float16 vector [in] is stored beside the codes
+    and the weight is ``dequant(codes) / in_scale`` column-wise (AWQ's
+    activation-aware scaling, kept per module instead of folded elsewhere).
+    Defaults keep checkpoints written before these fields existed valid.
     """
 
     fmt: str = "int"
@@ -38,6 +50,7 @@ class QuantSpec:
     group_size: int | None = 128
     sym: bool = False
     dtype: str = "float16"
+    in_scale: bool = False
 
     def __post_init__(self) -> None:
         if self.fmt not in FORMATS:
@@ -45,16 +58,29 @@ class QuantSpec:
         if self.fmt == "int":
             if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
                 raise LeanqError(f"bits must be an integer from 2 to 8, got {self.bits!r}")
-            if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 8 or self.group_size % 8):
+            if self.group_size is not None and (not isinstance(self.group_size, int) or not 8 <= self.group_size <= MAX_DIM or self.group_size % 8):
                 raise LeanqError(f"group size must be a positive multiple of 8 (or none for per-channel), got {self.group_size!r}")
+        if self.fmt == "nf4":
+            if self.bits != 4:
+                raise LeanqError(f"nf4 stores 4-bit codes, got bits={self.bits!r}")
+            if self.group_size is not None and (not isinstance(self.group_size, int) or not 8 <= self.group_size <= MAX_DIM or self.group_size % 8):
+                raise LeanqError(f"nf4 block size must be a positive multiple of 8 (or none for per-row), got {self.group_size!r}")
+        if self.fmt in ("fp8", "w8a8") and (self.bits != 8 or self.group_size is not None or not self.sym):
+            raise LeanqError(f"{self.fmt} is 8-bit, symmetric, one scale per output row (bits=8, group_size=None, sym=True)")
+        if self.in_scale and self.fmt != "int":
+            raise LeanqError("in_scale applies to fmt='int' only")
         if self.dtype not in FLOAT_DTYPES:
             raise LeanqError(f"dtype must be one of {', '.join(FLOAT_DTYPES)}, got {self.dtype!r}")
 
     def describe(self) -> str:
         if self.fmt == "float":
             return self.dtype
+        if self.fmt == "nf4":
+            return f"nf4 block {self.group_size or 'per-row'}"
+        if self.fmt in ("fp8", "w8a8"):
+            return {"fp8": "fp8 e4m3 per-channel", "w8a8": "int8 weights + dynamic int8 activations"}[self.fmt]
         g = "per-channel" if self.group_size is None else f"g{self.group_size}"
-        return f"int{self.bits} {g} {'sym' if self.sym else 'asym'}"
+        return f"int{self.bits} {g} {'sym' if self.sym else 'asym'}{' +in_scale' if self.in_scale else ''}"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -77,6 +103,7 @@ class MethodConfig:
     mse_clip: search a clipping ratio per group that minimises the squared
         rounding error, instead of plain min/max scaling.
     nsamples, seqlen, seed: the calibration set (sequences of seqlen tokens).
+    smooth: SmoothQuant migration strength alpha for w8a8 (0 = no smoothing).
     """
 
     name: str = "rtn"
@@ -87,6 +114,7 @@ class MethodConfig:
     nsamples: int = 128
     seqlen: int = 512
     seed: int = 0
+    smooth: float = 0.5
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -151,14 +179,16 @@ class Recipe:
     @classmethod
     def from_json(cls, text: str, where: str = "recipe") -> "Recipe":
         try:
-            d = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            # NaN/Infinity literals and floats that overflow to inf are refused; ValueError also
+            # covers integers longer than Python's int-string digit limit
+            d = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
             raise LeanqError(f"{where}: not valid JSON ({e})") from None
         if not isinstance(d, dict):
             raise LeanqError(f"{where}: expected a JSON object")
         try:
             version = d.get("version")
-            if version != RECIPE_VERSION:
+            if type(version) is not int or version != RECIPE_VERSION:  # true == 1 in Python
                 raise LeanqError(f"recipe version {version!r} is not supported (this leanq reads version {RECIPE_VERSION})")
             mods = _expect(d.get("modules"), dict, "modules")
             if d.get("keep_dtype") not in FLOAT_DTYPES:
@@ -168,7 +198,7 @@ class Recipe:
                 model_type=_expect(d.get("model_type"), str, "model_type"),
                 method=MethodConfig.from_dict(_expect(d.get("method"), dict, "method")),
                 default_spec=QuantSpec.from_dict(_expect(d.get("default_spec"), dict, "default_spec")),
-                modules={_expect(k, str, "module name"): ModuleRecipe.from_dict(_expect(v, dict, k)) for k, v in mods.items()},
+                modules={_expect(k, str, "module name"): ModuleRecipe.from_dict(_expect(v, dict, repr(k))) for k, v in mods.items()},
                 keep_dtype=d["keep_dtype"],
                 leanq_version=_expect(d.get("leanq_version", ""), str, "leanq_version"),
                 version=version,
@@ -183,6 +213,17 @@ def _expect(v: Any, typ: type, what: str) -> Any:
     return v
 
 
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number leanq accepts")
+
+
+def _finite_float(text: str) -> float:
+    v = float(text)
+    if v != v or v in (float("inf"), float("-inf")):
+        raise ValueError(f"{text[:20]} overflows")
+    return v
+
+
 def _checked_fields(cls: type, d: dict[str, Any], what: str) -> dict[str, Any]:
     """Reject unknown keys and wrongly typed values before building a dataclass."""
     if not isinstance(d, dict):
@@ -190,7 +231,11 @@ def _checked_fields(cls: type, d: dict[str, Any], what: str) -> dict[str, Any]:
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(d) - set(names)
     if unknown:
-        raise LeanqError(f"{what}: unknown field(s) {', '.join(sorted(map(str, unknown)))}")
+        raise LeanqError(f"{what}: unknown field(s) {', '.join(sorted(map(repr, unknown)))}")  # repr: names may hold newlines
+    missing = [f.name for f in names.values()
+               if f.name not in d and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise LeanqError(f"{what}: missing field(s) {', '.join(missing)}")
     simple = {"int": int, "float": (int, float), "bool": bool, "str": str}
     for k, v in d.items():
         t = str(names[k].type).replace(" ", "")

@@ -54,6 +54,7 @@ def load_float(name: str, dtype: torch.dtype = torch.float32, with_tokenizer: bo
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     p = resolve(name)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
@@ -61,8 +62,10 @@ def load_float(name: str, dtype: torch.dtype = torch.float32, with_tokenizer: bo
             if p.suffix != ".gguf":
                 raise LeanqError(f"{p}: not a .gguf file (give a Hugging Face folder or a .gguf file)")
             _check_gguf(p)
-            model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=dtype)
-            tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name) if with_tokenizer else None
+            model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=dtype,
+                                                         trust_remote_code=False)
+            tok = (AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name, trust_remote_code=False)
+                   if with_tokenizer else None)
         else:
             cfg = p / "config.json"
             if not cfg.is_file():
@@ -74,23 +77,59 @@ def load_float(name: str, dtype: torch.dtype = torch.float32, with_tokenizer: bo
             if not list(p.glob("*.safetensors")):
                 raise LeanqError(f"{p}: no .safetensors weights (leanq never unpickles .bin files)")
             model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype, use_safetensors=True,
-                                                         local_files_only=True)
+                                                         local_files_only=True, trust_remote_code=False)
             tok = None
             if with_tokenizer and any((p / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
-                tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+                tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
     except LeanqError:
         raise
     except ImportError as e:
         raise LeanqError(f"{p}: a package is missing to read it: {e}") from None
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except Exception as e:  # a malformed file fails deep in transformers/gguf/tokenizers with many types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LeanqError(f"{p}: could not be loaded: {first}") from None
     model.eval()
     return Loaded(model, tok, str(p))
 
 
+# GGUF metadata keys (after "<arch>.") that count modules: building millions of them hangs
+_GGUF_COUNTS = ("block_count", "expert_count")
+
+
 def _check_gguf(p: Path) -> None:
+    """Parse a GGUF file before transformers does, so that a truncated, corrupt or
+    oversized one gives one clear error, and no hang or huge allocation.
+
+    GGUFReader memory-maps the file and checks that every tensor's data lies
+    inside it.  Module counts are bounded by the number of tensors; then the
+    model the metadata describes is built on the meta device and its
+    parameter count compared with the elements the file holds.
+    """
     with open(p, "rb") as f:
         head = f.read(4)
     if head != b"GGUF":
         raise LeanqError(f"{p}: not a GGUF file (bad magic {head!r})")
+    try:
+        from gguf import GGUFReader
+
+        r = GGUFReader(p)
+        f = r.fields["general.architecture"]
+        arch = bytes(f.parts[f.data[0]]).decode("utf-8")
+        counts = {k: int(r.fields[f"{arch}.{k}"].parts[-1][0]) for k in _GGUF_COUNTS if f"{arch}.{k}" in r.fields}
+        elements = sum(int(t.n_elements) for t in r.tensors)
+    except KeyError as e:
+        raise LeanqError(f"{p}: not a usable GGUF file (no {e} metadata)") from None
+    except Exception as e:  # struct.error, ValueError, IndexError, UnicodeDecodeError, ... from a damaged file
+        raise LeanqError(f"{p}: not a readable GGUF file ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
+    for k, v in counts.items():
+        if v > len(r.tensors):
+            raise LeanqError(f"{p}: {arch}.{k}={v} but the file holds only {len(r.tensors)} tensors")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(p.parent), gguf_file=p.name, trust_remote_code=False)
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(config)
+    need = sum(t.numel() for t in meta.parameters())
+    if need > 2 * elements + (1 << 20):  # slack for parameters transformers adds that GGUF omits
+        raise LeanqError(f"{p}: its metadata describes a model of {need} parameters, "
+                         f"but the file holds only {elements} values")

@@ -24,7 +24,7 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.spec = in_features, out_features, spec
         self.fmt = spec.fmt
-        if spec.fmt == "int":
+        if spec.fmt != "float":  # int, nf4, fp8, w8a8: the format's own table (formats.layouts)
             for name, (shape, dtype) in expected_shapes(spec, out_features, in_features).items():
                 self.register_buffer(name, torch.zeros(shape, dtype=dtype))
         else:
@@ -37,9 +37,11 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_int_weight(cls, iw: IntWeight, bias: torch.Tensor | None) -> "QuantLinear":
+        """Any packed container (IntWeight, NF4Weight, FP8Weight, W8A8Weight): its tensors become the buffers."""
         m = cls(iw.in_features, iw.out_features, iw.spec, bias is not None,
                 bias.dtype if bias is not None else torch.float32)
-        m.qweight, m.scales, m.zeros = iw.qweight, iw.scales, iw.zeros
+        for name, t in iw.tensors().items():
+            setattr(m, name, t)
         if bias is not None:
             m.bias = bias.detach().clone()
         return m
@@ -54,7 +56,8 @@ class QuantLinear(nn.Module):
         return m
 
     def int_weight(self) -> IntWeight:
-        return IntWeight(self.qweight, self.scales, self.zeros, self.spec, self.in_features)
+        return IntWeight(self.qweight, self.scales, self.zeros, self.spec, self.in_features,
+                         getattr(self, "in_scale", None))
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())

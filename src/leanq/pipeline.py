@@ -48,10 +48,15 @@ def _replace(block: nn.Module, rel: str, qw, bias: torch.Tensor | None) -> Quant
 
 def quantize_blocks(model: nn.Module, spec: QuantSpec, cfg: MethodConfig, calib: torch.Tensor | None,
                     keep: tuple[str, ...] = (), overrides=None, device: str = "cpu",
-                    batch_size: int = 8, progress: bool = True) -> dict[str, ModuleRecipe]:
+                    batch_size: int = 8, progress: bool = True,
+                    on_hessian: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None) -> dict[str, ModuleRecipe]:
     """Quantize every target linear of every decoder block in place.
 
     calib: int64 [nsamples, seqlen] token ids (needed by data-driven methods).
+    on_hessian(full name, W [out, in], H [in, in] float32): called for each
+    target right before it is quantized (data-driven methods only), so callers
+    such as :mod:`leanq.sensitivity` can measure a module under its own
+    calibration Hessian without holding every H at once.
     Returns {full module name: ModuleRecipe}.
     """
     method = get_method(cfg.name)
@@ -65,9 +70,9 @@ def quantize_blocks(model: nn.Module, spec: QuantSpec, cfg: MethodConfig, calib:
                 full = f"{prefix}.{i}.{rel}"
                 s = spec_for(full, spec, overrides)
                 w, b = linear_weight(lin)
-                qw = get_method(cfg.name if s.fmt == "int" else "cast").fn(w, None, s, cfg)
+                qw = get_method(cfg.name if s.fmt != "float" else "cast").fn(w, None, s, cfg)
                 _replace(block, rel, qw, b)
-                recipe[full] = ModuleRecipe(s, cfg.name if s.fmt == "int" else "cast", w.shape[1], w.shape[0], b is not None)
+                recipe[full] = ModuleRecipe(s, cfg.name if s.fmt != "float" else "cast", w.shape[1], w.shape[0], b is not None)
         return recipe
 
     if calib is None:
@@ -109,7 +114,9 @@ def quantize_blocks(model: nn.Module, spec: QuantSpec, cfg: MethodConfig, calib:
             w, b = linear_weight(lin)
             _check_finite(w, full)
             h = hessians[rel] * (2.0 / counts[rel])
-            name = cfg.name if s.fmt == "int" else "cast"
+            if on_hessian is not None:
+                on_hessian(full, w, h)
+            name = cfg.name if s.fmt != "float" else "cast"
             qw = get_method(name).fn(w, h, s, cfg)
             _replace(block, rel, qw, b)
             recipe[full] = ModuleRecipe(s, name, w.shape[1], w.shape[0], b is not None)

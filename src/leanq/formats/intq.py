@@ -32,6 +32,9 @@ class IntWeight:
     scales:  float16 [out, ngroups]
     zeros:   uint8 [out, packed_len(ngroups, bits)] packed zero points (asym),
              or uint8 [out, 0] (sym: implicit 2**(bits-1))
+    in_scale: float16 [in] when ``spec.in_scale`` (AWQ): the stored codes
+             represent ``W · diag(in_scale)``, so the weight is that divided
+             column-wise by ``in_scale``; None otherwise.
     spec, in_features: how to read them.
     """
 
@@ -40,13 +43,17 @@ class IntWeight:
     zeros: torch.Tensor
     spec: QuantSpec
     in_features: int
+    in_scale: torch.Tensor | None = None
 
     @property
     def out_features(self) -> int:
         return self.qweight.shape[0]
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"qweight": self.qweight, "scales": self.scales, "zeros": self.zeros}
+        t = {"qweight": self.qweight, "scales": self.scales, "zeros": self.zeros}
+        if self.in_scale is not None:
+            t["in_scale"] = self.in_scale
+        return t
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
@@ -68,7 +75,10 @@ class IntWeight:
         q = self.codes().float()
         s = self.scales.float().repeat_interleave(g, dim=1)[:, : self.in_features]
         z = self.zero_points().repeat_interleave(g, dim=1)[:, : self.in_features]
-        return ((q - z) * s).to(dtype)
+        w = (q - z) * s
+        if self.in_scale is not None:
+            w = w / self.in_scale.float()[None, :]
+        return w.to(dtype)
 
 
 def group_size_of(spec: QuantSpec, in_features: int) -> int:
@@ -81,12 +91,19 @@ def num_groups(spec: QuantSpec, in_features: int) -> int:
 
 def expected_shapes(spec: QuantSpec, out_features: int, in_features: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Shapes and dtypes of the stored tensors, for validating checkpoints."""
+    if spec.fmt != "int":  # the other formats describe themselves
+        from .layouts import stored_shapes
+
+        return stored_shapes(spec, out_features, in_features)
     ng = num_groups(spec, in_features)
-    return {
+    shapes = {
         "qweight": ((out_features, packed_len(in_features, spec.bits)), torch.uint8),
         "scales": ((out_features, ng), torch.float16),
         "zeros": ((out_features, 0 if spec.sym else packed_len(ng, spec.bits)), torch.uint8),
     }
+    if spec.in_scale:
+        shapes["in_scale"] = ((in_features,), torch.float16)
+    return shapes
 
 
 def bits_per_weight(spec: QuantSpec, out_features: int, in_features: int) -> float:
@@ -137,21 +154,16 @@ def find_params(w: torch.Tensor, spec: QuantSpec, mse_clip: bool = False, grid: 
             zero = torch.round(-lo / scale).clamp(lo_q, hi_q)
         return scale, zero
 
-    scale, zero = params(wmin, wmax)
     if not mse_clip:
-        return scale, zero
-    best_err = torch.full_like(scale, float("inf"))
-    best_s, best_z = scale.clone(), zero.clone()
-    for i in range(int(max_shrink * grid) + 1):
-        p = 1 - i / grid
-        s, z = params(wmin * p, wmax * p)
-        q = torch.clamp(torch.round(w / s[:, None]) + z[:, None], lo_q, hi_q)
-        err = ((q - z[:, None]) * s[:, None] - w).pow(2).sum(1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_s = torch.where(better, s, best_s)
-        best_z = torch.where(better, z, best_z)
-    return best_s, best_z
+        return params(wmin, wmax)
+    # all shrink factors at once: [P, rows] parameters, [P, rows, n] trial reconstructions
+    shrink = 1 - torch.arange(int(max_shrink * grid) + 1, device=w.device, dtype=w.dtype) / grid
+    s, z = params(wmin[None] * shrink[:, None], wmax[None] * shrink[:, None])
+    q = torch.clamp(torch.round(w[None] / s[..., None]) + z[..., None], lo_q, hi_q)
+    err = ((q - z[..., None]) * s[..., None] - w[None]).pow_(2).sum(-1)
+    best = err.argmin(0)  # first (widest) range wins ties
+    rows = torch.arange(w.shape[0], device=w.device)
+    return s[best, rows], z[best, rows]
 
 
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:

@@ -8,6 +8,7 @@ reference is always last, so every format runs everywhere.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -33,25 +34,33 @@ def register_kernel(k: Kernel) -> Kernel:
     return k
 
 
+def _allowed(k: Kernel) -> bool:
+    # LEANQ_KERNELS=reference pins every layer to the pure-torch reference (debugging, A/B checks)
+    return os.environ.get("LEANQ_KERNELS", "") != "reference" or k.name.startswith("reference")
+
+
 def select(module: torch.nn.Module, x: torch.Tensor) -> Kernel:
     for k in KERNELS:
+        if not _allowed(k):
+            continue
         if k.fmt == module.fmt and (x.device.type in k.devices or "any" in k.devices) and k.supports(module, x):
             return k
     raise RuntimeError(f"no kernel for format {module.fmt!r} on {x.device.type}")
 
 
-def explain(model: torch.nn.Module, batch: int = 1, device: str | None = None) -> list[tuple[str, str]]:
-    """(module name, kernel name) for every quantized layer at a given batch size."""
+def explain(model: torch.nn.Module, batch: int = 1, device: str | None = None,
+            dtype: torch.dtype = torch.float32) -> list[tuple[str, str]]:
+    """(module name, kernel name) for every quantized layer at a given batch size and activation dtype."""
     rows = []
     for name, m in model.named_modules():
         if hasattr(m, "fmt") and hasattr(m, "in_features"):
             dev = device or next(iter(m.buffers())).device.type
-            rows.append((name, _select_by(m, dev, batch)))
+            rows.append((name, _select_by(m, dev, batch, dtype)))
     return rows
 
 
-def _select_by(m: torch.nn.Module, dev: str, batch: int) -> str:
-    probe = torch.empty(batch, m.in_features, device="meta")
+def _select_by(m: torch.nn.Module, dev: str, batch: int, dtype: torch.dtype = torch.float32) -> str:
+    probe = torch.empty(batch, m.in_features, device="meta", dtype=dtype)
     for k in KERNELS:
         if k.fmt == m.fmt and (dev in k.devices or "any" in k.devices):
             try:
@@ -64,3 +73,18 @@ def _select_by(m: torch.nn.Module, dev: str, batch: int) -> str:
 
 
 from . import reference  # noqa: E402,F401
+from . import ptq_formats  # noqa: E402,F401  (nf4, fp8, w8a8)
+
+
+def _load_gpu_kernels() -> None:
+    """Triton kernels, only where a CUDA device is present: importing triton costs ~1 s and a
+    CPU-only install need not have it (the reference covers every format)."""
+    if not torch.cuda.is_available():
+        return
+    try:
+        from . import triton_int  # noqa: F401
+    except ImportError:  # no triton: the reference kernels serve the GPU too
+        pass
+
+
+_load_gpu_kernels()

@@ -16,18 +16,26 @@ from ..errors import LeanqError
 
 @dataclass(frozen=True)
 class MethodInfo:
+    """fmt: the storage format the method writes; spec: QuantSpec fields it fixes
+    (e.g. bits=8 for fp8, in_scale=True for awq); default_group: the group or
+    block size used when the caller asks for the method's default ("auto")."""
+
     name: str
     fn: Callable
     needs_data: bool
     help: str
+    fmt: str = "int"
+    spec: tuple = ()
+    default_group: int | None = 128
 
 
 METHODS: dict[str, MethodInfo] = {}
 
 
-def register(name: str, needs_data: bool, help: str) -> Callable:
+def register(name: str, needs_data: bool, help: str, fmt: str = "int", spec: dict | None = None,
+             default_group: int | None = 128) -> Callable:
     def deco(fn: Callable) -> Callable:
-        METHODS[name] = MethodInfo(name, fn, needs_data, help)
+        METHODS[name] = MethodInfo(name, fn, needs_data, help, fmt, tuple(sorted((spec or {}).items())), default_group)
         return fn
 
     return deco
@@ -40,3 +48,4 @@ def get_method(name: str) -> MethodInfo:
 
 
 from . import gptq, rtn  # noqa: E402,F401  (fill the registry)
+from . import awq, hqq, lowbit_float, w8a8  # noqa: E402,F401  (awq, awq+gptq, hqq, nf4, fp8, w8a8)

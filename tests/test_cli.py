@@ -1,0 +1,83 @@
+"""The CLI end to end on a tiny model, and one clear line for each bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from leanq.cli import main
+
+
+def run(capsys, *args):
+    rc = main(list(args))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_quantize_eval_info_generate(tiny_hf_folder, text_file, tmp_path, capsys):
+    out = tmp_path / "q"
+    rc, o, e = run(capsys, "quantize", str(tiny_hf_folder), "--method", "gptq", "--bits", "4", "--group-size", "32",
+                   "--calib", str(text_file), "--nsamples", "4", "--seqlen", "32", "--out", str(out), "--device", "cpu")
+    assert rc == 0, e
+    assert "bits per weight" in o and (out / "leanq.json").is_file()
+
+    rc, o, e = run(capsys, "eval", str(out), "--data", str(text_file), "--window", "32", "--max-windows", "3",
+                   "--json", "--baseline", str(tiny_hf_folder), "--device", "cpu")
+    assert rc == 0, e
+    r = json.loads(o)
+    for k in ("ppl", "bits_per_weight", "bytes_on_disk", "bytes_in_memory", "seconds", "ppl_ratio"):
+        assert k in r
+    assert r["tokens_scored"] == 3 * 31 and r["ppl"] > 1 and 4 < r["bits_per_weight"] < 5
+
+    rc, o, e = run(capsys, "info", str(out), "--kernels")
+    assert rc == 0 and "gptq" in o and "int4 g32 asym" in o and "reference-int" in o
+
+    rc, o, e = run(capsys, "generate", str(out), "--prompt", "The quick", "--max-new-tokens", "5", "--device", "cpu")
+    assert rc == 0 and o.startswith("The quick")
+
+
+BAD = [
+    (["quantize", "no/such/model", "--out", "x"], "no such file or folder"),
+    (["eval", "no/such/dir"], "no such file or folder"),
+    (["info", "."], "leanq.json: missing"),
+    (["quantize", "{folder}", "--bits", "9", "--out", "{tmp}/o"], "bits must be"),
+    (["quantize", "{folder}", "--group-size", "12", "--out", "{tmp}/o"], "group size"),
+    (["quantize", "{folder}", "--method", "gptq", "--calib", "{tmp}/none.txt", "--out", "{tmp}/o"], "no such file"),
+    (["eval", "{folder}", "--data", "{tmp}/none.txt"], "no such file"),
+    (["eval", "{folder}", "--data", "{tmp}/empty.txt"], "empty"),
+    (["eval", "{folder}", "--data", "{tmp}/binary.txt"], "not UTF-8"),
+    (["eval", "{folder}", "--data", "{text}", "--window", "100000"], "fewer than one window"),
+    (["quantize", "{tmp}/model.gguf", "--out", "{tmp}/o"], "not a GGUF file"),
+]
+
+
+@pytest.mark.parametrize("args,msg", BAD, ids=[m for _, m in BAD])
+def test_bad_input_one_line(args, msg, tiny_hf_folder, text_file, tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00abc")
+    (tmp_path / "model.gguf").write_bytes(b"NOPE" + b"\0" * 64)
+    fmt = dict(folder=tiny_hf_folder, tmp=tmp_path, text=text_file)
+    rc, o, e = run(capsys, *[a.format(**fmt) for a in args], "--device", "cpu") if args[0] in ("quantize", "eval") \
+        else run(capsys, *args)
+    assert rc == 2
+    lines = e.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("leanq: error:") and msg in lines[0], e
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_data_says_how_to_provide(tiny_hf_folder, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("LEANQ_DATA", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    import leanq.data as data
+
+    monkeypatch.setattr(data, "data_roots", lambda: [tmp_path])
+    rc, o, e = run(capsys, "eval", str(tiny_hf_folder), "--device", "cpu")
+    assert rc == 2 and "LEANQ_DATA" in e and "WikiText-2" in e
+
+
+def test_help_teaches():
+    r = subprocess.run([sys.executable, "-m", "leanq", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "examples:" in r.stdout and "quantize" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "leanq", "quantize", "--help"], capture_output=True, text=True)
+    assert "--group-size" in r.stdout and "gptq" in r.stdout
