@@ -32,6 +32,8 @@ def test_quantize_eval_info_generate(tiny_hf_folder, text_file, tmp_path, capsys
 
     rc, o, e = run(capsys, "info", str(out), "--kernels")
     assert rc == 0 and "gptq" in o and "int4 g32 asym" in o and "reference-int" in o
+    # GPTQ's refinements are on by default and recorded in the recipe
+    assert "act_order=True" in o and "mse_clip=True" in o
 
     rc, o, e = run(capsys, "generate", str(out), "--prompt", "The quick", "--max-new-tokens", "5", "--device", "cpu")
     assert rc == 0 and o.startswith("The quick")

@@ -53,8 +53,6 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--max-windows", type=int, default=48)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--act-order", action="store_true")
-    ap.add_argument("--no-mse-clip", action="store_true")
     ap.add_argument("--tag", default="", help="suffix for row names (variants)")
     a = ap.parse_args()
     out = Path(a.out)
@@ -74,13 +72,12 @@ def main() -> None:
             qsecs, ckpt = 0.0, path
             cmd = f"leanq eval {a.model} --max-windows {a.max_windows}"
         else:
-            qm = quantize(a.model, **kw, act_order=a.act_order, mse_clip=not a.no_mse_clip, device=dev)
+            qm = quantize(a.model, **kw, device=dev, progress=False)
             ckpt = qm.save(out / name, overwrite=True)
             model, tok, qsecs = qm.model.to(dev), qm.tokenizer, qm.seconds
             g = "none" if kw["group_size"] is None else kw["group_size"]
             cmd = (f"leanq quantize {a.model} --method {kw['method']} --bits {kw['bits']} --group-size {g}"
-                   f"{' --sym' if kw.get('sym') else ''}{' --act-order' if a.act_order else ''}"
-                   f"{' --no-mse-clip' if a.no_mse_clip else ''} --out {name}; "
+                   f"{' --sym' if kw.get('sym') else ''} --out {name}; "
                    f"leanq eval {name} --max-windows {a.max_windows}")
         r = run_eval(model, tok, text, name, ckpt, 1024, a.max_windows, dev, progress=False)
         results[name] = {**r.to_dict(), "quant_seconds": qsecs, "command": cmd, "machine": machine(),
@@ -97,7 +94,8 @@ def markdown(results: dict) -> str:
     base = results.get("fp32", {}).get("ppl")
     lines = ["| row | bits per weight (linears) | size on disk | ppl | ratio to FP32 | quantization time |",
              "|---|---|---|---|---|---|"]
-    for name, r in results.items():
+    order = {k: i for i, k in enumerate(ROWS)}
+    for name, r in sorted(results.items(), key=lambda kv: order.get(kv[0], 99)):
         ratio = f"{r['ppl'] / base:.3f}" if base else "-"
         lines.append(f"| {name} | {r['bits_per_weight']:.3f} | {r['bytes_on_disk'] / 1e6:.1f} MB | {r['ppl']:.2f} | "
                      f"{ratio} | {r['quant_seconds']:.0f} s |")

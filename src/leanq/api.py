@@ -43,11 +43,11 @@ def pick_device(device: str = "auto") -> str:
 
 def quantize(model: str, method: str = "gptq", bits: int = 4, group_size: int | None | str = "auto", sym: bool = False,
              calib: str | None = None, nsamples: int = 128, seqlen: int = 512, seed: int = 0,
-             act_order: bool = False, mse_clip: bool = True, damp: float = 0.01, keep: tuple[str, ...] = (),
+             act_order: bool | None = None, mse_clip: bool | None = None, refit: bool | None = None, damp: float = 0.01, keep: tuple[str, ...] = (),
              dtype: str = "float16", keep_dtype: str = "float16", device: str = "auto",
              progress: bool = True, smooth: float = 0.5, overrides: tuple[str, ...] | str = (),
              bpw: float | None = None, max_size: int | str | None = None, sensitivity_cache: str | None = None,
-             sensitivity_samples: int = 32) -> QuantizedModel:
+             sensitivity_samples: int = 32, sensitivity_weighting: str = "fisher") -> QuantizedModel:
     """Quantize the decoder-block linears of ``model`` (HF folder, .gguf, or built-in name).
 
     keep / overrides: pattern rules (see :mod:`leanq.rules`; later overrides win, keep wins over all).
@@ -59,13 +59,18 @@ def quantize(model: str, method: str = "gptq", bits: int = 4, group_size: int | 
     arguments.  smooth: SmoothQuant alpha of w8a8 (0 = off).
     """
     info = get_method(method)
+    # GPTQ's refinements default on (each measured to help on SmolLM2, docs/RESULTS.md);
+    # for data-free methods a plain min/max range is the better default
+    act_order = method == "gptq" if act_order is None else act_order
+    mse_clip = method == "gptq" if mse_clip is None else mse_clip
+    refit = method == "gptq" if refit is None else refit
     fmt = "float" if method == "cast" else info.fmt
     if group_size == "auto":
         group_size = info.default_group
     fields = dict(fmt=fmt, bits=bits, group_size=group_size, sym=sym, dtype=dtype)
     fields.update(dict(info.spec))
     spec = QuantSpec(**fields)
-    cfg = MethodConfig(name=method, damp=damp, act_order=act_order, mse_clip=mse_clip,
+    cfg = MethodConfig(name=method, damp=damp, act_order=act_order, mse_clip=mse_clip, refit=refit,
                        nsamples=nsamples, seqlen=seqlen, seed=seed, smooth=smooth)
     if keep_dtype not in ("float32", "float16", "bfloat16"):
         raise LeanqError(f"keep dtype must be float32, float16 or bfloat16, got {keep_dtype!r}")
@@ -90,7 +95,8 @@ def quantize(model: str, method: str = "gptq", bits: int = 4, group_size: int | 
         size = parse_size(max_size) if isinstance(max_size, str) else max_size
         plan, table = plan_model(loaded, spec, cfg, rules, find_file(calib, CALIB_FILE, "--calib"), bpw=bpw,
                                  max_size=size, cache=sensitivity_cache, samples=sensitivity_samples,
-                                 keep_dtype=keep_dtype, device=dev, progress=progress)
+                                 keep_dtype=keep_dtype, device=dev, progress=progress,
+                                 weighting=sensitivity_weighting)
         ov = plan
     torch.manual_seed(seed)
     t0 = time.perf_counter()

@@ -159,6 +159,9 @@ def load(path: str | Path, device: str = "cpu", verify: bool = True):
         cfg_dict = json.loads(cfgf.read_text(encoding="utf-8"))
         if not isinstance(cfg_dict, dict):
             raise ValueError("expected a JSON object")
+        for k in _BOOL_FLAGS:  # transformers accepts any value here, and forward() then crashes on it
+            if k in cfg_dict and not isinstance(cfg_dict[k], bool):
+                raise ValueError(f"{k} must be true or false, got {cfg_dict[k]!r}"[:200])
         # never run code shipped in a checkpoint (and never prompt for it)
         config = AutoConfig.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
     except Exception as e:  # transformers' config validation raises many types (ZeroDivisionError, AttributeError, ...)
@@ -248,6 +251,10 @@ def _skeleton(p: Path, recipe: Recipe, config, meta: bool = False) -> nn.Module:
         set_submodule(model, full, new)
     return model
 
+
+# config flags forward() reads at run time (found by tests/test_fuzz_readers.py: output_hidden_states=[None])
+_BOOL_FLAGS = ("output_hidden_states", "output_attentions", "return_dict", "use_cache", "tie_word_embeddings",
+               "is_decoder", "is_encoder_decoder", "torchscript", "use_return_dict")
 
 # config fields whose size is a count of modules: building millions of them takes hours even on meta
 _MODULE_COUNTS = ("num_hidden_layers", "num_layers", "n_layer", "num_experts", "num_local_experts", "n_routed_experts")

@@ -54,8 +54,14 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nsamples", type=int, default=128, help="calibration sequences (default 128)")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sequence (default 512)")
     p.add_argument("--seed", type=int, default=0, help="seed for picking calibration windows (default 0)")
-    p.add_argument("--act-order", action="store_true", help="GPTQ: visit columns by decreasing Hessian diagonal")
-    p.add_argument("--no-mse-clip", action="store_true", help="plain min/max scales instead of a searched clipping")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ: visit columns by decreasing Hessian diagonal (default: on for gptq)")
+    p.add_argument("--mse-clip", action=argparse.BooleanOptionalAction, default=None,
+                   help="search a clipping ratio per group (weighted by the Hessian diagonal for GPTQ) instead of "
+                        "plain min/max scales (default: on for gptq, off otherwise)")
+    p.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ: after rounding, re-solve each row's group scales by least squares under the Hessian "
+                        "(default: on for gptq)")
     p.add_argument("--smooth", type=float, default=0.5, metavar="ALPHA",
                    help="w8a8: SmoothQuant migration strength in [0, 1]; 0 = no smoothing (default 0.5)")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of mean diag(H) (default 0.01)")
@@ -77,17 +83,20 @@ def _add_hybrid_args(p: argparse.ArgumentParser) -> None:
                    help="JSON file of measured sensitivities: reused when it matches, else written")
     p.add_argument("--sensitivity-samples", type=int, default=32,
                    help="calibration sequences for the sensitivity pass (default 32)")
+    p.add_argument("--sensitivity-weighting", choices=["fisher", "none"], default="fisher",
+                   help="fisher (default): weight each module's output error by its measured loss gain "
+                        "(one forward+backward pass); none: plain tr(dW H dW^T)")
 
 
 def _hybrid_kwargs(a) -> dict:
     return dict(overrides=a.override, bpw=a.bpw, max_size=a.max_size, sensitivity_cache=a.sensitivity_cache,
-                sensitivity_samples=a.sensitivity_samples)
+                sensitivity_samples=a.sensitivity_samples, sensitivity_weighting=a.sensitivity_weighting)
 
 
 def _quantize_kwargs(a) -> dict:
     return dict(method=a.method, bits=a.bits, group_size=a.group_size, sym=a.sym, calib=a.calib,
                 nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed, act_order=a.act_order,
-                mse_clip=not a.no_mse_clip, damp=a.damp, smooth=a.smooth,
+                mse_clip=a.mse_clip, refit=a.refit, damp=a.damp, smooth=a.smooth,
                 keep=tuple(k for k in a.keep.split(",") if k), dtype=a.dtype, device=a.device)
 
 
@@ -134,6 +143,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GGUF block type of the quantized linears (default auto: Q8_0 for 8-bit, Q4_1 for asym 4-bit, "
                         "Q4_0 for sym 4-bit)")
     x.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+    pl = sub.add_parser("plan", help="re-plan a size budget from cached sensitivities (seconds, no model load)",
+                        description="Choose each module's setting for a bits-per-weight budget from a sensitivity "
+                                    "file written by 'leanq quantize --bpw ... --sensitivity-cache FILE'; writes "
+                                    "plan.md, plan.json and pictures to --out.  Quantize with the same budget and "
+                                    "cache to apply the plan.")
+    pl.add_argument("sensitivity", metavar="FILE")
+    pl.add_argument("--bpw", type=float, required=True, help="average bits per weight over the decoder-block linears")
+    pl.add_argument("--keep", default="", help="comma-separated name patterns left in float")
+    pl.add_argument("--override", default="", metavar="RULES", help="PATTERN=BITS[:gSIZE|:gnone][:sym], comma-separated")
+    pl.add_argument("--out", required=True, help="folder for the report")
 
     d = sub.add_parser("demo", help=f"quantize {DEFAULT_MODEL} to 4-bit GPTQ g128, evaluate it and the original, report")
     d.add_argument("--out", default="leanq-demo", help="checkpoint folder (default ./leanq-demo)")
@@ -188,7 +208,7 @@ def cmd_info(a) -> int:
     print(f"leanq checkpoint {a.dir}  (recipe v{recipe.version}, leanq {recipe.leanq_version})")
     print(f"  source: {recipe.source} ({recipe.model_type})")
     m = recipe.method
-    print(f"  method: {m.name}  damp={m.damp} act_order={m.act_order} mse_clip={m.mse_clip} "
+    print(f"  method: {m.name}  damp={m.damp} act_order={m.act_order} mse_clip={m.mse_clip} refit={m.refit} "
           f"calibration={m.nsamples}x{m.seqlen} seed={m.seed}")
     print(f"  default format: {recipe.default_spec.describe()}; float tensors kept in {recipe.keep_dtype}")
     from .formats.intq import bits_per_weight
@@ -246,10 +266,28 @@ def cmd_export(a) -> int:
     res = export(a.dir, a.format, a.out, overwrite=a.overwrite, **kw)
     if isinstance(res, dict):  # GGUF: what requantizing onto its blocks cost
         print(f"wrote {res['out']} (gguf {', '.join(f'{k} x{v}' for k, v in sorted(res['qtypes'].items()))}): "
-              f"{100 * res['exact_share']:.1f}% of blocks copied exactly, extra relative squared weight error "
+              f"{100 * res['exact_share']:.1f}% of blocks mapped without requantizing "
+              f"({100 * res['bitexact_share']:.1f}% bit-exact), extra relative squared weight error "
               f"{res['rel_sq_err']:.2e}")
     else:
         print(f"wrote {res} ({a.format})")
+    return 0
+
+
+def cmd_plan(a) -> int:
+    from .config import QuantSpec
+    from .hybrid import plan_from_table
+    from .plan_report import write_report
+    from .rules import parse_rules
+    from .sensitivity import load_table
+
+    t0 = time.perf_counter()
+    table = load_table(a.sensitivity)
+    plan, sub = plan_from_table(table, parse_rules(a.keep, a.override, QuantSpec()), bpw=a.bpw)
+    secs = time.perf_counter() - t0
+    files = write_report(plan, sub, a.out, title=f"leanq plan, {table.meta.get('source', '')}")
+    print(f"plan: {plan.bpw:.4f} bits per weight (budget {plan.budget_label}), predicted damage {plan.damage:.4g}, "
+          f"planned in {secs:.2f} s; wrote {', '.join(str(f) for f in files)}")
     return 0
 
 
@@ -269,13 +307,31 @@ def cmd_demo(a) -> int:
     return 0
 
 
+def _check_args(a) -> None:
+    """Numbers and names argparse's types let through, refused before any model is loaded
+    (found by probing the CLI: --max-windows -2 divided by zero, --max-new-tokens -1, an
+    empty prompt and --device tpu ended in tracebacks)."""
+    import re
+
+    for flag in ("max_windows", "max_new_tokens", "nsamples", "seqlen"):
+        v = getattr(a, flag, None)
+        if v is not None and v < 1:
+            raise LeanqError(f"--{flag.replace('_', '-')} must be a positive integer, got {v}")
+    dev = getattr(a, "device", None)
+    if dev is not None and not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", dev):
+        raise LeanqError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {dev!r}")
+    if getattr(a, "prompt", None) is not None and not a.prompt.strip():
+        raise LeanqError("--prompt is empty")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
     try:
+        _check_args(a)
         rc = {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info, "generate": cmd_generate,
-              "demo": cmd_demo, "export": cmd_export}[a.cmd](a)
+              "demo": cmd_demo, "plan": cmd_plan, "export": cmd_export}[a.cmd](a)
     except LeanqError as e:
         print("leanq: error: " + " ".join(str(e).splitlines()), file=sys.stderr)  # one line, whatever a file held
         return 2

@@ -102,6 +102,8 @@ class MethodConfig:
         groups") so the stored layout stays plain contiguous groups.
     mse_clip: search a clipping ratio per group that minimises the squared
         rounding error, instead of plain min/max scaling.
+    refit: after GPTQ has fixed the codes, re-solve each row's group scales by
+        least squares under the Hessian (zero points stay integers).
     nsamples, seqlen, seed: the calibration set (sequences of seqlen tokens).
     smooth: SmoothQuant migration strength alpha for w8a8 (0 = no smoothing).
     """
@@ -110,7 +112,8 @@ class MethodConfig:
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = False
-    mse_clip: bool = True
+    mse_clip: bool = False
+    refit: bool = False
     nsamples: int = 128
     seqlen: int = 512
     seed: int = 0

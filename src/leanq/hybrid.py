@@ -19,6 +19,16 @@ from .rules import Rules
 from .sensitivity import DEFAULT_CANDIDATES, SensitivityTable, check_compatible, load_table, measure, save_table
 
 DEFAULT_SENS_SAMPLES = 32  # 32 x 512 tokens: enough for the proxy's ranking, a quarter of a full calibration pass
+FISHER_SAMPLES = 8  # sequences of the forward+backward pass that measures each module's loss gain
+DEFAULT_WEIGHTING = "fisher"
+
+
+def add_gains(model: torch.nn.Module, table: SensitivityTable, ids: torch.Tensor) -> SensitivityTable:
+    """Weight a table's output errors by each module's loss gain (one forward+backward over ``ids``)."""
+    from .sensitivity import output_grad_gains, with_gains
+
+    gains = output_grad_gains(model, ids, sorted(table.modules))
+    return with_gains(table, gains, {"weighting": "fisher", "fisher_samples": int(ids.shape[0])})
 
 
 def base_modules(model: torch.nn.Module, rules: Rules) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[int, int]]]:
@@ -63,7 +73,7 @@ def _source_bytes(source: str) -> int:
 
 def get_table(loaded, cfg: MethodConfig, rules: Rules, calib_path: Path, cache: str | None, samples: int,
               proxy: str = "rtn", candidates: tuple[QuantSpec, ...] = DEFAULT_CANDIDATES, device: str = "cpu",
-              progress: bool = True) -> SensitivityTable:
+              progress: bool = True, weighting: str = DEFAULT_WEIGHTING) -> SensitivityTable:
     """The cached table when it matches this model/calibration/proxy, else a fresh measurement (then cached).
 
     Every base module is measured, including those ``--keep`` leaves float now, so one
@@ -74,7 +84,11 @@ def get_table(loaded, cfg: MethodConfig, rules: Rules, calib_path: Path, cache: 
     quant, kept = base_modules(loaded.model, rules)
     meta = {"source": Path(loaded.source).name, "source_bytes": _source_bytes(loaded.source),
             "calib": Path(calib_path).name, "nsamples": samples, "seqlen": cfg.seqlen, "seed": cfg.seed,
-            "proxy": proxy, "mse_clip": cfg.mse_clip}
+            "proxy": proxy, "mse_clip": cfg.mse_clip, "weighting": weighting}
+    if weighting not in ("none", "fisher"):
+        raise LeanqError(f"sensitivity weighting must be 'none' or 'fisher', got {weighting!r}")
+    if weighting == "fisher":
+        meta["fisher_samples"] = min(FISHER_SAMPLES, samples)
     if cache and Path(cache).exists():
         table = load_table(cache)
         check_compatible(table, meta, set(quant) | set(kept), cache)
@@ -83,6 +97,8 @@ def get_table(loaded, cfg: MethodConfig, rules: Rules, calib_path: Path, cache: 
         return table
     ids = calibration_ids(loaded.tokenizer, calib_path, samples, cfg.seqlen, cfg.seed)
     table = measure(loaded.model, ids, meta, cfg, candidates, proxy=proxy, device=device, progress=progress)
+    if weighting == "fisher":
+        table = add_gains(loaded.model, table, ids[: meta["fisher_samples"]])
     table.meta = dict(table.meta, **meta)  # damp etc. from measure, the identity from here
     if cache:
         save_table(table, cache)
@@ -92,18 +108,29 @@ def get_table(loaded, cfg: MethodConfig, rules: Rules, calib_path: Path, cache: 
 def plan_model(loaded, spec: QuantSpec, cfg: MethodConfig, rules: Rules, calib_path: Path, bpw: float | None = None,
                max_size: int | None = None, cache: str | None = None, samples: int = DEFAULT_SENS_SAMPLES,
                proxy: str = "rtn", keep_dtype: str = "float16", device: str = "cpu",
-               progress: bool = True) -> tuple[Plan, SensitivityTable]:
+               progress: bool = True, weighting: str = DEFAULT_WEIGHTING) -> tuple[Plan, SensitivityTable]:
     """Plan the decoder-block linears of ``loaded.model`` under one budget (see :mod:`leanq.planner`)."""
     if spec.fmt != "int" or spec.in_scale:
         raise LeanqError("--bpw/--max-size plan plain integer formats; use --method rtn or gptq")
-    table = get_table(loaded, cfg, rules, calib_path, cache, samples, proxy, device=device, progress=progress)
-    _, kept = base_modules(loaded.model, rules)
-    full = table
-    table = SensitivityTable(full.candidates, {n: m for n, m in full.modules.items() if n not in kept}, full.meta,
-                             full.seconds, full.check)
-    pinned = {n: s for n in table.modules if (s := rules.spec_for(n)) is not None}
+    table = get_table(loaded, cfg, rules, calib_path, cache, samples, proxy, device=device, progress=progress,
+                      weighting=weighting)
+    fixed = 0
+    if max_size:
+        fixed = fixed_file_bytes(loaded.model, set(table.modules), keep_dtype)
+    return plan_from_table(table, rules, bpw, max_size, fixed, keep_dtype)
+
+
+def plan_from_table(table: SensitivityTable, rules: Rules, bpw: float | None = None, max_size: int | None = None,
+                    fixed_bytes: int = 0, keep_dtype: str = "float16") -> tuple[Plan, SensitivityTable]:
+    """Plan from a measured table alone (no model needed): rules pin or keep modules, the rest is chosen.
+
+    Returns (plan, the table restricted to the modules that are quantized).
+    """
+    kept = {n: (m["out"], m["in"]) for n, m in table.modules.items() if rules.is_kept(n)}
+    sub = SensitivityTable(table.candidates, {n: m for n, m in table.modules.items() if n not in kept}, table.meta,
+                           table.seconds, table.check)
+    pinned = {n: s for n in sub.modules if (s := rules.spec_for(n)) is not None}
     keep_bits = 8 * torch.empty(0, dtype=getattr(torch, keep_dtype)).element_size()
-    fixed = fixed_file_bytes(loaded.model, set(table.modules) | set(kept), keep_dtype) if max_size else 0
-    plan = make_plan(table, bpw=bpw, max_bytes=max_size, pinned=pinned, kept=kept, keep_bits=keep_bits,
-                     fixed_bytes=fixed)
-    return plan, table
+    plan = make_plan(sub, bpw=bpw, max_bytes=max_size, pinned=pinned, kept=kept, keep_bits=keep_bits,
+                     fixed_bytes=fixed_bytes)
+    return plan, sub

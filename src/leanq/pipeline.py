@@ -10,6 +10,9 @@ time, so peak memory is about one block plus its activations.
 
 from __future__ import annotations
 
+import os
+import sys
+import time
 from typing import Callable
 
 import torch
@@ -21,7 +24,11 @@ from .config import MethodConfig, ModuleRecipe, QuantSpec
 from .errors import LeanqError
 from .formats.floatw import FloatWeight
 from .methods import get_method
+from .kernels.reference import reuse_dequantized
 from .modules import QuantLinear
+
+
+PROFILE = bool(os.environ.get("LEANQ_PROFILE"))  # per-block timings on stderr
 
 
 class _Stop(Exception):
@@ -85,29 +92,39 @@ def quantize_blocks(model: nn.Module, spec: QuantSpec, cfg: MethodConfig, calib:
         targets = block_targets(model, block, f"{prefix}.{i}", keep)
         hessians, counts, handles = {}, {}, []
         shared: dict[tuple, torch.Tensor] = {}
+        order: list[str] = []  # targets in the order the block runs them (learnt on the first batch)
 
         def make_hook(rel: str):
-            def hook(mod, args, out):
+            def hook(mod, args):
                 x = args[0].detach()
                 x = x.reshape(-1, x.shape[-1]).float()
                 key = (x.data_ptr(), tuple(x.shape))
                 if key not in shared:  # q/k/v and gate/up read the same input: one XᵀX
-                    shared[key] = x.t() @ x
+                    shared[key] = gram(x)
                 hessians[rel] = hessians.get(rel, 0) + shared[key]
                 counts[rel] = counts.get(rel, 0) + x.shape[0]
+                if len(order) < len(targets):
+                    order.append(rel)
+                elif rel == order[-1]:
+                    raise _Stop  # every statistic of this batch is in: skip the rest of the block
             return hook
 
         for rel, lin in targets.items():
-            handles.append(lin.register_forward_hook(make_hook(rel)))
+            handles.append(lin.register_forward_pre_hook(make_hook(rel)))
+        t0 = time.perf_counter()
         with torch.no_grad():
             for x, (args, kwargs) in zip(inputs, extra):
                 shared.clear()
-                block(x, *args, **kwargs)
+                try:
+                    block(x, *args, **kwargs)
+                except _Stop:
+                    pass
                 _check_finite(x, f"block {i} input")
         for h in handles:
             h.remove()
         shared.clear()
 
+        t1 = time.perf_counter()
         for rel, lin in targets.items():
             full = f"{prefix}.{i}.{rel}"
             s = spec_for(full, spec, overrides)
@@ -122,10 +139,31 @@ def quantize_blocks(model: nn.Module, spec: QuantSpec, cfg: MethodConfig, calib:
             recipe[full] = ModuleRecipe(s, name, w.shape[1], w.shape[0], b is not None)
         del hessians
 
-        with torch.no_grad():
-            inputs = [_first(block(x, *args, **kwargs)) for x, (args, kwargs) in zip(inputs, extra)]
+        t2 = time.perf_counter()
+        if i + 1 < len(blocks):  # the last block's outputs feed nothing
+            with torch.no_grad(), reuse_dequantized(list(block.modules())):
+                inputs = [_first(block(x, *args, **kwargs)) for x, (args, kwargs) in zip(inputs, extra)]
         block.to("cpu")
+        if PROFILE:
+            print(f"block {i}: statistics {t1 - t0:.2f} s, solve {t2 - t1:.2f} s, "
+                  f"forward {time.perf_counter() - t2:.2f} s", file=sys.stderr)
     return recipe
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """XᵀX [d, d] for x [n, d], computing one off-diagonal block only (3/4 of the products)."""
+    d = x.shape[1]
+    if d < 512:
+        return x.t() @ x
+    h = d // 2
+    a, b = x[:, :h], x[:, h:]
+    out = torch.empty(d, d, dtype=x.dtype, device=x.device)
+    out[:h, :h] = a.t() @ a
+    out[h:, h:] = b.t() @ b
+    ab = a.t() @ b
+    out[:h, h:] = ab
+    out[h:, :h] = ab.t()
+    return out
 
 
 def _first(out):

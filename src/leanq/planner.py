@@ -182,7 +182,7 @@ def make_plan(table, bpw: float | None = None, max_bytes: int | None = None, pin
         budget = 8 * (max_bytes - fixed_bytes)
         label = f"{max_bytes / 1e6:.2f} MB model.safetensors"
     costs = [[table.bits(n, k) for k in range(len(table.candidates))] for n in free]
-    dmg = [list(mods[n]["damage"]) for n in free]
+    dmg = [table.damage(n) for n in free]
     smallest = fixed_bits + sum(min(c) for c in costs)
     if smallest > budget:
         if bpw is not None:
@@ -215,5 +215,5 @@ def uniform_plan(table, spec: QuantSpec, kept: dict[str, tuple[int, int]] | None
     for name, m in table.modules.items():
         total += module_bits(spec, m["out"], m["in"], m["bias"])
         n += m["out"] * m["in"]
-        dmg += m["damage"][k] if k is not None else math.nan
+        dmg += table.damage(name)[k] if k is not None else math.nan
     return Plan({name: spec for name in table.modules}, kept, total, n, dmg, budget_label=f"uniform {spec.describe()}")

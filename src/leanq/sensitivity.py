@@ -128,6 +128,13 @@ class SensitivityTable:
     seconds: float = 0.0
     check: dict = field(default_factory=dict)
 
+    def damage(self, name: str) -> list[float]:
+        """Predicted damage of each candidate on ``name``: the output error, times the module's
+        loss gain when one was measured (:func:`output_grad_gains`)."""
+        m = self.modules[name]
+        g = m.get("gain", 1.0)
+        return [g * d for d in m["damage"]]
+
     def bits(self, name: str, k: int) -> int:
         m = self.modules[name]
         return module_bits(self.candidates[k], m["out"], m["in"], m["bias"])
@@ -155,7 +162,8 @@ class SensitivityTable:
         except (LeanqError, TypeError) as e:
             raise LeanqError(f"{where}: bad candidate ({e})") from None
         for name, m in mods.items():
-            ok = (isinstance(m, dict) and set(m) == {"out", "in", "bias", "damage"}
+            ok = (isinstance(m, dict) and {"out", "in", "bias", "damage"} <= set(m) <= {"out", "in", "bias", "damage", "gain"}
+                  and (type(m.get("gain", 1.0)) in (int, float) and math.isfinite(m.get("gain", 1.0)) and m.get("gain", 1.0) >= 0)
                   and all(type(m[k]) is int and 0 < m[k] <= 1 << 20 for k in ("out", "in"))
                   and type(m["bias"]) is bool and isinstance(m["damage"], list) and len(m["damage"]) == len(specs)
                   and all(type(v) in (int, float) and math.isfinite(v) and v >= 0 for v in m["damage"]))
@@ -312,8 +320,66 @@ def check_proxy(model: torch.nn.Module, ids: torch.Tensor, table: SensitivityTab
                 loss = calib_loss(model, ids)
             finally:
                 w.copy_(orig)
-            pairs.append({"module": name, "candidate": spec.describe(), "proxy": table.modules[name]["damage"][k],
-                          "dloss": loss - base})
-    rho = spearman([p["proxy"] for p in pairs], [p["dloss"] for p in pairs]) if len(pairs) > 2 else float("nan")
-    return {"base_loss": base, "tokens": int(ids.numel()), "pairs": pairs,
-            "spearman": rho if math.isfinite(rho) else None}
+            pairs.append({"module": name, "candidate": spec.describe(), "proxy": table.damage(name)[k],
+                          "output_error": table.modules[name]["damage"][k], "dloss": loss - base})
+    return dict({"base_loss": base, "tokens": int(ids.numel()), "pairs": pairs}, **proxy_correlations(pairs))
+
+
+def proxy_correlations(pairs: list[dict]) -> dict:
+    """Spearman of the planner's proxy and of the plain output error against the true loss change."""
+    out = {}
+    for key, name in (("proxy", "spearman"), ("output_error", "spearman_output_error")):
+        rho = spearman([p[key] for p in pairs], [p["dloss"] for p in pairs]) if len(pairs) > 2 else float("nan")
+        out[name] = rho if math.isfinite(rho) else None
+    return out
+
+
+def output_grad_gains(model: torch.nn.Module, ids: torch.Tensor, names: list[str], batch_size: int = 2) -> dict[str, float]:
+    """Loss gain of each module's output error: E_tokens ||∂ℓ/∂y||² / (4 · out_features).
+
+    ℓ is one token's next-token loss and y [out] the module's output at that token.  To
+    second order (Fisher, taken isotropic within a module) a small output error Δy raises
+    the mean token loss by ½ · E||g||²/out · E||Δy||², and the proxy tr(ΔW H ΔWᵀ) is
+    2 · E||Δy||², so gain × proxy estimates the loss change in nats per token.  One
+    forward and backward pass over ``ids`` int64 [n, seqlen]; the model is not changed.
+    """
+    mods = dict(model.named_modules())
+    sq = {n: 0.0 for n in names}
+    handles = []
+
+    def track(name):
+        def fwd(mod, args, out):
+            if out.requires_grad:
+                out.register_hook(lambda g: sq.__setitem__(name, sq[name] + float(g.double().pow(2).sum())))
+        return fwd
+
+    req = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    emb = model.get_input_embeddings()
+    handles.append(emb.register_forward_hook(lambda m, a, o: o.requires_grad_(True)))
+    handles += [mods[n].register_forward_hook(track(n)) for n in names]
+    ntok = 0
+    try:
+        with torch.enable_grad():
+            for s in range(0, ids.shape[0], batch_size):
+                x = ids[s : s + batch_size]
+                logits = model(x, use_cache=False).logits[:, :-1].float()
+                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
+                                                         reduction="sum")
+                loss.backward()
+                ntok += x[:, 1:].numel()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, r in zip(model.parameters(), req):
+            p.requires_grad_(r)
+    from .arch import linear_weight
+
+    return {n: sq[n] / ntok / (4.0 * linear_weight(mods[n])[0].shape[0]) for n in names}
+
+
+def with_gains(table: SensitivityTable, gains: dict[str, float], info: dict) -> SensitivityTable:
+    """A copy of ``table`` whose damages are weighted by measured loss gains."""
+    mods = {n: dict(m, gain=float(gains[n])) for n, m in table.modules.items()}
+    return SensitivityTable(table.candidates, mods, {**table.meta, **info, "weighting": "fisher"}, table.seconds, {})

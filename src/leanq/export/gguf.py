@@ -9,8 +9,9 @@ block that lies inside one leanq group is written *without requantizing*:
 * Q8_0: d = s, q = k whenever -128 <= k <= 127 (every sym int8 and all int2..7);
 * Q4_0: d = s, q = k + 8 when k in [-8, 7] (every symmetric int2..4), or
   d = -s, q = 8 - k when k in [-7, 8];
-* Q4_1: d = s, m = s·min(k), q = k - min(k) when max(k) - min(k) <= 15
-  (every int2..4, symmetric or not); only m is rounded to float16.
+* Q4_1: d = s, m = s·c, q = k - c when max(k) - min(k) <= 15 (every int2..4,
+  symmetric or not), with the offset c chosen so that m is a float16 exactly
+  where one exists; otherwise only m is rounded.
 
 Blocks that cannot be mapped (a leanq group narrower than 32, an int8 asym
 block, AWQ's in_scale, nf4/fp8 formats) are requantized from leanq's
@@ -101,8 +102,15 @@ def encode_blocks(s: np.ndarray | None, k: np.ndarray | None, w: np.ndarray, qty
         exact = pos | neg
     else:  # Q4_1
         ok = uniform & (kmax - kmin <= 15)
-        m = d * kmin[:, None]
-        blk = np.concatenate([_f16_bytes(d), _f16_bytes(m), _nibbles(np.clip(k - kmin[:, None], 0, 15))], 1)
+        # any offset c in [kmax - 15, kmin] works (q = k - c); take the one whose m = s*c float16
+        # holds exactly (c = 0 or a power of two usually), else the closest: most blocks become bit-exact
+        cands = kmin[:, None] - np.arange(16)[None, :]  # [n, 16]
+        exact_m = d * cands
+        err = np.abs(exact_m.astype(np.float16).astype(np.float32) - exact_m)
+        err = np.where(cands >= (kmax - 15)[:, None], err, np.inf)
+        c = np.take_along_axis(cands, err.argmin(1)[:, None], 1)  # [n, 1]
+        m = d * c
+        blk = np.concatenate([_f16_bytes(d), _f16_bytes(m), _nibbles(np.clip(k - c, 0, 15))], 1)
         out[ok], exact = blk[ok], ok
     return out, exact
 
@@ -233,7 +241,8 @@ def export_gguf(src: str | Path, out: str | Path, overwrite: bool = False, qtype
     w.add_string("general.source.leanq_recipe", (src / "leanq.json").read_text(encoding="utf-8"))
     _tokenizer_fields(src, w, cfg.vocab_size)
 
-    report = {"qtypes": {}, "blocks": 0, "exact_blocks": 0, "sq_err": 0.0, "sq_ref": 0.0}
+    # exact_blocks: mapped onto leanq's grid without requantizing; bitexact_blocks: decode to leanq's values bit for bit
+    report = {"qtypes": {}, "blocks": 0, "exact_blocks": 0, "bitexact_blocks": 0, "sq_err": 0.0, "sq_ref": 0.0}
     quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     seen = set()
     for name, t in model.state_dict().items():
@@ -275,6 +284,7 @@ def export_gguf(src: str | Path, out: str | Path, overwrite: bool = False, qtype
         report["sq_ref"] += float((wq.astype(np.float64) ** 2).sum())
         report["blocks"] += nb
         report["exact_blocks"] += int(exact.sum())
+        report["bitexact_blocks"] += int((back.reshape(nb, BLOCK) == wq.reshape(nb, BLOCK)).all(1).sum())
         report["qtypes"][qt] = report["qtypes"].get(qt, 0) + 1
         w.add_tensor(gname, data.reshape(wq.shape[0], -1), raw_dtype=gt)
     ftype = {"Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
@@ -296,6 +306,7 @@ def export_gguf(src: str | Path, out: str | Path, overwrite: bool = False, qtype
         raise
     report["rel_sq_err"] = report["sq_err"] / max(report["sq_ref"], 1e-30)
     report["exact_share"] = report["exact_blocks"] / max(report["blocks"], 1)
+    report["bitexact_share"] = report["bitexact_blocks"] / max(report["blocks"], 1)
     report["out"] = str(out)
     return report
 

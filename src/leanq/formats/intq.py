@@ -72,10 +72,13 @@ class IntWeight:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Reference dequantization: [out, in] tensor of ``dtype``."""
         g = group_size_of(self.spec, self.in_features)
-        q = self.codes().float()
-        s = self.scales.float().repeat_interleave(g, dim=1)[:, : self.in_features]
-        z = self.zero_points().repeat_interleave(g, dim=1)[:, : self.in_features]
-        w = (q - z) * s
+        out, n = self.out_features, self.in_features
+        ng = self.scales.shape[1]
+        q = self.codes()
+        if ng * g != n:  # shorter last group: pad to whole groups, slice after
+            q = torch.nn.functional.pad(q, (0, ng * g - n))
+        q = q.view(out, ng, g).to(torch.float32)
+        w = ((q - self.zero_points()[:, :, None]) * self.scales.float()[:, :, None]).view(out, ng * g)[:, :n]
         if self.in_scale is not None:
             w = w / self.in_scale.float()[None, :]
         return w.to(dtype)
@@ -125,13 +128,15 @@ def qrange(spec: QuantSpec) -> tuple[int, int]:
 
 
 def find_params(w: torch.Tensor, spec: QuantSpec, mse_clip: bool = False, grid: int = 40,
-                max_shrink: float = 0.8) -> tuple[torch.Tensor, torch.Tensor]:
+                max_shrink: float = 0.8, col_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point for each row of ``w`` [rows, n] (one group per row).
 
     Returns (scale float32 [rows], zero float32 [rows]); scales are rounded to
     float16 first, so that what is stored is exactly what the codes assume.
     With ``mse_clip`` the range is shrunk by the factor (of ``grid`` steps down
-    to ``1 - max_shrink``) that minimises the rounding error of the row.
+    to ``1 - max_shrink``) that minimises the rounding error of the row,
+    each column's squared error weighted by ``col_weight`` [n] when given
+    (e.g. the Hessian diagonal: how strongly that input is driven).
     """
     w = w.float()
     lo_q, hi_q = qrange(spec)
@@ -160,7 +165,8 @@ def find_params(w: torch.Tensor, spec: QuantSpec, mse_clip: bool = False, grid: 
     shrink = 1 - torch.arange(int(max_shrink * grid) + 1, device=w.device, dtype=w.dtype) / grid
     s, z = params(wmin[None] * shrink[:, None], wmax[None] * shrink[:, None])
     q = torch.clamp(torch.round(w[None] / s[..., None]) + z[..., None], lo_q, hi_q)
-    err = ((q - z[..., None]) * s[..., None] - w[None]).pow_(2).sum(-1)
+    err = ((q - z[..., None]) * s[..., None] - w[None]).pow_(2)
+    err = (err * col_weight.float()).sum(-1) if col_weight is not None else err.sum(-1)
     best = err.argmin(0)  # first (widest) range wins ties
     rows = torch.arange(w.shape[0], device=w.device)
     return s[best, rows], z[best, rows]

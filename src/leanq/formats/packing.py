@@ -46,9 +46,16 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     lead = packed.shape[:-1]
     if packed.shape[-1] != packed_len(n, bits):
         raise ValueError(f"packed length {packed.shape[-1]} does not hold {n} codes of {bits} bits")
-    p = packed.reshape(*lead, -1, bits).to(torch.int64)
-    byte_shifts = torch.arange(bits, device=packed.device, dtype=torch.int64) * 8
-    word = (p << byte_shifts).sum(-1)
-    shifts = torch.arange(8, device=packed.device, dtype=torch.int64) * bits
+    if bits in (1, 2, 4, 8):
+        # widths that divide a byte: shift uint8 lanes directly, no 64-bit words
+        per = 8 // bits
+        shifts = torch.arange(per, device=packed.device, dtype=torch.uint8) * bits
+        codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+        return codes.reshape(*lead, -1)[..., :n]
+    wide = torch.int32 if bits <= 3 else torch.int64  # 8 codes of <= 3 bits fit 24 bits
+    p = packed.reshape(*lead, -1, bits).to(wide)
+    byte_shifts = torch.arange(bits, device=packed.device, dtype=wide) * 8
+    word = (p << byte_shifts).sum(-1, dtype=wide)
+    shifts = torch.arange(8, device=packed.device, dtype=wide) * bits
     codes = (word.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
     return codes.to(torch.uint8).reshape(*lead, -1)[..., :n]

@@ -85,6 +85,10 @@ def _load_gpu_kernels() -> None:
         from . import triton_int  # noqa: F401
     except ImportError:  # no triton: the reference kernels serve the GPU too
         pass
+    except Exception as e:  # a triton/torch pairing that breaks at import must not break leanq
+        import warnings
+
+        warnings.warn(f"leanq: Triton kernels disabled ({type(e).__name__}: {e}); using the reference kernels")
 
 
 _load_gpu_kernels()

@@ -9,22 +9,26 @@ wide, coalesced loads:
 * codes are split into bit planes of width 8, 4, 2 or 1 (3 = 2+1, 5 = 4+1,
   6 = 4+2, 7 = 4+2+1).  Every plane holds the same number ``CPW`` of codes per
   word (CPW = 32 / widest plane), so plane p's words are int32/int16/int8 and
-  one word index means the same input columns in every plane.  For 2, 4 and 8
-  bits this is exactly the stored byte stream read as int32 words (the plane
-  *is* the checkpoint layout); 3 bits costs no padding (int32 + int16 planes).
-  planes: [out, Kw] with Kw = ceil(in / CPW), padded to a multiple of 16 words.
+  one word index means the same input columns in every plane; 3 bits cost no
+  padding (int32 + int16 planes).  Inside each sub-group tile of GT codes (GT:
+  a power of two dividing the group size) word ``wi`` slot ``j`` holds column
+  ``j * (GT / CPW) + wi``.  planes: [out, Kw], Kw = ceil(in / GT) * GT / CPW,
+  padded to a multiple of 16 words.
 * scales are transposed to [ngroups, out] fp16 and zeros unpacked and
   transposed to [ngroups, out] uint8, so the scales a tile needs are contiguous.
 
 Two kernels share that layout:
 
-* ``gemv`` (batch 1..few): CUDA-core FMAs.  A program owns BN output rows and
-  walks the whole input dim in tiles of NGT sub-groups of GT codes.  Each
-  sub-group lies inside one quantization group, so the scale is applied once per
-  (row, sub-group): acc += s * (sum_k q*x - z * sum_k x).
+* ``gemv`` (batch 1-4): CUDA-core FMAs.  A program owns BN output rows (and up
+  to 4 activation rows) and walks the input dim in tiles of NGT sub-groups.
+  Slot j of a whole word tile is decoded in place (shift, mask, 2**23 mantissa
+  trick to float) and multiplied by one contiguous slice of x; each sub-group
+  lies inside one quantization group, so the scale is applied once per
+  (row, sub-group): acc += s * sum_k q*x - s*z * sum_k x.
 * ``dot`` (larger batches): dequantizes a [BN, BK] weight tile in registers
   ((q - z) * s, rounded to the activation dtype as the reference does) and feeds
   tensor cores through ``tl.dot``.
+* ``dequantize``: the whole weight, for a dequantize + cuBLAS path.
 
 Both are checked against :mod:`leanq.kernels.reference` in
 tests/test_kernels_triton.py (on CPU through TRITON_INTERPRET=1) and in
@@ -49,7 +53,7 @@ _WORD_DTYPE = {32: torch.int32, 16: torch.int16, 8: torch.int8}
 MIN_GT = 32  # smallest sub-group tile; group sizes whose largest power-of-2 divisor is smaller fall back
 
 # batches up to this size take the GEMV kernel; set from benchmarks/kernels measurements (NOTES.md)
-GEMV_MAX_M = int(os.environ.get("LEANQ_GEMV_MAX_M", "1"))
+GEMV_MAX_M = int(os.environ.get("LEANQ_GEMV_MAX_M", "4"))
 
 
 def codes_per_word(bits: int) -> int:
@@ -88,7 +92,7 @@ def _pack_plane(codes: torch.Tensor, width: int, cpw: int, gt: int, kw: int) -> 
 
 def repack(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, sym: bool,
            in_features: int, group: int) -> dict:
-    """Kernel layout from the stored tensors (shapes in the module docstring)."""
+    """Kernel layout from the stored tensors (shapes in the module docstring); deterministic."""
     n = qweight.shape[0]
     cpw = codes_per_word(bits)
     gt = sub_group(group)
@@ -209,7 +213,8 @@ def _gemv_kernel(x_ptr, out_ptr, bias_ptr, w0_ptr, w1_ptr, w2_ptr, s_ptr, z_ptr,
         xs2 = xs0
         xs3 = xs0
         for j in tl.static_range(CPW):
-            q = _slot(w0, w1, w2, j, B0, B1, B2).to(tl.float32)
+            # int -> float without I2F (a quarter-rate instruction): 2**23 + q has q in its mantissa
+            q = (_slot(w0, w1, w2, j, B0, B1, B2) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
             xk = k0 + x_col + j * WPG
             xm = xk < K
             xv = tl.load(x0_ptr + xk, mask=xm, other=0.0).to(tl.float32)
@@ -246,70 +251,39 @@ def _gemv_kernel(x_ptr, out_ptr, bias_ptr, w0_ptr, w1_ptr, w2_ptr, s_ptr, z_ptr,
 
 
 @triton.jit
-def _deq(w0, w1, w2, j: tl.constexpr, s, z, B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr,
-         DT: tl.constexpr):
-    return ((_slot(w0, w1, w2, j, B0, B1, B2).to(tl.float32) - z) * s).to(DT)
-
-
-@triton.jit
 def _dequant_tile(w0_ptr, w1_ptr, w2_ptr, s_ptr, z_ptr, offs_n, n_mask, k0, N, K, Kw, G,
                   B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, CPW: tl.constexpr, SYM: tl.constexpr,
                   BN: tl.constexpr, NGT: tl.constexpr, GT: tl.constexpr, DT: tl.constexpr):
-    """Dequantized weights [BN, NGT*GT] of dtype DT for rows offs_n, tile starting at column k0.
+    """Dequantized weights [BN, NGT*GT] of dtype DT for rows offs_n, input columns k0 .. k0+NGT*GT.
 
-    Column c of the tile is input column ``k0 + col_of(c)`` (see :func:`_tile_cols`):
-    slots are joined in registers (tl.join adds a minor, per-thread dim), so
-    building the tile moves no data between threads.
+    Slot j of word wi is column j*WPG + wi of its sub-group tile, so expanding
+    the words to [BN, NGT, CPW, WPG] (slot as the second-to-last dim) and
+    flattening gives the columns in their natural order.
     """
     WPG: tl.constexpr = GT // CPW
     gi = tl.arange(0, NGT)
     wi = tl.arange(0, WPG)
+    sh = tl.arange(0, CPW)[None, None, :, None]
     w_col = k0 // CPW + gi[None, :, None] * WPG + wi[None, None, :]
     wmask = n_mask[:, None, None] & (w_col < Kw)
     w0, w1, w2 = _load_words(w0_ptr, w1_ptr, w2_ptr, offs_n[:, None, None].to(tl.int64) * Kw + w_col,
                              wmask, B1, B2)
+    q = (w0[:, :, None, :] >> (sh * B0)) & ((1 << B0) - 1)
+    if B1 > 0:
+        q |= ((w1[:, :, None, :] >> (sh * B1)) & ((1 << B1) - 1)) << B0
+    if B2 > 0:
+        q |= ((w2[:, :, None, :] >> (sh * B2)) & ((1 << B2) - 1)) << (B0 + B1)
+    qf = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
     ks = k0 + gi * GT
     smask = n_mask[:, None] & (ks < K)[None, :]
     sz_off = (ks // G)[None, :].to(tl.int64) * N + offs_n[:, None]
-    s = tl.load(s_ptr + sz_off, mask=smask, other=0.0).to(tl.float32)[:, :, None]
+    s = tl.load(s_ptr + sz_off, mask=smask, other=0.0).to(tl.float32)[:, :, None, None]
     if SYM:
-        z = tl.full([BN, NGT, 1], (1 << (B0 + B1 + B2 - 1)) * 1.0, tl.float32)
+        w = (qf - (1 << (B0 + B1 + B2 - 1)) * 1.0) * s
     else:
-        z = tl.load(z_ptr + sz_off, mask=smask, other=0).to(tl.float32)[:, :, None]
-    # join tree: pairs differing in the top slot bit first, so the flattened minor dims give slot order
-    if CPW == 4:
-        t = tl.join(tl.join(_deq(w0, w1, w2, 0, s, z, B0, B1, B2, DT), _deq(w0, w1, w2, 2, s, z, B0, B1, B2, DT)),
-                    tl.join(_deq(w0, w1, w2, 1, s, z, B0, B1, B2, DT), _deq(w0, w1, w2, 3, s, z, B0, B1, B2, DT)))
-    elif CPW == 8:
-        a0 = tl.join(_deq(w0, w1, w2, 0, s, z, B0, B1, B2, DT), _deq(w0, w1, w2, 4, s, z, B0, B1, B2, DT))
-        a1 = tl.join(_deq(w0, w1, w2, 1, s, z, B0, B1, B2, DT), _deq(w0, w1, w2, 5, s, z, B0, B1, B2, DT))
-        a2 = tl.join(_deq(w0, w1, w2, 2, s, z, B0, B1, B2, DT), _deq(w0, w1, w2, 6, s, z, B0, B1, B2, DT))
-        a3 = tl.join(_deq(w0, w1, w2, 3, s, z, B0, B1, B2, DT), _deq(w0, w1, w2, 7, s, z, B0, B1, B2, DT))
-        t = tl.join(tl.join(a0, a2), tl.join(a1, a3))
-    else:  # CPW == 16
-        a0 = tl.join(_deq(w0, w1, w2, 0, s, z, B0, B1, B2, DT), _deq(w0, w1, w2, 8, s, z, B0, B1, B2, DT))
-        a1 = tl.join(_deq(w0, w1, w2, 1, s, z, B0, B1, B2, DT), _deq(w0, w1, w2, 9, s, z, B0, B1, B2, DT))
-        a2 = tl.join(_deq(w0, w1, w2, 2, s, z, B0, B1, B2, DT), _deq(w0, w1, w2, 10, s, z, B0, B1, B2, DT))
-        a3 = tl.join(_deq(w0, w1, w2, 3, s, z, B0, B1, B2, DT), _deq(w0, w1, w2, 11, s, z, B0, B1, B2, DT))
-        a4 = tl.join(_deq(w0, w1, w2, 4, s, z, B0, B1, B2, DT), _deq(w0, w1, w2, 12, s, z, B0, B1, B2, DT))
-        a5 = tl.join(_deq(w0, w1, w2, 5, s, z, B0, B1, B2, DT), _deq(w0, w1, w2, 13, s, z, B0, B1, B2, DT))
-        a6 = tl.join(_deq(w0, w1, w2, 6, s, z, B0, B1, B2, DT), _deq(w0, w1, w2, 14, s, z, B0, B1, B2, DT))
-        a7 = tl.join(_deq(w0, w1, w2, 7, s, z, B0, B1, B2, DT), _deq(w0, w1, w2, 15, s, z, B0, B1, B2, DT))
-        b0 = tl.join(a0, a4)
-        b1 = tl.join(a1, a5)
-        b2 = tl.join(a2, a6)
-        b3 = tl.join(a3, a7)
-        t = tl.join(tl.join(b0, b2), tl.join(b1, b3))
-    return tl.reshape(t, [BN, NGT * GT])
-
-
-@triton.jit
-def _tile_cols(NGT: tl.constexpr, GT: tl.constexpr, CPW: tl.constexpr):
-    """Input column (relative to the tile start) of each column of a dequantized tile."""
-    WPG: tl.constexpr = GT // CPW
-    c = tl.arange(0, NGT * GT)
-    r = c % GT
-    return (c // GT) * GT + (r % CPW) * WPG + r // CPW
+        z = tl.load(z_ptr + sz_off, mask=smask, other=0).to(tl.float32)[:, :, None, None]
+        w = (qf - z) * s
+    return tl.reshape(w.to(DT), [BN, NGT * GT])
 
 
 @triton.jit
@@ -333,7 +307,7 @@ def _dot_kernel(x_ptr, out_ptr, bias_ptr, w0_ptr, w1_ptr, w2_ptr, s_ptr, z_ptr,
     offs_n = pid_n * BN + tl.arange(0, BN)
     m_mask = offs_m < M
     n_mask = offs_n < N
-    cols = _tile_cols(NGT, GT, CPW)
+    cols = tl.arange(0, BK)  # the tile comes in natural column order
     x_base = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(0, K, BK):
@@ -358,7 +332,7 @@ def _dequant_kernel(out_ptr, w0_ptr, w1_ptr, w2_ptr, s_ptr, z_ptr, N, K, Kw, G,
     n_mask = offs_n < N
     w = _dequant_tile(w0_ptr, w1_ptr, w2_ptr, s_ptr, z_ptr, offs_n, n_mask, k0, N, K, Kw, G,
                       B0, B1, B2, CPW, SYM, BN, NGT, GT, out_ptr.dtype.element_ty)
-    ks = k0 + _tile_cols(NGT, GT, CPW)
+    ks = k0 + tl.arange(0, NGT * GT)
     tl.store(out_ptr + offs_n[:, None].to(tl.int64) * K + ks[None, :], w,
              mask=n_mask[:, None] & (ks < K)[None, :])
 
@@ -382,13 +356,15 @@ def default_config(kind: str, M: int, N: int, K: int, bits: int) -> dict:
             if kind == "gemv":
                 cfg["BM"] = 1 if M == 1 else 2 if M == 2 else 4
             return cfg
-    if kind == "gemv":
-        return dict(BM=1 if M == 1 else 2 if M == 2 else 4, BN=4, BK=1024, num_warps=4, num_stages=2)
+    if kind == "gemv":  # one row per program, two tiles of 2048 codes per iteration... (sweep 2026-11-27)
+        if M == 1:
+            return dict(BM=1, BN=1, BK=2048, num_warps=2, num_stages=3)
+        return dict(BM=2 if M == 2 else 4, BN=2, BK=1024, num_warps=2, num_stages=1)
     if M <= 16:
         return dict(BM=16, BN=32, BK=256, num_warps=4, num_stages=3, GROUP_M=1)
     if M <= 64:
-        return dict(BM=64, BN=64, BK=128, num_warps=4, num_stages=3, GROUP_M=8)
-    return dict(BM=128, BN=128, BK=128, num_warps=8, num_stages=3, GROUP_M=8)
+        return dict(BM=64, BN=128, BK=128, num_warps=8, num_stages=3, GROUP_M=8)
+    return dict(BM=128, BN=64, BK=128, num_warps=4, num_stages=3, GROUP_M=8)
 
 
 def _common(pk: dict, bk: int) -> tuple:
@@ -473,26 +449,30 @@ def _supports_dot(m, x) -> bool:
     return _base_ok(m, x) and x.dtype in (torch.float16, torch.bfloat16) and _rows(x) > GEMV_MAX_M
 
 
-@torch.library.custom_op("leanq::triton_int_linear", mutates_args=())
-def _linear_op(x: torch.Tensor, planes: list[torch.Tensor], scales: torch.Tensor, zeros: torch.Tensor,
-               bias: torch.Tensor | None, bits: int, sym: bool, K: int, N: int, Kw: int, group: int, gt: int,
-               path: str) -> torch.Tensor:
+def _linear_impl(x: torch.Tensor, planes: list[torch.Tensor], scales: torch.Tensor, zeros: torch.Tensor,
+                 bias: torch.Tensor | None, bits: int, sym: bool, K: int, N: int, Kw: int, group: int, gt: int,
+                 path: str) -> torch.Tensor:
     """The kernels as one opaque op, so torch.compile (and its CUDA graphs) take them whole."""
     pk = dict(planes=list(planes), scales=scales, zeros=zeros, bits=bits, sym=sym, K=K, N=N, Kw=Kw, group=group,
               gt=gt, cpw=codes_per_word(bits))
     return run_gemv(x, pk, bias) if path == "gemv" else run_dot(x, pk, bias)
 
 
-@_linear_op.register_fake
-def _(x, planes, scales, zeros, bias, bits, sym, K, N, Kw, group, gt, path):
-    return x.new_empty(x.shape[0], N)
+try:
+    _linear_op = torch.library.custom_op("leanq::triton_int_linear", mutates_args=())(_linear_impl)
+
+    @_linear_op.register_fake
+    def _(x, planes, scales, zeros, bias, bits, sym, K, N, Kw, group, gt, path):
+        return x.new_empty(x.shape[0], N)
+except Exception:  # an older torch that cannot register it: compiled models call the launcher directly
+    _linear_op = None
 
 
 def _linear(m, x: torch.Tensor, path: str) -> torch.Tensor:
     pk = packed_for(m)
     bias = m.bias.to(x.dtype) if m.bias is not None else None
     x2 = _flat(m, x)
-    if torch.compiler.is_compiling():
+    if _linear_op is not None and torch.compiler.is_compiling():
         y = _linear_op(x2, pk["planes"], pk["scales"], pk["zeros"], bias, pk["bits"], pk["sym"], pk["K"], pk["N"],
                        pk["Kw"], pk["group"], pk["gt"], path)
     else:  # eager: skip the op dispatcher's overhead (~10 us a call)

@@ -1,0 +1,180 @@
+"""End-to-end decode and GPTQ at 7B scale on one GPU, with random weights of Llama-2-7B's shapes.
+
+decode: batch 1, a short random prompt, N new tokens (EOS disabled) through
+transformers' ``generate`` with a static cache; on CUDA transformers then
+compiles the forward with torch.compile (mode reduce-overhead: CUDA graphs).
+The BF16 model and the same model quantized by leanq's RTN (4-bit g128) run
+in the same harness and process.  Reports tokens/s (new tokens over the wall
+time of generate, median of --reps, after a warm-up call that compiles),
+weight memory and peak GPU memory during generate.
+
+gptq: GPTQ 4-bit g128 of the same-shaped model (kept on the CPU, one block at
+a time on the GPU) through leanq's sequential pipeline with
+--nsamples x --seqlen random calibration tokens; wall time and peak GPU memory.
+
+    PYTHONPATH=src python3 benchmarks/decode/bench_decode.py decode --out $OUT
+    PYTHONPATH=src python3 benchmarks/decode/bench_decode.py gptq --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from leanq.config import MethodConfig, QuantSpec
+from leanq.pipeline import quantize_blocks
+
+
+def llama7b_config(layers: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                       tie_word_embeddings=False)
+
+
+def build(layers: int, device: str, dtype=torch.bfloat16, seed: int = 0):
+    """Random-weight Llama-2-7B-shaped model (transformers' own init: normal(0, 0.02)), built on the GPU."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(llama7b_config(layers))
+    finally:
+        torch.set_default_dtype(old)
+    model.eval()
+    return model.to(device)
+
+
+def weight_bytes(model) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen or t.device.type != "cuda":
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    for m in model.modules():  # kernel layouts cached on quantized layers
+        pk = getattr(m, "_cache", {}).get("triton_int")
+        if pk is not None:
+            pk = pk[1]
+            for t in pk["planes"] + [pk["scales"]] + ([] if pk["sym"] else [pk["zeros"]]):
+                if t.data_ptr() not in seen:
+                    seen.add(t.data_ptr())
+                    total += t.numel() * t.element_size()
+    return total
+
+
+def time_generate(model, prompt_len: int, new: int, reps: int) -> dict:
+    ids = torch.randint(100, 30000, (1, prompt_len), device="cuda")
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, cache_implementation="static",
+              pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        out = model.generate(ids, **kw)  # warm-up: compiles
+        torch.cuda.synchronize()
+        warm = time.perf_counter() - t0
+        assert out.shape[1] == prompt_len + new, out.shape
+        torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(reps):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = model.generate(ids, **kw)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    t = statistics.median(times)
+    return dict(tokens_per_s=new / t, seconds=t, all_seconds=times, warmup_seconds=warm,
+                peak_gib=torch.cuda.max_memory_allocated() / 2**30, tokens=out[0, prompt_len:prompt_len + 8].tolist())
+
+
+def cmd_decode(a) -> dict:
+    from leanq.kernels import explain
+    from leanq.kernels import triton_int as ti
+
+    res = {}
+    model = build(a.layers, "cuda")
+    res["bf16"] = dict(weights_gib=weight_bytes(model) / 2**30, **time_generate(model, a.prompt_len, a.new_tokens, a.reps))
+    print("bf16", json.dumps(res["bf16"]), flush=True)
+    torch._dynamo.reset()
+    t0 = time.perf_counter()
+    spec = QuantSpec(bits=a.bits, group_size=128, sym=False)
+    quantize_blocks(model, spec, MethodConfig(name="rtn", mse_clip=False), None, device="cuda", progress=False)
+    qsec = time.perf_counter() - t0
+    freed = ti.release_stored(model) if a.release else 0
+    torch.cuda.empty_cache()
+    kernels = sorted({k for _, k in explain(model, batch=1, device="cuda", **_dt())})
+    res[f"int{a.bits}"] = dict(quantize_seconds=qsec, stored_bytes_released=freed, kernels_batch1=kernels,
+                               weights_gib=weight_bytes(model) / 2**30,
+                               **time_generate(model, a.prompt_len, a.new_tokens, a.reps))
+    print(f"int{a.bits}", json.dumps(res[f"int{a.bits}"]), flush=True)
+    q = res[f"int{a.bits}"]
+    res["speedup"] = q["tokens_per_s"] / res["bf16"]["tokens_per_s"]
+    res["weight_memory_ratio"] = q["weights_gib"] / res["bf16"]["weights_gib"]
+    res["peak_memory_ratio"] = q["peak_gib"] / res["bf16"]["peak_gib"]
+    return res
+
+
+def _dt() -> dict:
+    import inspect
+
+    from leanq.kernels import explain
+
+    return {"dtype": torch.bfloat16} if "dtype" in inspect.signature(explain).parameters else {}
+
+
+def cmd_gptq(a) -> dict:
+    model = build(a.layers, "cpu")
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    g = torch.Generator().manual_seed(0)
+    calib = torch.randint(100, 30000, (a.nsamples, a.seqlen), generator=g)
+    spec = QuantSpec(bits=4, group_size=128, sym=False)
+    t0 = time.perf_counter()
+    quantize_blocks(model, spec, MethodConfig(name="gptq", nsamples=a.nsamples, seqlen=a.seqlen), calib,
+                    device="cuda", batch_size=a.batch_size, progress=True)
+    torch.cuda.synchronize()
+    secs = time.perf_counter() - t0
+    return dict(seconds=secs, peak_gib=torch.cuda.max_memory_allocated() / 2**30, nsamples=a.nsamples,
+                seqlen=a.seqlen, layers=a.layers, batch_size=a.batch_size)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["decode", "gptq"])
+    ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--no-release", dest="release", action="store_false",
+                    help="keep the stored-format buffers beside the kernel layout")
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--batch-size", type=int, default=8)
+    a = ap.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    import transformers
+    import triton
+
+    meta = dict(gpu=torch.cuda.get_device_name(0), torch=torch.__version__, triton=triton.__version__,
+                transformers=transformers.__version__, command=" ".join(sys.argv),
+                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    res = dict(meta=meta, **(cmd_decode(a) if a.what == "decode" else cmd_gptq(a)))
+    with open(os.path.join(a.out, f"bench_{a.what}.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    print(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,325 @@
+"""Kernel benchmark: leanq's Triton int kernels vs BF16 F.linear and PyTorch's int4/int8 weight-only ops.
+
+Shapes are F.linear weights, out x in (N x K): an [M, K] activation times W^T.
+Every timed kernel is first checked against the float32 reference (dequantize,
+then matmul) on fresh random inputs.  Times are medians of CUDA-event intervals
+around single launches, each after a 256 MB L2 flush, so no weight is served
+from cache (4-bit weights of these shapes would otherwise fit the 50 MB L2).
+Bandwidth is measured in the same run with a large device-to-device copy.
+
+    PYTHONPATH=src python3 benchmarks/kernels/bench_kernels.py --out $OUT
+    ... --sweep           # also try tile configs (prints the best per path)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from leanq.config import QuantSpec
+from leanq.formats.intq import IntWeight
+from leanq.formats.packing import pack
+from leanq.kernels import triton_int as ti
+from leanq.modules import QuantLinear
+
+SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336), (14336, 4096)]
+BATCHES = [1, 4, 16, 64, 256]
+BITS = [4, 3, 2, 8]
+FLUSH = None
+
+
+def flush_l2() -> None:
+    global FLUSH
+    if FLUSH is None:
+        FLUSH = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    FLUSH.zero_()
+
+
+def bench(fn, reps: int = 60, warmup: int = 5) -> float:
+    """Median milliseconds of one call, L2 flushed before each."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        flush_l2()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """GB/s of a 2 GiB device-to-device copy, bytes read + written."""
+    src = torch.randint(0, 255, (2 << 30,), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src), reps=20, warmup=3)
+    del src, dst
+    return 2 * (2 << 30) / (ms * 1e-3) / 1e9
+
+
+def random_layer(n: int, k: int, bits: int, group: int = 128, sym: bool = False, seed: int = 0) -> QuantLinear:
+    """A QuantLinear of random codes, scales in [0.002, 0.02) and zeros (every code value reachable)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    spec = QuantSpec(bits=bits, group_size=group, sym=sym)
+    ng = -(-k // group)
+    codes = torch.randint(0, 1 << bits, (n, k), generator=g, device="cuda", dtype=torch.uint8)
+    scales = (torch.rand(n, ng, generator=g, device="cuda") * 0.018 + 0.002).half()
+    zeros = torch.zeros(n, 0, dtype=torch.uint8, device="cuda") if sym else \
+        pack(torch.randint(0, 1 << bits, (n, ng), generator=g, device="cuda", dtype=torch.uint8), bits)
+    return QuantLinear.from_int_weight(IntWeight(pack(codes, bits), scales, zeros, spec, k), None)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out.float() - ref).norm() / ref.norm()).item()
+
+
+def packed_bytes(pk: dict) -> int:
+    t = pk["planes"] + [pk["scales"]] + ([] if pk["sym"] else [pk["zeros"]])
+    return sum(x.numel() * x.element_size() for x in t)
+
+
+def int4pack_baseline(w_ref: torch.Tensor, n: int, k: int, group: int = 128):
+    """torch._weight_int4pack_mm on its own quantization of w_ref (g128); returns (fn(x), weight bytes)."""
+    wf = w_ref.float().reshape(n, k // group, group)
+    lo, hi = wf.amin(-1), wf.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-6)
+    zero = lo + 8 * scale  # tinygemm: w = (q - 8) * scale + zero
+    q = ((wf - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32).reshape(n, k)
+    sz = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().bfloat16()  # [k/g, n, 2]
+    wq = ((q.reshape(n, k // group, group).float() - 8) * scale[..., None] + zero[..., None]).reshape(n, k)
+    packed = None
+    for order in (0, 1):  # the nibble order of the uint8 input differs between versions: check which is right
+        u8 = ((q[:, ::2] << 4) | q[:, 1::2]) if order == 0 else ((q[:, 1::2] << 4) | q[:, ::2])
+        cand = torch._convert_weight_to_int4pack(u8.to(torch.uint8).contiguous(), 8)
+        x = torch.randn(4, k, device="cuda", dtype=torch.bfloat16)
+        if rel_err(torch._weight_int4pack_mm(x, cand, group, sz), x.float() @ wq.t()) < 1e-2:
+            packed = cand
+            break
+    if packed is None:
+        raise RuntimeError("could not reproduce torch._weight_int4pack_mm's packing")
+    nbytes = packed.numel() * packed.element_size() + sz.numel() * sz.element_size()
+    return (lambda x: torch._weight_int4pack_mm(x, packed, group, sz)), nbytes
+
+
+def int8pack_baseline(w_ref: torch.Tensor):
+    scale = (w_ref.float().abs().amax(1) / 127).clamp(min=1e-8)
+    q = (w_ref.float() / scale[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
+    s = scale.bfloat16()
+    x = torch.randn(4, w_ref.shape[1], device="cuda", dtype=torch.bfloat16)
+    err = rel_err(torch._weight_int8pack_mm(x, q, s), x.float() @ (q.float() * s.float()[:, None]).t())
+    assert err < 1e-2, f"int8pack check {err}"
+    return (lambda x: torch._weight_int8pack_mm(x, q, s)), q.numel() + s.numel() * 2
+
+
+def leanq_fns(pk: dict, M: int):
+    """Candidate leanq paths for batch M: name -> fn(x)."""
+    fns = {"dot": lambda x: ti.run_dot(x, pk, None)} if M > 1 else {}
+    if M <= 16:
+        fns["gemv"] = lambda x: ti.run_gemv(x, pk, None)
+    if M >= 64:
+        fns["dequant+cublas"] = lambda x: F.linear(x, ti.dequantize(pk, x.dtype))
+    return fns
+
+
+def _wpt(cfg: dict, cpw: int = 8) -> float:
+    """Weight words per thread per tile (4-bit): keeps the sweep to sane register budgets."""
+    return cfg["BN"] * cfg["BK"] / cpw / (32 * cfg["num_warps"])
+
+
+def sweep(args, bw: float) -> list[dict]:
+    """Try tile configs on three shapes (4-bit g128).  The config with the least total time over
+    the shapes wins per (path, batch) and is installed in ti.TUNED for the main run."""
+    rows = []
+    gemv1 = [dict(BM=1, BN=bn, BK=bk, num_warps=w, num_stages=st) for bn in (1, 2, 4) for bk in (1024, 2048)
+             for w in (2, 4) for st in (1, 3)]
+    gemv1 = [c for c in gemv1 if 2 <= _wpt(c) <= 16]
+    gemv4 = [dict(c, BM=4) for c in gemv1 if _wpt(c) <= 8 and c["num_stages"] == 1]
+    dot_small = [dict(BM=16, BN=bn, BK=bk, num_warps=4, num_stages=st, GROUP_M=1)
+                 for bn in (16, 32, 64) for bk in (128, 256) for st in (1, 3)]
+    dot_large = [dict(BM=bm, BN=bn, BK=bk, num_warps=w, num_stages=3, GROUP_M=8)
+                 for bm, bn, bk, w in ((128, 64, 128, 4), (128, 128, 64, 4), (64, 128, 128, 8), (128, 128, 64, 8),
+                                       (64, 64, 128, 4), (128, 128, 128, 8))]
+    plan = [(1, "gemv", gemv1), (4, "gemv", gemv4), (4, "dot", dot_small),
+            (16, "dot", dot_small), (64, "dot", dot_large), (256, "dot", dot_large)]
+    totals: dict = {}
+    for n, k in [(4096, 4096), (14336, 4096), (4096, 14336)]:
+        m = random_layer(n, k, 4, seed=1)
+        pk = ti.packed_for(m)
+        w_ref = m.int_weight().dequantize(torch.float32)
+        for M, kind, cfgs in plan:
+            x = torch.randn(M, k, device="cuda", dtype=torch.bfloat16)
+            ref = x.float() @ w_ref.t()
+            run = ti.run_gemv if kind == "gemv" else ti.run_dot
+            best = None
+            for i, cfg in enumerate(cfgs):
+                key = (kind, M, i)
+                try:
+                    err = rel_err(run(x, pk, None, cfg), ref)
+                    if err > 1e-2:
+                        print(f"  sweep {kind} {cfg}: error {err:.2e}", flush=True)
+                        totals[key] = float("inf")
+                        continue
+                    ms = bench(lambda: run(x, pk, None, cfg), reps=20, warmup=2)
+                except Exception as e:  # out of resources etc.: skip that config
+                    print(f"  sweep {kind} {cfg}: {type(e).__name__} {str(e)[:80]}", flush=True)
+                    totals[key] = float("inf")
+                    continue
+                totals[key] = totals.get(key, 0.0) + ms
+                rows.append(dict(n=n, k=k, M=M, kind=kind, cfg=cfg, ms=ms))
+                if best is None or ms < best[1]:
+                    best = (cfg, ms)
+            if best:
+                gbs = packed_bytes(pk) / (best[1] * 1e-3) / 1e9
+                print(f"SWEEP {n}x{k} M={M} {kind}: best {best[0]} {best[1] * 1e3:.1f} us "
+                      f"({gbs:.0f} GB/s, {100 * gbs / bw:.0f}% of copy)", flush=True)
+    for M, kind, cfgs in plan:
+        scored = [(totals.get((kind, M, i), float("inf")), i) for i in range(len(cfgs))]
+        t, i = min(scored)
+        if t < float("inf"):
+            ti.TUNED[(kind, M)] = cfgs[i]
+            print(f"TUNED {kind} M={M}: {cfgs[i]} (sum over shapes {t * 1e3:.1f} us)", flush=True)
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--no-main", action="store_true", help="sweep only")
+    ap.add_argument("--bits", default=",".join(map(str, BITS)))
+    ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    ap.add_argument("--reps", type=int, default=50)
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    torch.manual_seed(0)
+    props = torch.cuda.get_device_properties(0)
+    import triton
+
+    meta = dict(gpu=props.name, sms=props.multi_processor_count, torch=torch.__version__, triton=triton.__version__,
+                cuda=torch.version.cuda, command=" ".join(sys.argv), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    try:
+        import subprocess
+
+        meta["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                        capture_output=True, text=True).stdout.strip()
+    except OSError:
+        meta["driver"] = "?"
+    # warm the clocks first: the first timed BF16 row of one run read 60 us where every other run read 22 us
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < 2.0:
+        a @ a
+        torch.cuda.synchronize()
+    del a
+    bw = copy_bandwidth()
+    meta["copy_GBps"] = bw
+    print(json.dumps(meta), flush=True)
+    result = dict(meta=meta, rows=[], sweep=[])
+    if args.sweep:
+        result["sweep"] = sweep(args, bw)
+    if args.no_main:
+        _write(args.out, result)
+        return 0
+    bits_list = [int(b) for b in args.bits.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
+    for n, k in SHAPES:
+        xs = {M: torch.randn(M, k, device="cuda", dtype=torch.bfloat16) for M in batches}
+        w_bf16 = (torch.randn(n, k, device="cuda") * 0.02).bfloat16()
+        base = {}
+        try:
+            i4, i4_bytes = int4pack_baseline(w_bf16, n, k)
+        except Exception as e:  # keep the run going; the row says what failed
+            print(f"int4pack baseline failed: {type(e).__name__}: {e}", flush=True)
+            i4, i4_bytes = (lambda x: F.linear(x, w_bf16)), float("nan")
+        try:
+            i8, i8_bytes = int8pack_baseline(w_bf16)
+        except Exception as e:
+            print(f"int8pack baseline failed: {type(e).__name__}: {e}", flush=True)
+            i8, i8_bytes = (lambda x: F.linear(x, w_bf16)), float("nan")
+        for M in batches:
+            x = xs[M]
+            base[M] = dict(bf16=bench(lambda: F.linear(x, w_bf16), args.reps),
+                           int4pack=bench(lambda: i4(x), args.reps), int8pack=bench(lambda: i8(x), args.reps))
+            r = dict(shape=f"{n}x{k}", n=n, k=k, M=M, impl="baselines", **{f"{a}_ms": b for a, b in base[M].items()},
+                     bf16_GBps=2 * n * k / (base[M]["bf16"] * 1e-3) / 1e9,
+                     int4pack_GBps=i4_bytes / (base[M]["int4pack"] * 1e-3) / 1e9,
+                     int8pack_GBps=i8_bytes / (base[M]["int8pack"] * 1e-3) / 1e9)
+            result["rows"].append(r)
+        del w_bf16
+        for bits in bits_list:
+            m = random_layer(n, k, bits, seed=bits)
+            pk = ti.packed_for(m)
+            w_ref = m.int_weight().dequantize(torch.float32)
+            nbytes = packed_bytes(pk)
+            for M in batches:
+                x = xs[M]
+                ref = x.float() @ w_ref.t()
+                # the path the dispatch table picks for this batch, and the alternatives
+                chosen = ti.GEMV.name if ti._supports_gemv(m, x) else ti.DOT.name
+                out = m(x)
+                err_chosen = rel_err(out, ref)
+                for name, fn in leanq_fns(pk, M).items():
+                    err = rel_err(fn(x), ref)
+                    ok = err <= 1e-2
+                    ms = bench(lambda: fn(x), args.reps) if ok else float("nan")
+                    gbs = (nbytes + x.numel() * 2 + M * n * 2) / (ms * 1e-3) / 1e9
+                    row = dict(shape=f"{n}x{k}", n=n, k=k, M=M, bits=bits, impl=name, ms=ms, rel_err=err,
+                               GBps=gbs, pct_copy=100 * gbs / bw, vs_bf16=base[M]["bf16"] / ms,
+                               vs_int4pack=base[M]["int4pack"] / ms, vs_int8pack=base[M]["int8pack"] / ms,
+                               dispatch=chosen, dispatch_err=err_chosen)
+                    result["rows"].append(row)
+                    print(f"{n:>5}x{k:<5} M={M:<3} int{bits} {name:<14} {ms * 1e3:8.1f} us  {gbs:6.0f} GB/s "
+                          f"{row['pct_copy']:5.1f}%  x{row['vs_bf16']:.2f} bf16  x{row['vs_int4pack']:.2f} i4pk  "
+                          f"err {err:.1e}", flush=True)
+            del m, pk, w_ref
+        torch.cuda.empty_cache()
+    _write(args.out, result)
+    print(table(result))
+    return 0
+
+
+def table(result: dict) -> str:
+    """Markdown: per shape/batch/bits the fastest leanq path and the baselines."""
+    meta = result["meta"]
+    base = {(r["n"], r["k"], r["M"]): r for r in result["rows"] if r["impl"] == "baselines"}
+    best: dict = {}
+    for r in result["rows"]:
+        if r["impl"] != "baselines" and r["ms"] == r["ms"]:
+            key = (r["n"], r["k"], r["M"], r["bits"])
+            if key not in best or r["ms"] < best[key]["ms"]:
+                best[key] = r
+    lines = [f"GPU {meta['gpu']}, driver {meta['driver']}, torch {meta['torch']}, triton {meta['triton']}, "
+             f"copy {meta['copy_GBps']:.0f} GB/s",
+             "", "| W (out x in) | M | bf16 us | int4pack us | int8pack us | bits | leanq path | leanq us | GB/s | % copy | x bf16 | x int4pack | x int8pack |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (n, k, M, bits), r in sorted(best.items(), key=lambda t: (t[0][0], t[0][1], t[0][2], -t[0][3] if t[0][3] != 8 else 0)):
+        b = base[(n, k, M)]
+        lines.append(f"| {n}x{k} | {M} | {b['bf16_ms'] * 1e3:.1f} | {b['int4pack_ms'] * 1e3:.1f} | "
+                     f"{b['int8pack_ms'] * 1e3:.1f} | {bits} | {r['impl']} | {r['ms'] * 1e3:.1f} | {r['GBps']:.0f} | "
+                     f"{r['pct_copy']:.0f} | {r['vs_bf16']:.2f} | {r['vs_int4pack']:.2f} | {r['vs_int8pack']:.2f} |")
+    return "\n".join(lines)
+
+
+def _write(out: str, result: dict) -> None:
+    with open(os.path.join(out, "bench_kernels.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    if result["rows"]:
+        with open(os.path.join(out, "bench_kernels.md"), "w") as f:
+            f.write(table(result) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
