@@ -100,8 +100,10 @@ def quantize_blocks(model: nn.Module, spec: QuantSpec, cfg: MethodConfig, calib:
                 x = x.reshape(-1, x.shape[-1]).float()
                 key = (x.data_ptr(), tuple(x.shape))
                 if key not in shared:  # q/k/v and gate/up read the same input: one XᵀX
-                    shared[key] = gram(x)
-                hessians[rel] = hessians.get(rel, 0) + shared[key]
+                    # keep x alive with its product, so that no later input of the
+                    # same shape can be allocated at this address during the batch
+                    shared[key] = (x, gram(x))
+                hessians[rel] = hessians.get(rel, 0) + shared[key][1]
                 counts[rel] = counts.get(rel, 0) + x.shape[0]
                 if len(order) < len(targets):
                     order.append(rel)
