@@ -18,12 +18,12 @@ from leanq.pipeline import quantize_blocks
 ct = pytest.importorskip("compressed_tensors", reason="pip install compressed-tensors to test the export's client")
 
 
-def _tiny_checkpoint(path, spec: QuantSpec, seed: int = 0):
+def _tiny_checkpoint(path, spec: QuantSpec, seed: int = 0, hidden: int = 96, inter: int = 160):
     """A tiny random Llama whose widths (96, 160) are not multiples of 64, quantized with RTN."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=128, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     float_model = LlamaForCausalLM(cfg).eval()
     m = LlamaForCausalLM(cfg).eval()
@@ -95,6 +95,22 @@ def test_group_split_when_group_does_not_divide_width(tmp_path):
     export_compressed_tensors(src, out)
     groups = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]
     assert sorted(g["weights"]["group_size"] for g in groups.values()) == [32]
+
+
+def test_widths_with_different_splits_share_one_scheme(tmp_path):
+    """g128 over widths 128 and 192 (like SmolLM2's 1536 and 576): one g64 scheme, which transformers'
+    dequantizing loader needs (two schemes failed its weight conversion)."""
+    src, out = tmp_path / "ck", tmp_path / "ct"
+    _tiny_checkpoint(src, QuantSpec(bits=4, group_size=128, sym=False), hidden=128, inter=192)
+    export_compressed_tensors(src, out)
+    groups = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert [g["weights"]["group_size"] for g in groups.values()] == [64]
+    ours, _, _ = load(src)
+    theirs = _load_hf(out, sym=False)
+    ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a, b = ours(ids).logits, theirs(ids).logits
+    assert ((a - b).abs().max() / a.abs().max()).item() <= 1e-3
 
 
 def test_refusals_name_the_setting():

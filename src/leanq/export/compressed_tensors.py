@@ -15,7 +15,8 @@ The mapping is exact — no value is requantized:
 * compressed-tensors needs the group size to divide the input width; leanq
   allows a shorter last group.  Such a layer is written with group size
   gcd(g, in) and each scale/zero repeated g / gcd times, which describes the
-  very same weights (e.g. SmolLM2's 576-wide inputs at g128 become g64).
+  very same weights (e.g. SmolLM2's 576-wide inputs at g128 become g64).  All
+  group-wise layers share the smallest such size, so the file holds one scheme.
 
 What cannot be expressed is refused with one error naming the setting:
 bit widths other than 4 and 8 (the widths vLLM's compressed-tensors kernels
@@ -66,8 +67,11 @@ def refusal(spec, in_features: int, model_type: str) -> str | None:
     return None
 
 
-def convert_module(m) -> tuple[dict[str, torch.Tensor], dict]:
-    """A leanq int QuantLinear -> (compressed-tensors tensors without prefix, weight args dict)."""
+def convert_module(m, g2: int | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """A leanq int QuantLinear -> (compressed-tensors tensors without prefix, weight args dict).
+
+    g2: the group size to write (must divide both the leanq group and the width); default gcd(g, in).
+    """
     spec, n, out, b = m.spec, m.in_features, m.out_features, m.spec.bits
     g = spec.group_size
     args = {"num_bits": b, "type": "int", "symmetric": bool(spec.sym), "dynamic": False}
@@ -76,7 +80,9 @@ def convert_module(m) -> tuple[dict[str, torch.Tensor], dict]:
     if g is None:
         args.update(strategy="channel", group_size=None)
     else:
-        g2 = math.gcd(g, n)
+        g2 = g2 or math.gcd(g, n)
+        if g % g2 or n % g2:
+            raise ValueError(f"group {g2} does not split group {g} and width {n}")
         if g2 != g:  # split each leanq group into g // g2 equal groups sharing its parameters
             k, ng2 = g // g2, n // g2
             scales = scales.repeat_interleave(k, dim=1)[:, :ng2]
@@ -118,8 +124,14 @@ def export_compressed_tensors(src: str | Path, out: str | Path, overwrite: bool 
 
     state = {k: v for k, v in state_to_save(model, recipe.keep_dtype).items() if k.rsplit(".", 1)[0] not in quant}
     groups: dict[str, dict] = {}  # json of the weight args -> scheme
+    # one group size for all group-wise layers: transformers' dequantizing loader handles a single
+    # dense scheme (two groups, g128 and g64, failed its weight conversion on SmolLM2)
+    common = 0
+    for m in quant.values():
+        if m.spec.group_size is not None:
+            common = math.gcd(common, math.gcd(m.spec.group_size, m.in_features))
     for name, m in sorted(quant.items()):
-        tensors, args = convert_module(m)
+        tensors, args = convert_module(m, common or None)
         state.update({f"{name}.{k}": v for k, v in tensors.items()})
         key = json.dumps(args, sort_keys=True)
         groups.setdefault(key, {"targets": [], "weights": args, "input_activations": None, "output_activations": None})
