@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import FLOAT_DTYPES, Recipe
+from .config import Recipe
 from .errors import LeanqError
-from .formats.intq import expected_shapes
+from .export import move_into_place
 from .modules import QuantLinear
 
 WEIGHTS = "model.safetensors"
@@ -89,16 +89,7 @@ def save(model: nn.Module, tokenizer, recipe: Recipe, out: str | Path, overwrite
         d = json.loads(recipe.to_json())
         d["files"] = {WEIGHTS: {"bytes": (tmp / WEIGHTS).stat().st_size, "sha256": _sha256(tmp / WEIGHTS)}}
         (tmp / RECIPE).write_text(json.dumps(d, indent=1, sort_keys=True) + "\n")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
+        move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
