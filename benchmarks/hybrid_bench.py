@@ -65,6 +65,8 @@ def main() -> None:
     ap.add_argument("--weighting", default="none", choices=["none", "fisher"],
                     help="fisher: weight output errors by measured loss gains (built from the plain table if absent)")
     ap.add_argument("--packed", action="store_true", help="quantize through the pipeline (QuantLinear) even for rtn")
+    ap.add_argument("--mse-clip", action="store_true",
+                    help="RTN/proxy with the per-group MSE clip search (as `leanq quantize --mse-clip`); off by default as in MethodConfig")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -72,7 +74,7 @@ def main() -> None:
     t0 = time.perf_counter()
     lf = load_float(a.model)
     load_s = time.perf_counter() - t0
-    cfg = MethodConfig(name=a.method)
+    cfg = MethodConfig(name=a.method, mse_clip=a.mse_clip)
     rules = Rules()
     calib = find_file(None, CALIB_FILE, "--calib")
 

@@ -32,24 +32,32 @@ def main() -> None:
     a = ap.parse_args()
     out, img = Path(a.out), Path(a.img)
     img.mkdir(parents=True, exist_ok=True)
-    table = load_table(out / "sensitivity.json")
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
     evals = [r for r in rows if r["stage"] == "eval"]
+    # a planned row is re-planned from the table it was planned with: plain proxy or loss-gain (fisher) weighted
+    tables = {w: load_table(out / f) for w, f in (("none", "sensitivity.json"), ("fisher", "sensitivity_fisher.json"))
+              if (out / f).exists()}
+    suffix = {"none": "", "fisher": "_fisher"}
+    label = {"none": "plain proxy", "fisher": "loss-gain weighted proxy"}
 
     tmp = out / "pictures"
     for r in evals:
         if r["config"].startswith("P"):
-            b = float(r["config"][1:])
+            b, w = float(r["config"][1:]), r.get("weighting", "none")
+            table = tables[w]
             plan = make_plan(table, bpw=b)
             layers, types, cells = _grid(plan, table, 16)
             uniforms = [uniform_plan(table, c) for c in table.candidates]
-            _pictures(plan, table, tmp, layers, types, cells, uniforms, f"SmolLM2-135M plan at {b:g} bpw")
-            (tmp / "plan_heatmap.png").replace(img / f"hybrid_heatmap_{b:g}.png")
-            (tmp / "plan_curve.png").replace(img / "hybrid_predicted.png")
+            _pictures(plan, table, tmp, layers, types, cells, uniforms, f"SmolLM2-135M plan at {b:g} bpw ({label[w]})")
+            (tmp / "plan_heatmap.png").replace(img / f"hybrid_heatmap_{b:g}{suffix[w]}.png")
+            (tmp / "plan_curve.png").replace(img / f"hybrid_predicted{suffix[w]}.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for kind, mark, lab in (("P", "-o", "planned (mixed)"), ("U", "s", "uniform")):
-        pts = sorted((r["bpw"], r["ppl"], r["config"]) for r in evals if r["config"].startswith(kind))
+    series = [(lambda r, w=w: r["config"].startswith("P") and r.get("weighting", "none") == w, "-o",
+               f"planned, {label[w]}") for w in ("fisher", "none")]
+    series.append((lambda r: r["config"].startswith("U"), "s", "uniform"))
+    for pick, mark, lab in series:
+        pts = sorted((r["bpw"], r["ppl"], r["config"]) for r in evals if pick(r))
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], mark, label=lab)
             for x, y, c in pts:
@@ -64,13 +72,13 @@ def main() -> None:
     fig.savefig(img / "hybrid_ppl_vs_bpw.png", dpi=90)
     plt.close(fig)
 
-    print("| config | bits per weight | predicted damage | ppl | eval s |")
-    print("|---|---|---|---|---|")
+    print("| config | proxy (planned rows) | bits per weight | predicted damage | ppl | eval s |")
+    print("|---|---|---|---|---|---|")
     for r in evals:
         d = r["predicted_damage"]
-        print(f"| {r['config']} | {r['bpw']:.4f} | {d:.4g} | {r['ppl']:.2f} | {r['eval_seconds']:.0f} |"
-              if d is not None and not (isinstance(d, float) and math.isnan(d))
-              else f"| {r['config']} | {r['bpw']:.4f} | - | {r['ppl']:.2f} | {r['eval_seconds']:.0f} |")
+        w = label[r.get("weighting", "none")] if r["config"].startswith("P") else "-"
+        ds = f"{d:.4g}" if d is not None and not (isinstance(d, float) and math.isnan(d)) else "-"
+        print(f"| {r['config']} | {w} | {r['bpw']:.4f} | {ds} | {r['ppl']:.2f} | {r['eval_seconds']:.0f} |")
 
 
 if __name__ == "__main__":

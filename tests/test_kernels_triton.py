@@ -127,6 +127,7 @@ def test_supports_and_dispatch():
         x = torch.randn(1, 64, device="cuda", dtype=torch.float16)
         assert select(m, x).name == "triton-int-gemv"
     else:
+        # on CPUs the reference, unless the packed int4 op (kernels/cpu_int4.py) is opted into
         assert select(m, torch.randn(1, 64)).name == "reference-int"
 
 

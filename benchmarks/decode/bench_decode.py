@@ -96,11 +96,28 @@ def time_generate(model, prompt_len: int, new: int, reps: int) -> dict:
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30, tokens=out[0, prompt_len:prompt_len + 8].tolist())
 
 
+def install_tuned(path: str) -> dict:
+    """Tile configs measured by benchmarks/kernels/bench_kernels.py (its JSON's "tuned"), if given."""
+    from leanq.kernels import triton_fast as tf
+    from leanq.kernels import triton_half2 as th
+
+    if not path or not os.path.isfile(path):
+        return {}
+    tuned = json.load(open(path)).get("tuned", {})
+    for key, cfg in tuned.items():
+        kind, batch = key.split("@")
+        if kind == "h2":
+            th.TUNED_H2.update(cfg)
+        else:
+            tf.TUNED[(kind, int(batch))] = cfg
+    return tuned
+
+
 def cmd_decode(a) -> dict:
     from leanq.kernels import explain
     from leanq.kernels import triton_int as ti
 
-    res = {}
+    res = {"tuned": install_tuned(a.tuned)}
     model = build(a.layers, "cuda")
     res["bf16"] = dict(weights_gib=weight_bytes(model) / 2**30, **time_generate(model, a.prompt_len, a.new_tokens, a.reps))
     print("bf16", json.dumps(res["bf16"]), flush=True)
@@ -161,6 +178,7 @@ def main() -> int:
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--tuned", default="", help="bench_kernels.json whose tuned tile configs to use")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     import transformers

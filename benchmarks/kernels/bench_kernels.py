@@ -26,6 +26,9 @@ import torch.nn.functional as F
 from leanq.config import QuantSpec
 from leanq.formats.intq import IntWeight
 from leanq.formats.packing import pack
+from leanq.kernels import select
+from leanq.kernels import triton_fast as tf
+from leanq.kernels import triton_half2 as th
 from leanq.kernels import triton_int as ti
 from leanq.modules import QuantLinear
 
@@ -33,6 +36,7 @@ SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336), (14336, 409
 BATCHES = [1, 4, 16, 64, 256]
 BITS = [4, 3, 2, 8]
 FLUSH = None
+SPIN_CYCLES = 200_000  # ~100 us at 2 GHz: longer than any wrapper's host-side launch path
 
 
 def flush_l2() -> None:
@@ -43,13 +47,19 @@ def flush_l2() -> None:
 
 
 def bench(fn, reps: int = 60, warmup: int = 5) -> float:
-    """Median milliseconds of one call, L2 flushed before each."""
+    """Median milliseconds of one call, L2 flushed before each.
+
+    After the flush the GPU spins ~100 us (torch.cuda._sleep) before the start event, so the host has
+    enqueued the start event and the launch by the time the GPU gets there: the interval is the kernel's
+    own time, not the Python launch overhead (runs before 2026-11-27 14:00 lacked this; a wrapper whose
+    host side took longer than the 256 MB flush then read up to several times its kernel time)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
         flush_l2()
+        torch.cuda._sleep(SPIN_CYCLES)
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         fn()
@@ -124,13 +134,23 @@ def int8pack_baseline(w_ref: torch.Tensor):
     return (lambda x: torch._weight_int8pack_mm(x, q, s)), q.numel() + s.numel() * 2
 
 
-def leanq_fns(pk: dict, M: int):
-    """Candidate leanq paths for batch M: name -> fn(x)."""
-    fns = {"dot": lambda x: ti.run_dot(x, pk, None)} if M > 1 else {}
+def leanq_fns(pk: dict, M: int, v3: bool = False):
+    """Candidate leanq paths for batch M: name -> fn(x).  v4 kernels (triton_fast) always; the v3 ones
+    (triton_int: gemv, dot) only when asked (--v3), to keep the number of compilations down."""
+    fns = {}
+    if M == 1 and th.supported(pk):
+        fns["h2"] = lambda x: th.run_gemv_h2(x, pk, None, th.TUNED_H2 or None)
     if M <= 16:
-        fns["gemv"] = lambda x: ti.run_gemv(x, pk, None)
+        fns["gemv4"] = lambda x: tf.run_gemv4(x, pk, None)
+    if M >= 4:
+        fns["wdot"] = lambda x: tf.run_wdot(x, pk, None)
     if M >= 64:
         fns["dequant+cublas"] = lambda x: F.linear(x, ti.dequantize(pk, x.dtype))
+    if v3:
+        if M <= 4:
+            fns["gemv"] = lambda x: ti.run_gemv(x, pk, None)
+        if M > 1:
+            fns["dot"] = lambda x: ti.run_dot(x, pk, None)
     return fns
 
 
@@ -143,17 +163,26 @@ def sweep(args, bw: float) -> list[dict]:
     """Try tile configs on three shapes (4-bit g128).  The config with the least total time over
     the shapes wins per (path, batch) and is installed in ti.TUNED for the main run."""
     rows = []
-    gemv1 = [dict(BM=1, BN=bn, BK=bk, num_warps=w, num_stages=st) for bn in (1, 2, 4) for bk in (1024, 2048)
-             for w in (2, 4) for st in (1, 3)]
-    gemv1 = [c for c in gemv1 if 2 <= _wpt(c) <= 16]
-    gemv4 = [dict(c, BM=4) for c in gemv1 if _wpt(c) <= 8 and c["num_stages"] == 1]
-    dot_small = [dict(BM=16, BN=bn, BK=bk, num_warps=4, num_stages=st, GROUP_M=1)
-                 for bn in (16, 32, 64) for bk in (128, 256) for st in (1, 3)]
-    dot_large = [dict(BM=bm, BN=bn, BK=bk, num_warps=w, num_stages=3, GROUP_M=8)
-                 for bm, bn, bk, w in ((128, 64, 128, 4), (128, 128, 64, 4), (64, 128, 128, 8), (128, 128, 64, 8),
-                                       (64, 64, 128, 4), (128, 128, 128, 8))]
-    plan = [(1, "gemv", gemv1), (4, "gemv", gemv4), (4, "dot", dot_small),
-            (16, "dot", dot_small), (64, "dot", dot_large), (256, "dot", dot_large)]
+    # gemv4: BN rows per program; a row's word tile is BK/8 words, so with BK=1024 one warp covers a row
+    # and each thread holds BN/num_warps rows (the activations it converts serve all of them)
+    g1 = [(4, 1024, 1, 1), (8, 1024, 2, 1), (16, 1024, 4, 1), (32, 1024, 8, 1),
+          (16, 2048, 4, 1), (16, 512, 2, 1), (16, 1024, 4, 3), (8, 2048, 2, 1)]
+    h2 = [dict(BN=bn, BK=bk, num_warps=w, num_stages=1, CENTER=c) for bn, bk, w, c in
+          [(16, 1024, 4, True), (16, 1024, 4, False), (8, 1024, 2, True), (32, 1024, 8, True), (16, 512, 2, True),
+           (32, 1024, 4, True), (16, 2048, 4, True), (64, 1024, 8, True), (4, 1024, 1, True)]]
+    gemv1 = [dict(BM=1, BN=bn, BK=bk, num_warps=w, num_stages=st) for bn, bk, w, st in g1]
+    gemv4 = [dict(BM=4, BN=bn, BK=bk, num_warps=w, num_stages=st) for bn, bk, w, st in
+             [(8, 1024, 2, 1), (16, 1024, 4, 1), (32, 1024, 8, 1), (8, 512, 2, 1)]]
+    w16 = [dict(BMX=16, BN=bn, BK=bk, SPLIT=sp, num_warps=w, num_stages=st) for bn, bk, sp, w, st in
+           [(64, 128, 0, 4, 3), (32, 128, 0, 4, 3), (128, 128, 0, 4, 3), (64, 256, 0, 4, 3), (64, 64, 0, 4, 4),
+            (64, 128, 1, 4, 3), (128, 64, 0, 8, 4), (32, 256, 0, 2, 3), (32, 128, 1, 4, 3), (16, 256, 1, 2, 3)]]
+    w64 = [dict(BMX=64, BN=bn, BK=bk, SPLIT=sp, num_warps=w, num_stages=3) for bn, bk, sp, w in
+           [(64, 128, 1, 4), (128, 64, 1, 8), (64, 128, 0, 4)]]
+    w256 = [dict(BMX=bmx, BN=bn, BK=bk, SPLIT=1, num_warps=w, num_stages=st) for bmx, bn, bk, w, st in
+            [(128, 128, 64, 8, 3), (256, 128, 64, 8, 3), (128, 64, 128, 4, 3), (256, 64, 64, 8, 4),
+             (128, 128, 128, 8, 3)]]
+    plan = [(1, "h2", h2), (1, "gemv4", gemv1), (4, "gemv4", gemv4), (16, "wdot", w16), (64, "wdot", w64),
+            (256, "wdot", w256)]
     totals: dict = {}
     for n, k in [(4096, 4096), (14336, 4096), (4096, 14336)]:
         m = random_layer(n, k, 4, seed=1)
@@ -162,7 +191,7 @@ def sweep(args, bw: float) -> list[dict]:
         for M, kind, cfgs in plan:
             x = torch.randn(M, k, device="cuda", dtype=torch.bfloat16)
             ref = x.float() @ w_ref.t()
-            run = ti.run_gemv if kind == "gemv" else ti.run_dot
+            run = {"gemv4": tf.run_gemv4, "wdot": tf.run_wdot, "h2": th.run_gemv_h2}[kind]
             best = None
             for i, cfg in enumerate(cfgs):
                 key = (kind, M, i)
@@ -185,12 +214,83 @@ def sweep(args, bw: float) -> list[dict]:
                 gbs = packed_bytes(pk) / (best[1] * 1e-3) / 1e9
                 print(f"SWEEP {n}x{k} M={M} {kind}: best {best[0]} {best[1] * 1e3:.1f} us "
                       f"({gbs:.0f} GB/s, {100 * gbs / bw:.0f}% of copy)", flush=True)
+        if args.v3:  # the v3 kernels in the tree (never timed on a GPU before), default configs
+            for M, name, fn in ((1, "gemv", ti.run_gemv), (16, "dot", ti.run_dot), (256, "dot", ti.run_dot)):
+                x = torch.randn(M, k, device="cuda", dtype=torch.bfloat16)
+                try:
+                    err = rel_err(fn(x, pk, None), x.float() @ w_ref.t())
+                    ms = bench(lambda: fn(x, pk, None), reps=20, warmup=2) if err <= 1e-2 else float("nan")
+                except Exception as e:
+                    print(f"  v3 {name}: {type(e).__name__} {str(e)[:80]}", flush=True)
+                    continue
+                rows.append(dict(n=n, k=k, M=M, kind="v3-" + name, cfg={}, ms=ms, err=err))
+                gbs = packed_bytes(pk) / (ms * 1e-3) / 1e9
+                print(f"V3 {n}x{k} M={M} {name}: {ms * 1e3:.1f} us ({gbs:.0f} GB/s, {100 * gbs / bw:.0f}% of copy) "
+                      f"err {err:.1e}", flush=True)
     for M, kind, cfgs in plan:
         scored = [(totals.get((kind, M, i), float("inf")), i) for i in range(len(cfgs))]
         t, i = min(scored)
         if t < float("inf"):
-            ti.TUNED[(kind, M)] = cfgs[i]
+            if kind == "h2":
+                th.TUNED_H2.clear()
+                th.TUNED_H2.update(cfgs[i])
+            else:
+                tf.TUNED[(kind, M)] = cfgs[i]
             print(f"TUNED {kind} M={M}: {cfgs[i]} (sum over shapes {t * 1e3:.1f} us)", flush=True)
+    return rows
+
+
+def sweep1(args, bw: float) -> list[dict]:
+    """Batch 1 only, on every shape: h2 (4-bit) and gemv4 (8-bit) tile/split configs.  Installs the config
+    with the least total time over the shapes (TUNED_H2, TUNED gemv4@1)."""
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
+    h2 = [dict(BN=bn, BK=bk, num_warps=w, num_stages=1, CENTER=True, SPLIT=sp) for bn, bk, w, sp in
+          [(16, 2048, 4, 1), (16, 1024, 4, 1), (16, 1024, 4, 0), (8, 1024, 4, 0), (8, 1024, 4, 1),
+           (16, 512, 4, 0), (8, 512, 2, 0), (16, 512, 2, 0)]]
+    g8 = [dict(BM=1, BN=bn, BK=bk, num_warps=w, num_stages=1, SPLIT=sp) for bn, bk, w, sp in
+          [(8, 2048, 2, 1), (8, 512, 2, 0), (8, 512, 2, 1), (16, 512, 4, 0), (16, 1024, 4, 0)]]
+    plan = [(4, "h2", h2, th.run_gemv_h2), (8, "gemv4", g8, tf.run_gemv4)]
+    rows, totals = [], {}
+    for n, k in shapes:
+        for bits, kind, cfgs, run in plan:
+            m = random_layer(n, k, bits, seed=1)
+            pk = ti.packed_for(m)
+            w_ref = m.int_weight().dequantize(torch.float32)
+            x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+            ref = x.float() @ w_ref.t()
+            best = None
+            for i, cfg in enumerate(cfgs):
+                key = (kind, i)
+                try:
+                    # twice, on fresh inputs: a split-K counter left non-zero would break the second call
+                    x2 = torch.randn_like(x)
+                    err = max(rel_err(run(x, pk, None, cfg), ref), rel_err(run(x2, pk, None, cfg), x2.float() @ w_ref.t()))
+                    if err > 1e-2:
+                        print(f"  sweep1 {kind} {cfg}: error {err:.2e}", flush=True)
+                        totals[key] = float("inf")
+                        continue
+                    ms = bench(lambda: run(x, pk, None, cfg), reps=20, warmup=2)
+                except Exception as e:
+                    print(f"  sweep1 {kind} {cfg}: {type(e).__name__} {str(e)[:80]}", flush=True)
+                    totals[key] = float("inf")
+                    continue
+                totals[key] = totals.get(key, 0.0) + ms
+                rows.append(dict(n=n, k=k, M=1, bits=bits, kind=kind, cfg=cfg, ms=ms, err=err))
+                gbs = packed_bytes(pk) / (ms * 1e-3) / 1e9
+                print(f"  {n}x{k} int{bits} {kind} {cfg}: {ms * 1e3:.1f} us {100 * gbs / bw:.0f}% err {err:.1e}",
+                      flush=True)
+                if best is None or ms < best[1]:
+                    best = (cfg, ms)
+            del m, pk, w_ref
+    for bits, kind, cfgs, run in plan:
+        t, i = min((totals.get((kind, i), float("inf")), i) for i in range(len(cfgs)))
+        if t < float("inf"):
+            if kind == "h2":
+                th.TUNED_H2.clear()
+                th.TUNED_H2.update(cfgs[i])
+            else:
+                tf.TUNED[("gemv4", 1)] = cfgs[i]
+            print(f"TUNED1 {kind}: {cfgs[i]} (sum over shapes {t * 1e3:.1f} us)", flush=True)
     return rows
 
 
@@ -198,10 +298,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep1", action="store_true", help="batch-1 sweep (h2 4-bit, gemv4 8-bit, split-K) on every shape")
     ap.add_argument("--no-main", action="store_true", help="sweep only")
     ap.add_argument("--bits", default=",".join(map(str, BITS)))
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    ap.add_argument("--other-batches", default="", help="batches for bit widths other than 4 (default: --batches)")
     ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--v3", action="store_true", help="also time the v3 kernels (triton_int)")
+    ap.add_argument("--shapes", default="", help="e.g. 4096x4096,14336x4096 (default: all five)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(0)
@@ -230,12 +334,21 @@ def main() -> int:
     result = dict(meta=meta, rows=[], sweep=[])
     if args.sweep:
         result["sweep"] = sweep(args, bw)
+        result["tuned"] = {f"{k}@{b}": c for (k, b), c in tf.TUNED.items()}
+        result["tuned"]["h2@1"] = dict(th.TUNED_H2)
+        _write(args.out, result)
+    if args.sweep1:
+        result["sweep1"] = sweep1(args, bw)
+        result["tuned"] = dict(result.get("tuned", {}), **{"h2@1": dict(th.TUNED_H2)},
+                               **{f"{k}@{b}": c for (k, b), c in tf.TUNED.items()})
+        _write(args.out, result)
     if args.no_main:
         _write(args.out, result)
         return 0
     bits_list = [int(b) for b in args.bits.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
-    for n, k in SHAPES:
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
+    for n, k in shapes:
         xs = {M: torch.randn(M, k, device="cuda", dtype=torch.bfloat16) for M in batches}
         w_bf16 = (torch.randn(n, k, device="cuda") * 0.02).bfloat16()
         base = {}
@@ -264,14 +377,15 @@ def main() -> int:
             pk = ti.packed_for(m)
             w_ref = m.int_weight().dequantize(torch.float32)
             nbytes = packed_bytes(pk)
-            for M in batches:
+            for M in batches if bits == 4 or not args.other_batches else \
+                    [int(b) for b in args.other_batches.split(",")]:
                 x = xs[M]
                 ref = x.float() @ w_ref.t()
                 # the path the dispatch table picks for this batch, and the alternatives
-                chosen = ti.GEMV.name if ti._supports_gemv(m, x) else ti.DOT.name
+                chosen = select(m, x).name
                 out = m(x)
                 err_chosen = rel_err(out, ref)
-                for name, fn in leanq_fns(pk, M).items():
+                for name, fn in leanq_fns(pk, M, args.v3).items():
                     err = rel_err(fn(x), ref)
                     ok = err <= 1e-2
                     ms = bench(lambda: fn(x), args.reps) if ok else float("nan")
@@ -286,6 +400,7 @@ def main() -> int:
                           f"err {err:.1e}", flush=True)
             del m, pk, w_ref
         torch.cuda.empty_cache()
+        _write(args.out, result)  # after every shape: a run cut short still leaves its rows
     _write(args.out, result)
     print(table(result))
     return 0

@@ -36,6 +36,24 @@ ROWS = {
     "gptq3": dict(method="gptq", bits=3, group_size=128),
     "rtn2": dict(method="rtn", bits=2, group_size=64),
     "gptq2": dict(method="gptq", bits=2, group_size=64),
+    # GPTQ as before true-sequential calibration became the default (two forward passes per block)
+    "gptq4tp": dict(method="gptq", bits=4, group_size=128, true_sequential=False),
+    "gptq3tp": dict(method="gptq", bits=3, group_size=128, true_sequential=False),
+    "gptq2tp": dict(method="gptq", bits=2, group_size=64, true_sequential=False),
+    # issue 3: PTQ breadth
+    "awq4": dict(method="awq", bits=4, group_size=128),
+    "awq3": dict(method="awq", bits=3, group_size=128),
+    "awq2": dict(method="awq", bits=2, group_size=64),
+    "awqgptq4": dict(method="awq+gptq", bits=4, group_size=128),
+    "awqgptq3": dict(method="awq+gptq", bits=3, group_size=128),
+    "awqgptq2": dict(method="awq+gptq", bits=2, group_size=64),
+    "hqq4": dict(method="hqq", bits=4, group_size=128),
+    "hqq3": dict(method="hqq", bits=3, group_size=128),
+    "hqq2": dict(method="hqq", bits=2, group_size=64),
+    "nf4": dict(method="nf4", bits=4, group_size="auto"),
+    "fp8": dict(method="fp8", bits=8, group_size="auto"),
+    "w8a8": dict(method="w8a8", bits=8, group_size="auto", smooth=0.0),
+    "w8a8s": dict(method="w8a8", bits=8, group_size="auto", smooth=0.5),
 }
 
 
@@ -76,8 +94,10 @@ def main() -> None:
             ckpt = qm.save(out / name, overwrite=True)
             model, tok, qsecs = qm.model.to(dev), qm.tokenizer, qm.seconds
             g = "none" if kw["group_size"] is None else kw["group_size"]
+            extra = (" --sym" if kw.get("sym") else "") + (" --two-pass" if kw.get("true_sequential") is False else "")
+            extra += f" --smooth {kw['smooth']}" if "smooth" in kw else ""
             cmd = (f"leanq quantize {a.model} --method {kw['method']} --bits {kw['bits']} --group-size {g}"
-                   f"{' --sym' if kw.get('sym') else ''} --out {name}; "
+                   f"{extra} --out {name}; "
                    f"leanq eval {name} --max-windows {a.max_windows}")
         r = run_eval(model, tok, text, name, ckpt, 1024, a.max_windows, dev, progress=False)
         results[name] = {**r.to_dict(), "quant_seconds": qsecs, "command": cmd, "machine": machine(),

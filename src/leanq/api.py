@@ -12,7 +12,7 @@ from . import __version__
 from .checkpoint import load as load_checkpoint
 from .checkpoint import save as save_checkpoint
 from .config import MethodConfig, QuantSpec, Recipe
-from .data import CALIB_FILE, EVAL_FILE, calibration_ids, find_file, read_text
+from .data import CALIB_FILE, EVAL_FILE, calibration_ids, find_file, read_text, tokenize
 from .errors import LeanqError
 from .evaluate import EvalResult, evaluate as _evaluate
 from .methods import get_method
@@ -47,31 +47,58 @@ def quantize(model: str, method: str = "gptq", bits: int = 4, group_size: int | 
              dtype: str = "float16", keep_dtype: str = "float16", device: str = "auto",
              progress: bool = True, smooth: float = 0.5, overrides: tuple[str, ...] | str = (),
              bpw: float | None = None, max_size: int | str | None = None, sensitivity_cache: str | None = None,
-             sensitivity_samples: int = 32, sensitivity_weighting: str = "fisher") -> QuantizedModel:
+             sensitivity_samples: int = 32, sensitivity_weighting: str = "fisher",
+             steps: int = 0, lr: float = 0.0, scale_lr: float = 0.0, init: str = "", lora_rank: int = 0,
+             train_batch: int = 0, state: str | None = None, state_every: int = 50, resume: bool = False,
+             target: str = "", vq: str = "", true_sequential: bool = True) -> QuantizedModel:
     """Quantize the decoder-block linears of ``model`` (HF folder, .gguf, or built-in name).
 
     keep / overrides: pattern rules (see :mod:`leanq.rules`; later overrides win, keep wins over all).
     bpw / max_size: a size budget; each module's setting is then planned from measured
     sensitivities (:mod:`leanq.hybrid`), cached in ``sensitivity_cache`` when given.
 
+    true_sequential: calibrate each linear on the outputs of the already-quantized
+    linears before it, one forward pass per block (False: two passes, less memory).
+
     group_size "auto" takes the method's default (128; NF4's block 64); fields a
     method fixes (fp8/w8a8: 8-bit per-row symmetric; awq: in_scale) override the
     arguments.  smooth: SmoothQuant alpha of w8a8 (0 = off).
+
+    Trained methods (method "learned": :mod:`leanq.learned`; "qat": :mod:`leanq.qat`):
+    steps, lr, scale_lr, init, lora_rank, train_batch (0 / "" = the method's
+    default; saved in the recipe); target: learned PTQ's block targets ("float"
+    chain or "same" inputs); state, state_every, resume: QAT's resumable state file.
+
+    vq: codebook layout of --method vq, "dim=4,index=8,books=1,rows=none,cols=192"
+    (any subset; "" = the preset for ``bits``, see ``leanq.methods.vq.vq_fields``).
     """
     info = get_method(method)
     # GPTQ's refinements default on (each measured to help on SmolLM2, docs/RESULTS.md);
     # for data-free methods a plain min/max range is the better default
-    act_order = method == "gptq" if act_order is None else act_order
-    mse_clip = method == "gptq" if mse_clip is None else mse_clip
-    refit = method == "gptq" if refit is None else refit
+    gptq_like = method in ("gptq", "awq+gptq", "learned", "qat")  # GPTQ rounds (trained methods start from it)
+    act_order = gptq_like if act_order is None else act_order
+    mse_clip = gptq_like if mse_clip is None else mse_clip
+    refit = gptq_like if refit is None else refit
     fmt = "float" if method == "cast" else info.fmt
     if group_size == "auto":
         group_size = info.default_group
     fields = dict(fmt=fmt, bits=bits, group_size=group_size, sym=sym, dtype=dtype)
     fields.update(dict(info.spec))
+    if fmt == "vq":  # --bits is the target bits per weight; --vq may set the codebook layout (methods.vq)
+        from .methods.vq import vq_fields
+
+        fields.update(vq_fields(bits, group_size, vq))
     spec = QuantSpec(**fields)
     cfg = MethodConfig(name=method, damp=damp, act_order=act_order, mse_clip=mse_clip, refit=refit,
-                       nsamples=nsamples, seqlen=seqlen, seed=seed, smooth=smooth)
+                       nsamples=nsamples, seqlen=seqlen, seed=seed, smooth=smooth, steps=steps, lr=lr,
+                       scale_lr=scale_lr, init=init, lora_rank=lora_rank, train_batch=train_batch,
+                       target=target if method == "learned" else "",
+                       # learned PTQ computes each block's start from one pass of the block (leanq.learned)
+                       true_sequential=bool(true_sequential and info.needs_data and method != "learned"))
+    if method in ("learned", "qat"):
+        from . import learned as _learned, qat as _qat
+
+        cfg = (_learned if method == "learned" else _qat).with_defaults(cfg)
     if keep_dtype not in ("float32", "float16", "bfloat16"):
         raise LeanqError(f"keep dtype must be float32, float16 or bfloat16, got {keep_dtype!r}")
     dev = pick_device(device)
@@ -100,8 +127,17 @@ def quantize(model: str, method: str = "gptq", bits: int = 4, group_size: int | 
         ov = plan
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    modules = quantize_blocks(loaded.model, spec, cfg, calib_ids, keep=rules.keep, overrides=ov, device=dev,
-                              progress=progress)
+    if method == "learned":
+        modules = _learned.learned_blocks(loaded.model, spec, cfg, calib_ids, keep=rules.keep, overrides=ov,
+                                          device=dev, progress=progress)
+    elif method == "qat":
+        text_ids = tokenize(loaded.tokenizer, read_text(find_file(calib, CALIB_FILE, "--calib")))
+        modules = _qat.qat_quantize(loaded.model, spec, cfg, calib_ids, text_ids, keep=rules.keep, overrides=ov,
+                                    device=dev, progress=progress, state=state, state_every=state_every,
+                                    resume=resume)
+    else:
+        modules = quantize_blocks(loaded.model, spec, cfg, calib_ids, keep=rules.keep, overrides=ov, device=dev,
+                                  progress=progress)
     secs = time.perf_counter() - t0
     _round_kept(loaded.model, keep_dtype)
     recipe = Recipe(source=Path(loaded.source).name, model_type=loaded.model.config.model_type, method=cfg,

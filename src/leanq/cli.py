@@ -65,9 +65,37 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--smooth", type=float, default=0.5, metavar="ALPHA",
                    help="w8a8: SmoothQuant migration strength in [0, 1]; 0 = no smoothing (default 0.5)")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of mean diag(H) (default 0.01)")
+    p.add_argument("--two-pass", action="store_true",
+                   help="calibrate every linear of a block on the float block's activations (two forward passes "
+                        "per block, less memory) instead of on the outputs of the already-quantized linears "
+                        "before it (default: one pass, true-sequential)")
     p.add_argument("--keep", default="", help="comma-separated name patterns to leave in float, e.g. '*.layers.0.*'")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"], help="target dtype of --method cast")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (default)")
+    p.add_argument("--vq", default="", metavar="LAYOUT",
+                   help="--method vq: codebook layout, e.g. 'dim=4,index=8,books=1,rows=none,cols=192' (any subset; "
+                        "default: the preset for --bits: 2 -> 4-dim vectors, 8-bit indices; 3 -> 2-dim, 6-bit)")
+    t = p.add_argument_group("trained methods (--method learned | qat)")
+    t.add_argument("--steps", type=int, default=0,
+                   help="optimisation steps: per block for learned (default 200), in all for qat (default 500)")
+    t.add_argument("--lr", type=float, default=0.0,
+                   help="learning rate of the rounding offsets (learned, signed steps; default 5e-3) or of the "
+                        "latent weights (qat, AdamW, in units of the start's step size; default 2e-3)")
+    t.add_argument("--scale-lr", type=float, default=0.0,
+                   help="learning rate of the clipping factors (learned; default 1e-2) or log step sizes "
+                        "(qat; default 1e-3)")
+    t.add_argument("--init", default="", choices=["", "gptq", "rtn", "learned"],
+                   help="the starting point (default gptq; 'learned' for qat only)")
+    t.add_argument("--train-batch", type=int, default=0, help="sequences per step (default 4)")
+    t.add_argument("--target", default="", choices=["", "float", "same"],
+                   help="learned: each block's target, the float model's activations ('float', default) or the "
+                        "float block on the quantized inputs ('same')")
+    t.add_argument("--lora-rank", type=int, default=0, help="qat: train LoRA factors of this rank on frozen "
+                                                            "latent weights instead of the weights (default 0: off)")
+    t.add_argument("--state", help="qat: training state file (default OUT.qat-state.pt), written every "
+                                   "--state-every steps")
+    t.add_argument("--state-every", type=int, default=50, help="qat: steps between state saves (default 50)")
+    t.add_argument("--resume", action="store_true", help="qat: continue from the state file")
 
 
 def _add_hybrid_args(p: argparse.ArgumentParser) -> None:
@@ -96,8 +124,11 @@ def _hybrid_kwargs(a) -> dict:
 def _quantize_kwargs(a) -> dict:
     return dict(method=a.method, bits=a.bits, group_size=a.group_size, sym=a.sym, calib=a.calib,
                 nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed, act_order=a.act_order,
-                mse_clip=a.mse_clip, refit=a.refit, damp=a.damp, smooth=a.smooth,
-                keep=tuple(k for k in a.keep.split(",") if k), dtype=a.dtype, device=a.device)
+                mse_clip=a.mse_clip, refit=a.refit, damp=a.damp, smooth=a.smooth, true_sequential=not a.two_pass,
+                keep=tuple(k for k in a.keep.split(",") if k), dtype=a.dtype, device=a.device, vq=getattr(a, "vq", ""),
+                steps=a.steps, lr=a.lr, scale_lr=a.scale_lr, init=a.init, train_batch=a.train_batch, target=a.target,
+                lora_rank=a.lora_rank, state_every=a.state_every, resume=a.resume,
+                state=a.state or (f"{a.out.rstrip('/')}.qat-state.pt" if a.method == "qat" and getattr(a, "out", None) else None))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -210,6 +241,9 @@ def cmd_info(a) -> int:
     m = recipe.method
     print(f"  method: {m.name}  damp={m.damp} act_order={m.act_order} mse_clip={m.mse_clip} refit={m.refit} "
           f"calibration={m.nsamples}x{m.seqlen} seed={m.seed}")
+    if m.name in ("learned", "qat"):
+        print(f"  training: steps={m.steps} lr={m.lr} scale_lr={m.scale_lr} init={m.init} "
+              f"batch={m.train_batch}{f' target={m.target}' if m.target else ''}{f' lora_rank={m.lora_rank}' if m.lora_rank else ''}")
     print(f"  default format: {recipe.default_spec.describe()}; float tensors kept in {recipe.keep_dtype}")
     from .formats.intq import bits_per_weight
 

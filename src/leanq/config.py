@@ -16,7 +16,7 @@ from typing import Any
 from .errors import LeanqError
 
 RECIPE_VERSION = 1
-FORMATS = ("int", "float", "nf4", "fp8", "w8a8")
+FORMATS = ("int", "float", "nf4", "fp8", "w8a8", "vq")
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 MAX_DIM = 1 << 20  # bound on widths and group sizes read from files, so a recipe cannot ask for absurd tensors
 
@@ -43,6 +43,15 @@ class QuantSpec:
     and the weight is ``dequant(codes) / in_scale`` column-wise (AWQ's
     activation-aware scaling, kept per module instead of folded elsewhere).
     Defaults keep checkpoints written before these fields existed valid.
+
+    fmt="vq" (``leanq.formats.vq``): vectors of ``vq_dim`` consecutive input
+    weights, each stored as ``vq_books`` indices of ``bits`` bits (1..8; so
+    ``bits · vq_books / vq_dim`` index bits per weight) into learned float16
+    codebooks of 2**bits entries (summed: residual codebooks),
+    one codebook set per tile of ``vq_rows`` rows × ``vq_cols`` columns (None:
+    the whole height / width), one float16 scale per row and group of
+    ``group_size`` input columns (None: per row).  The vq_* fields are left out of the JSON
+    of other formats, so their recipes read exactly as before.
     """
 
     fmt: str = "int"
@@ -51,10 +60,18 @@ class QuantSpec:
     sym: bool = False
     dtype: str = "float16"
     in_scale: bool = False
+    vq_dim: int = 0
+    vq_books: int = 1
+    vq_rows: int | None = None
+    vq_cols: int | None = None
 
     def __post_init__(self) -> None:
         if self.fmt not in FORMATS:
             raise LeanqError(f"unknown format {self.fmt!r}; choose one of {', '.join(FORMATS)}")
+        if self.fmt == "vq":
+            _check_vq(self)
+        elif (self.vq_dim, self.vq_books, self.vq_rows, self.vq_cols) != (0, 1, None, None):
+            raise LeanqError("vq_dim, vq_books, vq_rows and vq_cols apply to fmt='vq' only")
         if self.fmt == "int":
             if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
                 raise LeanqError(f"bits must be an integer from 2 to 8, got {self.bits!r}")
@@ -73,6 +90,10 @@ class QuantSpec:
             raise LeanqError(f"dtype must be one of {', '.join(FLOAT_DTYPES)}, got {self.dtype!r}")
 
     def describe(self) -> str:
+        if self.fmt == "vq":
+            tile = f"{self.vq_rows or 'all'}x{self.vq_cols or 'all'}"
+            g = "per-row" if self.group_size is None else f"g{self.group_size}"
+            return f"vq d{self.vq_dim} {self.bits}-bit x{self.vq_books} tile {tile} scales {g}"
         if self.fmt == "float":
             return self.dtype
         if self.fmt == "nf4":
@@ -83,11 +104,19 @@ class QuantSpec:
         return f"int{self.bits} {g} {'sym' if self.sym else 'asym'}{' +in_scale' if self.in_scale else ''}"
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if self.fmt != "vq":  # defaults, validated above: keep other formats' JSON as it was
+            for k in ("vq_dim", "vq_books", "vq_rows", "vq_cols"):
+                del d[k]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "QuantSpec":
         return cls(**_checked_fields(cls, d, "quant spec"))
+
+
+TRAINED_METHODS = ("learned", "qat")  # methods that optimise their values (leanq.learned, leanq.qat)
+TRAINED_FIELDS = ("steps", "lr", "scale_lr", "init", "lora_rank", "train_batch", "target")
 
 
 @dataclass(frozen=True)
@@ -106,6 +135,19 @@ class MethodConfig:
         least squares under the Hessian (zero points stay integers).
     nsamples, seqlen, seed: the calibration set (sequences of seqlen tokens).
     smooth: SmoothQuant migration strength alpha for w8a8 (0 = no smoothing).
+    true_sequential: each linear's calibration inputs come from a block whose
+        earlier linears are already quantized (one forward pass per block,
+        :mod:`leanq.relay`); False: every linear of a block sees the float
+        block's activations (two passes per block, less memory).  Recipes
+        written before this field existed were made the False way.
+    steps, lr, scale_lr, init, lora_rank, train_batch: the trained methods
+        (leanq.learned, leanq.qat): optimisation steps (per block for "learned",
+        in all for "qat"), the learning rate of the rounding offsets / latent
+        weights and of the clipping / step sizes, the method that gives the
+        starting point, LoRA rank (0 = off), sequences per step, and learned
+        PTQ's block targets ("float": the float model's activations, "same":
+        the float block on the quantized inputs).  Omitted from
+        the JSON of other methods, so their recipes read as before.
     """
 
     name: str = "rtn"
@@ -118,9 +160,21 @@ class MethodConfig:
     seqlen: int = 512
     seed: int = 0
     smooth: float = 0.5
+    true_sequential: bool = False
+    steps: int = 0
+    lr: float = 0.0
+    scale_lr: float = 0.0
+    init: str = ""
+    lora_rank: int = 0
+    train_batch: int = 0
+    target: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if self.name not in TRAINED_METHODS:
+            for k in TRAINED_FIELDS:
+                del d[k]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MethodConfig":
@@ -208,6 +262,24 @@ class Recipe:
             )
         except LeanqError as e:
             raise LeanqError(f"{where}: {e}") from None
+
+
+def _check_vq(s: QuantSpec) -> None:
+    """Bounds of a vector-quantized spec (indices are packed with at most 8 bits)."""
+    def pos(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_DIM
+
+    if not pos(s.vq_dim) or s.vq_dim > 8:
+        raise LeanqError(f"vq: vector length vq_dim must be 1..8, got {s.vq_dim!r}")
+    if not pos(s.bits) or s.bits > 8:
+        raise LeanqError(f"vq: index bits must be 1..8, got bits={s.bits!r}")
+    if not pos(s.vq_books) or s.vq_books > 4:
+        raise LeanqError(f"vq: vq_books (residual codebooks) must be 1..4, got {s.vq_books!r}")
+    for k in ("vq_rows", "vq_cols", "group_size"):
+        v = getattr(s, k)
+        if v is not None and (not pos(v) or (k != "vq_rows" and v % s.vq_dim)):
+            raise LeanqError(f"vq: {k} must be none or a positive{' multiple of vq_dim' if k != 'vq_rows' else ''} "
+                             f"integer, got {v!r}")
 
 
 def _expect(v: Any, typ: type, what: str) -> Any:

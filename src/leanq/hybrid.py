@@ -110,10 +110,15 @@ def plan_model(loaded, spec: QuantSpec, cfg: MethodConfig, rules: Rules, calib_p
                proxy: str = "rtn", keep_dtype: str = "float16", device: str = "cpu",
                progress: bool = True, weighting: str = DEFAULT_WEIGHTING) -> tuple[Plan, SensitivityTable]:
     """Plan the decoder-block linears of ``loaded.model`` under one budget (see :mod:`leanq.planner`)."""
-    if spec.fmt != "int" or spec.in_scale:
-        raise LeanqError("--bpw/--max-size plan plain integer formats; use --method rtn or gptq")
+    if spec.fmt not in ("int", "vq") or spec.in_scale:
+        raise LeanqError("--bpw/--max-size plan plain integer or vq formats; use --method rtn, gptq or vq")
+    extra = {}
+    if spec.fmt == "vq":  # codebook candidates beside GPTQ integers, all measured under H (leanq.methods.vq)
+        from .methods.vq import VQ_CANDIDATES
+
+        extra, proxy = {"candidates": VQ_CANDIDATES}, "gptq"
     table = get_table(loaded, cfg, rules, calib_path, cache, samples, proxy, device=device, progress=progress,
-                      weighting=weighting)
+                      weighting=weighting, **extra)
     fixed = 0
     if max_size:
         fixed = fixed_file_bytes(loaded.model, set(table.modules), keep_dtype)

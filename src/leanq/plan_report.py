@@ -26,6 +26,8 @@ def short(spec: QuantSpec) -> str:
     """int4 g64 asym -> '4g64'; int8 per-channel -> '8pc'; float16 -> 'f16'."""
     if spec.fmt == "float":
         return {"float16": "f16", "bfloat16": "bf16", "float32": "f32"}[spec.dtype]
+    if spec.fmt == "vq":  # vq d4 8-bit -> 'vq4x8'
+        return f"vq{spec.vq_dim}x{spec.bits}" + (f"x{spec.vq_books}" if spec.vq_books > 1 else "")
     g = "pc" if spec.group_size is None else f"g{spec.group_size}"
     return f"{spec.bits}{g}{'s' if spec.sym else ''}"
 

@@ -106,6 +106,11 @@ def hessian_damage(dw: torch.Tensor, h: torch.Tensor) -> float:
 
 def quantized_weight(w: torch.Tensor, h: torch.Tensor | None, spec: QuantSpec, cfg: MethodConfig, proxy: str) -> torch.Tensor:
     """Ŵ float32 [out, in] of candidate ``spec`` with the proxy's method."""
+    if spec.fmt == "vq" or (cfg.name == "vq" and spec.fmt == "int"):
+        # what --method vq stores: codebooks fitted under H, integers by its GPTQ (leanq.methods.vq)
+        from .methods.vq import vq
+
+        return vq(w, h, spec, cfg).dequantize(torch.float32)
     if proxy == "gptq" and spec.fmt == "int":
         from .methods.gptq import gptq
 
@@ -242,7 +247,7 @@ def measure(model: torch.nn.Module, calib: torch.Tensor, meta: dict, cfg: Method
     # a float32 "cast" spec leaves every weight bit-identical, so each block's
     # inputs are the float model's; any data-driven method name makes the
     # pipeline build Hessians (gptq is always registered)
-    recipe = quantize_blocks(work, QuantSpec(fmt="float", dtype="float32"), MethodConfig(name="gptq", seed=cfg.seed),
+    recipe = quantize_blocks(work, QuantSpec(fmt="float", dtype="float32"), MethodConfig(name="gptq", seed=cfg.seed, true_sequential=True),
                              calib, keep=keep, device=device, progress=False, on_hessian=on_hessian)
     bar.close()
     for name, mr in recipe.items():

@@ -127,6 +127,9 @@ def qrange(spec: QuantSpec) -> tuple[int, int]:
     return 0, (1 << spec.bits) - 1
 
 
+CLIP_CHUNK = 8192  # weights per slice of the clip search on CPU (~1 MB of trials per array)
+
+
 def find_params(w: torch.Tensor, spec: QuantSpec, mse_clip: bool = False, grid: int = 40,
                 max_shrink: float = 0.8, col_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point for each row of ``w`` [rows, n] (one group per row).
@@ -161,13 +164,19 @@ def find_params(w: torch.Tensor, spec: QuantSpec, mse_clip: bool = False, grid: 
 
     if not mse_clip:
         return params(wmin, wmax)
-    # all shrink factors at once: [P, rows] parameters, [P, rows, n] trial reconstructions
+    # all shrink factors at once: [P, rows] parameters, [P, rows, n] trial reconstructions,
+    # a slice of rows at a time so the trials stay in cache (rows are independent: same result)
     shrink = 1 - torch.arange(int(max_shrink * grid) + 1, device=w.device, dtype=w.dtype) / grid
     s, z = params(wmin[None] * shrink[:, None], wmax[None] * shrink[:, None])
-    q = torch.clamp(torch.round(w[None] / s[..., None]) + z[..., None], lo_q, hi_q)
-    err = ((q - z[..., None]) * s[..., None] - w[None]).pow_(2)
-    err = (err * col_weight.float()).sum(-1) if col_weight is not None else err.sum(-1)
-    best = err.argmin(0)  # first (widest) range wins ties
+    cw = col_weight.float() if col_weight is not None else None
+    step = max(1, CLIP_CHUNK // max(1, w.shape[1])) if w.device.type == "cpu" else w.shape[0]
+    best = torch.empty(w.shape[0], dtype=torch.long, device=w.device)
+    for r in range(0, w.shape[0], step):
+        sc, zc, wc = s[:, r : r + step, None], z[:, r : r + step, None], w[None, r : r + step]
+        q = torch.clamp(torch.round(wc / sc) + zc, lo_q, hi_q)
+        err = ((q - zc) * sc - wc).pow_(2)
+        err = (err * cw).sum(-1) if cw is not None else err.sum(-1)
+        best[r : r + step] = err.argmin(0)  # first (widest) range wins ties
     rows = torch.arange(w.shape[0], device=w.device)
     return s[best, rows], z[best, rows]
 

@@ -31,6 +31,10 @@ def stored_shapes(spec: QuantSpec, out_features: int, in_features: int) -> dict[
         from .w8a8 import w8a8_shapes
 
         return w8a8_shapes(spec, out_features, in_features)
+    if spec.fmt == "vq":
+        from .vq import vq_shapes
+
+        return vq_shapes(spec, out_features, in_features)
     raise ValueError(f"no layout for format {spec.fmt!r}")
 
 
@@ -51,4 +55,8 @@ def container(m):
         from .w8a8 import W8A8Weight
 
         return W8A8Weight(m.qweight, m.scales, m.smooth, m.spec)
+    if f == "vq":
+        from .vq import VQWeight
+
+        return VQWeight(m.qweight, m.codebooks, m.scales, m.spec, m.in_features)
     raise ValueError(f"no container for format {f!r}")

@@ -74,6 +74,8 @@ def _select_by(m: torch.nn.Module, dev: str, batch: int, dtype: torch.dtype = to
 
 from . import reference  # noqa: E402,F401
 from . import ptq_formats  # noqa: E402,F401  (nf4, fp8, w8a8)
+from . import cpu_int4  # noqa: E402,F401  (4-bit on CPUs: PyTorch's packed int4 matmul)
+from . import vq_ref  # noqa: E402,F401  (vq reference)
 
 
 def _load_gpu_kernels() -> None:
@@ -83,6 +85,9 @@ def _load_gpu_kernels() -> None:
         return
     try:
         from . import triton_int  # noqa: F401
+        from . import triton_fast  # noqa: F401  (v4 kernels, ahead of triton_int in the table)
+        from . import triton_vq  # noqa: F401  (vq LUT GEMV + dequantize)
+        from . import triton_half2  # noqa: F401  (batch-1 2/4-bit GEMV in paired fp16)
     except ImportError:  # no triton: the reference kernels serve the GPU too
         pass
     except Exception as e:  # a triton/torch pairing that breaks at import must not break leanq

@@ -49,3 +49,5 @@ def get_method(name: str) -> MethodInfo:
 
 from . import gptq, rtn  # noqa: E402,F401  (fill the registry)
 from . import awq, hqq, lowbit_float, w8a8  # noqa: E402,F401  (awq, awq+gptq, hqq, nf4, fp8, w8a8)
+from . import vq  # noqa: E402,F401  (vector quantization, fmt="vq")
+from . import trained  # noqa: E402,F401  (learned, qat: block/model-level drivers in leanq.learned, leanq.qat)

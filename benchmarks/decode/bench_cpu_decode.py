@@ -1,0 +1,179 @@
+"""CPU decode: SmolLM2-135M at FP32 vs leanq 4-bit (RTN g128) - tokens/s and memory, same prompt and length.
+
+Each model runs in its own child process (so one's memory cannot hide in the other's numbers), with
+the same thread count, prompt, greedy decoding and number of new tokens (EOS disabled).
+
+    OMP_NUM_THREADS=2 python benchmarks/decode/bench_cpu_decode.py --out results.json
+
+The 4-bit checkpoint is made once (``leanq.quantize``, method rtn, 4-bit g128, asym; embeddings and
+head kept) and cached at --ckpt.  The 4-bit layers run through the dispatch table (``cpu-int4pack``:
+PyTorch's packed int4 CPU matmul, repacked once at load; ``--kernel reference`` pins the pure-torch
+reference instead) with the stored-format buffers released after repacking.
+
+Memory, per child: ``weights_mb`` (bytes of every parameter, buffer and kernel-layout cache),
+``rss_base_mb`` (after imports, before loading), ``rss_loaded_mb`` (after loading and freeing the load's
+temporaries), ``peak_rss_decode_mb`` (VmHWM reset right before decoding, read after it).  tokens/s =
+new tokens / wall time of ``generate`` (prefill included), median of --reps after one warm-up call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROMPT = ("The history of the printing press begins in the fifteenth century, when a goldsmith in Mainz "
+          "combined several known techniques into a practical system for")
+
+
+def _rss_mb(field: str = "VmRSS") -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _reset_peak() -> None:
+    try:  # "5" resets VmHWM to the current RSS (Linux >= 4.0)
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _trim() -> None:
+    gc.collect()
+    try:  # give freed heap pages back to the OS, so RSS shows what the model holds
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def _weights_bytes(model) -> int:
+    seen, total = set(), 0
+    tensors = list(model.parameters()) + list(model.buffers())
+    for m in model.modules():
+        hit = getattr(m, "_cache", {}).get("cpu-int4")
+        if hit is not None:
+            tensors += [hit[1]["packed"], hit[1]["sz"]]
+    for t in tensors:
+        key = (t.untyped_storage().data_ptr(), t.dtype)
+        if t.numel() == 0 or key in seen:
+            continue
+        seen.add(key)
+        total += t.untyped_storage().nbytes()
+    return total
+
+
+def child(a) -> dict:
+    import torch
+
+    torch.set_num_threads(a.threads)
+    from leanq import api
+    from leanq.kernels import explain
+
+    _trim()
+    base = _rss_mb()
+    t0 = time.perf_counter()
+    if a.child == "fp32":
+        from leanq.models import load_float
+
+        lf = load_float(a.model)
+        model, tok = lf.model.eval(), lf.tokenizer  # load_float gives float32 already
+        kernels = []
+    else:
+        if a.kernel == "reference":
+            os.environ["LEANQ_KERNELS"] = "reference"
+        model, tok, _ = api.load(a.ckpt)
+        model.eval()
+        if a.kernel != "reference":
+            from leanq.kernels import cpu_int4
+
+            cpu_int4.release_stored(model)
+        kernels = sorted({k for _, k in explain(model, batch=1, device="cpu")})
+    load_s = time.perf_counter() - t0
+    _trim()
+    loaded = _rss_mb()
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    kw = dict(max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens, do_sample=False, eos_token_id=None,
+              pad_token_id=tok.eos_token_id if tok.eos_token_id is not None else 0)
+    with torch.inference_mode():
+        model.generate(ids, **dict(kw, max_new_tokens=4, min_new_tokens=4))  # warm-up (repacks, allocator)
+        _trim()
+        _reset_peak()
+        times, out = [], None
+        for _ in range(a.reps):
+            t0 = time.perf_counter()
+            out = model.generate(ids, **kw)
+            times.append(time.perf_counter() - t0)
+    assert out.shape[1] == ids.shape[1] + a.new_tokens, out.shape
+    t = statistics.median(times)
+    return dict(which=a.child, kernels=kernels, threads=torch.get_num_threads(), prompt_tokens=ids.shape[1],
+                new_tokens=a.new_tokens, tokens_per_s=a.new_tokens / t, seconds=t, all_seconds=times,
+                load_seconds=load_s, weights_mb=_weights_bytes(model) / 2**20, rss_base_mb=base,
+                rss_loaded_mb=loaded, peak_rss_decode_mb=_rss_mb("VmHWM"),
+                text=tok.decode(out[0, ids.shape[1]:])[:120])
+
+
+def ensure_ckpt(a) -> None:
+    if (Path(a.ckpt) / "leanq.json").is_file():
+        return
+    code = (f"from leanq import api; q = api.quantize({a.model!r}, method='rtn', bits=4, group_size=128, "
+            f"device='cpu', progress=False); q.save({a.ckpt!r}, overwrite=True)")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--ckpt", default="/tmp/leanq-smollm2-rtn4-g128")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
+    ap.add_argument("--kernel", choices=["auto", "reference"], default="auto")
+    ap.add_argument("--which", default="fp32,int4")
+    ap.add_argument("--out", default="")
+    ap.add_argument("--child", choices=["fp32", "int4"], help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        print(json.dumps(child(a)), flush=True)
+        return 0
+    import torch
+
+    ensure_ckpt(a)
+    load1 = os.getloadavg()[0]
+    res = dict(machine=f"{platform.machine()} {os.cpu_count()} cores", torch=torch.__version__,
+               python=platform.python_version(), command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+               date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), runs={})
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
+    for which in a.which.split(","):
+        cmd = [sys.executable, __file__, "--child", which, "--model", a.model, "--ckpt", a.ckpt, "--new-tokens",
+               str(a.new_tokens), "--reps", str(a.reps), "--threads", str(a.threads), "--kernel", a.kernel]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if r.returncode:
+            print(r.stderr[-3000:], file=sys.stderr)
+            return r.returncode
+        res["runs"][which] = json.loads(r.stdout.strip().splitlines()[-1])
+        print(which, json.dumps(res["runs"][which]), flush=True)
+    res["loadavg_1min"] = [load1, os.getloadavg()[0]]
+    if "fp32" in res["runs"] and "int4" in res["runs"]:
+        f, q = res["runs"]["fp32"], res["runs"]["int4"]
+        res["speedup"] = q["tokens_per_s"] / f["tokens_per_s"]
+        res["weights_ratio"] = q["weights_mb"] / f["weights_mb"]
+        res["peak_rss_ratio"] = q["peak_rss_decode_mb"] / f["peak_rss_decode_mb"]
+        res["model_rss_ratio"] = (q["peak_rss_decode_mb"] - q["rss_base_mb"]) / (f["peak_rss_decode_mb"] - f["rss_base_mb"])
+    print(json.dumps({k: v for k, v in res.items() if k != "runs"}, indent=1))
+    if a.out:
+        Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

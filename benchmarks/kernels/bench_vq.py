@@ -1,0 +1,185 @@
+"""Kernel benchmark of the vector-quantized format: Triton LUT GEMV / dequantize+cuBLAS vs BF16 F.linear.
+
+Shapes are F.linear weights, out x in (N x K).  Settings are the vq presets
+(leanq.methods.vq.PRESETS): 2-bit = 4-dim vectors, 8-bit indices, one codebook
+per 192 input columns; 3-bit = 2-dim vectors, 6-bit indices.  Each layer holds
+random indices, codebooks and scales; every timed path is first checked against
+the float32 reference (decode, then matmul).  Times are medians of CUDA-event
+intervals around single launches, each after a 256 MB L2 flush (as
+bench_kernels.py).  One JSON object per line on stdout and in $OUT/bench_vq.jsonl;
+the first line is the card and versions.
+
+    PYTHONPATH=src python3 benchmarks/kernels/bench_vq.py --out $OUT          # H100: ~1-2 min
+    TRITON_INTERPRET=1 PYTHONPATH=src python benchmarks/kernels/bench_vq.py --smoke   # CPU check, tiny shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336)]
+BATCHES = [1, 16]
+SETTINGS = {"vq2": 2, "vq3": 3}
+# (rows per program, vectors per step, warps, one word per codeword): small row tiles give enough
+# programs (4096 rows / 16 = 256) to keep every SM's loads in flight
+GEMV_CONFIGS = [dict(bn=16, bv=64, num_warps=4, pack=True), dict(bn=8, bv=128, num_warps=4, pack=True),
+                dict(bn=32, bv=64, num_warps=4, pack=True), dict(bn=16, bv=128, num_warps=8, pack=True),
+                dict(bn=8, bv=64, num_warps=2, pack=True), dict(bn=16, bv=64, num_warps=4, pack=False)]
+FLUSH = None
+
+
+def flush_l2() -> None:
+    global FLUSH
+    if FLUSH is None:
+        FLUSH = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    FLUSH.zero_()
+
+
+def bench(fn, reps: int, cuda: bool) -> float:
+    """Median milliseconds of one call (L2 flushed before each on CUDA; wall clock on CPU)."""
+    for _ in range(2 if not cuda else 5):
+        fn()
+    times = []
+    for _ in range(reps):
+        if cuda:
+            flush_l2()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def random_vq_layer(n: int, k: int, bits: int, dev: str, seed: int = 0):
+    """A vq QuantLinear of the preset for ``bits`` with random indices, codebooks (~N(0, 0.02)) and scales."""
+    from leanq.config import QuantSpec
+    from leanq.formats.vq import geometry, pack_vq_weight
+    from leanq.methods.vq import vq_fields
+    from leanq.modules import QuantLinear
+
+    spec = QuantSpec(fmt="vq", **vq_fields(bits, None))
+    geo = geometry(spec, n, k)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, geo["K"], (n, spec.vq_books, geo["nvec"]), generator=g)
+    books = torch.randn(geo["nrt"] * geo["nct"], spec.vq_books, geo["K"], spec.vq_dim, generator=g) * 0.02
+    scales = torch.rand(n, geo["nsg"], generator=g) + 0.5
+    return QuantLinear.from_int_weight(pack_vq_weight(idx, books, scales, spec, k), None).to(dev)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out.float() - ref).norm() / ref.norm()).item()
+
+
+def emit(row: dict, fh) -> None:
+    line = json.dumps(row)
+    print(line, flush=True)
+    fh.write(line + "\n")
+    fh.flush()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    ap.add_argument("--reps", type=int, default=40)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU through TRITON_INTERPRET=1")
+    ap.add_argument("--settings", default=",".join(SETTINGS))
+    args = ap.parse_args()
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    import triton
+
+    from leanq.formats.layouts import container
+    from leanq.kernels import select
+    from leanq.kernels import triton_vq as tv
+
+    cuda = torch.cuda.is_available() and not args.smoke
+    dev = "cuda" if cuda else "cpu"
+    dtype = torch.bfloat16 if cuda else torch.float32  # the interpreter computes in numpy: fp32 keeps it exact
+    shapes = [(24, 384), (40, 192)] if args.smoke else SHAPES
+    batches = [1, 3] if args.smoke else BATCHES  # the interpreter runs one program per activation row
+    reps = 1 if args.smoke else args.reps
+    configs = [GEMV_CONFIGS[0], GEMV_CONFIGS[-1]] if args.smoke else GEMV_CONFIGS
+    os.makedirs(args.out, exist_ok=True)
+    fh = open(os.path.join(args.out, "bench_vq.jsonl"), "w")
+    meta = dict(kind="meta", device=torch.cuda.get_device_name() if cuda else "cpu (TRITON_INTERPRET=1)",
+                torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
+                command=" ".join(sys.argv), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    emit(meta, fh)
+    if cuda:  # warm the clocks (see bench_kernels.py)
+        a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 1.5:
+            a @ a
+            torch.cuda.synchronize()
+        del a
+    failures = 0
+    for n, k in shapes:
+        w_bf16 = (torch.randn(n, k, device=dev) * 0.02).to(dtype)
+        base = {}
+        for M in batches:
+            x = torch.randn(M, k, device=dev, dtype=dtype)
+            base[M] = bench(lambda: F.linear(x, w_bf16), reps, cuda)
+            emit(dict(kind="baseline", impl="bf16 F.linear" if cuda else "fp32 F.linear", shape=f"{n}x{k}", M=M,
+                      ms=base[M], GBps=2 * n * k / (base[M] * 1e-3) / 1e9), fh)
+        del w_bf16
+        for name in args.settings.split(","):
+            m = random_vq_layer(n, k, SETTINGS[name], dev)
+            wbytes = sum(t.numel() * t.element_size() for t in container(m).tensors().values())
+            w_ref = container(m).dequantize(torch.float32)
+            for M in batches:
+                x = torch.randn(M, k, device=dev, dtype=dtype)
+                ref = x.float() @ w_ref.t()
+                chosen = select(m, x).name if cuda else "-"
+                fns = {}
+                if M <= 16:  # the GEMV re-reads the indices per activation row; timed up to 16 to compare
+                    for c in configs:
+                        fns[f"gemv bn{c['bn']} bv{c['bv']} w{c['num_warps']}{'' if c['pack'] else ' unpacked'}"] = (lambda c=c: tv.vq_gemv(m, x, **c))
+                fns["dequant+cublas"] = lambda: tv.vq_dequant_linear(m, x)
+                best = None
+                for impl, fn in fns.items():
+                    try:
+                        err = rel_err(fn(), ref)
+                    except Exception as e:  # a config out of resources: say so, go on
+                        emit(dict(kind="error", setting=name, shape=f"{n}x{k}", M=M, impl=impl,
+                                  error=f"{type(e).__name__}: {str(e)[:120]}"), fh)
+                        continue
+                    ok = err <= 2e-2
+                    failures += not ok
+                    ms = bench(fn, reps, cuda) if ok else float("nan")
+                    row = dict(kind="vq", setting=name, spec=m.spec.describe(), shape=f"{n}x{k}", M=M, impl=impl,
+                               ms=ms, rel_err=err, weight_bytes=wbytes, bpw=8 * wbytes / (n * k),
+                               GBps=(wbytes + x.numel() * x.element_size()) / (ms * 1e-3) / 1e9,
+                               vs_bf16=base[M] / ms, dispatch=chosen)
+                    emit(row, fh)
+                    if ok and (best is None or ms < best["ms"]):
+                        best = row
+                if best:
+                    emit(dict(kind="best", setting=name, shape=f"{n}x{k}", M=M, impl=best["impl"], ms=best["ms"],
+                              vs_bf16=best["vs_bf16"], bpw=best["bpw"]), fh)
+            del m, w_ref
+        if cuda:
+            torch.cuda.empty_cache()
+    fh.close()
+    if failures:
+        print(f"{failures} path(s) disagreed with the reference", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

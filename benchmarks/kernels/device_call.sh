@@ -1,0 +1,32 @@
+#!/bin/bash
+# One device call (issue 5): kernel sweep + table, then an optional second job.
+#   bash benchmarks/kernels/device_call.sh kernels   # sweep + main table + GPTQ on 4 blocks
+#   bash benchmarks/kernels/device_call.sh batch1    # batch-1 sweep (split-K variants) + table, GPTQ on 2 blocks
+#   bash benchmarks/kernels/device_call.sh decode    # end-to-end decode (layers from $LAYERS)
+# Each step runs under its own timeout so a slow step cannot eat the call; logs and JSON go to $OUT.
+set -o pipefail
+export PYTHONUNBUFFERED=1 PYTHONPATH=src
+OUT=${OUT:-out}; mkdir -p "$OUT"
+{ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem --format=csv
+  python3 -c "import sys,torch,triton,transformers;print('python',sys.version.split()[0],'torch',torch.__version__,'cuda',torch.version.cuda,'triton',triton.__version__,'transformers',transformers.__version__)"
+} 2>&1 | tee "$OUT/env.txt"
+case "$1" in
+kernels)
+  timeout "${T1:-165}" python3 benchmarks/kernels/bench_kernels.py --out "$OUT" --sweep --v3 --reps 25 \
+    --other-batches 1,16 2>&1 | tee "$OUT/bench.log"
+  LEANQ_PROFILE=1 timeout "${T2:-55}" python3 benchmarks/decode/bench_decode.py gptq --out "$OUT" --layers 4 \
+    2>&1 | tee "$OUT/gptq.log" ;;
+batch1)
+  timeout "${T1:-150}" python3 benchmarks/kernels/bench_kernels.py --out "$OUT" --sweep1 --reps 25 --batches 1 \
+    2>&1 | tee "$OUT/bench1.log"
+  LEANQ_PROFILE=1 timeout "${T2:-70}" python3 benchmarks/decode/bench_decode.py gptq --out "$OUT" --layers 2 \
+    2>&1 | tee "$OUT/gptq.log" ;;
+final)
+  timeout "${T1:-90}" python3 benchmarks/kernels/bench_kernels.py --out "$OUT" --sweep1 --reps 25 --batches 1,16,256 \
+    --other-batches 1 --bits 4,2,8,3 2>&1 | tee "$OUT/bench.log"
+  timeout "${T2:-140}" python3 benchmarks/decode/bench_decode.py decode --out "$OUT" --layers "${LAYERS:-8}" \
+    --reps 2 --tuned "$OUT/bench_kernels.json" 2>&1 | tee "$OUT/decode.log" ;;
+decode)
+  timeout "${T1:-200}" python3 benchmarks/decode/bench_decode.py decode --out "$OUT" --layers "${LAYERS:-16}" \
+    --reps 2 2>&1 | tee "$OUT/decode.log" ;;
+esac
