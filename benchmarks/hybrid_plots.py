@@ -41,6 +41,7 @@ def main() -> None:
     label = {"none": "plain proxy", "fisher": "loss-gain weighted proxy"}
 
     tmp = out / "pictures"
+    tmp.mkdir(parents=True, exist_ok=True)
     for r in evals:
         if r["config"].startswith("P"):
             b, w = float(r["config"][1:]), r.get("weighting", "none")
