@@ -50,7 +50,8 @@ def quantize(model: str, method: str = "gptq", bits: int = 4, group_size: int | 
              sensitivity_samples: int = 32, sensitivity_weighting: str = "fisher",
              steps: int = 0, lr: float = 0.0, scale_lr: float = 0.0, init: str = "", lora_rank: int = 0,
              train_batch: int = 0, state: str | None = None, state_every: int = 50, resume: bool = False,
-             target: str = "", vq: str = "", true_sequential: bool = True) -> QuantizedModel:
+             target: str = "", vq: str = "", true_sequential: bool = True,
+             block_state: str | None = None) -> QuantizedModel:
     """Quantize the decoder-block linears of ``model`` (HF folder, .gguf, or built-in name).
 
     keep / overrides: pattern rules (see :mod:`leanq.rules`; later overrides win, keep wins over all).
@@ -68,6 +69,9 @@ def quantize(model: str, method: str = "gptq", bits: int = 4, group_size: int | 
     steps, lr, scale_lr, init, lora_rank, train_batch (0 / "" = the method's
     default; saved in the recipe); target: learned PTQ's block targets ("float"
     chain or "same" inputs); state, state_every, resume: QAT's resumable state file.
+    block_state: a folder committed after every decoder block (block-pipeline methods,
+    :mod:`leanq.resume`); with ``resume`` an interrupted run of the same settings goes on
+    from it, and without ``resume`` an existing one is refused rather than overwritten.
 
     vq: codebook layout of --method vq, "dim=4,index=8,books=1,rows=none,cols=192"
     (any subset; "" = the preset for ``bits``, see ``leanq.methods.vq.vq_fields``).
@@ -104,6 +108,14 @@ def quantize(model: str, method: str = "gptq", bits: int = 4, group_size: int | 
     dev = pick_device(device)
     if is_checkpoint(resolve(model)):
         raise LeanqError(f"{model}: is already a leanq checkpoint; quantize the original model")
+    bstate = None
+    if block_state and info.needs_data and method not in ("learned", "qat"):
+        from .resume import BlockState
+
+        bstate = BlockState(block_state)
+        if bstate.exists() and not resume:
+            raise LeanqError(f"{block_state}: holds an interrupted run ({bstate.describe()}); pass --resume to "
+                             "continue it, or delete it to start over")
     loaded = load_float(model)
     calib_ids = None
     if info.needs_data:
@@ -137,7 +149,7 @@ def quantize(model: str, method: str = "gptq", bits: int = 4, group_size: int | 
                                     resume=resume)
     else:
         modules = quantize_blocks(loaded.model, spec, cfg, calib_ids, keep=rules.keep, overrides=ov, device=dev,
-                                  progress=progress)
+                                  progress=progress, state=bstate, resume=resume)
     secs = time.perf_counter() - t0
     _round_kept(loaded.model, keep_dtype)
     recipe = Recipe(source=Path(loaded.source).name, model_type=loaded.model.config.model_type, method=cfg,

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
+from pathlib import Path
 
 from .errors import LeanqError
 from .models import DEFAULT_MODEL
@@ -95,7 +97,13 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--state", help="qat: training state file (default OUT.qat-state.pt), written every "
                                    "--state-every steps")
     t.add_argument("--state-every", type=int, default=50, help="qat: steps between state saves (default 50)")
-    t.add_argument("--resume", action="store_true", help="qat: continue from the state file")
+    t.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run: GPTQ/AWQ/HQQ-style block methods from OUT.leanq-state "
+                        "(written after every decoder block, removed once the checkpoint is saved; the result is "
+                        "byte-identical to an uninterrupted run), qat from its --state file")
+    t.add_argument("--no-state", action="store_true",
+                   help="do not write OUT.leanq-state after each block (it costs one copy of the calibration "
+                        "activations on disk)")
 
 
 def _add_hybrid_args(p: argparse.ArgumentParser) -> None:
@@ -121,6 +129,12 @@ def _hybrid_kwargs(a) -> dict:
                 sensitivity_samples=a.sensitivity_samples, sensitivity_weighting=a.sensitivity_weighting)
 
 
+def _state_folder(out: str) -> Path:
+    from .resume import state_folder_for
+
+    return state_folder_for(out)
+
+
 def _quantize_kwargs(a) -> dict:
     return dict(method=a.method, bits=a.bits, group_size=a.group_size, sym=a.sym, calib=a.calib,
                 nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed, act_order=a.act_order,
@@ -128,6 +142,8 @@ def _quantize_kwargs(a) -> dict:
                 keep=tuple(k for k in a.keep.split(",") if k), dtype=a.dtype, device=a.device, vq=getattr(a, "vq", ""),
                 steps=a.steps, lr=a.lr, scale_lr=a.scale_lr, init=a.init, train_batch=a.train_batch, target=a.target,
                 lora_rank=a.lora_rank, state_every=a.state_every, resume=a.resume,
+                block_state=None if getattr(a, "no_state", False) or not getattr(a, "out", None)
+                else str(_state_folder(a.out)),
                 state=a.state or (f"{a.out.rstrip('/')}.qat-state.pt" if a.method == "qat" and getattr(a, "out", None) else None))
 
 
@@ -204,8 +220,18 @@ def _version() -> str:
 def cmd_quantize(a) -> int:
     from .api import quantize
 
+    from .checkpoint import RECIPE
+    from .resume import state_folder_for
+
+    o = Path(a.out)
+    if o.exists() and not a.overwrite:  # before the work, not after it
+        raise LeanqError(f"{o}: already exists; choose another --out or pass --overwrite")
+    if o.exists() and not (o / RECIPE).is_file():
+        raise LeanqError(f"{o}: exists and is not a leanq checkpoint; refusing to replace it")
     qm = quantize(a.model, **_quantize_kwargs(a), **_hybrid_kwargs(a))
     out = qm.save(a.out, overwrite=a.overwrite)
+    if state_folder_for(a.out).exists():  # the checkpoint is in place: the state has served
+        shutil.rmtree(state_folder_for(a.out), ignore_errors=True)
     from .evaluate import size_report
 
     rep = size_report(qm.model, out)

@@ -107,9 +107,15 @@ def get_table(loaded, cfg: MethodConfig, rules: Rules, calib_path: Path, cache: 
 
 def plan_model(loaded, spec: QuantSpec, cfg: MethodConfig, rules: Rules, calib_path: Path, bpw: float | None = None,
                max_size: int | None = None, cache: str | None = None, samples: int = DEFAULT_SENS_SAMPLES,
-               proxy: str = "rtn", keep_dtype: str = "float16", device: str = "cpu",
+               proxy: str = "", keep_dtype: str = "float16", device: str = "cpu",
                progress: bool = True, weighting: str = DEFAULT_WEIGHTING) -> tuple[Plan, SensitivityTable]:
-    """Plan the decoder-block linears of ``loaded.model`` under one budget (see :mod:`leanq.planner`)."""
+    """Plan the decoder-block linears of ``loaded.model`` under one budget (see :mod:`leanq.planner`).
+
+    proxy "" = the method's own rounding: each candidate measured as GPTQ would store it when the
+    method is GPTQ, as RTN otherwise (what the plan will actually be quantized with).
+    """
+    if not proxy:
+        proxy = "gptq" if cfg.name == "gptq" else "rtn"
     if spec.fmt not in ("int", "vq") or spec.in_scale:
         raise LeanqError("--bpw/--max-size plan plain integer or vq formats; use --method rtn, gptq or vq")
     extra = {}

@@ -11,6 +11,7 @@ time, so peak memory is about one block plus its activations.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from typing import Callable
@@ -27,6 +28,7 @@ from .methods import get_method
 from .kernels.reference import reuse_dequantized
 from .modules import QuantLinear
 from .relay import Relay, StageLinear, Stop
+from .resume import BlockState, fingerprint, tensor_digest
 
 
 PROFILE = bool(os.environ.get("LEANQ_PROFILE"))  # per-block timings on stderr
@@ -72,7 +74,8 @@ def _new_module(qw, bias: torch.Tensor | None) -> QuantLinear:
 def quantize_blocks(model: nn.Module, spec: QuantSpec, cfg: MethodConfig, calib: torch.Tensor | None,
                     keep: tuple[str, ...] = (), overrides=None, device: str = "cpu",
                     batch_size: int = 8, progress: bool = True,
-                    on_hessian: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None) -> dict[str, ModuleRecipe]:
+                    on_hessian: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None,
+                    state: BlockState | None = None, resume: bool = False) -> dict[str, ModuleRecipe]:
     """Quantize every target linear of every decoder block in place.
 
     calib: int64 [nsamples, seqlen] token ids (needed by data-driven methods).
@@ -80,6 +83,9 @@ def quantize_blocks(model: nn.Module, spec: QuantSpec, cfg: MethodConfig, calib:
     target right before it is quantized (data-driven methods only), so callers
     such as :mod:`leanq.sensitivity` can measure a module under its own
     calibration Hessian without holding every H at once.
+    state: a :class:`leanq.resume.BlockState` committed after every block
+    (data-driven methods); with ``resume`` an existing state of the same run
+    is continued from its next block, giving the same bytes as one run.
     Returns {full module name: ModuleRecipe}.
     """
     method = get_method(cfg.name)
@@ -104,9 +110,25 @@ def quantize_blocks(model: nn.Module, spec: QuantSpec, cfg: MethodConfig, calib:
     _keep_freed_memory()
     inputs, extra = _capture_first_inputs(model, blocks, calib, dev, batch_size)
 
+    start = 0
+    if state is not None:
+        state.key = _run_key(model, blocks, prefix, spec, cfg, calib, keep, overrides, dev, batch_size)
+        if resume and state.exists():
+            start, done = state.load(len(blocks))
+            for i in range(start):
+                _restore_block(blocks[i], i, model, f"{prefix}.{i}", keep, done, state)
+            recipe.update(done)
+            if start < len(blocks):
+                inputs = state.inputs(start, inputs)
+            state.resume_from(len(blocks), done)
+        else:
+            state.start(len(blocks))
+
     solve = _Solver(spec, cfg, overrides, on_hessian, recipe)
     run_block = _block_staged if cfg.true_sequential else _block_two_pass
-    for i, block in enumerate(tqdm(blocks, desc=f"{cfg.name} blocks", disable=not progress)):
+    bar = tqdm(total=len(blocks), initial=start, desc=f"{cfg.name} blocks", disable=not progress)
+    for i in range(start, len(blocks)):
+        block = blocks[i]
         block.to(dev)
         for x in inputs:
             _check_finite(x, f"block {i} input")
@@ -118,8 +140,46 @@ def quantize_blocks(model: nn.Module, spec: QuantSpec, cfg: MethodConfig, calib:
             print(f"block {i}: {time.perf_counter() - t0:.2f} s in all, of which forward {solve.t_forward:.2f} s, "
                   f"statistics {solve.t_stats:.2f} s, solve {solve.t_solve:.2f} s", file=sys.stderr)
         solve.t_stats = solve.t_solve = solve.t_forward = 0.0
+        if state is not None:
+            block_prefix = f"{prefix}.{i}."
+            state.commit(i, block, {k: v for k, v in recipe.items() if k.startswith(block_prefix)}, inputs)
+            if os.environ.get("LEANQ_KILL_AFTER_BLOCK") == str(i):  # test hook: die like a killed process
+                os.kill(os.getpid(), signal.SIGKILL)
+        bar.update(1)
+    bar.close()
     # the model's own module order, whatever order the linears were solved in
     return {name: recipe[name] for name, _ in model.named_modules() if name in recipe}
+
+
+def _run_key(model, blocks, prefix, spec, cfg, calib, keep, overrides, dev, batch_size) -> str:
+    """What decides a run's bytes: settings, each target's spec, calibration tokens, model, device."""
+    targets = {}
+    for i, block in enumerate(blocks):
+        for rel in block_targets(model, block, f"{prefix}.{i}", keep):
+            full = f"{prefix}.{i}.{rel}"
+            targets[full] = spec_for(full, spec, overrides).to_dict()
+    cfg_d = model.config.to_dict()
+    cfg_d.pop("_name_or_path", None)
+    probe = []  # the first target of the first and the last block stand for the weights
+    for j in sorted({0, len(blocks) - 1}):
+        lins = list(block_targets(model, blocks[j], f"{prefix}.{j}", keep).values())
+        if lins:
+            probe.append(linear_weight(lins[0])[0])
+    return fingerprint({"method": cfg.to_dict(), "spec": spec.to_dict(), "targets": targets,
+                        "calib": tensor_digest(calib), "device": dev.type, "batch_size": batch_size,
+                        "config": cfg_d, "weights": [tensor_digest(w) for w in probe], "torch": torch.__version__})
+
+
+def _restore_block(block, i, model, name, keep, done, state) -> None:
+    """Rebuild block ``i`` as the state saved it: QuantLinears of the saved layout, then the saved tensors."""
+    for rel, lin in block_targets(model, block, name, keep).items():
+        mr = done.get(f"{name}.{rel}")
+        if mr is None:
+            raise LeanqError(f"{state.folder}: no recipe for {name}.{rel} although block {i} is marked done")
+        _, b = linear_weight(lin)
+        set_submodule(block, rel, QuantLinear(mr.in_features, mr.out_features, mr.spec, mr.bias,
+                                              b.dtype if b is not None else torch.float32))
+    state.restore_block(i, block, dict(block.state_dict()))
 
 
 class _Solver:
