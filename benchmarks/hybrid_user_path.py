@@ -30,7 +30,9 @@ def main() -> None:
 
     src = a.model
     if a.float_dir:
-        src = float_folder(a.model, Path(a.float_dir))
+        from leanq.models import save_float_folder
+
+        src = str(save_float_folder(a.model, Path(a.float_dir)))
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -58,27 +60,6 @@ def main() -> None:
         tmp = res_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(results, indent=1))
         tmp.replace(res_path)
-
-
-def float_folder(name: str, d: Path) -> str:
-    """The float model as a HF folder (config without the GGUF's quantization marker), made once."""
-    if not (d / "model.safetensors").is_file():
-        import copy
-
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        from leanq.models import load_float
-
-        L = load_float(name)
-        cfg = copy.deepcopy(L.model.config)
-        if hasattr(cfg, "quantization_config"):
-            delattr(cfg, "quantization_config")
-        m = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-        m.load_state_dict(L.model.state_dict(), strict=True)
-        m.save_pretrained(d)
-        L.tokenizer.save_pretrained(d)
-    return str(d)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ One command (after benchmarks/peers/setup.sh):
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -72,23 +71,9 @@ SETTING_ORDER = ["FP32", "8-bit", "4-bit", "3-bit", "2-bit"]
 
 def ensure_model_dir() -> None:
     """Save leanq's float SmolLM2-135M once as an HF folder (so every peer starts from identical weights)."""
-    if (MODEL_DIR / "model.safetensors").is_file():
-        return
-    import torch
-    from transformers import AutoModelForCausalLM
+    from leanq.models import save_float_folder
 
-    from leanq.models import load_float
-
-    L = load_float("smollm2-135m")
-    cfg = copy.deepcopy(L.model.config)
-    if hasattr(cfg, "quantization_config"):  # transformers marks GGUF-loaded models "quantized": drop it
-        delattr(cfg, "quantization_config")
-    m = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    m.load_state_dict(L.model.state_dict(), strict=True)
-    tmp = MODEL_DIR.with_name(MODEL_DIR.name + ".tmp")
-    m.save_pretrained(tmp)
-    L.tokenizer.save_pretrained(tmp)
-    tmp.rename(MODEL_DIR)
+    save_float_folder("smollm2-135m", MODEL_DIR)
 
 
 def load_model():

@@ -64,14 +64,20 @@ def state_to_save(model: nn.Module, keep_dtype: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def save(model: nn.Module, tokenizer, recipe: Recipe, out: str | Path, overwrite: bool = False) -> Path:
-    from safetensors.torch import save_file
-
+def check_out(out: str | Path, overwrite: bool) -> Path:
+    """Refuse an output folder that exists (unless overwriting a leanq checkpoint); called before long work too."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise LeanqError(f"{out}: already exists; choose another --out or pass --overwrite")
     if out.exists() and not (out / RECIPE).is_file():
         raise LeanqError(f"{out}: exists and is not a leanq checkpoint; refusing to replace it")
+    return out
+
+
+def save(model: nn.Module, tokenizer, recipe: Recipe, out: str | Path, overwrite: bool = False) -> Path:
+    from safetensors.torch import save_file
+
+    out = check_out(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():

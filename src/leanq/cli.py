@@ -10,7 +10,6 @@ import json
 import shutil
 import sys
 import time
-from pathlib import Path
 
 from .errors import LeanqError
 from .models import DEFAULT_MODEL
@@ -129,13 +128,9 @@ def _hybrid_kwargs(a) -> dict:
                 sensitivity_samples=a.sensitivity_samples, sensitivity_weighting=a.sensitivity_weighting)
 
 
-def _state_folder(out: str) -> Path:
+def _quantize_kwargs(a) -> dict:
     from .resume import state_folder_for
 
-    return state_folder_for(out)
-
-
-def _quantize_kwargs(a) -> dict:
     return dict(method=a.method, bits=a.bits, group_size=a.group_size, sym=a.sym, calib=a.calib,
                 nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed, act_order=a.act_order,
                 mse_clip=a.mse_clip, refit=a.refit, damp=a.damp, smooth=a.smooth, true_sequential=not a.two_pass,
@@ -143,7 +138,7 @@ def _quantize_kwargs(a) -> dict:
                 steps=a.steps, lr=a.lr, scale_lr=a.scale_lr, init=a.init, train_batch=a.train_batch, target=a.target,
                 lora_rank=a.lora_rank, state_every=a.state_every, resume=a.resume,
                 block_state=None if getattr(a, "no_state", False) or not getattr(a, "out", None)
-                else str(_state_folder(a.out)),
+                else str(state_folder_for(a.out)),
                 state=a.state or (f"{a.out.rstrip('/')}.qat-state.pt" if a.method == "qat" and getattr(a, "out", None) else None))
 
 
@@ -220,14 +215,10 @@ def _version() -> str:
 def cmd_quantize(a) -> int:
     from .api import quantize
 
-    from .checkpoint import RECIPE
+    from .checkpoint import check_out
     from .resume import state_folder_for
 
-    o = Path(a.out)
-    if o.exists() and not a.overwrite:  # before the work, not after it
-        raise LeanqError(f"{o}: already exists; choose another --out or pass --overwrite")
-    if o.exists() and not (o / RECIPE).is_file():
-        raise LeanqError(f"{o}: exists and is not a leanq checkpoint; refusing to replace it")
+    check_out(a.out, a.overwrite)  # before the work, not after it
     qm = quantize(a.model, **_quantize_kwargs(a), **_hybrid_kwargs(a))
     out = qm.save(a.out, overwrite=a.overwrite)
     if state_folder_for(a.out).exists():  # the checkpoint is in place: the state has served

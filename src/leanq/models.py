@@ -133,3 +133,30 @@ def _check_gguf(p: Path) -> None:
     if need > 2 * elements + (1 << 20):  # slack for parameters transformers adds that GGUF omits
         raise LeanqError(f"{p}: its metadata describes a model of {need} parameters, "
                          f"but the file holds only {elements} values")
+
+
+def save_float_folder(name: str, out: Path) -> Path:
+    """Write model ``name``'s float weights once as a Hugging Face folder (safetensors + tokenizer).
+
+    Benchmarks that quantize the same model many times, or hand it to other libraries, start from
+    this folder instead of dequantizing a GGUF each time. The GGUF's ``quantization_config`` marker
+    is dropped (the weights are plain float32). Written beside ``out`` and renamed into place.
+    """
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    out = Path(out)
+    if (out / "model.safetensors").is_file():
+        return out
+    loaded = load_float(name)
+    cfg = copy.deepcopy(loaded.model.config)
+    if hasattr(cfg, "quantization_config"):
+        delattr(cfg, "quantization_config")
+    m = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    m.load_state_dict(loaded.model.state_dict(), strict=True)
+    tmp = out.with_name(out.name + ".tmp")
+    m.save_pretrained(tmp)
+    loaded.tokenizer.save_pretrained(tmp)
+    tmp.rename(out)
+    return out

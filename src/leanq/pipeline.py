@@ -153,18 +153,16 @@ def quantize_blocks(model: nn.Module, spec: QuantSpec, cfg: MethodConfig, calib:
 
 def _run_key(model, blocks, prefix, spec, cfg, calib, keep, overrides, dev, batch_size) -> str:
     """What decides a run's bytes: settings, each target's spec, calibration tokens, model, device."""
-    targets = {}
+    targets, probe = {}, []  # probe: the first target of the first and the last block stand for the weights
     for i, block in enumerate(blocks):
-        for rel in block_targets(model, block, f"{prefix}.{i}", keep):
+        lins = block_targets(model, block, f"{prefix}.{i}", keep)
+        for rel in lins:
             full = f"{prefix}.{i}.{rel}"
             targets[full] = spec_for(full, spec, overrides).to_dict()
+        if lins and i in (0, len(blocks) - 1):
+            probe.append(linear_weight(next(iter(lins.values())))[0])
     cfg_d = model.config.to_dict()
     cfg_d.pop("_name_or_path", None)
-    probe = []  # the first target of the first and the last block stand for the weights
-    for j in sorted({0, len(blocks) - 1}):
-        lins = list(block_targets(model, blocks[j], f"{prefix}.{j}", keep).values())
-        if lins:
-            probe.append(linear_weight(lins[0])[0])
     return fingerprint({"method": cfg.to_dict(), "spec": spec.to_dict(), "targets": targets,
                         "calib": tensor_digest(calib), "device": dev.type, "batch_size": batch_size,
                         "config": cfg_d, "weights": [tensor_digest(w) for w in probe], "torch": torch.__version__})

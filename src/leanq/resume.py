@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checkpoint import _sha256
 from .config import ModuleRecipe
 from .errors import LeanqError
 
@@ -57,14 +58,6 @@ def fingerprint(parts: dict) -> str:
 
 def tensor_digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
-
-
-def _sha256(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -211,15 +204,15 @@ class BlockState:
 
     def commit(self, i: int, block: nn.Module, modules: dict[str, ModuleRecipe], inputs: list[torch.Tensor]) -> None:
         """Block ``i`` is done: save it and the next block's inputs, then move the commit point."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save, save_file
 
         bname, iname = f"block-{i:03d}.safetensors", f"inputs-{i + 1:03d}.safetensors"
-        state = {k: v.detach().to("cpu").contiguous() for k, v in block.state_dict().items()}
-        _write_atomic(self.folder / bname, lambda t: save_file(state, str(t)))
+        data = save({k: v.detach().to("cpu").contiguous() for k, v in block.state_dict().items()})
+        _write_atomic(self.folder / bname, lambda t: t.write_bytes(data))
         batches = {str(j): x.detach().to("cpu").contiguous() for j, x in enumerate(inputs)}
         _write_atomic(self.folder / iname, lambda t: save_file(batches, str(t)))
         old_inputs = [n for n in self._files if n.startswith("inputs-")]
-        self._files[bname] = {"bytes": (self.folder / bname).stat().st_size, "sha256": _sha256(self.folder / bname)}
+        self._files[bname] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         self._files = {k: v for k, v in self._files.items() if not k.startswith("inputs-")}
         self._files[iname] = {"bytes": (self.folder / iname).stat().st_size}
         self._modules.update({k: v.to_dict() for k, v in modules.items()})
