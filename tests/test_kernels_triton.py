@@ -125,7 +125,7 @@ def test_supports_and_dispatch():
     assert not ti._supports_gemv(odd, torch.empty(1, 48, device="meta"))
     if DEV == "cuda":
         x = torch.randn(1, 64, device="cuda", dtype=torch.float16)
-        assert select(m, x).name == "triton-int-gemv"
+        assert select(m, x).name.startswith("triton-")  # the highest-priority GPU kernel that takes it
     else:
         # on CPUs the reference, unless the packed int4 op (kernels/cpu_int4.py) is opted into
         assert select(m, torch.randn(1, 64)).name == "reference-int"

@@ -63,10 +63,13 @@ def weight_bytes(model) -> int:
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
     for m in model.modules():  # kernel layouts cached on quantized layers
-        pk = getattr(m, "_cache", {}).get("triton_int")
-        if pk is not None:
+        for layout, main in (("triton_int", "planes"), ("triton_kn", "words")):
+            pk = getattr(m, "_cache", {}).get(layout)
+            if pk is None:
+                continue
             pk = pk[1]
-            for t in pk["planes"] + [pk["scales"]] + ([] if pk["sym"] else [pk["zeros"]]):
+            main_t = pk[main] if isinstance(pk[main], list) else [pk[main]]
+            for t in main_t + [pk["scales"]] + ([] if pk["sym"] else [pk["zeros"]]):
                 if t.data_ptr() not in seen:
                     seen.add(t.data_ptr())
                     total += t.numel() * t.element_size()
@@ -108,6 +111,10 @@ def install_tuned(path: str) -> dict:
         kind, batch = key.split("@")
         if kind == "h2":
             th.TUNED_H2.update(cfg)
+        elif kind.startswith("kn"):  # "kn4@1": triton_kn's batch-1 config for 4-bit layers
+            from leanq.kernels import triton_kn as kn
+
+            kn.TUNED_KN[int(kind[2:])] = cfg
         else:
             tf.TUNED[(kind, int(batch))] = cfg
     return tuned
@@ -126,10 +133,17 @@ def cmd_decode(a) -> dict:
     spec = QuantSpec(bits=a.bits, group_size=128, sym=False)
     quantize_blocks(model, spec, MethodConfig(name="rtn", mse_clip=False), None, device="cuda", progress=False)
     qsec = time.perf_counter() - t0
-    freed = ti.release_stored(model) if a.release else 0
+    if not a.release:
+        freed = 0
+    elif a.layout == "kn":  # batch 1 on the kn GEMV, prefill dequantize + cuBLAS: one layout in memory
+        from leanq.kernels import triton_kn as kn
+
+        freed = kn.release_stored_kn(model)
+    else:
+        freed = ti.release_stored(model)
     torch.cuda.empty_cache()
     kernels = sorted({k for _, k in explain(model, batch=1, device="cuda", **_dt())})
-    res[f"int{a.bits}"] = dict(quantize_seconds=qsec, stored_bytes_released=freed, kernels_batch1=kernels,
+    res[f"int{a.bits}"] = dict(layout=a.layout, quantize_seconds=qsec, stored_bytes_released=freed, kernels_batch1=kernels,
                                weights_gib=weight_bytes(model) / 2**30,
                                **time_generate(model, a.prompt_len, a.new_tokens, a.reps))
     print(f"int{a.bits}", json.dumps(res[f"int{a.bits}"]), flush=True)
@@ -178,6 +192,8 @@ def main() -> int:
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--layout", choices=["kn", "nk"], default="kn",
+                    help="kn: triton_kn (batch-1 GEMV on K-major words); nk: triton_int/fast/half2 row layout")
     ap.add_argument("--tuned", default="", help="bench_kernels.json whose tuned tile configs to use")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)

@@ -30,6 +30,7 @@ from leanq.kernels import select
 from leanq.kernels import triton_fast as tf
 from leanq.kernels import triton_half2 as th
 from leanq.kernels import triton_int as ti
+from leanq.kernels import triton_kn as kn
 from leanq.modules import QuantLinear
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336), (14336, 4096)]
@@ -67,6 +68,96 @@ def bench(fn, reps: int = 60, warmup: int = 5) -> float:
         b.synchronize()
         times.append(a.elapsed_time(b))
     return statistics.median(times)
+
+
+def bench_graph(make_fn, nbytes: int, reps: int = 20, launches: int = 24) -> float:
+    """Median milliseconds per call with calls back to back, as a decoder replays them under CUDA graphs.
+
+    ``make_fn(c)`` returns the call on weight copy ``c``; enough copies rotate that their bytes exceed
+    twice the 50 MB L2, so no call finds its weights in cache.  ``launches`` calls are captured in one
+    CUDA graph; each timed replay (CUDA events) is divided by ``launches``.  This removes the ~3.6 us
+    per-launch floor of :func:`bench` (event + launch latency) that a graph replay does not pay."""
+    copies = max(2, min(16, -(-(100 << 20) // max(nbytes, 1))))
+    fns = [make_fn(c) for c in range(copies)]
+    for f in fns:
+        f()
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for f in fns:  # warm-up on the capture stream
+            f()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(launches):
+            fns[i % copies]()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        flush_l2()
+        torch.cuda._sleep(SPIN_CYCLES)
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / launches)
+    del g, fns
+    return statistics.median(times)
+
+
+def graph_table(args, bw: float) -> list[dict]:
+    """Batch 1 in both harnesses, same run: BF16 F.linear, torch int4pack (g128), leanq kn at 4, 2, 8 bits."""
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
+    rows = []
+    for n, k in shapes:
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        ws = {}
+
+        def bf16_fn(c):
+            if c not in ws:
+                ws[c] = (torch.randn(n, k, device="cuda") * 0.02).bfloat16()
+            w = ws[c]
+            return lambda: F.linear(x, w)
+
+        i4s = {}
+
+        def i4_fn(c):
+            if c not in i4s:
+                i4s[c] = int4pack_baseline((torch.randn(n, k, device="cuda") * 0.02).bfloat16(), n, k)[0]
+            f = i4s[c]
+            return lambda: f(x)
+
+        res = {}
+        res["bf16"] = (bench(bf16_fn(0), args.reps), bench_graph(bf16_fn, 2 * n * k))
+        ws.clear()
+        res["int4pack"] = (bench(i4_fn(0), args.reps), bench_graph(i4_fn, n * k // 2))
+        i4s.clear()
+        for bits in (4, 2, 8):
+            pks = {}
+
+            def kn_fn(c, bits=bits):
+                if c not in pks:
+                    m = random_layer(n, k, bits, seed=c)
+                    pks[c] = kn.packed_kn(m)
+                    del m
+                p = pks[c]
+                return lambda: kn.run_gemv_kn(x, p, None)
+
+            f0 = kn_fn(0)
+            nbytes = kn_bytes(pks[0])
+            res[f"kn{bits}"] = (bench(f0, args.reps), bench_graph(kn_fn, nbytes))
+            pks.clear()
+            torch.cuda.empty_cache()
+        for name, (single, graph) in res.items():
+            r = dict(shape=f"{n}x{k}", n=n, k=k, M=1, impl=name, single_ms=single, graph_ms=graph,
+                     x_bf16_single=res["bf16"][0] / single, x_bf16_graph=res["bf16"][1] / graph)
+            rows.append(r)
+            print(f"{n:>5}x{k:<5} {name:<9} single {single * 1e3:6.1f} us (x{r['x_bf16_single']:.2f} bf16)   "
+                  f"graph {graph * 1e3:6.1f} us (x{r['x_bf16_graph']:.2f} bf16)", flush=True)
+    return rows
 
 
 def copy_bandwidth() -> float:
@@ -134,10 +225,18 @@ def int8pack_baseline(w_ref: torch.Tensor):
     return (lambda x: torch._weight_int8pack_mm(x, q, s)), q.numel() + s.numel() * 2
 
 
-def leanq_fns(pk: dict, M: int, v3: bool = False):
+def kn_bytes(pk: dict) -> int:
+    t = [pk["words"], pk["scales"]] + ([] if pk["sym"] else [pk["zeros"]])
+    return sum(x.numel() * x.element_size() for x in t)
+
+
+def leanq_fns(pk: dict, M: int, v3: bool = False, pkn: dict | None = None):
     """Candidate leanq paths for batch M: name -> fn(x).  v4 kernels (triton_fast) always; the v3 ones
-    (triton_int: gemv, dot) only when asked (--v3), to keep the number of compilations down."""
+    (triton_int: gemv, dot) only when asked (--v3), to keep the number of compilations down; the kn GEMV
+    (triton_kn, its own layout ``pkn``) at batch 1."""
     fns = {}
+    if M == 1 and pkn is not None:
+        fns["kn"] = lambda x: kn.run_gemv_kn(x, pkn, None)
     if M == 1 and th.supported(pk):
         fns["h2"] = lambda x: th.run_gemv_h2(x, pk, None, th.TUNED_H2 or None)
     if M <= 16:
@@ -294,11 +393,106 @@ def sweep1(args, bw: float) -> list[dict]:
     return rows
 
 
+def sweep_kn(args, bw: float) -> list[dict]:
+    """Batch 1, triton_kn GEMV tile configs (BN columns x BK inputs per program, warps) for 4, 2 and 8 bits
+    on every shape; installs the config with the least total 4-bit time (TUNED_KN)."""
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
+    # (BN, BK, warps, paired-fp16 arithmetic); split-K tail: the finishing kernel unless said
+    tiles = [(256, 128, 4), (512, 128, 4), (128, 128, 2), (1024, 128, 4), (512, 128, 8), (256, 64, 2)]
+    grid4 = [dict(BN=bn, BK=bk, num_warps=w) for bn, bk, w in tiles]
+    grid4 += [dict(BN=256, BK=128, num_warps=4, tail="counter"), dict(BN=512, BK=128, num_warps=4, h2=True),
+              dict(BN=256, BK=128, num_warps=4, h2=True)]
+    other = grid4[:4] + [dict(BN=bn, BK=bk, num_warps=w, h2=True) for bn, bk, w in tiles[:4]]
+    plan = [(4, grid4), (2, other), (8, other)]
+    rows, totals = [], {}
+    one = torch.zeros(1, device="cuda")
+    floor = bench(lambda: one.add_(1.0), reps=50)
+    print(f"harness floor (one 1-element add kernel): {floor * 1e3:.1f} us", flush=True)
+    rows.append(dict(kind="floor", ms=floor))
+    for n, k in shapes:
+        for bits, cfgs in plan:
+            m = random_layer(n, k, bits, seed=1)
+            pkn = kn.packed_kn(m)
+            nbytes = kn_bytes(pkn)
+            w_ref = m.int_weight().dequantize(torch.float32)
+            m._cache.clear()
+            del m
+            x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+            x2 = torch.randn_like(x)
+            ref, ref2 = x.float() @ w_ref.t(), x2.float() @ w_ref.t()
+            for i, cfg in enumerate(cfgs):
+                key = (bits, i)
+                try:
+                    if cfg.get("diag"):  # timing only: the scratch is left dirty, so clean it after
+                        err = float("nan")
+                    else:
+                        err = max(rel_err(kn.run_gemv_kn(x, pkn, None, cfg), ref),
+                                  rel_err(kn.run_gemv_kn(x2, pkn, None, cfg), ref2))
+                    if err > 1e-2:
+                        print(f"  kn int{bits} {cfg}: error {err:.2e}", flush=True)
+                        totals[key] = float("inf")
+                        continue
+                    ms = bench(lambda: kn.run_gemv_kn(x, pkn, None, cfg), reps=20, warmup=2)
+                    if cfg.get("diag"):
+                        for t in kn._scratch(x.device, 1):
+                            t.zero_()
+                except Exception as e:
+                    print(f"  kn int{bits} {cfg}: {type(e).__name__} {str(e)[:80]}", flush=True)
+                    totals[key] = float("inf")
+                    continue
+                totals[key] = totals.get(key, 0.0) + ms
+                gbs = nbytes / (ms * 1e-3) / 1e9
+                rows.append(dict(n=n, k=k, M=1, bits=bits, kind="kn", cfg=cfg, ms=ms, err=err, pct_copy=100 * gbs / bw))
+                print(f"  {n}x{k} int{bits} kn {cfg}: {ms * 1e3:.1f} us {100 * gbs / bw:.0f}% err {err:.1e}", flush=True)
+            del pkn, w_ref
+    for bits, cfgs in plan:
+        t, i = min((totals.get((bits, i), float("inf")), i) for i in range(len(cfgs)) if not cfgs[i].get("diag"))
+        print(f"BEST kn int{bits}: {cfgs[i]} (sum over shapes {t * 1e3:.1f} us)", flush=True)
+        if t < float("inf"):
+            kn.TUNED_KN[bits] = dict(cfgs[i])
+    return rows
+
+
+def diag_kn(args, bw: float) -> list[dict]:
+    """Where the kn GEMV's time goes (4-bit, batch 1): the full kernel beside variants that drop the counter
+    tail (diag 1), all atomics (3), and the arithmetic too (4: load only), for a few tiles."""
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
+    tiles = [(256, 128, 4), (512, 128, 4), (128, 128, 2), (256, 64, 2), (1024, 128, 4), (512, 128, 8)]
+    rows = []
+    one = torch.zeros(1, device="cuda")
+    floor = bench(lambda: one.add_(1.0), reps=50)
+    print(f"harness floor (one 1-element add kernel): {floor * 1e3:.1f} us", flush=True)
+    for n, k in shapes:
+        m = random_layer(n, k, 4, seed=1)
+        pkn = kn.packed_kn(m)
+        nbytes = kn_bytes(pkn)
+        del m
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        line = []
+        for bn, bk, w in tiles:
+            for d in (0, 1, 3, 4):
+                cfg = dict(BN=bn, BK=bk, num_warps=w, diag=d)
+                try:
+                    ms = bench(lambda: kn.run_gemv_kn(x, pkn, None, cfg), reps=20, warmup=2)
+                except Exception as e:
+                    print(f"  {cfg}: {type(e).__name__} {str(e)[:80]}", flush=True)
+                    continue
+                for t in kn._scratch(x.device, 1):
+                    t.zero_()
+                rows.append(dict(n=n, k=k, cfg=cfg, ms=ms, pct_copy=100 * nbytes / (ms * 1e-3) / 1e9 / bw))
+                line.append(f"{bn}/{bk}/{w} d{d} {ms * 1e3:.1f}")
+        print(f"{n}x{k}: " + " | ".join(line), flush=True)
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep1", action="store_true", help="batch-1 sweep (h2 4-bit, gemv4 8-bit, split-K) on every shape")
+    ap.add_argument("--sweep-kn", action="store_true", help="batch-1 sweep of the triton_kn GEMV tiles (4, 2, 8 bits)")
+    ap.add_argument("--graph-table", action="store_true", help="batch 1, single-launch and CUDA-graph harnesses")
+    ap.add_argument("--diag-kn", action="store_true", help="where the kn GEMV's time goes (see diag_kn)")
     ap.add_argument("--no-main", action="store_true", help="sweep only")
     ap.add_argument("--bits", default=",".join(map(str, BITS)))
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
@@ -342,6 +536,16 @@ def main() -> int:
         result["tuned"] = dict(result.get("tuned", {}), **{"h2@1": dict(th.TUNED_H2)},
                                **{f"{k}@{b}": c for (k, b), c in tf.TUNED.items()})
         _write(args.out, result)
+    if args.diag_kn:
+        result["diag_kn"] = diag_kn(args, bw)
+        _write(args.out, result)
+    if args.sweep_kn:
+        result["sweep_kn"] = sweep_kn(args, bw)
+        result["tuned"] = dict(result.get("tuned", {}), **{f"kn{b}@1": c for b, c in kn.TUNED_KN.items()})
+        _write(args.out, result)
+    if args.graph_table:
+        result["graph_table"] = graph_table(args, bw)
+        _write(args.out, result)
     if args.no_main:
         _write(args.out, result)
         return 0
@@ -375,6 +579,7 @@ def main() -> int:
         for bits in bits_list:
             m = random_layer(n, k, bits, seed=bits)
             pk = ti.packed_for(m)
+            pkn = kn.packed_kn(m) if bits in kn.BITS else None
             w_ref = m.int_weight().dequantize(torch.float32)
             nbytes = packed_bytes(pk)
             for M in batches if bits == 4 or not args.other_batches else \
@@ -385,11 +590,12 @@ def main() -> int:
                 chosen = select(m, x).name
                 out = m(x)
                 err_chosen = rel_err(out, ref)
-                for name, fn in leanq_fns(pk, M, args.v3).items():
+                for name, fn in leanq_fns(pk, M, args.v3, pkn).items():
                     err = rel_err(fn(x), ref)
                     ok = err <= 1e-2
                     ms = bench(lambda: fn(x), args.reps) if ok else float("nan")
-                    gbs = (nbytes + x.numel() * 2 + M * n * 2) / (ms * 1e-3) / 1e9
+                    wbytes = kn_bytes(pkn) if name == "kn" else nbytes
+                    gbs = (wbytes + x.numel() * 2 + M * n * 2) / (ms * 1e-3) / 1e9
                     row = dict(shape=f"{n}x{k}", n=n, k=k, M=M, bits=bits, impl=name, ms=ms, rel_err=err,
                                GBps=gbs, pct_copy=100 * gbs / bw, vs_bf16=base[M]["bf16"] / ms,
                                vs_int4pack=base[M]["int4pack"] / ms, vs_int8pack=base[M]["int8pack"] / ms,
@@ -398,7 +604,7 @@ def main() -> int:
                     print(f"{n:>5}x{k:<5} M={M:<3} int{bits} {name:<14} {ms * 1e3:8.1f} us  {gbs:6.0f} GB/s "
                           f"{row['pct_copy']:5.1f}%  x{row['vs_bf16']:.2f} bf16  x{row['vs_int4pack']:.2f} i4pk  "
                           f"err {err:.1e}", flush=True)
-            del m, pk, w_ref
+            del m, pk, pkn, w_ref
         torch.cuda.empty_cache()
         _write(args.out, result)  # after every shape: a run cut short still leaves its rows
     _write(args.out, result)

@@ -2,6 +2,7 @@
 # One device call (issue 5): kernel sweep + table, then an optional second job.
 #   bash benchmarks/kernels/device_call.sh kernels   # sweep + main table + GPTQ on 4 blocks
 #   bash benchmarks/kernels/device_call.sh batch1    # batch-1 sweep (split-K variants) + table, GPTQ on 2 blocks
+#   bash benchmarks/kernels/device_call.sh kn        # triton_kn batch-1 sweep + table (4/2/8 bits), decode (kn layout)
 #   bash benchmarks/kernels/device_call.sh decode    # end-to-end decode (layers from $LAYERS)
 # Each step runs under its own timeout so a slow step cannot eat the call; logs and JSON go to $OUT.
 set -o pipefail
@@ -26,6 +27,11 @@ final)
     --other-batches 1 --bits 4,2,8,3 2>&1 | tee "$OUT/bench.log"
   timeout "${T2:-140}" python3 benchmarks/decode/bench_decode.py decode --out "$OUT" --layers "${LAYERS:-8}" \
     --reps 2 --tuned "$OUT/bench_kernels.json" 2>&1 | tee "$OUT/decode.log" ;;
+kn)
+  timeout "${T1:-330}" python3 benchmarks/kernels/bench_kernels.py --out "$OUT" --sweep-kn --graph-table --reps 25 \
+    --batches 1 --bits 4,2,8 2>&1 | tee "$OUT/bench.log"
+  timeout "${T2:-200}" python3 benchmarks/decode/bench_decode.py decode --out "$OUT" --layers "${LAYERS:-8}" \
+    --reps 2 --layout kn --tuned "$OUT/bench_kernels.json" 2>&1 | tee "$OUT/decode.log" ;;
 decode)
   timeout "${T1:-200}" python3 benchmarks/decode/bench_decode.py decode --out "$OUT" --layers "${LAYERS:-16}" \
     --reps 2 2>&1 | tee "$OUT/decode.log" ;;
