@@ -106,7 +106,9 @@ def markdown_table(rows: list[dict], fp32_ppl: float | None) -> str:
     out = [head]
     for r in rows:
         ppl = r.get("ppl")
-        ratio = f"{ppl / fp32_ppl:.3f}" if ppl is not None and fp32_ppl else "-"
+        ratio = "-"
+        if ppl is not None and fp32_ppl:
+            ratio = f"{ppl / fp32_ppl:,.0f}" if ppl / fp32_ppl >= 100 else f"{ppl / fp32_ppl:.3f}"
         bpw = f"{r['bpw']:.3f}" if r.get("bpw") is not None else "-"
         qt = "-"
         if r.get("quant_cpu_s") is not None:  # CPU seconds (wall seconds): see run_peers._since

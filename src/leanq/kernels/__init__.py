@@ -88,6 +88,7 @@ def _load_gpu_kernels() -> None:
         from . import triton_fast  # noqa: F401  (v4 kernels, ahead of triton_int in the table)
         from . import triton_vq  # noqa: F401  (vq LUT GEMV + dequantize)
         from . import triton_half2  # noqa: F401  (batch-1 2/4-bit GEMV in paired fp16)
+        from . import triton_kn  # noqa: F401  (batch-1 2/4/8-bit GEMV on the K-major layout, ahead of h2)
     except ImportError:  # no triton: the reference kernels serve the GPU too
         pass
     except Exception as e:  # a triton/torch pairing that breaks at import must not break leanq
