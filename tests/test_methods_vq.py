@@ -166,3 +166,25 @@ def test_size_plan_with_method_vq_end_to_end(tiny_hf_folder, text_file, tmp_path
     ck = qm.save(tmp_path / "ck")
     _, _, r2 = load(ck)
     assert r2.modules == qm.recipe.modules
+
+
+def test_upfront_codebooks_survive_a_massive_input(layers, monkeypatch):
+    """One input with a massive activation in the middle of a layer of several codebook tiles (SmolLM2's
+    layers.28.mlp.down_proj has one: 1224x the mean Hessian diagonal).  Codebooks fitted lazily, from the
+    weights error feedback has inflated, lose badly; fitted up front (the default) they do not."""
+    w, h = layers["w2"]
+    dg = torch.ones(h.shape[0])
+    dg[40] = 40.0
+    hh = dg[:, None] * h * dg[None, :]  # input 40's activations x40
+    spec = dataclasses.replace(SPEC, vq_cols=32)  # several column tiles
+    upfront = vqm.vq(w, hh, spec, CFG)
+    monkeypatch.setattr(vqm, "LAZY_INIT", True)
+    lazy = vqm.vq(w, hh, spec, CFG)
+    monkeypatch.setattr(vqm, "LAZY_INIT", False)
+    assert damage(w, hh, upfront) < 0.8 * damage(w, hh, lazy)
+    ordered = vqm.vq(w, hh, spec, dataclasses.replace(CFG, act_order=True))
+    again = vqm.vq(w, hh, spec, dataclasses.replace(CFG, act_order=True))
+    for k, t in ordered.tensors().items():  # act-order: deterministic, same stored layout
+        assert torch.equal(t, again.tensors()[k]), k
+        assert t.shape == upfront.tensors()[k].shape, k
+    assert damage(w, hh, ordered) < 0.8 * damage(w, hh, lazy)

@@ -39,6 +39,8 @@ ROWS = {
     "vq2-c96": (2, "cols=96", None),
     "vq2-d8x2": (2, "dim=8,index=8,books=2,cols=none", None),
     "vq3-d3": (3, "dim=3,index=8,cols=192", None),
+    "vq2-g64": (2, "cols=none,group=64", None),  # scales per 64 inputs instead of per row
+    "vq3-g128": (3, "group=128", None),
 }
 
 

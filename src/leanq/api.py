@@ -80,7 +80,8 @@ def quantize(model: str, method: str = "gptq", bits: int = 4, group_size: int | 
     # GPTQ's refinements default on (each measured to help on SmolLM2, docs/RESULTS.md);
     # for data-free methods a plain min/max range is the better default
     gptq_like = method in ("gptq", "awq+gptq", "learned", "qat")  # GPTQ rounds (trained methods start from it)
-    act_order = gptq_like if act_order is None else act_order
+    # vq: act-order at the granularity of its vectors (leanq.methods.vq)
+    act_order = (gptq_like or method == "vq") if act_order is None else act_order
     mse_clip = gptq_like if mse_clip is None else mse_clip
     refit = gptq_like if refit is None else refit
     fmt = "float" if method == "cast" else info.fmt
