@@ -57,16 +57,21 @@ def bench(fn, reps: int = 60, warmup: int = 5) -> float:
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
+    return _timed(fn, reps, 1)
+
+
+def _timed(run, reps: int, per: int) -> float:
+    """Median over ``reps`` of the CUDA-event time of ``run()`` / ``per`` (L2 flushed, ~100 us spin before each)."""
     times = []
     for _ in range(reps):
         flush_l2()
         torch.cuda._sleep(SPIN_CYCLES)
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn()
+        run()
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b))
+        times.append(a.elapsed_time(b) / per)
     return statistics.median(times)
 
 
@@ -94,18 +99,9 @@ def bench_graph(make_fn, nbytes: int, reps: int = 20, launches: int = 24) -> flo
             fns[i % copies]()
     g.replay()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        flush_l2()
-        torch.cuda._sleep(SPIN_CYCLES)
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / launches)
+    ms = _timed(g.replay, reps, launches)
     del g, fns
-    return statistics.median(times)
+    return ms
 
 
 def graph_table(args, bw: float) -> list[dict]:

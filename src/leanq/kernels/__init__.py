@@ -72,6 +72,16 @@ def _select_by(m: torch.nn.Module, dev: str, batch: int, dtype: torch.dtype = to
     return "none"
 
 
+def drop_stored(m: torch.nn.Module) -> int:
+    """Free a quantized layer's stored-format buffers (once a kernel layout holds the same codes); bytes freed."""
+    freed = 0
+    for name in ("qweight", "scales", "zeros"):
+        t = getattr(m, name)
+        freed += t.numel() * t.element_size()
+        setattr(m, name, t.new_empty(0))
+    return freed
+
+
 from . import reference  # noqa: E402,F401
 from . import ptq_formats  # noqa: E402,F401  (nf4, fp8, w8a8)
 from . import cpu_int4  # noqa: E402,F401  (4-bit on CPUs: PyTorch's packed int4 matmul)

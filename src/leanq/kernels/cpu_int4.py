@@ -25,7 +25,7 @@ import torch
 
 from ..formats.intq import group_size_of
 from ..formats.packing import unpack
-from . import Kernel, register_kernel
+from . import Kernel, drop_stored, register_kernel
 
 QGROUPS = (256, 128, 64, 32)
 # rows (tokens) up to which the packed kernel runs: decoding and small batches.  Larger inputs (prefill,
@@ -129,10 +129,7 @@ def release_stored(model: torch.nn.Module, dtype: torch.dtype = torch.bfloat16) 
             continue
         packed_for(m, OP_DTYPE[dtype])
         m._cache["cpu-int4-only"] = True
-        for name in ("qweight", "scales", "zeros"):
-            t = getattr(m, name)
-            freed += t.numel() * t.element_size()
-            setattr(m, name, t.new_empty(0))
+        freed += drop_stored(m)
     return freed
 
 

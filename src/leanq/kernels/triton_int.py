@@ -45,7 +45,7 @@ import triton.language as tl
 
 from ..formats.intq import group_size_of, num_groups
 from ..formats.packing import unpack
-from . import Kernel, register_kernel
+from . import Kernel, drop_stored, register_kernel
 
 # bit planes per code width: widest first; its width fixes codes-per-word
 PLANES: dict[int, tuple[int, ...]] = {2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 7: (4, 2, 1), 8: (8,)}
@@ -504,10 +504,7 @@ def release_stored(model: torch.nn.Module) -> int:
             continue
         packed_for(m)
         m._cache["triton_int_only"] = True
-        for name in ("qweight", "scales", "zeros"):
-            t = getattr(m, name)
-            freed += t.numel() * t.element_size()
-            setattr(m, name, t.new_empty(0))
+        freed += drop_stored(m)
     return freed
 
 

@@ -38,7 +38,7 @@ import triton.language as tl
 
 from ..formats.intq import group_size_of, num_groups
 from ..formats.packing import unpack
-from . import Kernel, register_kernel
+from . import Kernel, drop_stored, register_kernel
 from .triton_half2 import _half
 
 BITS = (2, 4, 8)  # widths that divide 32: one plane of E = 32 / bits slots
@@ -470,10 +470,7 @@ def release_stored_kn(model: torch.nn.Module) -> int:
             continue
         packed_kn(m)
         m._cache["kn_only"] = True
-        for name in ("qweight", "scales", "zeros"):
-            t = getattr(m, name)
-            freed += t.numel() * t.element_size()
-            setattr(m, name, t.new_empty(0))
+        freed += drop_stored(m)
     return freed
 
 
