@@ -72,6 +72,23 @@ def _select_by(m: torch.nn.Module, dev: str, batch: int, dtype: torch.dtype = to
     return "none"
 
 
+def cached_layout(m: torch.nn.Module, slot: str, only: str, build: Callable[[], dict]) -> dict:
+    """A kernel layout of quantized layer ``m``, built by ``build()`` at first use and cached in ``m._cache[slot]``.
+
+    Keyed on the stored buffers' storage and version counters, so loading new weights in place
+    (load_state_dict) invalidates it.  Inside torch.compile, or once ``m._cache[only]`` is set (the stored
+    buffers were released), the key is not checked.
+    """
+    cache = m._cache
+    if torch.compiler.is_compiling() or only in cache:
+        return cache[slot][1]
+    key = tuple((t.data_ptr(), t._version, t.device) for t in (m.qweight, m.scales, m.zeros))
+    hit = cache.get(slot)
+    if hit is None or hit[0] != key:
+        cache[slot] = hit = (key, build())
+    return hit[1]
+
+
 def drop_stored(m: torch.nn.Module) -> int:
     """Free a quantized layer's stored-format buffers (once a kernel layout holds the same codes); bytes freed."""
     freed = 0

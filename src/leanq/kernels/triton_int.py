@@ -45,7 +45,7 @@ import triton.language as tl
 
 from ..formats.intq import group_size_of, num_groups
 from ..formats.packing import unpack
-from . import Kernel, drop_stored, register_kernel
+from . import Kernel, cached_layout, drop_stored, register_kernel
 
 # bit planes per code width: widest first; its width fixes codes-per-word
 PLANES: dict[int, tuple[int, ...]] = {2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 7: (4, 2, 1), 8: (8,)}
@@ -113,24 +113,11 @@ def repack(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bit
 
 
 def packed_for(m) -> dict:
-    """The repacked tensors of QuantLinear ``m``, built at first use and cached on it.
-
-    The cache is keyed on the buffers' storage and version counters, so loading
-    new weights in place (load_state_dict) invalidates it.  Inside torch.compile
-    the key is not checked (a compiled model is repacked by its eager warm-up).
-    """
-    cache = m._cache
-    if torch.compiler.is_compiling() or "triton_int_only" in cache:
-        return cache["triton_int"][1]
-    key = tuple((t.data_ptr(), t._version, t.device) for t in (m.qweight, m.scales, m.zeros))
-    hit = cache.get("triton_int")
-    if hit is None or hit[0] != key:
-        spec = m.spec
-        pk = repack(m.qweight, m.scales, m.zeros, spec.bits, spec.sym, m.in_features,
-                    group_size_of(spec, m.in_features))
-        cache["triton_int"] = (key, pk)
-        hit = cache["triton_int"]
-    return hit[1]
+    """The repacked tensors of QuantLinear ``m``, built at first use and cached on it (kernels.cached_layout:
+    loading new weights in place invalidates it; a compiled model is repacked by its eager warm-up)."""
+    spec = m.spec
+    return cached_layout(m, "triton_int", "triton_int_only", lambda: repack(
+        m.qweight, m.scales, m.zeros, spec.bits, spec.sym, m.in_features, group_size_of(spec, m.in_features)))
 
 
 # ---------------------------------------------------------------------------

@@ -38,7 +38,7 @@ import triton.language as tl
 
 from ..formats.intq import group_size_of, num_groups
 from ..formats.packing import unpack
-from . import Kernel, drop_stored, register_kernel
+from . import Kernel, cached_layout, drop_stored, register_kernel
 from .triton_half2 import _half
 
 BITS = (2, 4, 8)  # widths that divide 32: one plane of E = 32 / bits slots
@@ -393,17 +393,10 @@ def dequantize_kn(pk: dict, dtype: torch.dtype, BN: int = 64, R: int = 16) -> to
 
 
 def packed_kn(m) -> dict:
-    """The kn layout of QuantLinear ``m``, built at first use and cached (keyed like triton_int.packed_for)."""
-    cache = m._cache
-    if torch.compiler.is_compiling() or "kn_only" in cache:
-        return cache["triton_kn"][1]
-    key = tuple((t.data_ptr(), t._version, t.device) for t in (m.qweight, m.scales, m.zeros))
-    hit = cache.get("triton_kn")
-    if hit is None or hit[0] != key:
-        spec = m.spec
-        cache["triton_kn"] = hit = (key, repack_kn(m.qweight, m.scales, m.zeros, spec.bits, spec.sym,
-                                                   m.in_features, group_size_of(spec, m.in_features)))
-    return hit[1]
+    """The kn layout of QuantLinear ``m``, built at first use and cached (see kernels.cached_layout)."""
+    spec = m.spec
+    return cached_layout(m, "triton_kn", "kn_only", lambda: repack_kn(
+        m.qweight, m.scales, m.zeros, spec.bits, spec.sym, m.in_features, group_size_of(spec, m.in_features)))
 
 
 def _ok(m) -> bool:

@@ -160,12 +160,14 @@ def vq(w: torch.Tensor, h: torch.Tensor | None, spec: QuantSpec, cfg: MethodConf
     else:
         order = perm = None
 
+    u = _inverse_cholesky(hp if order is None else hp[perm][:, perm], cfg.damp)  # once for every pass
+
     def assign(w, s_full, init):
         if order is None:
-            return _assign_pass(w, _inverse_cholesky(hp, cfg.damp), books, s_full, diag, geo, spec, cfg, gen,
-                                init=init and lazy, vec_tile=vec_tile)
-        idx_p = _assign_pass(w[:, perm], _inverse_cholesky(hp[perm][:, perm], cfg.damp), books, s_full[:, perm],
-                             diag[perm], geo, spec, cfg, gen, init=False, vec_tile=vec_tile[order])
+            return _assign_pass(w, u, books, s_full, diag, geo, spec, cfg, gen, init=init and lazy,
+                                vec_tile=vec_tile)
+        idx_p = _assign_pass(w[:, perm], u, books, s_full[:, perm], diag[perm], geo, spec, cfg, gen, init=False,
+                             vec_tile=vec_tile[order])
         idx = torch.empty_like(idx_p)
         idx[:, :, order] = idx_p
         return idx
