@@ -15,6 +15,16 @@ from leanq.export.compressed_tensors import _as_int32_words, export_compressed_t
 from leanq.formats.packing import pack
 from leanq.pipeline import quantize_blocks
 
+
+@pytest.fixture(autouse=True)
+def _reference_cpu_kernel(monkeypatch):
+    """These tests compare leanq's logits with another reader's at float32 precision: pin the pure-torch
+    reference on the CPU (the packed int4 op, on by default, rounds activations to bf16)."""
+    from leanq.kernels import cpu_int4
+
+    monkeypatch.setattr(cpu_int4, "MAX_ROWS", 0)
+
+
 ct = pytest.importorskip("compressed_tensors", reason="pip install compressed-tensors to test the export's client")
 
 

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(not cpu_int4.HAVE_OPS, reason="this torch has no
 
 @pytest.fixture(autouse=True)
 def _opt_in(monkeypatch):
-    """The kernel is opt-in (LEANQ_CPU_INT4_MAX_ROWS); these tests switch it on."""
+    """The kernel is on by default (LEANQ_CPU_INT4_MAX_ROWS=0 turns it off); these tests pin it on."""
     monkeypatch.setattr(cpu_int4, "MAX_ROWS", 32)
 
 

@@ -55,6 +55,51 @@ def test_gemv_kn_matches_reference(bits, group, sym, out_f, in_f):
     assert not acc.any() and not cnt.any()
 
 
+@pytest.mark.parametrize("bits,group,sym,out_f,in_f", CASES)
+def test_dot_kn_matches_reference(bits, group, sym, out_f, in_f):
+    """The tensor-core path for batches above 1: one split (direct store) and split spans (atomics + finish)."""
+    m = make_layer(out_f, in_f, bits, group, sym, bias=bits != 2, seed=bits * 7 + in_f)
+    pk = kn.packed_kn(m)
+    bias = m.bias.to(DTYPE) if m.bias is not None else None
+    for rows in (2, 17):  # 17: a partly empty row block
+        x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(rows)).to(DEV, DTYPE)
+        ref = ref_out(m, x)
+        for cfg in (dict(BM=16, BN=16, SPS=64, num_warps=1, num_stages=1),  # one split: direct
+                    dict(BM=16, BN=16, SPS=1, num_warps=1, num_stages=1),  # a split per span
+                    dict(BM=16, BN=16, SPS=64, num_warps=1, num_stages=1, trans=True),  # codes as operand A
+                    dict(BM=16, BN=16, SPS=1, num_warps=1, num_stages=1, trans=True)):
+            out = kn.run_dot_kn(x, pk, bias, cfg)
+            assert out.shape == (rows, out_f) and out.dtype == DTYPE
+            assert rel_err(out, ref) <= 1e-2, (rows, cfg)
+            assert torch.equal(kn.run_dot_kn(x, pk, bias, cfg), out), cfg  # the scratch was left at zero
+    assert not kn._scratch(x.device, 1)[0].any()
+
+
+# Triton's interpreter computes bf16 dots wrongly (numpy has no bf16): bf16 is checked on a GPU only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16] if DEV == "cuda" else [torch.float16])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_dot_kn_magic_codes_in_16_bit_activations(bits, dtype):
+    """16-bit activations: codes read as MAGIC + q through the float bits (8-bit codes in bf16 fall back)."""
+    m = make_layer(24, 96, bits, 32, False, bias=True, seed=bits)
+    pk = kn.packed_kn(m)
+    x = torch.randn(3, 96, generator=torch.Generator().manual_seed(4)).to(DEV, dtype)
+    ref = ref_out(m, x)
+    cfg = dict(BM=16, BN=16, SPS=1, num_warps=1, num_stages=1)
+    out = kn.run_dot_kn(x, pk, m.bias.to(dtype), cfg)
+    assert out.dtype == dtype and rel_err(out, ref) <= 1e-2
+    plain = kn.run_dot_kn(x, pk, m.bias.to(dtype), dict(cfg, magic=False))
+    assert rel_err(plain, ref) <= 1e-2
+    assert rel_err(kn.run_dot_kn(x, pk, m.bias.to(dtype), dict(cfg, trans=True)), ref) <= 1e-2
+
+
+def test_dot_cfg_fills_the_machine():
+    c = kn.dot_cfg(16, 4096, 4096, 128, {})
+    assert c["BM"] == 16 and (4096 // c["BN"]) * -(-32 // c["SPS"]) >= 264
+    big = kn.dot_cfg(256, 14336, 4096, 128, {})
+    assert big["BM"] == 128 and big["SPS"] == 32  # 224 x 2 tiles already fill the machine: one split
+    assert kn.dot_cfg(4, 4096, 4096, 128, dict(BM=16, BN=256, target=528))["SPS"] == 1
+
+
 @pytest.mark.parametrize("bits,sym", [(4, False), (2, True), (8, False)])
 def test_dequantize_kn_exact(bits, sym):
     m = make_layer(20, 96, bits, 32, sym, bias=False, seed=5)
@@ -68,6 +113,9 @@ def test_dispatch_rules():
     many = torch.empty(3, 64, device="meta", dtype=torch.bfloat16)
     assert kn._supports_gemv(m, one) and not kn._supports_gemv(m, many)
     assert not kn._supports_dequant(m, many)  # only once the kn layout is the layer's only copy
+    assert kn._supports_dot(m, many) and not kn._supports_dot(m, one)
+    assert not kn._supports_dot(m, torch.empty(65, 64, device="meta", dtype=torch.bfloat16))  # above 64: cuBLAS
+    assert not kn._supports_dot(make_layer(16, 64, 8, 32, False, bias=False, seed=6), many)  # 8-bit: wdot
     three = make_layer(16, 64, 3, 32, False, bias=False, seed=7)
     assert not kn._supports_gemv(three, one)  # 3 bits: not a divisor of 32, other kernels
     odd = make_layer(8, 48, 4, 24, False, bias=False, seed=8)  # group 24: largest 2-power divisor 8 = one word

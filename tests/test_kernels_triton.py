@@ -127,8 +127,12 @@ def test_supports_and_dispatch():
         x = torch.randn(1, 64, device="cuda", dtype=torch.float16)
         assert select(m, x).name.startswith("triton-")  # the highest-priority GPU kernel that takes it
     else:
-        # on CPUs the reference, unless the packed int4 op (kernels/cpu_int4.py) is opted into
-        assert select(m, torch.randn(1, 64)).name == "reference-int"
+        # on CPUs PyTorch's packed int4 op (kernels/cpu_int4.py) where it applies, else the reference
+        from leanq.kernels import cpu_int4
+
+        want = "cpu-int4pack" if cpu_int4.HAVE_OPS and cpu_int4.MAX_ROWS >= 1 else "reference-int"
+        assert select(m, torch.randn(1, 64)).name == want
+        assert select(make_layer(8, 48, 4, 24, False, bias=False, seed=7), torch.randn(1, 48)).name == "reference-int"
 
 
 def test_compile_op_matches_direct_call():

@@ -83,3 +83,51 @@ def test_triton_kernels_match_reference(d, ib, nb, rows, cols, group, in_f):
 
     torch.testing.assert_close(tv.vq_dequantize(m, torch.float32, bn=16, bv=8).cpu(),
                                container(m).dequantize(torch.float32).cpu())
+
+
+# --- batch-1 GEMV on the K-major index layout (kernels.triton_vq_kn) ---
+
+@pytest.mark.parametrize("d,ib,nb,rows,cols,group,in_f", SPECS)
+def test_vq_kn_layout_decodes_to_the_stored_weight(d, ib, nb, rows, cols, group, in_f):
+    from leanq.formats.layouts import container
+    from leanq.kernels import triton_vq_kn as vk
+
+    spec = QuantSpec(fmt="vq", bits=ib, vq_dim=d, vq_books=nb, vq_rows=rows, vq_cols=cols, group_size=group)
+    m = random_vq_layer(20, in_f, spec, bias=False, seed=d * 10 + ib)
+    pk = vk.repack_vq_kn(m.qweight, m.codebooks, m.scales, spec, in_f)
+    assert pk["idx"].shape == (nb, geometry(spec, 20, in_f)["nvec"], 20) and pk["idx"].dtype == torch.uint8
+    torch.testing.assert_close(vk.reference_vq_kn(pk), container(m).dequantize(torch.float32), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("d,ib,nb,rows,cols,group,in_f", SPECS)
+def test_vq_kn_gemv_matches_reference(d, ib, nb, rows, cols, group, in_f):
+    from leanq.kernels import triton_vq_kn as vk
+
+    spec = QuantSpec(fmt="vq", bits=ib, vq_dim=d, vq_books=nb, vq_rows=rows, vq_cols=cols, group_size=group)
+    m = random_vq_layer(24, in_f, spec, bias=ib == 8, seed=d * 10 + ib + 1).to(DEV)
+    dtype = torch.bfloat16 if DEV == "cuda" else torch.float32
+    x = torch.randn(1, in_f, generator=torch.Generator().manual_seed(2)).to(DEV, dtype)
+    ref = oracle(m, x)
+    tol = dict(rtol=2e-2, atol=5e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-4)
+    pk = vk.packed_vq_kn(m)
+    bias = m.bias.to(dtype) if m.bias is not None else None
+    # uneven N (24 over 16-wide blocks) and several vector blocks; the table variant where it applies
+    for cfg in (dict(BN=16, BV=4, num_warps=1), dict(BN=16, BV=4, num_warps=1, lut=True)):
+        if cfg.get("lut") and not vk.lut_ok(pk):
+            continue
+        torch.testing.assert_close(vk.run_vq_kn(x, pk, bias, cfg).double().cpu(), ref, **tol)
+        torch.testing.assert_close(vk.run_vq_kn(x, pk, bias, cfg).double().cpu(), ref, **tol)  # scratch left at 0
+
+
+def test_vq_kn_is_chosen_at_batch_1_only_and_rebuilt_when_weights_change():
+    from leanq.kernels import triton_vq_kn as vk
+
+    spec = QuantSpec(fmt="vq", bits=8, vq_dim=4, vq_books=1, vq_rows=None, vq_cols=32, group_size=None)
+    m = random_vq_layer(16, 64, spec, bias=False, seed=3)
+    x1, x2 = torch.randn(1, 64), torch.randn(2, 64)
+    assert vk._supports(m, x1) and not vk._supports(m, x2)
+    pk = vk.packed_vq_kn(m)
+    assert vk.packed_vq_kn(m) is pk  # cached
+    with torch.no_grad():
+        m.codebooks.mul_(2)  # in-place change of a stored tensor: the layout is rebuilt
+    assert vk.packed_vq_kn(m) is not pk

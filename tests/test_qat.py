@@ -148,3 +148,92 @@ def test_qat_cli_state_file_and_resume(tiny_hf_folder, text_file, tmp_path):
     again, _, _ = load(out2)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, again(ids).logits, rtol=0, atol=0)
+
+
+# --- QAT from a codebook start (init="vq"): indices fixed, codewords and scales trained ---
+
+VQ_SPEC = QuantSpec(fmt="vq", bits=4, group_size=None, vq_dim=2, vq_books=1, vq_rows=None, vq_cols=32)
+
+
+def _vq_parts(model):
+    return {n: (m.qweight.clone(), m.codebooks.clone(), m.scales.clone()) for n, m in model.named_modules()
+            if hasattr(m, "codebooks") and hasattr(m, "qweight")}
+
+
+def test_vq_train_linear_starts_exactly_at_its_start_and_freezes_to_what_it_computes():
+    from leanq.fakequant import VQTrainLinear
+    from leanq.formats.vq import geometry, pack_vq_weight, vq_shapes
+
+    g = torch.Generator().manual_seed(0)
+    shp = vq_shapes(VQ_SPEC, 24, 70)  # 70 inputs: the last vector is padded, three column tiles
+    nvec = geometry(VQ_SPEC, 24, 70)["nvec"]
+    idx = torch.randint(0, 16, (24, 1, nvec), generator=g)
+    start = pack_vq_weight(idx, torch.randn(shp["codebooks"][0], generator=g), torch.rand(24, 1, generator=g) + 0.5,
+                           VQ_SPEC, 70)
+    m = VQTrainLinear.from_start(start, torch.randn(24, generator=g))
+    assert torch.equal(m.dequantized().detach(), start.dequantize())
+    x = torch.randn(5, 70, generator=g)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    for _ in range(3):  # move codewords and scales
+        loss = (m(x) - x[:, :24]).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert not torch.equal(m.codebooks.detach().half(), start.codebooks)
+    frozen = m.freeze()
+    assert torch.equal(frozen.qweight, start.qweight)  # indices never move
+    assert torch.equal(frozen.dequantize(), m.dequantized().detach())  # fp16 rounding already in the forward
+
+
+def test_qat_from_vq_lowers_the_loss_and_keeps_the_indices():
+    """Trained from the vq start, codewords and scales move, indices do not, and the frozen model is closer
+    to the float model on held-out ids (a teacher with peaked outputs, as in the RTN test above)."""
+    calib, text = _data()
+    teacher = tiny_model("llama", seed=1, initializer_range=0.1)
+    held = torch.randint(0, 96, (2, 32), generator=torch.Generator().manual_seed(9))
+    start = copy.deepcopy(teacher)
+    qat_quantize(start, VQ_SPEC, MethodConfig(name="qat", init="vq", seqlen=32, steps=1, lr=1e-12, scale_lr=1e-12,
+                                              train_batch=2), calib, text, progress=False)
+    trained = copy.deepcopy(teacher)
+    log = {}
+    qat_quantize(trained, VQ_SPEC, MethodConfig(name="qat", init="vq", seqlen=32, steps=30, lr=1e-2, scale_lr=1e-2,
+                                                train_batch=4), calib, text, progress=False, log=log)
+    a, b = _vq_parts(start), _vq_parts(trained)
+    assert a.keys() == b.keys() and len(a) == 14
+    for n in a:
+        assert torch.equal(a[n][0], b[n][0]), n  # same indices
+        assert not torch.equal(a[n][1], b[n][1]), n  # codewords trained
+    assert _kl(trained, teacher, held) < 0.95 * _kl(start, teacher, held)  # measured: 0.239 -> 0.207
+    assert sum(log["losses"][-5:]) < sum(log["losses"][:5])
+
+
+def test_qat_from_vq_checkpoint_loads_back(tiny_hf_folder, text_file, tmp_path):
+    from leanq.api import load, quantize
+
+    qm = quantize(str(tiny_hf_folder), method="qat", init="vq", steps=3, bits=2, calib=str(text_file), nsamples=4,
+                  seqlen=32, device="cpu", progress=False, vq="dim=2,index=4,cols=32")
+    assert {r.method for r in qm.recipe.modules.values()} == {"qat"}
+    assert qm.recipe.method.init == "vq" and qm.recipe.default_spec.fmt == "vq"
+    model, _, recipe = load(qm.save(tmp_path / "ck"))
+    assert recipe.default_spec == qm.recipe.default_spec
+    ids = torch.randint(0, 90, (2, 32), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, qm.model(ids).logits, rtol=0, atol=0)
+
+
+def test_qat_from_vq_is_deterministic(tiny_hf_folder, text_file, tmp_path):
+    from leanq.api import quantize
+
+    kw = dict(method="qat", init="vq", bits=2, calib=str(text_file), nsamples=4, seqlen=32, device="cpu",
+              progress=False, vq="dim=2,index=4,cols=32", steps=3)
+    p1 = quantize(str(tiny_hf_folder), **kw).save(tmp_path / "a")
+    p2 = quantize(str(tiny_hf_folder), **kw).save(tmp_path / "b")
+    assert (p1 / "model.safetensors").read_bytes() == (p2 / "model.safetensors").read_bytes()
+
+
+def test_vq_weights_need_a_vq_start():
+    calib, text = _data()
+    with pytest.raises(LeanqError, match="codebook"):
+        qat_quantize(tiny_model("llama", seed=1), VQ_SPEC, MethodConfig(name="qat", init="gptq", seqlen=32, steps=1),
+                     calib, text, progress=False)
+

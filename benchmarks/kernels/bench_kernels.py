@@ -233,6 +233,9 @@ def leanq_fns(pk: dict, M: int, v3: bool = False, pkn: dict | None = None):
     fns = {}
     if M == 1 and pkn is not None:
         fns["kn"] = lambda x: kn.run_gemv_kn(x, pkn, None)
+    if M > 1 and pkn is not None:
+        fns["kn-dot"] = lambda x: kn.run_dot_kn(x, pkn, None)
+        fns["kn-dequant+cublas"] = lambda x: F.linear(x, kn.dequantize_kn(pkn, x.dtype))
     if M == 1 and th.supported(pk):
         fns["h2"] = lambda x: th.run_gemv_h2(x, pk, None, th.TUNED_H2 or None)
     if M <= 16:
@@ -449,6 +452,60 @@ def sweep_kn(args, bw: float) -> list[dict]:
     return rows
 
 
+DOT_TILES = {  # batch bucket -> candidate tiles of triton_kn's tensor-core path (see kn.dot_cfg)
+    16: [dict(BM=16, BN=bn, target=t, num_warps=w, num_stages=3) for bn, t, w in
+         [(64, 264, 4), (128, 264, 4), (256, 264, 4), (128, 528, 4), (256, 528, 8), (64, 528, 4)]]
+        + [dict(BM=16, BN=256, target=264, num_warps=4, num_stages=3, magic=False)]  # codes through I2F
+        + [dict(BM=16, BN=bn, target=t, num_warps=4, num_stages=3, trans=True)  # codes as wgmma's operand A
+           for bn, t in [(64, 264), (128, 264), (256, 264), (128, 528)]],
+    64: [dict(BM=bm, BN=bn, target=t, num_warps=4, num_stages=3) for bm, bn, t in
+         [(64, 64, 264), (64, 128, 264), (64, 64, 132), (32, 128, 264)]]
+        + [dict(BM=64, BN=bn, target=264, num_warps=4, num_stages=3, trans=True) for bn in (64, 128)],
+    256: [dict(BM=bm, BN=bn, target=t, num_warps=w, num_stages=st) for bm, bn, t, w, st in
+          [(128, 128, 132, 8, 3), (128, 64, 132, 4, 3), (64, 128, 132, 4, 3), (128, 128, 264, 8, 3),
+           (128, 256, 132, 8, 3), (64, 64, 264, 4, 4)]],
+}
+
+
+def sweep_dot(args, bw: float) -> list[dict]:
+    """Batches 16, 64, 256 (4-bit g128): triton_kn's tensor-core tiles on every shape beside BF16 F.linear;
+    installs, per batch bucket, the tile with the least total time over the shapes (kn.TUNED_DOT)."""
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
+    rows, totals = [], {}
+    for n, k in shapes:
+        m = random_layer(n, k, 4, seed=4)
+        pkn = kn.packed_kn(m)
+        w_ref = m.int_weight().dequantize(torch.float32)
+        w_bf16 = w_ref.bfloat16()
+        m._cache.clear()
+        del m
+        for M, tiles in DOT_TILES.items():
+            x = torch.randn(M, k, device="cuda", dtype=torch.bfloat16)
+            ref = x.float() @ w_ref.t()
+            base = bench(lambda: F.linear(x, w_bf16), reps=30, warmup=3)
+            for i, tile in enumerate(tiles):
+                cfg = kn.dot_cfg(M, n, k, pkn["span"], tile)
+                try:
+                    err = rel_err(kn.run_dot_kn(x, pkn, None, cfg), ref)
+                    ms = bench(lambda: kn.run_dot_kn(x, pkn, None, cfg), reps=30, warmup=3) if err <= 1e-2 else float("inf")
+                except Exception as e:
+                    print(f"  dot M={M} {tile}: {type(e).__name__} {str(e)[:100]}", flush=True)
+                    err, ms = float("nan"), float("inf")
+                totals[(M, i)] = totals.get((M, i), 0.0) + ms
+                rows.append(dict(n=n, k=k, M=M, kind="kn-dot", tile=tile, cfg=cfg, ms=ms, err=err, bf16_ms=base,
+                                 vs_bf16=base / ms))
+                print(f"  {n}x{k} M={M} kn-dot {tile} SPS={cfg['SPS']}: {ms * 1e3:.1f} us  x{base / ms:.2f} bf16 "
+                      f"err {err:.1e}", flush=True)
+        del pkn, w_ref, w_bf16
+        torch.cuda.empty_cache()
+    for M, tiles in DOT_TILES.items():
+        t, i = min((totals.get((M, i), float("inf")), i) for i in range(len(tiles)))
+        print(f"BEST kn-dot M={M}: {tiles[i]} (sum over shapes {t * 1e3:.1f} us)", flush=True)
+        if t < float("inf"):
+            kn.TUNED_DOT[M] = dict(tiles[i])
+    return rows
+
+
 def diag_kn(args, bw: float) -> list[dict]:
     """Where the kn GEMV's time goes (4-bit, batch 1): the full kernel beside variants that drop the counter
     tail (diag 1), all atomics (3), and the arithmetic too (4: load only), for a few tiles."""
@@ -488,6 +545,7 @@ def main() -> int:
     ap.add_argument("--sweep1", action="store_true", help="batch-1 sweep (h2 4-bit, gemv4 8-bit, split-K) on every shape")
     ap.add_argument("--sweep-kn", action="store_true", help="batch-1 sweep of the triton_kn GEMV tiles (4, 2, 8 bits)")
     ap.add_argument("--graph-table", action="store_true", help="batch 1, single-launch and CUDA-graph harnesses")
+    ap.add_argument("--sweep-dot", action="store_true", help="batches 16/64/256: triton_kn tensor-core tiles")
     ap.add_argument("--diag-kn", action="store_true", help="where the kn GEMV's time goes (see diag_kn)")
     ap.add_argument("--no-main", action="store_true", help="sweep only")
     ap.add_argument("--bits", default=",".join(map(str, BITS)))
@@ -538,6 +596,10 @@ def main() -> int:
     if args.sweep_kn:
         result["sweep_kn"] = sweep_kn(args, bw)
         result["tuned"] = dict(result.get("tuned", {}), **{f"kn{b}@1": c for b, c in kn.TUNED_KN.items()})
+        _write(args.out, result)
+    if args.sweep_dot:
+        result["sweep_dot"] = sweep_dot(args, bw)
+        result["tuned"] = dict(result.get("tuned", {}), **{f"kn-dot@{b}": c for b, c in kn.TUNED_DOT.items()})
         _write(args.out, result)
     if args.graph_table:
         result["graph_table"] = graph_table(args, bw)

@@ -33,6 +33,11 @@ SETTINGS = {"vq2": 2, "vq3": 3}
 GEMV_CONFIGS = [dict(bn=16, bv=64, num_warps=4, pack=True), dict(bn=8, bv=128, num_warps=4, pack=True),
                 dict(bn=32, bv=64, num_warps=4, pack=True), dict(bn=16, bv=128, num_warps=8, pack=True),
                 dict(bn=8, bv=64, num_warps=2, pack=True), dict(bn=16, bv=64, num_warps=4, pack=False)]
+# the K-major index layout (kernels.triton_vq_kn), batch 1: (BN outputs, BV vectors, warps, table variant)
+KN_CONFIGS = [dict(BN=bn, BV=bv, num_warps=w, lut=lut) for bn, bv, w, lut in [
+    (256, 8, 4, False), (256, 16, 4, False), (512, 8, 4, False), (128, 16, 4, False), (256, 32, 8, False),
+    (512, 16, 8, False), (256, 8, 4, True), (256, 16, 4, True), (512, 8, 4, True), (512, 16, 8, True),
+    (1024, 8, 8, True), (1024, 16, 8, True)]]
 FLUSH = None
 
 
@@ -99,6 +104,9 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=40)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU through TRITON_INTERPRET=1")
     ap.add_argument("--settings", default=",".join(SETTINGS))
+    ap.add_argument("--kn", default="", help="indices into KN_CONFIGS to time (default all)")
+    ap.add_argument("--old-configs", type=int, default=len(GEMV_CONFIGS),
+                    help="how many of the row-major GEMV configs to time (default all)")
     args = ap.parse_args()
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -107,6 +115,7 @@ def main() -> int:
     from leanq.formats.layouts import container
     from leanq.kernels import select
     from leanq.kernels import triton_vq as tv
+    from leanq.kernels import triton_vq_kn as vk
 
     cuda = torch.cuda.is_available() and not args.smoke
     dev = "cuda" if cuda else "cpu"
@@ -114,7 +123,9 @@ def main() -> int:
     shapes = [(24, 384), (40, 192)] if args.smoke else SHAPES
     batches = [1, 3] if args.smoke else BATCHES  # the interpreter runs one program per activation row
     reps = 1 if args.smoke else args.reps
-    configs = [GEMV_CONFIGS[0], GEMV_CONFIGS[-1]] if args.smoke else GEMV_CONFIGS
+    configs = [GEMV_CONFIGS[0], GEMV_CONFIGS[-1]] if args.smoke else GEMV_CONFIGS[: args.old_configs]
+    kn_configs = [dict(BN=16, BV=4, num_warps=1), dict(BN=16, BV=4, num_warps=1, lut=True)] if args.smoke \
+        else [KN_CONFIGS[int(i)] for i in args.kn.split(",")] if args.kn else KN_CONFIGS
     os.makedirs(args.out, exist_ok=True)
     fh = open(os.path.join(args.out, "bench_vq.jsonl"), "w")
     meta = dict(kind="meta", device=torch.cuda.get_device_name() if cuda else "cpu (TRITON_INTERPRET=1)",
@@ -150,6 +161,13 @@ def main() -> int:
                 if M <= 16:  # the GEMV re-reads the indices per activation row; timed up to 16 to compare
                     for c in configs:
                         fns[f"gemv bn{c['bn']} bv{c['bv']} w{c['num_warps']}{'' if c['pack'] else ' unpacked'}"] = (lambda c=c: tv.vq_gemv(m, x, **c))
+                if M == 1:
+                    pk = vk.packed_vq_kn(m)
+                    for c in kn_configs:
+                        if c.get("lut") and not vk.lut_ok(pk):
+                            continue
+                        fns[f"kn bn{c['BN']} bv{c['BV']} w{c['num_warps']}{' lut' if c.get('lut') else ''}"] = (
+                            lambda c=c: vk.run_vq_kn(x, pk, None, c))
                 fns["dequant+cublas"] = lambda: tv.vq_dequant_linear(m, x)
                 best = None
                 for impl, fn in fns.items():

@@ -28,9 +28,12 @@ from pathlib import Path
 
 import torch
 
-# name -> (bits, --vq layout, --bpw budget or None); "" = the preset for bits (leanq.methods.vq.PRESETS).
-# A budget plans every module's setting from measured sensitivities (leanq.hybrid; candidates
-# leanq.methods.vq.VQ_CANDIDATES: the vq presets, GPTQ int3/int4 g128, int8, float16), everything counted.
+# name -> (bits, --vq layout, --bpw budget or None[, training]); "" = the preset for bits
+# (leanq.methods.vq.PRESETS).  A budget plans every module's setting from measured sensitivities
+# (leanq.hybrid; candidates leanq.methods.vq.VQ_CANDIDATES: the vq presets, GPTQ int3/int4 g128, int8,
+# float16), everything counted.  A training dict makes the row `--method qat --init vq` with those
+# fields: the vq start, then its codewords and scales distilled from the float model (leanq.qat).
+FT = dict(steps=250, lr=3e-3, scale_lr=1e-3)  # lr chosen on held-out windows (vq_ft_probe.py)
 ROWS = {
     "vq2": (2, "", None),
     "vq3": (3, "", None),
@@ -41,6 +44,9 @@ ROWS = {
     "vq3-d3": (3, "dim=3,index=8,cols=192", None),
     "vq2-g64": (2, "cols=none,group=64", None),  # scales per 64 inputs instead of per row
     "vq3-g128": (3, "group=128", None),
+    "vq2-ft": (2, "", None, FT),
+    "vq3-ft": (3, "", None, FT),
+    "vq3-g128-ft": (3, "group=128", None, FT),
 }
 
 
@@ -90,20 +96,29 @@ def main() -> int:
         if left < longest:
             print(f"{row}: not started ({left:.0f} s left, a row takes ~{longest:.0f} s)", flush=True)
             continue
-        bits, layout, bpw = ROWS[row]
+        bits, layout, bpw, *train = ROWS[row]
+        train = train[0] if train else None
         t0 = time.perf_counter()
         kw = dict(nsamples=4, seqlen=128, keep=tuple(f"*.layers.{i}.*" for i in range(2, 64))) if a.smoke else {}
         if bpw is not None:
             kw.update(bpw=bpw, sensitivity_cache=str(state / "sensitivity-vq.json"))
             if a.smoke:
                 kw["sensitivity_samples"] = 4
-        qm = quantize("smollm2-135m", method="vq", bits=bits, vq=layout, device=dev, progress=False, **kw)
+        if train:
+            kw.update(method="qat", init="vq", **train)
+            if a.smoke:
+                kw.update(steps=2)
+        else:
+            kw["method"] = "vq"
+        qm = quantize("smollm2-135m", bits=bits, vq=layout, device=dev, progress=False, **kw)
         ckpt = qm.save(state / f"ckpt-{row}", overwrite=True)
         model, tok = qm.model.to(dev), qm.tokenizer
         r = run_eval(model, tok, text, row, ckpt, 1024, windows, dev, progress=False)
         wall = time.perf_counter() - t0
         spec = qm.recipe.default_spec
-        cmd = (f"leanq quantize smollm2-135m --method vq --bits {bits}{f' --vq {layout}' if layout else ''}"
+        how = ("--method qat --init vq " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in train.items())
+               if train else "--method vq")
+        cmd = (f"leanq quantize smollm2-135m {how} --bits {bits}{f' --vq {layout}' if layout else ''}"
                f"{f' --bpw {bpw}' if bpw is not None else ''} --out {row}; leanq eval {row} --max-windows {windows}")
         if qm.plan is not None:
             from collections import Counter

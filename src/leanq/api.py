@@ -85,6 +85,9 @@ def quantize(model: str, method: str = "gptq", bits: int = 4, group_size: int | 
     mse_clip = gptq_like if mse_clip is None else mse_clip
     refit = gptq_like if refit is None else refit
     fmt = "float" if method == "cast" else info.fmt
+    if method == "qat" and init == "vq":  # QAT from a codebook start trains codebook weights
+        info = get_method("vq")
+        fmt = "vq"
     if group_size == "auto":
         group_size = info.default_group
     fields = dict(fmt=fmt, bits=bits, group_size=group_size, sym=sym, dtype=dtype)

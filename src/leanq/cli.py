@@ -85,8 +85,10 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--scale-lr", type=float, default=0.0,
                    help="learning rate of the clipping factors (learned; default 1e-2) or log step sizes "
                         "(qat; default 1e-3)")
-    t.add_argument("--init", default="", choices=["", "gptq", "rtn", "learned"],
-                   help="the starting point (default gptq; 'learned' for qat only)")
+    t.add_argument("--init", default="", choices=["", "gptq", "rtn", "learned", "vq"],
+                   help="the starting point (default gptq; 'learned' and 'vq' for qat only: from 'vq' QAT keeps "
+                        "the codebook indices and trains the codewords (--lr, scale-normalised units) and the "
+                        "scales; --bits and --vq as for --method vq)")
     t.add_argument("--train-batch", type=int, default=0, help="sequences per step (default 4)")
     t.add_argument("--target", default="", choices=["", "float", "same"],
                    help="learned: each block's target, the float model's activations ('float', default) or the "

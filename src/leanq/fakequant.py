@@ -14,6 +14,10 @@ exactly what the frozen integer weight computes, and freeze into an ordinary
 * :class:`LSQLinear` (QAT, :mod:`leanq.qat`): a latent float weight and
   per-group step sizes (LSQ, learned in log space), optional LoRA factors added
   to the latent weight before quantizing; zero points stay the initial integers.
+* :class:`VQTrainLinear` (QAT from a codebook start, ``init="vq"``): the
+  codebook indices stay fixed; learned are the codewords and a gain on every
+  stored scale (AQLM-style fine-tuning of the continuous parameters).  It
+  freezes into a :class:`~leanq.formats.vq.VQWeight`.
 
 Rounding passes gradients straight through (STE); every scale goes through
 float16 in the forward pass as it will be stored, so the trained module and
@@ -29,6 +33,7 @@ from torch import nn
 from .config import QuantSpec
 from .errors import LeanqError
 from .formats.intq import IntWeight, group_size_of, num_groups, pack_int_weight
+from .formats.vq import VQWeight, dequantize_parts, geometry, pack_vq_weight
 
 # Where a weight starts inside its start code's bin, in steps from the centre
 # (see _start_position).  A weight the start rounded against its float value
@@ -65,6 +70,11 @@ def half_ste(s: torch.Tensor) -> torch.Tensor:
     h = s.detach().half().float()
     h = torch.where(h > 0, h, torch.full_like(h, 6e-8))
     return h + (s - s.detach())
+
+
+def fp16_ste(x: torch.Tensor) -> torch.Tensor:
+    """x rounded through float16 as it is stored (sign kept); identity backward."""
+    return x.detach().half().float() + (x - x.detach())
 
 
 def to_groups(w: torch.Tensor, g: int) -> torch.Tensor:
@@ -281,6 +291,65 @@ class LSQLinear(nn.Module):
         q, s = self._codes()
         q = q.reshape(self.out_features, -1)[:, : self.in_features]
         return pack_int_weight(q, s, self.zero, self.spec)
+
+
+class VQTrainLinear(nn.Module):
+    """A codebook linear for QAT: fixed indices, learned codewords and scales.
+
+    Parameters: ``codebooks`` float32 [T, B, K, d] (the stored codebooks, in
+    the scale-normalised units the vq method fits them in, so one learning
+    rate fits every layer); ``log_gain`` [out, nsg], the log of a factor on
+    each start scale (buffer ``scale0``), so scale steps are relative.
+    Buffers: ``idx`` int64 [out, B, nvec] (fixed), ``bias`` [out] or None.
+    The forward pass decodes exactly as :meth:`VQWeight.dequantize` does,
+    codewords and scales rounded through float16 (straight-through), so the
+    trained module and the frozen one compute the same weight.
+    """
+
+    lora_rank = 0
+
+    def __init__(self, in_features: int, out_features: int, spec: QuantSpec, bias: bool):
+        """Shapes only (values zero/one): fill with :meth:`from_start` or a saved state."""
+        super().__init__()
+        if spec.fmt != "vq":
+            raise LeanqError(f"VQTrainLinear trains codebook weights, not {spec.describe()}")
+        self.spec: QuantSpec = spec
+        self.in_features, self.out_features = in_features, out_features
+        geo = geometry(spec, out_features, in_features)
+        self.codebooks = nn.Parameter(torch.zeros(geo["nrt"] * geo["nct"], spec.vq_books, geo["K"], spec.vq_dim))
+        self.log_gain = nn.Parameter(torch.zeros(out_features, geo["nsg"]))
+        self.register_buffer("scale0", torch.ones(out_features, geo["nsg"]))
+        self.register_buffer("idx", torch.zeros(out_features, spec.vq_books, geo["nvec"], dtype=torch.long))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_start(cls, start: VQWeight, bias: torch.Tensor | None) -> "VQTrainLinear":
+        """Start from a packed codebook weight: the first forward is exactly ``start``."""
+        m = cls(start.in_features, start.out_features, start.spec, bias is not None)
+        with torch.no_grad():
+            m.codebooks.copy_(start.codebooks.float())
+            m.scale0.copy_(start.scales.float())
+            m.idx.copy_(start.indices())
+            if bias is not None:
+                m.bias.copy_(bias.detach().float())
+        return m.to(start.qweight.device)
+
+    @property
+    def log_scale(self) -> nn.Parameter:
+        """The scale parameters (named as LSQLinear's, so one optimizer group serves both)."""
+        return self.log_gain
+
+    def dequantized(self) -> torch.Tensor:
+        s = fp16_ste(self.scale0 * torch.exp(self.log_gain))
+        return dequantize_parts(self.idx, fp16_ste(self.codebooks), s, self.spec, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    @torch.no_grad()
+    def freeze(self) -> VQWeight:
+        s = (self.scale0 * torch.exp(self.log_gain)).half()
+        return pack_vq_weight(self.idx, self.codebooks.half(), s, self.spec, self.in_features)
 
 
 class fast_matmul:

@@ -4,14 +4,17 @@ Start: a model quantized by ``cfg.init`` (GPTQ by default; RTN or learned
 also work).  Each of its integer linears becomes an
 :class:`~leanq.fakequant.LSQLinear` that computes exactly the same weight
 (latent weight inside the start's rounding bins, step sizes = the start's
-scales); then ``cfg.steps`` AdamW steps minimise KL(teacher ‖ student) of
+scales).  With ``init="vq"`` the start is the codebook method and each
+codebook linear becomes a :class:`~leanq.fakequant.VQTrainLinear`: indices
+fixed, codewords and scales trained.  Then ``cfg.steps`` AdamW steps
+minimise KL(teacher ‖ student) of
 the next-token distributions, the teacher being the float model, on random
 windows of the calibration text (``cfg.train_batch`` windows of
 ``cfg.seqlen`` tokens per step, drawn with a seeded generator).  Learning
 rates follow a cosine decay computed from the step number, so a resumed run
 takes exactly the steps an uninterrupted one would.  Everything outside the
 quantized linears (embeddings, norms, head) stays frozen.  At the end each
-module is frozen into an ordinary packed :class:`IntWeight`.
+module is frozen into an ordinary packed :class:`IntWeight` (or :class:`VQWeight`).
 
 Resumable: every ``state_every`` steps the trainable tensors, the optimizer,
 the step, the data generator and the RNG states are written atomically to
@@ -36,7 +39,7 @@ from tqdm.auto import tqdm
 from .arch import set_submodule
 from .config import MethodConfig, QuantSpec
 from .errors import LeanqError
-from .fakequant import LSQLinear, fast_matmul
+from .fakequant import LSQLinear, VQTrainLinear, fast_matmul
 from .modules import QuantLinear
 
 # lr: latent weights in units of the start's step size (so 2e-3 is 1/500 of a step per Adam step)
@@ -64,7 +67,14 @@ def to_fake(model: nn.Module, float_model: nn.Module, lora_rank: int = 0) -> dic
     fl = dict(float_model.named_modules())
     out = {}
     for name, m in list(model.named_modules()):
-        if isinstance(m, QuantLinear) and m.fmt == "int" and getattr(m, "in_scale", None) is None:
+        if isinstance(m, QuantLinear) and m.fmt == "vq":
+            from .formats.vq import VQWeight
+
+            vw = VQWeight(m.qweight, m.codebooks, m.scales, m.spec, m.in_features)
+            fake = VQTrainLinear.from_start(vw, m.bias)
+            set_submodule(model, name, fake)
+            out[name] = fake
+        elif isinstance(m, QuantLinear) and m.fmt == "int" and getattr(m, "in_scale", None) is None:
             w = fl[name].weight.detach().to(m.scales.device)
             fake = LSQLinear.from_start(w, m.bias, m.int_weight(), lora_rank)
             set_submodule(model, name, fake)
@@ -73,8 +83,8 @@ def to_fake(model: nn.Module, float_model: nn.Module, lora_rank: int = 0) -> dic
 
 
 def freeze(model: nn.Module) -> list[str]:
-    """Replace every LSQLinear by the QuantLinear of its packed weight; returns their names."""
-    names = [n for n, m in model.named_modules() if isinstance(m, LSQLinear)]
+    """Replace every LSQLinear / VQTrainLinear by the QuantLinear of its packed weight; returns their names."""
+    names = [n for n, m in model.named_modules() if isinstance(m, (LSQLinear, VQTrainLinear))]
     for n in names:
         m = model.get_submodule(n)
         set_submodule(model, n, QuantLinear.from_int_weight(m.freeze(), m.bias))
@@ -139,11 +149,16 @@ def load_state(path: Path, fingerprint: str) -> dict:
 
 
 def empty_fakes(model: nn.Module, names: list[str], spec_of: Callable[[str], QuantSpec], lora_rank: int) -> dict[str, LSQLinear]:
-    """LSQLinears of the right shapes in place of the float linears ``names`` (a resumed run fills them)."""
+    """LSQLinears (VQTrainLinears for codebook specs) of the right shapes in place of the float
+    linears ``names`` (a resumed run fills them)."""
     out = {}
     for name in names:
         lin = model.get_submodule(name)
-        fake = LSQLinear(lin.in_features, lin.out_features, spec_of(name), lin.bias is not None, lora_rank)
+        s = spec_of(name)
+        if s.fmt == "vq":
+            fake = VQTrainLinear(lin.in_features, lin.out_features, s, lin.bias is not None)
+        else:
+            fake = LSQLinear(lin.in_features, lin.out_features, s, lin.bias is not None, lora_rank)
         set_submodule(model, name, fake.to(lin.weight.device))
         out[name] = fake
     return out
@@ -169,7 +184,8 @@ def train(model: nn.Module, teacher: nn.Module, text_ids: torch.Tensor, modules:
     for p in list(model.parameters()) + list(teacher.parameters()):
         p.requires_grad_(False)
     groups = [
-        {"params": [m.weight for m in modules.values() if m.lora_rank == 0], "lr": cfg.lr, "base": cfg.lr},
+        {"params": [m.codebooks if isinstance(m, VQTrainLinear) else m.weight for m in modules.values()
+                    if m.lora_rank == 0], "lr": cfg.lr, "base": cfg.lr},
         {"params": [m.log_scale for m in modules.values()], "lr": cfg.scale_lr, "base": cfg.scale_lr},
         {"params": [p for m in modules.values() if m.lora_rank for p in (m.lora_a, m.lora_b)], "lr": cfg.lr, "base": cfg.lr},
     ]
@@ -248,8 +264,8 @@ def qat_quantize(model: nn.Module, spec: QuantSpec, cfg: MethodConfig, calib: to
     from .pipeline import _blocks_prefix, quantize_blocks, spec_for
 
     cfg = with_defaults(cfg)
-    if cfg.init in ("qat",) or get_method(cfg.init).fmt != "int":
-        raise LeanqError(f"QAT starts from rtn, gptq or learned, not {cfg.init!r}")
+    if cfg.init in ("qat",) or get_method(cfg.init).fmt not in ("int", "vq"):
+        raise LeanqError(f"QAT starts from rtn, gptq, learned or vq, not {cfg.init!r}")
     blocks = get_blocks(model)
     prefix = _blocks_prefix(model, blocks)
     targets = {}
@@ -257,12 +273,13 @@ def qat_quantize(model: nn.Module, spec: QuantSpec, cfg: MethodConfig, calib: to
         for rel, lin in block_targets(model, block, f"{prefix}.{i}", keep).items():
             full = f"{prefix}.{i}.{rel}"
             s = spec_for(full, spec, overrides)
-            if s.fmt not in ("int", "float") or s.in_scale:
-                raise LeanqError(f"{full}: QAT trains plain integer weights, not {s.describe()}")
+            if s.fmt not in ("int", "float", "vq") or s.in_scale or (s.fmt == "vq" and cfg.init != "vq"):
+                raise LeanqError(f"{full}: QAT trains plain integer or (from a vq start) codebook weights, "
+                                 f"not {s.describe()}")
             targets[full] = (s, lin)
     teacher = copy.deepcopy(model)
     t0 = time.perf_counter()
-    int_names = [n for n, (s, _) in targets.items() if s.fmt == "int"]
+    int_names = [n for n, (s, _) in targets.items() if s.fmt in ("int", "vq")]
     if resume and state is not None and Path(state).exists():
         for n, (s, lin) in targets.items():
             if s.fmt == "float":
@@ -293,5 +310,5 @@ def qat_quantize(model: nn.Module, spec: QuantSpec, cfg: MethodConfig, calib: to
     recipe = {}
     for n, (s, lin) in targets.items():
         w, b = linear_weight(lin)
-        recipe[n] = ModuleRecipe(s, "qat" if s.fmt == "int" else "cast", w.shape[1], w.shape[0], b is not None)
+        recipe[n] = ModuleRecipe(s, "qat" if s.fmt in ("int", "vq") else "cast", w.shape[1], w.shape[0], b is not None)
     return recipe

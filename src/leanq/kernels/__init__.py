@@ -72,17 +72,18 @@ def _select_by(m: torch.nn.Module, dev: str, batch: int, dtype: torch.dtype = to
     return "none"
 
 
-def cached_layout(m: torch.nn.Module, slot: str, only: str, build: Callable[[], dict]) -> dict:
+def cached_layout(m: torch.nn.Module, slot: str, only: str, build: Callable[[], dict],
+                  names: tuple[str, ...] = ("qweight", "scales", "zeros")) -> dict:
     """A kernel layout of quantized layer ``m``, built by ``build()`` at first use and cached in ``m._cache[slot]``.
 
-    Keyed on the stored buffers' storage and version counters, so loading new weights in place
+    Keyed on the stored buffers' (``names``) storage and version counters, so loading new weights in place
     (load_state_dict) invalidates it.  Inside torch.compile, or once ``m._cache[only]`` is set (the stored
     buffers were released), the key is not checked.
     """
     cache = m._cache
     if torch.compiler.is_compiling() or only in cache:
         return cache[slot][1]
-    key = tuple((t.data_ptr(), t._version, t.device) for t in (m.qweight, m.scales, m.zeros))
+    key = tuple((t.data_ptr(), t._version, t.device) for t in (getattr(m, n) for n in names))
     hit = cache.get(slot)
     if hit is None or hit[0] != key:
         cache[slot] = hit = (key, build())
@@ -114,6 +115,7 @@ def _load_gpu_kernels() -> None:
         from . import triton_int  # noqa: F401
         from . import triton_fast  # noqa: F401  (v4 kernels, ahead of triton_int in the table)
         from . import triton_vq  # noqa: F401  (vq LUT GEMV + dequantize)
+        from . import triton_vq_kn  # noqa: F401  (batch-1 vq GEMV on the K-major index layout)
         from . import triton_half2  # noqa: F401  (batch-1 2/4-bit GEMV in paired fp16)
         from . import triton_kn  # noqa: F401  (batch-1 2/4/8-bit GEMV on the K-major layout, ahead of h2)
     except ImportError:  # no triton: the reference kernels serve the GPU too

@@ -31,9 +31,10 @@ QGROUPS = (256, 128, 64, 32)
 # rows (tokens) up to which the packed kernel runs: decoding and small batches.  Larger inputs (prefill,
 # perplexity windows of 1024 tokens) keep the reference, whose one dequantization per call is cheap beside
 # an MKL matmul of that size; it also leaves evaluation numerics exactly as they were.
-# Off by default (0): its one decode measurement on the shared 2-core CPU was not faster than the
-# reference (docs/PERFORMANCE.md) and it rounds float32 activations to bf16; LEANQ_CPU_INT4_MAX_ROWS=32 opts in.
-MAX_ROWS = int(os.environ.get("LEANQ_CPU_INT4_MAX_ROWS", "0"))
+# On by default since session 5: on the quiet 2-core CPU, SmolLM2 at 4 bits decodes 1.23-1.26x faster
+# than FP32 with it (docs/PERFORMANCE.md).  Under heavy contention it measured slower (session 2), and it
+# rounds float32 activations to bf16 (relative error ~3e-3); LEANQ_CPU_INT4_MAX_ROWS=0 turns it off.
+MAX_ROWS = int(os.environ.get("LEANQ_CPU_INT4_MAX_ROWS", "32"))
 
 
 def _have_ops() -> bool:

@@ -1,4 +1,4 @@
-"""Batch-1 GEMV on a K-major word layout: many tiny programs, no K loop, fp32 atomics.
+"""GEMV and small-batch GEMM on a K-major word layout: many tiny programs, fp32 atomics.
 
 Layout ("kn"): words [Kw, N] int32, N contiguous.  Each word holds E = 32 / bits codes of one
 output column n (slot j at bits j*bits).  Inputs are taken in spans of P (a power of two <= 128
@@ -23,8 +23,8 @@ the scratch again, so the next launch or CUDA-graph replay finds it clean.  (``t
 launch instead, the last program of each column block, found by an arrival counter, writes it; that
 measured ~3-5 us slower on the H100.)
 
-Batches above 1 use :func:`dequantize_kn` + cuBLAS (prefill), so a model keeps only
-this layout in memory.  The pure-torch oracle is :func:`reference_kn` (and the stored
+Batches 2-64 (2/4 bits) run on tensor cores from the same words (:func:`run_dot_kn`); larger ones use
+:func:`dequantize_kn` + cuBLAS (prefill), so a model keeps only this layout in memory.  The pure-torch oracle is :func:`reference_kn` (and the stored
 format's :mod:`leanq.kernels.reference`).
 """
 
@@ -328,6 +328,103 @@ def _dequant_kn_kernel(out_ptr, w_ptr, s_ptr, z_ptr, N, K, G, B: tl.constexpr, E
         tl.store(out_ptr + offs_n[None, :].to(tl.int64) * K + k[:, None], val, mask=m2)
 
 
+@triton.jit
+def _dot_kn_kernel(x_ptr, out_ptr, bias_ptr, acc_ptr, w_ptr, s_ptr, z_ptr, M, N, K, G, NSP, SPS, stride_xm,
+                   B: tl.constexpr, E: tl.constexpr, P: tl.constexpr, SYM: tl.constexpr, DIRECT: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, MAGIC: tl.constexpr = 0,
+                   MAGIC_BITS: tl.constexpr = 0, TRANS: tl.constexpr = False):
+    """Batches above 1 on the kn layout, tensor cores: out[m, n] = Σ_spans s[g, n] (x_span · q_span − z[g, n] Σ x_span).
+
+    Grid (cdiv(N, BN), cdiv(M, BM), cdiv(NSP, SPS)): each program walks SPS spans of P inputs.  A span's
+    word tile [P/E, BN] becomes the code tile [P, BN] in input order by shifting every word by every slot
+    width into a [E, P/E, BN] tensor and flattening its first two axes (slot j, row r is input j·P/E + r:
+    the layout's span order), so one ``tl.dot`` of x [BM, P] (codes exact in the activation dtype) with it
+    gives Σ x q; the group scale and zero are applied per span in fp32.  MAGIC (16-bit activations): the
+    code is OR'd into the bits of MAGIC (128 in bf16, 1024 in fp16), which reads as MAGIC + q exactly, and
+    MAGIC joins the zero point.  DIRECT (one split): the program writes out (+ bias) itself; else it adds
+    into the fp32 scratch [M, N] and the finishing kernel writes out.  TRANS: computes out^T = q^T x^T, the
+    codes being the dot's first operand (which Hopper's wgmma may take from registers), the sums [BN, BM].
+    """
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    n = pid_n * BN + tl.arange(0, BN)
+    m = pid_m * BM + tl.arange(0, BM)
+    nm = n < N
+    mm = m < M
+    RP: tl.constexpr = P // E
+    r = tl.arange(0, RP)
+    sh = tl.arange(0, E) * B
+    kk = tl.arange(0, P)
+    if TRANS:
+        acc = tl.zeros([BN, BM], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+    sp0 = pid_k * SPS
+    for sp in range(sp0, tl.minimum(sp0 + SPS, NSP)):
+        w = tl.load(w_ptr + (sp * RP + r)[:, None].to(tl.int64) * N + n[None, :], mask=nm[None, :], other=0)
+        q = (w[None, :, :] >> sh[:, None, None]) & ((1 << B) - 1)  # [E, RP, BN]
+        if MAGIC:  # code OR'd into the mantissa of 2**7 (bf16) / 2**10 (fp16): MAGIC + q, no int-to-float convert
+            q = q | MAGIC_BITS
+        if TRANS:
+            q = tl.reshape(tl.permute(q, (2, 0, 1)), [BN, P])
+        else:
+            q = tl.reshape(q, [P, BN])
+        if MAGIC:
+            q = q.to(tl.int16).to(x_ptr.dtype.element_ty, bitcast=True)
+        else:
+            q = q.to(x_ptr.dtype.element_ty)
+        k = sp * P + kk
+        if TRANS:
+            xk = tl.load(x_ptr + m[None, :].to(tl.int64) * stride_xm + k[:, None],
+                         mask=mm[None, :] & (k < K)[:, None], other=0.0)  # [P, BM]
+            part = tl.dot(q, xk)
+        else:
+            xk = tl.load(x_ptr + m[:, None].to(tl.int64) * stride_xm + k[None, :],
+                         mask=mm[:, None] & (k < K)[None, :], other=0.0)
+            part = tl.dot(xk, q)
+        g = (sp * P) // G
+        s = tl.load(s_ptr + g * N + n, mask=nm, other=0.0).to(tl.float32)
+        if SYM:
+            z = tl.full([BN], 1 << (B - 1), tl.float32)
+        else:
+            z = tl.load(z_ptr + g * N + n, mask=nm, other=0).to(tl.float32)
+        if MAGIC:
+            z += MAGIC
+        if TRANS:
+            sx = tl.sum(xk.to(tl.float32), axis=0)
+            acc += s[:, None] * (part - z[:, None] * sx[None, :])
+        else:
+            sx = tl.sum(xk.to(tl.float32), axis=1)
+            acc += s[None, :] * (part - z[None, :] * sx[:, None])
+    if TRANS:
+        m2 = nm[:, None] & mm[None, :]
+        off = m[None, :].to(tl.int64) * N + n[:, None]
+        if HAS_BIAS and DIRECT:
+            acc += tl.load(bias_ptr + n, mask=nm, other=0.0).to(tl.float32)[:, None]
+    else:
+        m2 = mm[:, None] & nm[None, :]
+        off = m[:, None].to(tl.int64) * N + n[None, :]
+        if HAS_BIAS and DIRECT:
+            acc += tl.load(bias_ptr + n, mask=nm, other=0.0).to(tl.float32)[None, :]
+    if DIRECT:
+        tl.store(out_ptr + off, acc.to(out_ptr.dtype.element_ty), mask=m2)
+    else:
+        tl.atomic_add(acc_ptr + off, acc, mask=m2, sem="relaxed")
+
+
+@triton.jit
+def _finish2d_kernel(acc_ptr, out_ptr, bias_ptr, TOTAL, N, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """out (flat [M·N]) = sums (+ bias[offs % N]) in the output dtype; the sums are zeroed for the next launch."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < TOTAL
+    y = tl.load(acc_ptr + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(acc_ptr + offs, tl.zeros([BLOCK], dtype=tl.float32), mask=mask)
+
+
 _SCRATCH: dict = {}
 
 
@@ -377,6 +474,65 @@ def run_gemv_kn(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dict
     return out
 
 
+def dot_bucket(M: int) -> int:
+    """The batch bucket a tensor-core config is tuned for."""
+    return 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128 if M <= 128 else 256
+
+
+def dot_cfg(M: int, N: int, K: int, span: int, tile: dict | None = None) -> dict:
+    """Launch config of the tensor-core path: ``tile`` (BM, BN, target, num_warps, num_stages; default the
+    tuned one for M's bucket, else BM covering the batch up to 128) and SPS, the spans per program, chosen
+    so the grid has at least ``target`` programs (2 per SM of an H100 by default) where the batch and width
+    alone do not make that many."""
+    t = dict(tile or TUNED_DOT.get(dot_bucket(M)) or {})
+    bm = t.get("BM") or min(max(16, triton.next_power_of_2(M)), 128)
+    bn = t.get("BN") or (128 if M <= 16 else 64)
+    nsp = triton.cdiv(K, span)
+    tiles = triton.cdiv(N, bn) * triton.cdiv(M, bm)
+    split = max(1, min(nsp, triton.cdiv(t.get("target", 264), tiles)))
+    return dict(BM=bm, BN=bn, SPS=max(1, nsp // split), num_warps=t.get("num_warps", 4),
+                num_stages=t.get("num_stages", 3), magic=t.get("magic", True), trans=t.get("trans", False))
+
+
+# batch bucket -> tile (dot_cfg): the best total over the five Llama shapes in the H100 sweep of 2026-11-27
+# (bench_kernels.py --sweep-dot; docs/PERFORMANCE.md "version 6").  Batches 17-32 take the 64-row tile.
+# Tiles of 8 warps with BM 128 and two splits gave wrong sums there (2.7e-2 to 6.9e-2 relative error on two
+# shapes at batch 256; cause not found), so no default uses 8 warps.
+_T16 = dict(BM=16, BN=256, target=264, num_warps=4, num_stages=3)
+_T64 = dict(BM=64, BN=64, target=264, num_warps=4, num_stages=3)
+TUNED_DOT: dict = {16: _T16, 32: _T64, 64: _T64}
+DOT_MAX_M = int(os.environ.get("LEANQ_KN_DOT_MAX_M", "64"))  # above: dequantize + cuBLAS measured faster
+DOT_BITS = (2, 4)  # 8-bit: triton_fast's wdot measured faster at batch 16
+
+
+def run_dot_kn(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dict | None = None) -> torch.Tensor:
+    """x2 [M, K] (fp16/bf16; fp32 in the interpreter) -> [M, N] of x2.dtype, on tensor cores."""
+    M, K = x2.shape
+    assert K == pk["K"], (K, pk["K"])
+    N, p = pk["N"], pk["span"]
+    cfg = cfg or dot_cfg(M, N, K, p)
+    nsp = triton.cdiv(K, p)
+    sps = min(cfg["SPS"], nsp)
+    nk = triton.cdiv(nsp, sps)
+    out = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
+    direct = nk == 1
+    acc = out if direct else _scratch(x2.device, M * N)[0]
+    bias_arg = bias if bias is not None else out
+    # MAGIC + q exact: bf16 holds 8 significant bits (codes < 128), fp16 11 (codes < 1024)
+    magic, mbits = {torch.bfloat16: (128, 0x4300), torch.float16: (1024, 0x6400)}.get(x2.dtype, (0, 0))
+    if magic and (1 << pk["bits"]) > (128 if x2.dtype == torch.bfloat16 else 1024) or not cfg.get("magic", True):
+        magic = mbits = 0
+    _dot_kn_kernel[(triton.cdiv(N, cfg["BN"]), triton.cdiv(M, cfg["BM"]), nk)](
+        x2, out, bias_arg, acc, pk["words"], pk["scales"], pk["zeros"], M, N, K, pk["group"], nsp, sps, x2.stride(0),
+        B=pk["bits"], E=32 // pk["bits"], P=p, SYM=pk["sym"], DIRECT=direct, HAS_BIAS=bias is not None,
+        BM=cfg["BM"], BN=cfg["BN"], MAGIC=magic, MAGIC_BITS=mbits, TRANS=bool(cfg.get("trans", False)),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if not direct:
+        _finish2d_kernel[(triton.cdiv(M * N, 1024),)](acc, out, bias_arg, M * N, N, HAS_BIAS=bias is not None,
+                                                      BLOCK=1024, num_warps=4)
+    return out
+
+
 def dequantize_kn(pk: dict, dtype: torch.dtype, BN: int = 64, R: int = 16) -> torch.Tensor:
     """The dense weight [N, K] in ``dtype`` (for batches above the GEMV's)."""
     N, K = pk["N"], pk["K"]
@@ -418,6 +574,11 @@ def _supports_gemv(m, x) -> bool:
             and _rows(x) == 1)
 
 
+def _supports_dot(m, x) -> bool:
+    return (_ok(m) and m.spec.bits in DOT_BITS and x.shape[-1] == m.in_features
+            and x.dtype in (torch.float16, torch.bfloat16) and 1 < _rows(x) <= DOT_MAX_M)
+
+
 def _supports_dequant(m, x) -> bool:
     # larger batches on this layout only where it is the layer's only copy (release_stored_kn)
     return (_ok(m) and "kn_only" in m._cache and x.shape[-1] == m.in_features
@@ -431,6 +592,8 @@ def _impl(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: tor
               span=span_of(group, bits))
     if path == "gemv":
         return run_gemv_kn(x, pk, bias)
+    if path == "dot":
+        return run_dot_kn(x, pk, bias)
     return torch.nn.functional.linear(x, dequantize_kn(pk, x.dtype), bias)
 
 
@@ -470,5 +633,8 @@ def release_stored_kn(model: torch.nn.Module) -> int:
 # priority 40: ahead of h2 (30) at batch 1 for 2/4/8 bits
 GEMV_KN = register_kernel(Kernel("triton-kn-gemv", "int", ("cuda",), _supports_gemv,
                                  lambda m, x: _linear(m, x, "gemv"), priority=40))
+# priority 45: batches 2-64 at 2/4 bits, ahead of triton_fast (20) and of the kn dequantize path (40)
+DOT_KN = register_kernel(Kernel("triton-kn-dot", "int", ("cuda",), _supports_dot,
+                                lambda m, x: _linear(m, x, "dot"), priority=45))
 DEQUANT_KN = register_kernel(Kernel("triton-kn-dequant", "int", ("cuda",), _supports_dequant,
                                     lambda m, x: _linear(m, x, "dequant"), priority=40))
