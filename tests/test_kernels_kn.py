@@ -118,6 +118,9 @@ def test_dispatch_rules():
     assert not kn._supports_dot(make_layer(16, 64, 8, 32, False, bias=False, seed=6), many)  # 8-bit: wdot
     three = make_layer(16, 64, 3, 32, False, bias=False, seed=7)
     assert not kn._supports_gemv(three, one)  # 3 bits: not a divisor of 32, other kernels
+    released = make_layer(16, 64, 4, 32, False, bias=False, seed=6)
+    released._cache["triton_int_only"] = True  # what triton_int.release_stored leaves: no stored codes to repack
+    assert not kn._supports_gemv(released, one) and not kn._supports_dot(released, many)
     odd = make_layer(8, 48, 4, 24, False, bias=False, seed=8)  # group 24: largest 2-power divisor 8 = one word
     assert kn.k_span(24, 4, 128) == 8
 

@@ -49,7 +49,8 @@ def _codes(w, s, z, spec, g):
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     assert torch.isfinite(out).all()
-    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+    out, ref = out.float().cpu(), ref.float().cpu()  # kernels' outputs may be on the GPU, the oracle on the CPU
+    return ((out - ref).norm() / ref.norm()).item()
 
 
 def ref_out(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
@@ -155,7 +156,11 @@ def test_compile_op_matches_direct_call():
 def test_release_stored_keeps_outputs():
     m = make_layer(16, 64, 4, 32, False, bias=True, seed=9)
     x = torch.randn(1, 64, device="cuda", dtype=DTYPE)
-    before = m(x)
+    from leanq.kernels import select
+
+    before = m(x)  # batch 1 runs triton_kn's GEMV, which repacks from the stored codes
     freed = ti.release_stored(torch.nn.Sequential(m))
     assert freed > 0 and m.qweight.numel() == 0
-    assert torch.equal(m(x), before)
+    # afterwards only triton_int's own layout is left, so its kernels serve the layer (other rounding order)
+    assert not select(m, x).name.startswith("triton-kn")
+    assert rel_err(m(x), before) <= 1e-2

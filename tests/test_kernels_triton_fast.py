@@ -85,7 +85,8 @@ def test_gemv_h2_matches_reference(bits, group, sym, in_f):
     pk = ti.packed_for(m)
     assert th.supported(pk) and not th.supported(ti.packed_for(make_layer(8, 32, 8, 32, False, False, 1)))
     bias = m.bias.to(DTYPE) if m.bias is not None else None
-    for center, tol, split in ((True, 2e-3, 1), (False, 1e-2, 1), (True, 2e-3, 2)):
+    tight = 2e-3 if DTYPE == torch.float32 else 5e-3  # bf16 outputs alone round by up to ~2e-3 (H100: 2.09e-3)
+    for center, tol, split in ((True, tight, 1), (False, 1e-2, 1), (True, tight, 2)):
         out = th.run_gemv_h2(x, pk, bias, cfg=dict(BN=8, BK=32, num_warps=4, num_stages=1, CENTER=center,
                                                    SPLIT=split))
         assert out.shape == (1, 24) and out.dtype == DTYPE

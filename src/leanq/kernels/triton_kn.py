@@ -561,6 +561,8 @@ def _ok(m) -> bool:
         return False
     if getattr(m, "in_scale", None) is not None:  # AWQ's input scaling: the triton_int kernels handle it
         return False
+    if "triton_int_only" in getattr(m, "_cache", {}):  # triton_int.release_stored kept only its own layout
+        return False
     g = group_size_of(spec, m.in_features)
     return num_groups(spec, m.in_features) >= 1 and k_span(g, spec.bits, DEFAULT_CFG["BK"]) > 0
 
