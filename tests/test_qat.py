@@ -236,3 +236,29 @@ def test_vq_weights_need_a_vq_start():
         qat_quantize(tiny_model("llama", seed=1), VQ_SPEC, MethodConfig(name="qat", init="gptq", seqlen=32, steps=1),
                      calib, text, progress=False)
 
+
+
+def test_qat_from_vq_resumes_to_the_same_bytes(tmp_path):
+    calib, text = _data()
+    base = tiny_model("llama", seed=1)
+    cfg = MethodConfig(name="qat", init="vq", seqlen=32, steps=4, lr=1e-2, scale_lr=1e-2, train_batch=2)
+    full = copy.deepcopy(base)
+    qat_quantize(full, VQ_SPEC, cfg, calib, text, progress=False, state=tmp_path / "a.pt", state_every=2)
+
+    def interrupt(step, loss):
+        if step == 3:  # the state on disk is the one of step 2
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        qat_quantize(copy.deepcopy(base), VQ_SPEC, cfg, calib, text, progress=False, state=tmp_path / "b.pt",
+                     state_every=2, on_step=interrupt)
+    again = copy.deepcopy(base)
+    steps = []
+    qat_quantize(again, VQ_SPEC, cfg, calib, text, progress=False, state=tmp_path / "b.pt", state_every=2,
+                 resume=True, on_step=lambda s, l: steps.append(s))
+    assert steps == [3, 4]
+    a, b = _vq_parts(full), _vq_parts(again)
+    assert a.keys() == b.keys() and len(a) == 14
+    for n in a:
+        for x, y in zip(a[n], b[n]):
+            assert torch.equal(x, y), n
