@@ -83,3 +83,11 @@ def test_help_teaches():
     assert r.returncode == 0 and "examples:" in r.stdout and "quantize" in r.stdout
     r = subprocess.run([sys.executable, "-m", "leanq", "quantize", "--help"], capture_output=True, text=True)
     assert "--group-size" in r.stdout and "gptq" in r.stdout
+
+
+def test_training_settings_on_an_untrained_method_are_refused(tiny_hf_folder, tmp_path, capsys):
+    from leanq.cli import main
+
+    rc = main(["quantize", str(tiny_hf_folder), "--method", "gptq", "--init", "vq", "--out", str(tmp_path / "o")])
+    assert rc != 0 and not (tmp_path / "o").exists()
+    assert "--init applies to the trained methods" in capsys.readouterr().err

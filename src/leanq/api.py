@@ -11,7 +11,7 @@ import torch
 from . import __version__
 from .checkpoint import load as load_checkpoint
 from .checkpoint import save as save_checkpoint
-from .config import MethodConfig, QuantSpec, Recipe
+from .config import TRAINED_METHODS, MethodConfig, QuantSpec, Recipe
 from .data import CALIB_FILE, EVAL_FILE, calibration_ids, find_file, read_text, tokenize
 from .errors import LeanqError
 from .evaluate import EvalResult, evaluate as _evaluate
@@ -77,6 +77,12 @@ def quantize(model: str, method: str = "gptq", bits: int = 4, group_size: int | 
     (any subset; "" = the preset for ``bits``, see ``leanq.methods.vq.vq_fields``).
     """
     info = get_method(method)
+    if method not in TRAINED_METHODS:  # training settings would be dropped without a word
+        given = [k for k, v in dict(steps=steps, lr=lr, scale_lr=scale_lr, init=init, lora_rank=lora_rank,
+                                    train_batch=train_batch, target=target).items() if v]
+        if given:
+            raise LeanqError(f"--{given[0].replace('_', '-')} applies to the trained methods (learned, qat), "
+                             f"not --method {method}")
     # GPTQ's refinements default on (each measured to help on SmolLM2, docs/RESULTS.md);
     # for data-free methods a plain min/max range is the better default
     gptq_like = method in ("gptq", "awq+gptq", "learned", "qat")  # GPTQ rounds (trained methods start from it)
