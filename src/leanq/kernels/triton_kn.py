@@ -518,9 +518,9 @@ def run_dot_kn(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dict 
     direct = nk == 1
     acc = out if direct else _scratch(x2.device, M * N)[0]
     bias_arg = bias if bias is not None else out
-    # MAGIC + q exact: bf16 holds 8 significant bits (codes < 128), fp16 11 (codes < 1024)
+    # MAGIC + q is exact for codes below MAGIC: bf16 holds 8 significant bits (128), fp16 11 (1024)
     magic, mbits = {torch.bfloat16: (128, 0x4300), torch.float16: (1024, 0x6400)}.get(x2.dtype, (0, 0))
-    if magic and (1 << pk["bits"]) > (128 if x2.dtype == torch.bfloat16 else 1024) or not cfg.get("magic", True):
+    if (1 << pk["bits"]) > magic or not cfg.get("magic", True):
         magic = mbits = 0
     _dot_kn_kernel[(triton.cdiv(N, cfg["BN"]), triton.cdiv(M, cfg["BM"]), nk)](
         x2, out, bias_arg, acc, pk["words"], pk["scales"], pk["zeros"], M, N, K, pk["group"], nsp, sps, x2.stride(0),

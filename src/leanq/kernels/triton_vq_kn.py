@@ -25,8 +25,6 @@ The oracle is :func:`reference_vq_kn` (and the stored format's ``VQWeight.dequan
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -182,7 +180,7 @@ def _supports(m, x) -> bool:
     spec = getattr(m, "spec", None)
     return (getattr(m, "fmt", None) == "vq" and spec is not None and spec.bits <= 8
             and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and x.shape[-1] == m.in_features
-            and x.numel() == x.shape[-1] and os.environ.get("LEANQ_VQ_KN", "1") != "0")
+            and x.numel() == x.shape[-1])
 
 
 def _linear(m, x: torch.Tensor) -> torch.Tensor:
