@@ -131,3 +131,58 @@ def test_vq_kn_is_chosen_at_batch_1_only_and_rebuilt_when_weights_change():
     with torch.no_grad():
         m.codebooks.mul_(2)  # in-place change of a stored tensor: the layout is rebuilt
     assert vk.packed_vq_kn(m) is not pk
+
+
+# --- batch-1 CUDA C++ table kernel (kernels.cuda_vq): needs a GPU and NVRTC; the Triton kernel is its fallback ---
+
+CUDA_SPECS = [  # layouts the CUDA kernel takes: one book, no row tiles
+    (4, 8, 1, None, 192, None, 768),   # the 2-bit preset, 4 column tiles
+    (2, 6, 1, None, 192, None, 400),   # the 3-bit preset, a shorter last tile
+    (4, 8, 1, None, 32, 128, 256),     # per-group scales spanning whole blocks
+    (3, 5, 1, None, None, None, 44),   # a padded last vector, a block past the last vector
+]
+
+
+def test_cuda_vq_declines_layouts_it_does_not_compute():
+    from leanq.kernels import cuda_vq as cv
+
+    base = dict(NB=1, nrt=1, IB=8, N=64, nsg=1, group=256, D=4)
+    assert cv.outputs_per_block(4096, 1024, 64, dict(bps=2), 132) == 1024  # 64 vector blocks: split N in 4
+    assert cv.outputs_per_block(4096, 1024, 512, dict(bps=2), 132) == 4096  # enough blocks: one split
+    assert cv.outputs_per_block(4096, 1024, 64, dict(nr=3), 132) == 3072
+    cfg = dict(threads=128, npt=8, vc=16)
+    assert cv.layout_ok(base, cfg)
+    for bad in (dict(NB=2), dict(nrt=2), dict(N=60), dict(nsg=2, group=32)):  # books, row tiles, N % npt, groups
+        assert not cv.layout_ok({**base, **bad}, cfg), bad
+    assert cv.layout_ok({**base, "nsg": 2, "group": 128}, cfg)  # a scale group of two whole blocks
+    assert "#define KK 256" in cv.source(4, 256, 2, 128, 8, 16, False)
+    if not torch.cuda.is_available():
+        m = random_vq_layer(16, 64, QuantSpec(fmt="vq", bits=8, vq_dim=4, vq_books=1, vq_cols=32), False, 1)
+        assert not cv._supports(m, torch.randn(1, 64))  # no GPU: never chosen
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA C++ kernel needs a GPU (NVRTC)")
+@pytest.mark.parametrize("d,ib,nb,rows,cols,group,in_f", CUDA_SPECS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cuda_vq_matches_reference(d, ib, nb, rows, cols, group, in_f, dtype):
+    from leanq.kernels import cuda_vq as cv
+    from leanq.kernels import triton_vq_kn as vk
+
+    spec = QuantSpec(fmt="vq", bits=ib, vq_dim=d, vq_books=nb, vq_rows=rows, vq_cols=cols, group_size=group)
+    m = random_vq_layer(2048 + 64, in_f, spec, bias=ib == 8, seed=d * 10 + ib + 5).to("cuda")
+    x = torch.randn(1, in_f, generator=torch.Generator().manual_seed(4)).to("cuda", dtype)
+    ref = oracle(m, x)
+    tol = dict(rtol=2e-2, atol=5e-2) if dtype != torch.float32 else dict(rtol=1e-4, atol=1e-3)
+    pk = vk.packed_vq_kn(m)
+    bias = m.bias.to(dtype) if m.bias is not None else None
+    # "tile" and "stationary" kernels; blocks past the last output, a last step with fewer live threads,
+    # several steps per block
+    for cfg in (dict(threads=128, npt=8, vc=16), dict(threads=64, npt=16, vc=8, fuse=True), dict(threads=256, npt=4, vc=16),
+                dict(threads=256, npt=8, vc=8, mode="stationary", nr=2), dict(threads=128, npt=4, vc=16, mode="stationary"),
+                dict(threads=64, npt=16, vc=8, mode="stationary", bps=1)):
+        if not cv.layout_ok(pk, cfg):
+            continue
+        for _ in range(2):  # the second launch checks the scratch was left at zero
+            torch.testing.assert_close(cv.run_vq_cuda(x, pk, bias, cfg).double().cpu(), ref, **tol)
+    assert select(m, x).name == "cuda-vq-lut-gemv"
+    torch.testing.assert_close(m(x).double().cpu(), ref, **tol)

@@ -5,11 +5,13 @@ Shapes are F.linear weights, out x in (N x K).  Settings are the vq presets
 per 192 input columns; 3-bit = 2-dim vectors, 6-bit indices.  Each layer holds
 random indices, codebooks and scales; every timed path is first checked against
 the float32 reference (decode, then matmul).  Times are medians of CUDA-event
-intervals around single launches, each after a 256 MB L2 flush (as
-bench_kernels.py).  One JSON object per line on stdout and in $OUT/bench_vq.jsonl;
+intervals around single launches, each after a 256 MB L2 flush and a ~100 us GPU
+spin (so the host's launch path is not in the interval; as bench_kernels.py).
+With --graph, batch 1 is also timed as CUDA-graph replays of back-to-back calls
+on rotating weight copies (bench_kernels.bench_graph), BF16 included.  One JSON object per line on stdout and in $OUT/bench_vq.jsonl;
 the first line is the card and versions.
 
-    PYTHONPATH=src python3 benchmarks/kernels/bench_vq.py --out $OUT          # H100: ~1-2 min
+    cd benchmarks/kernels && PYTHONPATH=../../src python3 bench_vq.py --out $OUT --graph   # H100: ~1-2 min
     TRITON_INTERPRET=1 PYTHONPATH=src python benchmarks/kernels/bench_vq.py --smoke   # CPU check, tiny shapes
 """
 
@@ -38,7 +40,18 @@ KN_CONFIGS = [dict(BN=bn, BV=bv, num_warps=w, lut=lut) for bn, bv, w, lut in [
     (256, 8, 4, False), (256, 16, 4, False), (512, 8, 4, False), (128, 16, 4, False), (256, 32, 8, False),
     (512, 16, 8, False), (256, 8, 4, True), (256, 16, 4, True), (512, 8, 4, True), (512, 16, 8, True),
     (1024, 8, 8, True), (1024, 16, 8, True)]]
+# the CUDA C++ table kernel (kernels.cuda_vq), batch 1: (threads, outputs per thread, vectors per block)
+# (the sweeps of 2026-11-27 session 6 that chose these: docs/PERFORMANCE.md, "Codebook (vq) kernels, session 6")
+CUDA_CONFIGS = [dict(threads=256, npt=4, vc=16, fuse=False), dict(threads=256, npt=4, vc=16, fuse=True),
+                dict(threads=256, npt=4, vc=8, fuse=False), dict(threads=128, npt=8, vc=16, fuse=False),
+                dict(threads=256, npt=4, vc=16, mode="stationary", bps=2),
+                dict(threads=128, npt=4, vc=16, mode="stationary", bps=4)]
 FLUSH = None
+
+
+def cuda_name(c: dict) -> str:
+    return (f"cuda {c.get('mode', 'tile')[:4]} t{c['threads']} n{c['npt']} v{c['vc']}" + (f" b{c['bps']}" if "bps" in c else "")
+            + (" fused" if c.get("fuse") else ""))
 
 
 def flush_l2() -> None:
@@ -56,6 +69,7 @@ def bench(fn, reps: int, cuda: bool) -> float:
     for _ in range(reps):
         if cuda:
             flush_l2()
+            torch.cuda._sleep(200_000)  # ~100 us: the host's launch path finishes before the timed interval
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
             fn()
@@ -105,6 +119,10 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU through TRITON_INTERPRET=1")
     ap.add_argument("--settings", default=",".join(SETTINGS))
     ap.add_argument("--kn", default="", help="indices into KN_CONFIGS to time (default all)")
+    ap.add_argument("--cuda", default="", help="indices into CUDA_CONFIGS to time (default all; 'none' skips)")
+    ap.add_argument("--graph", action="store_true",
+                    help="batch 1: also time BF16, the Triton kn kernel and the CUDA configs as CUDA-graph replays "
+                         "of back-to-back calls on rotating weight copies (bench_kernels.bench_graph)")
     ap.add_argument("--old-configs", type=int, default=len(GEMV_CONFIGS),
                     help="how many of the row-major GEMV configs to time (default all)")
     args = ap.parse_args()
@@ -115,6 +133,7 @@ def main() -> int:
     from leanq.formats.layouts import container
     from leanq.kernels import select
     from leanq.kernels import triton_vq as tv
+    from leanq.kernels import cuda_vq as cv
     from leanq.kernels import triton_vq_kn as vk
 
     cuda = torch.cuda.is_available() and not args.smoke
@@ -126,6 +145,8 @@ def main() -> int:
     configs = [GEMV_CONFIGS[0], GEMV_CONFIGS[-1]] if args.smoke else GEMV_CONFIGS[: args.old_configs]
     kn_configs = [dict(BN=16, BV=4, num_warps=1), dict(BN=16, BV=4, num_warps=1, lut=True)] if args.smoke \
         else [KN_CONFIGS[int(i)] for i in args.kn.split(",")] if args.kn else KN_CONFIGS
+    cuda_configs = [] if (args.smoke or args.cuda == "none" or not cv.available()) else \
+        [CUDA_CONFIGS[int(i)] for i in args.cuda.split(",")] if args.cuda else CUDA_CONFIGS
     os.makedirs(args.out, exist_ok=True)
     fh = open(os.path.join(args.out, "bench_vq.jsonl"), "w")
     meta = dict(kind="meta", device=torch.cuda.get_device_name() if cuda else "cpu (TRITON_INTERPRET=1)",
@@ -148,6 +169,17 @@ def main() -> int:
             base[M] = bench(lambda: F.linear(x, w_bf16), reps, cuda)
             emit(dict(kind="baseline", impl="bf16 F.linear" if cuda else "fp32 F.linear", shape=f"{n}x{k}", M=M,
                       ms=base[M], GBps=2 * n * k / (base[M] * 1e-3) / 1e9), fh)
+        graph_base = None
+        if args.graph and cuda:
+            from bench_kernels import bench_graph
+
+            wcopies = {0: w_bf16}
+            xg = torch.randn(1, k, device=dev, dtype=dtype)
+            graph_base = bench_graph(lambda c: (lambda w=wcopies.setdefault(c, w_bf16.clone()): F.linear(xg, w)),
+                                     2 * n * k)
+            emit(dict(kind="baseline", impl="bf16 F.linear (graph)", shape=f"{n}x{k}", M=1, ms=graph_base,
+                      GBps=2 * n * k / (graph_base * 1e-3) / 1e9), fh)
+            del wcopies
         del w_bf16
         for name in args.settings.split(","):
             m = random_vq_layer(n, k, SETTINGS[name], dev)
@@ -168,6 +200,9 @@ def main() -> int:
                             continue
                         fns[f"kn bn{c['BN']} bv{c['BV']} w{c['num_warps']}{' lut' if c.get('lut') else ''}"] = (
                             lambda c=c: vk.run_vq_kn(x, pk, None, c))
+                    for c in cuda_configs:
+                        if cv.layout_ok(pk, c):
+                            fns[cuda_name(c)] = (lambda c=c: cv.run_vq_cuda(x, pk, None, c))
                 fns["dequant+cublas"] = lambda: tv.vq_dequant_linear(m, x)
                 best = None
                 for impl, fn in fns.items():
@@ -187,6 +222,21 @@ def main() -> int:
                     emit(row, fh)
                     if ok and (best is None or ms < best["ms"]):
                         best = row
+                if graph_base is not None and M == 1:
+                    pk = vk.packed_vq_kn(m)
+                    pks = {0: pk}
+                    runs = {"kn (graph)": lambda p: vk.run_vq_kn(x, p, None)}
+                    for c in cuda_configs:
+                        if cv.layout_ok(pk, c):
+                            runs[cuda_name(c) + " (graph)"] = (
+                                lambda p, c=c: cv.run_vq_cuda(x, p, None, c))
+                    for impl, run in runs.items():
+                        ms = bench_graph(lambda cp, run=run: (lambda p=pks.setdefault(cp, dict(pk, idx=pk["idx"].clone())): run(p)),
+                                         pk["idx"].numel())
+                        emit(dict(kind="vq", setting=name, spec=m.spec.describe(), shape=f"{n}x{k}", M=1, impl=impl,
+                                  ms=ms, weight_bytes=wbytes, bpw=8 * wbytes / (n * k), vs_bf16=graph_base / ms,
+                                  GBps=(wbytes + x.numel() * x.element_size()) / (ms * 1e-3) / 1e9), fh)
+                    del pks
                 if best:
                     emit(dict(kind="best", setting=name, shape=f"{n}x{k}", M=M, impl=best["impl"], ms=best["ms"],
                               vs_bf16=best["vs_bf16"], bpw=best["bpw"]), fh)

@@ -116,6 +116,7 @@ def _load_gpu_kernels() -> None:
         from . import triton_fast  # noqa: F401  (v4 kernels, ahead of triton_int in the table)
         from . import triton_vq  # noqa: F401  (vq LUT GEMV + dequantize)
         from . import triton_vq_kn  # noqa: F401  (batch-1 vq GEMV on the K-major index layout)
+        from . import cuda_vq  # noqa: F401  (batch-1 vq GEMV in CUDA C++ via NVRTC, ahead of triton_vq_kn)
         from . import triton_half2  # noqa: F401  (batch-1 2/4-bit GEMV in paired fp16)
         from . import triton_kn  # noqa: F401  (batch-1 2/4/8-bit GEMV on the K-major layout, ahead of h2)
     except ImportError:  # no triton: the reference kernels serve the GPU too

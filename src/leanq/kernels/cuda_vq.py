@@ -1,0 +1,452 @@
+"""Batch-1 codebook GEMV in CUDA C++ with a shared-memory table of codeword·activation products.
+
+Why CUDA here: the Triton kernel (:mod:`leanq.kernels.triton_vq_kn`) looks every codeword up through
+L1, where a warp's 32 scattered 8-byte reads touch up to 16 cache lines and cost as many tag
+lookups; that holds it near 2.3 lookups per clock per SM.  Shared memory serves a scattered warp
+read in as many passes as the busiest of its 32 banks needs (3.3 on average for random indices,
+measured), and Triton 3.x gives no way to gather from a shared-memory buffer by computed index.
+
+Same layout as triton_vq_kn ("vq-kn", :func:`leanq.kernels.triton_vq_kn.repack_vq_kn`): indices
+uint8 [1, nvec, N] (N contiguous), the float16 codebooks, fp32 scales [nsg, N].  A block owns VC
+consecutive vectors (VC·D inputs):
+
+1. every thread issues its VC index loads for NPT outputs (one 4/8/16-byte load per vector);
+2. meanwhile the block stages its activations in shared memory (fp32) and fills a table
+   T[v, c] = <codeword c of v's column tile, x[v·D : v·D+D]> for its VC vectors and all KK codewords;
+3. after a barrier, output n gets Σ_v T[v, idx[v, n]]: one shared-memory read and one add per
+   (vector, output), against D multiply-adds and an 8-byte L1 lookup in the Triton kernel;
+4. per-group scales (when a scale group spans whole blocks) multiply before one fp32 atomic add per
+   output into a scratch vector; a second kernel (``vq_finish``) applies per-row scales and the bias,
+   writes the output dtype and zeroes the scratch.
+
+Two kernels share these steps.  "tile" (``vq_lut_gemv``): a block owns THREADS·NPT outputs, one step.
+"stationary" (``vq_lut_gemv_s``): a block owns NR outputs, builds its table once and walks them
+THREADS·NPT at a time, the next step's index loads issued before this step's lookups; NR is chosen for
+about ``bps`` blocks per SM.  The tile kernel can also finish in place (``fuse``: the last block to add
+into an output range, found with a release/acquire ticket, does step 4's second half), measured slower
+than the second kernel on the H100.
+
+Supports one codebook per column tile (no row tiles, one book: the vq presets), index bits <= 8,
+activations fp32/fp16/bf16.  Compiled at first use through NVRTC (``torch.cuda._compile_kernel``,
+PyTorch >= 2.8) and launched through the driver (capturable in CUDA graphs; not traced by
+torch.compile, where the Triton kernel serves); where NVRTC is missing or fails, the Triton kernel
+serves too (``LEANQ_CUDA_VQ=0`` chooses it).  The oracle is
+:func:`leanq.kernels.triton_vq_kn.reference_vq_kn` and the stored format's ``VQWeight.dequantize``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from . import Kernel, register_kernel
+
+_XT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# threads per block, outputs per thread, vectors per block, kernel (and its blocks per SM), finishing step fused:
+# by (D, index bits) the best on the five Llama shapes in the H100 runs of docs/PERFORMANCE.md, "Codebook (vq)
+# kernels, session 6" (benchmarks/kernels/results/vq-cuda-h100-2026-11-27-*)
+DEFAULT_CFG = dict(threads=256, npt=4, vc=16, mode="tile", fuse=False)
+TUNED: dict = {(4, 8): dict(threads=128, npt=4, vc=16, mode="stationary", bps=4),  # the 2-bit preset
+               (2, 6): dict(threads=256, npt=4, vc=16, mode="tile", fuse=False)}  # the 3-bit preset
+
+_SRC = r"""
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+
+__device__ __forceinline__ float h2f(u16 h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
+__device__ __forceinline__ float bf2f(u16 h) { return __uint_as_float(((u32)h) << 16); }
+__device__ __forceinline__ float ldx(const void* x, int i) {
+#if XT == 0
+  return ((const float*)x)[i];
+#elif XT == 1
+  return h2f(((const u16*)x)[i]);
+#else
+  return bf2f(((const u16*)x)[i]);
+#endif
+}
+__device__ __forceinline__ void stx(void* out, int i, float f) {
+#if XT == 0
+  ((float*)out)[i] = f;
+#elif XT == 1
+  u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); ((u16*)out)[i] = h;
+#else
+  u16 h; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f)); ((u16*)out)[i] = h;
+#endif
+}
+
+#if NPT == 16
+typedef uint4 IdxT;
+#elif NPT == 8
+typedef uint2 IdxT;
+#else
+typedef u32 IdxT;
+#endif
+#define WORDS (NPT / 4)
+
+__device__ __forceinline__ u32 word_of(const IdxT& q, int w) {
+#if NPT == 16
+  return w == 0 ? q.x : w == 1 ? q.y : w == 2 ? q.z : q.w;
+#elif NPT == 8
+  return w == 0 ? q.x : q.y;
+#else
+  return q;
+#endif
+}
+
+// Shared steps of both kernels, for the VC vectors from v0:
+// the index loads of VC vectors x NPT outputs from n (zeros where absent)
+__device__ __forceinline__ void load_idx(IdxT* q, const u8* __restrict__ idx, int v0, int n, bool live, int N,
+                                         int NVEC) {
+#pragma unroll
+  for (int j = 0; j < VC; ++j) {
+    if (live && v0 + j < NVEC) q[j] = *(const IdxT*)(idx + (size_t)(v0 + j) * N + n);
+    else q[j] = IdxT();
+  }
+}
+
+// activations (fp32) and each vector's codebook offset (codeword 0 of its column tile; -1 past NVEC) into shared
+// memory, then the table tab[vl * KK + c] = <codeword c, x_vl>.  A thread owns codeword c (and every
+// (THREADS / KK)-th vector when THREADS > KK); when all VC vectors share one column tile (the usual case) the
+// codeword is read once and each entry costs one broadcast read of x, D multiply-adds and one store.
+__device__ __forceinline__ void build_table(float* tab, float* xs, int* toff, const void* __restrict__ x,
+                                            const u16* __restrict__ cb, int v0, int NVEC, int K_IN, int COLS) {
+  for (int i = threadIdx.x; i < VC * D; i += THREADS) {
+    const int k = v0 * D + i;
+    xs[i] = k < K_IN ? ldx(x, k) : 0.f;
+  }
+  for (int i = threadIdx.x; i < VC; i += THREADS) {
+    const int v = v0 + i;
+    toff[i] = v < NVEC ? ((v * D) / COLS) * KK * D : -1;
+  }
+  __syncthreads();
+#if THREADS >= KK
+  const int c_first = threadIdx.x % KK, c_step = KK, vl_first = threadIdx.x / KK, vl_step = THREADS / KK;
+#else
+  const int c_first = threadIdx.x, c_step = THREADS, vl_first = 0, vl_step = 1;
+#endif
+  const bool one_tile = toff[VC - 1] >= 0 && toff[VC - 1] == toff[0];
+#if !(ABLATE & 2)
+  for (int c = c_first; c < KK; c += c_step) {
+    float w[D];
+    if (one_tile) {
+#pragma unroll
+      for (int i = 0; i < D; ++i) w[i] = h2f(cb[(size_t)toff[0] + c * D + i]);
+#pragma unroll
+      for (int vl = vl_first; vl < VC; vl += vl_step) {
+        float t = 0.f;
+#pragma unroll
+        for (int i = 0; i < D; ++i) t += w[i] * xs[vl * D + i];
+        tab[vl * KK + c] = t;
+      }
+    } else {
+      int have = -2;
+      for (int vl = vl_first; vl < VC; vl += vl_step) {
+        const int off = toff[vl];
+        float t = 0.f;
+        if (off >= 0) {
+          if (off != have) {
+#pragma unroll
+            for (int i = 0; i < D; ++i) w[i] = h2f(cb[(size_t)off + c * D + i]);
+            have = off;
+          }
+#pragma unroll
+          for (int i = 0; i < D; ++i) t += w[i] * xs[vl * D + i];
+        }
+        tab[vl * KK + c] = t;
+      }
+    }
+  }
+#endif
+  __syncthreads();
+}
+
+// a[t] = sum_j T[j, idx byte t of q[j]]: one shared-memory read and one add per (vector, output)
+__device__ __forceinline__ void lookups(float* a, const IdxT* q, const float* tab) {
+#pragma unroll
+  for (int t = 0; t < NPT; ++t) a[t] = 0.f;
+#pragma unroll
+  for (int j = 0; j < VC; ++j) {
+#pragma unroll
+    for (int t = 0; t < NPT; ++t) {
+      const u32 b = (word_of(q[j], t >> 2) >> (8 * (t & 3))) & 0xFFu;
+#if ABLATE & 4
+      a[t] += (float)b;
+#else
+      a[t] += tab[j * KK + b];
+#endif
+    }
+  }
+}
+
+// per-group scales (when a group spans whole blocks), then one fp32 atomic add per output
+__device__ __forceinline__ void add_out(float* __restrict__ acc, const float* __restrict__ s, float* a, int n, int v0,
+                                        int N, int G, int NSG) {
+#if GROUP_SCALE
+  const int g = min((v0 * D) / G, NSG - 1);
+#pragma unroll
+  for (int t = 0; t < NPT; ++t) a[t] *= s[(size_t)g * N + n + t];
+#endif
+#pragma unroll
+  for (int t = 0; t < NPT; t += 4)
+#if ABLATE & 1
+    *(float4*)(acc + n + t) = make_float4(a[t], a[t + 1], a[t + 2], a[t + 3]);
+#else
+    atomicAdd((float4*)(acc + n + t), make_float4(a[t], a[t + 1], a[t + 2], a[t + 3]));
+#endif
+}
+
+// "tile": a block owns VC vectors and THREADS * NPT outputs; grid (ceil(N / (THREADS * NPT)), ceil(NVEC / VC)).
+// Its index loads go out first and stay in flight while the table is built.  With FUSE, the last block to add
+// into an output range finishes it (as vq_finish: scales, bias, output dtype, sums and counter back to zero):
+// after a barrier one thread per block publishes the block's adds (release) and takes a ticket; the block
+// holding the last ticket reads the sums after an acquire.
+extern "C" __global__ void __launch_bounds__(THREADS) vq_lut_gemv(
+    const void* __restrict__ x, float* __restrict__ acc, const u8* __restrict__ idx, const u16* __restrict__ cb,
+    const float* __restrict__ s, int N, int NVEC, int K_IN, int COLS, int G, int NSG,
+    int* __restrict__ cnt, void* __restrict__ out, const void* __restrict__ bias, int HAS_BIAS, int FUSE)
+{
+  __shared__ float tab[VC * KK];
+  __shared__ float xs[VC * D];
+  __shared__ int toff[VC];
+  __shared__ int last;
+  const int n = (blockIdx.x * THREADS + threadIdx.x) * NPT;
+  const int v0 = blockIdx.y * VC;
+  const bool live = n < N;
+  IdxT q[VC];
+  load_idx(q, idx, v0, n, live, N, NVEC);
+  build_table(tab, xs, toff, x, cb, v0, NVEC, K_IN, COLS);
+  if (live) {
+    float a[NPT];
+    lookups(a, q, tab);
+    add_out(acc, s, a, n, v0, N, G, NSG);
+  }
+  if (!FUSE) return;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int ticket;
+    asm volatile("fence.acq_rel.gpu;\n\tatom.add.acq_rel.gpu.s32 %0, [%1], 1;" : "=r"(ticket) : "l"(cnt + blockIdx.x)
+                 : "memory");
+    last = ticket == (int)gridDim.y - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  if (live) {
+#pragma unroll
+    for (int t = 0; t < NPT; ++t) {
+      const int i = n + t;
+      float y = __ldcg(acc + i);
+#if !GROUP_SCALE
+      y *= s[i];
+#endif
+      if (HAS_BIAS) y += ldx(bias, i);
+      stx(out, i, y);
+      __stcg(acc + i, 0.f);
+    }
+  }
+  if (threadIdx.x == 0) cnt[blockIdx.x] = 0;
+}
+
+// "stationary": a block owns VC vectors and NR outputs (a multiple of THREADS * NPT); it builds its table once and
+// walks the outputs THREADS * NPT at a time, the next step's index loads issued before this step's lookups.
+// grid (ceil(N / NR), ceil(NVEC / VC)).  Fewer tables are built than by "tile" (one per NR outputs, not per
+// THREADS * NPT), at the price of more atomic adds when NR > THREADS * NPT would not otherwise fill the GPU.
+extern "C" __global__ void __launch_bounds__(THREADS) vq_lut_gemv_s(
+    const void* __restrict__ x, float* __restrict__ acc, const u8* __restrict__ idx, const u16* __restrict__ cb,
+    const float* __restrict__ s, int N, int NVEC, int K_IN, int COLS, int G, int NSG, int NR)
+{
+  __shared__ float tab[VC * KK];
+  __shared__ float xs[VC * D];
+  __shared__ int toff[VC];
+  const int v0 = blockIdx.y * VC;
+  const int ne = min(N, (blockIdx.x + 1) * NR);
+  int n = blockIdx.x * NR + threadIdx.x * NPT;
+  IdxT q[VC], qn[VC];
+  load_idx(q, idx, v0, n, n < ne, N, NVEC);
+  build_table(tab, xs, toff, x, cb, v0, NVEC, K_IN, COLS);
+  float a[NPT];
+  for (; n < ne; n += THREADS * NPT) {
+    const int nn = n + THREADS * NPT;
+    load_idx(qn, idx, v0, nn, nn < ne, N, NVEC);
+    lookups(a, q, tab);
+    add_out(acc, s, a, n, v0, N, G, NSG);
+#pragma unroll
+    for (int j = 0; j < VC; ++j) q[j] = qn[j];
+  }
+}
+
+// out = sums (* row scale) (+ bias) in the activation dtype; the sums are zeroed for the next launch
+extern "C" __global__ void vq_finish(float* __restrict__ acc, void* __restrict__ out, const void* __restrict__ bias,
+                                     const float* __restrict__ s, int N, int HAS_BIAS, int ROW_SCALE)
+{
+  const int n = blockIdx.x * blockDim.x + threadIdx.x;
+  if (n >= N) return;
+  float y = acc[n];
+  if (ROW_SCALE) y *= s[n];
+  if (HAS_BIAS) y += ldx(bias, n);
+  stx(out, n, y);
+  acc[n] = 0.f;
+}
+"""
+
+
+def source(d: int, kk: int, xt: int, threads: int, npt: int, vc: int, group_scale: bool, ablate: int = 0) -> str:
+    """The CUDA source for one configuration (the kernel's constants as #defines).
+
+    ``ablate`` (timing experiments only; the results are wrong): bit 1 plain stores instead of atomic adds,
+    bit 2 no table build, bit 4 no table reads."""
+    assert npt in (4, 8, 16) and kk <= 256 and d >= 1, (npt, kk, d)
+    defs = dict(D=d, KK=kk, XT=xt, THREADS=threads, NPT=npt, VC=vc, GROUP_SCALE=int(group_scale), ABLATE=ablate)
+    return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + _SRC
+
+
+def available() -> bool:
+    """NVRTC compilation through PyTorch is possible here (a CUDA device, torch.cuda._compile_kernel)."""
+    return (torch.cuda.is_available() and torch.version.cuda is not None
+            and hasattr(torch.cuda, "_compile_kernel") and os.environ.get("LEANQ_CUDA_VQ", "1") != "0")
+
+
+class _Launcher:
+    """cuLaunchKernel on the current stream, with the driver library loaded once (PyTorch's own wrapper
+    re-opens libcuda on every launch, which costs tens of microseconds).  Capturable in CUDA graphs."""
+
+    _lib = None
+
+    def __init__(self, kernel):
+        self.kernel = kernel  # keeps the module alive
+        self.func = kernel.func
+        if _Launcher._lib is None:
+            import ctypes
+
+            lib = ctypes.CDLL("libcuda.so.1")
+            lib.cuLaunchKernel.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 6 + [
+                ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+            lib.cuLaunchKernel.restype = ctypes.c_int
+            _Launcher._lib = lib
+
+    def __call__(self, grid, block, args, shared_mem: int = 0) -> None:
+        import ctypes
+
+        vals = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a) for a in args]
+        arr = (ctypes.c_void_p * len(vals))(*[ctypes.addressof(v) for v in vals])
+        rc = _Launcher._lib.cuLaunchKernel(self.func, grid[0], grid[1], grid[2], block[0], block[1], block[2], shared_mem,
+                                           torch.cuda.current_stream().cuda_stream, arr, None)
+        if rc != 0:
+            raise RuntimeError(f"cuda-vq: cuLaunchKernel failed with CUDA error {rc}")
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(d: int, kk: int, xt: int, threads: int, npt: int, vc: int, group_scale: bool, device: int,
+              ablate: int = 0):
+    src = source(d, kk, xt, threads, npt, vc, group_scale, ablate)
+    with torch.cuda.device(device):
+        kernels = [torch.cuda._compile_kernel(src, name) for name in ("vq_lut_gemv", "vq_lut_gemv_s", "vq_finish")]
+    return tuple(_Launcher(k) for k in kernels)
+
+
+_BROKEN: set = set()
+
+
+def layout_ok(pk: dict, cfg: dict | None = None) -> bool:
+    """The vq-kn layout ``pk`` is one this kernel computes (else the Triton kernel serves)."""
+    cfg = cfg or _cfg(pk)
+    span = cfg["vc"] * pk["D"]
+    smem = cfg["vc"] * ((1 << pk["IB"]) + pk["D"] + 1) * 4  # table, activations, tile offsets
+    return (smem <= 48 * 1024 and pk["NB"] == 1 and pk["nrt"] == 1 and pk["IB"] <= 8 and pk["N"] % cfg["npt"] == 0
+            and (pk["nsg"] == 1 or pk["group"] % span == 0))
+
+
+def _cfg(pk: dict) -> dict:
+    return TUNED.get((pk["D"], pk["IB"]), DEFAULT_CFG)
+
+
+def run_vq_cuda(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dict | None = None) -> torch.Tensor:
+    """x2 [1, K] (fp16/bf16/fp32, contiguous) -> [1, N] of x2.dtype."""
+    from .triton_kn import _scratch
+
+    M, K = x2.shape
+    assert M == 1 and K == pk["K"] and x2.is_contiguous(), (M, K, pk["K"])
+    cfg = cfg or _cfg(pk)
+    if not layout_ok(pk, cfg):
+        raise ValueError("cuda-vq: layout not supported (row tiles, several books, or scale groups across blocks)")
+    N, threads, npt, vc = pk["N"], cfg["threads"], cfg["npt"], cfg["vc"]
+    row_scale = pk["nsg"] == 1
+    dev = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
+    tile, stat, finish = _compiled(pk["D"], 1 << pk["IB"], _XT[x2.dtype], threads, npt, vc, not row_scale, dev,
+                                   cfg.get("ablate", 0))
+    acc, cnt = _scratch(x2.device, N)
+    out = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
+    cb = pk["cb"].view(torch.float16) if pk["packed"] else pk["cb"]
+    bn = threads * npt
+    vblocks = (pk["nvec"] + vc - 1) // vc
+    args = [x2, acc, pk["idx"], cb, pk["scales"], N, pk["nvec"], K, pk["cols"], pk["group"], pk["nsg"]]
+    if cfg.get("mode", "tile") == "tile":
+        fuse = bool(cfg.get("fuse", False))
+        tile(grid=((N + bn - 1) // bn, vblocks, 1), block=(threads, 1, 1),
+             args=args + [cnt, out, bias if bias is not None else out, int(bias is not None), int(fuse)])
+        if fuse:
+            return out
+    else:
+        nr = outputs_per_block(N, bn, vblocks, cfg, _sm_count(dev))
+        stat(grid=((N + nr - 1) // nr, vblocks, 1), block=(threads, 1, 1), args=args + [nr])
+    finish(grid=((N + 255) // 256, 1, 1), block=(256, 1, 1),
+           args=[acc, out, bias if bias is not None else out, pk["scales"], N, int(bias is not None), int(row_scale)])
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(dev: int) -> int:
+    return torch.cuda.get_device_properties(dev).multi_processor_count
+
+
+def outputs_per_block(n: int, bn: int, vblocks: int, cfg: dict, sms: int) -> int:
+    """Outputs per block of the stationary kernel: a multiple of ``bn`` (threads x outputs per thread) that
+    gives about ``cfg['bps']`` blocks per SM (default 2), or ``cfg['nr']`` steps of ``bn`` when given."""
+    steps_total = (n + bn - 1) // bn
+    if "nr" in cfg:
+        steps = int(cfg["nr"])
+    else:
+        splits = max(1, round(cfg.get("bps", 2) * sms / vblocks))
+        steps = (steps_total + splits - 1) // splits
+    return bn * max(1, min(steps, steps_total))
+
+
+def _fields(m) -> dict:
+    """The layout_ok fields of vq layer ``m`` from its spec, without building the layout."""
+    from ..formats.vq import geometry
+
+    geo = geometry(m.spec, m.out_features, m.in_features)
+    return dict(NB=m.spec.vq_books, nrt=geo["nrt"], IB=m.spec.bits, N=m.out_features, nsg=geo["nsg"],
+                group=geo["group"], D=m.spec.vq_dim)
+
+
+def _supports(m, x) -> bool:
+    from .triton_vq_kn import _supports as kn_supports
+
+    if not available() or torch.compiler.is_compiling() or id(m) in _BROKEN or not kn_supports(m, x):
+        return False
+    return x.device.type in ("cuda", "meta") and layout_ok(_fields(m))
+
+
+def _linear(m, x: torch.Tensor) -> torch.Tensor:
+    from .triton_vq_kn import packed_vq_kn, run_vq_kn
+
+    pk = packed_vq_kn(m)
+    x2 = x.reshape(1, -1)
+    x2 = x2 if x2.is_contiguous() else x2.contiguous()
+    b = m.bias.to(x.dtype) if m.bias is not None else None
+    try:
+        y = run_vq_cuda(x2, pk, b)
+    except RuntimeError as e:  # NVRTC missing or failing here: say so once, then the Triton kernel serves
+        import warnings
+
+        warnings.warn(f"leanq: cuda-vq-lut-gemv unavailable ({str(e)[:200]}); using triton-vq-kn-gemv")
+        _BROKEN.add(id(m))
+        y = run_vq_kn(x2, pk, b)
+    return y.reshape(*x.shape[:-1], m.out_features)
+
+
+# priority 35: ahead of the Triton K-major GEMV (30) at batch 1
+VQ_CUDA = register_kernel(Kernel("cuda-vq-lut-gemv", "vq", ("cuda",), _supports, _linear, priority=35))
