@@ -186,3 +186,24 @@ def test_cuda_vq_matches_reference(d, ib, nb, rows, cols, group, in_f, dtype):
             torch.testing.assert_close(cv.run_vq_cuda(x, pk, bias, cfg).double().cpu(), ref, **tol)
     assert select(m, x).name == "cuda-vq-lut-gemv"
     torch.testing.assert_close(m(x).double().cpu(), ref, **tol)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA C++ kernel needs a GPU (NVRTC)")
+def test_cuda_vq_runs_under_torch_compile():
+    """torch.compile takes the kernel whole as the custom op leanq::cuda_vq_linear (same result as eager)."""
+    from leanq.kernels import cuda_vq as cv
+    from leanq.kernels import triton_vq_kn as vk
+
+    spec = QuantSpec(fmt="vq", bits=8, vq_dim=4, vq_books=1, vq_rows=None, vq_cols=192, group_size=None)
+    m = random_vq_layer(512, 768, spec, bias=True, seed=9).to("cuda")
+    x = torch.randn(1, 768, generator=torch.Generator().manual_seed(5)).to("cuda", torch.bfloat16)
+    eager = m(x)
+    pk = vk.packed_vq_kn(m)
+    direct = torch.ops.leanq.cuda_vq_linear(x, pk["idx"], pk["cb"], pk["scales"], m.bias.to(x.dtype), pk["N"], pk["K"],
+                                             pk["D"], pk["IB"], pk["nvec"], pk["cols"], pk["group"], pk["nsg"],
+                                             pk["packed"])
+    tol = dict(rtol=1e-2, atol=1e-2)  # fp32 atomics add in any order: equal up to the last bf16 bit
+    torch.testing.assert_close(direct, eager, **tol)
+    compiled = torch.compile(m, fullgraph=True)
+    torch.testing.assert_close(compiled(x), eager, **tol)
+    assert cv._op is not None

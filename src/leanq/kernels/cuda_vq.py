@@ -28,9 +28,9 @@ than the second kernel on the H100.
 
 Supports one codebook per column tile (no row tiles, one book: the vq presets), index bits <= 8,
 activations fp32/fp16/bf16.  Compiled at first use through NVRTC (``torch.cuda._compile_kernel``,
-PyTorch >= 2.8) and launched through the driver (capturable in CUDA graphs; not traced by
-torch.compile, where the Triton kernel serves); where NVRTC is missing or fails, the Triton kernel
-serves too (``LEANQ_CUDA_VQ=0`` chooses it).  The oracle is
+PyTorch >= 2.8) and launched through the driver (capturable in CUDA graphs; under torch.compile it
+is one opaque custom op, ``leanq::cuda_vq_linear``); where NVRTC is missing or fails, the Triton
+kernel serves (``LEANQ_CUDA_VQ=0`` chooses it).  The oracle is
 :func:`leanq.kernels.triton_vq_kn.reference_vq_kn` and the stored format's ``VQWeight.dequantize``.
 """
 
@@ -425,9 +425,30 @@ def _fields(m) -> dict:
 def _supports(m, x) -> bool:
     from .triton_vq_kn import _supports as kn_supports
 
-    if not available() or torch.compiler.is_compiling() or id(m) in _BROKEN or not kn_supports(m, x):
+    if not available() or id(m) in _BROKEN or not kn_supports(m, x):
         return False
     return x.device.type in ("cuda", "meta") and layout_ok(_fields(m))
+
+
+def _impl(x: torch.Tensor, idx: torch.Tensor, cb: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+          N: int, K: int, D: int, IB: int, nvec: int, cols: int, group: int, nsg: int, packed: bool) -> torch.Tensor:
+    """The kernels as one opaque op, so torch.compile (and its CUDA graphs) take them whole."""
+    pk = dict(idx=idx, cb=cb, scales=scales, N=N, K=K, D=D, IB=IB, NB=1, nrt=1, nvec=nvec, cols=cols, group=group,
+              nsg=nsg, packed=packed)
+    if x.device.index is not None and x.device.index != torch.cuda.current_device():
+        with torch.cuda.device(x.device):
+            return run_vq_cuda(x, pk, bias)
+    return run_vq_cuda(x, pk, bias)
+
+
+try:
+    _op = torch.library.custom_op("leanq::cuda_vq_linear", mutates_args=())(_impl)
+
+    @_op.register_fake
+    def _(x, idx, cb, scales, bias, N, K, D, IB, nvec, cols, group, nsg, packed):
+        return x.new_empty(x.shape[0], N)
+except Exception:  # an older torch without custom_op: compiled models use the Triton kernel
+    _op = None
 
 
 def _linear(m, x: torch.Tensor) -> torch.Tensor:
@@ -437,8 +458,13 @@ def _linear(m, x: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(1, -1)
     x2 = x2 if x2.is_contiguous() else x2.contiguous()
     b = m.bias.to(x.dtype) if m.bias is not None else None
+    args = (x2, pk["idx"], pk["cb"], pk["scales"], b, pk["N"], pk["K"], pk["D"], pk["IB"], pk["nvec"], pk["cols"],
+            pk["group"], pk["nsg"], pk["packed"])
+    if torch.compiler.is_compiling():
+        y = _op(*args) if _op is not None else run_vq_kn(x2, pk, b)
+        return y.reshape(*x.shape[:-1], m.out_features)
     try:
-        y = run_vq_cuda(x2, pk, b)
+        y = _impl(*args)
     except RuntimeError as e:  # NVRTC missing or failing here: say so once, then the Triton kernel serves
         import warnings
 
