@@ -13,6 +13,7 @@ a time on the GPU) through leanq's sequential pipeline with
 --nsamples x --seqlen random calibration tokens; wall time and peak GPU memory.
 
     PYTHONPATH=src python3 benchmarks/decode/bench_decode.py decode --out $OUT
+    PYTHONPATH=src python3 benchmarks/decode/bench_decode.py decode --floor --out $OUT   # the harness's bound
     PYTHONPATH=src python3 benchmarks/decode/bench_decode.py gptq --out $OUT
 """
 
@@ -120,6 +121,31 @@ def install_tuned(path: str) -> dict:
     return tuned
 
 
+class NullLinear(torch.nn.Module):
+    """A linear layer that costs nothing: its output is a stored zero row broadcast (no kernel runs)."""
+
+    def __init__(self, out_features: int, like: torch.Tensor):
+        super().__init__()
+        self.out_features = out_features
+        self.register_buffer("zero", torch.zeros(out_features, dtype=like.dtype, device=like.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.zero.expand(*x.shape[:-1], self.out_features)
+
+
+def null_linears(model) -> int:
+    """Replace every nn.Linear inside the decoder layers by a NullLinear (the embedding, norms, attention,
+    RoPE, residual adds and the LM head stay); returns how many were replaced."""
+    n = 0
+    for layer in model.model.layers:
+        for name, m in list(layer.named_modules()):
+            if isinstance(m, torch.nn.Linear):
+                parent = layer.get_submodule(name.rsplit(".", 1)[0]) if "." in name else layer
+                setattr(parent, name.rsplit(".", 1)[-1], NullLinear(m.out_features, m.weight))
+                n += 1
+    return n
+
+
 def cmd_decode(a) -> dict:
     from leanq.kernels import explain
     from leanq.kernels import triton_int as ti
@@ -129,6 +155,12 @@ def cmd_decode(a) -> dict:
     res["bf16"] = dict(weights_gib=weight_bytes(model) / 2**30, **time_generate(model, a.prompt_len, a.new_tokens, a.reps))
     print("bf16", json.dumps(res["bf16"]), flush=True)
     torch._dynamo.reset()
+    if a.floor:  # the same harness with every decoder-layer linear free: what any linear kernel could reach
+        res["null_linears"] = dict(replaced=null_linears(model),
+                                   **time_generate(model, a.prompt_len, a.new_tokens, a.reps))
+        print("null_linears", json.dumps(res["null_linears"]), flush=True)
+        res["speedup_bound"] = res["null_linears"]["tokens_per_s"] / res["bf16"]["tokens_per_s"]
+        return res
     t0 = time.perf_counter()
     spec = QuantSpec(bits=a.bits, group_size=128, sym=False)
     quantize_blocks(model, spec, MethodConfig(name="rtn", mse_clip=False), None, device="cuda", progress=False)
@@ -195,6 +227,9 @@ def main() -> int:
     ap.add_argument("--layout", choices=["kn", "nk"], default="kn",
                     help="kn: triton_kn (batch-1 GEMV on K-major words); nk: triton_int/fast/half2 row layout")
     ap.add_argument("--tuned", default="", help="bench_kernels.json whose tuned tile configs to use")
+    ap.add_argument("--floor", action="store_true",
+                    help="decode: after BF16, time the same model with every decoder-layer linear replaced by a "
+                         "free stand-in (the bound on any quantized model's speedup in this harness); no int4 run")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     import transformers

@@ -1,0 +1,69 @@
+"""Where a 4-bit decode step's time goes on a GPU: the Llama-2-7B-shaped model of bench_decode.py,
+RTN 4-bit g128 on the kn layout, transformers' generate with a static cache (torch.compile, CUDA graphs).
+
+Prints the tokens/s of two timed generates, then one profiled generate: the GPU kernels summed by name
+(per token), and the host-side table (PyTorch profiler, by CPU time).  Compare the GPU kernel time per
+token with the wall time per token: the difference is time the GPU waits for the host.
+
+    PYTHONPATH=src python3 benchmarks/decode/profile_decode.py --layers 32 --new-tokens 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import time
+
+import torch
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    a = ap.parse_args()
+    sys.path.insert(0, __file__.rsplit("/", 1)[0])
+    import bench_decode as bd
+    from torch.profiler import ProfilerActivity, profile
+
+    from leanq.config import MethodConfig, QuantSpec
+    from leanq.kernels import triton_kn as kn
+    from leanq.pipeline import quantize_blocks
+
+    model = bd.build(a.layers, "cuda")
+    quantize_blocks(model, QuantSpec(bits=4, group_size=128, sym=False), MethodConfig(name="rtn", mse_clip=False),
+                    None, device="cuda", progress=False)
+    kn.release_stored_kn(model)
+    torch.cuda.empty_cache()
+    ids = torch.randint(100, 30000, (1, 16), device="cuda")
+    new = a.new_tokens
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, cache_implementation="static", pad_token_id=0,
+              eos_token_id=None)
+    with torch.no_grad():
+        model.generate(ids, **kw)  # compiles
+        torch.cuda.synchronize()
+        for _ in range(2):
+            t0 = time.perf_counter()
+            model.generate(ids, **kw)
+            torch.cuda.synchronize()
+            t = time.perf_counter() - t0
+            print(f"int4 {new} tokens: {t:.3f} s, {t / new * 1e3:.2f} ms per token (prefill included)", flush=True)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            model.generate(ids, **kw)
+            torch.cuda.synchronize()
+    agg = collections.defaultdict(lambda: [0, 0.0])
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            agg[e.name[:70]][0] += 1
+            agg[e.name[:70]][1] += e.device_time_total
+    total = sum(v[1] for v in agg.values())
+    print(f"GPU kernel time: {total / new:.0f} us per token")
+    for name, (n, us) in sorted(agg.items(), key=lambda kv: -kv[1][1])[:25]:
+        print(f"{us / new:9.1f} us/token {n / new:7.1f} launches/token  {name}")
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=60))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
