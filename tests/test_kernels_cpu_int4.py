@@ -60,3 +60,12 @@ def test_cache_follows_weights_and_release():
     assert freed > 0 and m.qweight.numel() == 0
     assert rel_err(m(x), reference.int_dequant_linear(other, x)) <= 1e-2
     assert m(x.bfloat16()).dtype == torch.bfloat16  # released layers still serve other activation dtypes
+
+
+def test_runs_under_torch_compile():
+    """torch.compile traces the layer (fullgraph) once an eager call has built the packed copy."""
+    m = make_layer(32, 256, 4, 128, False, bias=True, seed=5).cpu()
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(8))
+    eager = m(x)
+    compiled = torch.compile(m, backend="eager", fullgraph=True)
+    assert torch.equal(compiled(x), eager)

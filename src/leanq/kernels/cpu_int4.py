@@ -74,12 +74,14 @@ def repack(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, sym
 def packed_for(m, dtype: torch.dtype) -> dict:
     """The repacked tensors of QuantLinear ``m`` for activations of ``dtype``, built once and cached.
 
-    Keyed on the stored buffers' storage and version counters (load_state_dict invalidates it)."""
-    key = tuple((t.data_ptr(), t._version) for t in (m.qweight, m.scales, m.zeros)) + (dtype,)
+    Keyed on the stored buffers' storage and version counters (load_state_dict invalidates it).  Inside
+    torch.compile the key is not checked (data pointers cannot be traced): the copy built by an eager call
+    serves, as for the GPU layouts (kernels.cached_layout)."""
     hit = m._cache.get("cpu-int4")
-    if "cpu-int4-only" in m._cache:  # stored buffers released: only the packed copy is left
-        pk = hit[1]
+    if "cpu-int4-only" in m._cache or (hit is not None and torch.compiler.is_compiling()):
+        pk = hit[1]  # stored buffers released (only the packed copy is left), or tracing
         return pk if pk["sz"].dtype == dtype else dict(pk, sz=pk["sz"].to(dtype))
+    key = tuple((t.data_ptr(), t._version) for t in (m.qweight, m.scales, m.zeros)) + (dtype,)
     if hit is None or hit[0] != key:
         pk = repack(m.qweight, m.scales, m.zeros, m.spec.sym, m.in_features, group_size_of(m.spec, m.in_features),
                     dtype)
