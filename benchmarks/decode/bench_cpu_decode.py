@@ -4,6 +4,7 @@ Each model runs in its own child process (so one's memory cannot hide in the oth
 the same thread count, prompt, greedy decoding and number of new tokens (EOS disabled).
 
     OMP_NUM_THREADS=2 python benchmarks/decode/bench_cpu_decode.py --out results.json
+    OMP_NUM_THREADS=2 python benchmarks/decode/bench_cpu_decode.py --without-triton --out results.json
 
 The 4-bit checkpoint is made once (``leanq.quantize``, method rtn, 4-bit g128, asym; embeddings and
 head kept) and cached at --ckpt.  The 4-bit layers run through the dispatch table (``cpu-int4pack``:
@@ -73,6 +74,8 @@ def _weights_bytes(model) -> int:
 
 
 def child(a) -> dict:
+    if a.without_triton:  # as an install without the test extra: `import triton` fails, as it does there
+        sys.modules["triton"] = None
     import torch
 
     torch.set_num_threads(a.threads)
@@ -140,6 +143,10 @@ def main() -> int:
     ap.add_argument("--kernel", choices=["auto", "reference"], default="auto")
     ap.add_argument("--which", default="fp32,int4")
     ap.add_argument("--out", default="")
+    ap.add_argument("--without-triton", action="store_true",
+                    help="children run as if Triton were not installed (leanq needs it only on GPUs; the test "
+                         "extra installs it for the interpreter tests). Otherwise transformers' import of "
+                         "torch._dynamo loads libtriton (~64 MB resident) into both processes")
     ap.add_argument("--child", choices=["fp32", "int4"], help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -156,6 +163,7 @@ def main() -> int:
     for which in a.which.split(","):
         cmd = [sys.executable, __file__, "--child", which, "--model", a.model, "--ckpt", a.ckpt, "--new-tokens",
                str(a.new_tokens), "--reps", str(a.reps), "--threads", str(a.threads), "--kernel", a.kernel]
+        cmd += ["--without-triton"] if a.without_triton else []
         r = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if r.returncode:
             print(r.stderr[-3000:], file=sys.stderr)
