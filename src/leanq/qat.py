@@ -40,6 +40,7 @@ from .arch import set_submodule
 from .config import MethodConfig, QuantSpec
 from .errors import LeanqError
 from .fakequant import LSQLinear, VQTrainLinear, fast_matmul
+from .formats.layouts import container
 from .modules import QuantLinear
 
 # lr: latent weights in units of the start's step size (so 2e-3 is 1/500 of a step per Adam step)
@@ -68,10 +69,7 @@ def to_fake(model: nn.Module, float_model: nn.Module, lora_rank: int = 0) -> dic
     out = {}
     for name, m in list(model.named_modules()):
         if isinstance(m, QuantLinear) and m.fmt == "vq":
-            from .formats.vq import VQWeight
-
-            vw = VQWeight(m.qweight, m.codebooks, m.scales, m.spec, m.in_features)
-            fake = VQTrainLinear.from_start(vw, m.bias)
+            fake = VQTrainLinear.from_start(container(m), m.bias)
             set_submodule(model, name, fake)
             out[name] = fake
         elif isinstance(m, QuantLinear) and m.fmt == "int" and getattr(m, "in_scale", None) is None:

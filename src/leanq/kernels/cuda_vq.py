@@ -36,6 +36,7 @@ kernel serves (``LEANQ_CUDA_VQ=0`` chooses it).  The oracle is
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 
@@ -318,20 +319,16 @@ class _Launcher:
         self.kernel = kernel  # keeps the module alive
         self.func = kernel.func
         if _Launcher._lib is None:
-            import ctypes
-
             lib = ctypes.CDLL("libcuda.so.1")
             lib.cuLaunchKernel.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 6 + [
                 ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
             lib.cuLaunchKernel.restype = ctypes.c_int
             _Launcher._lib = lib
 
-    def __call__(self, grid, block, args, shared_mem: int = 0) -> None:
-        import ctypes
-
+    def __call__(self, grid, block, args) -> None:
         vals = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a) for a in args]
         arr = (ctypes.c_void_p * len(vals))(*[ctypes.addressof(v) for v in vals])
-        rc = _Launcher._lib.cuLaunchKernel(self.func, grid[0], grid[1], grid[2], block[0], block[1], block[2], shared_mem,
+        rc = _Launcher._lib.cuLaunchKernel(self.func, grid[0], grid[1], grid[2], block[0], block[1], block[2], 0,
                                            torch.cuda.current_stream().cuda_stream, arr, None)
         if rc != 0:
             raise RuntimeError(f"cuda-vq: cuLaunchKernel failed with CUDA error {rc}")
