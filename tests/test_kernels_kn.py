@@ -142,5 +142,9 @@ def test_release_stored_kn_keeps_outputs():
     x4 = torch.randn(4, 64, device="cuda", dtype=DTYPE)
     before1, before4 = m(x1), m(x4)
     assert kn.release_stored_kn(torch.nn.Sequential(m)) > 0 and m.qweight.numel() == 0
-    assert torch.equal(m(x1), before1)
+    # batch 1 ran on the highest-priority GPU kernel before (cuda_int where NVRTC works); the kn GEMV after
+    from leanq.kernels import select
+
+    assert select(m, x1).name == "triton-kn-gemv"
+    assert rel_err(m(x1), before1) <= 1e-2
     assert rel_err(m(x4), before4) <= 1e-2

@@ -64,7 +64,7 @@ def weight_bytes(model) -> int:
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
     for m in model.modules():  # kernel layouts cached on quantized layers
-        for layout, main in (("triton_int", "planes"), ("triton_kn", "words")):
+        for layout, main in (("triton_int", "planes"), ("triton_kn", "words")):  # (cuda_int's are buffers)
             pk = getattr(m, "_cache", {}).get(layout)
             if pk is None:
                 continue
@@ -167,6 +167,10 @@ def cmd_decode(a) -> dict:
     qsec = time.perf_counter() - t0
     if not a.release:
         freed = 0
+    elif a.layout == "rk":  # batch 1 on the CUDA int GEMV, prefill dequantize + cuBLAS: one layout in memory
+        from leanq.kernels import cuda_int as ci
+
+        freed = ci.release_stored_rk(model)
     elif a.layout == "kn":  # batch 1 on the kn GEMV, prefill dequantize + cuBLAS: one layout in memory
         from leanq.kernels import triton_kn as kn
 
@@ -224,8 +228,9 @@ def main() -> int:
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--layout", choices=["kn", "nk"], default="kn",
-                    help="kn: triton_kn (batch-1 GEMV on K-major words); nk: triton_int/fast/half2 row layout")
+    ap.add_argument("--layout", choices=["rk", "kn", "nk"], default="rk",
+                    help="rk: cuda_int (batch-1 CUDA GEMV, whole rows per warp); kn: triton_kn (batch-1 GEMV on "
+                         "K-major words); nk: triton_int/fast/half2 row layout")
     ap.add_argument("--tuned", default="", help="bench_kernels.json whose tuned tile configs to use")
     ap.add_argument("--floor", action="store_true",
                     help="decode: after BF16, time the same model with every decoder-layer linear replaced by a "

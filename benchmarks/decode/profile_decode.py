@@ -1,5 +1,5 @@
 """Where a 4-bit decode step's time goes on a GPU: the Llama-2-7B-shaped model of bench_decode.py,
-RTN 4-bit g128 on the kn layout, transformers' generate with a static cache (torch.compile, CUDA graphs).
+RTN 4-bit g128 on the rk layout (``--layout kn``: the Triton kn layout), transformers' generate with a static cache (torch.compile, CUDA graphs).
 
 Prints the tokens/s of two timed generates, then one profiled generate: the GPU kernels summed by name
 (per token), and the host-side table (PyTorch profiler, by CPU time).  Compare the GPU kernel time per
@@ -22,6 +22,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--layout", choices=["rk", "kn"], default="rk")
     a = ap.parse_args()
     sys.path.insert(0, __file__.rsplit("/", 1)[0])
     import bench_decode as bd
@@ -34,7 +35,12 @@ def main() -> int:
     model = bd.build(a.layers, "cuda")
     quantize_blocks(model, QuantSpec(bits=4, group_size=128, sym=False), MethodConfig(name="rtn", mse_clip=False),
                     None, device="cuda", progress=False)
-    kn.release_stored_kn(model)
+    if a.layout == "rk":
+        from leanq.kernels import cuda_int as ci
+
+        ci.release_stored_rk(model)
+    else:
+        kn.release_stored_kn(model)
     torch.cuda.empty_cache()
     ids = torch.randint(100, 30000, (1, 16), device="cuda")
     new = a.new_tokens

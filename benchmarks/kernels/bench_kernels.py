@@ -104,20 +104,28 @@ def bench_graph(make_fn, nbytes: int, reps: int = 20, launches: int = 24) -> flo
     return ms
 
 
+def bf16_copies(n: int, k: int, x: torch.Tensor):
+    """make_fn for bench_graph: F.linear(x, W) on BF16 weight copy c (random, made at first use)."""
+    ws = {}
+
+    def make(c):
+        if c not in ws:
+            ws[c] = (torch.randn(n, k, device="cuda") * 0.02).bfloat16()
+        w = ws[c]
+        return lambda: F.linear(x, w)
+
+    make.copies = ws
+    return make
+
+
 def graph_table(args, bw: float) -> list[dict]:
     """Batch 1 in both harnesses, same run: BF16 F.linear, torch int4pack (g128), leanq kn at 4, 2, 8 bits."""
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
     rows = []
     for n, k in shapes:
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        ws = {}
-
-        def bf16_fn(c):
-            if c not in ws:
-                ws[c] = (torch.randn(n, k, device="cuda") * 0.02).bfloat16()
-            w = ws[c]
-            return lambda: F.linear(x, w)
-
+        bf16_fn = bf16_copies(n, k, x)
+        ws = bf16_fn.copies
         i4s = {}
 
         def i4_fn(c):
@@ -154,6 +162,33 @@ def graph_table(args, bw: float) -> list[dict]:
             print(f"{n:>5}x{k:<5} {name:<9} single {single * 1e3:6.1f} us (x{r['x_bf16_single']:.2f} bf16)   "
                   f"graph {graph * 1e3:6.1f} us (x{r['x_bf16_graph']:.2f} bf16)", flush=True)
     return rows
+
+
+def warm_clocks(seconds: float = 2.0) -> None:
+    """Busy the GPU before timing: the first timed BF16 row of one run read 60 us where every other run read 22 us."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ a
+        torch.cuda.synchronize()
+    del a
+
+
+def run_meta() -> dict:
+    """The card, driver and versions of this run, its command and date (UTC)."""
+    import subprocess
+
+    import triton
+
+    props = torch.cuda.get_device_properties(0)
+    meta = dict(gpu=props.name, sms=props.multi_processor_count, torch=torch.__version__, triton=triton.__version__,
+                cuda=torch.version.cuda, command=" ".join(sys.argv), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    try:
+        meta["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                        capture_output=True, text=True).stdout.strip()
+    except OSError:
+        meta["driver"] = "?"
+    return meta
 
 
 def copy_bandwidth() -> float:
@@ -557,25 +592,8 @@ def main() -> int:
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(0)
-    props = torch.cuda.get_device_properties(0)
-    import triton
-
-    meta = dict(gpu=props.name, sms=props.multi_processor_count, torch=torch.__version__, triton=triton.__version__,
-                cuda=torch.version.cuda, command=" ".join(sys.argv), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
-    try:
-        import subprocess
-
-        meta["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                        capture_output=True, text=True).stdout.strip()
-    except OSError:
-        meta["driver"] = "?"
-    # warm the clocks first: the first timed BF16 row of one run read 60 us where every other run read 22 us
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < 2.0:
-        a @ a
-        torch.cuda.synchronize()
-    del a
+    meta = run_meta()
+    warm_clocks()
     bw = copy_bandwidth()
     meta["copy_GBps"] = bw
     print(json.dumps(meta), flush=True)

@@ -62,7 +62,14 @@ class QuantLinear(nn.Module):
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
+    # set by a kernel that took the layer over for inference (e.g. kernels.cuda_int.release_stored_rk): one call
+    # with no dispatch, so torch.compile traces (and guards) as little as for nn.Linear
+    _fast = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = self._fast
+        if fast is not None:
+            return fast(self, x)
         return select(self, x).run(self, x)
 
     def extra_repr(self) -> str:

@@ -90,6 +90,24 @@ def cached_layout(m: torch.nn.Module, slot: str, only: str, build: Callable[[], 
     return hit[1]
 
 
+RELEASED = ("triton_int_only", "kn_only", "rk_only")  # m._cache marks: a kernel's release kept only its layout
+
+
+def int_layer_for(m: torch.nn.Module, bits: tuple[int, ...], own: str):
+    """The spec of ``m`` when it is an int-format layer of one of ``bits`` that a row-weight kernel can take: no
+    AWQ input scale (the triton_int kernels handle it), and its stored codes not dropped by another kernel's
+    release (``own``: this kernel's own release mark).  None otherwise."""
+    spec = getattr(m, "spec", None)
+    if getattr(m, "fmt", None) != "int" or spec is None or spec.bits not in bits:
+        return None
+    if getattr(m, "in_scale", None) is not None:
+        return None
+    cache = getattr(m, "_cache", {})
+    if own not in cache and any(k in cache for k in RELEASED if k != own):
+        return None
+    return spec
+
+
 def drop_stored(m: torch.nn.Module) -> int:
     """Free a quantized layer's stored-format buffers (once a kernel layout holds the same codes); bytes freed."""
     freed = 0
@@ -107,10 +125,16 @@ from . import vq_ref  # noqa: E402,F401  (vq reference)
 
 
 def _load_gpu_kernels() -> None:
-    """Triton kernels, only where a CUDA device is present: importing triton costs ~1 s and a
-    CPU-only install need not have it (the reference covers every format)."""
+    """GPU kernels (CUDA C++ through NVRTC, and Triton), only where a CUDA device is present: importing
+    triton costs ~1 s and a CPU-only install need not have it (the reference covers every format)."""
     if not torch.cuda.is_available():
         return
+    try:  # needs no Triton: CUDA C++ compiled at first use by NVRTC (its own check, cuda_rt.nvrtc_available)
+        from . import cuda_int  # noqa: F401  (batch-1 2/4/8-bit GEMV, ahead of the Triton kernels)
+    except Exception as e:  # a torch without what it needs must not break leanq
+        import warnings
+
+        warnings.warn(f"leanq: CUDA int kernel disabled ({type(e).__name__}: {e})")
     try:
         from . import triton_int  # noqa: F401
         from . import triton_fast  # noqa: F401  (v4 kernels, ahead of triton_int in the table)

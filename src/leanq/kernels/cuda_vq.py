@@ -36,13 +36,12 @@ kernel serves (``LEANQ_CUDA_VQ=0`` chooses it).  The oracle is
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import os
 
 import torch
 
 from . import Kernel, register_kernel
+from .cuda_rt import PRELUDE, Launcher, nvrtc_available, on_device_of
 
 _XT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # threads per block, outputs per thread, vectors per block, kernel (and its blocks per SM), finishing step fused:
@@ -53,31 +52,6 @@ TUNED: dict = {(4, 8): dict(threads=128, npt=4, vc=16, mode="stationary", bps=4)
                (2, 6): dict(threads=256, npt=4, vc=16, mode="tile", fuse=False)}  # the 3-bit preset
 
 _SRC = r"""
-typedef unsigned char u8;
-typedef unsigned short u16;
-typedef unsigned int u32;
-
-__device__ __forceinline__ float h2f(u16 h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
-__device__ __forceinline__ float bf2f(u16 h) { return __uint_as_float(((u32)h) << 16); }
-__device__ __forceinline__ float ldx(const void* x, int i) {
-#if XT == 0
-  return ((const float*)x)[i];
-#elif XT == 1
-  return h2f(((const u16*)x)[i]);
-#else
-  return bf2f(((const u16*)x)[i]);
-#endif
-}
-__device__ __forceinline__ void stx(void* out, int i, float f) {
-#if XT == 0
-  ((float*)out)[i] = f;
-#elif XT == 1
-  u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); ((u16*)out)[i] = h;
-#else
-  u16 h; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f)); ((u16*)out)[i] = h;
-#endif
-}
-
 #if NPT == 16
 typedef uint4 IdxT;
 #elif NPT == 8
@@ -300,38 +274,12 @@ def source(d: int, kk: int, xt: int, threads: int, npt: int, vc: int, group_scal
     bit 2 no table build, bit 4 no table reads."""
     assert npt in (4, 8, 16) and kk <= 256 and d >= 1, (npt, kk, d)
     defs = dict(D=d, KK=kk, XT=xt, THREADS=threads, NPT=npt, VC=vc, GROUP_SCALE=int(group_scale), ABLATE=ablate)
-    return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + _SRC
+    return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + PRELUDE + _SRC
 
 
 def available() -> bool:
     """NVRTC compilation through PyTorch is possible here (a CUDA device, torch.cuda._compile_kernel)."""
-    return (torch.cuda.is_available() and torch.version.cuda is not None
-            and hasattr(torch.cuda, "_compile_kernel") and os.environ.get("LEANQ_CUDA_VQ", "1") != "0")
-
-
-class _Launcher:
-    """cuLaunchKernel on the current stream, with the driver library loaded once (PyTorch's own wrapper
-    re-opens libcuda on every launch, which costs tens of microseconds).  Capturable in CUDA graphs."""
-
-    _lib = None
-
-    def __init__(self, kernel):
-        self.kernel = kernel  # keeps the module alive
-        self.func = kernel.func
-        if _Launcher._lib is None:
-            lib = ctypes.CDLL("libcuda.so.1")
-            lib.cuLaunchKernel.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 6 + [
-                ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-            lib.cuLaunchKernel.restype = ctypes.c_int
-            _Launcher._lib = lib
-
-    def __call__(self, grid, block, args) -> None:
-        vals = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a) for a in args]
-        arr = (ctypes.c_void_p * len(vals))(*[ctypes.addressof(v) for v in vals])
-        rc = _Launcher._lib.cuLaunchKernel(self.func, grid[0], grid[1], grid[2], block[0], block[1], block[2], 0,
-                                           torch.cuda.current_stream().cuda_stream, arr, None)
-        if rc != 0:
-            raise RuntimeError(f"cuda-vq: cuLaunchKernel failed with CUDA error {rc}")
+    return nvrtc_available("LEANQ_CUDA_VQ")
 
 
 @functools.lru_cache(maxsize=None)
@@ -340,7 +288,7 @@ def _compiled(d: int, kk: int, xt: int, threads: int, npt: int, vc: int, group_s
     src = source(d, kk, xt, threads, npt, vc, group_scale, ablate)
     with torch.cuda.device(device):
         kernels = [torch.cuda._compile_kernel(src, name) for name in ("vq_lut_gemv", "vq_lut_gemv_s", "vq_finish")]
-    return tuple(_Launcher(k) for k in kernels)
+    return tuple(Launcher(k, "cuda-vq") for k in kernels)
 
 
 _BROKEN: set = set()
@@ -432,10 +380,7 @@ def _impl(x: torch.Tensor, idx: torch.Tensor, cb: torch.Tensor, scales: torch.Te
     """The kernels as one opaque op, so torch.compile (and its CUDA graphs) take them whole."""
     pk = dict(idx=idx, cb=cb, scales=scales, N=N, K=K, D=D, IB=IB, NB=1, nrt=1, nvec=nvec, cols=cols, group=group,
               nsg=nsg, packed=packed)
-    if x.device.index is not None and x.device.index != torch.cuda.current_device():
-        with torch.cuda.device(x.device):
-            return run_vq_cuda(x, pk, bias)
-    return run_vq_cuda(x, pk, bias)
+    return on_device_of(x, run_vq_cuda, x, pk, bias)
 
 
 try:

@@ -38,7 +38,7 @@ import triton.language as tl
 
 from ..formats.intq import group_size_of, num_groups
 from ..formats.packing import unpack
-from . import Kernel, cached_layout, drop_stored, register_kernel
+from . import Kernel, cached_layout, drop_stored, int_layer_for, register_kernel
 from .triton_half2 import _half
 
 BITS = (2, 4, 8)  # widths that divide 32: one plane of E = 32 / bits slots
@@ -556,12 +556,8 @@ def packed_kn(m) -> dict:
 
 
 def _ok(m) -> bool:
-    spec = getattr(m, "spec", None)
-    if getattr(m, "fmt", None) != "int" or spec is None or spec.bits not in BITS:
-        return False
-    if getattr(m, "in_scale", None) is not None:  # AWQ's input scaling: the triton_int kernels handle it
-        return False
-    if "triton_int_only" in getattr(m, "_cache", {}):  # triton_int.release_stored kept only its own layout
+    spec = int_layer_for(m, BITS, "kn_only")
+    if spec is None:
         return False
     g = group_size_of(spec, m.in_features)
     return num_groups(spec, m.in_features) >= 1 and k_span(g, spec.bits, DEFAULT_CFG["BK"]) > 0

@@ -1,0 +1,191 @@
+"""Batch-1 benchmark of the CUDA C++ integer GEMV (kernels.cuda_int) against BF16 F.linear, the Triton kn GEMV
+and torch._weight_int4pack_mm, all in one run, in both harnesses of bench_kernels.py:
+
+- "single": one launch per timed interval, L2 flushed before, ~100 us GPU spin (bench_kernels.bench);
+- "graph": 24 launches back to back in one CUDA graph, weights rotated past the L2 (bench_kernels.bench_graph).
+
+Every row is first checked against the float32 reference (dequantize, then matmul) on fresh random inputs,
+with the output poisoned (NaN) before the kernel writes it, and once more with an activation outlier
+(max |x| = 3000) that would overflow plain fp16 sums.  % of copy: weight bytes (codes + group words) over
+the time, against a 2 GiB device copy timed in the same run.
+
+    PYTHONPATH=src python3 benchmarks/kernels/bench_cuda_int.py --out $OUT            # table
+    PYTHONPATH=src python3 benchmarks/kernels/bench_cuda_int.py --out $OUT --sweep    # + launch configs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_kernels as bk  # noqa: E402
+
+from leanq.kernels import cuda_int as ci  # noqa: E402
+from leanq.kernels import triton_kn as kn  # noqa: E402
+
+SWEEP = [dict(threads=t, r=r, u=u, pf=pf, bps=b) for t in (128, 256, 512) for r in (1, 2, 4) for u in (1, 2, 4)
+         for pf in (1,) for b in (None,) if 2 <= r * u <= 8] + [
+    dict(threads=1024, r=r, u=u, pf=1, bps=None) for r, u in ((1, 1), (1, 2), (2, 1))]
+
+
+def check(pk: dict, n: int, k: int, w_ref: torch.Tensor, cfg: dict | None = None) -> float:
+    """Worst relative error over three fresh activations (one with an outlier), output poisoned first."""
+    worst = 0.0
+    for trial in range(3):
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        if trial == 2:
+            x[0, k // 3] = 3000.0
+        out = torch.full((1, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+        ci.run_int_cuda(x, pk, None, cfg, out=out)
+        worst = max(worst, bk.rel_err(out, x.float() @ w_ref.t()))
+    return worst
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    ap.add_argument("--bits", default="4,2,8")
+    ap.add_argument("--shapes", default="")
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--sweep", action="store_true", help="also time the launch configs of SWEEP (graph harness)")
+    ap.add_argument("--sweep-bits", default="4")
+    ap.add_argument("--no-single", action="store_true", help="graph harness only")
+    ap.add_argument("--ablate", action="store_true",
+                    help="also time the tuned config with parts left out (cuda_int.source's ablate bits 1, 2, 3)")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    meta = bk.run_meta()
+    bk.warm_clocks()
+    bw = bk.copy_bandwidth()
+    meta["copy_GBps"] = bw
+    print(json.dumps(meta), flush=True)
+    with open(os.path.join(args.out, "bench_cuda_int.jsonl"), "a") as f:
+        f.write(json.dumps(dict(meta=meta)) + "\n")
+    rows = []
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else bk.SHAPES
+    single = (lambda f: float("nan")) if args.no_single else (lambda f: bk.bench(f, args.reps))
+
+    def emit(r):
+        rows.append(r)
+        with open(os.path.join(args.out, "bench_cuda_int.jsonl"), "a") as f:
+            f.write(json.dumps(r) + "\n")
+
+    for n, k in shapes:
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        bf16_fn = bk.bf16_copies(n, k, x)
+        ws = bf16_fn.copies
+
+        base = (single(bf16_fn(0)), bk.bench_graph(bf16_fn, 2 * n * k, reps=args.reps))
+        ws.clear()
+        i4s = {}
+
+        def i4_fn(c):
+            if c not in i4s:
+                i4s[c] = bk.int4pack_baseline((torch.randn(n, k, device="cuda") * 0.02).bfloat16(), n, k)[0]
+            f = i4s[c]
+            return lambda: f(x)
+
+        i4 = (single(i4_fn(0)), bk.bench_graph(i4_fn, n * k // 2, reps=args.reps))
+        i4s.clear()
+        for name, (s1, g1), nbytes in (("bf16", base, 2 * n * k), ("int4pack", i4, n * k // 2 + n * k // 64)):
+            r = dict(shape=f"{n}x{k}", n=n, k=k, bits=16 if name == "bf16" else 4, impl=name, single_us=s1 * 1e3,
+                     graph_us=g1 * 1e3, x_bf16_single=base[0] / s1, x_bf16_graph=base[1] / g1,
+                     pct_copy_graph=100 * nbytes / (g1 * 1e-3) / 1e9 / bw)
+            emit(r)
+            print(f"{n:>5}x{k:<5} {name:<9}      single {r['single_us']:6.1f} us  graph {r['graph_us']:6.1f} us "
+                  f"(x{r['x_bf16_graph']:.2f} bf16, {r['pct_copy_graph']:4.1f}% copy)", flush=True)
+        for bits in [int(b) for b in args.bits.split(",")]:
+            layers = {}
+
+            def layer(c, bits=bits):
+                if c not in layers:
+                    layers[c] = bk.random_layer(n, k, bits, seed=c)
+                return layers[c]
+
+            m0 = layer(0)
+            w_ref = m0.int_weight().dequantize(torch.float32)
+            pk0 = ci.packed_rk(m0)
+            assert torch.equal(ci.reference_rk(pk0), w_ref), "rk layout does not decode to the stored weight"
+            err = check(pk0, n, k, w_ref)
+            pks, kns = {}, {}
+
+            def rk_fn(c, cfg=None):
+                if c not in pks:
+                    pks[c] = ci.packed_rk(layer(c))
+                p = pks[c]
+                return lambda: ci.run_int_cuda(x, p, None, cfg)
+
+            def kn_fn(c):
+                if c not in kns:
+                    kns[c] = kn.packed_kn(layer(c))
+                p = kns[c]
+                return lambda: kn.run_gemv_kn(x, p, None)
+
+            kerr = bk.rel_err(kn.run_gemv_kn(x, kn.packed_kn(m0), None), x.float() @ w_ref.t())
+            nb = ci.rk_bytes(pk0)
+            res = {"cuda-int": (single(rk_fn(0)) if err <= 1e-2 else float("nan"),
+                                bk.bench_graph(rk_fn, nb, reps=args.reps) if err <= 1e-2 else float("nan"), err),
+                   "kn": (single(kn_fn(0)), bk.bench_graph(kn_fn, nb, reps=args.reps), kerr)}
+            for name, (s1, g1, e) in res.items():
+                r = dict(shape=f"{n}x{k}", n=n, k=k, bits=bits, impl=name, single_us=s1 * 1e3, graph_us=g1 * 1e3,
+                         rel_err=e, x_bf16_single=base[0] / s1, x_bf16_graph=base[1] / g1,
+                         x_int4pack_graph=i4[1] / g1, pct_copy_graph=100 * nb / (g1 * 1e-3) / 1e9 / bw,
+                         pct_copy_single=100 * nb / (s1 * 1e-3) / 1e9 / bw, cfg=ci._cfg(bits) if name == "cuda-int" else None)
+                emit(r)
+                print(f"{n:>5}x{k:<5} int{bits} {name:<9} single {r['single_us']:6.1f} us (x{r['x_bf16_single']:.2f})  "
+                      f"graph {r['graph_us']:6.1f} us (x{r['x_bf16_graph']:.2f} bf16, {r['pct_copy_graph']:4.1f}% copy)"
+                      f"  err {e:.1e}", flush=True)
+            if args.sweep and str(bits) in args.sweep_bits.split(","):
+                for cfg in SWEEP:
+                    try:
+                        e = check(pk0, n, k, w_ref, cfg)
+                        g1 = bk.bench_graph(lambda c: rk_fn(c, cfg), nb, reps=max(10, args.reps // 2))
+                    except Exception as ex:  # a config the device refuses (registers, shared memory)
+                        print(f"  cfg {cfg} failed: {type(ex).__name__}: {str(ex)[:120]}", flush=True)
+                        continue
+                    r = dict(shape=f"{n}x{k}", n=n, k=k, bits=bits, impl="cuda-int-sweep", cfg=cfg, graph_us=g1 * 1e3,
+                             rel_err=e, x_bf16_graph=base[1] / g1, pct_copy_graph=100 * nb / (g1 * 1e-3) / 1e9 / bw)
+                    emit(r)
+                    print(f"  sweep {cfg} graph {g1 * 1e3:6.1f} us x{r['x_bf16_graph']:.2f} {r['pct_copy_graph']:4.1f}% "
+                          f"err {e:.1e}", flush=True)
+            if args.ablate:
+                for ab in (1, 2, 3):
+                    cfg = dict(ci._cfg(bits), ablate=ab)
+                    g1 = bk.bench_graph(lambda c: rk_fn(c, cfg), nb, reps=args.reps)
+                    r = dict(shape=f"{n}x{k}", n=n, k=k, bits=bits, impl=f"cuda-int-ablate{ab}", cfg=cfg,
+                             graph_us=g1 * 1e3, x_bf16_graph=base[1] / g1, pct_copy_graph=100 * nb / (g1 * 1e-3) / 1e9 / bw)
+                    emit(r)
+                    print(f"  ablate {ab} graph {g1 * 1e3:6.1f} us x{r['x_bf16_graph']:.2f} {r['pct_copy_graph']:4.1f}%",
+                          flush=True)
+            del layers, pks, kns, pk0, m0, w_ref
+            torch.cuda.empty_cache()
+    print("\n| W (out x in) | bits | impl | single us | x bf16 | graph us | x bf16 | % copy (graph) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if not r["impl"].startswith("cuda-int-"):
+            print(f"| {r['shape']} | {r['bits']} | {r['impl']} | {r['single_us']:.1f} | {r['x_bf16_single']:.2f} | "
+                  f"{r['graph_us']:.1f} | {r['x_bf16_graph']:.2f} | {r['pct_copy_graph']:.0f} |")
+    if args.sweep:
+        best: dict = {}
+        for r in rows:
+            if r["impl"] == "cuda-int-sweep":
+                key = json.dumps(r["cfg"], sort_keys=True) + f"|{r['bits']}"
+                best.setdefault(key, []).append(r["x_bf16_graph"])
+        print("\nsweep, geometric-mean x bf16 (graph) over shapes, best 8:")
+        import math
+
+        scored = sorted(((math.exp(sum(map(math.log, v)) / len(v)), kk, len(v)) for kk, v in best.items()), reverse=True)
+        for sc, kk, cnt in scored[:8]:
+            print(f"  {sc:.2f}  {kk}  ({cnt} shapes)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,654 @@
+"""Batch-1 GEMV for 2-, 4- and 8-bit group-wise integer weights in CUDA C++, one launch per layer.
+
+Why another kernel: the Triton kn GEMV (:mod:`leanq.kernels.triton_kn`) splits K over thousands of
+programs and adds into an fp32 scratch vector, so every layer costs two launches (the GEMV and a
+finishing kernel); it stays at 43-63% of the copy bandwidth on the H100.  Here each warp owns whole
+rows: no split-K, no atomics, no second kernel (benchmarks/kernels/NOTES.md, v8).
+
+Layout ("rk", row-major): words [N, KU * 4] int32, KU 16-byte chunks per row, CPC = 128 / bits codes per
+chunk.  Inside a word of E = 32 / bits codes, code 2i sits at bits ``bits * i`` and code 2i + 1 at
+``16 + bits * i``: every code lies in the low 10 bits of its 16-bit half (after one shift of the word for
+the upper fields), so one AND (8-bit: one byte permute) leaves a pair of fp16 subnormals
+q * 2**(pos - 24), exact, where pos is the code's bit position.  Group scale and zero point of each
+(row, group): one int32 ``(scale bits << 16) | zero`` (the stored fp16 or bf16 scale bits).
+
+Per block:
+
+1. every warp issues the loads of its first tile (R rows x U chunks per lane, 16 bytes each) at once;
+2. meanwhile the block stages the activations in shared memory, a thread per 8 values: per chunk,
+   e with max |x| <= 2**e (a power of two: exact), each fp16 pair x * 2**(15 - pos - e) for the position
+   of the codes it meets, and the chunk's sum of x with 2**(9 + e) in a spare 16 bytes (chunks at an odd
+   stride of 16-byte units, so a quarter-warp's reads fall on distinct banks);
+3. per chunk and row, one fp16x2 FMA per code pair into one sum (products q * x * 2**(-9 - e) of at most
+   16 pairs: no overflow, no zero point), then in fp32 ``acc += scale * (2**(9 + e) * sum - zero * sum x)``;
+   the next tile's loads are issued before this tile's arithmetic;
+4. a warp's R sums are reduced with shuffles; y = acc (+ bias), in the activation dtype.
+
+Warps walk row groups ``blockIdx.x * WARPS + warp`` stepping by the grid, and the grid holds no more
+blocks than the GPU runs at once (the driver's occupancy), so each block stages x once.  Batches above 1
+(prefill) dequantize to the activation dtype (``int_dequant``) and call cuBLAS.  Compiled at first use
+through NVRTC and launched through the driver (:mod:`leanq.kernels.cuda_rt`); under torch.compile one
+custom op, ``leanq::cuda_int_linear``.  Where NVRTC is missing or fails, the Triton kernels serve
+(``LEANQ_CUDA_INT=0`` chooses them).  The oracle is :func:`reference_rk` (and the stored format's own
+dequantize).  :func:`release_stored_rk` hands a model's layers to this kernel alone (inference).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..formats.intq import group_size_of, num_groups
+from ..formats.packing import unpack
+from . import Kernel, cached_layout, drop_stored, int_layer_for, register_kernel
+from .cuda_rt import PRELUDE, Launcher, nvrtc_available, on_device_of
+
+BITS = (2, 4, 8)
+_XT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# threads per block, rows per warp, chunks per lane per tile, next tile prefetched, cap on blocks per SM (None: as
+# many as the SM holds)
+DEFAULT_CFG = dict(threads=256, r=2, u=2, pf=1, bps=None)
+# by bits: the best geometric mean over the five Llama shapes in the H100 sweeps of bench_cuda_int.py
+TUNED: dict = {4: dict(threads=512, r=1, u=2, pf=1, bps=None), 2: dict(threads=512, r=2, u=1, pf=1, bps=None),
+              8: dict(threads=512, r=1, u=4, pf=1, bps=None)}
+
+_SRC = r"""
+#define E (32 / BITS)
+#define CPC (4 * E)      // codes per 16-byte chunk of a row
+#define S (CPC / 8)      // 16-byte units of fp16 activations per chunk
+#define NF (E / 2)       // code pairs per word
+#define NPAIR (CPC / 2)
+#define WARPS (THREADS / 32)
+
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 s) {
+  u32 d; asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(s)); return d;
+}
+__device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
+  u32 d; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
+}
+__device__ __forceinline__ u32 f2h2(float lo, float hi) {
+  u32 d; asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo)); return d;
+}
+__device__ __forceinline__ float h2sum(u32 v) {
+  float a, b;
+  asm("{.reg .f16 l, h;\n\tmov.b32 {l, h}, %2;\n\tcvt.f32.f16 %0, l;\n\tcvt.f32.f16 %1, h;}" : "=f"(a), "=f"(b) : "r"(v));
+  return a + b;
+}
+__device__ __forceinline__ uint4 ldw(const uint4* p) {
+  uint4 r;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+  return r;
+}
+// chunk c's S 16-byte units of staged activations start at unit c * (S + 1): an odd stride, so the units that
+// the 8 lanes of a quarter-warp read at one step fall on distinct banks; the spare 16 bytes hold the chunk's sum
+#define CST (S + 1)
+
+// field f of a word: its bit position inside the (possibly shifted) word, and whether it reads the word >> SH.
+// Every field lies in the low 10 bits of its half, so masking alone leaves an fp16 subnormal q * 2**(pos - 24).
+#if BITS == 4
+#define SH 8
+__device__ __forceinline__ constexpr int fpos(int f) { return 4 * (f & 1); }
+__device__ __forceinline__ constexpr bool fsh(int f) { return f >= 2; }
+#elif BITS == 2
+#define SH 10
+__device__ __forceinline__ constexpr int fpos(int f) { return f < 5 ? 2 * f : 2 * (f - 5); }
+__device__ __forceinline__ constexpr bool fsh(int f) { return f >= 5; }
+#else
+#define SH 0
+__device__ __forceinline__ constexpr int fpos(int f) { return 0; }
+__device__ __forceinline__ constexpr bool fsh(int f) { return false; }
+#endif
+#define QMASK ((1u << BITS) - 1u)
+
+// the R x U chunks of the tile (row group rg, chunks from c0) of this warp (zeros past the rows / the row end):
+// 16-byte loads, and each chunk's group word (group = chunk >> GCS)
+__device__ __forceinline__ void load_tile(uint4 (&q)[R][U], u32 (&s)[R][U], const uint4* __restrict__ w,
+                                          const u32* __restrict__ sz, int rg, int c0, int N, int KU, int NG, int GCS,
+                                          int lane) {
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int row = rg * R + r;
+    const uint4* wr = w + (size_t)row * KU;
+    const u32* sr = sz + (size_t)row * NG;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = c0 + lane + 32 * u;
+      const bool ok = row < N && c < KU;
+      q[r][u] = ok ? ldw(wr + c) : make_uint4(0u, 0u, 0u, 0u);
+      s[r][u] = ok ? __ldg(sr + (c >> GCS)) : 0u;
+    }
+  }
+}
+
+__device__ __forceinline__ float scale_of(u32 s) {
+#if SBF16
+  return __uint_as_float(s & 0xFFFF0000u);
+#else
+  return h2f((u16)(s >> 16));
+#endif
+}
+
+// activations: 16-byte words per unit of 8 values (fp32: two), and their values as fp32
+#define XW (XT == 0 ? 2 : 1)
+__device__ __forceinline__ void unpack8(float (&v)[8], const uint4 (&r)[XW]) {
+#if XT == 0
+  v[0] = __uint_as_float(r[0].x); v[1] = __uint_as_float(r[0].y); v[2] = __uint_as_float(r[0].z);
+  v[3] = __uint_as_float(r[0].w); v[4] = __uint_as_float(r[1].x); v[5] = __uint_as_float(r[1].y);
+  v[6] = __uint_as_float(r[1].z); v[7] = __uint_as_float(r[1].w);
+#else
+  const u32 vv[4] = {r[0].x, r[0].y, r[0].z, r[0].w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) { v[2 * i] = ldx(&vv[i], 0); v[2 * i + 1] = ldx(&vv[i], 1); }
+#endif
+}
+// activations 8u .. 8u + 7 one at a time (zeros past K): when K % 8 != 0 or x is not 16-byte aligned
+__device__ __forceinline__ void load8(float (&v)[8], const void* __restrict__ x, int u, int K) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i) v[i] = 8 * u + i < K ? ldx(x, 8 * u + i) : 0.f;
+}
+
+// per chunk and row: A = sum over the chunk of (q * 2**(pos-24)) * (x * 2**(15-pos)) = 2**-9 sum q x in fp16x2
+// (subnormal codes times pre-scaled activations, one fp16x2 sum of 16 products at most), then in fp32
+// acc += scale * (2**9 A - z * X), X = the chunk's activation sum (staged with the activations)
+__device__ __forceinline__ void compute_tile(float (&acc)[R], const uint4 (&q)[R][U], const u32 (&s)[R][U],
+                                             const uint4* xs, int c0, int lane, int KU) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int c = c0 + lane + 32 * u;
+    if (c >= KU) continue;
+    u32 xh[NPAIR];
+    const uint4* xc = xs + c * CST;
+#pragma unroll
+    for (int j = 0; j < S; ++j) {
+      const uint4 v = xc[j];
+      xh[4 * j] = v.x; xh[4 * j + 1] = v.y; xh[4 * j + 2] = v.z; xh[4 * j + 3] = v.w;
+    }
+    const uint4 pad = xc[S];
+    const float P = __uint_as_float(pad.x), X = __uint_as_float(pad.y);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+#if ABLATE & 1
+      acc[r] += __uint_as_float((q[r][u].x ^ q[r][u].y ^ q[r][u].z ^ q[r][u].w ^ s[r][u] ^ xh[0]) & 0x3F7FFFFFu) * P;
+      continue;
+#endif
+      const u32 wd[4] = {q[r][u].x, q[r][u].y, q[r][u].z, q[r][u].w};
+      u32 a = 0u;
+#pragma unroll
+      for (int wi = 0; wi < 4; ++wi) {
+#if BITS != 8
+        const u32 sh = wd[wi] >> SH;
+#endif
+#pragma unroll
+        for (int f = 0; f < NF; ++f) {
+          const int p = wi * NF + f;
+#if BITS == 8
+          const u32 v = prmt(wd[wi], 0u, f == 0 ? 0x4240u : 0x4341u);
+#else
+          const u32 v = (fsh(f) ? sh : wd[wi]) & ((QMASK | (QMASK << 16)) << fpos(f));
+#endif
+          a = hfma2(v, xh[p], a);
+        }
+      }
+      // zero point as float: its bits under 2**23's exponent, minus 2**23 (exact, no int-to-float conversion)
+      const float z = __uint_as_float(0x4B000000u | (s[r][u] & 0xFFFFu)) - 8388608.f;
+      acc[r] = fmaf(scale_of(s[r][u]), fmaf(P, h2sum(a), -z * X), acc[r]);
+    }
+  }
+}
+
+#if MINB
+#define BOUNDS __launch_bounds__(THREADS, MINB)
+#else
+#define BOUNDS __launch_bounds__(THREADS)
+#endif
+extern "C" __global__ void BOUNDS int_gemv(
+    const void* __restrict__ x, void* __restrict__ out, const void* __restrict__ bias,
+    const uint4* __restrict__ w, const u32* __restrict__ sz, int N, int K, int KU, int NG, int GCS, int HAS_BIAS,
+    int XVEC)
+{
+  extern __shared__ uint4 xs[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int NRG = (N + R - 1) / R;
+  const int TPR = (KU + 32 * U - 1) / (32 * U);  // tiles per row group
+  const int rg0 = blockIdx.x * WARPS + warp, rstep = gridDim.x * WARPS;
+
+  uint4 q[R][U];
+  u32 s[R][U];
+  if (rg0 < NRG) load_tile(q, s, w, sz, rg0, 0, N, KU, NG, GCS, lane);
+
+  // activations, a thread per chunk: its CPC values x (fp32), m = max |x| <= 2**e (a power of two: exact), the
+  // S units of fp16 pairs x * 2**(15 - pos - e) (pos: the bit position of the field holding the pair's codes),
+  // and in the spare unit P = 2**(9 + e) and the chunk's sum of x
+  // a thread per 16-byte unit (8 values; a chunk's S units on S neighbouring lanes, which share their max and sum
+  // by shuffles), SB units per thread at a time with all their loads issued first
+  for (int u0 = 0; u0 < KU * S; u0 += SB * THREADS) {
+    uint4 raw[SB][XW];  // the 16-byte loads of SB units (XVEC), in flight together
+#pragma unroll
+    for (int b = 0; b < SB; ++b) {
+      const int u = u0 + b * THREADS + threadIdx.x;
+#pragma unroll
+      for (int i = 0; i < XW; ++i) raw[b][i] = XVEC && u < KU * S && 8 * u + 8 <= K ? ((const uint4*)x)[XW * u + i]
+                                                                                : make_uint4(0u, 0u, 0u, 0u);
+    }
+#pragma unroll
+    for (int b = 0; b < SB; ++b) {
+      const int u = u0 + b * THREADS + threadIdx.x;
+      if (u >= KU * S) break;
+      const int c = u / S, j = u % S;
+      float v[8];
+      if (XVEC && 8 * u + 8 <= K) unpack8(v, raw[b]);
+      else load8(v, x, u, K);
+#if ABLATE & 2
+      xs[c * CST + j] = make_uint4(u, 0u, 0u, 0u);
+      if (j == 0) xs[c * CST + S] = make_uint4(0x3F800000u, 0u, 0u, 0u);
+      continue;
+#endif
+      float m = 0.f, tot = 0.f;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) { m = fmaxf(m, fabsf(v[i])); tot += v[i]; }
+      const u32 gm = ((1u << S) - 1u) << (lane & ~(S - 1));
+#pragma unroll
+      for (int o = 1; o < S; o <<= 1) {
+        m = fmaxf(m, __shfl_xor_sync(gm, m, o));
+        tot += __shfl_xor_sync(gm, tot, o);
+      }
+      // m <= 2**e, e from m's exponent field; a chunk of zeros (or subnormals) keeps e = 0
+      int e = (int)((__float_as_uint(m) >> 23) & 0xFFu) - 126;
+      e = m >= 1.17549435e-38f ? min(max(e, -100), 100) : 0;
+      u32 h[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float ps = __uint_as_float((u32)(127 + 15 - e - fpos((4 * j + i) % NF)) << 23);  // 2**(15 - pos - e)
+        h[i] = f2h2(v[2 * i] * ps, v[2 * i + 1] * ps);
+      }
+      xs[c * CST + j] = make_uint4(h[0], h[1], h[2], h[3]);
+      if (j == 0)
+        xs[c * CST + S] = make_uint4(__float_as_uint(__uint_as_float((u32)(127 + 9 + e) << 23)), __float_as_uint(tot), 0u, 0u);
+    }
+  }
+  __syncthreads();
+
+  float acc[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) acc[r] = 0.f;
+  // tiles in order: row groups rg0, rg0 + rstep, ...; inside each, K chunks from 0 in steps of 32 * U
+  int rg = rg0, tk = 0;
+  while (rg < NRG) {
+    int rgn = rg, tkn = tk + 1;
+    if (tkn == TPR) { tkn = 0; rgn += rstep; }
+#if PF
+    uint4 qn[R][U];
+    u32 sn[R][U];
+    if (rgn < NRG) load_tile(qn, sn, w, sz, rgn, tkn * 32 * U, N, KU, NG, GCS, lane);
+#endif
+    compute_tile(acc, q, s, xs, tk * 32 * U, lane, KU);
+    if (tkn == 0) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        float v = acc[r];
+#pragma unroll
+        for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        const int row = rg * R + r;
+        if (lane == r && row < N) {
+          float y = v;
+          if (HAS_BIAS) y += ldx(bias, row);
+          stx(out, row, y);
+        }
+        acc[r] = 0.f;
+      }
+    }
+    rg = rgn;
+    tk = tkn;
+#if PF
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int u = 0; u < U; ++u) { q[r][u] = qn[r][u]; s[r][u] = sn[r][u]; }
+#else
+    if (rg < NRG) load_tile(q, s, w, sz, rg, tk * 32 * U, N, KU, NG, GCS, lane);
+#endif
+  }
+}
+
+// the dense weight [N, K] in the activation dtype (prefill: batches above 1 run dequantize + cuBLAS); a thread
+// per 16-byte chunk, its CPC values written 16 bytes at a time (one at a time in a chunk past K's end or when
+// K's rows are not 16-byte aligned)
+__device__ __forceinline__ u32 pack2(float lo, float hi) {
+#if XT == 1
+  return f2h2(lo, hi);
+#else
+  u32 d; asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo)); return d;
+#endif
+}
+extern "C" __global__ void int_dequant(void* __restrict__ out, const uint4* __restrict__ w, const u32* __restrict__ sz,
+                                       int N, int K, int KU, int NG, int GCS)
+{
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= (long long)N * KU) return;
+  const int row = (int)(i / KU), c = (int)(i % KU);
+  const uint4 q = w[i];
+  const u32 s = sz[(size_t)row * NG + (c >> GCS)];
+  const float sc = scale_of(s), z = (float)(s & 0xFFFFu);
+  const u32 wd[4] = {q.x, q.y, q.z, q.w};
+  float v[CPC];
+#pragma unroll
+  for (int wi = 0; wi < 4; ++wi)
+#pragma unroll
+    for (int f = 0; f < NF; ++f) {
+      const int p = wi * NF + f;
+      v[2 * p] = ((float)((wd[wi] >> (BITS * f)) & QMASK) - z) * sc;
+      v[2 * p + 1] = ((float)((wd[wi] >> (16 + BITS * f)) & QMASK) - z) * sc;
+    }
+  const long long base = (long long)row * K + (long long)c * CPC;
+  const bool vec = (c + 1) * CPC <= K && (K % (XT == 0 ? 4 : 8)) == 0;
+  if (vec) {
+#if XT == 0
+#pragma unroll
+    for (int j = 0; j < CPC; j += 4) *(float4*)((float*)out + base + j) = make_float4(v[j], v[j + 1], v[j + 2], v[j + 3]);
+#else
+#pragma unroll
+    for (int j = 0; j < CPC; j += 8)
+      *(uint4*)((u16*)out + base + j) = make_uint4(pack2(v[j], v[j + 1]), pack2(v[j + 2], v[j + 3]),
+                                                   pack2(v[j + 4], v[j + 5]), pack2(v[j + 6], v[j + 7]));
+#endif
+  } else {
+#pragma unroll
+    for (int j = 0; j < CPC; ++j)
+      if (c * CPC + j < K) stx(out, base + j, v[j]);
+  }
+}
+"""
+
+
+def source(bits: int, xt: int, threads: int, r: int, u: int, pf: int, sbf16: bool, ablate: int = 0, sb: int = 4,
+           minb: int = 0) -> str:
+    """The CUDA source of one configuration (its constants as #defines): ``sb`` activation units per thread per
+    staging step (their loads in flight together), ``minb`` blocks per SM asked of the register allocator
+    (``__launch_bounds__``; 0: none).
+
+    ``ablate`` (timing experiments only; the results are wrong): bit 1 no decode or dot products (the loaded
+    words are only XOR-ed), bit 2 no activation staging."""
+    assert bits in BITS and threads % 32 == 0 and 1 <= r <= 32 and u >= 1, (bits, threads, r, u)
+    defs = dict(BITS=bits, XT=xt, THREADS=threads, R=r, U=u, PF=int(pf), SBF16=int(sbf16), ABLATE=ablate, SB=sb,
+                MINB=minb)
+    return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + PRELUDE + _SRC
+
+
+def available() -> bool:
+    return nvrtc_available("LEANQ_CUDA_INT")
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(bits: int, xt: int, threads: int, r: int, u: int, pf: int, sbf16: bool, device: int,
+              name: str = "int_gemv", ablate: int = 0, sb: int = 4, minb: int = 0) -> Launcher:
+    src = source(bits, xt, threads, r, u, pf, sbf16, ablate, sb, minb)
+    with torch.cuda.device(device):
+        return Launcher(torch.cuda._compile_kernel(src, name), "cuda-int")
+
+
+# ---------------------------------------------------------------------------
+# layout
+
+
+def codes_per_chunk(bits: int) -> int:
+    return 4 * (32 // bits)
+
+
+def group_ok(group: int, bits: int) -> bool:
+    """A scale group this layout holds: a power-of-two number of 16-byte chunks."""
+    gc, r = divmod(group, codes_per_chunk(bits))
+    return gc >= 1 and r == 0 and gc & (gc - 1) == 0
+
+
+def _scale_bits(scales: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
+    """The scales as 16-bit patterns (int64) and whether they are bf16; None when a float32 scale fits neither
+    fp16 nor bf16 exactly (the layout then does not apply)."""
+    if scales.dtype == torch.float16:
+        return scales.view(torch.int16).to(torch.int64) & 0xFFFF, False
+    if scales.dtype == torch.bfloat16:
+        return scales.view(torch.int16).to(torch.int64) & 0xFFFF, True
+    for dt, bf in ((torch.float16, False), (torch.bfloat16, True)):
+        c = scales.to(dt)
+        if torch.equal(c.float(), scales.float()):
+            return c.view(torch.int16).to(torch.int64) & 0xFFFF, bf
+    return None
+
+
+def repack_rk(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, sym: bool,
+              in_features: int, group: int) -> dict:
+    """rk layout from the stored tensors (qweight uint8 [N, packed K], scales [N, ng], zeros packed [N, .])."""
+    n = qweight.shape[0]
+    e, cpc = 32 // bits, codes_per_chunk(bits)
+    if not group_ok(group, bits):
+        raise ValueError(f"cuda-int: group {group} is not a power-of-two multiple of {cpc} codes ({bits}-bit)")
+    sb = _scale_bits(scales)
+    if sb is None:
+        raise ValueError("cuda-int: float32 scales that neither fp16 nor bf16 holds exactly")
+    ku = -(-in_features // cpc)
+    codes = unpack(qweight, bits, in_features).to(torch.int64)
+    codes = torch.nn.functional.pad(codes, (0, ku * cpc - in_features)).view(n, ku * 4, e // 2, 2)
+    shifts = torch.arange(e // 2, device=codes.device, dtype=torch.int64) * bits
+    word = ((codes[..., 0] << shifts).sum(-1) | (codes[..., 1] << (shifts + 16)).sum(-1))  # < 2**32, exact
+    del codes
+    word = torch.where(word >= (1 << 31), word - (1 << 32), word).to(torch.int32).contiguous()
+    ng = scales.shape[1]
+    z = (torch.full((n, ng), 1 << (bits - 1), dtype=torch.int64, device=scales.device) if sym
+         else unpack(zeros, bits, ng).to(torch.int64))
+    szw = (sb[0] << 16) | z
+    szw = torch.where(szw >= (1 << 31), szw - (1 << 32), szw).to(torch.int32).contiguous()
+    return dict(words=word, sz=szw, bits=bits, K=in_features, N=n, KU=ku, NG=ng, GCS=(group // cpc).bit_length() - 1,
+                sbf16=sb[1], group=group)
+
+
+def reference_rk(pk: dict, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The dense weight [N, K] an rk layout holds (pure torch): the kernel's oracle."""
+    bits, e = pk["bits"], 32 // pk["bits"]
+    w = pk["words"].to(torch.int64) & 0xFFFFFFFF  # [N, KU * 4]
+    shifts = torch.arange(e // 2, device=w.device, dtype=torch.int64) * bits
+    lo = (w.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    hi = (w.unsqueeze(-1) >> (shifts + 16)) & ((1 << bits) - 1)
+    q = torch.stack([lo, hi], -1).reshape(pk["N"], -1)[:, : pk["K"]].float()
+    szw = pk["sz"].to(torch.int64) & 0xFFFFFFFF
+    sbits = (szw >> 16).to(torch.int32)
+    s = ((sbits << 16).view(torch.float32) if pk["sbf16"]
+         else sbits.to(torch.int16).view(torch.float16).float())
+    z = (szw & 0xFFFF).float()
+    g = torch.arange(pk["K"], device=w.device) // pk["group"]
+    return ((q - z[:, g]) * s[:, g]).to(dtype)
+
+
+def rk_bytes(pk: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in (pk["words"], pk["sz"]))
+
+
+# ---------------------------------------------------------------------------
+# launch
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(dev: int) -> int:
+    return torch.cuda.get_device_properties(dev).multi_processor_count
+
+
+def _cfg(bits: int) -> dict:
+    return TUNED.get(bits, DEFAULT_CFG)
+
+
+def staging_units(cfg: dict, pk: dict) -> int:
+    """Activation units each thread loads at once while staging: enough for one step over all of x, at most 4 (each
+    costs registers, which only wide inputs need)."""
+    units = pk["KU"] * codes_per_chunk(pk["bits"]) // 8
+    return int(cfg.get("sb") or max(1, min(4, -(-units // cfg["threads"]))))
+
+
+def run_int_cuda(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dict | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """x2 [1, K] (fp16/bf16/fp32, contiguous) -> [1, N] of x2.dtype (into ``out`` when given)."""
+    M, K = x2.shape
+    assert M == 1 and K == pk["K"] and x2.is_contiguous(), (M, K, pk["K"])
+    cfg = dict(cfg or _cfg(pk["bits"]))
+    threads, r, u = cfg["threads"], cfg["r"], cfg["u"]
+    dev = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
+    kern = _compiled(pk["bits"], _XT[x2.dtype], threads, r, u, int(cfg.get("pf", 1)), bool(pk["sbf16"]), dev,
+                     "int_gemv", int(cfg.get("ablate", 0)), staging_units(cfg, pk), int(cfg.get("minb", 0)))
+    N = pk["N"]
+    if out is None:
+        out = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
+    assert out.shape == (M, N) and out.dtype == x2.dtype and out.is_contiguous()
+    warps = threads // 32
+    nrg = -(-N // r)
+    smem = pk["KU"] * (codes_per_chunk(pk["bits"]) * 2 + 16)  # fp16 activations, a chunk sum per chunk
+    # warps walk row groups by the grid's stride, so the grid is at most what the GPU holds at once (a second
+    # wave of blocks would start late and finish last); ``bps`` caps the blocks per SM below that
+    per_sm = min(kern.blocks_per_sm(threads, smem), cfg.get("bps") or 64)
+    blocks = max(1, min(-(-nrg // warps), per_sm * _sm_count(dev)))
+    xvec = int(K % 8 == 0 and x2.data_ptr() % 16 == 0)
+    kern(grid=(blocks, 1, 1), block=(threads, 1, 1), smem=smem,
+         args=[x2, out, bias if bias is not None else out, pk["words"], pk["sz"], N, K, pk["KU"], pk["NG"], pk["GCS"],
+               int(bias is not None), xvec])
+    return out
+
+
+def dequantize_rk(pk: dict, dtype: torch.dtype) -> torch.Tensor:
+    """The dense weight [N, K] in ``dtype`` (fp16/bf16/fp32), on the GPU (batches above 1)."""
+    N, K = pk["N"], pk["K"]
+    dev = pk["words"].device
+    di = dev.index if dev.index is not None else torch.cuda.current_device()
+    c = DEFAULT_CFG
+    kern = _compiled(pk["bits"], _XT[dtype], c["threads"], c["r"], c["u"], 1, bool(pk["sbf16"]), di, "int_dequant")
+    out = torch.empty(N, K, device=dev, dtype=dtype)
+    kern(grid=(-(-N * pk["KU"] // 256), 1, 1), block=(256, 1, 1),
+         args=[out, pk["words"], pk["sz"], N, K, pk["KU"], pk["NG"], pk["GCS"]])
+    return out
+
+
+# ---------------------------------------------------------------------------
+# the module side: layout cache, dispatch entry
+
+_BROKEN: set = set()
+
+
+def packed_rk(m) -> dict:
+    spec = m.spec
+    return cached_layout(m, "cuda_int", "rk_only", lambda: repack_rk(
+        m.qweight, m.scales, m.zeros, spec.bits, spec.sym, m.in_features, group_size_of(spec, m.in_features)))
+
+
+def _ok(m) -> bool:
+    """Layer ``m`` is one this kernel computes (format, width, group, scales; stored codes still held)."""
+    spec = int_layer_for(m, BITS, "rk_only")
+    if spec is None:
+        return False
+    cache = getattr(m, "_cache", {})
+    if num_groups(spec, m.in_features) < 1 or not group_ok(group_size_of(spec, m.in_features), spec.bits):
+        return False
+    return m.scales.dtype in (torch.float16, torch.bfloat16, torch.float32) or "rk_only" in cache
+
+
+def _supports(m, x) -> bool:
+    """Batch 1; larger batches (dequantize + cuBLAS) only where this layout is the layer's only copy."""
+    if not available() or id(m) in _BROKEN or not _ok(m):
+        return False
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return (x.device.type in ("cuda", "meta") and x.shape[-1] == m.in_features
+            and (rows == 1 or (rows > 1 and "rk_only" in m._cache))
+            and x.dtype in (torch.float16, torch.bfloat16, torch.float32))
+
+
+def _run(x: torch.Tensor, pk: dict, bias: torch.Tensor | None) -> torch.Tensor:
+    if x.shape[0] == 1:
+        return run_int_cuda(x, pk, bias)
+    return torch.nn.functional.linear(x, dequantize_rk(pk, x.dtype), bias)
+
+
+def _impl(x: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, bias: torch.Tensor | None, bits: int, K: int,
+          N: int, KU: int, NG: int, GCS: int, sbf16: bool, group: int) -> torch.Tensor:
+    """The kernels as one opaque op, so torch.compile (and its CUDA graphs) take them whole: the GEMV at
+    batch 1, dequantize + cuBLAS above."""
+    pk = dict(words=words, sz=sz, bits=bits, K=K, N=N, KU=KU, NG=NG, GCS=GCS, sbf16=sbf16, group=group)
+    return on_device_of(x, _run, x, pk, bias)
+
+
+try:
+    _op = torch.library.custom_op("leanq::cuda_int_linear", mutates_args=())(_impl)
+
+    @_op.register_fake
+    def _(x, words, sz, bias, bits, K, N, KU, NG, GCS, sbf16, group):
+        return x.new_empty(x.shape[0], N)
+except Exception:  # an older torch without custom_op: compiled models use the Triton kernels
+    _op = None
+
+
+def _args(m, x2: torch.Tensor) -> tuple:
+    pk = packed_rk(m)
+    b = m.bias.to(x2.dtype) if m.bias is not None else None
+    return (x2, pk["words"], pk["sz"], b, pk["bits"], pk["K"], pk["N"], pk["KU"], pk["NG"], pk["GCS"], pk["sbf16"],
+            pk["group"])
+
+
+def _linear(m, x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x2 if x2.is_contiguous() else x2.contiguous()
+    if torch.compiler.is_compiling():
+        if _op is None:
+            raise RuntimeError("cuda-int-gemv needs torch.library.custom_op under torch.compile")
+        return _op(*_args(m, x2)).reshape(*x.shape[:-1], m.out_features)
+    try:
+        y = _impl(*_args(m, x2))
+    except (RuntimeError, ValueError) as e:  # NVRTC missing or failing here: say so once, then Triton serves
+        import warnings
+
+        warnings.warn(f"leanq: cuda-int-gemv unavailable ({str(e)[:200]}); using the Triton kernels")
+        _BROKEN.add(id(m))
+        from . import select
+
+        return select(m, x).run(m, x)
+    return y.reshape(*x.shape[:-1], m.out_features)
+
+
+def _fast_forward(m, x: torch.Tensor) -> torch.Tensor:
+    """QuantLinear.forward of a layer that release_stored_rk took over: the op on its own buffers, no dispatch."""
+    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x2 if x2.is_contiguous() else x2.contiguous()
+    b = m.bias.to(x2.dtype) if m.bias is not None else None
+    args = (x2, m.rk_words, m.rk_sz, b) + m.rk_meta
+    y = _op(*args) if (_op is not None and torch.compiler.is_compiling()) else _impl(*args)
+    return y.reshape(*x.shape[:-1], m.out_features)
+
+
+def release_stored_rk(model: torch.nn.Module) -> int:
+    """Inference only: build every eligible CUDA int layer's rk layout now and free its stored buffers (the
+    layer then runs only here: the GEMV at batch 1, dequantize + cuBLAS above; its forward calls the kernel
+    directly, without the dispatch table).  The kernel is compiled and checked on the first layer before any
+    buffer is freed; if that fails, nothing is released.  Returns bytes freed."""
+    layers = [m for m in model.modules()
+              if _ok(m) and hasattr(m, "qweight") and m.qweight.numel() and m.qweight.device.type == "cuda"]
+    if not layers or not available():
+        return 0
+    m0 = layers[0]
+    x = torch.randn(1, m0.in_features, device=m0.qweight.device, dtype=torch.bfloat16)
+    ref = x.float() @ m0.int_weight().dequantize(torch.float32).t()
+    try:
+        y = run_int_cuda(x, packed_rk(m0), None)
+    except (RuntimeError, ValueError) as e:
+        import warnings
+
+        warnings.warn(f"leanq: cuda-int-gemv unavailable ({str(e)[:200]}); stored buffers kept")
+        return 0
+    if not ((y.float() - ref).norm() <= 1e-2 * ref.norm()):
+        raise RuntimeError("cuda-int-gemv disagrees with its reference on this GPU; stored buffers kept")
+    freed = 0
+    for m in layers:
+        pk = packed_rk(m)
+        m._cache["rk_only"] = True
+        m.register_buffer("rk_words", pk["words"], persistent=False)
+        m.register_buffer("rk_sz", pk["sz"], persistent=False)
+        m.rk_meta = (pk["bits"], pk["K"], pk["N"], pk["KU"], pk["NG"], pk["GCS"], pk["sbf16"], pk["group"])
+        m._fast = _fast_forward
+        freed += drop_stored(m)
+    return freed
+
+
+# priority 42: ahead of the Triton kn GEMV (40) at batch 1
+INT_CUDA = register_kernel(Kernel("cuda-int-gemv", "int", ("cuda",), _supports, _linear, priority=42))

@@ -1,0 +1,117 @@
+"""What leanq's CUDA C++ kernels share: NVRTC availability and a driver-level launcher.
+
+The kernels are compiled at first use through ``torch.cuda._compile_kernel`` (NVRTC, PyTorch >= 2.8),
+so nothing is built at install time, and launched with ``cuLaunchKernel`` on the current stream, so they
+can be captured in CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import torch
+
+# CUfunction_attribute: CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+_MAX_DYNAMIC_SHARED = 8
+
+# Device helpers every kernel source starts with: activations of type XT (0 fp32, 1 fp16, 2 bf16; a #define of
+# the kernel's configuration) read as fp32 (ldx) and written back rounded to nearest (stx).
+PRELUDE = r"""
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+
+__device__ __forceinline__ float h2f(u16 h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
+__device__ __forceinline__ float bf2f(u16 h) { return __uint_as_float(((u32)h) << 16); }
+__device__ __forceinline__ float ldx(const void* x, long long i) {
+#if XT == 0
+  return ((const float*)x)[i];
+#elif XT == 1
+  return h2f(((const u16*)x)[i]);
+#else
+  return bf2f(((const u16*)x)[i]);
+#endif
+}
+__device__ __forceinline__ void stx(void* out, long long i, float f) {
+#if XT == 0
+  ((float*)out)[i] = f;
+#elif XT == 1
+  u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); ((u16*)out)[i] = h;
+#else
+  u16 h; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f)); ((u16*)out)[i] = h;
+#endif
+}
+"""
+
+
+def nvrtc_available(switch: str) -> bool:
+    """NVRTC compilation through PyTorch is possible here (a CUDA device, torch.cuda._compile_kernel) and the
+    environment variable ``switch`` does not turn it off (``=0``)."""
+    return (torch.cuda.is_available() and torch.version.cuda is not None
+            and hasattr(torch.cuda, "_compile_kernel") and os.environ.get(switch, "1") != "0")
+
+
+def on_device_of(x: torch.Tensor, fn, *args):
+    """fn(*args) with x's GPU as the current device (launches go to the current device's stream)."""
+    if x.device.index is not None and x.device.index != torch.cuda.current_device():
+        with torch.cuda.device(x.device):
+            return fn(*args)
+    return fn(*args)
+
+
+class Launcher:
+    """cuLaunchKernel on the current stream, with the driver library loaded once (PyTorch's own wrapper
+    re-opens libcuda on every launch, which costs tens of microseconds).  Capturable in CUDA graphs.
+
+    ``args``: tensors (passed as device pointers) and Python ints (passed as C ints), in the kernel's order.
+    """
+
+    _lib = None
+
+    def __init__(self, kernel, name: str = "leanq"):
+        self.kernel = kernel  # keeps the module alive
+        self.func = kernel.func
+        self.name = name
+        self.smem_limit = 48 * 1024
+        if Launcher._lib is None:
+            lib = ctypes.CDLL("libcuda.so.1")
+            lib.cuLaunchKernel.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 6 + [
+                ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+            lib.cuLaunchKernel.restype = ctypes.c_int
+            lib.cuFuncSetAttribute.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+            lib.cuFuncSetAttribute.restype = ctypes.c_int
+            lib.cuOccupancyMaxActiveBlocksPerMultiprocessor.argtypes = [
+                ctypes.POINTER(ctypes.c_int), ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+            lib.cuOccupancyMaxActiveBlocksPerMultiprocessor.restype = ctypes.c_int
+            Launcher._lib = lib
+        self._occ: dict = {}
+
+    def _smem(self, smem: int) -> None:
+        if smem > self.smem_limit:  # more dynamic shared memory than the default 48 KB: ask once
+            rc = Launcher._lib.cuFuncSetAttribute(self.func, _MAX_DYNAMIC_SHARED, smem)
+            if rc != 0:
+                raise RuntimeError(f"{self.name}: {smem} bytes of shared memory refused (CUDA error {rc})")
+            self.smem_limit = smem
+
+    def blocks_per_sm(self, threads: int, smem: int = 0) -> int:
+        """How many blocks of ``threads`` threads and ``smem`` bytes of dynamic shared memory one SM holds at
+        once (registers, shared memory, threads), from the driver; cached."""
+        key = (threads, smem)
+        if key not in self._occ:
+            self._smem(smem)
+            n = ctypes.c_int(0)
+            rc = Launcher._lib.cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(n), self.func, threads, smem)
+            if rc != 0:
+                raise RuntimeError(f"{self.name}: occupancy query failed (CUDA error {rc})")
+            self._occ[key] = max(1, n.value)
+        return self._occ[key]
+
+    def __call__(self, grid, block, args, smem: int = 0) -> None:
+        self._smem(smem)
+        vals = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a) for a in args]
+        arr = (ctypes.c_void_p * len(vals))(*[ctypes.addressof(v) for v in vals])
+        rc = Launcher._lib.cuLaunchKernel(self.func, grid[0], grid[1], grid[2], block[0], block[1], block[2], smem,
+                                          torch.cuda.current_stream().cuda_stream, arr, None)
+        if rc != 0:
+            raise RuntimeError(f"{self.name}: cuLaunchKernel failed with CUDA error {rc}")

@@ -1,0 +1,134 @@
+"""The CUDA C++ integer GEMV (kernels.cuda_int): its layout on any machine, the kernel itself on a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from leanq.config import QuantSpec
+from leanq.formats.intq import IntWeight
+from leanq.formats.packing import pack
+from leanq.kernels import cuda_int as ci
+from leanq.modules import QuantLinear
+
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA C++ kernel needs a GPU (NVRTC)")
+
+
+def _layer(n, k, bits, group, sym=False, sdtype=torch.float16, bias=False, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    spec = QuantSpec(bits=bits, group_size=group, sym=sym)
+    ng = -(-k // group)
+    codes = torch.randint(0, 1 << bits, (n, k), generator=g, dtype=torch.uint8)
+    # float32 scales that fp16 holds exactly (the layout keeps 16-bit scales; others are refused, tested below)
+    scales = (torch.rand(n, ng, generator=g) * 0.018 + 0.002).half().to(sdtype)
+    zeros = (torch.zeros(n, 0, dtype=torch.uint8) if sym
+             else pack(torch.randint(0, 1 << bits, (n, ng), generator=g, dtype=torch.uint8), bits))
+    b = torch.randn(n, generator=g) if bias else None
+    return QuantLinear.from_int_weight(IntWeight(pack(codes, bits), scales, zeros, spec, k), b).to(device)
+
+
+CASES = [(4, 128, False, torch.float16, 96, 512), (4, 32, True, torch.bfloat16, 33, 160),
+         (2, 128, False, torch.bfloat16, 64, 384), (2, 64, True, torch.float16, 17, 200),
+         (8, 128, False, torch.float16, 40, 256), (8, 16, False, torch.float32, 9, 48),
+         (4, 64, False, torch.float32, 24, 200)]
+
+
+@pytest.mark.parametrize("bits,group,sym,sdtype,n,k", CASES)
+def test_rk_layout_decodes_to_the_stored_weight(bits, group, sym, sdtype, n, k):
+    m = _layer(n, k, bits, group, sym, sdtype)
+    pk = ci.repack_rk(m.qweight, m.scales, m.zeros, bits, sym, k, group)
+    assert pk["words"].shape == (n, pk["KU"] * 4) and pk["KU"] * ci.codes_per_chunk(bits) >= k
+    assert torch.equal(ci.reference_rk(pk), m.int_weight().dequantize(torch.float32))
+
+
+def test_rk_groups_and_scales_it_cannot_hold_are_refused():
+    assert ci.group_ok(128, 4) and ci.group_ok(32, 4) and not ci.group_ok(32, 2) and not ci.group_ok(96, 4)
+    m = _layer(8, 128, 2, 32)  # 2-bit chunks hold 64 codes: a 32-code group does not fit
+    with pytest.raises(ValueError, match="group 32"):
+        ci.repack_rk(m.qweight, m.scales, m.zeros, 2, False, 128, 32)
+    m = _layer(8, 128, 4, 128, sdtype=torch.float32)
+    m.scales = m.scales + 1e-9  # float32 values neither fp16 nor bf16 holds
+    with pytest.raises(ValueError, match="float32 scales"):
+        ci.repack_rk(m.qweight, m.scales, m.zeros, 4, False, 128, 128)
+
+
+def test_cuda_int_declines_what_it_does_not_compute():
+    x = torch.empty(1, 128, device="meta", dtype=torch.bfloat16)
+    m3 = _layer(8, 128, 3, 128)
+    assert not ci._ok(m3)  # 3-bit: not a width this layout packs
+    m = _layer(8, 128, 4, 128)
+    m.in_scale = torch.ones(128)  # AWQ's input scaling
+    assert not ci._ok(m)
+    m = _layer(8, 128, 4, 128)
+    if not ci.available():  # CPU-only: the dispatch entry never claims a layer
+        assert not ci._supports(m, x)
+
+
+@GPU
+@pytest.mark.parametrize("bits,group,sym,sdtype,n,k", CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cuda_int_matches_reference(bits, group, sym, sdtype, n, k, dtype):
+    m = _layer(n, k, bits, group, sym, sdtype, bias=True, device="cuda")
+    pk = ci.packed_rk(m)
+    w = ci.reference_rk(pk)
+    for trial in range(3):  # fresh inputs each time; the last with an outlier that plain fp16 sums would overflow
+        x = torch.randn(1, k, device="cuda").to(dtype)
+        if trial == 2:
+            x[0, k // 2] = 3000.0
+        out = torch.full((1, n), float("nan"), device="cuda", dtype=dtype)
+        ci.run_int_cuda(x, pk, m.bias.to(dtype), out=out)
+        ref = x.float() @ w.t() + m.bias.float()
+        assert torch.isfinite(out).all()
+        assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+@GPU
+@pytest.mark.parametrize("cfg", [dict(threads=128, r=1, u=2, pf=0, bps=2), dict(threads=256, r=4, u=2, pf=1, bps=8),
+                                 dict(threads=64, r=3, u=1, pf=1, bps=1)])
+def test_cuda_int_configs_agree(cfg):
+    """Every launch config computes the same function (rows and chunks that do not divide evenly included)."""
+    m = _layer(333, 4160, 4, 128, device="cuda")
+    pk = ci.packed_rk(m)
+    x = torch.randn(1, 4160, device="cuda", dtype=torch.bfloat16)
+    ref = x.float() @ ci.reference_rk(pk).t()
+    out = ci.run_int_cuda(x, pk, None, cfg)
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+@GPU
+def test_cuda_int_is_chosen_at_batch_1_and_serves_prefill_once_released():
+    from leanq.kernels import select
+
+    m = _layer(256, 512, 4, 128, device="cuda")
+    x1 = torch.randn(1, 512, device="cuda", dtype=torch.bfloat16)
+    x8 = torch.randn(8, 512, device="cuda", dtype=torch.bfloat16)
+    assert select(m, x1).name == "cuda-int-gemv"
+    assert select(m, x8).name != "cuda-int-gemv"
+    w = m.int_weight().dequantize(torch.float32)
+    freed = ci.release_stored_rk(m)
+    assert freed > 0 and m.qweight.numel() == 0
+    assert select(m, x8).name == "cuda-int-gemv"  # dequantize + cuBLAS from the same words
+    for x in (x1, x8):
+        ref = x.float() @ w.t()
+        assert ((m(x).float() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+@GPU
+def test_cuda_int_runs_under_torch_compile():
+    m = _layer(256, 512, 4, 128, bias=True, device="cuda")
+    x = torch.randn(1, 512, device="cuda", dtype=torch.bfloat16)
+    eager = m(x)
+    compiled = torch.compile(m, fullgraph=True)(x)
+    assert torch.equal(eager, compiled)
+
+
+@GPU
+@pytest.mark.parametrize("bits,group,sym,sdtype,n,k", CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cuda_int_dequantize_matches_reference(bits, group, sym, sdtype, n, k, dtype):
+    """The prefill path's dense weight (16-byte stores where rows allow, one at a time elsewhere)."""
+    m = _layer(n, k, bits, group, sym, sdtype, device="cuda")
+    pk = ci.packed_rk(m)
+    w = ci.dequantize_rk(pk, dtype)
+    assert w.dtype == dtype and w.shape == (n, k)
+    assert torch.allclose(w.float(), ci.reference_rk(pk), rtol=1e-2, atol=1e-6)
