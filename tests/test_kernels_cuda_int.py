@@ -96,6 +96,21 @@ def test_cuda_int_configs_agree(cfg):
 
 
 @GPU
+@pytest.mark.parametrize("bits", [4, 2])
+def test_cuda_int_wide_inputs_take_more_than_48kb_of_shared_memory(bits):
+    """K = 32768: the staged activations need more than the default 48 KB of dynamic shared memory, which the
+    launcher asks the driver for (cuFuncSetAttribute)."""
+    m = _layer(64, 32768, bits, 128, device="cuda")
+    pk = ci.packed_rk(m)
+    assert pk["KU"] * (ci.codes_per_chunk(bits) * 2 + 16) > 48 * 1024
+    x = torch.randn(1, 32768, device="cuda", dtype=torch.bfloat16)
+    out = torch.full((1, 64), float("nan"), device="cuda", dtype=torch.bfloat16)
+    ci.run_int_cuda(x, pk, None, out=out)
+    ref = x.float() @ ci.reference_rk(pk).t()
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+@GPU
 def test_cuda_int_is_chosen_at_batch_1_and_serves_prefill_once_released():
     from leanq.kernels import select
 
@@ -132,3 +147,69 @@ def test_cuda_int_dequantize_matches_reference(bits, group, sym, sdtype, n, k, d
     w = ci.dequantize_rk(pk, dtype)
     assert w.dtype == dtype and w.shape == (n, k)
     assert torch.allclose(w.float(), ci.reference_rk(pk), rtol=1e-2, atol=1e-6)
+
+
+def _tiny_llama_4bit():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from leanq.config import MethodConfig
+    from leanq.pipeline import quantize_blocks
+
+    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=100)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    quantize_blocks(model, QuantSpec(bits=4, group_size=64, sym=False), MethodConfig(name="rtn", mse_clip=False),
+                    None, device="cpu", progress=False)
+    return model
+
+
+def test_taken_over_layers_fuse_siblings_into_one_gemv_under_torch_compile(monkeypatch):
+    """take_over (what release_stored_rk does after its GPU check) on the CPU, where the op runs its pure-torch
+    path: same logits as the dispatch table; eagerly every layer runs on its own rows; compiled, the q/k/v and
+    gate/up calls merge (DedupeOps): 4 GEMVs per decoder layer instead of 7."""
+    model = _tiny_llama_4bit()
+    ids = torch.randint(0, 100, (1, 5))
+    with torch.no_grad():
+        ref = model(ids).logits
+    layers = [m for m in model.modules() if ci._ok(m) and hasattr(m, "qweight")]
+    assert len(layers) == 14
+    assert ci.take_over(model, layers, fuse=True) > 0
+    attn = model.model.layers[0].self_attn
+    assert attn.q_proj.rk_fused_words is attn.v_proj.rk_fused_words and attn.q_proj.rk_rows == (0, 128)
+    assert attn.k_proj.rk_words.data_ptr() == attn.q_proj.rk_fused_words[128:].data_ptr()  # a view, not a copy
+    calls = []
+    cpu_linear = ci._cpu_linear
+    monkeypatch.setattr(ci, "_cpu_linear", lambda x2, pk, b: (calls.append(pk["N"]), cpu_linear(x2, pk, b))[1])
+    with torch.no_grad():
+        eager = model(ids).logits
+    assert len(calls) == 14
+    # the table's CPU path may be PyTorch's packed int4 op (bf16 inside): within its rounding of the exact weight
+    assert ((eager - ref).norm() / ref.norm()).item() < 1e-2
+    torch._dynamo.reset()
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        compiled(ids)
+        calls.clear()
+        out = compiled(ids).logits
+    assert sorted(calls) == sorted([128 + 64 + 64, 128, 256 + 256, 128] * 2), calls  # qkv, o, gate+up, down
+    assert torch.allclose(out, eager, rtol=1e-4, atol=1e-4)
+    torch._dynamo.reset()
+
+
+@GPU
+def test_release_stored_rk_fused_matches_dispatch_under_torch_compile():
+    """On the GPU: release_stored_rk(fuse=True) keeps the dispatch table's logits, eagerly and compiled."""
+    model = _tiny_llama_4bit().to("cuda", torch.bfloat16)
+    ids = torch.randint(0, 100, (1, 5), device="cuda")
+    with torch.no_grad():
+        ref = model(ids).logits.float()
+    assert ci.release_stored_rk(model, fuse=True) > 0
+    assert model.model.layers[0].mlp.gate_proj.rk_rows == (0, 256)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = model(ids).logits.float()
+        compiled = torch.compile(model)(ids).logits.float()
+    for out in (eager, compiled):
+        assert ((out - ref).norm() / ref.norm()).item() < 2e-2
+    torch._dynamo.reset()

@@ -170,7 +170,7 @@ def cmd_decode(a) -> dict:
     elif a.layout == "rk":  # batch 1 on the CUDA int GEMV, prefill dequantize + cuBLAS: one layout in memory
         from leanq.kernels import cuda_int as ci
 
-        freed = ci.release_stored_rk(model)
+        freed = ci.release_stored_rk(model, fuse=a.fuse)
     elif a.layout == "kn":  # batch 1 on the kn GEMV, prefill dequantize + cuBLAS: one layout in memory
         from leanq.kernels import triton_kn as kn
 
@@ -179,7 +179,7 @@ def cmd_decode(a) -> dict:
         freed = ti.release_stored(model)
     torch.cuda.empty_cache()
     kernels = sorted({k for _, k in explain(model, batch=1, device="cuda", **_dt())})
-    res[f"int{a.bits}"] = dict(layout=a.layout, quantize_seconds=qsec, stored_bytes_released=freed, kernels_batch1=kernels,
+    res[f"int{a.bits}"] = dict(layout=a.layout, fuse=bool(a.fuse), quantize_seconds=qsec, stored_bytes_released=freed, kernels_batch1=kernels,
                                weights_gib=weight_bytes(model) / 2**30,
                                **time_generate(model, a.prompt_len, a.new_tokens, a.reps))
     print(f"int{a.bits}", json.dumps(res[f"int{a.bits}"]), flush=True)
@@ -231,6 +231,8 @@ def main() -> int:
     ap.add_argument("--layout", choices=["rk", "kn", "nk"], default="rk",
                     help="rk: cuda_int (batch-1 CUDA GEMV, whole rows per warp); kn: triton_kn (batch-1 GEMV on "
                          "K-major words); nk: triton_int/fast/half2 row layout")
+    ap.add_argument("--fuse", action="store_true",
+                    help="rk: q/k/v and gate/up share one GEMV each under torch.compile (cuda_int.take_over)")
     ap.add_argument("--tuned", default="", help="bench_kernels.json whose tuned tile configs to use")
     ap.add_argument("--floor", action="store_true",
                     help="decode: after BF16, time the same model with every decoder-layer linear replaced by a "

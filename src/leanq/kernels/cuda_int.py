@@ -556,10 +556,22 @@ def _supports(m, x) -> bool:
             and x.dtype in (torch.float16, torch.bfloat16, torch.float32))
 
 
+def _cpu_linear(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None) -> torch.Tensor:
+    """Off the GPU: the layout's dense weight (pure torch) and a matmul."""
+    return torch.nn.functional.linear(x2, reference_rk(pk, x2.dtype), bias)
+
+
 def _run(x: torch.Tensor, pk: dict, bias: torch.Tensor | None) -> torch.Tensor:
-    if x.shape[0] == 1:
-        return run_int_cuda(x, pk, bias)
-    return torch.nn.functional.linear(x, dequantize_rk(pk, x.dtype), bias)
+    """x [..., K] -> [..., N]: the GEMV at batch 1, dequantize + cuBLAS above, the pure-torch path off the GPU."""
+    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x2 if x2.is_contiguous() else x2.contiguous()
+    if not x2.is_cuda:
+        y = _cpu_linear(x2, pk, bias)
+    elif x2.shape[0] == 1:
+        y = run_int_cuda(x2, pk, bias)
+    else:
+        y = torch.nn.functional.linear(x2, dequantize_rk(pk, x2.dtype), bias)
+    return y.reshape(*x.shape[:-1], pk["N"])
 
 
 def _impl(x: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, bias: torch.Tensor | None, bits: int, K: int,
@@ -575,27 +587,26 @@ try:
 
     @_op.register_fake
     def _(x, words, sz, bias, bits, K, N, KU, NG, GCS, sbf16, group):
-        return x.new_empty(x.shape[0], N)
+        return x.new_empty(*x.shape[:-1], N)
 except Exception:  # an older torch without custom_op: compiled models use the Triton kernels
     _op = None
 
 
-def _args(m, x2: torch.Tensor) -> tuple:
-    pk = packed_rk(m)
-    b = m.bias.to(x2.dtype) if m.bias is not None else None
-    return (x2, pk["words"], pk["sz"], b, pk["bits"], pk["K"], pk["N"], pk["KU"], pk["NG"], pk["GCS"], pk["sbf16"],
-            pk["group"])
+def _meta(pk: dict) -> tuple:
+    """The op's integer arguments of layout ``pk``, in order."""
+    return (pk["bits"], pk["K"], pk["N"], pk["KU"], pk["NG"], pk["GCS"], pk["sbf16"], pk["group"])
 
 
 def _linear(m, x: torch.Tensor) -> torch.Tensor:
-    x2 = x.reshape(-1, x.shape[-1])
-    x2 = x2 if x2.is_contiguous() else x2.contiguous()
+    pk = packed_rk(m)
+    b = m.bias.to(x.dtype) if m.bias is not None else None
+    args = (x, pk["words"], pk["sz"], b) + _meta(pk)
     if torch.compiler.is_compiling():
         if _op is None:
             raise RuntimeError("cuda-int-gemv needs torch.library.custom_op under torch.compile")
-        return _op(*_args(m, x2)).reshape(*x.shape[:-1], m.out_features)
+        return _op(*args)
     try:
-        y = _impl(*_args(m, x2))
+        return _impl(*args)
     except (RuntimeError, ValueError) as e:  # NVRTC missing or failing here: say so once, then Triton serves
         import warnings
 
@@ -604,23 +615,81 @@ def _linear(m, x: torch.Tensor) -> torch.Tensor:
         from . import select
 
         return select(m, x).run(m, x)
-    return y.reshape(*x.shape[:-1], m.out_features)
 
 
 def _fast_forward(m, x: torch.Tensor) -> torch.Tensor:
-    """QuantLinear.forward of a layer that release_stored_rk took over: the op on its own buffers, no dispatch."""
-    x2 = x.reshape(-1, x.shape[-1])
-    x2 = x2 if x2.is_contiguous() else x2.contiguous()
-    b = m.bias.to(x2.dtype) if m.bias is not None else None
-    args = (x2, m.rk_words, m.rk_sz, b) + m.rk_meta
-    y = _op(*args) if (_op is not None and torch.compiler.is_compiling()) else _impl(*args)
-    return y.reshape(*x.shape[:-1], m.out_features)
+    """QuantLinear.forward of a layer that release_stored_rk took over: the op on its own buffers, no dispatch.
+
+    A layer fused with its siblings (same input: q/k/v, gate/up) calls the op on the whole fused layout under
+    torch.compile and keeps its own rows; the siblings' calls are then identical, and the graph pass
+    :class:`DedupeOps` leaves one.  Outside torch.compile it runs on its own rows (views of the fused layout)."""
+    b = m.bias.to(x.dtype) if m.bias is not None else None
+    fused = m.rk_rows is not None and _op is not None and torch.compiler.is_compiling()
+    if not fused:
+        args = (x, m.rk_words, m.rk_sz, b) + m.rk_meta
+        return _op(*args) if (_op is not None and torch.compiler.is_compiling()) else _impl(*args)
+    y = _op(x, m.rk_fused_words, m.rk_fused_sz, None, *m.rk_fused_meta)[..., m.rk_rows[0]:m.rk_rows[1]]
+    return y + b if b is not None else y
 
 
-def release_stored_rk(model: torch.nn.Module) -> int:
+# layers that read the same input in the decoders leanq knows (Llama family: attention, MLP)
+FUSE_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
+
+
+def _fusable(ms: list, pks: list) -> bool:
+    keys = {(p["bits"], p["K"], p["KU"], p["NG"], p["GCS"], p["sbf16"], p["group"], p["words"].device) for p in pks}
+    return len(ms) > 1 and len(keys) == 1
+
+
+def take_over(model: torch.nn.Module, layers: list, fuse: bool = True) -> int:
+    """Give ``layers`` (QuantLinear of ``model`` that :func:`_ok` accepts) to this kernel alone: their rk layout
+    as buffers, a dispatch-free forward, their stored buffers freed; with ``fuse``, the layers of each
+    FUSE_GROUPS set under one parent share one fused layout (rows stacked; each layer keeps views of its
+    rows) and the graph pass that merges their calls is installed.  Returns bytes freed.  (No GPU check:
+    :func:`release_stored_rk` is the user's entry.)"""
+    chosen = {id(m) for m in layers}
+    groups = []
+    if fuse:
+        for parent in model.modules():
+            for names in FUSE_GROUPS:
+                ms = [getattr(parent, n, None) for n in names]
+                if all(m is not None and id(m) in chosen for m in ms) and _fusable(ms, [packed_rk(m) for m in ms]):
+                    groups.append(ms)
+    freed = 0
+    for m in layers:
+        pk = packed_rk(m)
+        m._cache["rk_only"] = True
+        m.rk_meta = _meta(pk)
+        m.rk_rows = None
+        m.register_buffer("rk_words", pk["words"], persistent=False)
+        m.register_buffer("rk_sz", pk["sz"], persistent=False)
+        m._fast = _fast_forward
+        freed += drop_stored(m)
+    for ms in groups:
+        pks = [packed_rk(m) for m in ms]
+        fw = torch.cat([p["words"] for p in pks])
+        fsz = torch.cat([p["sz"] for p in pks])
+        fmeta = _meta(dict(pks[0], N=fw.shape[0]))
+        r0 = 0
+        for m, p in zip(ms, pks):
+            r1 = r0 + p["N"]
+            p["words"], p["sz"] = fw[r0:r1], fsz[r0:r1]  # views: the separate copies are freed
+            m.register_buffer("rk_words", p["words"], persistent=False)
+            m.register_buffer("rk_sz", p["sz"], persistent=False)
+            m.register_buffer("rk_fused_words", fw, persistent=False)
+            m.register_buffer("rk_fused_sz", fsz, persistent=False)
+            m.rk_fused_meta, m.rk_rows = fmeta, (r0, r1)
+            r0 = r1
+    if groups:
+        install_dedupe()
+    return freed
+
+
+def release_stored_rk(model: torch.nn.Module, fuse: bool = False) -> int:
     """Inference only: build every eligible CUDA int layer's rk layout now and free its stored buffers (the
     layer then runs only here: the GEMV at batch 1, dequantize + cuBLAS above; its forward calls the kernel
-    directly, without the dispatch table).  The kernel is compiled and checked on the first layer before any
+    directly, without the dispatch table; with ``fuse``, layers that read the same input share one GEMV under
+    torch.compile, see :func:`take_over`: checked on the CPU, not yet timed on a GPU, so off by default).  The kernel is compiled and checked on the first layer before any
     buffer is freed; if that fails, nothing is released.  Returns bytes freed."""
     layers = [m for m in model.modules()
               if _ok(m) and hasattr(m, "qweight") and m.qweight.numel() and m.qweight.device.type == "cuda"]
@@ -638,16 +707,64 @@ def release_stored_rk(model: torch.nn.Module) -> int:
         return 0
     if not ((y.float() - ref).norm() <= 1e-2 * ref.norm()):
         raise RuntimeError("cuda-int-gemv disagrees with its reference on this GPU; stored buffers kept")
-    freed = 0
-    for m in layers:
-        pk = packed_rk(m)
-        m._cache["rk_only"] = True
-        m.register_buffer("rk_words", pk["words"], persistent=False)
-        m.register_buffer("rk_sz", pk["sz"], persistent=False)
-        m.rk_meta = (pk["bits"], pk["K"], pk["N"], pk["KU"], pk["NG"], pk["GCS"], pk["sbf16"], pk["group"])
-        m._fast = _fast_forward
-        freed += drop_stored(m)
-    return freed
+    return take_over(model, layers, fuse)
+
+
+# ---------------------------------------------------------------------------
+# the graph pass that merges identical calls (torch.compile, inductor's post-grad passes)
+
+try:
+    from torch._inductor.custom_graph_pass import CustomGraphPass as _PassBase
+except Exception:  # an older torch: no custom passes, fused layers then call the op once each
+    _PassBase = object
+
+
+class DedupeOps(_PassBase):
+    """Identical calls of ``leanq::cuda_int_linear`` (same input node, same layout, same arguments) become one:
+    what makes a fused q/k/v or gate/up group one GEMV.  The op is pure (mutates nothing), so this is safe;
+    ``then``: a pass that was installed before, run first."""
+
+    def __init__(self, then=None):
+        self.then = then
+
+    def __call__(self, graph) -> None:
+        if self.then is not None:
+            self.then(graph)
+        target = getattr(getattr(torch.ops, "leanq", None), "cuda_int_linear", None)
+        if target is None:
+            return
+        seen: dict = {}
+        for node in list(graph.nodes):
+            if node.op != "call_function" or node.target is not target.default:
+                continue
+            key = (node.args, tuple(sorted(node.kwargs.items())))
+            try:
+                first = seen.setdefault(key, node)
+            except TypeError:  # an unhashable argument: leave the call alone
+                continue
+            if first is not node:
+                node.replace_all_uses_with(first)
+                graph.erase_node(node)
+
+    def uuid(self):
+        then = getattr(self.then, "uuid", lambda: None)() if self.then is not None else None
+        return ("leanq-dedupe-cuda-int-linear-1", then)
+
+
+def install_dedupe() -> None:
+    """Install :class:`DedupeOps` as inductor's post-grad custom pass (after any pass already there), once."""
+    try:
+        from torch._inductor import config
+    except Exception:
+        return
+    have = config.post_grad_custom_post_pass
+    if _PassBase is object or isinstance(have, DedupeOps):
+        return
+    if isinstance(have, (list, tuple)):  # a torch that takes a list of passes
+        if not any(isinstance(p, DedupeOps) for p in have):
+            config.post_grad_custom_post_pass = [*have, DedupeOps()]
+        return
+    config.post_grad_custom_post_pass = DedupeOps(then=have)
 
 
 # priority 42: ahead of the Triton kn GEMV (40) at batch 1
