@@ -207,3 +207,57 @@ def test_cuda_vq_runs_under_torch_compile():
     compiled = torch.compile(m, fullgraph=True)
     torch.testing.assert_close(compiled(x), eager, **tol)
     assert cv._op is not None
+
+
+# --- whole-row codebook kernel (kernels.cuda_vq_rows): its layout on any machine; the kernel on a GPU ---
+ROWS_SPECS = [  # (vq_dim, index bits, cols, scale group, out, in): the presets' shapes and edge cases
+    (4, 8, 192, None, 40, 576),   # vq2 preset
+    (2, 6, 192, None, 33, 500),   # vq3 preset, a partial last tile
+    (2, 8, 192, 384, 16, 768),    # vq4 preset with per-group scales over two tiles
+    (4, 6, 64, None, 8, 200),     # 6-bit indices of 4-vectors, padded tile chunks
+    (2, 4, 32, None, 8, 100),     # 4-bit indices
+]
+
+
+def _rows_spec(d, ib, cols, group):
+    return QuantSpec(fmt="vq", bits=ib, vq_dim=d, vq_books=1, vq_rows=None, vq_cols=cols, group_size=group)
+
+
+@pytest.mark.parametrize("d,ib,cols,group,out_f,in_f", ROWS_SPECS)
+def test_vq_rows_layout_decodes_to_the_stored_weight(d, ib, cols, group, out_f, in_f):
+    from leanq.formats.layouts import container
+    from leanq.kernels import cuda_vq_rows as vr
+
+    m = random_vq_layer(out_f, in_f, _rows_spec(d, ib, cols, group), False, seed=ib + d)
+    pk = vr.repack_vq_rk(m.qweight, m.codebooks, m.scales, m.spec, in_f)
+    assert pk["words"].shape[1] == pk["NCT"] * pk["CPT"] * 4
+    torch.testing.assert_close(vr.reference_vq_rk(pk), container(m).dequantize(torch.float32), rtol=0, atol=0)
+
+
+def test_vq_rows_declines_what_it_does_not_compute():
+    from leanq.kernels import cuda_vq_rows as vr
+
+    assert vr.layout_fields(_rows_spec(3, 5, 192, None), 8, 64) is None  # D = 3
+    assert vr.layout_fields(QuantSpec(fmt="vq", bits=8, vq_dim=4, vq_books=2, vq_cols=192), 8, 192) is None  # 2 books
+    assert vr.layout_fields(QuantSpec(fmt="vq", bits=8, vq_dim=4, vq_rows=4, vq_cols=192), 8, 192) is None  # row tiles
+    assert vr.layout_fields(_rows_spec(4, 8, 192, 96), 8, 384) is None  # scale groups inside a tile
+    assert vr.layout_fields(_rows_spec(4, 8, 192, None), 8, 4096)["smem"] < vr.SMEM_LIMIT
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA C++ kernel needs a GPU (NVRTC)")
+@pytest.mark.parametrize("d,ib,cols,group,out_f,in_f", ROWS_SPECS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_vq_rows_matches_reference(d, ib, cols, group, out_f, in_f, dtype):
+    from leanq.kernels import cuda_vq_rows as vr
+
+    m = random_vq_layer(out_f, in_f, _rows_spec(d, ib, cols, group), True, seed=3).to("cuda")
+    pk = vr.repack_vq_rk(m.qweight, m.codebooks, m.scales, m.spec, in_f)
+    w = vr.reference_vq_rk(pk)
+    for trial in range(2):
+        x = torch.randn(1, in_f, device="cuda").to(dtype)
+        if trial:
+            x[0, in_f // 2] = 3000.0
+        out = torch.full((1, out_f), float("nan"), device="cuda", dtype=dtype)
+        vr.run_vq_rows(x, pk, m.bias.to(dtype), out=out)
+        ref = x.float() @ w.t() + m.bias.float()
+        assert torch.isfinite(out).all() and ((out.float() - ref).norm() / ref.norm()).item() < 1e-2

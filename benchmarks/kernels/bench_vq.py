@@ -12,6 +12,7 @@ on rotating weight copies (bench_kernels.bench_graph), BF16 included.  One JSON 
 the first line is the card and versions.
 
     cd benchmarks/kernels && PYTHONPATH=../../src python3 bench_vq.py --out $OUT --graph   # H100: ~1-2 min
+    ... --graph --rows 256/2/1,512/1/2   # also the whole-row kernel (kernels.cuda_vq_rows), not yet timed
     TRITON_INTERPRET=1 PYTHONPATH=src python benchmarks/kernels/bench_vq.py --smoke   # CPU check, tiny shapes
 """
 
@@ -47,6 +48,10 @@ CUDA_CONFIGS = [dict(threads=256, npt=4, vc=16, fuse=False), dict(threads=256, n
                 dict(threads=256, npt=4, vc=16, mode="stationary", bps=2),
                 dict(threads=128, npt=4, vc=16, mode="stationary", bps=4)]
 FLUSH = None
+
+
+def rows_name(c: dict) -> str:
+    return f"rows t{c['threads']} r{c['r']} u{c['u']}"
 
 
 def cuda_name(c: dict) -> str:
@@ -120,6 +125,8 @@ def main() -> int:
     ap.add_argument("--settings", default=",".join(SETTINGS))
     ap.add_argument("--kn", default="", help="indices into KN_CONFIGS to time (default all)")
     ap.add_argument("--cuda", default="", help="indices into CUDA_CONFIGS to time (default all; 'none' skips)")
+    ap.add_argument("--rows", default="", help="also time the whole-row kernel (kernels.cuda_vq_rows) at these "
+                    "launch configs, threads/rows per warp/chunks per lane: e.g. 256/2/1,512/1/2")
     ap.add_argument("--graph", action="store_true",
                     help="batch 1: also time BF16, the Triton kn kernel and the CUDA configs as CUDA-graph replays "
                          "of back-to-back calls on rotating weight copies (bench_kernels.bench_graph)")
@@ -134,6 +141,7 @@ def main() -> int:
     from leanq.kernels import select
     from leanq.kernels import triton_vq as tv
     from leanq.kernels import cuda_vq as cv
+    from leanq.kernels import cuda_vq_rows as vr
     from leanq.kernels import triton_vq_kn as vk
 
     cuda = torch.cuda.is_available() and not args.smoke
@@ -145,6 +153,8 @@ def main() -> int:
     configs = [GEMV_CONFIGS[0], GEMV_CONFIGS[-1]] if args.smoke else GEMV_CONFIGS[: args.old_configs]
     kn_configs = [dict(BN=16, BV=4, num_warps=1), dict(BN=16, BV=4, num_warps=1, lut=True)] if args.smoke \
         else [KN_CONFIGS[int(i)] for i in args.kn.split(",")] if args.kn else KN_CONFIGS
+    row_configs = [] if (args.smoke or not args.rows or not cv.available()) else [
+        dict(threads=int(t), r=int(r), u=int(u)) for t, r, u in (c.split("/") for c in args.rows.split(","))]
     cuda_configs = [] if (args.smoke or args.cuda == "none" or not cv.available()) else \
         [CUDA_CONFIGS[int(i)] for i in args.cuda.split(",")] if args.cuda else CUDA_CONFIGS
     os.makedirs(args.out, exist_ok=True)
@@ -200,6 +210,11 @@ def main() -> int:
                     for c in cuda_configs:
                         if cv.layout_ok(pk, c):
                             fns[cuda_name(c)] = (lambda c=c: cv.run_vq_cuda(x, pk, None, c))
+                rows_pk = None
+                if M == 1 and row_configs and vr.layout_fields(m.spec, n, k) is not None:
+                    rows_pk = vr.repack_vq_rk(m.qweight, m.codebooks, m.scales, m.spec, k)
+                    for c in row_configs:
+                        fns[rows_name(c)] = (lambda c=c: vr.run_vq_rows(x, rows_pk, None, c))
                 fns["dequant+cublas"] = lambda: tv.vq_dequant_linear(m, x)
                 best = None
                 for impl, fn in fns.items():
@@ -230,6 +245,14 @@ def main() -> int:
                     for impl, run in runs.items():
                         ms = bench_graph(lambda cp, run=run: (lambda p=pks.setdefault(cp, dict(pk, idx=pk["idx"].clone())): run(p)),
                                          pk["idx"].numel())
+                        emit(dict(kind="vq", setting=name, spec=m.spec.describe(), shape=f"{n}x{k}", M=1, impl=impl,
+                                  ms=ms, weight_bytes=wbytes, bpw=8 * wbytes / (n * k), vs_bf16=graph_base / ms,
+                                  GBps=(wbytes + x.numel() * x.element_size()) / (ms * 1e-3) / 1e9), fh)
+                    rpks = {0: rows_pk}
+                    for c in row_configs if rows_pk is not None else []:
+                        ms = bench_graph(lambda cp, c=c: (lambda p=rpks.setdefault(cp, dict(rows_pk, words=rows_pk["words"].clone())):
+                                                          vr.run_vq_rows(x, p, None, c)), rows_pk["words"].numel() * 4)
+                        impl = rows_name(c) + " (graph)"
                         emit(dict(kind="vq", setting=name, spec=m.spec.describe(), shape=f"{n}x{k}", M=1, impl=impl,
                                   ms=ms, weight_bytes=wbytes, bpw=8 * wbytes / (n * k), vs_bf16=graph_base / ms,
                                   GBps=(wbytes + x.numel() * x.element_size()) / (ms * 1e-3) / 1e9), fh)

@@ -4,6 +4,8 @@
 #   bash benchmarks/kernels/device_call.sh batch1    # batch-1 sweep (split-K variants) + table, GPTQ on 2 blocks
 #   bash benchmarks/kernels/device_call.sh kn        # triton_kn batch-1 sweep + table (4/2/8 bits), decode (kn layout)
 #   bash benchmarks/kernels/device_call.sh decode    # end-to-end decode (layers from $LAYERS)
+#   bash benchmarks/kernels/device_call.sh next7     # session 7's untimed work: the CUDA kernel tests (fused release,
+#                                                    # >48 KB shared memory, whole-row vq), decode with --fuse, vq rows
 # Each step runs under its own timeout so a slow step cannot eat the call; logs and JSON go to $OUT.
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=src
@@ -35,4 +37,11 @@ kn)
 decode)
   timeout "${T1:-200}" python3 benchmarks/decode/bench_decode.py decode --out "$OUT" --layers "${LAYERS:-16}" \
     --reps 2 2>&1 | tee "$OUT/decode.log" ;;
+next7)
+  timeout "${T1:-120}" python3 -m pytest -q -p no:cacheprovider tests/test_kernels_cuda_int.py tests/test_kernels_vq.py \
+    2>&1 | tail -15 | tee "$OUT/tests.log"
+  timeout "${T2:-200}" python3 benchmarks/decode/bench_decode.py decode --layout rk --fuse --out "$OUT" --reps 3 \
+    2>&1 | grep -E '^(bf16|int4) |speedup|ratio|Error' | tee "$OUT/decode.log"
+  (cd benchmarks/kernels && PYTHONPATH=../../src timeout "${T3:-200}" python3 bench_vq.py --out "$OUT" --graph \
+    --cuda 0,5 --rows 256/2/1,512/1/2,512/2/1,1024/1/1 2>&1 | grep '"kind": "best"\|graph' | tail -40 | tee "$OUT/vq.log") ;;
 esac

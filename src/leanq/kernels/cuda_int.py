@@ -64,22 +64,6 @@ _SRC = r"""
 __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 s) {
   u32 d; asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(s)); return d;
 }
-__device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
-  u32 d; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
-}
-__device__ __forceinline__ u32 f2h2(float lo, float hi) {
-  u32 d; asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo)); return d;
-}
-__device__ __forceinline__ float h2sum(u32 v) {
-  float a, b;
-  asm("{.reg .f16 l, h;\n\tmov.b32 {l, h}, %2;\n\tcvt.f32.f16 %0, l;\n\tcvt.f32.f16 %1, h;}" : "=f"(a), "=f"(b) : "r"(v));
-  return a + b;
-}
-__device__ __forceinline__ uint4 ldw(const uint4* p) {
-  uint4 r;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
-  return r;
-}
 // chunk c's S 16-byte units of staged activations start at unit c * (S + 1): an odd stride, so the units that
 // the 8 lanes of a quarter-warp read at one step fall on distinct banks; the spare 16 bytes hold the chunk's sum
 #define CST (S + 1)
@@ -283,21 +267,7 @@ extern "C" __global__ void BOUNDS int_gemv(
     if (rgn < NRG) load_tile(qn, sn, w, sz, rgn, tkn * 32 * U, N, KU, NG, GCS, lane);
 #endif
     compute_tile(acc, q, s, xs, tk * 32 * U, lane, KU);
-    if (tkn == 0) {
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        float v = acc[r];
-#pragma unroll
-        for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-        const int row = rg * R + r;
-        if (lane == r && row < N) {
-          float y = v;
-          if (HAS_BIAS) y += ldx(bias, row);
-          stx(out, row, y);
-        }
-        acc[r] = 0.f;
-      }
-    }
+    if (tkn == 0) finish_rows(acc, rg, lane, N, out, bias, HAS_BIAS, nullptr);
     rg = rgn;
     tk = tkn;
 #if PF

@@ -16,7 +16,9 @@ import torch
 _MAX_DYNAMIC_SHARED = 8
 
 # Device helpers every kernel source starts with: activations of type XT (0 fp32, 1 fp16, 2 bf16; a #define of
-# the kernel's configuration) read as fp32 (ldx) and written back rounded to nearest (stx).
+# the kernel's configuration) read as fp32 (ldx) and written back rounded to nearest (stx); fp16x2 arithmetic
+# (hfma2, f2h2, h2sum: two fp32 to a pair, a pair's sum in fp32); a 16-byte weight load that skips L1 (ldw);
+# the end of a warp's row group (finish_rows).
 PRELUDE = r"""
 typedef unsigned char u8;
 typedef unsigned short u16;
@@ -41,6 +43,41 @@ __device__ __forceinline__ void stx(void* out, long long i, float f) {
 #else
   u16 h; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f)); ((u16*)out)[i] = h;
 #endif
+}
+__device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
+  u32 d; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
+}
+__device__ __forceinline__ u32 f2h2(float lo, float hi) {
+  u32 d; asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo)); return d;
+}
+__device__ __forceinline__ float h2sum(u32 v) {
+  float a, b;
+  asm("{.reg .f16 l, h;\n\tmov.b32 {l, h}, %2;\n\tcvt.f32.f16 %0, l;\n\tcvt.f32.f16 %1, h;}" : "=f"(a), "=f"(b) : "r"(v));
+  return a + b;
+}
+__device__ __forceinline__ uint4 ldw(const uint4* p) {
+  uint4 r;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+  return r;
+}
+// a warp's RR row sums, one per lane each: reduced by shuffles; lane r writes row rg * RR + r (times rs[row] when
+// rs is given, plus the bias), then the sums restart at zero
+template <int RR>
+__device__ __forceinline__ void finish_rows(float (&acc)[RR], int rg, int lane, int N, void* out, const void* bias,
+                                            int HAS_BIAS, const float* rs) {
+#pragma unroll
+  for (int r = 0; r < RR; ++r) {
+    float v = acc[r];
+#pragma unroll
+    for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    const int row = rg * RR + r;
+    if (lane == r && row < N) {
+      float y = rs ? v * rs[row] : v;
+      if (HAS_BIAS) y += ldx(bias, row);
+      stx(out, row, y);
+    }
+    acc[r] = 0.f;
+  }
 }
 """
 
