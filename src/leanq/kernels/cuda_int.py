@@ -113,19 +113,6 @@ __device__ __forceinline__ float scale_of(u32 s) {
 #endif
 }
 
-// activations: 16-byte words per unit of 8 values (fp32: two), and their values as fp32
-#define XW (XT == 0 ? 2 : 1)
-__device__ __forceinline__ void unpack8(float (&v)[8], const uint4 (&r)[XW]) {
-#if XT == 0
-  v[0] = __uint_as_float(r[0].x); v[1] = __uint_as_float(r[0].y); v[2] = __uint_as_float(r[0].z);
-  v[3] = __uint_as_float(r[0].w); v[4] = __uint_as_float(r[1].x); v[5] = __uint_as_float(r[1].y);
-  v[6] = __uint_as_float(r[1].z); v[7] = __uint_as_float(r[1].w);
-#else
-  const u32 vv[4] = {r[0].x, r[0].y, r[0].z, r[0].w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) { v[2 * i] = ldx(&vv[i], 0); v[2 * i + 1] = ldx(&vv[i], 1); }
-#endif
-}
 // activations 8u .. 8u + 7 one at a time (zeros past K): when K % 8 != 0 or x is not 16-byte aligned
 __device__ __forceinline__ void load8(float (&v)[8], const void* __restrict__ x, int u, int K) {
 #pragma unroll

@@ -60,6 +60,19 @@ __device__ __forceinline__ uint4 ldw(const uint4* p) {
   asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
   return r;
 }
+// activations: XW 16-byte words per unit of 8 values (16-bit x: one, fp32: two), and their values as fp32
+#define XW (XT == 0 ? 2 : 1)
+__device__ __forceinline__ void unpack8(float (&v)[8], const uint4 (&r)[XW]) {
+#if XT == 0
+  v[0] = __uint_as_float(r[0].x); v[1] = __uint_as_float(r[0].y); v[2] = __uint_as_float(r[0].z);
+  v[3] = __uint_as_float(r[0].w); v[4] = __uint_as_float(r[1].x); v[5] = __uint_as_float(r[1].y);
+  v[6] = __uint_as_float(r[1].z); v[7] = __uint_as_float(r[1].w);
+#else
+  const u32 vv[4] = {r[0].x, r[0].y, r[0].z, r[0].w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) { v[2 * i] = ldx(&vv[i], 0); v[2 * i + 1] = ldx(&vv[i], 1); }
+#endif
+}
 // a warp's RR row sums, one per lane each: reduced by shuffles; lane r writes row rg * RR + r (times rs[row] when
 // rs is given, plus the bias), then the sums restart at zero
 template <int RR>

@@ -11,7 +11,8 @@ atomics; its skeleton runs at about 2 us plus the weight stream at 2.85-2.9 TB/s
 skeleton serves codebooks:
 - every block stages all of the layer's codebooks in shared memory, one per 192-column tile for the presets:
   vq2 at K = 4096 is 22 x 256 x 4 fp16 = 44 KB; vq3 at K = 14336 is 75 x 64 x 2 fp16 = 19 KB;
-- every block stages x as fp16, per chunk scaled by a power of two;
+- every block stages x as fp16 scaled by one power of two (a block-wide max), a thread per 16-byte unit
+  with all its loads in flight at once (what the integer kernel's v5 staging does);
 - each index costs one shared-memory read of its codeword and D/2 fp16x2 FMAs.
 
 Layout ("vq-rk"): words [N, nct * CPT * 4] int32. For each codebook tile t, CPT 16-byte chunks hold the
@@ -100,6 +101,28 @@ _SRC = r"""
 #define QM ((1u << IB) - 1u)
 
 
+// values staged from scalar loads go back into x's own 16-byte format (pack8, exact: they are x's own values),
+// so the conversion pass reads one kind of word (unpack8, cuda_rt.PRELUDE)
+__device__ __forceinline__ void pack8(uint4 (&r)[XW], const float (&v)[8]) {
+#if XT == 0
+  r[0] = make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]), __float_as_uint(v[3]));
+  r[1] = make_uint4(__float_as_uint(v[4]), __float_as_uint(v[5]), __float_as_uint(v[6]), __float_as_uint(v[7]));
+#else
+  u32 h[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {  // the values are x's own, so converting back is exact
+    u16 b16;
+#if XT == 1
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(b16) : "f"(v[i]));
+#else
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(b16) : "f"(v[i]));
+#endif
+    h[i] = b16;
+  }
+  r[0] = make_uint4(h[0] | (h[1] << 16), h[2] | (h[3] << 16), h[4] | (h[5] << 16), h[6] | (h[7] << 16));
+#endif
+}
+
 // the R x U chunks of a warp's tile (row group rg, chunks c0 + lane + 32 u; zeros past the rows or the row end)
 __device__ __forceinline__ void load_tile(uint4 (&q)[R][U], const uint4* __restrict__ w, int rg, int c0, int N, int KC,
                                           int lane) {
@@ -115,7 +138,7 @@ __device__ __forceinline__ void load_tile(uint4 (&q)[R][U], const uint4* __restr
 }
 
 // chunk c (tile c / CPT): its activations (fp16, D values per index, scaled by 2**-e) from xs, its codebook from
-// cbs; acc += 2**e * sum over indices <codeword, x> (* the tile's group scale)
+// cbs; acc += 2**e * sum over indices <codeword, x> (* the tile's group scale); 2**e is in the chunk's spare unit
 __device__ __forceinline__ void compute_tile(float (&acc)[R], const uint4 (&q)[R][U], const uint4* xs, const u32* cbs,
                                              const float* __restrict__ s, int rg, int N, int NSG, int TPG, int c0,
                                              int lane, int KC) {
@@ -162,7 +185,8 @@ __device__ __forceinline__ void compute_tile(float (&acc)[R], const uint4 (&q)[R
 // xs (dynamic shared memory): per chunk CST 16-byte units (S of fp16 activations, one with 2**e), then the codebooks.
 extern "C" __global__ void __launch_bounds__(THREADS) vq_rows_gemv(
     const void* __restrict__ x, void* __restrict__ out, const void* __restrict__ bias, const uint4* __restrict__ w,
-    const u16* __restrict__ cb, const float* __restrict__ s, int N, int K, int NVEC, int NSG, int TPG, int HAS_BIAS)
+    const u16* __restrict__ cb, const float* __restrict__ s, int N, int K, int NVEC, int NSG, int TPG, int HAS_BIAS,
+    int XVEC)
 {
   extern __shared__ uint4 xs[];
   const int KC = NCT * CPT;                          // chunks per row
@@ -176,32 +200,57 @@ extern "C" __global__ void __launch_bounds__(THREADS) vq_rows_gemv(
 
   // codebooks: NCT * KK * D fp16, 16 bytes at a time (the tensor is 16-byte aligned; its size a multiple of 16)
   for (int i = threadIdx.x; i < NCT * KK * D / 8; i += THREADS) xs[KC * CST + i] = ((const uint4*)cb)[i];
-  // activations: a thread per chunk; vector v of chunk (t, cc) is tile vector cc * IPC + i (i < IPC), zero past
-  // the tile's VPT vectors or past K
-  for (int c = threadIdx.x; c < KC; c += THREADS) {
-    const int t = c / CPT, v0 = t * VPT + (c % CPT) * IPC;
-    const int vend = min(t * VPT + VPT, NVEC);
-    float m = 0.f;
-    for (int i = 0; i < IPC * D; ++i) {
-      const int v = v0 + i / D, k = (v0 + i / D) * D + i % D;
-      if (v < vend && k < K) m = fmaxf(m, fabsf(ldx(x, k)));
-    }
-    int e = (int)((__float_as_uint(m) >> 23) & 0xFFu) - 126;
-    e = m >= 1.17549435e-38f ? min(max(e, -100), 100) : 0;
-    const float inv = __uint_as_float((u32)(127 - e) << 23);
-    for (int j = 0; j < S; ++j) {
-      u32 h[4];
-      for (int p = 0; p < 4; ++p) {
-        float f2[2];
-        for (int b = 0; b < 2; ++b) {
-          const int i = 8 * j + 2 * p + b, v = v0 + i / D, k = v * D + i % D;
-          f2[b] = v < vend && k < K ? ldx(x, k) * inv : 0.f;
-        }
-        h[p] = f2h2(f2[0], f2[1]);
+  // activations, a thread per 16-byte unit of 8 values (SB units per thread at once, their loads in flight together):
+  // unit j of chunk (t, cc) holds tile vectors cc * IPC + (8 j + i) / D, zero past the tile's VPT vectors or past K.
+  // One scale for all of x: 2**e >= max |x| (block-wide maximum), the fp16 values x * 2**-e.
+  __shared__ float wmax[WARPS];
+  const int NU = KC * S;
+  float m = 0.f;
+  uint4 raw[SB][XW];  // the units' 16-byte words (16-bit x: one, fp32: two); unaligned or partial units: packed fp32
+#pragma unroll
+  for (int b = 0; b < SB; ++b) {
+    const int u = b * THREADS + threadIdx.x;
+    float v[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = 0.f;
+    if (u < NU) {
+      const int c = u / S, j = u % S, t = c / CPT;
+      const int k0 = t * VPT * D + (c % CPT) * IPC * D + 8 * j;  // the unit's first column
+      const int kend = min(min(t * VPT + VPT, NVEC) * D, K);
+      if (XVEC && k0 + 8 <= kend) {  // contiguous and 16-byte aligned (K % 8 == 0; tiles and chunks of whole units)
+#pragma unroll
+        for (int i = 0; i < XW; ++i) raw[b][i] = ((const uint4*)x)[k0 / (8 / XW) + i];
+        unpack8(v, raw[b]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[i] = k0 + i < kend ? ldx(x, k0 + i) : 0.f;
+        pack8(raw[b], v);
       }
-      xs[c * CST + j] = make_uint4(h[0], h[1], h[2], h[3]);
     }
-    xs[c * CST + S] = make_uint4(__float_as_uint(__uint_as_float((u32)(127 + e) << 23)), 0u, 0u, 0u);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) m = fmaxf(m, fabsf(v[i]));
+  }
+#pragma unroll
+  for (int o = 16; o; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  if (lane == 0) wmax[warp] = m;
+  __syncthreads();  // (also orders the codebook stores above before any read)
+  m = wmax[0];
+#pragma unroll
+  for (int i = 1; i < WARPS; ++i) m = fmaxf(m, wmax[i]);
+  int e = (int)((__float_as_uint(m) >> 23) & 0xFFu) - 126;
+  e = m >= 1.17549435e-38f ? min(max(e, -100), 100) : 0;
+  const float inv = __uint_as_float((u32)(127 - e) << 23);
+  const u32 pe = __float_as_uint(__uint_as_float((u32)(127 + e) << 23));
+#pragma unroll
+  for (int b = 0; b < SB; ++b) {
+    const int u = b * THREADS + threadIdx.x;
+    if (u >= NU) continue;
+    const int c = u / S, j = u % S;
+    float v[8];
+    unpack8(v, raw[b]);
+    xs[c * CST + j] = make_uint4(f2h2(v[0] * inv, v[1] * inv), f2h2(v[2] * inv, v[3] * inv),
+                                 f2h2(v[4] * inv, v[5] * inv), f2h2(v[6] * inv, v[7] * inv));
+    if (j == 0) xs[c * CST + S] = make_uint4(pe, 0u, 0u, 0u);
   }
   __syncthreads();
 
@@ -228,9 +277,11 @@ extern "C" __global__ void __launch_bounds__(THREADS) vq_rows_gemv(
 
 
 def source(f: dict, xt: int, threads: int, r: int, u: int) -> str:
-    """The CUDA source of one layout (``layout_fields``) and launch configuration."""
+    """The CUDA source of one layout (``layout_fields``) and launch configuration: SB, the activation units per
+    thread, covers all of x in one step."""
+    sb = -(-f["NCT"] * f["CPT"] * f["S"] // threads)
     defs = dict(D=f["D"], IB=f["IB"], KK=f["KK"], CPT=f["CPT"], NCT=f["NCT"], VPT=f["VPT"], S=f["S"], CST=f["CST"],
-                XT=xt, THREADS=threads, R=r, U=u)
+                XT=xt, THREADS=threads, R=r, U=u, SB=sb)
     return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + PRELUDE + _SRC
 
 
@@ -270,7 +321,7 @@ def run_vq_rows(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dict
     tpg = max(1, pk["group"] // pk["cols"])  # codebook tiles per scale group
     kern(grid=(blocks, 1, 1), block=(threads, 1, 1), smem=pk["smem"],
          args=[x2, out, bias if bias is not None else out, pk["words"], pk["cb"], pk["scales"], N, K, pk["nvec"],
-               pk["nsg"], tpg, int(bias is not None)])
+               pk["nsg"], tpg, int(bias is not None), int(K % 8 == 0 and x2.data_ptr() % 16 == 0)])
     return out
 
 
