@@ -1,4 +1,4 @@
-"""Kernel benchmark: leanq's Triton int kernels vs BF16 F.linear and PyTorch's int4/int8 weight-only ops.
+"""Kernel benchmark: leanq's GPU int kernels (CUDA and Triton) vs BF16 F.linear and PyTorch's int4/int8 weight-only ops.
 
 Shapes are F.linear weights, out x in (N x K): an [M, K] activation times W^T.
 Every timed kernel is first checked against the float32 reference (dequantize,
@@ -154,6 +154,20 @@ def graph_table(args, bw: float) -> list[dict]:
             nbytes = kn_bytes(pks[0])
             res[f"kn{bits}"] = (bench(f0, args.reps), bench_graph(kn_fn, nbytes))
             pks.clear()
+            from leanq.kernels import cuda_int as ci
+
+            if ci.available():
+                rks = {}
+
+                def rk_fn(c, bits=bits):
+                    if c not in rks:
+                        rks[c] = ci.packed_rk(random_layer(n, k, bits, seed=c))
+                    p = rks[c]
+                    return lambda: ci.run_int_cuda(x, p, None)
+
+                f0 = rk_fn(0)
+                res[f"cuda-int{bits}"] = (bench(f0, args.reps), bench_graph(rk_fn, rk_bytes(rks[0])))
+                rks.clear()
             torch.cuda.empty_cache()
         for name, (single, graph) in res.items():
             r = dict(shape=f"{n}x{k}", n=n, k=k, M=1, impl=name, single_ms=single, graph_ms=graph,
@@ -256,16 +270,28 @@ def int8pack_baseline(w_ref: torch.Tensor):
     return (lambda x: torch._weight_int8pack_mm(x, q, s)), q.numel() + s.numel() * 2
 
 
+def rk_bytes(pk: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in (pk["words"], pk["sz"]))
+
+
 def kn_bytes(pk: dict) -> int:
     t = [pk["words"], pk["scales"]] + ([] if pk["sym"] else [pk["zeros"]])
     return sum(x.numel() * x.element_size() for x in t)
 
 
-def leanq_fns(pk: dict, M: int, v3: bool = False, pkn: dict | None = None):
+def leanq_fns(pk: dict, M: int, v3: bool = False, pkn: dict | None = None, prk: dict | None = None):
     """Candidate leanq paths for batch M: name -> fn(x).  v4 kernels (triton_fast) always; the v3 ones
     (triton_int: gemv, dot) only when asked (--v3), to keep the number of compilations down; the kn GEMV
-    (triton_kn, its own layout ``pkn``) at batch 1."""
+    (triton_kn, its own layout ``pkn``) at batch 1; the CUDA GEMV (cuda_int, its layout ``prk``) at batch 1 and
+    its dequantize + cuBLAS above."""
     fns = {}
+    if prk is not None:
+        from leanq.kernels import cuda_int as ci
+
+        if M == 1:
+            fns["cuda-int"] = lambda x: ci.run_int_cuda(x, prk, None)
+        else:
+            fns["rk-dequant+cublas"] = lambda x: F.linear(x, ci.dequantize_rk(prk, x.dtype))
     if M == 1 and pkn is not None:
         fns["kn"] = lambda x: kn.run_gemv_kn(x, pkn, None)
     if M > 1 and pkn is not None:
@@ -656,6 +682,13 @@ def main() -> int:
             m = random_layer(n, k, bits, seed=bits)
             pk = ti.packed_for(m)
             pkn = kn.packed_kn(m) if bits in kn.BITS else None
+            prk = None
+            try:
+                from leanq.kernels import cuda_int as ci
+
+                prk = ci.packed_rk(m) if ci.available() and ci._ok(m) else None
+            except Exception as e:  # no NVRTC here: the table goes on without the CUDA kernel
+                print(f"cuda-int unavailable: {type(e).__name__}: {e}", flush=True)
             w_ref = m.int_weight().dequantize(torch.float32)
             nbytes = packed_bytes(pk)
             for M in batches if bits == 4 or not args.other_batches else \
@@ -666,11 +699,12 @@ def main() -> int:
                 chosen = select(m, x).name
                 out = m(x)
                 err_chosen = rel_err(out, ref)
-                for name, fn in leanq_fns(pk, M, args.v3, pkn).items():
+                for name, fn in leanq_fns(pk, M, args.v3, pkn, prk).items():
                     err = rel_err(fn(x), ref)
                     ok = err <= 1e-2
                     ms = bench(lambda: fn(x), args.reps) if ok else float("nan")
-                    wbytes = kn_bytes(pkn) if name == "kn" else nbytes
+                    wbytes = kn_bytes(pkn) if name == "kn" else rk_bytes(prk) if name.startswith(("cuda-int", "rk-")) \
+                        else nbytes
                     gbs = (wbytes + x.numel() * 2 + M * n * 2) / (ms * 1e-3) / 1e9
                     row = dict(shape=f"{n}x{k}", n=n, k=k, M=M, bits=bits, impl=name, ms=ms, rel_err=err,
                                GBps=gbs, pct_copy=100 * gbs / bw, vs_bf16=base[M]["bf16"] / ms,
@@ -680,7 +714,7 @@ def main() -> int:
                     print(f"{n:>5}x{k:<5} M={M:<3} int{bits} {name:<14} {ms * 1e3:8.1f} us  {gbs:6.0f} GB/s "
                           f"{row['pct_copy']:5.1f}%  x{row['vs_bf16']:.2f} bf16  x{row['vs_int4pack']:.2f} i4pk  "
                           f"err {err:.1e}", flush=True)
-            del m, pk, pkn, w_ref
+            del m, pk, pkn, prk, w_ref
         torch.cuda.empty_cache()
         _write(args.out, result)  # after every shape: a run cut short still leaves its rows
     _write(args.out, result)

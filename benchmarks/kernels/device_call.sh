@@ -6,6 +6,8 @@
 #   bash benchmarks/kernels/device_call.sh decode    # end-to-end decode (layers from $LAYERS)
 #   bash benchmarks/kernels/device_call.sh next7     # session 7's untimed work: the CUDA kernel tests (fused release,
 #                                                    # >48 KB shared memory, whole-row vq), decode with --fuse, vq rows
+#   bash benchmarks/kernels/device_call.sh table8    # the issue's table in one run: batches 1/16/256, 4/2/8/3 bits, both
+#                                                    # harnesses at batch 1 (cuda-int, kn, int4pack, int8pack, BF16)
 # Each step runs under its own timeout so a slow step cannot eat the call; logs and JSON go to $OUT.
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=src
@@ -37,6 +39,9 @@ kn)
 decode)
   timeout "${T1:-200}" python3 benchmarks/decode/bench_decode.py decode --out "$OUT" --layers "${LAYERS:-16}" \
     --reps 2 2>&1 | tee "$OUT/decode.log" ;;
+table8)
+  timeout "${T1:-400}" python3 benchmarks/kernels/bench_kernels.py --out "$OUT" --graph-table --reps 25 \
+    --batches 1,16,256 --bits 4,2,8,3 2>&1 | tee "$OUT/bench.log" | tail -60 ;;
 next7)
   timeout "${T1:-120}" python3 -m pytest -q -p no:cacheprovider tests/test_kernels_cuda_int.py tests/test_kernels_vq.py \
     2>&1 | tail -15 | tee "$OUT/tests.log"
