@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -213,3 +215,105 @@ def test_release_stored_rk_fused_matches_dispatch_under_torch_compile():
     for out in (eager, compiled):
         assert ((out - ref).norm() / ref.norm()).item() < 2e-2
     torch._dynamo.reset()
+
+
+def _emulate_int_mma(x: torch.Tensor, pk: dict, gpb: int = 4, nt: int = 4, warps: int = 4) -> torch.Tensor:
+    """kernels.cuda_int_mma's arithmetic, lane by lane, in torch: each thread's A and B registers built with the
+    kernel's own index formulas, then put where mma.m16n8k16 takes them from (thread g = lane / 4, t = lane % 4:
+    A[g | g+8][2t, 2t+1 | 2t+8, 2t+9], B[2t, 2t+1 | 2t+8, 2t+9][g]) and multiplied in float32."""
+    bits, M, K, N, G = pk["bits"], x.shape[0], pk["K"], pk["N"], pk["group"]
+    e_, nf, wps = 32 // bits, 16 // bits, 16 // (32 // bits)
+    words = pk["words"].to(torch.int64) & 0xFFFFFFFF
+    szw = pk["sz"].to(torch.int64) & 0xFFFFFFFF
+    scales = ((szw >> 16).to(torch.int32) << 16).view(torch.float32) if pk["sbf16"] else \
+        (szw >> 16).to(torch.int16).view(torch.float16).float()
+    zeros = (szw & 0xFFFF).float()
+    qmask = (1 << bits) - 1
+    out = torch.zeros(M, N)
+
+    def pair(word, shift, z):  # 1024 + q in both halves, minus 1024 + z: exact q - z
+        return torch.tensor([float((word >> shift) & qmask), float((word >> (16 + shift)) & qmask)]) - z
+
+    rows_per_block = warps * nt * 8
+    for g0 in range(0, pk["NG"], gpb):
+        g1 = min(pk["NG"], g0 + gpb)
+        kb0, kw = g0 * G, (g1 - g0) * G
+        win = torch.zeros(16, kw)
+        cols = min(kw, K - kb0)
+        win[:M, :cols] = x[:, kb0:kb0 + cols]
+        e = math.frexp(win.abs().max().item())[1] if win.abs().max() > 0 else 0
+        xs = (win * 2.0 ** -e).half().float()
+        for nb in range(0, -(-N // rows_per_block) * rows_per_block, nt * 8):
+            c = torch.zeros(nt, 16, 8)
+            for grp in range(g0, g1):
+                cg = torch.zeros(nt, 16, 8)
+                for s in range(G // 16):
+                    kl, wo = (grp - g0) * G + s * 16, (grp * G + s * 16) // e_
+                    a_mat = torch.zeros(16, 16)
+                    for lane in range(32):
+                        g, t = lane // 4, lane % 4
+                        # the kernel's loads a[0..3] = xs[g | g+8][kl/2 + t | kl/2 + 4 + t] (pairs), placed as mma reads them
+                        for reg, (row, pcol) in enumerate([(g, kl // 2 + t), (g + 8, kl // 2 + t),
+                                                           (g, kl // 2 + 4 + t), (g + 8, kl // 2 + 4 + t)]):
+                            mrow = g + 8 * (reg % 2)
+                            mcol = 2 * t + 8 * (reg // 2)
+                            a_mat[mrow, mcol:mcol + 2] = xs[row, 2 * pcol:2 * pcol + 2]
+                    for j in range(nt):
+                        b_mat = torch.zeros(16, 8)
+                        for lane in range(32):
+                            g, t = lane // 4, lane % 4
+                            n = nb + j * 8 + g
+                            if n >= N:
+                                continue
+                            ws = [int(words[n, wo + i]) if wo + i < words.shape[1] else 0 for i in range(wps)]
+                            z = zeros[n, grp].item()
+                            if bits == 4:
+                                b0, b1 = pair(ws[0], 4 * t, z), pair(ws[1], 4 * t, z)
+                            elif bits == 2:
+                                b0, b1 = pair(ws[0], 2 * t, z), pair(ws[0], 2 * t + 8, z)
+                            else:
+                                b0, b1 = pair(ws[t >> 1], 8 * (t & 1), z), pair(ws[2 + (t >> 1)], 8 * (t & 1), z)
+                            b_mat[2 * t:2 * t + 2, g] = b0
+                            b_mat[2 * t + 8:2 * t + 10, g] = b1
+                        cg[j] += a_mat @ b_mat
+                for j in range(nt):
+                    for col in range(8):
+                        n = nb + j * 8 + col
+                        if n < N:
+                            c[j, :, col] += scales[n, grp] * cg[j, :, col]
+            for j in range(nt):
+                for col in range(8):
+                    n = nb + j * 8 + col
+                    if n < N:
+                        out[:, n] += c[j, :M, col] * 2.0 ** e
+    return out
+
+
+@pytest.mark.parametrize("bits,group,n,k,m", [(4, 128, 40, 384, 3), (2, 64, 24, 200, 16), (8, 32, 17, 96, 5)])
+def test_int_mma_fragment_mapping_reproduces_the_product(bits, group, n, k, m):
+    """The tensor-core kernel (kernels.cuda_int_mma, not yet run on a GPU) emulated lane by lane on the CPU: its
+    register choices must rebuild x @ W^T from the rk words (within fp16 rounding of x)."""
+    layer = _layer(n, k, bits, group, seed=bits)
+    pk = ci.repack_rk(layer.qweight, layer.scales, layer.zeros, bits, False, k, group)
+    x = torch.randn(m, k)
+    ref = x @ ci.reference_rk(pk).t()
+    got = _emulate_int_mma(x, pk, gpb=2, nt=2, warps=1)
+    assert ((got - ref).norm() / ref.norm()).item() < 2e-3
+
+
+@GPU
+@pytest.mark.parametrize("bits,group,n,k,m", [(4, 128, 96, 512, 16), (4, 128, 333, 4160, 3), (2, 64, 64, 384, 8),
+                                              (8, 32, 40, 256, 2)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int_mma_matches_reference(bits, group, n, k, m, dtype):
+    from leanq.kernels import cuda_int_mma as cm
+
+    layer = _layer(n, k, bits, group, bias=True, device="cuda")
+    pk = ci.packed_rk(layer)
+    x = torch.randn(m, k, device="cuda").to(dtype)
+    x[0, k // 2] = 3000.0
+    out = cm.run_int_mma(x, pk, layer.bias.to(dtype))
+    ref = x.float() @ ci.reference_rk(pk).t() + layer.bias.float()
+    assert torch.isfinite(out).all() and ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
+    again = cm.run_int_mma(x, pk, layer.bias.to(dtype))  # the scratch was left at zero
+    assert torch.equal(again, out)

@@ -57,6 +57,8 @@ def main() -> int:
     ap.add_argument("--sweep", action="store_true", help="also time the launch configs of SWEEP (graph harness)")
     ap.add_argument("--sweep-bits", default="4")
     ap.add_argument("--no-single", action="store_true", help="graph harness only")
+    ap.add_argument("--mma", default="", help="batches (e.g. 4,16) to time the tensor-core kernel (kernels.cuda_int_mma) "
+                    "at, beside BF16, the Triton kn-dot and dequantize + cuBLAS (single-launch harness)")
     ap.add_argument("--ablate", action="store_true",
                     help="also time the tuned config with parts left out (cuda_int.source's ablate bits 1, 2, 3)")
     args = ap.parse_args()
@@ -78,6 +80,7 @@ def main() -> int:
             f.write(json.dumps(r) + "\n")
 
     for n, k in shapes:
+        ws_m: dict = {}  # this shape's BF16 weight for the batch rows (--mma)
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         bf16_fn = bk.bf16_copies(n, k, x)
         ws = bf16_fn.copies
@@ -155,6 +158,28 @@ def main() -> int:
                     emit(r)
                     print(f"  sweep {cfg} graph {g1 * 1e3:6.1f} us x{r['x_bf16_graph']:.2f} {r['pct_copy_graph']:4.1f}% "
                           f"err {e:.1e}", flush=True)
+            for M in [int(b) for b in args.mma.split(",") if b]:
+                from leanq.kernels import cuda_int_mma as cm
+
+                xm = torch.randn(M, k, device="cuda", dtype=torch.bfloat16)
+                if "w" not in ws_m:
+                    ws_m["w"] = (torch.randn(n, k, device="cuda") * 0.02).bfloat16()
+                wb = ws_m["w"]
+                refm = xm.float() @ w_ref.t()
+                cands = {"bf16": lambda: F.linear(xm, wb), "cuda-int-mma": lambda: cm.run_int_mma(xm, pk0, None),
+                         "rk-dequant+cublas": lambda: F.linear(xm, ci.dequantize_rk(pk0, xm.dtype))}
+                if bits in kn.DOT_BITS:
+                    pkn0 = kn.packed_kn(m0)
+                    cands["kn-dot"] = lambda: kn.run_dot_kn(xm, pkn0, None)
+                tb = None
+                for name, fn in cands.items():
+                    e = bk.rel_err(fn(), refm) if name != "bf16" else 0.0
+                    t1 = bk.bench(fn, args.reps) if e <= 1e-2 else float("nan")
+                    tb = t1 if name == "bf16" else tb
+                    r = dict(shape=f"{n}x{k}", n=n, k=k, bits=bits, M=M, impl=f"batch-{name}", single_us=t1 * 1e3,
+                             rel_err=e, x_bf16_single=tb / t1)
+                    emit(r)
+                    print(f"  M={M:<3} {name:<18} {t1 * 1e3:7.1f} us  x{tb / t1:.2f} bf16  err {e:.1e}", flush=True)
             if args.ablate:
                 for ab in (1, 2, 3):
                     cfg = dict(ci._cfg(bits), ablate=ab)
@@ -169,7 +194,7 @@ def main() -> int:
     print("\n| W (out x in) | bits | impl | single us | x bf16 | graph us | x bf16 | % copy (graph) |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        if not r["impl"].startswith("cuda-int-"):
+        if not r["impl"].startswith(("cuda-int-", "batch-")):
             print(f"| {r['shape']} | {r['bits']} | {r['impl']} | {r['single_us']:.1f} | {r['x_bf16_single']:.2f} | "
                   f"{r['graph_us']:.1f} | {r['x_bf16_graph']:.2f} | {r['pct_copy_graph']:.0f} |")
     if args.sweep:

@@ -5,7 +5,8 @@
 #   bash benchmarks/kernels/device_call.sh kn        # triton_kn batch-1 sweep + table (4/2/8 bits), decode (kn layout)
 #   bash benchmarks/kernels/device_call.sh decode    # end-to-end decode (layers from $LAYERS)
 #   bash benchmarks/kernels/device_call.sh next7     # session 7's untimed work: the CUDA kernel tests (fused release,
-#                                                    # >48 KB shared memory, whole-row vq), decode with --fuse, vq rows
+#                                                    # >48 KB shared memory, whole-row vq, batch-16 mma), decode
+#                                                    # with --fuse, the mma kernel at batches 4 and 16, vq rows
 #   bash benchmarks/kernels/device_call.sh table8    # the issue's table in one run: batches 1/16/256, 4/2/8/3 bits, both
 #                                                    # harnesses at batch 1 (cuda-int, kn, int4pack, int8pack, BF16)
 # Each step runs under its own timeout so a slow step cannot eat the call; logs and JSON go to $OUT.
@@ -47,6 +48,8 @@ next7)
     2>&1 | tail -15 | tee "$OUT/tests.log"
   timeout "${T2:-200}" python3 benchmarks/decode/bench_decode.py decode --layout rk --fuse --out "$OUT" --reps 3 \
     2>&1 | grep -E '^(bf16|int4) |speedup|ratio|Error' | tee "$OUT/decode.log"
+  timeout "${T4:-150}" python3 benchmarks/kernels/bench_cuda_int.py --out "$OUT" --reps 20 --bits 4,2 --mma 4,16 \
+    2>&1 | grep -E "M=|cuda-int " | tee "$OUT/mma.log"
   (cd benchmarks/kernels && PYTHONPATH=../../src timeout "${T3:-200}" python3 bench_vq.py --out "$OUT" --graph \
     --cuda 0,5 --rows 256/2/1,512/1/2,512/2/1,1024/1/1 2>&1 | grep '"kind": "best"\|graph' | tail -40 | tee "$OUT/vq.log") ;;
 esac

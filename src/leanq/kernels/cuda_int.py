@@ -105,13 +105,6 @@ __device__ __forceinline__ void load_tile(uint4 (&q)[R][U], u32 (&s)[R][U], cons
   }
 }
 
-__device__ __forceinline__ float scale_of(u32 s) {
-#if SBF16
-  return __uint_as_float(s & 0xFFFF0000u);
-#else
-  return h2f((u16)(s >> 16));
-#endif
-}
 
 // activations 8u .. 8u + 7 one at a time (zeros past K): when K % 8 != 0 or x is not 16-byte aligned
 __device__ __forceinline__ void load8(float (&v)[8], const void* __restrict__ x, int u, int K) {

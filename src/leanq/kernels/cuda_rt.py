@@ -73,6 +73,16 @@ __device__ __forceinline__ void unpack8(float (&v)[8], const uint4 (&r)[XW]) {
   for (int i = 0; i < 4; ++i) { v[2 * i] = ldx(&vv[i], 0); v[2 * i + 1] = ldx(&vv[i], 1); }
 #endif
 }
+#ifdef SBF16
+// an rk group word's scale (its high 16 bits: bf16 when SBF16, else fp16) as fp32
+__device__ __forceinline__ float scale_of(u32 s) {
+#if SBF16
+  return __uint_as_float(s & 0xFFFF0000u);
+#else
+  return h2f((u16)(s >> 16));
+#endif
+}
+#endif
 // a warp's RR row sums, one per lane each: reduced by shuffles; lane r writes row rg * RR + r (times rs[row] when
 // rs is given, plus the bias), then the sums restart at zero
 template <int RR>
