@@ -261,3 +261,53 @@ def test_vq_rows_matches_reference(d, ib, cols, group, out_f, in_f, dtype):
         vr.run_vq_rows(x, pk, m.bias.to(dtype), out=out)
         ref = x.float() @ w.t() + m.bias.float()
         assert torch.isfinite(out).all() and ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+def _emulate_vq_rows(pk: dict, x: torch.Tensor) -> torch.Tensor:
+    """kernels.cuda_vq_rows's arithmetic in torch, with the kernel's own index formulas: staged units (a unit of 8
+    values per 16 bytes, zeros past the tile or K), x * 2**-e in fp16, codewords by index, fp16x2 sums per chunk."""
+    import math
+
+    d, ib, ipc, vpt, cpt, nct, s_units = (pk[k] for k in ("D", "IB", "IPC", "VPT", "CPT", "NCT", "S"))
+    ipw, kc = 32 // ib, nct * cpt
+    e = math.frexp(x.abs().max().item())[1] if x.abs().max() > 0 else 0
+    staged = torch.zeros(kc, 8 * s_units)
+    for u in range(kc * s_units):
+        c, j = divmod(u, s_units)
+        t = c // cpt
+        k0 = t * vpt * d + (c % cpt) * ipc * d + 8 * j
+        kend = min(min(t * vpt + vpt, pk["nvec"]) * d, pk["K"])
+        for i in range(8):
+            staged[c, 8 * j + i] = x[k0 + i] * 2.0 ** -e if k0 + i < kend else 0.0
+    staged = staged.half()
+    cb = pk["cb"].view(nct, pk["KK"], d)
+    words = pk["words"].to(torch.int64) & 0xFFFFFFFF
+    tpg = max(1, pk["group"] // pk["cols"])
+    out = torch.zeros(pk["N"])
+    for row in range(pk["N"]):
+        for c in range(kc):
+            t = c // cpt
+            a = torch.zeros(2, dtype=torch.float16)
+            for i in range(ipc):
+                k = (int(words[row, 4 * c + i // ipw]) >> (ib * (i % ipw))) & ((1 << ib) - 1)
+                for h in range(d // 2):
+                    p = i * (d // 2) + h
+                    a = (cb[t, k, 2 * h:2 * h + 2].double() * staged[c, 2 * p:2 * p + 2].double() + a.double()).half()
+            y = 2.0 ** e * a.float().sum().item()
+            out[row] += y * (pk["scales"][row, min(t // tpg, pk["nsg"] - 1)].item() if pk["nsg"] > 1 else 1.0)
+        if pk["nsg"] == 1:
+            out[row] *= pk["scales"][row, 0].item()
+    return out
+
+
+@pytest.mark.parametrize("d,ib,cols,group,out_f,in_f", ROWS_SPECS[1:3])
+def test_vq_rows_emulated_kernel_matches_reference(d, ib, cols, group, out_f, in_f):
+    """cuda_vq_rows has not run on a GPU yet: its indexing and fp16 arithmetic, emulated here, must give x @ W^T."""
+    from leanq.kernels import cuda_vq_rows as vr
+
+    m = random_vq_layer(min(out_f, 8), in_f, _rows_spec(d, ib, cols, group), False, seed=5)
+    pk = vr.repack_vq_rk(m.qweight, m.codebooks, m.scales, m.spec, in_f)
+    x = torch.randn(in_f)
+    x[in_f // 3] = 3000.0
+    ref = vr.reference_vq_rk(pk) @ x
+    assert ((_emulate_vq_rows(pk, x) - ref).norm() / ref.norm()).item() < 3e-3
