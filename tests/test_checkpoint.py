@@ -70,6 +70,19 @@ def test_overwrite_replaces_checkpoint_and_leaves_no_temp(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
 
 
+def test_released_model_is_not_saved(tmp_path):
+    """A kernel's release_stored (inference only) frees the stored buffers; saving then stops with one clear
+    error and writes nothing, instead of a checkpoint that cannot be read back."""
+    from leanq.kernels import drop_stored
+
+    m, recipe = quantized(method="rtn")
+    layer = next(x for x in m.modules() if isinstance(x, QuantLinear))
+    drop_stored(layer)
+    with pytest.raises(LeanqError, match="released for inference"):
+        save(m, tiny_tokenizer(), recipe, tmp_path / "ck")
+    assert not (tmp_path / "ck").exists() and not list(tmp_path.glob(".ck.tmp-*"))
+
+
 def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
     import leanq.checkpoint as ck
 

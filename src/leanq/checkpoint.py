@@ -52,8 +52,24 @@ def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def check_stored(model: nn.Module) -> None:
+    """Refuse a model whose quantized layers no longer hold their stored format: a kernel's ``release_stored``
+    (inference only) frees those buffers and keeps only its own layout, from which no checkpoint is written."""
+    from .formats.intq import expected_shapes
+
+    for name, m in model.named_modules():
+        if not isinstance(m, QuantLinear) or m.fmt == "float":
+            continue
+        for buf, (shape, _) in expected_shapes(m.spec, m.out_features, m.in_features).items():
+            t = getattr(m, buf, None)
+            if t is not None and tuple(t.shape) != tuple(shape):
+                raise LeanqError(f"{name}: its stored weights were released for inference (a kernel's "
+                                 f"release_stored); save the model before releasing them, or load it again")
+
+
 def state_to_save(model: nn.Module, keep_dtype: str) -> dict[str, torch.Tensor]:
     """Packed buffers as they are; every other float tensor cast to ``keep_dtype``."""
+    check_stored(model)
     quant_prefixes = {n + "." for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     dt = getattr(torch, keep_dtype)
     out = {}
