@@ -23,6 +23,10 @@ class Kernel:
     supports: Callable[[torch.nn.Module, torch.Tensor], bool]
     run: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
     priority: int = 0
+    # the m._cache slot of the kernel layout it computes with (built at first eager use, see cached_layout);
+    # inside torch.compile a kernel whose layout was never built steps aside: building it there would put the
+    # repack in the graph, and the missing entry would break the graph on every call
+    layout: str | None = None
 
 
 KERNELS: list[Kernel] = []
@@ -40,8 +44,11 @@ def _allowed(k: Kernel) -> bool:
 
 
 def select(module: torch.nn.Module, x: torch.Tensor) -> Kernel:
+    built = getattr(module, "_cache", {}) if torch.compiler.is_compiling() else None
     for k in KERNELS:
         if not _allowed(k):
+            continue
+        if built is not None and k.layout is not None and k.layout not in built:
             continue
         if k.fmt == module.fmt and (x.device.type in k.devices or "any" in k.devices) and k.supports(module, x):
             return k

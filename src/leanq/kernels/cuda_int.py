@@ -718,4 +718,5 @@ def install_dedupe() -> None:
 
 
 # priority 42: ahead of the Triton kn GEMV (40) at batch 1
-INT_CUDA = register_kernel(Kernel("cuda-int-gemv", "int", ("cuda",), _supports, _linear, priority=42))
+INT_CUDA = register_kernel(Kernel("cuda-int-gemv", "int", ("cuda",), _supports, _linear, priority=42,
+                                   layout="cuda_int"))

@@ -417,4 +417,5 @@ def _linear(m, x: torch.Tensor) -> torch.Tensor:
 
 
 # priority 35: ahead of the Triton K-major GEMV (30) at batch 1
-VQ_CUDA = register_kernel(Kernel("cuda-vq-lut-gemv", "vq", ("cuda",), _supports, _linear, priority=35))
+VQ_CUDA = register_kernel(Kernel("cuda-vq-lut-gemv", "vq", ("cuda",), _supports, _linear, priority=35,
+                                     layout="triton_vq_kn"))

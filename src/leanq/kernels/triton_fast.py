@@ -467,5 +467,7 @@ def wdot_linear(m, x: torch.Tensor) -> torch.Tensor:
 
 
 # priority 20: ahead of the v3 kernels (10), which stay registered as the fallback for what these decline
-GEMV4 = register_kernel(Kernel("triton-int-gemv4", "int", ("cuda",), _supports_gemv4, gemv4_linear, priority=20))
-WDOT = register_kernel(Kernel("triton-int-wdot", "int", ("cuda",), _supports_wdot, wdot_linear, priority=20))
+GEMV4 = register_kernel(Kernel("triton-int-gemv4", "int", ("cuda",), _supports_gemv4, gemv4_linear, priority=20,
+                                   layout="triton_int"))
+WDOT = register_kernel(Kernel("triton-int-wdot", "int", ("cuda",), _supports_wdot, wdot_linear, priority=20,
+                                  layout="triton_int"))

@@ -261,4 +261,5 @@ def h2_linear(m, x: torch.Tensor) -> torch.Tensor:
 
 
 # priority 30: ahead of gemv4 (20) for the batch-1 2/4-bit case it covers
-H2 = register_kernel(Kernel("triton-int-gemv-h2", "int", ("cuda",), _supports, h2_linear, priority=30))
+H2 = register_kernel(Kernel("triton-int-gemv-h2", "int", ("cuda",), _supports, h2_linear, priority=30,
+                                layout="triton_int"))

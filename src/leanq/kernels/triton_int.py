@@ -495,5 +495,7 @@ def release_stored(model: torch.nn.Module) -> int:
     return freed
 
 
-GEMV = register_kernel(Kernel("triton-int-gemv", "int", ("cuda",), _supports_gemv, gemv_linear, priority=10))
-DOT = register_kernel(Kernel("triton-int-dot", "int", ("cuda",), _supports_dot, dot_linear, priority=10))
+GEMV = register_kernel(Kernel("triton-int-gemv", "int", ("cuda",), _supports_gemv, gemv_linear, priority=10,
+                                 layout="triton_int"))
+DOT = register_kernel(Kernel("triton-int-dot", "int", ("cuda",), _supports_dot, dot_linear, priority=10,
+                                layout="triton_int"))

@@ -630,9 +630,9 @@ def release_stored_kn(model: torch.nn.Module) -> int:
 
 # priority 40: ahead of h2 (30) at batch 1 for 2/4/8 bits
 GEMV_KN = register_kernel(Kernel("triton-kn-gemv", "int", ("cuda",), _supports_gemv,
-                                 lambda m, x: _linear(m, x, "gemv"), priority=40))
+                                 lambda m, x: _linear(m, x, "gemv"), priority=40, layout="triton_kn"))
 # priority 45: batches 2-64 at 2/4 bits, ahead of triton_fast (20) and of the kn dequantize path (40)
 DOT_KN = register_kernel(Kernel("triton-kn-dot", "int", ("cuda",), _supports_dot,
-                                lambda m, x: _linear(m, x, "dot"), priority=45))
+                                lambda m, x: _linear(m, x, "dot"), priority=45, layout="triton_kn"))
 DEQUANT_KN = register_kernel(Kernel("triton-kn-dequant", "int", ("cuda",), _supports_dequant,
-                                    lambda m, x: _linear(m, x, "dequant"), priority=40))
+                                    lambda m, x: _linear(m, x, "dequant"), priority=40, layout="triton_kn"))

@@ -192,4 +192,5 @@ def _linear(m, x: torch.Tensor) -> torch.Tensor:
 
 
 # priority 30: ahead of the row-major LUT GEMV (20) at batch 1
-VQ_KN = register_kernel(Kernel("triton-vq-kn-gemv", "vq", ("cuda",), _supports, _linear, priority=30))
+VQ_KN = register_kernel(Kernel("triton-vq-kn-gemv", "vq", ("cuda",), _supports, _linear, priority=30,
+                                 layout="triton_vq_kn"))
