@@ -42,10 +42,9 @@ import torch
 from ..formats.intq import group_size_of, num_groups
 from ..formats.packing import unpack
 from . import Kernel, cached_layout, drop_stored, int_layer_for, register_kernel
-from .cuda_rt import PRELUDE, Launcher, nvrtc_available, on_device_of
+from .cuda_rt import PRELUDE, XT, Launcher, nvrtc_available, on_device_of, sm_count
 
 BITS = (2, 4, 8)
-_XT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # threads per block, rows per warp, chunks per lane per tile, next tile prefetched, cap on blocks per SM (None: as
 # many as the SM holds)
 DEFAULT_CFG = dict(threads=256, r=2, u=2, pf=1, bps=None)
@@ -161,12 +160,7 @@ __device__ __forceinline__ void compute_tile(float (&acc)[R], const uint4 (&q)[R
   }
 }
 
-#if MINB
-#define BOUNDS __launch_bounds__(THREADS, MINB)
-#else
-#define BOUNDS __launch_bounds__(THREADS)
-#endif
-extern "C" __global__ void BOUNDS int_gemv(
+extern "C" __global__ void __launch_bounds__(THREADS) int_gemv(
     const void* __restrict__ x, void* __restrict__ out, const void* __restrict__ bias,
     const uint4* __restrict__ w, const u32* __restrict__ sz, int N, int K, int KU, int NG, int GCS, int HAS_BIAS,
     int XVEC)
@@ -311,17 +305,14 @@ extern "C" __global__ void int_dequant(void* __restrict__ out, const uint4* __re
 """
 
 
-def source(bits: int, xt: int, threads: int, r: int, u: int, pf: int, sbf16: bool, ablate: int = 0, sb: int = 4,
-           minb: int = 0) -> str:
+def source(bits: int, xt: int, threads: int, r: int, u: int, pf: int, sbf16: bool, ablate: int = 0, sb: int = 4) -> str:
     """The CUDA source of one configuration (its constants as #defines): ``sb`` activation units per thread per
-    staging step (their loads in flight together), ``minb`` blocks per SM asked of the register allocator
-    (``__launch_bounds__``; 0: none).
+    staging step (their loads in flight together).
 
     ``ablate`` (timing experiments only; the results are wrong): bit 1 no decode or dot products (the loaded
     words are only XOR-ed), bit 2 no activation staging."""
     assert bits in BITS and threads % 32 == 0 and 1 <= r <= 32 and u >= 1, (bits, threads, r, u)
-    defs = dict(BITS=bits, XT=xt, THREADS=threads, R=r, U=u, PF=int(pf), SBF16=int(sbf16), ABLATE=ablate, SB=sb,
-                MINB=minb)
+    defs = dict(BITS=bits, XT=xt, THREADS=threads, R=r, U=u, PF=int(pf), SBF16=int(sbf16), ABLATE=ablate, SB=sb)
     return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + PRELUDE + _SRC
 
 
@@ -331,8 +322,8 @@ def available() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _compiled(bits: int, xt: int, threads: int, r: int, u: int, pf: int, sbf16: bool, device: int,
-              name: str = "int_gemv", ablate: int = 0, sb: int = 4, minb: int = 0) -> Launcher:
-    src = source(bits, xt, threads, r, u, pf, sbf16, ablate, sb, minb)
+              name: str = "int_gemv", ablate: int = 0, sb: int = 4) -> Launcher:
+    src = source(bits, xt, threads, r, u, pf, sbf16, ablate, sb)
     with torch.cuda.device(device):
         return Launcher(torch.cuda._compile_kernel(src, name), "cuda-int")
 
@@ -416,10 +407,6 @@ def rk_bytes(pk: dict) -> int:
 # launch
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(dev: int) -> int:
-    return torch.cuda.get_device_properties(dev).multi_processor_count
-
 
 def _cfg(bits: int) -> dict:
     return TUNED.get(bits, DEFAULT_CFG)
@@ -440,8 +427,8 @@ def run_int_cuda(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dic
     cfg = dict(cfg or _cfg(pk["bits"]))
     threads, r, u = cfg["threads"], cfg["r"], cfg["u"]
     dev = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
-    kern = _compiled(pk["bits"], _XT[x2.dtype], threads, r, u, int(cfg.get("pf", 1)), bool(pk["sbf16"]), dev,
-                     "int_gemv", int(cfg.get("ablate", 0)), staging_units(cfg, pk), int(cfg.get("minb", 0)))
+    kern = _compiled(pk["bits"], XT[x2.dtype], threads, r, u, int(cfg.get("pf", 1)), bool(pk["sbf16"]), dev,
+                     "int_gemv", int(cfg.get("ablate", 0)), staging_units(cfg, pk))
     N = pk["N"]
     if out is None:
         out = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
@@ -452,7 +439,7 @@ def run_int_cuda(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dic
     # warps walk row groups by the grid's stride, so the grid is at most what the GPU holds at once (a second
     # wave of blocks would start late and finish last); ``bps`` caps the blocks per SM below that
     per_sm = min(kern.blocks_per_sm(threads, smem), cfg.get("bps") or 64)
-    blocks = max(1, min(-(-nrg // warps), per_sm * _sm_count(dev)))
+    blocks = max(1, min(-(-nrg // warps), per_sm * sm_count(dev)))
     xvec = int(K % 8 == 0 and x2.data_ptr() % 16 == 0)
     kern(grid=(blocks, 1, 1), block=(threads, 1, 1), smem=smem,
          args=[x2, out, bias if bias is not None else out, pk["words"], pk["sz"], N, K, pk["KU"], pk["NG"], pk["GCS"],
@@ -466,7 +453,7 @@ def dequantize_rk(pk: dict, dtype: torch.dtype) -> torch.Tensor:
     dev = pk["words"].device
     di = dev.index if dev.index is not None else torch.cuda.current_device()
     c = DEFAULT_CFG
-    kern = _compiled(pk["bits"], _XT[dtype], c["threads"], c["r"], c["u"], 1, bool(pk["sbf16"]), di, "int_dequant")
+    kern = _compiled(pk["bits"], XT[dtype], c["threads"], c["r"], c["u"], 1, bool(pk["sbf16"]), di, "int_dequant")
     out = torch.empty(N, K, device=dev, dtype=dtype)
     kern(grid=(-(-N * pk["KU"] // 256), 1, 1), block=(256, 1, 1),
          args=[out, pk["words"], pk["sz"], N, K, pk["KU"], pk["NG"], pk["GCS"]])
@@ -574,10 +561,10 @@ def _fast_forward(m, x: torch.Tensor) -> torch.Tensor:
     torch.compile and keeps its own rows; the siblings' calls are then identical, and the graph pass
     :class:`DedupeOps` leaves one.  Outside torch.compile it runs on its own rows (views of the fused layout)."""
     b = m.bias.to(x.dtype) if m.bias is not None else None
-    fused = m.rk_rows is not None and _op is not None and torch.compiler.is_compiling()
-    if not fused:
+    compiled = _op is not None and torch.compiler.is_compiling()
+    if not compiled or m.rk_rows is None:
         args = (x, m.rk_words, m.rk_sz, b) + m.rk_meta
-        return _op(*args) if (_op is not None and torch.compiler.is_compiling()) else _impl(*args)
+        return _op(*args) if compiled else _impl(*args)
     y = _op(x, m.rk_fused_words, m.rk_fused_sz, None, *m.rk_fused_meta)[..., m.rk_rows[0]:m.rk_rows[1]]
     return y + b if b is not None else y
 

@@ -24,9 +24,8 @@ import functools
 import torch
 
 from .cuda_int import codes_per_chunk
-from .cuda_rt import PRELUDE, Launcher, nvrtc_available
+from .cuda_rt import PRELUDE, XT, Launcher, nvrtc_available
 
-_XT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 DEFAULT_CFG = dict(threads=128, nt=4, gpb=4)
 
 _SRC = r"""
@@ -203,7 +202,7 @@ def run_int_mma(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dict
     assert group % 16 == 0 and codes_per_chunk(pk["bits"]) <= group, group
     threads, nt, gpb = cfg["threads"], cfg["nt"], cfg["gpb"]
     dev = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
-    mma, finish = _compiled(pk["bits"], _XT[x2.dtype], threads, nt, gpb, bool(pk["sbf16"]), dev)
+    mma, finish = _compiled(pk["bits"], XT[x2.dtype], threads, nt, gpb, bool(pk["sbf16"]), dev)
     N = pk["N"]
     acc = _scratch(x2.device, M * N)
     out = torch.empty(M, N, device=x2.device, dtype=x2.dtype)

@@ -8,9 +8,13 @@ can be captured in CUDA graphs.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 
 import torch
+
+# the activation dtype as the kernels' XT define
+XT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 # CUfunction_attribute: CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
 _MAX_DYNAMIC_SHARED = 8
@@ -110,6 +114,11 @@ def nvrtc_available(switch: str) -> bool:
     environment variable ``switch`` does not turn it off (``=0``)."""
     return (torch.cuda.is_available() and torch.version.cuda is not None
             and hasattr(torch.cuda, "_compile_kernel") and os.environ.get(switch, "1") != "0")
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(dev: int) -> int:
+    return torch.cuda.get_device_properties(dev).multi_processor_count
 
 
 def on_device_of(x: torch.Tensor, fn, *args):

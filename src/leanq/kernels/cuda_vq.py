@@ -41,9 +41,8 @@ import functools
 import torch
 
 from . import Kernel, register_kernel
-from .cuda_rt import PRELUDE, Launcher, nvrtc_available, on_device_of
+from .cuda_rt import PRELUDE, XT, Launcher, nvrtc_available, on_device_of, sm_count
 
-_XT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # threads per block, outputs per thread, vectors per block, kernel (and its blocks per SM), finishing step fused:
 # by (D, index bits) the best on the five Llama shapes in the H100 runs of docs/PERFORMANCE.md, "Codebook (vq)
 # kernels, session 6" (benchmarks/kernels/results/vq-cuda-h100-2026-11-27-*)
@@ -319,7 +318,7 @@ def run_vq_cuda(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dict
     N, threads, npt, vc = pk["N"], cfg["threads"], cfg["npt"], cfg["vc"]
     row_scale = pk["nsg"] == 1
     dev = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
-    tile, stat, finish = _compiled(pk["D"], 1 << pk["IB"], _XT[x2.dtype], threads, npt, vc, not row_scale, dev,
+    tile, stat, finish = _compiled(pk["D"], 1 << pk["IB"], XT[x2.dtype], threads, npt, vc, not row_scale, dev,
                                    cfg.get("ablate", 0))
     acc, cnt = _scratch(x2.device, N)
     out = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
@@ -334,16 +333,12 @@ def run_vq_cuda(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dict
         if fuse:
             return out
     else:
-        nr = outputs_per_block(N, bn, vblocks, cfg, _sm_count(dev))
+        nr = outputs_per_block(N, bn, vblocks, cfg, sm_count(dev))
         stat(grid=((N + nr - 1) // nr, vblocks, 1), block=(threads, 1, 1), args=args + [nr])
     finish(grid=((N + 255) // 256, 1, 1), block=(256, 1, 1),
            args=[acc, out, bias if bias is not None else out, pk["scales"], N, int(bias is not None), int(row_scale)])
     return out
 
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(dev: int) -> int:
-    return torch.cuda.get_device_properties(dev).multi_processor_count
 
 
 def outputs_per_block(n: int, bn: int, vblocks: int, cfg: dict, sms: int) -> int:

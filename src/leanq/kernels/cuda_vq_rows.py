@@ -30,9 +30,8 @@ import functools
 import torch
 
 from ..formats.vq import geometry, unpack_indices
-from .cuda_rt import PRELUDE, Launcher, nvrtc_available, on_device_of
+from .cuda_rt import PRELUDE, XT, Launcher, nvrtc_available, on_device_of, sm_count
 
-_XT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 DEFAULT_CFG = dict(threads=256, r=2, u=1)
 SMEM_LIMIT = 200 * 1024  # codebooks + staged activations of one block; above, the LUT kernel serves
 
@@ -296,10 +295,6 @@ def _compiled(key: tuple, xt: int, threads: int, r: int, u: int, device: int) ->
         return Launcher(torch.cuda._compile_kernel(src, "vq_rows_gemv"), "cuda-vq-rows")
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(dev: int) -> int:
-    return torch.cuda.get_device_properties(dev).multi_processor_count
-
 
 _KEYS = ("D", "IB", "KK", "CPT", "NCT", "VPT", "S", "CST")
 
@@ -312,12 +307,12 @@ def run_vq_rows(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dict
     cfg = dict(cfg or DEFAULT_CFG)
     threads, r, u = cfg["threads"], cfg["r"], cfg["u"]
     dev = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
-    kern = _compiled(tuple((k, pk[k]) for k in _KEYS), _XT[x2.dtype], threads, r, u, dev)
+    kern = _compiled(tuple((k, pk[k]) for k in _KEYS), XT[x2.dtype], threads, r, u, dev)
     N = pk["N"]
     if out is None:
         out = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
     nrg = -(-N // r)
-    blocks = max(1, min(-(-nrg // (threads // 32)), kern.blocks_per_sm(threads, pk["smem"]) * _sm_count(dev)))
+    blocks = max(1, min(-(-nrg // (threads // 32)), kern.blocks_per_sm(threads, pk["smem"]) * sm_count(dev)))
     tpg = max(1, pk["group"] // pk["cols"])  # codebook tiles per scale group
     kern(grid=(blocks, 1, 1), block=(threads, 1, 1), smem=pk["smem"],
          args=[x2, out, bias if bias is not None else out, pk["words"], pk["cb"], pk["scales"], N, K, pk["nvec"],
