@@ -217,88 +217,97 @@ def test_release_stored_rk_fused_matches_dispatch_under_torch_compile():
     torch._dynamo.reset()
 
 
-def _emulate_int_mma(x: torch.Tensor, pk: dict, gpb: int = 4, nt: int = 4, warps: int = 4) -> torch.Tensor:
-    """kernels.cuda_int_mma's arithmetic, lane by lane, in torch: each thread's A and B registers built with the
-    kernel's own index formulas, then put where mma.m16n8k16 takes them from (thread g = lane / 4, t = lane % 4:
-    A[g | g+8][2t, 2t+1 | 2t+8, 2t+9], B[2t, 2t+1 | 2t+8, 2t+9][g]) and multiplied in float32."""
+def _emulate_int_mma(x: torch.Tensor, pk: dict, threads: int = 128, wr: int = 2, nt: int = 2) -> torch.Tensor:
+    """kernels.cuda_int_mma's arithmetic, lane by lane, in torch: each thread's A and B registers and its C outputs
+    taken with the kernel's own index formulas, then put where mma.m16n8k16 takes and leaves them (thread
+    g = lane / 4, t = lane % 4: A[g | g+8][2t, 2t+1 | 2t+8, 2t+9], B[2t, 2t+1 | 2t+8, 2t+9][g],
+    C[g | g+8][2t, 2t+1]) and multiplied in float32. x is read as the kernel reads it: pairs of 16-bit values."""
     bits, M, K, N, G = pk["bits"], x.shape[0], pk["K"], pk["N"], pk["group"]
-    e_, nf, wps = 32 // bits, 16 // bits, 16 // (32 // bits)
+    e_, wps = 32 // bits, 16 // (32 // bits)
     words = pk["words"].to(torch.int64) & 0xFFFFFFFF
     szw = pk["sz"].to(torch.int64) & 0xFFFFFFFF
     scales = ((szw >> 16).to(torch.int32) << 16).view(torch.float32) if pk["sbf16"] else \
         (szw >> 16).to(torch.int16).view(torch.float16).float()
     zeros = (szw & 0xFFFF).float()
     qmask = (1 << bits) - 1
+    xp = x.float().reshape(M, K // 2, 2)  # x as the kernel's u32 pairs: xp[row, k / 2]
     out = torch.zeros(M, N)
+    warps = threads // 32
+    wk_n = warps // wr
+    ng = pk["NG"]
+    gpw = -(-ng // wk_n)
 
-    def pair(word, shift, z):  # 1024 + q in both halves, minus 1024 + z: exact q - z
+    def pair(word, shift, z):  # M0 + q in both halves, minus M0 + z: exact q - z
         return torch.tensor([float((word >> shift) & qmask), float((word >> (16 + shift)) & qmask)]) - z
 
-    rows_per_block = warps * nt * 8
-    for g0 in range(0, pk["NG"], gpb):
-        g1 = min(pk["NG"], g0 + gpb)
-        kb0, kw = g0 * G, (g1 - g0) * G
-        win = torch.zeros(16, kw)
-        cols = min(kw, K - kb0)
-        win[:M, :cols] = x[:, kb0:kb0 + cols]
-        e = math.frexp(win.abs().max().item())[1] if win.abs().max() > 0 else 0
-        xs = (win * 2.0 ** -e).half().float()
-        for nb in range(0, -(-N // rows_per_block) * rows_per_block, nt * 8):
-            c = torch.zeros(nt, 16, 8)
-            for grp in range(g0, g1):
-                cg = torch.zeros(nt, 16, 8)
-                for s in range(G // 16):
-                    kl, wo = (grp - g0) * G + s * 16, (grp * G + s * 16) // e_
-                    a_mat = torch.zeros(16, 16)
-                    for lane in range(32):
-                        g, t = lane // 4, lane % 4
-                        # the kernel's loads a[0..3] = xs[g | g+8][kl/2 + t | kl/2 + 4 + t] (pairs), placed as mma reads them
-                        for reg, (row, pcol) in enumerate([(g, kl // 2 + t), (g + 8, kl // 2 + t),
-                                                           (g, kl // 2 + 4 + t), (g + 8, kl // 2 + 4 + t)]):
-                            mrow = g + 8 * (reg % 2)
-                            mcol = 2 * t + 8 * (reg // 2)
-                            a_mat[mrow, mcol:mcol + 2] = xs[row, 2 * pcol:2 * pcol + 2]
-                    for j in range(nt):
-                        b_mat = torch.zeros(16, 8)
+    for blk in range(-(-N // (wr * nt * 8))):
+        for wr_i in range(wr):
+            nb = (blk * wr + wr_i) * nt * 8
+            ctot = torch.zeros(nt, 16, 8)
+            for wk in range(wk_n):  # the block's K ranges, summed as the shared-memory reduction does
+                for grp in range(wk * gpw, min(ng, (wk + 1) * gpw)):
+                    cg = torch.zeros(nt, 16, 8)
+                    for s in range(G // 16):
+                        k0 = grp * G + s * 16
+                        if k0 >= K:
+                            break
+                        a_mat = torch.zeros(16, 16)
                         for lane in range(32):
                             g, t = lane // 4, lane % 4
-                            n = nb + j * 8 + g
-                            if n >= N:
-                                continue
-                            ws = [int(words[n, wo + i]) if wo + i < words.shape[1] else 0 for i in range(wps)]
-                            z = zeros[n, grp].item()
-                            if bits == 4:
-                                b0, b1 = pair(ws[0], 4 * t, z), pair(ws[1], 4 * t, z)
-                            elif bits == 2:
-                                b0, b1 = pair(ws[0], 2 * t, z), pair(ws[0], 2 * t + 8, z)
-                            else:
-                                b0, b1 = pair(ws[t >> 1], 8 * (t & 1), z), pair(ws[2 + (t >> 1)], 8 * (t & 1), z)
-                            b_mat[2 * t:2 * t + 2, g] = b0
-                            b_mat[2 * t + 8:2 * t + 10, g] = b1
-                        cg[j] += a_mat @ b_mat
-                for j in range(nt):
-                    for col in range(8):
-                        n = nb + j * 8 + col
-                        if n < N:
-                            c[j, :, col] += scales[n, grp] * cg[j, :, col]
+                            # a[0..3] = x0[k0/2 + t], x1[k0/2 + t], x0[k0/2 + 4 + t], x1[k0/2 + 4 + t]
+                            for reg, (row, pidx) in enumerate([(g, k0 // 2 + t), (g + 8, k0 // 2 + t),
+                                                               (g, k0 // 2 + 4 + t), (g + 8, k0 // 2 + 4 + t)]):
+                                mrow, mcol = g + 8 * (reg % 2), 2 * t + 8 * (reg // 2)
+                                if row < M:
+                                    a_mat[mrow, mcol:mcol + 2] = xp[row, pidx]
+                        for j in range(nt):
+                            b_mat = torch.zeros(16, 8)
+                            for lane in range(32):
+                                g, t = lane // 4, lane % 4
+                                n = nb + j * 8 + g
+                                if n >= N:
+                                    continue
+                                ws = [int(words[n, k0 // e_ + i]) for i in range(wps)]
+                                z = zeros[n, grp].item()
+                                if bits == 4:
+                                    b0, b1 = pair(ws[0], 4 * t, z), pair(ws[1], 4 * t, z)
+                                elif bits == 2:
+                                    b0, b1 = pair(ws[0], 2 * t, z), pair(ws[0], 2 * t + 8, z)
+                                else:
+                                    b0, b1 = pair(ws[t >> 1], 8 * (t & 1), z), pair(ws[2 + (t >> 1)], 8 * (t & 1), z)
+                                b_mat[2 * t:2 * t + 2, g] = b0
+                                b_mat[2 * t + 8:2 * t + 10, g] = b1
+                            cg[j] += a_mat @ b_mat
+                    for j in range(nt):
+                        for lane in range(32):  # c[j][0..3] += s0/s1 * cg: columns n0 = nb + 8j + 2t, n0 + 1
+                            g, t = lane // 4, lane % 4
+                            for e in range(2):
+                                n = nb + j * 8 + 2 * t + e
+                                sc = scales[n, grp].item() if n < N else 0.0
+                                for h in range(2):
+                                    ctot[j, g + 8 * h, 2 * t + e] += sc * cg[j, g + 8 * h, 2 * t + e]
             for j in range(nt):
-                for col in range(8):
-                    n = nb + j * 8 + col
-                    if n < N:
-                        out[:, n] += c[j, :M, col] * 2.0 ** e
+                for lane in range(32):  # the writes: rows g, g + 8 below M, columns n0, n0 + 1 below N
+                    g, t = lane // 4, lane % 4
+                    for h in range(2):
+                        for e in range(2):
+                            r, n = g + 8 * h, nb + j * 8 + 2 * t + e
+                            if r < M and n < N:
+                                out[r, n] = ctot[j, r, 2 * t + e]
     return out
 
 
-@pytest.mark.parametrize("bits,group,n,k,m", [(4, 128, 40, 384, 3), (2, 64, 24, 200, 16), (8, 32, 17, 96, 5)])
-def test_int_mma_fragment_mapping_reproduces_the_product(bits, group, n, k, m):
-    """The tensor-core kernel (kernels.cuda_int_mma, not yet run on a GPU) emulated lane by lane on the CPU: its
-    register choices must rebuild x @ W^T from the rk words (within fp16 rounding of x)."""
+@pytest.mark.parametrize("bits,group,n,k,m,dtype", [(4, 128, 40, 384, 3, torch.bfloat16), (2, 64, 24, 208, 16, torch.float16),
+                                                    (8, 32, 17, 96, 5, torch.float16)])
+def test_int_mma_fragment_mapping_reproduces_the_product(bits, group, n, k, m, dtype):
+    """The tensor-core kernel (kernels.cuda_int_mma) emulated lane by lane on the CPU: its register choices must
+    rebuild x @ W^T from the rk words and x's 16-bit values (K split over warps, a partial last group)."""
     layer = _layer(n, k, bits, group, seed=bits)
     pk = ci.repack_rk(layer.qweight, layer.scales, layer.zeros, bits, False, k, group)
-    x = torch.randn(m, k)
-    ref = x @ ci.reference_rk(pk).t()
-    got = _emulate_int_mma(x, pk, gpb=2, nt=2, warps=1)
-    assert ((got - ref).norm() / ref.norm()).item() < 2e-3
+    x = torch.randn(m, k).to(dtype)
+    ref = x.float() @ ci.reference_rk(pk).t()
+    got = _emulate_int_mma(x, pk, threads=128, wr=2, nt=2)
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-5
 
 
 @GPU
@@ -312,8 +321,13 @@ def test_int_mma_matches_reference(bits, group, n, k, m, dtype):
     pk = ci.packed_rk(layer)
     x = torch.randn(m, k, device="cuda").to(dtype)
     x[0, k // 2] = 3000.0
-    out = cm.run_int_mma(x, pk, layer.bias.to(dtype))
+    if not cm.supports(pk, x):
+        assert dtype == torch.bfloat16 and bits == 8
+        return
     ref = x.float() @ ci.reference_rk(pk).t() + layer.bias.float()
-    assert torch.isfinite(out).all() and ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
-    again = cm.run_int_mma(x, pk, layer.bias.to(dtype))  # the scratch was left at zero
-    assert torch.equal(again, out)
+    for cfg in (None, dict(threads=128, wr=2, nt=1), dict(threads=512, wr=2, nt=4), dict(threads=64, wr=1, nt=2)):
+        out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+        cm.run_int_mma(x, pk, layer.bias.to(dtype), cfg, out=out)
+        assert torch.isfinite(out).all() and ((out.float() - ref).norm() / ref.norm()).item() < 1e-2, cfg
+    again = cm.run_int_mma(x, pk, layer.bias.to(dtype))
+    assert torch.equal(again, cm.run_int_mma(x, pk, layer.bias.to(dtype)))  # same bytes every launch

@@ -231,8 +231,9 @@ def main() -> int:
     ap.add_argument("--layout", choices=["rk", "kn", "nk"], default="rk",
                     help="rk: cuda_int (batch-1 CUDA GEMV, whole rows per warp); kn: triton_kn (batch-1 GEMV on "
                          "K-major words); nk: triton_int/fast/half2 row layout")
-    ap.add_argument("--fuse", action="store_true",
-                    help="rk: q/k/v and gate/up share one GEMV each under torch.compile (cuda_int.take_over)")
+    ap.add_argument("--no-fuse", dest="fuse", action="store_false",
+                    help="rk: keep q/k/v and gate/up as separate GEMVs (by default each group shares one under "
+                         "torch.compile: cuda_int.take_over)")
     ap.add_argument("--tuned", default="", help="bench_kernels.json whose tuned tile configs to use")
     ap.add_argument("--floor", action="store_true",
                     help="decode: after BF16, time the same model with every decoder-layer linear replaced by a "

@@ -58,7 +58,9 @@ def main() -> int:
     ap.add_argument("--sweep-bits", default="4")
     ap.add_argument("--no-single", action="store_true", help="graph harness only")
     ap.add_argument("--mma", default="", help="batches (e.g. 4,16) to time the tensor-core kernel (kernels.cuda_int_mma) "
-                    "at, beside BF16, the Triton kn-dot and dequantize + cuBLAS (single-launch harness)")
+                    "at, beside BF16, the Triton kn-dot and dequantize + cuBLAS (both harnesses)")
+    ap.add_argument("--mma-cfgs", default="", help="also these cuda-int-mma launch configs, threads/wr/nt: e.g. "
+                    "256/1/2,512/2/4")
     ap.add_argument("--ablate", action="store_true",
                     help="also time the tuned config with parts left out (cuda_int.source's ablate bits 1, 2, 3)")
     args = ap.parse_args()
@@ -80,7 +82,6 @@ def main() -> int:
             f.write(json.dumps(r) + "\n")
 
     for n, k in shapes:
-        ws_m: dict = {}  # this shape's BF16 weight for the batch rows (--mma)
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         bf16_fn = bk.bf16_copies(n, k, x)
         ws = bf16_fn.copies
@@ -162,24 +163,42 @@ def main() -> int:
                 from leanq.kernels import cuda_int_mma as cm
 
                 xm = torch.randn(M, k, device="cuda", dtype=torch.bfloat16)
-                if "w" not in ws_m:
-                    ws_m["w"] = (torch.randn(n, k, device="cuda") * 0.02).bfloat16()
-                wb = ws_m["w"]
                 refm = xm.float() @ w_ref.t()
-                cands = {"bf16": lambda: F.linear(xm, wb), "cuda-int-mma": lambda: cm.run_int_mma(xm, pk0, None),
-                         "rk-dequant+cublas": lambda: F.linear(xm, ci.dequantize_rk(pk0, xm.dtype))}
+                mma_cfgs = [None] + [dict(threads=int(t), wr=int(w), nt=int(j)) for t, w, j in
+                                     (c.split("/") for c in args.mma_cfgs.split(",") if c)]
+
+                def mma_fn(c, cfg=None, xm=xm):
+                    p = pks.setdefault(c, pk0 if c == 0 else ci.packed_rk(layer(c)))
+                    return lambda: cm.run_int_mma(xm, p, None, cfg)
+
+                def deq_fn(c, xm=xm):
+                    p = pks.setdefault(c, pk0 if c == 0 else ci.packed_rk(layer(c)))
+                    return lambda: F.linear(xm, ci.dequantize_rk(p, xm.dtype))
+
+                def kn_dot_fn(c, xm=xm):
+                    p = kns.setdefault(c, kn.packed_kn(layer(c)))
+                    return lambda: kn.run_dot_kn(xm, p, None)
+
+                cands = {"bf16": (bk.bf16_copies(n, k, xm), 2 * n * k)}
+                for cfg in mma_cfgs:
+                    name = "cuda-int-mma" + ("" if cfg is None else f" t{cfg['threads']} wr{cfg['wr']} nt{cfg['nt']}")
+                    cands[name] = (lambda c, cfg=cfg: mma_fn(c, cfg), nb)
+                cands["rk-dequant+cublas"] = (deq_fn, nb)
                 if bits in kn.DOT_BITS:
-                    pkn0 = kn.packed_kn(m0)
-                    cands["kn-dot"] = lambda: kn.run_dot_kn(xm, pkn0, None)
-                tb = None
-                for name, fn in cands.items():
-                    e = bk.rel_err(fn(), refm) if name != "bf16" else 0.0
-                    t1 = bk.bench(fn, args.reps) if e <= 1e-2 else float("nan")
-                    tb = t1 if name == "bf16" else tb
+                    cands["kn-dot"] = (kn_dot_fn, nb)
+                tb = gb = None
+                for name, (make, nbytes) in cands.items():
+                    e = bk.rel_err(make(0)(), refm) if name != "bf16" else 0.0
+                    ok = e <= 1e-2
+                    t1 = bk.bench(make(0), args.reps) if ok and not args.no_single else float("nan")
+                    g1 = bk.bench_graph(make, nbytes, reps=args.reps) if ok else float("nan")
+                    tb, gb = (t1, g1) if name == "bf16" else (tb, gb)
                     r = dict(shape=f"{n}x{k}", n=n, k=k, bits=bits, M=M, impl=f"batch-{name}", single_us=t1 * 1e3,
-                             rel_err=e, x_bf16_single=tb / t1)
+                             graph_us=g1 * 1e3, rel_err=e, x_bf16_single=tb / t1, x_bf16_graph=gb / g1,
+                             pct_copy_graph=100 * nbytes / (g1 * 1e-3) / 1e9 / bw)
                     emit(r)
-                    print(f"  M={M:<3} {name:<18} {t1 * 1e3:7.1f} us  x{tb / t1:.2f} bf16  err {e:.1e}", flush=True)
+                    print(f"  M={M:<3} {name:<28} single {t1 * 1e3:6.1f} us x{tb / t1:.2f}  graph {g1 * 1e3:6.1f} us "
+                          f"x{gb / g1:.2f} bf16 ({r['pct_copy_graph']:.0f}% copy)  err {e:.1e}", flush=True)
             if args.ablate:
                 for ab in (1, 2, 3):
                     cfg = dict(ci._cfg(bits), ablate=ab)

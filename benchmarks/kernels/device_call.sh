@@ -6,7 +6,7 @@
 #   bash benchmarks/kernels/device_call.sh decode    # end-to-end decode (layers from $LAYERS)
 #   bash benchmarks/kernels/device_call.sh next7     # session 7's untimed work: the CUDA kernel tests (fused release,
 #                                                    # >48 KB shared memory, whole-row vq, batch-16 mma), decode
-#                                                    # with --fuse, the mma kernel at batches 4 and 16, vq rows
+#                                                    # (q/k/v, gate/up fused: the default), mma at batches 4 and 16, vq rows
 #   bash benchmarks/kernels/device_call.sh table8    # the issue's table in one run: batches 1/16/256, 4/2/8/3 bits, both
 #                                                    # harnesses at batch 1 (cuda-int, kn, int4pack, int8pack, BF16)
 # Each step runs under its own timeout so a slow step cannot eat the call; logs and JSON go to $OUT.
@@ -46,7 +46,7 @@ table8)
 next7)
   timeout "${T1:-120}" python3 -m pytest -q -p no:cacheprovider tests/test_kernels_cuda_int.py tests/test_kernels_vq.py \
     2>&1 | tail -15 | tee "$OUT/tests.log"
-  timeout "${T2:-200}" python3 benchmarks/decode/bench_decode.py decode --layout rk --fuse --out "$OUT" --reps 3 \
+  timeout "${T2:-200}" python3 benchmarks/decode/bench_decode.py decode --layout rk --out "$OUT" --reps 3 \
     2>&1 | grep -E '^(bf16|int4) |speedup|ratio|Error' | tee "$OUT/decode.log"
   timeout "${T4:-150}" python3 benchmarks/kernels/bench_cuda_int.py --out "$OUT" --reps 20 --bits 4,2 --mma 4,16 \
     2>&1 | grep -E "M=|cuda-int " | tee "$OUT/mma.log"

@@ -25,8 +25,9 @@ Per block:
 4. a warp's R sums are reduced with shuffles; y = acc (+ bias), in the activation dtype.
 
 Warps walk row groups ``blockIdx.x * WARPS + warp`` stepping by the grid, and the grid holds no more
-blocks than the GPU runs at once (the driver's occupancy), so each block stages x once.  Batches above 1
-(prefill) dequantize to the activation dtype (``int_dequant``) and call cuBLAS.  Compiled at first use
+blocks than the GPU runs at once (the driver's occupancy), so each block stages x once.  Batches 2-16 with
+fp16/bf16 activations run on tensor cores from the same words (:mod:`leanq.kernels.cuda_int_mma`); larger
+batches (prefill) dequantize to the activation dtype (``int_dequant``) and call cuBLAS.  Compiled at first use
 through NVRTC and launched through the driver (:mod:`leanq.kernels.cuda_rt`); under torch.compile one
 custom op, ``leanq::cuda_int_linear``.  Where NVRTC is missing or fails, the Triton kernels serve
 (``LEANQ_CUDA_INT=0`` chooses them).  The oracle is :func:`reference_rk` (and the stored format's own
@@ -42,6 +43,7 @@ import torch
 from ..formats.intq import group_size_of, num_groups
 from ..formats.packing import unpack
 from . import Kernel, cached_layout, drop_stored, int_layer_for, register_kernel
+from . import cuda_int_mma
 from .cuda_rt import PRELUDE, XT, Launcher, nvrtc_available, on_device_of, sm_count
 
 BITS = (2, 4, 8)
@@ -484,7 +486,8 @@ def _ok(m) -> bool:
 
 
 def _supports(m, x) -> bool:
-    """Batch 1; larger batches (dequantize + cuBLAS) only where this layout is the layer's only copy."""
+    """Batch 1; larger batches (tensor cores up to 16, dequantize + cuBLAS above) only where this layout is the
+    layer's only copy."""
     if not available() or id(m) in _BROKEN or not _ok(m):
         return False
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
@@ -499,13 +502,16 @@ def _cpu_linear(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None) -> torch.
 
 
 def _run(x: torch.Tensor, pk: dict, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [..., K] -> [..., N]: the GEMV at batch 1, dequantize + cuBLAS above, the pure-torch path off the GPU."""
+    """x [..., K] -> [..., N]: the GEMV at batch 1, tensor cores at 2-16 (:mod:`cuda_int_mma`, 16-bit
+    activations), dequantize + cuBLAS above, the pure-torch path off the GPU."""
     x2 = x.reshape(-1, x.shape[-1])
     x2 = x2 if x2.is_contiguous() else x2.contiguous()
     if not x2.is_cuda:
         y = _cpu_linear(x2, pk, bias)
     elif x2.shape[0] == 1:
         y = run_int_cuda(x2, pk, bias)
+    elif cuda_int_mma.supports(pk, x2):
+        y = cuda_int_mma.run_int_mma(x2, pk, bias)
     else:
         y = torch.nn.functional.linear(x2, dequantize_rk(pk, x2.dtype), bias)
     return y.reshape(*x.shape[:-1], pk["N"])
@@ -622,12 +628,14 @@ def take_over(model: torch.nn.Module, layers: list, fuse: bool = True) -> int:
     return freed
 
 
-def release_stored_rk(model: torch.nn.Module, fuse: bool = False) -> int:
+def release_stored_rk(model: torch.nn.Module, fuse: bool = True) -> int:
     """Inference only: build every eligible CUDA int layer's rk layout now and free its stored buffers (the
-    layer then runs only here: the GEMV at batch 1, dequantize + cuBLAS above; its forward calls the kernel
-    directly, without the dispatch table; with ``fuse``, layers that read the same input share one GEMV under
-    torch.compile, see :func:`take_over`: checked on the CPU, not yet timed on a GPU, so off by default).  The kernel is compiled and checked on the first layer before any
-    buffer is freed; if that fails, nothing is released.  Returns bytes freed."""
+    layer then runs only here: the GEMV at batch 1, tensor cores at 2-16, dequantize + cuBLAS above; its
+    forward calls the kernel directly, without the dispatch table).  With ``fuse`` (the default), layers that
+    read the same input share one GEMV under torch.compile (:func:`take_over`): on an H100 this took a
+    32-layer 7B-shaped decode from 1.84x to 2.00x BF16 (docs/PERFORMANCE.md, version 9).  The kernel is
+    compiled and checked on the first layer before any buffer is freed; if that fails, nothing is released.
+    Returns bytes freed."""
     layers = [m for m in model.modules()
               if _ok(m) and hasattr(m, "qweight") and m.qweight.numel() and m.qweight.device.type == "cuda"]
     if not layers or not available():

@@ -1,8 +1,13 @@
 """Batch-1 codebook GEMV with whole rows per warp (CUDA C++): the integer kernel's design for vq layers.
 
-Status: written and checked on the CPU only: the layout decodes to the stored weight, and the source
-compiles for sm_90 with a local NVRTC. It has not run on a GPU yet. Until it has, it is **not in the
-dispatch table**; ``benchmarks/kernels/bench_vq.py --rows`` measures it against ``cuda-vq-lut-gemv``.
+Status: measured, and slower than the kernel it was meant to replace, so it stays **out of the dispatch
+table** (``benchmarks/kernels/bench_vq.py --rows`` times it). On an H100 (2026-11-28, graph harness,
+``benchmarks/kernels/results/vq-rows-h100-2026-11-28.jsonl``) its best config reached 1.75-2.16x BF16 for
+vq2 and 1.51-1.82x for vq3, against 2.00-3.13x and 1.74-2.22x for ``cuda-vq-lut-gemv``. ncu (on an H200,
+vq2 at 4096x4096, ``ncu-h200-2026-11-28-vqrows_2.txt``): 128 blocks of 512 threads, one per SM at 25%
+occupancy, 0.28 instructions issued per cycle per scheduler, DRAM at 9% of peak. Each block stages 44 KB of
+codebooks before its first index, and one block per SM cannot hide those loads. The layout and its decode
+are still checked on the CPU (``tests/test_kernels_vq.py``) and on a GPU.
 
 Why: ``cuda-vq-lut-gemv`` (:mod:`leanq.kernels.cuda_vq`) splits K across blocks and adds into fp32
 scratch, then finishes in a second kernel. At 4096x4096 that skeleton alone takes 6.1 us, against the
