@@ -310,6 +310,23 @@ def test_int_mma_fragment_mapping_reproduces_the_product(bits, group, n, k, m, d
     assert ((got - ref).norm() / ref.norm()).item() < 1e-5
 
 
+def test_int_mma_supports_only_what_it_computes():
+    """The tensor-core path's gate: 16-bit activations on a GPU, batches 2-16, K and the group multiples of 16,
+    bf16 only up to 4 bits; everything else goes to dequantize + cuBLAS (or the pure-torch path)."""
+    from leanq.kernels import cuda_int_mma as cm
+
+    layer = _layer(16, 256, 4, 128, seed=1)
+    pk = ci.repack_rk(layer.qweight, layer.scales, layer.zeros, 4, False, 256, 128)
+    assert not cm.supports(pk, torch.randn(4, 256, dtype=torch.bfloat16))  # on the CPU
+    meta = torch.empty(4, 256, dtype=torch.bfloat16, device="meta")
+    assert not cm.supports(pk, meta)
+    if torch.cuda.is_available():
+        x = torch.randn(4, 256, device="cuda", dtype=torch.bfloat16)
+        assert cm.supports(pk, x) and not cm.supports(pk, x.float()) and not cm.supports(pk, x[:1])
+        assert not cm.supports(pk, torch.randn(17, 256, device="cuda", dtype=torch.bfloat16))
+        assert not cm.supports(dict(pk, bits=8), x) and cm.supports(dict(pk, bits=8), x.half())
+
+
 @GPU
 @pytest.mark.parametrize("bits,group,n,k,m", [(4, 128, 96, 512, 16), (4, 128, 333, 4160, 3), (2, 64, 64, 384, 8),
                                               (8, 32, 40, 256, 2)])

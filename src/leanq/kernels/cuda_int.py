@@ -510,10 +510,18 @@ def _run(x: torch.Tensor, pk: dict, bias: torch.Tensor | None) -> torch.Tensor:
         y = _cpu_linear(x2, pk, bias)
     elif x2.shape[0] == 1:
         y = run_int_cuda(x2, pk, bias)
-    elif cuda_int_mma.supports(pk, x2):
-        y = cuda_int_mma.run_int_mma(x2, pk, bias)
     else:
-        y = torch.nn.functional.linear(x2, dequantize_rk(pk, x2.dtype), bias)
+        y = None
+        if cuda_int_mma.supports(pk, x2):
+            try:
+                y = cuda_int_mma.run_int_mma(x2, pk, bias)
+            except RuntimeError as e:  # NVRTC or the launch failing here: say so once, then dequantize serves
+                import warnings
+
+                warnings.warn(f"leanq: cuda-int-mma unavailable ({str(e)[:200]}); batches 2-16 dequantize")
+                cuda_int_mma._BROKEN.add(x2.device.index if x2.device.index is not None else torch.cuda.current_device())
+        if y is None:
+            y = torch.nn.functional.linear(x2, dequantize_rk(pk, x2.dtype), bias)
     return y.reshape(*x.shape[:-1], pk["N"])
 
 

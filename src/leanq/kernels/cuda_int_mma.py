@@ -240,11 +240,22 @@ def available() -> bool:
     return nvrtc_available("LEANQ_CUDA_INT")
 
 
+_BROKEN: set = set()  # devices where compiling or launching failed once (dequantize + cuBLAS serves there)
+
+
+@functools.lru_cache(maxsize=None)
+def _has_mma(device: int) -> bool:
+    return torch.cuda.get_device_capability(device) >= (8, 0)  # mma.m16n8k16 with bf16: sm_80 and later
+
+
 def supports(pk: dict, x2: torch.Tensor) -> bool:
     """Whether this kernel takes x2 [M, K] on layout ``pk`` (else dequantize + cuBLAS serves)."""
     M, K = x2.shape
-    return (2 <= M <= 16 and x2.dtype in (torch.float16, torch.bfloat16) and K % 16 == 0 and pk["group"] % 16 == 0
-            and (x2.dtype == torch.float16 or pk["bits"] <= 4) and x2.data_ptr() % 4 == 0)
+    if not (2 <= M <= 16 and x2.is_cuda and x2.dtype in (torch.float16, torch.bfloat16) and K % 16 == 0
+            and pk["group"] % 16 == 0 and (x2.dtype == torch.float16 or pk["bits"] <= 4) and x2.data_ptr() % 4 == 0):
+        return False
+    dev = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
+    return dev not in _BROKEN and _has_mma(dev)
 
 
 @functools.lru_cache(maxsize=None)
