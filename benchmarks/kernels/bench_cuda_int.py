@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -120,16 +119,22 @@ def main() -> int:
             err = check(pk0, n, k, w_ref)
             pks, kns = {}, {}
 
-            def rk_fn(c, cfg=None):
+            def rk_pk(c):
                 if c not in pks:
                     pks[c] = ci.packed_rk(layer(c))
-                p = pks[c]
+                return pks[c]
+
+            def kn_pk(c):
+                if c not in kns:
+                    kns[c] = kn.packed_kn(layer(c))
+                return kns[c]
+
+            def rk_fn(c, cfg=None):
+                p = rk_pk(c)
                 return lambda: ci.run_int_cuda(x, p, None, cfg)
 
             def kn_fn(c):
-                if c not in kns:
-                    kns[c] = kn.packed_kn(layer(c))
-                p = kns[c]
+                p = kn_pk(c)
                 return lambda: kn.run_gemv_kn(x, p, None)
 
             kerr = bk.rel_err(kn.run_gemv_kn(x, kn.packed_kn(m0), None), x.float() @ w_ref.t())
@@ -168,15 +173,15 @@ def main() -> int:
                                      (c.split("/") for c in args.mma_cfgs.split(",") if c)]
 
                 def mma_fn(c, cfg=None, xm=xm):
-                    p = pks.setdefault(c, pk0 if c == 0 else ci.packed_rk(layer(c)))
+                    p = rk_pk(c)
                     return lambda: cm.run_int_mma(xm, p, None, cfg)
 
                 def deq_fn(c, xm=xm):
-                    p = pks.setdefault(c, pk0 if c == 0 else ci.packed_rk(layer(c)))
+                    p = rk_pk(c)
                     return lambda: F.linear(xm, ci.dequantize_rk(p, xm.dtype))
 
                 def kn_dot_fn(c, xm=xm):
-                    p = kns.setdefault(c, kn.packed_kn(layer(c)))
+                    p = kn_pk(c)
                     return lambda: kn.run_dot_kn(xm, p, None)
 
                 cands = {"bf16": (bk.bf16_copies(n, k, xm), 2 * n * k)}

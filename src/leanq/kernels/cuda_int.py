@@ -44,7 +44,7 @@ from ..formats.intq import group_size_of, num_groups
 from ..formats.packing import unpack
 from . import Kernel, cached_layout, drop_stored, int_layer_for, register_kernel
 from . import cuda_int_mma
-from .cuda_rt import PRELUDE, XT, Launcher, nvrtc_available, on_device_of, sm_count
+from .cuda_rt import PRELUDE, XT, Launcher, device_index, nvrtc_available, on_device_of, sm_count
 
 BITS = (2, 4, 8)
 # threads per block, rows per warp, chunks per lane per tile, next tile prefetched, cap on blocks per SM (None: as
@@ -428,7 +428,7 @@ def run_int_cuda(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dic
     assert M == 1 and K == pk["K"] and x2.is_contiguous(), (M, K, pk["K"])
     cfg = dict(cfg or _cfg(pk["bits"]))
     threads, r, u = cfg["threads"], cfg["r"], cfg["u"]
-    dev = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
+    dev = device_index(x2)
     kern = _compiled(pk["bits"], XT[x2.dtype], threads, r, u, int(cfg.get("pf", 1)), bool(pk["sbf16"]), dev,
                      "int_gemv", int(cfg.get("ablate", 0)), staging_units(cfg, pk))
     N = pk["N"]
@@ -511,15 +511,7 @@ def _run(x: torch.Tensor, pk: dict, bias: torch.Tensor | None) -> torch.Tensor:
     elif x2.shape[0] == 1:
         y = run_int_cuda(x2, pk, bias)
     else:
-        y = None
-        if cuda_int_mma.supports(pk, x2):
-            try:
-                y = cuda_int_mma.run_int_mma(x2, pk, bias)
-            except RuntimeError as e:  # NVRTC or the launch failing here: say so once, then dequantize serves
-                import warnings
-
-                warnings.warn(f"leanq: cuda-int-mma unavailable ({str(e)[:200]}); batches 2-16 dequantize")
-                cuda_int_mma._BROKEN.add(x2.device.index if x2.device.index is not None else torch.cuda.current_device())
+        y = cuda_int_mma.try_int_mma(x2, pk, bias)
         if y is None:
             y = torch.nn.functional.linear(x2, dequantize_rk(pk, x2.dtype), bias)
     return y.reshape(*x.shape[:-1], pk["N"])

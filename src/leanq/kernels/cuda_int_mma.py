@@ -38,7 +38,7 @@ import functools
 
 import torch
 
-from .cuda_rt import PRELUDE, XT, Launcher, nvrtc_available
+from .cuda_rt import PRELUDE, XT, Launcher, device_index, nvrtc_available
 
 # launch configs (threads, row groups per block, n8 tiles per warp, slices whose loads go out together) by batch:
 # the best of the H100 sweeps of 2026-11-28 at batches 4 and 16 (benchmarks/kernels/results/cuda-int-mma-h100-*)
@@ -254,7 +254,7 @@ def supports(pk: dict, x2: torch.Tensor) -> bool:
     if not (2 <= M <= 16 and x2.is_cuda and x2.dtype in (torch.float16, torch.bfloat16) and K % 16 == 0
             and pk["group"] % 16 == 0 and (x2.dtype == torch.float16 or pk["bits"] <= 4) and x2.data_ptr() % 4 == 0):
         return False
-    dev = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
+    dev = device_index(x2)
     return dev not in _BROKEN and _has_mma(dev)
 
 
@@ -270,11 +270,11 @@ def run_int_mma(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dict
                 out: torch.Tensor | None = None) -> torch.Tensor:
     """x2 [M, K], 2 <= M <= 16 (fp16/bf16, contiguous; see :func:`supports`) -> [M, N] of x2.dtype."""
     M, K = x2.shape
-    assert K == pk["K"] and x2.is_contiguous() and supports(pk, x2), (M, K, pk["K"], x2.dtype, pk["bits"])
+    assert 2 <= M <= 16 and K == pk["K"] and x2.is_contiguous(), (M, K, pk["K"])
     cfg = dict(cfg or tuned(M))
     threads, wr, nt = cfg["threads"], cfg["wr"], cfg["nt"]
     assert threads % (32 * wr) == 0, cfg
-    dev = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
+    dev = device_index(x2)
     kern = _compiled(pk["bits"], XT[x2.dtype], threads, wr, nt, pk["group"], bool(pk["sbf16"]), int(cfg.get("sc", 1)),
                      dev)
     N = pk["N"]
@@ -284,3 +284,18 @@ def run_int_mma(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dict
          args=[x2, out, bias if bias is not None else out, pk["words"], pk["sz"], M, N, K, pk["KU"], pk["NG"],
                int(bias is not None)])
     return out
+
+
+def try_int_mma(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """:func:`run_int_mma` where :func:`supports` holds, else None (the caller dequantizes). A failure to compile
+    or launch warns once and sends that device's later calls to the caller's path."""
+    if not supports(pk, x2):
+        return None
+    try:
+        return run_int_mma(x2, pk, bias)
+    except RuntimeError as e:
+        import warnings
+
+        warnings.warn(f"leanq: cuda-int-mma unavailable ({str(e)[:200]}); batches 2-16 dequantize")
+        _BROKEN.add(device_index(x2))
+        return None

@@ -121,6 +121,11 @@ def sm_count(dev: int) -> int:
     return torch.cuda.get_device_properties(dev).multi_processor_count
 
 
+def device_index(x: torch.Tensor) -> int:
+    """The CUDA device index of tensor ``x`` (the current device for a bare ``cuda``)."""
+    return x.device.index if x.device.index is not None else torch.cuda.current_device()
+
+
 def on_device_of(x: torch.Tensor, fn, *args):
     """fn(*args) with x's GPU as the current device (launches go to the current device's stream)."""
     if x.device.index is not None and x.device.index != torch.cuda.current_device():

@@ -41,7 +41,7 @@ import functools
 import torch
 
 from . import Kernel, register_kernel
-from .cuda_rt import PRELUDE, XT, Launcher, nvrtc_available, on_device_of, sm_count
+from .cuda_rt import PRELUDE, XT, Launcher, device_index, nvrtc_available, on_device_of, sm_count
 
 # threads per block, outputs per thread, vectors per block, kernel (and its blocks per SM), finishing step fused:
 # by (D, index bits) the best on the five Llama shapes in the H100 runs of docs/PERFORMANCE.md, "Codebook (vq)
@@ -317,7 +317,7 @@ def run_vq_cuda(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dict
         raise ValueError("cuda-vq: layout not supported (row tiles, several books, or scale groups across blocks)")
     N, threads, npt, vc = pk["N"], cfg["threads"], cfg["npt"], cfg["vc"]
     row_scale = pk["nsg"] == 1
-    dev = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
+    dev = device_index(x2)
     tile, stat, finish = _compiled(pk["D"], 1 << pk["IB"], XT[x2.dtype], threads, npt, vc, not row_scale, dev,
                                    cfg.get("ablate", 0))
     acc, cnt = _scratch(x2.device, N)

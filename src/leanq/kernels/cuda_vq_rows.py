@@ -35,7 +35,7 @@ import functools
 import torch
 
 from ..formats.vq import geometry, unpack_indices
-from .cuda_rt import PRELUDE, XT, Launcher, nvrtc_available, on_device_of, sm_count
+from .cuda_rt import PRELUDE, XT, Launcher, device_index, nvrtc_available, on_device_of, sm_count
 
 DEFAULT_CFG = dict(threads=256, r=2, u=1)
 SMEM_LIMIT = 200 * 1024  # codebooks + staged activations of one block; above, the LUT kernel serves
@@ -311,7 +311,7 @@ def run_vq_rows(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dict
     assert M == 1 and K == pk["K"] and x2.is_contiguous(), (M, K, pk["K"])
     cfg = dict(cfg or DEFAULT_CFG)
     threads, r, u = cfg["threads"], cfg["r"], cfg["u"]
-    dev = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
+    dev = device_index(x2)
     kern = _compiled(tuple((k, pk[k]) for k in _KEYS), XT[x2.dtype], threads, r, u, dev)
     N = pk["N"]
     if out is None:
