@@ -32,15 +32,48 @@ def _layer(n, k, bits, group, sym=False, sdtype=torch.float16, bias=False, devic
 CASES = [(4, 128, False, torch.float16, 96, 512), (4, 32, True, torch.bfloat16, 33, 160),
          (2, 128, False, torch.bfloat16, 64, 384), (2, 64, True, torch.float16, 17, 200),
          (8, 128, False, torch.float16, 40, 256), (8, 16, False, torch.float32, 9, 48),
-         (4, 64, False, torch.float32, 24, 200)]
+         (4, 64, False, torch.float32, 24, 200), (3, 128, False, torch.float16, 96, 512),
+         (3, 64, True, torch.bfloat16, 17, 200), (3, 64, False, torch.float32, 24, 4160)]
 
 
 @pytest.mark.parametrize("bits,group,sym,sdtype,n,k", CASES)
 def test_rk_layout_decodes_to_the_stored_weight(bits, group, sym, sdtype, n, k):
     m = _layer(n, k, bits, group, sym, sdtype)
     pk = ci.repack_rk(m.qweight, m.scales, m.zeros, bits, sym, k, group)
-    assert pk["words"].shape == (n, pk["KU"] * 4) and pk["KU"] * ci.codes_per_chunk(bits) >= k
+    assert pk["words"].shape == (n, ci.words_per_row(bits, pk["KU"])) and pk["KU"] * ci.codes_per_chunk(bits) >= k
     assert torch.equal(ci.reference_rk(pk), m.int_weight().dequantize(torch.float32))
+
+
+def _f16_bits(v: int) -> float:
+    """The fp16 number with bit pattern v (16 bits)."""
+    return torch.tensor([v], dtype=torch.int32).to(torch.int16).view(torch.float16).item()
+
+
+@pytest.mark.parametrize("k,seed", [(128, 0), (4160, 1)])
+def test_rk3_fields_decode_to_the_codes_as_the_kernel_reads_them(k, seed):
+    """The 3-bit GEMV's field decode, step by step as int_gemv does it (a 2-bit word, shifted by 8 for fields 4-7,
+    masked at 0x00030003 << p; the chunk's 1-bit word j shifted by (<< 2, >> 6) for 2-bit word 2j and (<< 1, >> 7)
+    for word 2j + 1, masked at 0x00040004 << p; one OR): every field's fp16 halves are the subnormals
+    code * 2**(p - 24) of the pair the staged activations expect (pair 8 i + f of the chunk; p = 2 (f % 4))."""
+    m = _layer(5, k, 3, 64, seed=seed)
+    pk = ci.repack_rk(m.qweight, m.scales, m.zeros, 3, False, k, 64)
+    ku = pk["KU"]
+    codes = torch.nn.functional.pad(m.int_weight().codes().to(torch.int64), (0, ku * 64 - k))
+    w = pk["words"].to(torch.int64) & 0xFFFFFFFF
+    for row in range(5):
+        for c in list(range(ku))[:3] + [ku - 1]:
+            wd = [int(w[row, 4 * c + i]) for i in range(4)]
+            hb = [int(w[row, 4 * ku + 2 * c + j]) for j in range(2)]
+            hv = [[(h << 2) & 0xFFFFFFFF, h >> 6, (h << 1) & 0xFFFFFFFF, h >> 7] for h in hb]
+            for wi in range(4):
+                for f in range(8):
+                    p, sh = 2 * (f & 3), f >= 4
+                    v = (((wd[wi] >> 8) if sh else wd[wi]) & (0x00030003 << p)) | (
+                        hv[wi >> 1][2 * (wi & 1) + int(sh)] & (0x00040004 << p))
+                    pair = 8 * wi + f
+                    for half in range(2):
+                        want = int(codes[row, 64 * c + 2 * pair + half]) * 2.0 ** (p - 24)
+                        assert _f16_bits((v >> (16 * half)) & 0xFFFF) == want, (row, c, wi, f, half)
 
 
 def test_rk_groups_and_scales_it_cannot_hold_are_refused():
@@ -56,8 +89,8 @@ def test_rk_groups_and_scales_it_cannot_hold_are_refused():
 
 def test_cuda_int_declines_what_it_does_not_compute():
     x = torch.empty(1, 128, device="meta", dtype=torch.bfloat16)
-    m3 = _layer(8, 128, 3, 128)
-    assert not ci._ok(m3)  # 3-bit: not a width this layout packs
+    m3 = _layer(8, 128, 3, 32)
+    assert not ci._ok(m3)  # 3-bit chunks hold 64 codes: a 32-code group does not fit
     m = _layer(8, 128, 4, 128)
     m.in_scale = torch.ones(128)  # AWQ's input scaling
     assert not ci._ok(m)
@@ -87,9 +120,10 @@ def test_cuda_int_matches_reference(bits, group, sym, sdtype, n, k, dtype):
 @GPU
 @pytest.mark.parametrize("cfg", [dict(threads=128, r=1, u=2, pf=0, bps=2), dict(threads=256, r=4, u=2, pf=1, bps=8),
                                  dict(threads=64, r=3, u=1, pf=1, bps=1)])
-def test_cuda_int_configs_agree(cfg):
+@pytest.mark.parametrize("bits", [4, 3])
+def test_cuda_int_configs_agree(cfg, bits):
     """Every launch config computes the same function (rows and chunks that do not divide evenly included)."""
-    m = _layer(333, 4160, 4, 128, device="cuda")
+    m = _layer(333, 4160, bits, 128, device="cuda")
     pk = ci.packed_rk(m)
     x = torch.randn(1, 4160, device="cuda", dtype=torch.bfloat16)
     ref = x.float() @ ci.reference_rk(pk).t()
@@ -98,7 +132,7 @@ def test_cuda_int_configs_agree(cfg):
 
 
 @GPU
-@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("bits", [4, 3, 2])
 def test_cuda_int_wide_inputs_take_more_than_48kb_of_shared_memory(bits):
     """K = 32768: the staged activations need more than the default 48 KB of dynamic shared memory, which the
     launcher asks the driver for (cuFuncSetAttribute)."""

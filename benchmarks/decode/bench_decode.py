@@ -77,10 +77,41 @@ def weight_bytes(model) -> int:
     return total
 
 
-def time_generate(model, prompt_len: int, new: int, reps: int) -> dict:
+COMPILE_MODES = ("all", "lean", "notrees", "noinline")
+
+
+def compile_config(mode: str):
+    """transformers' CompileConfig for generate, by host-overhead setting (all compile the same graphs):
+    ``all``: transformers' default (mode reduce-overhead: CUDA graph trees, every dynamo guard);
+    ``lean``: the same with dynamo's guards on nn.Module attributes skipped
+    (torch.compiler.skip_guard_on_all_nn_modules_unsafe: a decode loop never swaps a layer's tensors);
+    ``notrees``: lean, with inductor's plain CUDA graphs instead of graph trees;
+    ``noinline``: lean, with parameters and buffers kept out of the graph's inputs (dynamo's
+    inline_inbuilt_nn_modules off, set by :func:`time_generate` around the calls)."""
+    from transformers import CompileConfig
+
+    if mode == "all":
+        return CompileConfig()
+    # mode "reduce-overhead" is the option triton.cudagraphs; torch.compile takes a mode or options, not both
+    opts = {"triton.cudagraphs": True, "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    if mode == "notrees":
+        opts["triton.cudagraph_trees"] = False
+    return CompileConfig(mode=None, options=opts)
+
+
+def time_generate(model, prompt_len: int, new: int, reps: int, mode: str = "all") -> dict:
+    import contextlib
+
+    ctx = (torch._dynamo.config.patch(inline_inbuilt_nn_modules=False) if mode == "noinline"
+           else contextlib.nullcontext())
+    with ctx:
+        return _time_generate(model, prompt_len, new, reps, mode)
+
+
+def _time_generate(model, prompt_len: int, new: int, reps: int, mode: str) -> dict:
     ids = torch.randint(100, 30000, (1, prompt_len), device="cuda")
     kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, cache_implementation="static",
-              pad_token_id=0, eos_token_id=None)
+              pad_token_id=0, eos_token_id=None, compile_config=compile_config(mode))
     with torch.no_grad():
         t0 = time.perf_counter()
         out = model.generate(ids, **kw)  # warm-up: compiles
@@ -96,8 +127,22 @@ def time_generate(model, prompt_len: int, new: int, reps: int) -> dict:
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
     t = statistics.median(times)
-    return dict(tokens_per_s=new / t, seconds=t, all_seconds=times, warmup_seconds=warm,
-                peak_gib=torch.cuda.max_memory_allocated() / 2**30, tokens=out[0, prompt_len:prompt_len + 8].tolist())
+    res = dict(compile_mode=mode, tokens_per_s=new / t, seconds=t, all_seconds=times, warmup_seconds=warm,
+               peak_gib=torch.cuda.max_memory_allocated() / 2**30, tokens=out[0, prompt_len:prompt_len + 8].tolist())
+    if HOST_PROFILE:  # where the host's time per step goes (PyTorch profiler, CPU side; it slows every step)
+        from torch.profiler import ProfilerActivity, profile
+
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            model.generate(ids, **kw)  # the timed length: the same compiled graphs, no re-recording
+            torch.cuda.synchronize()
+        rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:20]
+        res["host_profile_us_per_step"] = {e.key[:60]: round(e.self_cpu_time_total / new, 1) for e in rows}
+        gpu = sum(e.device_time_total for e in prof.events() if e.device_type.name == "CUDA")
+        res["profiled_gpu_kernel_us_per_step"] = round(gpu / new, 1)  # prefill included
+    return res
+
+
+HOST_PROFILE = False
 
 
 def install_tuned(path: str) -> dict:
@@ -150,11 +195,20 @@ def cmd_decode(a) -> dict:
     from leanq.kernels import explain
     from leanq.kernels import triton_int as ti
 
+    global HOST_PROFILE
+    HOST_PROFILE = a.host_profile
+    guards = a.compile_modes.split(",")
+    bad = [g for g in guards if g not in COMPILE_MODES]
+    if bad:
+        raise SystemExit(f"--compile-modes: unknown {bad}; choose from {', '.join(COMPILE_MODES)}")
     res = {"tuned": install_tuned(a.tuned)}
     model = build(a.layers, "cuda")
-    res["bf16"] = dict(weights_gib=weight_bytes(model) / 2**30, **time_generate(model, a.prompt_len, a.new_tokens, a.reps))
-    print("bf16", json.dumps(res["bf16"]), flush=True)
-    torch._dynamo.reset()
+    for g in guards:
+        key = "bf16" if g == guards[0] else f"bf16-{g}"
+        res[key] = dict(weights_gib=weight_bytes(model) / 2**30,
+                        **time_generate(model, a.prompt_len, a.new_tokens, a.reps, g))
+        print(key, json.dumps(res[key]), flush=True)
+        torch._dynamo.reset()
     if a.floor:  # the same harness with every decoder-layer linear free: what any linear kernel could reach
         res["null_linears"] = dict(replaced=null_linears(model),
                                    **time_generate(model, a.prompt_len, a.new_tokens, a.reps))
@@ -179,14 +233,18 @@ def cmd_decode(a) -> dict:
         freed = ti.release_stored(model)
     torch.cuda.empty_cache()
     kernels = sorted({k for _, k in explain(model, batch=1, device="cuda", **_dt())})
-    res[f"int{a.bits}"] = dict(layout=a.layout, fuse=bool(a.fuse), quantize_seconds=qsec, stored_bytes_released=freed, kernels_batch1=kernels,
-                               weights_gib=weight_bytes(model) / 2**30,
-                               **time_generate(model, a.prompt_len, a.new_tokens, a.reps))
-    print(f"int{a.bits}", json.dumps(res[f"int{a.bits}"]), flush=True)
-    q = res[f"int{a.bits}"]
-    res["speedup"] = q["tokens_per_s"] / res["bf16"]["tokens_per_s"]
-    res["weight_memory_ratio"] = q["weights_gib"] / res["bf16"]["weights_gib"]
-    res["peak_memory_ratio"] = q["peak_gib"] / res["bf16"]["peak_gib"]
+    for g in guards:
+        key, bkey = (f"int{a.bits}", "bf16") if g == guards[0] else (f"int{a.bits}-{g}", f"bf16-{g}")
+        res[key] = dict(layout=a.layout, fuse=bool(a.fuse), quantize_seconds=qsec, stored_bytes_released=freed,
+                        kernels_batch1=kernels, weights_gib=weight_bytes(model) / 2**30,
+                        **time_generate(model, a.prompt_len, a.new_tokens, a.reps, g))
+        print(key, json.dumps(res[key]), flush=True)
+        torch._dynamo.reset()
+        q = res[key]
+        sfx = "" if g == guards[0] else f"_{g}"
+        res["speedup" + sfx] = q["tokens_per_s"] / res[bkey]["tokens_per_s"]
+        res["weight_memory_ratio" + sfx] = q["weights_gib"] / res[bkey]["weights_gib"]
+        res["peak_memory_ratio" + sfx] = q["peak_gib"] / res[bkey]["peak_gib"]
     return res
 
 
@@ -234,6 +292,11 @@ def main() -> int:
     ap.add_argument("--no-fuse", dest="fuse", action="store_false",
                     help="rk: keep q/k/v and gate/up as separate GEMVs (by default each group shares one under "
                          "torch.compile: cuda_int.take_over)")
+    ap.add_argument("--compile-modes", default="all",
+                    help="generate's compile settings, comma-separated, each model timed under each in this run: "
+                         "all (transformers' default), lean, notrees, noinline (see compile_config)")
+    ap.add_argument("--host-profile", action="store_true",
+                    help="also profile the host side of a 32-token generate per model and config (CPU time by op)")
     ap.add_argument("--tuned", default="", help="bench_kernels.json whose tuned tile configs to use")
     ap.add_argument("--floor", action="store_true",
                     help="decode: after BF16, time the same model with every decoder-layer linear replaced by a "

@@ -137,11 +137,12 @@ def main() -> int:
                 p = kn_pk(c)
                 return lambda: kn.run_gemv_kn(x, p, None)
 
-            kerr = bk.rel_err(kn.run_gemv_kn(x, kn.packed_kn(m0), None), x.float() @ w_ref.t())
             nb = ci.rk_bytes(pk0)
             res = {"cuda-int": (single(rk_fn(0)) if err <= 1e-2 else float("nan"),
-                                bk.bench_graph(rk_fn, nb, reps=args.reps) if err <= 1e-2 else float("nan"), err),
-                   "kn": (single(kn_fn(0)), bk.bench_graph(kn_fn, nb, reps=args.reps), kerr)}
+                                bk.bench_graph(rk_fn, nb, reps=args.reps) if err <= 1e-2 else float("nan"), err)}
+            if bits in kn.BITS:  # the Triton kn GEMV beside it (3-bit: kn packs 2, 4 and 8 bits only)
+                kerr = bk.rel_err(kn.run_gemv_kn(x, kn.packed_kn(m0), None), x.float() @ w_ref.t())
+                res["kn"] = (single(kn_fn(0)), bk.bench_graph(kn_fn, nb, reps=args.reps), kerr)
             for name, (s1, g1, e) in res.items():
                 r = dict(shape=f"{n}x{k}", n=n, k=k, bits=bits, impl=name, single_us=s1 * 1e3, graph_us=g1 * 1e3,
                          rel_err=e, x_bf16_single=base[0] / s1, x_bf16_graph=base[1] / g1,

@@ -1,4 +1,4 @@
-"""Batch-1 GEMV for 2-, 4- and 8-bit group-wise integer weights in CUDA C++, one launch per layer.
+"""Batch-1 GEMV for 2-, 3-, 4- and 8-bit group-wise integer weights in CUDA C++, one launch per layer.
 
 Why another kernel: the Triton kn GEMV (:mod:`leanq.kernels.triton_kn`) splits K over thousands of
 programs and adds into an fp32 scratch vector, so every layer costs two launches (the GEMV and a
@@ -11,6 +11,12 @@ chunk.  Inside a word of E = 32 / bits codes, code 2i sits at bits ``bits * i`` 
 the upper fields), so one AND (8-bit: one byte permute) leaves a pair of fp16 subnormals
 q * 2**(pos - 24), exact, where pos is the code's bit position.  Group scale and zero point of each
 (row, group): one int32 ``(scale bits << 16) | zero`` (the stored fp16 or bf16 scale bits).
+
+3-bit rows are two planes: the codes' low two bits as a 2-bit row (64 codes per 16-byte chunk, KU even), then
+their top bits, 8 bytes per chunk (word j of a chunk holds the top bit of pair f of 2-bit word i = 2j, 2j + 1 at
+bit 2f + (i & 1) of each half).  The kernel reads 2-bit fields at positions p <= 6 (one shift by 8 for the
+upper four), moves each top bit to p + 2 with one of four shifts per 1-bit word, and joins them with one OR:
+the same subnormal q * 2**(p - 24), now of the whole 3-bit code, three instructions per code pair.
 
 Per block:
 
@@ -46,16 +52,21 @@ from . import Kernel, cached_layout, drop_stored, int_layer_for, register_kernel
 from . import cuda_int_mma
 from .cuda_rt import PRELUDE, XT, Launcher, device_index, nvrtc_available, on_device_of, sm_count
 
-BITS = (2, 4, 8)
+BITS = (2, 3, 4, 8)
 # threads per block, rows per warp, chunks per lane per tile, next tile prefetched, cap on blocks per SM (None: as
 # many as the SM holds)
 DEFAULT_CFG = dict(threads=256, r=2, u=2, pf=1, bps=None)
 # by bits: the best geometric mean over the five Llama shapes in the H100 sweeps of bench_cuda_int.py
 TUNED: dict = {4: dict(threads=512, r=1, u=2, pf=1, bps=None), 2: dict(threads=512, r=2, u=1, pf=1, bps=None),
-              8: dict(threads=512, r=1, u=4, pf=1, bps=None)}
+              8: dict(threads=512, r=1, u=4, pf=1, bps=None), 3: dict(threads=512, r=1, u=2, pf=1, bps=None)}
 
 _SRC = r"""
+#if BITS == 3
+#define E 16         // 3-bit: a 16-byte chunk of the 2-bit plane (the low two bits of each code) plus 8 bytes of the
+                     // 1-bit plane (the top bits), both row-major, the 1-bit plane after the row's 2-bit plane
+#else
 #define E (32 / BITS)
+#endif
 #define CPC (4 * E)      // codes per 16-byte chunk of a row
 #define S (CPC / 8)      // 16-byte units of fp16 activations per chunk
 #define NF (E / 2)       // code pairs per word
@@ -75,6 +86,10 @@ __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 s) {
 #define SH 8
 __device__ __forceinline__ constexpr int fpos(int f) { return 4 * (f & 1); }
 __device__ __forceinline__ constexpr bool fsh(int f) { return f >= 2; }
+#elif BITS == 3
+#define SH 8
+__device__ __forceinline__ constexpr int fpos(int f) { return 2 * (f & 3); }
+__device__ __forceinline__ constexpr bool fsh(int f) { return f >= 4; }
 #elif BITS == 2
 #define SH 10
 __device__ __forceinline__ constexpr int fpos(int f) { return f < 5 ? 2 * f : 2 * (f - 5); }
@@ -84,23 +99,34 @@ __device__ __forceinline__ constexpr bool fsh(int f) { return f >= 5; }
 __device__ __forceinline__ constexpr int fpos(int f) { return 0; }
 __device__ __forceinline__ constexpr bool fsh(int f) { return false; }
 #endif
-#define QMASK ((1u << BITS) - 1u)
+#define QMASK ((1u << (BITS == 3 ? 2 : BITS)) - 1u)
+// 16-byte units per row of the words: 3-bit rows hold KU chunks of the 2-bit plane, then KU 8-byte chunks of the
+// 1-bit plane (KU even, so rows stay 16-byte aligned)
+#define ROWU(KU) (BITS == 3 ? (KU) / 2 * 3 : (KU))
+__device__ __forceinline__ uint2 ldw2(const uint2* p) {
+  uint2 r;
+  asm("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p));
+  return r;
+}
 
 // the R x U chunks of the tile (row group rg, chunks from c0) of this warp (zeros past the rows / the row end):
 // 16-byte loads, and each chunk's group word (group = chunk >> GCS)
-__device__ __forceinline__ void load_tile(uint4 (&q)[R][U], u32 (&s)[R][U], const uint4* __restrict__ w,
-                                          const u32* __restrict__ sz, int rg, int c0, int N, int KU, int NG, int GCS,
-                                          int lane) {
+__device__ __forceinline__ void load_tile(uint4 (&q)[R][U], uint2 (&qh)[R][U], u32 (&s)[R][U],
+                                          const uint4* __restrict__ w, const u32* __restrict__ sz, int rg, int c0,
+                                          int N, int KU, int NG, int GCS, int lane) {
 #pragma unroll
   for (int r = 0; r < R; ++r) {
     const int row = rg * R + r;
-    const uint4* wr = w + (size_t)row * KU;
+    const uint4* wr = w + (size_t)row * ROWU(KU);
     const u32* sr = sz + (size_t)row * NG;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int c = c0 + lane + 32 * u;
       const bool ok = row < N && c < KU;
       q[r][u] = ok ? ldw(wr + c) : make_uint4(0u, 0u, 0u, 0u);
+#if BITS == 3
+      qh[r][u] = ok ? ldw2((const uint2*)(wr + KU) + c) : make_uint2(0u, 0u);
+#endif
       s[r][u] = ok ? __ldg(sr + (c >> GCS)) : 0u;
     }
   }
@@ -116,8 +142,12 @@ __device__ __forceinline__ void load8(float (&v)[8], const void* __restrict__ x,
 // per chunk and row: A = sum over the chunk of (q * 2**(pos-24)) * (x * 2**(15-pos)) = 2**-9 sum q x in fp16x2
 // (subnormal codes times pre-scaled activations, one fp16x2 sum of 16 products at most), then in fp32
 // acc += scale * (2**9 A - z * X), X = the chunk's activation sum (staged with the activations)
-__device__ __forceinline__ void compute_tile(float (&acc)[R], const uint4 (&q)[R][U], const u32 (&s)[R][U],
-                                             const uint4* xs, int c0, int lane, int KU) {
+// 3-bit: the top bit of the code whose low bits sit at position p of a (shifted) 2-bit word is moved to position
+// p + 2 of a shifted copy of its 1-bit word (word j of the chunk's two covers 2-bit words 2j and 2j + 1; the top
+// bit of pair f of 2-bit word i sits at bit 2f + (i & 1) of each half), and one OR joins them: the field holds
+// the whole code q = low + 4 top as the subnormal q * 2**(p - 24), read by the same staged activations
+__device__ __forceinline__ void compute_tile(float (&acc)[R], const uint4 (&q)[R][U], const uint2 (&qh)[R][U],
+                                             const u32 (&s)[R][U], const uint4* xs, int c0, int lane, int KU) {
 #pragma unroll
   for (int u = 0; u < U; ++u) {
     const int c = c0 + lane + 32 * u;
@@ -138,6 +168,16 @@ __device__ __forceinline__ void compute_tile(float (&acc)[R], const uint4 (&q)[R
       continue;
 #endif
       const u32 wd[4] = {q[r][u].x, q[r][u].y, q[r][u].z, q[r][u].w};
+#if BITS == 3
+      // per 1-bit word: its copies with the top bits of (2-bit word 2j: fields 0-3, 4-7; word 2j + 1: 0-3, 4-7) at
+      // the positions p + 2
+      const u32 hb[2] = {qh[r][u].x, qh[r][u].y};
+      u32 hv[2][4];
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        hv[j][0] = hb[j] << 2; hv[j][1] = hb[j] >> 6; hv[j][2] = hb[j] << 1; hv[j][3] = hb[j] >> 7;
+      }
+#endif
       u32 a = 0u;
 #pragma unroll
       for (int wi = 0; wi < 4; ++wi) {
@@ -149,6 +189,9 @@ __device__ __forceinline__ void compute_tile(float (&acc)[R], const uint4 (&q)[R
           const int p = wi * NF + f;
 #if BITS == 8
           const u32 v = prmt(wd[wi], 0u, f == 0 ? 0x4240u : 0x4341u);
+#elif BITS == 3
+          const u32 v = ((fsh(f) ? sh : wd[wi]) & (0x00030003u << fpos(f)))
+                        | (hv[wi >> 1][2 * (wi & 1) + (fsh(f) ? 1 : 0)] & (0x00040004u << fpos(f)));
 #else
           const u32 v = (fsh(f) ? sh : wd[wi]) & ((QMASK | (QMASK << 16)) << fpos(f));
 #endif
@@ -174,8 +217,9 @@ extern "C" __global__ void __launch_bounds__(THREADS) int_gemv(
   const int rg0 = blockIdx.x * WARPS + warp, rstep = gridDim.x * WARPS;
 
   uint4 q[R][U];
+  uint2 qh[R][U];
   u32 s[R][U];
-  if (rg0 < NRG) load_tile(q, s, w, sz, rg0, 0, N, KU, NG, GCS, lane);
+  if (rg0 < NRG) load_tile(q, qh, s, w, sz, rg0, 0, N, KU, NG, GCS, lane);
 
   // activations, a thread per chunk: its CPC values x (fp32), m = max |x| <= 2**e (a power of two: exact), the
   // S units of fp16 pairs x * 2**(15 - pos - e) (pos: the bit position of the field holding the pair's codes),
@@ -239,10 +283,11 @@ extern "C" __global__ void __launch_bounds__(THREADS) int_gemv(
     if (tkn == TPR) { tkn = 0; rgn += rstep; }
 #if PF
     uint4 qn[R][U];
+    uint2 qhn[R][U];
     u32 sn[R][U];
-    if (rgn < NRG) load_tile(qn, sn, w, sz, rgn, tkn * 32 * U, N, KU, NG, GCS, lane);
+    if (rgn < NRG) load_tile(qn, qhn, sn, w, sz, rgn, tkn * 32 * U, N, KU, NG, GCS, lane);
 #endif
-    compute_tile(acc, q, s, xs, tk * 32 * U, lane, KU);
+    compute_tile(acc, q, qh, s, xs, tk * 32 * U, lane, KU);
     if (tkn == 0) finish_rows(acc, rg, lane, N, out, bias, HAS_BIAS, nullptr);
     rg = rgn;
     tk = tkn;
@@ -250,9 +295,9 @@ extern "C" __global__ void __launch_bounds__(THREADS) int_gemv(
 #pragma unroll
     for (int r = 0; r < R; ++r)
 #pragma unroll
-      for (int u = 0; u < U; ++u) { q[r][u] = qn[r][u]; s[r][u] = sn[r][u]; }
+      for (int u = 0; u < U; ++u) { q[r][u] = qn[r][u]; qh[r][u] = qhn[r][u]; s[r][u] = sn[r][u]; }
 #else
-    if (rg < NRG) load_tile(q, s, w, sz, rg, tk * 32 * U, N, KU, NG, GCS, lane);
+    if (rg < NRG) load_tile(q, qh, s, w, sz, rg, tk * 32 * U, N, KU, NG, GCS, lane);
 #endif
   }
 }
@@ -273,18 +318,31 @@ extern "C" __global__ void int_dequant(void* __restrict__ out, const uint4* __re
   const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= (long long)N * KU) return;
   const int row = (int)(i / KU), c = (int)(i % KU);
-  const uint4 q = w[i];
+  const uint4* wr = w + (size_t)row * ROWU(KU);
+  const uint4 q = wr[c];
   const u32 s = sz[(size_t)row * NG + (c >> GCS)];
   const float sc = scale_of(s), z = (float)(s & 0xFFFFu);
   const u32 wd[4] = {q.x, q.y, q.z, q.w};
+#if BITS == 3
+  const uint2 qh = ((const uint2*)(wr + KU))[c];
+  const u32 hb[2] = {qh.x, qh.y};
+#define CB (BITS == 3 ? 2 : BITS)
+#else
+#define CB BITS
+#endif
   float v[CPC];
 #pragma unroll
   for (int wi = 0; wi < 4; ++wi)
 #pragma unroll
     for (int f = 0; f < NF; ++f) {
       const int p = wi * NF + f;
-      v[2 * p] = ((float)((wd[wi] >> (BITS * f)) & QMASK) - z) * sc;
-      v[2 * p + 1] = ((float)((wd[wi] >> (16 + BITS * f)) & QMASK) - z) * sc;
+      u32 lo = (wd[wi] >> (CB * f)) & QMASK, hi = (wd[wi] >> (16 + CB * f)) & QMASK;
+#if BITS == 3
+      lo |= ((hb[wi >> 1] >> (2 * f + (wi & 1))) & 1u) << 2;
+      hi |= ((hb[wi >> 1] >> (16 + 2 * f + (wi & 1))) & 1u) << 2;
+#endif
+      v[2 * p] = ((float)lo - z) * sc;
+      v[2 * p + 1] = ((float)hi - z) * sc;
     }
   const long long base = (long long)row * K + (long long)c * CPC;
   const bool vec = (c + 1) * CPC <= K && (K % (XT == 0 ? 4 : 8)) == 0;
@@ -335,7 +393,19 @@ def _compiled(bits: int, xt: int, threads: int, r: int, u: int, pf: int, sbf16: 
 
 
 def codes_per_chunk(bits: int) -> int:
-    return 4 * (32 // bits)
+    """Codes per 16-byte chunk of a row (3-bit: per 16-byte chunk of its 2-bit plane, with 8 bytes of 1-bit plane)."""
+    return 64 if bits == 3 else 4 * (32 // bits)
+
+
+def chunks_per_row(bits: int, in_features: int) -> int:
+    """KU: a row's chunks (3-bit: an even number, so that rows of 24-byte chunks stay 16-byte aligned)."""
+    ku = -(-in_features // codes_per_chunk(bits))
+    return ku + (ku & 1) if bits == 3 else ku
+
+
+def words_per_row(bits: int, ku: int) -> int:
+    """int32 words per row of the layout: 4 per chunk (3-bit: 6, the 2-bit plane's 4 then the 1-bit plane's 2)."""
+    return ku * (6 if bits == 3 else 4)
 
 
 def group_ok(group: int, bits: int) -> bool:
@@ -362,42 +432,79 @@ def repack_rk(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, 
               in_features: int, group: int) -> dict:
     """rk layout from the stored tensors (qweight uint8 [N, packed K], scales [N, ng], zeros packed [N, .])."""
     n = qweight.shape[0]
-    e, cpc = 32 // bits, codes_per_chunk(bits)
+    cpc = codes_per_chunk(bits)
     if not group_ok(group, bits):
         raise ValueError(f"cuda-int: group {group} is not a power-of-two multiple of {cpc} codes ({bits}-bit)")
     sb = _scale_bits(scales)
     if sb is None:
         raise ValueError("cuda-int: float32 scales that neither fp16 nor bf16 holds exactly")
-    ku = -(-in_features // cpc)
+    ku = chunks_per_row(bits, in_features)
     codes = unpack(qweight, bits, in_features).to(torch.int64)
-    codes = torch.nn.functional.pad(codes, (0, ku * cpc - in_features)).view(n, ku * 4, e // 2, 2)
-    shifts = torch.arange(e // 2, device=codes.device, dtype=torch.int64) * bits
-    word = ((codes[..., 0] << shifts).sum(-1) | (codes[..., 1] << (shifts + 16)).sum(-1))  # < 2**32, exact
-    del codes
-    word = torch.where(word >= (1 << 31), word - (1 << 32), word).to(torch.int32).contiguous()
+    codes = torch.nn.functional.pad(codes, (0, ku * cpc - in_features))
+    if bits == 3:  # the low two bits as a 2-bit layout, then the top bits: bit 2f + (i & 1) of each half of word
+        low = _pack_words(codes & 3, 2)  # j of a chunk's two holds pair f of its 2-bit words i = 2j, 2j + 1
+        top = (codes >> 2).view(n, ku, 2, 2, 8, 2)  # [row, chunk, j, i & 1, f, half]
+        pos = ((torch.arange(2, dtype=torch.int64, device=codes.device).view(2, 1, 1)
+                + 2 * torch.arange(8, dtype=torch.int64, device=codes.device).view(1, 8, 1))
+               + 16 * torch.arange(2, dtype=torch.int64, device=codes.device).view(1, 1, 2))
+        high = (top << pos).sum((-3, -2, -1)).view(n, ku * 2)
+        del codes, top
+        word = torch.cat([low, _as_int32(high)], 1).contiguous()
+    else:
+        word = _pack_words(codes, bits)
+        del codes
     ng = scales.shape[1]
     z = (torch.full((n, ng), 1 << (bits - 1), dtype=torch.int64, device=scales.device) if sym
          else unpack(zeros, bits, ng).to(torch.int64))
-    szw = (sb[0] << 16) | z
-    szw = torch.where(szw >= (1 << 31), szw - (1 << 32), szw).to(torch.int32).contiguous()
+    szw = _as_int32((sb[0] << 16) | z).contiguous()
     return dict(words=word, sz=szw, bits=bits, K=in_features, N=n, KU=ku, NG=ng, GCS=(group // cpc).bit_length() - 1,
                 sbf16=sb[1], group=group)
 
 
-def reference_rk(pk: dict, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The dense weight [N, K] an rk layout holds (pure torch): the kernel's oracle."""
-    bits, e = pk["bits"], 32 // pk["bits"]
-    w = pk["words"].to(torch.int64) & 0xFFFFFFFF  # [N, KU * 4]
+def _as_int32(v: torch.Tensor) -> torch.Tensor:
+    """int64 values below 2**32 as the int32 with the same bits."""
+    return torch.where(v >= (1 << 31), v - (1 << 32), v).to(torch.int32)
+
+
+def _pack_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """codes [N, C] (int64, C a multiple of 32 / bits) -> int32 [N, C * bits / 32]: code 2i of each word at bits
+    ``bits * i``, code 2i + 1 at ``16 + bits * i``."""
+    e = 32 // bits
+    c = codes.view(codes.shape[0], -1, e // 2, 2)
+    shifts = torch.arange(e // 2, device=codes.device, dtype=torch.int64) * bits
+    return _as_int32((c[..., 0] << shifts).sum(-1) | (c[..., 1] << (shifts + 16)).sum(-1))  # < 2**32, exact
+
+
+def _unpack_words(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """The inverse of :func:`_pack_words` (int64 codes [N, C])."""
+    e = 32 // bits
+    w = words.to(torch.int64) & 0xFFFFFFFF
     shifts = torch.arange(e // 2, device=w.device, dtype=torch.int64) * bits
     lo = (w.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
     hi = (w.unsqueeze(-1) >> (shifts + 16)) & ((1 << bits) - 1)
-    q = torch.stack([lo, hi], -1).reshape(pk["N"], -1)[:, : pk["K"]].float()
+    return torch.stack([lo, hi], -1).reshape(w.shape[0], -1)
+
+
+def reference_rk(pk: dict, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The dense weight [N, K] an rk layout holds (pure torch): the kernel's oracle."""
+    bits, n = pk["bits"], pk["N"]
+    if bits == 3:
+        ku = pk["KU"]
+        low = _unpack_words(pk["words"][:, : 4 * ku], 2)
+        hw = (pk["words"][:, 4 * ku:].to(torch.int64) & 0xFFFFFFFF).view(n, ku, 2, 1, 1, 1)
+        pos = ((torch.arange(2, dtype=torch.int64, device=hw.device).view(2, 1, 1)
+                + 2 * torch.arange(8, dtype=torch.int64, device=hw.device).view(1, 8, 1))
+               + 16 * torch.arange(2, dtype=torch.int64, device=hw.device).view(1, 1, 2))
+        q = low | (((hw >> pos) & 1).reshape(n, -1) << 2)
+    else:
+        q = _unpack_words(pk["words"], bits)
+    q = q[:, : pk["K"]].float()
     szw = pk["sz"].to(torch.int64) & 0xFFFFFFFF
     sbits = (szw >> 16).to(torch.int32)
     s = ((sbits << 16).view(torch.float32) if pk["sbf16"]
          else sbits.to(torch.int16).view(torch.float16).float())
     z = (szw & 0xFFFF).float()
-    g = torch.arange(pk["K"], device=w.device) // pk["group"]
+    g = torch.arange(pk["K"], device=q.device) // pk["group"]
     return ((q - z[:, g]) * s[:, g]).to(dtype)
 
 

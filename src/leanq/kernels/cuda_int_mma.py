@@ -252,7 +252,8 @@ def supports(pk: dict, x2: torch.Tensor) -> bool:
     """Whether this kernel takes x2 [M, K] on layout ``pk`` (else dequantize + cuBLAS serves)."""
     M, K = x2.shape
     if not (2 <= M <= 16 and x2.is_cuda and x2.dtype in (torch.float16, torch.bfloat16) and K % 16 == 0
-            and pk["group"] % 16 == 0 and (x2.dtype == torch.float16 or pk["bits"] <= 4) and x2.data_ptr() % 4 == 0):
+            and pk["group"] % 16 == 0 and (x2.dtype == torch.float16 or pk["bits"] <= 4) and pk["bits"] != 3
+            and x2.data_ptr() % 4 == 0):
         return False
     dev = device_index(x2)
     return dev not in _BROKEN and _has_mma(dev)
