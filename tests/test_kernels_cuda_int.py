@@ -62,7 +62,7 @@ def test_rk3_fields_decode_to_the_codes_as_the_kernel_reads_them(k, seed):
     w = pk["words"].to(torch.int64) & 0xFFFFFFFF
     for row in range(5):
         for c in list(range(ku))[:3] + [ku - 1]:
-            wd = [int(w[row, 4 * c + i]) for i in range(4)]
+            wd = [int(w[row, 4 * c + i]) for i in range(4)]  # the 2-bit plane, then the 1-bit plane
             hb = [int(w[row, 4 * ku + 2 * c + j]) for j in range(2)]
             hv = [[(h << 2) & 0xFFFFFFFF, h >> 6, (h << 1) & 0xFFFFFFFF, h >> 7] for h in hb]
             for wi in range(4):
@@ -99,10 +99,15 @@ def test_cuda_int_declines_what_it_does_not_compute():
         assert not ci._supports(m, x)
 
 
+# the per-warp form (int_gemv) and the streaming form (int_gemv_stream: bulk copies, sm_90; elsewhere it falls back)
+FORMS = {"rows": None, "stream": dict(mode="stream", threads=256, st=3, u=1)}
+
+
 @GPU
 @pytest.mark.parametrize("bits,group,sym,sdtype,n,k", CASES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_cuda_int_matches_reference(bits, group, sym, sdtype, n, k, dtype):
+@pytest.mark.parametrize("form", list(FORMS))
+def test_cuda_int_matches_reference(bits, group, sym, sdtype, n, k, dtype, form):
     m = _layer(n, k, bits, group, sym, sdtype, bias=True, device="cuda")
     pk = ci.packed_rk(m)
     w = ci.reference_rk(pk)
@@ -111,7 +116,7 @@ def test_cuda_int_matches_reference(bits, group, sym, sdtype, n, k, dtype):
         if trial == 2:
             x[0, k // 2] = 3000.0
         out = torch.full((1, n), float("nan"), device="cuda", dtype=dtype)
-        ci.run_int_cuda(x, pk, m.bias.to(dtype), out=out)
+        ci.run_int_cuda(x, pk, m.bias.to(dtype), FORMS[form], out=out)
         ref = x.float() @ w.t() + m.bias.float()
         assert torch.isfinite(out).all()
         assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
@@ -119,8 +124,10 @@ def test_cuda_int_matches_reference(bits, group, sym, sdtype, n, k, dtype):
 
 @GPU
 @pytest.mark.parametrize("cfg", [dict(threads=128, r=1, u=2, pf=0, bps=2), dict(threads=256, r=4, u=2, pf=1, bps=8),
-                                 dict(threads=64, r=3, u=1, pf=1, bps=1)])
-@pytest.mark.parametrize("bits", [4, 3])
+                                 dict(threads=64, r=3, u=1, pf=1, bps=1), dict(mode="stream", threads=256, st=4, u=2),
+                                 dict(mode="stream", threads=128, st=2, u=1, bps=1),
+                                 dict(mode="stream", threads=64, st=6, u=3)])
+@pytest.mark.parametrize("bits", [4, 3, 2, 8])
 def test_cuda_int_configs_agree(cfg, bits):
     """Every launch config computes the same function (rows and chunks that do not divide evenly included)."""
     m = _layer(333, 4160, bits, 128, device="cuda")
@@ -133,7 +140,8 @@ def test_cuda_int_configs_agree(cfg, bits):
 
 @GPU
 @pytest.mark.parametrize("bits", [4, 3, 2])
-def test_cuda_int_wide_inputs_take_more_than_48kb_of_shared_memory(bits):
+@pytest.mark.parametrize("form", list(FORMS))
+def test_cuda_int_wide_inputs_take_more_than_48kb_of_shared_memory(bits, form):
     """K = 32768: the staged activations need more than the default 48 KB of dynamic shared memory, which the
     launcher asks the driver for (cuFuncSetAttribute)."""
     m = _layer(64, 32768, bits, 128, device="cuda")
@@ -141,7 +149,7 @@ def test_cuda_int_wide_inputs_take_more_than_48kb_of_shared_memory(bits):
     assert pk["KU"] * (ci.codes_per_chunk(bits) * 2 + 16) > 48 * 1024
     x = torch.randn(1, 32768, device="cuda", dtype=torch.bfloat16)
     out = torch.full((1, 64), float("nan"), device="cuda", dtype=torch.bfloat16)
-    ci.run_int_cuda(x, pk, None, out=out)
+    ci.run_int_cuda(x, pk, None, FORMS[form], out=out)
     ref = x.float() @ ci.reference_rk(pk).t()
     assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
 

@@ -55,6 +55,8 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--sweep", action="store_true", help="also time the launch configs of SWEEP (graph harness)")
     ap.add_argument("--sweep-bits", default="4")
+    ap.add_argument("--stream-cfgs", default="", help="streaming-form configs (cuda_int.int_gemv_stream, sm_90) to time "
+                    "with the sweep's widths, threads/stages/units per lane[/blocks per SM]: e.g. 256/4/2,128/8/1/4")
     ap.add_argument("--no-single", action="store_true", help="graph harness only")
     ap.add_argument("--mma", default="", help="batches (e.g. 4,16) to time the tensor-core kernel (kernels.cuda_int_mma) "
                     "at, beside BF16, the Triton kn-dot and dequantize + cuBLAS (both harnesses)")
@@ -63,6 +65,9 @@ def main() -> int:
     ap.add_argument("--ablate", action="store_true",
                     help="also time the tuned config with parts left out (cuda_int.source's ablate bits 1, 2, 3)")
     args = ap.parse_args()
+    sweep = (SWEEP if args.sweep else []) + [
+        dict(mode="stream", threads=int(f[0]), st=int(f[1]), u=int(f[2]), bps=int(f[3]) if len(f) > 3 else None)
+        for f in (c.split("/") for c in args.stream_cfgs.split(",") if c)]
     os.makedirs(args.out, exist_ok=True)
     meta = bk.run_meta()
     bk.warm_clocks()
@@ -152,8 +157,8 @@ def main() -> int:
                 print(f"{n:>5}x{k:<5} int{bits} {name:<9} single {r['single_us']:6.1f} us (x{r['x_bf16_single']:.2f})  "
                       f"graph {r['graph_us']:6.1f} us (x{r['x_bf16_graph']:.2f} bf16, {r['pct_copy_graph']:4.1f}% copy)"
                       f"  err {e:.1e}", flush=True)
-            if args.sweep and str(bits) in args.sweep_bits.split(","):
-                for cfg in SWEEP:
+            if sweep and str(bits) in args.sweep_bits.split(","):
+                for cfg in sweep:
                     try:
                         e = check(pk0, n, k, w_ref, cfg)
                         g1 = bk.bench_graph(lambda c: rk_fn(c, cfg), nb, reps=max(10, args.reps // 2))
@@ -222,17 +227,17 @@ def main() -> int:
         if not r["impl"].startswith(("cuda-int-", "batch-")):
             print(f"| {r['shape']} | {r['bits']} | {r['impl']} | {r['single_us']:.1f} | {r['x_bf16_single']:.2f} | "
                   f"{r['graph_us']:.1f} | {r['x_bf16_graph']:.2f} | {r['pct_copy_graph']:.0f} |")
-    if args.sweep:
+    if sweep:
         best: dict = {}
         for r in rows:
             if r["impl"] == "cuda-int-sweep":
                 key = json.dumps(r["cfg"], sort_keys=True) + f"|{r['bits']}"
                 best.setdefault(key, []).append(r["x_bf16_graph"])
-        print("\nsweep, geometric-mean x bf16 (graph) over shapes, best 8:")
+        print("\nsweep, geometric-mean x bf16 (graph) over shapes, best 12:")
         import math
 
         scored = sorted(((math.exp(sum(map(math.log, v)) / len(v)), kk, len(v)) for kk, v in best.items()), reverse=True)
-        for sc, kk, cnt in scored[:8]:
+        for sc, kk, cnt in scored[:12]:
             print(f"  {sc:.2f}  {kk}  ({cnt} shapes)")
     return 0
 

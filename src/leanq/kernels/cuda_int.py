@@ -14,7 +14,7 @@ q * 2**(pos - 24), exact, where pos is the code's bit position.  Group scale and
 
 3-bit rows are two planes: the codes' low two bits as a 2-bit row (64 codes per 16-byte chunk, KU even), then
 their top bits, 8 bytes per chunk (word j of a chunk holds the top bit of pair f of 2-bit word i = 2j, 2j + 1 at
-bit 2f + (i & 1) of each half).  The kernel reads 2-bit fields at positions p <= 6 (one shift by 8 for the
+bit 2f + (i & 1) of each half).  (Interleaving the planes in 48-byte units measured 3-5% slower on an H100.)  The kernel reads 2-bit fields at positions p <= 6 (one shift by 8 for the
 upper four), moves each top bit to p + 2 with one of four shifts per 1-bit word, and joins them with one OR:
 the same subnormal q * 2**(p - 24), now of the whole 3-bit code, three instructions per code pair.
 
@@ -56,6 +56,9 @@ BITS = (2, 3, 4, 8)
 # threads per block, rows per warp, chunks per lane per tile, next tile prefetched, cap on blocks per SM (None: as
 # many as the SM holds)
 DEFAULT_CFG = dict(threads=256, r=2, u=2, pf=1, bps=None)
+# the streaming form (int_gemv_stream, sm_90) by bits where it would be the default: threads, tiles in flight per
+# warp, chunks per lane. Empty: on an H100 it measured slower than the per-warp form at every width (NOTES.md, v10).
+STREAM: dict = {}
 # by bits: the best geometric mean over the five Llama shapes in the H100 sweeps of bench_cuda_int.py
 TUNED: dict = {4: dict(threads=512, r=1, u=2, pf=1, bps=None), 2: dict(threads=512, r=2, u=1, pf=1, bps=None),
               8: dict(threads=512, r=1, u=4, pf=1, bps=None), 3: dict(threads=512, r=1, u=2, pf=1, bps=None)}
@@ -103,6 +106,8 @@ __device__ __forceinline__ constexpr bool fsh(int f) { return false; }
 // 16-byte units per row of the words: 3-bit rows hold KU chunks of the 2-bit plane, then KU 8-byte chunks of the
 // 1-bit plane (KU even, so rows stay 16-byte aligned)
 #define ROWU(KU) (BITS == 3 ? (KU) / 2 * 3 : (KU))
+#define QOFF(c) (c)                                    // chunk c (3-bit: of the 2-bit plane), in 16-byte units
+#define HPTR(wr, c) ((const uint2*)((wr) + KU) + (c))  // 3-bit: chunk c of the 1-bit plane
 __device__ __forceinline__ uint2 ldw2(const uint2* p) {
   uint2 r;
   asm("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p));
@@ -123,9 +128,9 @@ __device__ __forceinline__ void load_tile(uint4 (&q)[R][U], uint2 (&qh)[R][U], u
     for (int u = 0; u < U; ++u) {
       const int c = c0 + lane + 32 * u;
       const bool ok = row < N && c < KU;
-      q[r][u] = ok ? ldw(wr + c) : make_uint4(0u, 0u, 0u, 0u);
+      q[r][u] = ok ? ldw(wr + QOFF(c)) : make_uint4(0u, 0u, 0u, 0u);
 #if BITS == 3
-      qh[r][u] = ok ? ldw2((const uint2*)(wr + KU) + c) : make_uint2(0u, 0u);
+      qh[r][u] = ok ? ldw2(HPTR(wr, c)) : make_uint2(0u, 0u);
 #endif
       s[r][u] = ok ? __ldg(sr + (c >> GCS)) : 0u;
     }
@@ -146,6 +151,60 @@ __device__ __forceinline__ void load8(float (&v)[8], const void* __restrict__ x,
 // p + 2 of a shifted copy of its 1-bit word (word j of the chunk's two covers 2-bit words 2j and 2j + 1; the top
 // bit of pair f of 2-bit word i sits at bit 2f + (i & 1) of each half), and one OR joins them: the field holds
 // the whole code q = low + 4 top as the subnormal q * 2**(p - 24), read by the same staged activations
+__device__ __forceinline__ u32 chunk_pairs(const uint4 q, const uint2 qh, const u32 (&xh)[NPAIR]) {
+  const u32 wd[4] = {q.x, q.y, q.z, q.w};
+#if BITS == 3
+  // per 1-bit word: its copies with the top bits of (2-bit word 2j: fields 0-3, 4-7; word 2j + 1: 0-3, 4-7) at
+  // the positions p + 2
+  const u32 hb[2] = {qh.x, qh.y};
+  u32 hv[2][4];
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    hv[j][0] = hb[j] << 2; hv[j][1] = hb[j] >> 6; hv[j][2] = hb[j] << 1; hv[j][3] = hb[j] >> 7;
+  }
+#endif
+  u32 a = 0u;
+#pragma unroll
+  for (int wi = 0; wi < 4; ++wi) {
+#if BITS != 8
+    const u32 sh = wd[wi] >> SH;
+#endif
+#pragma unroll
+    for (int f = 0; f < NF; ++f) {
+      const int p = wi * NF + f;
+#if BITS == 8
+      const u32 v = prmt(wd[wi], 0u, f == 0 ? 0x4240u : 0x4341u);
+#elif BITS == 3
+      const u32 v = ((fsh(f) ? sh : wd[wi]) & (0x00030003u << fpos(f)))
+                    | (hv[wi >> 1][2 * (wi & 1) + (fsh(f) ? 1 : 0)] & (0x00040004u << fpos(f)));
+#else
+      const u32 v = (fsh(f) ? sh : wd[wi]) & ((QMASK | (QMASK << 16)) << fpos(f));
+#endif
+      a = hfma2(v, xh[p], a);
+    }
+  }
+  return a;
+}
+
+// chunk c's staged activations (fp16 pairs), and P = 2**(9 + e) and the chunk's sum of x from its spare unit
+__device__ __forceinline__ void chunk_x(u32 (&xh)[NPAIR], float& P, float& X, const uint4* xs, int c) {
+  const uint4* xc = xs + c * CST;
+#pragma unroll
+  for (int j = 0; j < S; ++j) {
+    const uint4 v = xc[j];
+    xh[4 * j] = v.x; xh[4 * j + 1] = v.y; xh[4 * j + 2] = v.z; xh[4 * j + 3] = v.w;
+  }
+  const uint4 pad = xc[S];
+  P = __uint_as_float(pad.x); X = __uint_as_float(pad.y);
+}
+
+// acc plus the chunk's term of the row sum, scale * (2**9 A - z * X); the zero point as float from its bits under
+// 2**23's exponent, minus 2**23 (exact, no int-to-float conversion)
+__device__ __forceinline__ float chunk_acc(float acc, u32 a, u32 s, float P, float X) {
+  const float z = __uint_as_float(0x4B000000u | (s & 0xFFFFu)) - 8388608.f;
+  return fmaf(scale_of(s), fmaf(P, h2sum(a), -z * X), acc);
+}
+
 __device__ __forceinline__ void compute_tile(float (&acc)[R], const uint4 (&q)[R][U], const uint2 (&qh)[R][U],
                                              const u32 (&s)[R][U], const uint4* xs, int c0, int lane, int KU) {
 #pragma unroll
@@ -153,79 +212,25 @@ __device__ __forceinline__ void compute_tile(float (&acc)[R], const uint4 (&q)[R
     const int c = c0 + lane + 32 * u;
     if (c >= KU) continue;
     u32 xh[NPAIR];
-    const uint4* xc = xs + c * CST;
-#pragma unroll
-    for (int j = 0; j < S; ++j) {
-      const uint4 v = xc[j];
-      xh[4 * j] = v.x; xh[4 * j + 1] = v.y; xh[4 * j + 2] = v.z; xh[4 * j + 3] = v.w;
-    }
-    const uint4 pad = xc[S];
-    const float P = __uint_as_float(pad.x), X = __uint_as_float(pad.y);
+    float P, X;
+    chunk_x(xh, P, X, xs, c);
 #pragma unroll
     for (int r = 0; r < R; ++r) {
 #if ABLATE & 1
       acc[r] += __uint_as_float((q[r][u].x ^ q[r][u].y ^ q[r][u].z ^ q[r][u].w ^ s[r][u] ^ xh[0]) & 0x3F7FFFFFu) * P;
       continue;
 #endif
-      const u32 wd[4] = {q[r][u].x, q[r][u].y, q[r][u].z, q[r][u].w};
-#if BITS == 3
-      // per 1-bit word: its copies with the top bits of (2-bit word 2j: fields 0-3, 4-7; word 2j + 1: 0-3, 4-7) at
-      // the positions p + 2
-      const u32 hb[2] = {qh[r][u].x, qh[r][u].y};
-      u32 hv[2][4];
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        hv[j][0] = hb[j] << 2; hv[j][1] = hb[j] >> 6; hv[j][2] = hb[j] << 1; hv[j][3] = hb[j] >> 7;
-      }
-#endif
-      u32 a = 0u;
-#pragma unroll
-      for (int wi = 0; wi < 4; ++wi) {
-#if BITS != 8
-        const u32 sh = wd[wi] >> SH;
-#endif
-#pragma unroll
-        for (int f = 0; f < NF; ++f) {
-          const int p = wi * NF + f;
-#if BITS == 8
-          const u32 v = prmt(wd[wi], 0u, f == 0 ? 0x4240u : 0x4341u);
-#elif BITS == 3
-          const u32 v = ((fsh(f) ? sh : wd[wi]) & (0x00030003u << fpos(f)))
-                        | (hv[wi >> 1][2 * (wi & 1) + (fsh(f) ? 1 : 0)] & (0x00040004u << fpos(f)));
-#else
-          const u32 v = (fsh(f) ? sh : wd[wi]) & ((QMASK | (QMASK << 16)) << fpos(f));
-#endif
-          a = hfma2(v, xh[p], a);
-        }
-      }
-      // zero point as float: its bits under 2**23's exponent, minus 2**23 (exact, no int-to-float conversion)
-      const float z = __uint_as_float(0x4B000000u | (s[r][u] & 0xFFFFu)) - 8388608.f;
-      acc[r] = fmaf(scale_of(s[r][u]), fmaf(P, h2sum(a), -z * X), acc[r]);
+      acc[r] = chunk_acc(acc[r], chunk_pairs(q[r][u], qh[r][u], xh), s[r][u], P, X);
     }
   }
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS) int_gemv(
-    const void* __restrict__ x, void* __restrict__ out, const void* __restrict__ bias,
-    const uint4* __restrict__ w, const u32* __restrict__ sz, int N, int K, int KU, int NG, int GCS, int HAS_BIAS,
-    int XVEC)
-{
-  extern __shared__ uint4 xs[];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int NRG = (N + R - 1) / R;
-  const int TPR = (KU + 32 * U - 1) / (32 * U);  // tiles per row group
-  const int rg0 = blockIdx.x * WARPS + warp, rstep = gridDim.x * WARPS;
-
-  uint4 q[R][U];
-  uint2 qh[R][U];
-  u32 s[R][U];
-  if (rg0 < NRG) load_tile(q, qh, s, w, sz, rg0, 0, N, KU, NG, GCS, lane);
-
-  // activations, a thread per chunk: its CPC values x (fp32), m = max |x| <= 2**e (a power of two: exact), the
-  // S units of fp16 pairs x * 2**(15 - pos - e) (pos: the bit position of the field holding the pair's codes),
-  // and in the spare unit P = 2**(9 + e) and the chunk's sum of x
-  // a thread per 16-byte unit (8 values; a chunk's S units on S neighbouring lanes, which share their max and sum
-  // by shuffles), SB units per thread at a time with all their loads issued first
+// activations, a thread per chunk: its CPC values x (fp32), m = max |x| <= 2**e (a power of two: exact), the
+// S units of fp16 pairs x * 2**(15 - pos - e) (pos: the bit position of the field holding the pair's codes),
+// and in the spare unit P = 2**(9 + e) and the chunk's sum of x
+// a thread per 16-byte unit (8 values; a chunk's S units on S neighbouring lanes, which share their max and sum
+// by shuffles), SB units per thread at a time with all their loads issued first
+__device__ __forceinline__ void stage_x(uint4* xs, const void* __restrict__ x, int K, int KU, int XVEC, int lane) {
   for (int u0 = 0; u0 < KU * S; u0 += SB * THREADS) {
     uint4 raw[SB][XW];  // the 16-byte loads of SB units (XVEC), in flight together
 #pragma unroll
@@ -271,6 +276,25 @@ extern "C" __global__ void __launch_bounds__(THREADS) int_gemv(
         xs[c * CST + S] = make_uint4(__float_as_uint(__uint_as_float((u32)(127 + 9 + e) << 23)), __float_as_uint(tot), 0u, 0u);
     }
   }
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS) int_gemv(
+    const void* __restrict__ x, void* __restrict__ out, const void* __restrict__ bias,
+    const uint4* __restrict__ w, const u32* __restrict__ sz, int N, int K, int KU, int NG, int GCS, int HAS_BIAS,
+    int XVEC)
+{
+  extern __shared__ uint4 xs[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int NRG = (N + R - 1) / R;
+  const int TPR = (KU + 32 * U - 1) / (32 * U);  // tiles per row group
+  const int rg0 = blockIdx.x * WARPS + warp, rstep = gridDim.x * WARPS;
+
+  uint4 q[R][U];
+  uint2 qh[R][U];
+  u32 s[R][U];
+  if (rg0 < NRG) load_tile(q, qh, s, w, sz, rg0, 0, N, KU, NG, GCS, lane);
+
+  stage_x(xs, x, K, KU, XVEC, lane);
   __syncthreads();
 
   float acc[R];
@@ -302,6 +326,119 @@ extern "C" __global__ void __launch_bounds__(THREADS) int_gemv(
   }
 }
 
+// ---- the streaming form (sm_90, 2-, 4- and 8-bit: 1-D bulk copies into shared memory) ----
+// The per-warp form with its weight loads replaced by bulk copies: each warp walks the same (row, tile) sequence,
+// but lane 0 keeps ST tiles of 32 * U chunks in flight through cp.async.bulk into the warp's own ring of shared
+// memory (one mbarrier per slot), so many more bytes are in flight per warp than registers could hold. The group
+// words go through L1 one tile ahead. Measured on an H100 (benchmarks/kernels/NOTES.md, v10): 10-40% slower than
+// the per-warp form at every width and shape, so the GEMV is not short of bytes in flight; it stays an option.
+#define UB 16                      // bytes per unit (one chunk)
+#define UC 1                       // chunks per unit
+#define SEG (32 * U)               // units per tile
+__device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+#if __CUDA_ARCH__ >= 900
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, u32 bytes, unsigned long long* bar) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(smem_addr(bar)), "r"(bytes) : "memory");
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+               :: "r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(bar)) : "memory");
+}
+__device__ __forceinline__ void bar_wait(unsigned long long* bar, u32 parity) {
+  asm volatile("{\n\t.reg .pred P1;\n\tLAB_WAIT:\n\t"
+               "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n\t"
+               "@P1 bra DONE;\n\tbra LAB_WAIT;\n\tDONE:\n\t}" :: "r"(smem_addr(bar)), "r"(parity) : "memory");
+}
+#endif
+// the group words of this lane's units of tile (row, tk)
+__device__ __forceinline__ void tile_groups(u32 (&s)[U][UC], const u32* __restrict__ sz, int row, int tk, int N,
+                                            int UPR, int NG, int GCS, int lane) {
+#pragma unroll
+  for (int j = 0; j < U; ++j) {
+    const int uu = tk * SEG + lane + 32 * j;
+#pragma unroll
+    for (int h = 0; h < UC; ++h) s[j][h] = row < N && uu < UPR ? __ldg(sz + (size_t)row * NG + ((uu * UC + h) >> GCS)) : 0u;
+  }
+}
+extern "C" __global__ void __launch_bounds__(THREADS) int_gemv_stream(
+    const void* __restrict__ x, void* __restrict__ out, const void* __restrict__ bias,
+    const uint4* __restrict__ w, const u32* __restrict__ sz, int N, int K, int KU, int NG, int GCS, int HAS_BIAS,
+    int XVEC)
+{
+#if __CUDA_ARCH__ >= 900 && BITS != 3
+  // shared memory: per warp ST slots of SEG units | per warp ST mbarriers (8 bytes each, 16-byte padded) | staged x
+  extern __shared__ __align__(128) uint4 smem[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  uint4* ring = smem + (size_t)warp * ST * SEG * (UB / 16);
+  unsigned long long* bars = (unsigned long long*)(smem + (size_t)WARPS * ST * SEG * (UB / 16)) + warp * ST;
+  uint4* xs = smem + (size_t)WARPS * ST * SEG * (UB / 16) + (WARPS * ST + 1) / 2;
+  const int UPR = KU / UC, TPR = (UPR + SEG - 1) / SEG;  // units and tiles per row
+  const int rstep = gridDim.x * WARPS;
+  const char* wb = (const char*)w;
+  // lane 0 issues tile `ni` of the warp's sequence (rows row0, row0 + rstep, ...; tiles 0 .. TPR - 1 of each)
+  int irow = blockIdx.x * WARPS + warp, itk = 0, ni = 0;
+  if (lane == 0) {
+    for (int i = 0; i < ST; ++i)
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(smem_addr(bars + i)) : "memory");
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    for (; ni < ST && irow < N; ++ni) {
+      bulk_load(ring + (size_t)ni * SEG * (UB / 16), wb + ((size_t)irow * UPR + (size_t)itk * SEG) * UB,
+                (u32)min(SEG, UPR - itk * SEG) * UB, bars + ni);
+      if (++itk == TPR) { itk = 0; irow += rstep; }
+    }
+  }
+  int row = blockIdx.x * WARPS + warp, tk = 0;
+  u32 s[U][UC];
+  tile_groups(s, sz, row, 0, N, UPR, NG, GCS, lane);
+  stage_x(xs, x, K, KU, XVEC, lane);
+  __syncthreads();
+
+  float acc = 0.f;
+  for (int i = 0; row < N; ++i) {
+    int rown = row, tkn = tk + 1;
+    if (tkn == TPR) { tkn = 0; rown += rstep; }
+    u32 sn[U][UC];
+    tile_groups(sn, sz, rown, tkn, N, UPR, NG, GCS, lane);
+    const int slot = i % ST;
+    bar_wait(bars + slot, (u32)((i / ST) & 1));
+    const uint4* ub0 = ring + (size_t)slot * SEG * (UB / 16);
+#pragma unroll
+    for (int j = 0; j < U; ++j) {
+      const int uu = tk * SEG + lane + 32 * j;
+      if (uu >= UPR) continue;
+      const uint4* ub = ub0 + (lane + 32 * j) * (UB / 16);
+#pragma unroll
+      for (int h = 0; h < UC; ++h) {
+        u32 xh[NPAIR];
+        float P, X;
+        chunk_x(xh, P, X, xs, uu * UC + h);
+        acc = chunk_acc(acc, chunk_pairs(ub[h], make_uint2(0u, 0u), xh), s[j][h], P, X);
+      }
+    }
+    __syncwarp();  // the warp is done with this slot: lane 0 refills it with the tile ST ahead
+    if (lane == 0 && irow < N) {
+      bulk_load(ring + (size_t)slot * SEG * (UB / 16), wb + ((size_t)irow * UPR + (size_t)itk * SEG) * UB,
+                (u32)min(SEG, UPR - itk * SEG) * UB, bars + slot);
+      if (++itk == TPR) { itk = 0; irow += rstep; }
+    }
+    if (tkn == 0) {  // the row is whole: reduce the warp's sums
+#pragma unroll
+      for (int o = 16; o; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+      if (lane == 0) {
+        float y = acc;
+        if (HAS_BIAS) y += ldx(bias, row);
+        stx(out, row, y);
+      }
+      acc = 0.f;
+    }
+    row = rown; tk = tkn;
+#pragma unroll
+    for (int j = 0; j < U; ++j)
+#pragma unroll
+      for (int h = 0; h < UC; ++h) s[j][h] = sn[j][h];
+  }
+#endif
+}
+
 // the dense weight [N, K] in the activation dtype (prefill: batches above 1 run dequantize + cuBLAS); a thread
 // per 16-byte chunk, its CPC values written 16 bytes at a time (one at a time in a chunk past K's end or when
 // K's rows are not 16-byte aligned)
@@ -319,12 +456,12 @@ extern "C" __global__ void int_dequant(void* __restrict__ out, const uint4* __re
   if (i >= (long long)N * KU) return;
   const int row = (int)(i / KU), c = (int)(i % KU);
   const uint4* wr = w + (size_t)row * ROWU(KU);
-  const uint4 q = wr[c];
+  const uint4 q = wr[QOFF(c)];
   const u32 s = sz[(size_t)row * NG + (c >> GCS)];
   const float sc = scale_of(s), z = (float)(s & 0xFFFFu);
   const u32 wd[4] = {q.x, q.y, q.z, q.w};
 #if BITS == 3
-  const uint2 qh = ((const uint2*)(wr + KU))[c];
+  const uint2 qh = *HPTR(wr, c);
   const u32 hb[2] = {qh.x, qh.y};
 #define CB (BITS == 3 ? 2 : BITS)
 #else
@@ -365,14 +502,15 @@ extern "C" __global__ void int_dequant(void* __restrict__ out, const uint4* __re
 """
 
 
-def source(bits: int, xt: int, threads: int, r: int, u: int, pf: int, sbf16: bool, ablate: int = 0, sb: int = 4) -> str:
+def source(bits: int, xt: int, threads: int, r: int, u: int, pf: int, sbf16: bool, ablate: int = 0, sb: int = 4,
+           st: int = 4) -> str:
     """The CUDA source of one configuration (its constants as #defines): ``sb`` activation units per thread per
     staging step (their loads in flight together).
 
     ``ablate`` (timing experiments only; the results are wrong): bit 1 no decode or dot products (the loaded
     words are only XOR-ed), bit 2 no activation staging."""
     assert bits in BITS and threads % 32 == 0 and 1 <= r <= 32 and u >= 1, (bits, threads, r, u)
-    defs = dict(BITS=bits, XT=xt, THREADS=threads, R=r, U=u, PF=int(pf), SBF16=int(sbf16), ABLATE=ablate, SB=sb)
+    defs = dict(BITS=bits, XT=xt, THREADS=threads, R=r, U=u, PF=int(pf), SBF16=int(sbf16), ABLATE=ablate, SB=sb, ST=st)
     return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + PRELUDE + _SRC
 
 
@@ -382,8 +520,8 @@ def available() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _compiled(bits: int, xt: int, threads: int, r: int, u: int, pf: int, sbf16: bool, device: int,
-              name: str = "int_gemv", ablate: int = 0, sb: int = 4) -> Launcher:
-    src = source(bits, xt, threads, r, u, pf, sbf16, ablate, sb)
+              name: str = "int_gemv", ablate: int = 0, sb: int = 4, st: int = 4) -> Launcher:
+    src = source(bits, xt, threads, r, u, pf, sbf16, ablate, sb, st)
     with torch.cuda.device(device):
         return Launcher(torch.cuda._compile_kernel(src, name), "cuda-int")
 
@@ -447,9 +585,9 @@ def repack_rk(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, 
         pos = ((torch.arange(2, dtype=torch.int64, device=codes.device).view(2, 1, 1)
                 + 2 * torch.arange(8, dtype=torch.int64, device=codes.device).view(1, 8, 1))
                + 16 * torch.arange(2, dtype=torch.int64, device=codes.device).view(1, 1, 2))
-        high = (top << pos).sum((-3, -2, -1)).view(n, ku * 2)
+        high = _as_int32((top << pos).sum((-3, -2, -1))).view(n, ku * 2)
         del codes, top
-        word = torch.cat([low, _as_int32(high)], 1).contiguous()
+        word = torch.cat([low, high], 1).contiguous()  # the row's 2-bit plane, then its 1-bit plane
     else:
         word = _pack_words(codes, bits)
         del codes
@@ -518,7 +656,7 @@ def rk_bytes(pk: dict) -> int:
 
 
 def _cfg(bits: int) -> dict:
-    return TUNED.get(bits, DEFAULT_CFG)
+    return STREAM.get(bits) or TUNED.get(bits, DEFAULT_CFG)
 
 
 def staging_units(cfg: dict, pk: dict) -> int:
@@ -534,8 +672,13 @@ def run_int_cuda(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dic
     M, K = x2.shape
     assert M == 1 and K == pk["K"] and x2.is_contiguous(), (M, K, pk["K"])
     cfg = dict(cfg or _cfg(pk["bits"]))
-    threads, r, u = cfg["threads"], cfg["r"], cfg["u"]
     dev = device_index(x2)
+    if cfg.get("mode") == "stream":
+        launch = _stream_launch(cfg, pk, x2, dev)
+        if launch is not None:
+            return _run_stream(x2, pk, bias, out, *launch)
+        cfg = dict(TUNED.get(pk["bits"], DEFAULT_CFG))  # not on this GPU or for this K: the per-warp form
+    threads, r, u = cfg["threads"], cfg["r"], cfg["u"]
     kern = _compiled(pk["bits"], XT[x2.dtype], threads, r, u, int(cfg.get("pf", 1)), bool(pk["sbf16"]), dev,
                      "int_gemv", int(cfg.get("ablate", 0)), staging_units(cfg, pk))
     N = pk["N"]
@@ -549,6 +692,49 @@ def run_int_cuda(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dic
     # wave of blocks would start late and finish last); ``bps`` caps the blocks per SM below that
     per_sm = min(kern.blocks_per_sm(threads, smem), cfg.get("bps") or 64)
     blocks = max(1, min(-(-nrg // warps), per_sm * sm_count(dev)))
+    xvec = int(K % 8 == 0 and x2.data_ptr() % 16 == 0)
+    kern(grid=(blocks, 1, 1), block=(threads, 1, 1), smem=smem,
+         args=[x2, out, bias if bias is not None else out, pk["words"], pk["sz"], N, K, pk["KU"], pk["NG"], pk["GCS"],
+               int(bias is not None), xvec])
+    return out
+
+
+SMEM_MAX = 227 * 1024  # the H100's opt-in shared memory per block
+
+
+def stream_smem(pk: dict, threads: int, st: int, u: int) -> int:
+    """Shared memory of the streaming form: every warp's ring of ``st`` tiles, their mbarriers, staged x."""
+    warps = threads // 32
+    return warps * st * 32 * u * 16 + (warps * st + 1) // 2 * 16 + pk["KU"] * (codes_per_chunk(pk["bits"]) * 2 + 16)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm90(dev: int) -> bool:
+    return torch.cuda.get_device_capability(dev) >= (9, 0)
+
+
+def _stream_launch(cfg: dict, pk: dict, x2: torch.Tensor, dev: int):
+    """(kernel, threads, blocks, shared memory) of the streaming form, or None where it does not apply (3-bit,
+    before sm_90, or shared memory too small for this K)."""
+    if pk["bits"] == 3 or not _sm90(dev):
+        return None
+    threads, st, u = cfg.get("threads", 256), cfg.get("st", 4), cfg.get("u", 1)
+    smem = stream_smem(pk, threads, st, u)
+    if smem > SMEM_MAX:
+        return None
+    kern = _compiled(pk["bits"], XT[x2.dtype], threads, 1, u, 1, bool(pk["sbf16"]), dev, "int_gemv_stream", 0,
+                     staging_units(dict(threads=threads), pk), st)
+    # warps walk rows by the grid's stride: at most the blocks the GPU holds at once (``bps`` caps them)
+    per_sm = min(kern.blocks_per_sm(threads, smem), cfg.get("bps") or 64)
+    blocks = max(1, min(-(-pk["N"] // (threads // 32)), per_sm * sm_count(dev)))
+    return kern, threads, blocks, smem
+
+
+def _run_stream(x2, pk, bias, out, kern, threads, blocks, smem) -> torch.Tensor:
+    N, K = pk["N"], pk["K"]
+    if out is None:
+        out = torch.empty(1, N, device=x2.device, dtype=x2.dtype)
+    assert out.shape == (1, N) and out.dtype == x2.dtype and out.is_contiguous()
     xvec = int(K % 8 == 0 and x2.data_ptr() % 16 == 0)
     kern(grid=(blocks, 1, 1), block=(threads, 1, 1), smem=smem,
          args=[x2, out, bias if bias is not None else out, pk["words"], pk["sz"], N, K, pk["KU"], pk["NG"], pk["GCS"],

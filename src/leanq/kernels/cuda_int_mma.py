@@ -28,6 +28,7 @@ v9).
   than one slice at a time (``sc`` 1) at 128 registers.
 
 bf16 activations take 2- and 4-bit weights (128 + q is exact in bf16 up to q = 127); fp16 takes 2, 4 and 8.
+3-bit layers (two planes per row) go to dequantize + cuBLAS at these batches.
 K must be a multiple of 16 and the group a multiple of 16 (the rk layout's groups are). Otherwise, and for
 fp32 activations, :func:`supports` says no and the caller dequantizes.
 """
