@@ -118,7 +118,7 @@ __device__ __forceinline__ uint2 ldw2(const uint2* p) {
 // 16-byte loads, and each chunk's group word (group = chunk >> GCS)
 __device__ __forceinline__ void load_tile(uint4 (&q)[R][U], uint2 (&qh)[R][U], u32 (&s)[R][U],
                                           const uint4* __restrict__ w, const u32* __restrict__ sz, int rg, int c0,
-                                          int N, int KU, int NG, int GCS, int lane) {
+                                          int N, int KU, int NG, int GCS, int lane, int ce) {
 #pragma unroll
   for (int r = 0; r < R; ++r) {
     const int row = rg * R + r;
@@ -127,7 +127,7 @@ __device__ __forceinline__ void load_tile(uint4 (&q)[R][U], uint2 (&qh)[R][U], u
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int c = c0 + lane + 32 * u;
-      const bool ok = row < N && c < KU;
+      const bool ok = row < N && c < ce;
       q[r][u] = ok ? ldw(wr + QOFF(c)) : make_uint4(0u, 0u, 0u, 0u);
 #if BITS == 3
       qh[r][u] = ok ? ldw2(HPTR(wr, c)) : make_uint2(0u, 0u);
@@ -206,11 +206,11 @@ __device__ __forceinline__ float chunk_acc(float acc, u32 a, u32 s, float P, flo
 }
 
 __device__ __forceinline__ void compute_tile(float (&acc)[R], const uint4 (&q)[R][U], const uint2 (&qh)[R][U],
-                                             const u32 (&s)[R][U], const uint4* xs, int c0, int lane, int KU) {
+                                             const u32 (&s)[R][U], const uint4* xs, int c0, int lane, int ce) {
 #pragma unroll
   for (int u = 0; u < U; ++u) {
     const int c = c0 + lane + 32 * u;
-    if (c >= KU) continue;
+    if (c >= ce) continue;
     u32 xh[NPAIR];
     float P, X;
     chunk_x(xh, P, X, xs, c);
@@ -286,13 +286,26 @@ extern "C" __global__ void __launch_bounds__(THREADS) int_gemv(
   extern __shared__ uint4 xs[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int NRG = (N + R - 1) / R;
-  const int TPR = (KU + 32 * U - 1) / (32 * U);  // tiles per row group
+#if SPLIT == 2
+  // warps 2i and 2i + 1 share each row group: the first half of its chunks and the second, their sums meeting in
+  // shared memory at the row's end (named barrier 1 + i, a slot per row-round parity). Meant to even out the last
+  // round of rows (14336 rows over 4224 warps leave it 39% full); measured slower than one warp per row at every
+  // width and shape on an H100 (benchmarks/kernels/NOTES.md, v10), so launch option ``sp`` stays 1 by default.
+  const int pair = warp >> 1, part = warp & 1, KH = (KU + 1) >> 1;
+  const int cb = part ? KH : 0, ce = part ? KU : KH;
+  const int rg0 = blockIdx.x * (WARPS / 2) + pair, rstep = gridDim.x * (WARPS / 2);
+  float* red = (float*)(xs + KU * CST);  // [2][WARPS / 2][R]
+  int rnd = 0;
+#else
+  const int cb = 0, ce = KU;
   const int rg0 = blockIdx.x * WARPS + warp, rstep = gridDim.x * WARPS;
+#endif
+  const int TPR = max(1, (ce - cb + 32 * U - 1) / (32 * U));  // tiles per row group (an empty half: one, empty)
 
   uint4 q[R][U];
   uint2 qh[R][U];
   u32 s[R][U];
-  if (rg0 < NRG) load_tile(q, qh, s, w, sz, rg0, 0, N, KU, NG, GCS, lane);
+  if (rg0 < NRG) load_tile(q, qh, s, w, sz, rg0, cb, N, KU, NG, GCS, lane, ce);
 
   stage_x(xs, x, K, KU, XVEC, lane);
   __syncthreads();
@@ -309,10 +322,34 @@ extern "C" __global__ void __launch_bounds__(THREADS) int_gemv(
     uint4 qn[R][U];
     uint2 qhn[R][U];
     u32 sn[R][U];
-    if (rgn < NRG) load_tile(qn, qhn, sn, w, sz, rgn, tkn * 32 * U, N, KU, NG, GCS, lane);
+    if (rgn < NRG) load_tile(qn, qhn, sn, w, sz, rgn, cb + tkn * 32 * U, N, KU, NG, GCS, lane, ce);
 #endif
-    compute_tile(acc, q, qh, s, xs, tk * 32 * U, lane, KU);
+    compute_tile(acc, q, qh, s, xs, cb + tk * 32 * U, lane, ce);
+#if SPLIT == 2
+    if (tkn == 0) {
+      float* slot = red + ((rnd & 1) * (WARPS / 2) + pair) * R;
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+#pragma unroll
+        for (int o = 16; o; o >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
+        if (part == 1 && lane == r) slot[r] = acc[r];
+      }
+      asm volatile("bar.sync %0, 64;" :: "r"(1 + pair) : "memory");
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const int row = rg * R + r;
+        if (part == 0 && lane == r && row < N) {
+          float y = acc[r] + slot[r];
+          if (HAS_BIAS) y += ldx(bias, row);
+          stx(out, row, y);
+        }
+        acc[r] = 0.f;
+      }
+      ++rnd;
+    }
+#else
     if (tkn == 0) finish_rows(acc, rg, lane, N, out, bias, HAS_BIAS, nullptr);
+#endif
     rg = rgn;
     tk = tkn;
 #if PF
@@ -321,7 +358,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) int_gemv(
 #pragma unroll
       for (int u = 0; u < U; ++u) { q[r][u] = qn[r][u]; qh[r][u] = qhn[r][u]; s[r][u] = sn[r][u]; }
 #else
-    if (rg < NRG) load_tile(q, qh, s, w, sz, rg, tk * 32 * U, N, KU, NG, GCS, lane);
+    if (rg < NRG) load_tile(q, qh, s, w, sz, rg, cb + tk * 32 * U, N, KU, NG, GCS, lane, ce);
 #endif
   }
 }
@@ -503,14 +540,16 @@ extern "C" __global__ void int_dequant(void* __restrict__ out, const uint4* __re
 
 
 def source(bits: int, xt: int, threads: int, r: int, u: int, pf: int, sbf16: bool, ablate: int = 0, sb: int = 4,
-           st: int = 4) -> str:
+           st: int = 4, sp: int = 1) -> str:
     """The CUDA source of one configuration (its constants as #defines): ``sb`` activation units per thread per
     staging step (their loads in flight together).
 
     ``ablate`` (timing experiments only; the results are wrong): bit 1 no decode or dot products (the loaded
     words are only XOR-ed), bit 2 no activation staging."""
     assert bits in BITS and threads % 32 == 0 and 1 <= r <= 32 and u >= 1, (bits, threads, r, u)
-    defs = dict(BITS=bits, XT=xt, THREADS=threads, R=r, U=u, PF=int(pf), SBF16=int(sbf16), ABLATE=ablate, SB=sb, ST=st)
+    assert sp == 1 or (sp == 2 and threads % 64 == 0 and threads <= 960), (sp, threads)  # a named barrier per pair
+    defs = dict(BITS=bits, XT=xt, THREADS=threads, R=r, U=u, PF=int(pf), SBF16=int(sbf16), ABLATE=ablate, SB=sb, ST=st,
+                SPLIT=sp)
     return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + PRELUDE + _SRC
 
 
@@ -520,8 +559,8 @@ def available() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _compiled(bits: int, xt: int, threads: int, r: int, u: int, pf: int, sbf16: bool, device: int,
-              name: str = "int_gemv", ablate: int = 0, sb: int = 4, st: int = 4) -> Launcher:
-    src = source(bits, xt, threads, r, u, pf, sbf16, ablate, sb, st)
+              name: str = "int_gemv", ablate: int = 0, sb: int = 4, st: int = 4, sp: int = 1) -> Launcher:
+    src = source(bits, xt, threads, r, u, pf, sbf16, ablate, sb, st, sp)
     with torch.cuda.device(device):
         return Launcher(torch.cuda._compile_kernel(src, name), "cuda-int")
 
@@ -679,15 +718,17 @@ def run_int_cuda(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dic
             return _run_stream(x2, pk, bias, out, *launch)
         cfg = dict(TUNED.get(pk["bits"], DEFAULT_CFG))  # not on this GPU or for this K: the per-warp form
     threads, r, u = cfg["threads"], cfg["r"], cfg["u"]
+    sp = int(cfg.get("sp", 1))
     kern = _compiled(pk["bits"], XT[x2.dtype], threads, r, u, int(cfg.get("pf", 1)), bool(pk["sbf16"]), dev,
-                     "int_gemv", int(cfg.get("ablate", 0)), staging_units(cfg, pk))
+                     "int_gemv", int(cfg.get("ablate", 0)), staging_units(cfg, pk), 4, sp)
     N = pk["N"]
     if out is None:
         out = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
     assert out.shape == (M, N) and out.dtype == x2.dtype and out.is_contiguous()
-    warps = threads // 32
+    warps = threads // 32 // sp  # row groups a block walks at once (sp = 2: two warps per row group)
     nrg = -(-N // r)
     smem = pk["KU"] * (codes_per_chunk(pk["bits"]) * 2 + 16)  # fp16 activations, a chunk sum per chunk
+    smem += 2 * warps * r * 4 if sp == 2 else 0  # the halves' meeting slots
     # warps walk row groups by the grid's stride, so the grid is at most what the GPU holds at once (a second
     # wave of blocks would start late and finish last); ``bps`` caps the blocks per SM below that
     per_sm = min(kern.blocks_per_sm(threads, smem), cfg.get("bps") or 64)
