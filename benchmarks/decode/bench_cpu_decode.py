@@ -73,6 +73,47 @@ def _weights_bytes(model) -> int:
     return total
 
 
+def int8_embedding_probe(model) -> None:
+    """A probe, not a leanq format: the tied embedding / LM head as int8 codes with one float scale per row,
+    swapped in after loading (the checkpoint keeps its float16 embedding). Looked up rows are dequantized; the
+    head runs PyTorch's packed int8 CPU matmul with bf16 activations. Measures what quantizing that matrix would
+    give acceptance 5's memory and speed."""
+    import torch
+
+    emb = model.get_input_embeddings()
+    w = emb.weight.data.float()
+    scale = (w.abs().amax(1) / 127).clamp_min(1e-12)
+    codes = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    del w
+
+    class Int8Rows(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("codes", codes)
+            self.register_buffer("scale", scale)
+            self.register_buffer("scale_bf16", scale.bfloat16())
+
+        def forward(self, ids):  # the embedding
+            return self.codes[ids].float() * self.scale[ids].unsqueeze(-1)
+
+        def head(self, h):
+            y = torch._weight_int8pack_mm(h.reshape(-1, h.shape[-1]).bfloat16(), self.codes, self.scale_bf16)
+            return y.float().reshape(*h.shape[:-1], -1)
+
+    class Head(torch.nn.Module):
+        def __init__(self, rows):
+            super().__init__()
+            self.rows = [rows]  # not a submodule: its buffers count once
+
+        def forward(self, h):
+            return self.rows[0].head(h)
+
+    rows = Int8Rows()
+    model.set_input_embeddings(rows)
+    model.lm_head = Head(rows)
+    model.config.tie_word_embeddings = False
+
+
 def child(a) -> dict:
     if a.without_triton:  # as an install without the test extra: `import triton` fails, as it does there
         sys.modules["triton"] = None
@@ -101,6 +142,8 @@ def child(a) -> dict:
 
             cpu_int4.release_stored(model)
         kernels = sorted({k for _, k in explain(model, batch=1, device="cpu")})
+        if a.embed_int8:
+            int8_embedding_probe(model)
     load_s = time.perf_counter() - t0
     _trim()
     loaded = _rss_mb()
@@ -147,6 +190,9 @@ def main() -> int:
                     help="children run as if Triton were not installed (leanq needs it only on GPUs; the test "
                          "extra installs it for the interpreter tests). Otherwise transformers' import of "
                          "torch._dynamo loads libtriton (~64 MB resident) into both processes")
+    ap.add_argument("--embed-int8", action="store_true",
+                    help="probe: in the 4-bit child, swap the tied embedding / LM head for int8 rows after loading "
+                         "(int8_embedding_probe; not a checkpoint format)")
     ap.add_argument("--child", choices=["fp32", "int4"], help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -156,7 +202,7 @@ def main() -> int:
 
     ensure_ckpt(a)
     load1 = os.getloadavg()[0]
-    res = dict(machine=f"{platform.machine()} {os.cpu_count()} cores", torch=torch.__version__,
+    res = dict(machine=f"{platform.machine()} {os.cpu_count()} cores", torch=torch.__version__, embed_int8=a.embed_int8,
                python=platform.python_version(), command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), runs={})
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
@@ -164,6 +210,7 @@ def main() -> int:
         cmd = [sys.executable, __file__, "--child", which, "--model", a.model, "--ckpt", a.ckpt, "--new-tokens",
                str(a.new_tokens), "--reps", str(a.reps), "--threads", str(a.threads), "--kernel", a.kernel]
         cmd += ["--without-triton"] if a.without_triton else []
+        cmd += ["--embed-int8"] if a.embed_int8 and which == "int4" else []
         r = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if r.returncode:
             print(r.stderr[-3000:], file=sys.stderr)

@@ -19,7 +19,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--windows", type=int, default=8)
-    ap.add_argument("--settings", default="8:128,4:128,4:64", help="BITS:GROUP,...")
+    ap.add_argument("--settings", default="8:128,4:128,4:64",
+                    help="BITS:GROUP[:sym],...; GROUP 0 is one scale per row (8:0:sym is bench_cpu_decode's --embed-int8)")
     a = ap.parse_args()
     from leanq.config import QuantSpec
     from leanq.data import EVAL_FILE, find_file, read_text, tokenize
@@ -37,11 +38,18 @@ def main() -> int:
         orig = emb.detach().clone()
         n = orig.shape[1]
         for item in a.settings.split(","):
-            bits, g = (int(v) for v in item.split(":"))
-            codes, s, z = rtn_codes(orig, QuantSpec(bits=bits, group_size=g, sym=False))
-            emb.copy_((codes - z.repeat_interleave(g, 1)[:, :n]) * s.repeat_interleave(g, 1)[:, :n])
+            f = item.split(":")
+            bits, g, sym = int(f[0]), int(f[1]), f[2:] == ["sym"]
+            if sym and g == 0:  # one scale per row, max |w| / (2**(bits-1) - 1), no zero point
+                qmax = 2 ** (bits - 1) - 1
+                scale = (orig.abs().amax(1, keepdim=True) / qmax).clamp_min(1e-12)
+                emb.copy_(torch.round(orig / scale).clamp(-qmax, qmax) * scale)
+            else:
+                gg = g or n
+                codes, s, z = rtn_codes(orig, QuantSpec(bits=bits, group_size=gg, sym=sym))
+                emb.copy_((codes - z.repeat_interleave(gg, 1)[:, :n]) * s.repeat_interleave(gg, 1)[:, :n])
             p, _ = perplexity(model, ids, max_windows=a.windows, progress=False)
-            print(f"tied embedding + head at {bits}-bit g{g}: ppl {p:.3f} ({p / p0 - 1:+.2%})", flush=True)
+            print(f"tied embedding + head at {item}: ppl {p:.3f} ({p / p0 - 1:+.2%})", flush=True)
             emb.copy_(orig)
     return 0
 
