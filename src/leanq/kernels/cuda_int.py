@@ -14,9 +14,10 @@ q * 2**(pos - 24), exact, where pos is the code's bit position.  Group scale and
 
 3-bit rows are two planes: the codes' low two bits as a 2-bit row (64 codes per 16-byte chunk, KU even), then
 their top bits, 8 bytes per chunk (word j of a chunk holds the top bit of pair f of 2-bit word i = 2j, 2j + 1 at
-bit 2f + (i & 1) of each half).  (Interleaving the planes in 48-byte units measured 3-5% slower on an H100.)  The kernel reads 2-bit fields at positions p <= 6 (one shift by 8 for the
-upper four), moves each top bit to p + 2 with one of four shifts per 1-bit word, and joins them with one OR:
-the same subnormal q * 2**(p - 24), now of the whole 3-bit code, three instructions per code pair.
+bit 2f + (i & 1) of each half); interleaving the planes in 48-byte units measured 3-5% slower on an H100.  The
+kernel reads 2-bit fields at positions p <= 6 (one shift by 8 for the upper four), moves each top bit to p + 2
+with one of four shifts per 1-bit word, and joins them with one OR: the same subnormal q * 2**(p - 24), now of
+the whole 3-bit code, three instructions per code pair.
 
 Per block:
 
@@ -106,7 +107,6 @@ __device__ __forceinline__ constexpr bool fsh(int f) { return false; }
 // 16-byte units per row of the words: 3-bit rows hold KU chunks of the 2-bit plane, then KU 8-byte chunks of the
 // 1-bit plane (KU even, so rows stay 16-byte aligned)
 #define ROWU(KU) (BITS == 3 ? (KU) / 2 * 3 : (KU))
-#define QOFF(c) (c)                                    // chunk c (3-bit: of the 2-bit plane), in 16-byte units
 #define HPTR(wr, c) ((const uint2*)((wr) + KU) + (c))  // 3-bit: chunk c of the 1-bit plane
 __device__ __forceinline__ uint2 ldw2(const uint2* p) {
   uint2 r;
@@ -128,7 +128,7 @@ __device__ __forceinline__ void load_tile(uint4 (&q)[R][U], uint2 (&qh)[R][U], u
     for (int u = 0; u < U; ++u) {
       const int c = c0 + lane + 32 * u;
       const bool ok = row < N && c < ce;
-      q[r][u] = ok ? ldw(wr + QOFF(c)) : make_uint4(0u, 0u, 0u, 0u);
+      q[r][u] = ok ? ldw(wr + c) : make_uint4(0u, 0u, 0u, 0u);
 #if BITS == 3
       qh[r][u] = ok ? ldw2(HPTR(wr, c)) : make_uint2(0u, 0u);
 #endif
@@ -300,7 +300,11 @@ extern "C" __global__ void __launch_bounds__(THREADS) int_gemv(
   const int cb = 0, ce = KU;
   const int rg0 = blockIdx.x * WARPS + warp, rstep = gridDim.x * WARPS;
 #endif
+#if SPLIT == 2
   const int TPR = max(1, (ce - cb + 32 * U - 1) / (32 * U));  // tiles per row group (an empty half: one, empty)
+#else
+  const int TPR = (KU + 32 * U - 1) / (32 * U);  // tiles per row group
+#endif
 
   uint4 q[R][U];
   uint2 qh[R][U];
@@ -493,7 +497,7 @@ extern "C" __global__ void int_dequant(void* __restrict__ out, const uint4* __re
   if (i >= (long long)N * KU) return;
   const int row = (int)(i / KU), c = (int)(i % KU);
   const uint4* wr = w + (size_t)row * ROWU(KU);
-  const uint4 q = wr[QOFF(c)];
+  const uint4 q = wr[c];
   const u32 s = sz[(size_t)row * NG + (c >> GCS)];
   const float sc = scale_of(s), z = (float)(s & 0xFFFFu);
   const u32 wd[4] = {q.x, q.y, q.z, q.w};
