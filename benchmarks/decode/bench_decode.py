@@ -97,7 +97,7 @@ def compile_config(mode: str):
                                              "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
 
 
-def time_generate(model, prompt_len: int, new: int, reps: int, mode: str = "all") -> dict:
+def time_generate(model, prompt_len: int, new: int, reps: int, mode: str = "all", host_profile: bool = False) -> dict:
     ids = torch.randint(100, 30000, (1, prompt_len), device="cuda")
     kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, cache_implementation="static",
               pad_token_id=0, eos_token_id=None, compile_config=compile_config(mode))
@@ -118,7 +118,7 @@ def time_generate(model, prompt_len: int, new: int, reps: int, mode: str = "all"
     t = statistics.median(times)
     res = dict(compile_mode=mode, tokens_per_s=new / t, seconds=t, all_seconds=times, warmup_seconds=warm,
                peak_gib=torch.cuda.max_memory_allocated() / 2**30, tokens=out[0, prompt_len:prompt_len + 8].tolist())
-    if HOST_PROFILE:  # where the host's time per step goes (PyTorch profiler, CPU side; it slows every step)
+    if host_profile:  # where the host's time per step goes (PyTorch profiler, CPU side; it slows every step)
         from torch.profiler import ProfilerActivity, profile
 
         with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -129,9 +129,6 @@ def time_generate(model, prompt_len: int, new: int, reps: int, mode: str = "all"
         gpu = sum(e.device_time_total for e in prof.events() if e.device_type.name == "CUDA")
         res["profiled_gpu_kernel_us_per_step"] = round(gpu / new, 1)  # prefill included
     return res
-
-
-HOST_PROFILE = False
 
 
 def install_tuned(path: str) -> dict:
@@ -184,18 +181,16 @@ def cmd_decode(a) -> dict:
     from leanq.kernels import explain
     from leanq.kernels import triton_int as ti
 
-    global HOST_PROFILE
-    HOST_PROFILE = a.host_profile
-    guards = a.compile_modes.split(",")
-    bad = [g for g in guards if g not in COMPILE_MODES]
+    modes = a.compile_modes.split(",")
+    bad = [g for g in modes if g not in COMPILE_MODES]
     if bad:
         raise SystemExit(f"--compile-modes: unknown {bad}; choose from {', '.join(COMPILE_MODES)}")
     res = {"tuned": install_tuned(a.tuned)}
     model = build(a.layers, "cuda")
-    for g in guards:
-        key = "bf16" if g == guards[0] else f"bf16-{g}"
+    for g in modes:
+        key = "bf16" if g == modes[0] else f"bf16-{g}"
         res[key] = dict(weights_gib=weight_bytes(model) / 2**30,
-                        **time_generate(model, a.prompt_len, a.new_tokens, a.reps, g))
+                        **time_generate(model, a.prompt_len, a.new_tokens, a.reps, g, a.host_profile))
         print(key, json.dumps(res[key]), flush=True)
         torch._dynamo.reset()
     if a.floor:  # the same harness with every decoder-layer linear free: what any linear kernel could reach
@@ -222,15 +217,15 @@ def cmd_decode(a) -> dict:
         freed = ti.release_stored(model)
     torch.cuda.empty_cache()
     kernels = sorted({k for _, k in explain(model, batch=1, device="cuda", **_dt())})
-    for g in guards:
-        key, bkey = (f"int{a.bits}", "bf16") if g == guards[0] else (f"int{a.bits}-{g}", f"bf16-{g}")
+    for g in modes:
+        key, bkey = (f"int{a.bits}", "bf16") if g == modes[0] else (f"int{a.bits}-{g}", f"bf16-{g}")
         res[key] = dict(layout=a.layout, fuse=bool(a.fuse), quantize_seconds=qsec, stored_bytes_released=freed,
                         kernels_batch1=kernels, weights_gib=weight_bytes(model) / 2**30,
-                        **time_generate(model, a.prompt_len, a.new_tokens, a.reps, g))
+                        **time_generate(model, a.prompt_len, a.new_tokens, a.reps, g, a.host_profile))
         print(key, json.dumps(res[key]), flush=True)
         torch._dynamo.reset()
         q = res[key]
-        sfx = "" if g == guards[0] else f"_{g}"
+        sfx = "" if g == modes[0] else f"_{g}"
         res["speedup" + sfx] = q["tokens_per_s"] / res[bkey]["tokens_per_s"]
         res["weight_memory_ratio" + sfx] = q["weights_gib"] / res[bkey]["weights_gib"]
         res["peak_memory_ratio" + sfx] = q["peak_gib"] / res[bkey]["peak_gib"]

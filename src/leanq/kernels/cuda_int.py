@@ -625,10 +625,7 @@ def repack_rk(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, 
     if bits == 3:  # the low two bits as a 2-bit layout, then the top bits: bit 2f + (i & 1) of each half of word
         low = _pack_words(codes & 3, 2)  # j of a chunk's two holds pair f of its 2-bit words i = 2j, 2j + 1
         top = (codes >> 2).view(n, ku, 2, 2, 8, 2)  # [row, chunk, j, i & 1, f, half]
-        pos = ((torch.arange(2, dtype=torch.int64, device=codes.device).view(2, 1, 1)
-                + 2 * torch.arange(8, dtype=torch.int64, device=codes.device).view(1, 8, 1))
-               + 16 * torch.arange(2, dtype=torch.int64, device=codes.device).view(1, 1, 2))
-        high = _as_int32((top << pos).sum((-3, -2, -1))).view(n, ku * 2)
+        high = _as_int32((top << _top_bit_pos(codes.device)).sum((-3, -2, -1))).view(n, ku * 2)
         del codes, top
         word = torch.cat([low, high], 1).contiguous()  # the row's 2-bit plane, then its 1-bit plane
     else:
@@ -640,6 +637,13 @@ def repack_rk(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, 
     szw = _as_int32((sb[0] << 16) | z).contiguous()
     return dict(words=word, sz=szw, bits=bits, K=in_features, N=n, KU=ku, NG=ng, GCS=(group // cpc).bit_length() - 1,
                 sbf16=sb[1], group=group)
+
+
+def _top_bit_pos(device) -> torch.Tensor:
+    """3-bit: the bit of a 1-bit word holding the top bit of [i & 1, pair f, half] (2f + (i & 1) + 16 half)."""
+    a = torch.arange(8, dtype=torch.int64, device=device)
+    return (torch.arange(2, dtype=torch.int64, device=device).view(2, 1, 1) + 2 * a.view(1, 8, 1)
+            + 16 * torch.arange(2, dtype=torch.int64, device=device).view(1, 1, 2))
 
 
 def _as_int32(v: torch.Tensor) -> torch.Tensor:
@@ -673,10 +677,7 @@ def reference_rk(pk: dict, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         ku = pk["KU"]
         low = _unpack_words(pk["words"][:, : 4 * ku], 2)
         hw = (pk["words"][:, 4 * ku:].to(torch.int64) & 0xFFFFFFFF).view(n, ku, 2, 1, 1, 1)
-        pos = ((torch.arange(2, dtype=torch.int64, device=hw.device).view(2, 1, 1)
-                + 2 * torch.arange(8, dtype=torch.int64, device=hw.device).view(1, 8, 1))
-               + 16 * torch.arange(2, dtype=torch.int64, device=hw.device).view(1, 1, 2))
-        q = low | (((hw >> pos) & 1).reshape(n, -1) << 2)
+        q = low | (((hw >> _top_bit_pos(hw.device)) & 1).reshape(n, -1) << 2)
     else:
         q = _unpack_words(pk["words"], bits)
     q = q[:, : pk["K"]].float()
@@ -716,32 +717,38 @@ def run_int_cuda(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dic
     assert M == 1 and K == pk["K"] and x2.is_contiguous(), (M, K, pk["K"])
     cfg = dict(cfg or _cfg(pk["bits"]))
     dev = device_index(x2)
-    if cfg.get("mode") == "stream":
-        launch = _stream_launch(cfg, pk, x2, dev)
-        if launch is not None:
-            return _run_stream(x2, pk, bias, out, *launch)
-        cfg = dict(TUNED.get(pk["bits"], DEFAULT_CFG))  # not on this GPU or for this K: the per-warp form
-    threads, r, u = cfg["threads"], cfg["r"], cfg["u"]
-    sp = int(cfg.get("sp", 1))
-    kern = _compiled(pk["bits"], XT[x2.dtype], threads, r, u, int(cfg.get("pf", 1)), bool(pk["sbf16"]), dev,
-                     "int_gemv", int(cfg.get("ablate", 0)), staging_units(cfg, pk), 4, sp)
+    launch = _stream_launch(cfg, pk, x2, dev) if cfg.get("mode") == "stream" else None
+    if launch is None:  # the per-warp form (also where the streaming form does not apply: GPU, width, K)
+        launch = _rows_launch(cfg if cfg.get("mode") != "stream" else TUNED.get(pk["bits"], DEFAULT_CFG), pk, x2, dev)
+    kern, threads, blocks, smem = launch
     N = pk["N"]
     if out is None:
         out = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
     assert out.shape == (M, N) and out.dtype == x2.dtype and out.is_contiguous()
-    warps = threads // 32 // sp  # row groups a block walks at once (sp = 2: two warps per row group)
-    nrg = -(-N // r)
-    smem = pk["KU"] * (codes_per_chunk(pk["bits"]) * 2 + 16)  # fp16 activations, a chunk sum per chunk
-    smem += 2 * warps * r * 4 if sp == 2 else 0  # the halves' meeting slots
-    # warps walk row groups by the grid's stride, so the grid is at most what the GPU holds at once (a second
-    # wave of blocks would start late and finish last); ``bps`` caps the blocks per SM below that
-    per_sm = min(kern.blocks_per_sm(threads, smem), cfg.get("bps") or 64)
-    blocks = max(1, min(-(-nrg // warps), per_sm * sm_count(dev)))
     xvec = int(K % 8 == 0 and x2.data_ptr() % 16 == 0)
     kern(grid=(blocks, 1, 1), block=(threads, 1, 1), smem=smem,
          args=[x2, out, bias if bias is not None else out, pk["words"], pk["sz"], N, K, pk["KU"], pk["NG"], pk["GCS"],
                int(bias is not None), xvec])
     return out
+
+
+def _grid(kern: Launcher, threads: int, smem: int, cfg: dict, groups: int, per_block: int, dev: int) -> int:
+    """Blocks of a persistent launch: warps walk their ``groups`` work items by the grid's stride, so the grid is at
+    most what the GPU holds at once (a second wave of blocks would start late and finish last); ``bps`` caps the
+    blocks per SM below that."""
+    per_sm = min(kern.blocks_per_sm(threads, smem), cfg.get("bps") or 64)
+    return max(1, min(-(-groups // per_block), per_sm * sm_count(dev)))
+
+
+def _rows_launch(cfg: dict, pk: dict, x2: torch.Tensor, dev: int) -> tuple:
+    """(kernel, threads, blocks, shared memory) of the per-warp form."""
+    threads, r, u, sp = cfg["threads"], cfg["r"], cfg["u"], int(cfg.get("sp", 1))
+    kern = _compiled(pk["bits"], XT[x2.dtype], threads, r, u, int(cfg.get("pf", 1)), bool(pk["sbf16"]), dev,
+                     "int_gemv", int(cfg.get("ablate", 0)), staging_units(cfg, pk), 4, sp)
+    warps = threads // 32 // sp  # row groups a block walks at once (sp = 2: two warps per row group)
+    smem = pk["KU"] * (codes_per_chunk(pk["bits"]) * 2 + 16)  # fp16 activations, a chunk sum per chunk
+    smem += 2 * warps * r * 4 if sp == 2 else 0  # the halves' meeting slots
+    return kern, threads, _grid(kern, threads, smem, cfg, -(-pk["N"] // r), warps, dev), smem
 
 
 SMEM_MAX = 227 * 1024  # the H100's opt-in shared memory per block
@@ -769,31 +776,16 @@ def _stream_launch(cfg: dict, pk: dict, x2: torch.Tensor, dev: int):
         return None
     kern = _compiled(pk["bits"], XT[x2.dtype], threads, 1, u, 1, bool(pk["sbf16"]), dev, "int_gemv_stream", 0,
                      staging_units(dict(threads=threads), pk), st)
-    # warps walk rows by the grid's stride: at most the blocks the GPU holds at once (``bps`` caps them)
-    per_sm = min(kern.blocks_per_sm(threads, smem), cfg.get("bps") or 64)
-    blocks = max(1, min(-(-pk["N"] // (threads // 32)), per_sm * sm_count(dev)))
-    return kern, threads, blocks, smem
-
-
-def _run_stream(x2, pk, bias, out, kern, threads, blocks, smem) -> torch.Tensor:
-    N, K = pk["N"], pk["K"]
-    if out is None:
-        out = torch.empty(1, N, device=x2.device, dtype=x2.dtype)
-    assert out.shape == (1, N) and out.dtype == x2.dtype and out.is_contiguous()
-    xvec = int(K % 8 == 0 and x2.data_ptr() % 16 == 0)
-    kern(grid=(blocks, 1, 1), block=(threads, 1, 1), smem=smem,
-         args=[x2, out, bias if bias is not None else out, pk["words"], pk["sz"], N, K, pk["KU"], pk["NG"], pk["GCS"],
-               int(bias is not None), xvec])
-    return out
+    return kern, threads, _grid(kern, threads, smem, cfg, pk["N"], threads // 32, dev), smem
 
 
 def dequantize_rk(pk: dict, dtype: torch.dtype) -> torch.Tensor:
     """The dense weight [N, K] in ``dtype`` (fp16/bf16/fp32), on the GPU (batches above 1)."""
     N, K = pk["N"], pk["K"]
     dev = pk["words"].device
-    di = dev.index if dev.index is not None else torch.cuda.current_device()
     c = DEFAULT_CFG
-    kern = _compiled(pk["bits"], XT[dtype], c["threads"], c["r"], c["u"], 1, bool(pk["sbf16"]), di, "int_dequant")
+    kern = _compiled(pk["bits"], XT[dtype], c["threads"], c["r"], c["u"], 1, bool(pk["sbf16"]), device_index(pk["words"]),
+                     "int_dequant")
     out = torch.empty(N, K, device=dev, dtype=dtype)
     kern(grid=(-(-N * pk["KU"] // 256), 1, 1), block=(256, 1, 1),
          args=[out, pk["words"], pk["sz"], N, K, pk["KU"], pk["NG"], pk["GCS"]])
