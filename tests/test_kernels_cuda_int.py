@@ -370,6 +370,174 @@ def test_int_mma_supports_only_what_it_computes():
         assert not cm.supports(dict(pk, bits=8), x) and cm.supports(dict(pk, bits=8), x.half())
 
 
+def _emulate_int_mma_w(x: torch.Tensor, pk: dict, rt: int, kw: int, spw: int, nt: int) -> torch.Tensor:
+    """kernels.cuda_int_mma's w kernel (weights as the A operand), lane by lane in torch: every block, warp,
+    super-step and tensor-core step takes its A registers from the rk words (rows clamped to N - 1, as the kernel
+    loads them) and its B registers from x (batch rows clamped to M - 1) with the kernel's own index formulas, puts
+    them where mma.m16n8k16 takes them (A[g | g+8][2t, 2t+1 | 2t+8, 2t+9], B[2t, 2t+1 | 2t+8, 2t+9][g]), multiplies
+    in float64, scales per super-step by the rows' group scales and keeps only the outputs the kernel writes."""
+    M, K, N, G = x.shape[0], pk["K"], pk["N"], pk["group"]
+    words = pk["words"].to(torch.int64) & 0xFFFFFFFF
+    szw = pk["sz"].to(torch.int64) & 0xFFFFFFFF
+    scales = ((szw >> 16).to(torch.int32) << 16).view(torch.float32).double() if pk["sbf16"] else \
+        (szw >> 16).to(torch.int16).view(torch.float16).double()
+    zeros = (szw & 0xFFFF).double()
+    xd = x.double()
+    ns, tiles = K // 128, -(-N // 16)
+    gx, gy = -(-tiles // rt), -(-ns // (kw * spw))
+    out = torch.zeros(M, N, dtype=torch.float64)
+
+    def pair(word: int, shift: int, z: float) -> torch.Tensor:  # (M0 + q) - (M0 + z) per half: q - z
+        return torch.tensor([float((word >> shift) & 15), float((word >> (16 + shift)) & 15)], dtype=torch.float64) - z
+
+    for bx in range(gx):
+        for by in range(gy):
+            for w in range(rt * kw):
+                rt_i, kw_i = w % rt, w // rt
+                s0 = (by * kw + kw_i) * spw
+                for S in range(s0, min(s0 + spw, ns)):
+                    a_mat = torch.zeros(16, 16, dtype=torch.float64)
+                    sc = torch.zeros(16, dtype=torch.float64)
+                    for step in range(8):
+                        wi, sh = step >> 1, 8 * (step & 1)
+                        a_mat.zero_()
+                        for lane in range(32):
+                            g, t = lane // 4, lane % 4
+                            for h in range(2):  # rows g (a0, a2) and g + 8 (a1, a3)
+                                row = min((bx * rt + rt_i) * 16 + g + 8 * h, N - 1)
+                                word = int(words[row, (4 * S + t) * 4 + wi])
+                                z = zeros[row, (128 * S) // G].item()
+                                a_mat[g + 8 * h, 2 * t:2 * t + 2] = pair(word, sh, z)
+                                a_mat[g + 8 * h, 2 * t + 8:2 * t + 10] = pair(word, sh + 4, z)
+                                sc[g + 8 * h] = scales[row, (128 * S) // G]
+                        for n in range(nt):
+                            b_mat = torch.zeros(16, 8, dtype=torch.float64)
+                            for lane in range(32):
+                                g, t = lane // 4, lane % 4
+                                xr = xd[min(g + 8 * n, M - 1)]
+                                k0 = 128 * S + 32 * t + 4 * step  # u32 2 * step, 2 * step + 1 of the lane's 64 bytes
+                                b_mat[2 * t:2 * t + 2, g] = xr[k0:k0 + 2]
+                                b_mat[2 * t + 8:2 * t + 10, g] = xr[k0 + 2:k0 + 4]
+                            c = (a_mat @ b_mat) * sc[:, None]  # C[row][batch], scaled per row
+                            for r in range(16):
+                                row = (bx * rt + rt_i) * 16 + r
+                                for col in range(8):
+                                    b = 8 * n + col
+                                    if row < N and b < M:
+                                        out[b, row] += c[r, col]
+    return out
+
+
+@pytest.mark.parametrize("group,n,k,m,dtype,cfg", [(128, 40, 384, 3, torch.bfloat16, (2, 2, 1, 1)),
+                                                   (256, 24, 512, 11, torch.float16, (1, 2, 1, 2)),
+                                                   (128, 17, 256, 16, torch.bfloat16, (2, 1, 4, 2))])
+def test_int_mma_w_fragment_mapping_reproduces_the_product(group, n, k, m, dtype, cfg):
+    """The w kernel emulated lane by lane on the CPU: its register choices must rebuild x @ W^T from the rk words
+    and x's 16-bit values, with K split over warps and blocks, rows past N and batch rows past M clamped."""
+    layer = _layer(n, k, 4, group, seed=7)
+    pk = ci.repack_rk(layer.qweight, layer.scales, layer.zeros, 4, False, k, group)
+    x = torch.randn(m, k).to(dtype)
+    ref = x.double() @ ci.reference_rk(pk).double().t()
+    got = _emulate_int_mma_w(x, pk, *cfg)
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-6
+    # a wrong pairing (the pair at shift + 4 taken from the next word) must fail the same check
+    bad = dict(pk, words=torch.roll(pk["words"], 1, dims=1))
+    assert ((_emulate_int_mma_w(x, bad, *cfg) - ref).norm() / ref.norm()).item() > 1e-2
+
+
+def test_int_mma_w_default_config_covers_every_shape():
+    """w_config gives a launchable config for small and large shapes alike (one K step, a single row tile, the
+    Llama shapes): a grid covering every row tile and step, no block without work, within a block's shared memory."""
+    from leanq.kernels import cuda_int_mma as cm
+
+    for m in (2, 8, 9, 16):
+        for n in (1, 17, 1000, 4096, 11008, 14336, 28672):
+            for k in (128, 256, 4096, 11008, 14336):
+                c = cm.w_config(m, n, k, 132)
+                c2, (gx, gy) = cm.w_launch(m, n, k, c, 132)
+                ns, tiles = k // 128, -(-n // 16)
+                assert gx * c2["rt"] >= tiles and gy * c2["kw"] * c2["spw"] >= ns > (gy - 1) * c2["kw"] * c2["spw"]
+                assert cm.w_smem(c2, 1 if m <= 8 else 2) <= cm.W_SMEM_MAX, (m, n, k, c2)
+
+
+def test_int_mma_w_launch_geometry():
+    """The grid covers every row tile and super-step, and no block is left without work."""
+    from leanq.kernels import cuda_int_mma as cm
+
+    for (n, k) in [(4096, 4096), (4096, 14336), (14336, 4096), (333, 128)]:
+        for cfg in (None, dict(rt=2, kw=8), dict(rt=8, kw=1, spw=3)):
+            c, (gx, gy) = cm.w_launch(16, n, k, cfg, 132)
+            ns, tiles = k // 128, -(-n // 16)
+            assert gx * c["rt"] >= tiles > (gx - 1) * c["rt"]
+            assert gy * c["kw"] * c["spw"] >= ns > (gy - 1) * c["kw"] * c["spw"]
+            assert 1 <= c["spw"] <= ns
+
+
+@GPU
+@pytest.mark.parametrize("group,n,k,m,sdtype", [(128, 96, 512, 16, torch.float16), (128, 333, 4224, 3, torch.bfloat16),
+                                                (256, 40, 1024, 9, torch.float16), (128, 1000, 256, 8, torch.float16),
+                                                (128, 17, 128, 2, torch.bfloat16)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int_mma_w_matches_reference(group, n, k, m, sdtype, dtype):
+    """The w kernel on the GPU against the float32 reference: one block per K range (direct writes) and K split
+    over blocks (slots + last-block sum), bias, partial row tiles and batches; the same bytes on every launch, and
+    the arrival counters back at zero after each."""
+    from leanq.kernels import cuda_int_mma as cm
+
+    layer = _layer(n, k, 4, group, sdtype=sdtype, bias=True, device="cuda", seed=3)
+    pk = ci.packed_rk(layer)
+    x = torch.randn(m, k, device="cuda").to(dtype)
+    x[0, k // 2] = 3000.0
+    assert cm.supports_w(pk, x)
+    ref = x.float() @ ci.reference_rk(pk).t() + layer.bias.float()
+    ns = k // 128
+    for cfg in (None, dict(rt=1, kw=1, spw=1, pd=2), dict(rt=2, kw=2, spw=ns, pd=4), dict(rt=4, kw=2, spw=1, pd=3),
+                dict(rt=1, kw=4, spw=2, pd=4)):
+        out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+        cm.run_int_mma_w(x, pk, layer.bias.to(dtype), cfg, out=out)
+        assert torch.isfinite(out).all() and ((out.float() - ref).norm() / ref.norm()).item() < 1e-2, cfg
+        again = cm.run_int_mma_w(x, pk, layer.bias.to(dtype), cfg)
+        assert torch.equal(again, cm.run_int_mma_w(x, pk, layer.bias.to(dtype), cfg)), cfg  # deterministic
+    for _, cnt in cm._WSCRATCH.values():
+        assert int(cnt.abs().sum()) == 0  # every launch left its counters at zero
+
+
+@GPU
+def test_int_mma_w_in_a_cuda_graph_without_room_for_its_split():
+    """Captured into a CUDA graph while its split-K scratch is too small (and may not be allocated there), the w
+    kernel launches one input range per block instead; reserve_w sizes the scratch beforehand."""
+    from leanq.kernels import cuda_int_mma as cm
+
+    layer = _layer(256, 4096, 4, 128, device="cuda", seed=5)
+    pk = ci.packed_rk(layer)
+    x = torch.randn(16, 4096, device="cuda", dtype=torch.bfloat16)
+    ref = x.float() @ ci.reference_rk(pk).t()
+    cfg = dict(rt=2, kw=2, spw=2, pd=3)  # 8 input ranges: a split launch
+    assert cm.w_launch(16, 256, 4096, cfg, 132)[1][1] > 1
+    cm.run_int_mma_w(x, pk, None, cfg)  # compiled outside the capture
+    dev = x.device
+    saved = cm._WSCRATCH.get(dev)
+    cm._WSCRATCH[dev] = (torch.empty(1, device=dev), torch.zeros(1, dtype=torch.int32, device=dev))
+    try:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = cm.run_int_mma_w(x, pk, None, cfg)
+        g.replay()
+        torch.cuda.synchronize()
+        assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
+    finally:
+        if saved is None:
+            cm._WSCRATCH.pop(dev, None)
+        else:
+            cm._WSCRATCH[dev] = saved
+    cm.reserve_w(28672, 4096, dev)
+    cm.reserve_w(4096, 14336, dev)
+    for n, k in ((28672, 4096), (4096, 14336)):
+        for m in (8, 16):
+            _, (gx, gy) = cm.w_launch(m, n, k, cm.w_config(m, n, k, 132), 132)
+            assert gy == 1 or (cm._WSCRATCH[dev][0].numel() >= gy * n * 16 and cm._WSCRATCH[dev][1].numel() >= gx)
+
+
 @GPU
 @pytest.mark.parametrize("bits,group,n,k,m", [(4, 128, 96, 512, 16), (4, 128, 333, 4160, 3), (2, 64, 64, 384, 8),
                                               (8, 32, 40, 256, 2)])

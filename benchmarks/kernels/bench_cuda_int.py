@@ -64,6 +64,9 @@ def main() -> int:
                     "at, beside BF16, the Triton kn-dot and dequantize + cuBLAS (both harnesses)")
     ap.add_argument("--mma-cfgs", default="", help="also these cuda-int-mma launch configs, threads/wr/nt: e.g. "
                     "256/1/2,512/2/4")
+    ap.add_argument("--mmaw-cfgs", default="", help="with --mma: also these configs of the w kernel (weights as the A "
+                    "operand), rt/kw/spw/pd (spw 0: chosen by the launcher), e.g. 4/4/0/4,2/8/2/4")
+    ap.add_argument("--mma-lite", action="store_true", help="with --mma: skip dequantize + cuBLAS and the Triton kn-dot")
     ap.add_argument("--ablate", action="store_true",
                     help="also time the tuned config with parts left out (cuda_int.source's ablate bits 1, 2, 3)")
     args = ap.parse_args()
@@ -198,9 +201,21 @@ def main() -> int:
                 for cfg in mma_cfgs:
                     name = "cuda-int-mma" + ("" if cfg is None else f" t{cfg['threads']} wr{cfg['wr']} nt{cfg['nt']}")
                     cands[name] = (lambda c, cfg=cfg: mma_fn(c, cfg), nb)
-                cands["rk-dequant+cublas"] = (deq_fn, nb)
-                if bits in kn.DOT_BITS:
-                    cands["kn-dot"] = (kn_dot_fn, nb)
+                if bits == 4:
+                    def mmaw_fn(c, cfg=None, xm=xm):
+                        p = rk_pk(c)
+                        return lambda: cm.run_int_mma_w(xm, p, None, cfg)
+
+                    wcfgs = [None] + [dict(rt=int(a), kw=int(b_), spw=int(c_) or None, pd=int(d)) for a, b_, c_, d in
+                                      (c.split("/") for c in args.mmaw_cfgs.split(",") if c)]
+                    for cfg in wcfgs:
+                        name = "cuda-int-mma-w" + ("" if cfg is None else
+                                                   f" rt{cfg['rt']} kw{cfg['kw']} spw{cfg['spw'] or 0} pd{cfg['pd']}")
+                        cands[name] = (lambda c, cfg=cfg: mmaw_fn(c, cfg), nb)
+                if not args.mma_lite:
+                    cands["rk-dequant+cublas"] = (deq_fn, nb)
+                    if bits in kn.DOT_BITS:
+                        cands["kn-dot"] = (kn_dot_fn, nb)
                 tb = gb = None
                 for name, (make, nbytes) in cands.items():
                     e = bk.rel_err(make(0)(), refm) if name != "bf16" else 0.0
@@ -231,6 +246,16 @@ def main() -> int:
         if not r["impl"].startswith(("cuda-int-", "batch-")):
             print(f"| {r['shape']} | {r['bits']} | {r['impl']} | {r['single_us']:.1f} | {r['x_bf16_single']:.2f} | "
                   f"{r['graph_us']:.1f} | {r['x_bf16_graph']:.2f} | {r['pct_copy_graph']:.0f} |")
+    wbest: dict = {}
+    for r in rows:
+        if r["impl"].startswith("batch-cuda-int-mma") and r["x_bf16_graph"] == r["x_bf16_graph"]:
+            wbest.setdefault((r["M"], r["impl"]), []).append(r["x_bf16_graph"])
+    if wbest:
+        import math
+
+        print("\ntensor-core kernels, geometric-mean x bf16 (graph) over shapes, by batch:")
+        for (m, impl), v in sorted(wbest.items(), key=lambda kv: (kv[0][0], -sum(map(math.log, kv[1])) / len(kv[1]))):
+            print(f"  M={m:<3} {math.exp(sum(map(math.log, v)) / len(v)):.2f}  min {min(v):.2f}  {impl}  ({len(v)} shapes)")
     if sweep:
         best: dict = {}
         for r in rows:

@@ -31,6 +31,16 @@ def main() -> int:
                 e = bk.rel_err(out, x.float() @ ref_w.t())
                 bad += not e < 1e-2
                 print(f"{bits}-bit {n}x{k} {'stream' if cfg else 'rows'}: rel err {e:.1e}", flush=True)
+            if bits == 4 and k % 128 == 0:  # batches 3 and 16 through the tensor-core w kernel (direct, split K)
+                from leanq.kernels import cuda_int_mma as cm
+
+                for m, cfg in ((16, None), (3, dict(rt=2, kw=2, spw=k // 256, pd=4))):
+                    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                    out = cm.run_int_mma_w(x, pk, None, cfg)
+                    torch.cuda.synchronize()
+                    e = bk.rel_err(out, x.float() @ ref_w.t())
+                    bad += not e < 1e-2
+                    print(f"4-bit {n}x{k} mma-w M={m} {cfg}: rel err {e:.1e}", flush=True)
     return 1 if bad else 0
 
 

@@ -955,6 +955,10 @@ def take_over(model: torch.nn.Module, layers: list, fuse: bool = True) -> int:
             r0 = r1
     if groups:
         install_dedupe()
+    for m in layers:  # 4-bit batches 2-16 on the w kernel: its split-K scratch sized now, outside any CUDA graph
+        if m.rk_meta[0] == 4:
+            rows = m.rk_fused_meta[2] if m.rk_rows is not None else m.rk_meta[2]
+            cuda_int_mma.reserve_w(rows, m.rk_meta[1], m.rk_words.device)
     return freed
 
 

@@ -1,45 +1,52 @@
 """Batches 2-16 on tensor cores, straight from the rk words of :mod:`leanq.kernels.cuda_int` (no second layout).
 
-``mma.sync.m16n8k16`` (16-bit inputs, fp32 accumulate) computes out tiles C[batch row][output]: A = x (16
-batch rows, zero past M, read as it is: fp16 or bf16, no conversion), B = a 16 x 8 slice of weights (k x n).
-Thread (g = lane / 4, t = lane % 4) holds B[2t, 2t+1][g] and B[2t+8, 2t+9][g]. In rk, the 16 codes of a slice
-of row n lie in 16 / E consecutive words, and code pair p sits in word p / NF at bits ``bits * (p % NF)``
-(low half) and ``16 + bits * (p % NF)`` (high half). So pair t and pair t + 4 are one shift, one AND/OR
-(M0 + q, exact: M0 = 1024 in fp16, 128 in bf16) and one x2 subtraction of M0 + z each: exact q - z. Group
-scales multiply the fp32 sums of each group (C += s * C_group), so the weights stay exact.
+Two kernels, both ``mma.sync.m16n8k16`` (16-bit inputs, fp32 accumulate), both reading a code as M0 + q (OR'd
+into the mantissa of M0 = 1024 in fp16, 128 in bf16: exact) minus M0 + z in one x2 subtraction, so the products
+are exact (q - z) x and the group scales multiply fp32 sums.
 
-A block owns WR x NT x 8 outputs and the whole of K: its warps are WR row groups times WK = WARPS / WR K
-ranges (whole scale groups). A warp reads its A fragments from x directly (L1/L2) and its words with one
-8- or 16-byte load per row and slice. The WK partial tiles of a row group meet in shared memory and one warp
-writes the output (+ bias): one launch, no atomics, no scratch.
+**The w kernel** (``int_mma_w``, 4-bit layers with K and the group multiples of 128; the default where it applies,
+``LEANQ_MMA_W=0`` turns it off). The weights are the A operand: a warp owns 16 rows, and in super-step S (inputs
+128S .. 128S + 127) lane t of each quad reads 16-byte chunk 4S + t of its two rows; the 16 inputs of each of the
+8 tensor-core steps are an order chosen so that those chunks are exactly the lane's A registers (shift, AND/OR,
+subtract: 3 instructions per register) and the lane's B registers (x, batch rows as the 8 columns) are 64
+contiguous bytes of x per batch row. Per block: RT row tiles x KW input ranges of SPW super-steps; the weights
+stream through a per-warp ring of PD slots in shared memory filled by ``cp.async`` (with register destinations
+the compiler issued the next step's loads just before their use), each quad copies four steps' group words at a
+time (shared by shuffles), and the block's x is staged once, by ``cp.async`` into the order the lanes read.
+Partial tiles of the KW ranges meet in shared memory; when the grid also splits K, each block writes its own
+slot and the last to arrive at its row group's counter adds the slots in order (deterministic) and writes the
+output. :func:`w_config` picks RT and SPW per shape (fewest waves of one block per SM, then the fullest).
+Measured on an H100 (2026-11-28, graph harness, 4-bit g128, the five Llama shapes,
+``benchmarks/kernels/results/cuda-int-mma-w-h100-2026-11-28-final.jsonl``): 1.33-1.93x BF16 at batch 16 and
+1.56-2.22x at batch 4, where the first kernel gave 0.75-1.04x and 0.96-1.17x in the same run. Ablations
+(``mma_w_probe.py``): serving the weights from L2 changes nothing, so DRAM is not the limit; the ring alone
+(no decode, no staging) takes 17.6 us of 23.2 at 14336 x 4096, against 13.2 us for the batch-1 GEMV on the
+same bytes (ncu of an earlier version: L1/TEX throughput 76%, DRAM 29%).
 
-Measured on an H100 (2026-11-28, graph harness, 4-bit g128, the five Llama shapes;
-``benchmarks/kernels/results/cuda-int-mma-h100-2026-11-28-*.jsonl``): 0.99-1.20x BF16 at batch 4 and
-0.76-1.05x at batch 16, against 0.31-0.44x for dequantize + cuBLAS, which released layers ran before. So it
-serves batches 2-16 of released layers (:func:`leanq.kernels.cuda_int.release_stored_rk`), but it is far
-from the 2x at batch 16 that issue 5 asks for. What limits it: every block reads all of x from L2 through
-4-byte loads that use half of each sector, so x moves several times the weight bytes at batch 16. The next
-version should stage x once per block in shared memory for more rows per block (benchmarks/kernels/NOTES.md,
-v9).
+**The first kernel** (``int_mma``: 2-, 4- and 8-bit, groups multiples of 16; serves what the w kernel does not).
+A = x (16 batch rows, read as it is), B = a 16 x 8 slice of weights: thread (g = lane / 4, t = lane % 4) holds
+B[2t, 2t+1][g] and B[2t+8, 2t+9][g], pairs t and t + 4 of the slice's rk words. A block owns WR x NT x 8 outputs
+and the whole of K (WK = WARPS / WR K ranges meeting in shared memory). Every block reads all of x from L2
+through 4-byte loads, which is what limits it at batch 16 (benchmarks/kernels/NOTES.md, v9).
 - Session 7's first version (K windows across blocks, x staged and rescaled to fp16 per window, fp32
-  red.add and a finishing kernel) ran at 0.58-1.16x BF16 (single-launch harness). ncu showed a third of a
-  wave of blocks, 12% achieved occupancy, and the staging's integer divisions taking most issue slots.
+  red.add and a finishing kernel) ran at 0.58-1.16x BF16 (single-launch harness).
 - Issuing the loads of all 8 slices of a group before their arithmetic (launch config ``sc`` 8) was slower
   than one slice at a time (``sc`` 1) at 128 registers.
 
 bf16 activations take 2- and 4-bit weights (128 + q is exact in bf16 up to q = 127); fp16 takes 2, 4 and 8.
-3-bit layers (two planes per row) go to dequantize + cuBLAS at these batches.
-K must be a multiple of 16 and the group a multiple of 16 (the rk layout's groups are). Otherwise, and for
-fp32 activations, :func:`supports` says no and the caller dequantizes.
+3-bit layers (two planes per row) go to dequantize + cuBLAS at these batches. K must be a multiple of 16 and
+the group a multiple of 16 (the rk layout's groups are). Otherwise, and for fp32 activations, neither kernel
+applies and the caller dequantizes.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
-from .cuda_rt import PRELUDE, XT, Launcher, device_index, nvrtc_available
+from .cuda_rt import PRELUDE, XT, Launcher, device_index, nvrtc_available, sm_count
 
 # launch configs (threads, row groups per block, n8 tiles per warp, slices whose loads go out together) by batch:
 # the best of the H100 sweeps of 2026-11-28 at batches 4 and 16 (benchmarks/kernels/results/cuda-int-mma-h100-*)
@@ -49,14 +56,9 @@ TUNED = {4: dict(threads=256, wr=1, nt=4, sc=1), 16: dict(threads=256, wr=1, nt=
 def tuned(m: int) -> dict:
     return TUNED[4] if m <= 8 else TUNED[16]
 
-_SRC = r"""
-#define E (32 / BITS)
-#define NF (E / 2)            // code pairs per word
-#define WPS (16 / E)          // words per 16-k slice (4-bit 2, 2-bit 1, 8-bit 4)
-#define WARPS (THREADS / 32)
-#define WK (WARPS / WR)       // K ranges per block
-#define SL (GS / 16)          // slices per scale group
-#define SC (SL < SCM ? SL : SCM)  // slices whose loads go out together (SCM: the launch config's sc)
+# what both kernels share: the magic constant of the activation dtype (OR a small code into its mantissa: M0 + q,
+# exact), the exact x2 subtraction of M0 + z, and the m16n8k16 tensor-core instruction
+_HELPERS = r"""
 #define QMASK ((1u << BITS) - 1u)
 #if XT == 1
 #define MAGIC 0x64006400u     // fp16 1024 in both halves: OR q in, 1024 + q exact
@@ -95,6 +97,16 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const u32 (&a)[4], u32 b
                : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+"""
+
+_SRC = r"""
+#define E (32 / BITS)
+#define NF (E / 2)            // code pairs per word
+#define WPS (16 / E)          // words per 16-k slice (4-bit 2, 2-bit 1, 8-bit 4)
+#define WARPS (THREADS / 32)
+#define WK (WARPS / WR)       // K ranges per block
+#define SL (GS / 16)          // slices per scale group
+#define SC (SL < SCM ? SL : SCM)  // slices whose loads go out together (SCM: the launch config's sc)
 // the slice's WPS words of one row: one 4-, 8- or 16-byte load
 struct Words { u32 v[WPS]; };
 __device__ __forceinline__ Words load_words(const u32* p, bool ok) {
@@ -232,9 +244,241 @@ extern "C" __global__ void __launch_bounds__(THREADS) int_mma(
 """
 
 
+# ---- weights as the A operand ("w" kernel, 4-bit, groups a multiple of 128) ----
+# Thread (g, t) of a warp holds A[g | g+8][2t, 2t+1 | 2t+8, 2t+9] of a 16 x 16 weight tile: rows g and g + 8 of the
+# warp's 16, and the tile's 16 inputs in an order of our choosing, the same for every row and for x. In super-step S
+# (inputs 128S .. 128S + 127, one scale group or part of one), lane t reads 16-byte chunk 4S + t of both rows: 32
+# codes each, in its four words. Step j (0-7) of the super-step takes word j / 2 of each row; its pairs at bit
+# 8 (j % 2) and 8 (j % 2) + 4 are inputs 128S + 32t + 4j + {0, 1} and + {2, 3}. So B (x: inputs x batch rows) for
+# thread (g, t) at step j is x[g][128S + 32t + 4j .. + 3]: the lane's 64 contiguous bytes of x per batch row hold its
+# B registers for the whole super-step; the block stages its inputs' x in shared memory in exactly that order (one
+# 8- or 16-byte read per lane and step). A = (M0 + q) - (M0 + z), exact; C[row][batch] in fp32 is scaled per super-step by the row's group
+# scale. A block holds RT row tiles x KW input ranges of SPW super-steps each; its KW partial tiles meet in shared
+# memory. When the grid splits K (gridDim.y > 1), each block writes its sums into its own slot of ``part``
+# ([gridDim.y][N][16] fp32), and the block that arrives last at its row group's counter adds the slots in slot order
+# and writes the output (deterministic: no float atomics), then resets the counter.
+_SRC_W = r"""
+#define WARPS (RT * KW)
+#define SPG (GS / 128)        // super-steps per scale group
+static_assert(PD >= 2 && PD <= 5, "two slots of group words serve rings of 2 to 5 steps");
+
+// one super-step's weights and group words for one lane (48 bytes: both rows' 16-byte chunks, their group words)
+// the weights go through a ring of PD steps per warp in shared memory, filled by cp.async: with register
+// destinations, the compiler placed the next step's loads just before their use, whatever their order in the source
+__device__ __forceinline__ void cp16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"((u32)__cvta_generic_to_shared(dst)), "l"(src));
+}
+__device__ __forceinline__ void cp4(void* dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" :: "r"((u32)__cvta_generic_to_shared(dst)), "l"(src));
+}
+__device__ __forceinline__ void cp8(void* dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" :: "r"((u32)__cvta_generic_to_shared(dst)), "l"(src));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N_>
+__device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N_)); }
+// step S's weight copies into one ring slot: q, this lane's entry of the slot's [2][32] chunks (rows g, g + 8), read
+// back by this lane alone, 16 bytes apart per lane (no bank conflicts). Every address is in bounds (rows clamped by
+// the caller, S < NS); rows past N and batch rows past M hold other rows' values, which only reach outputs that are
+// never written.
+__device__ __forceinline__ void issue_wstep(uint4* q, const uint4* wa, const uint4* wb, int S) {
+  cp16(q, wa + 4 * S);
+  cp16(q + 32, wb + 4 * S);
+}
+// the group words of four steps at once: lane t of each quad copies those of step S + t (clamped to the warp's last
+// step), and step S + i reads them from lane i of its quad by a shuffle (a quarter of the copies of one per step)
+__device__ __forceinline__ void issue_sz(uint2* s, const u32* sa, const u32* sb, int S, int t, int slast) {
+  const int st = min(S + t, slast);
+  cp4(&s->x, sa + st / SPG);
+  cp4(&s->y, sb + st / SPG);
+}
+
+// the 8 tensor-core steps of one super-step: weights from st, x from the block's staged copy (xs: this step's
+// [8][32 lanes] entries of NT uint2, one 8- or 16-byte read per lane and step, conflict-free)
+__device__ __forceinline__ void compute_wstep(float (&acc)[NT][4], const uint4 qa4, const uint4 qb4, const uint2 sw,
+                                              const uint2* xs) {
+  uint2 xv[8][NT];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+#if NT == 2
+    const uint4 v = *(const uint4*)(xs + j * 32 * NT);
+    xv[j][0] = make_uint2(v.x, v.y); xv[j][1] = make_uint2(v.z, v.w);
+#else
+    xv[j][0] = xs[j * 32];
+#endif
+  }
+  const u32 za = pack2(M0 + (float)(sw.x & 0xFFFFu)), zb = pack2(M0 + (float)(sw.y & 0xFFFFu));
+  const u32 qa[4] = {qa4.x, qa4.y, qa4.z, qa4.w}, qb[4] = {qb4.x, qb4.y, qb4.z, qb4.w};
+  float c[NT][4];
+#pragma unroll
+  for (int n = 0; n < NT; ++n) c[n][0] = c[n][1] = c[n][2] = c[n][3] = 0.f;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const int wi = j >> 1, sh = 8 * (j & 1);
+    u32 a[4];
+    a[0] = sub2(lop3_ao(qa[wi] >> sh, 0x000F000Fu, MAGIC), za);
+    a[1] = sub2(lop3_ao(qb[wi] >> sh, 0x000F000Fu, MAGIC), zb);
+    a[2] = sub2(lop3_ao(qa[wi] >> (sh + 4), 0x000F000Fu, MAGIC), za);
+    a[3] = sub2(lop3_ao(qb[wi] >> (sh + 4), 0x000F000Fu, MAGIC), zb);
+    mma16816(c[0], a, xv[j][0].x, xv[j][0].y);
+#if NT == 2
+    mma16816(c[1], a, xv[j][1].x, xv[j][1].y);
+#endif
+  }
+  const float s0 = scale_of(sw.x), s1 = scale_of(sw.y);
+#pragma unroll
+  for (int n = 0; n < NT; ++n) {
+    acc[n][0] = fmaf(s0, c[n][0], acc[n][0]); acc[n][1] = fmaf(s0, c[n][1], acc[n][1]);
+    acc[n][2] = fmaf(s1, c[n][2], acc[n][2]); acc[n][3] = fmaf(s1, c[n][3], acc[n][3]);
+  }
+}
+
+// x: [M, K] 16-bit, 16-byte aligned rows (K % 128 == 0); out: [M, N]; w, sz: the rk layout; part, cnt: the slots and
+// the row groups' arrival counters (zero between launches), used when gridDim.y > 1; spw: super-steps per warp
+extern "C" __global__ void __launch_bounds__(WARPS * 32) int_mma_w(
+    const uint4* __restrict__ x, void* __restrict__ out, const void* __restrict__ bias, const uint4* __restrict__ w,
+    const u32* __restrict__ sz, float* __restrict__ part, int* __restrict__ cnt, int M, int N, int K, int KU, int NG,
+    int HAS_BIAS, int spw)
+{
+#if KW > 1
+  __shared__ float red[(KW - 1) * RT * NT * 4 * 32];
+#endif
+  __shared__ int last;
+  extern __shared__ uint4 dsm[];  // the weight rings [WARPS][PD][2][32], group words [WARPS][2][32], then x
+  uint4* wq = dsm;
+  uint2* wsz = (uint2*)(dsm + WARPS * PD * 64);
+  uint2* xs = wsz + WARPS * 2 * 32;  // [block's super-steps][8 steps][32 lanes][NT]
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int rt = warp % RT, kw = warp / RT;
+  const int ra = (blockIdx.x * RT + rt) * 16 + g, rb = ra + 8;
+  const bool va = ra < N, vb = rb < N;
+  const int NS = K >> 7;
+  const int sb0 = blockIdx.y * KW * spw, sb1 = min(sb0 + KW * spw, NS);  // the block's super-steps
+  const int s0 = sb0 + kw * spw, s1 = min(s0 + spw, NS);                  // this warp's
+#if ABL & 1  // ablation (probe only): every warp reads row tile 0, so the weights come from L2
+  const int rac = min(g, N - 1), rbc = min(g + 8, N - 1);
+#else
+  const int rac = min(ra, N - 1), rbc = min(rb, N - 1);
+#endif
+  const uint4* wa = w + (size_t)rac * KU + t;
+  const uint4* wb = w + (size_t)rbc * KU + t;
+  const u32* sa = sz + (size_t)rac * NG;
+  const u32* sb = sz + (size_t)rbc * NG;
+  uint4* rq = wq + (size_t)warp * PD * 64 + lane;
+  uint2* rs = wsz + (size_t)warp * 2 * 32 + lane;  // two slots of four steps' group words
+  // the block's x first, all of it by cp.async (one group): batch rows 0 .. 8 NT - 1 (rows past M clamped), input
+  // k = 128 S + 32 t + 4 j + e of batch row b to step j of lane (b % 8) * 4 + t, entry b / 8, 8 bytes per copy.
+  // Thread u takes t = u % 4 and batch row (u / 4) % (8 NT) fastest, so a warp's copies fill neighbouring entries.
+  for (int u = threadIdx.x; u < (ABL & 4 ? 0 : (sb1 - sb0) * 128 * NT); u += WARPS * 32) {  // ABL 4: no staging
+    const int tt = u & 3, b = (u >> 2) % (8 * NT), rest = (u >> 2) / (8 * NT), jp = rest & 3, sl = rest >> 2;
+    const uint2* src = (const uint2*)(x + (size_t)min(b, M - 1) * (K >> 3) + (sb0 + sl) * 16 + 4 * tt + jp);
+    uint2* d = xs + ((size_t)(sl * 8 + 2 * jp) * 32 + (b & 7) * 4 + tt) * NT + (b >> 3);
+    cp8(d, src);
+    cp8(d + 32 * NT, src + 1);
+  }
+  cp_commit();
+  // then the weight ring of PD slots per lane: steps s0 .. s0 + PD - 2 now, then each step issues the one PD - 1
+  // ahead (past the end: step s1 - 1 again, so every wait counts the same number of groups) and waits for its own
+  if (s0 < s1) {
+#pragma unroll
+    for (int d = 0; d < PD - 1; ++d) {
+      issue_wstep(rq + d * 64, wa, wb, min(s0 + d, s1 - 1));
+      if ((d & 3) == 0) issue_sz(rs + ((d >> 2) & 1) * 32, sa, sb, s0 + d, t, s1 - 1);
+      cp_commit();
+    }
+  } else {
+#pragma unroll
+    for (int d = 0; d < PD - 1; ++d) cp_commit();  // empty groups: the wait below counts the same
+  }
+  cp_wait<PD - 1>();  // this thread's x copies are done
+  __syncthreads();    // everyone's
+
+  float acc[NT][4];
+#pragma unroll
+  for (int n = 0; n < NT; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+  if (s0 < s1) {
+    for (int S = s0, slot = 0; S < s1; ++S) {
+      const int ahead = slot == 0 ? PD - 1 : slot - 1;  // (slot + PD - 1) % PD
+      const int i = S - s0, ip = i + PD - 1;  // this step's and the issued one's place in the warp's range
+      issue_wstep(rq + ahead * 64, wa, wb, min(S + PD - 1, s1 - 1));
+      if ((ip & 3) == 0 && S + PD - 1 < s1) issue_sz(rs + ((ip >> 2) & 1) * 32, sa, sb, S + PD - 1, t, s1 - 1);
+      cp_commit();
+      cp_wait<PD - 1>();
+      const uint2 own = rs[((i >> 2) & 1) * 32];
+      const int src = (lane & ~3) | (i & 3);
+      const uint2 sw = make_uint2(__shfl_sync(0xffffffffu, own.x, src), __shfl_sync(0xffffffffu, own.y, src));
+#if ABL & 2  // ablation (probe only): the words are read from the ring but not decoded or multiplied
+      { const uint4 a = rq[slot * 64], b = rq[slot * 64 + 32];
+        acc[0][0] += __uint_as_float((a.x ^ a.y ^ a.z ^ a.w ^ b.x ^ b.y ^ b.z ^ b.w ^ sw.x) & 0x3F7FFFFFu); }
+#else
+      compute_wstep(acc, rq[slot * 64], rq[slot * 64 + 32], sw,
+                    xs + (size_t)(S - sb0) * 8 * 32 * NT + lane * NT);
+#endif
+      slot = slot == PD - 1 ? 0 : slot + 1;
+    }
+    cp_wait<0>();
+  }
+
+#if KW > 1
+  if (kw > 0) {
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) red[((((kw - 1) * RT + rt) * NT + n) * 4 + i) * 32 + lane] = acc[n][i];
+  }
+  __syncthreads();
+  if (kw == 0) {
+#pragma unroll
+    for (int q = 1; q < KW; ++q)
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[n][i] += red[((((q - 1) * RT + rt) * NT + n) * 4 + i) * 32 + lane];
+  }
+#endif
+  // C[row ra | rb][batch 8n + 2t, + 1]
+  if (gridDim.y == 1) {
+    if (kw == 0) {
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int r = i < 2 ? ra : rb, b = 8 * n + 2 * t + (i & 1);
+          if (r < N && b < M) stx(out, (long long)b * N + r, acc[n][i] + (HAS_BIAS ? ldx(bias, r) : 0.f));
+        }
+    }
+    return;
+  }
+  if (kw == 0) {
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      if (va) *(float2*)(part + ((size_t)blockIdx.y * N + ra) * 16 + 8 * n + 2 * t) = make_float2(acc[n][0], acc[n][1]);
+      if (vb) *(float2*)(part + ((size_t)blockIdx.y * N + rb) * 16 + 8 * n + 2 * t) = make_float2(acc[n][2], acc[n][3]);
+    }
+  }
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(cnt + blockIdx.x, 1) == (int)gridDim.y - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const int NB = NT * 8;  // batch columns the slots hold
+  for (int i = threadIdx.x; i < RT * 16 * NB; i += WARPS * 32) {
+    const int r = blockIdx.x * RT * 16 + i / NB, b = i % NB;
+    if (r >= N || b >= M) continue;
+    float y = 0.f;
+    for (int sl = 0; sl < (int)gridDim.y; ++sl) y += __ldcg(part + ((size_t)sl * N + r) * 16 + b);
+    if (HAS_BIAS) y += ldx(bias, r);
+    stx(out, (long long)b * N + r, y);
+  }
+  if (threadIdx.x == 0) cnt[blockIdx.x] = 0;
+}
+"""
+
+
 def source(bits: int, xt: int, threads: int, wr: int, nt: int, gs: int, sbf16: bool, sc: int = 1) -> str:
     defs = dict(BITS=bits, XT=xt, THREADS=threads, WR=wr, NT=nt, GS=gs, SBF16=int(sbf16), SCM=sc)
-    return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + PRELUDE + _SRC
+    return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + PRELUDE + _HELPERS + _SRC
 
 
 def available() -> bool:
@@ -260,12 +504,16 @@ def supports(pk: dict, x2: torch.Tensor) -> bool:
     return dev not in _BROKEN and _has_mma(dev)
 
 
+def _launcher(src: str, entry: str, label: str, device: int) -> Launcher:
+    """Kernel ``entry`` of source ``src`` compiled by NVRTC for ``device``, behind a driver-level launcher."""
+    with torch.cuda.device(device):
+        return Launcher(torch.cuda._compile_kernel(src, entry), label)
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled(bits: int, xt: int, threads: int, wr: int, nt: int, gs: int, sbf16: bool, sc: int,
               device: int) -> Launcher:
-    src = source(bits, xt, threads, wr, nt, gs, sbf16, sc)
-    with torch.cuda.device(device):
-        return Launcher(torch.cuda._compile_kernel(src, "int_mma"), "cuda-int-mma")
+    return _launcher(source(bits, xt, threads, wr, nt, gs, sbf16, sc), "int_mma", "cuda-int-mma", device)
 
 
 def run_int_mma(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dict | None = None,
@@ -288,12 +536,186 @@ def run_int_mma(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dict
     return out
 
 
+# ---- the "w" kernel (weights as the A operand): config, scratch, launch ----
+# launch config: RT row tiles of 16 x KW input ranges per block (RT * KW warps), SPW super-steps of 128 inputs per
+# warp (None: the one whose grid fills its last wave best, see w_launch), PD ring slots per warp (PD - 1 steps ahead)
+W_STEP_BYTES = 32  # shared memory per lane and ring slot: two 16-byte chunks (and two slots of group words per warp)
+W_SMEM_MAX = 227 * 1024  # shared memory a block may have (H100; the launch asks for it above 48 KB)
+W_DEFAULT = dict(rt=4, kw=4, spw=None, pd=4)
+# the choice when none is given (w_config): two input ranges per block, a ring of 3, and the rows per block (rt) and
+# steps per warp (spw) whose grid needs the fewest waves and fills the last one best, larger spw first among equals.
+# On an H100 (2026-11-28 sweeps) long warps (spw 16) won on the large shapes, and SMs left idle by the grid
+# (112 of 132 at 14336 x 4096 with rt 8) were what the best config lost most to.
+W_RT = (8, 7, 6, 5, 4)
+W_SPW = (16, 12, 11, 10, 8, 6, 4, 3, 2, 1)
+W_ON = os.environ.get("LEANQ_MMA_W", "1") != "0"  # batches 2-16 of 4-bit layers on the w kernel where it applies
+TUNED_W: dict = {}  # batch bucket (8: batches 2-8, 16: 9-16) -> config, from the H100 sweeps of bench_cuda_int.py
+
+
+def source_w(xt: int, rt: int, kw: int, nt: int, gs: int, sbf16: bool, pd: int = 4, abl: int = 0) -> str:
+    defs = dict(BITS=4, XT=xt, RT=rt, KW=kw, NT=nt, GS=gs, SBF16=int(sbf16), PD=pd, ABL=abl)
+    return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + PRELUDE + _HELPERS + _SRC_W
+
+
+def supports_w(pk: dict, x2: torch.Tensor) -> bool:
+    """The w kernel's gate: 4-bit rk layouts with K and the group multiples of 128, 16-bit activations with
+    16-byte aligned rows, batches 2-16, on a GPU with mma.m16n8k16."""
+    M, K = x2.shape
+    if not (2 <= M <= 16 and x2.is_cuda and x2.dtype in (torch.float16, torch.bfloat16) and pk["bits"] == 4
+            and K % 128 == 0 and pk["group"] % 128 == 0 and x2.data_ptr() % 16 == 0 and x2.is_contiguous()):
+        return False
+    dev = device_index(x2)
+    return dev not in _BROKEN_W and _has_mma(dev)
+
+
+_BROKEN_W: set = set()
+
+
+def w_smem(c: dict, nt: int) -> int:
+    """Dynamic shared memory of a w launch: the weight rings, then the block's staged x (KW * SPW super-steps)."""
+    warps = c["rt"] * c["kw"]
+    return warps * (c["pd"] * 32 * W_STEP_BYTES + 2 * 32 * 8) + c["kw"] * c["spw"] * 8 * 32 * nt * 8
+
+
+def w_launch(M: int, N: int, K: int, cfg: dict | None, sms: int, blocks_per_sm=None) -> tuple[dict, tuple[int, int]]:
+    """The w kernel's config (spw filled in) and grid for x [M, K] and N outputs. Without a given spw, the one
+    (at least 2 where K allows) whose grid fills its last wave best, ``blocks_per_sm(smem)`` (default 1) giving
+    how many blocks an SM holds."""
+    c = dict(W_DEFAULT, **(cfg or TUNED_W.get(8 if M <= 8 else 16, {})))
+    if not 2 <= c["pd"] <= 5:
+        raise ValueError(f"cuda-int-mma-w: pd {c['pd']} outside 2-5")
+    tiles, ns = -(-N // 16), K // 128
+    top = -(-ns // c["kw"])  # no more steps per warp than the K range holds
+    nt = 1 if M <= 8 else 2
+    gx = -(-tiles // c["rt"])
+    per_step = c["kw"] * 8 * 32 * nt * 8  # staged x per super-step of every warp's range
+    static = (c["kw"] - 1) * c["rt"] * nt * 4 * 32 * 4 + 16  # the kernel's own: partial tiles, the last-block flag
+    room = (W_SMEM_MAX - static - w_smem(dict(c, spw=0), nt)) // per_step
+    if room < 1:
+        raise ValueError(f"cuda-int-mma-w: config {cfg} needs more shared memory than a block has")
+    top = min(top, room)
+    if c.get("spw"):
+        c["spw"] = int(min(c["spw"], top))
+    else:
+        best = None
+        for spw in range(min(2, top), top + 1):
+            blocks = gx * -(-ns // (c["kw"] * spw))
+            try:
+                slots = sms * (blocks_per_sm(w_smem(dict(c, spw=spw), nt)) if blocks_per_sm else 1)
+            except RuntimeError:  # refused by the device (shared memory): not a candidate
+                continue
+            eff = blocks / (-(-blocks // slots) * slots)
+            if best is None or eff > best[0] + 1e-9:
+                best = (eff, spw)
+        c["spw"] = best[1]
+    return c, (gx, -(-ns // (c["kw"] * c["spw"])))
+
+
+def w_config(M: int, N: int, K: int, sms: int) -> dict:
+    """The launch config for x [M, K] and N outputs when the caller gives none: TUNED_W's for the batch bucket, else
+    over W_RT x W_SPW (kw 2, pd 3) the grid of the fewest waves (one block per SM), then the best filled last wave,
+    then the most steps per warp."""
+    tuned = TUNED_W.get(8 if M <= 8 else 16)
+    if tuned:
+        return dict(tuned)
+    best = None
+    for rt in W_RT:
+        for spw in W_SPW:
+            c, (gx, gy) = w_launch(M, N, K, dict(rt=rt, kw=2, spw=spw, pd=3), sms)
+            if c["spw"] != spw:  # clamped: the same grid as a smaller spw already listed
+                continue
+            slots = sms  # one block per SM: the regime the sweeps measured (16 warps, 60-180 KB of shared memory)
+            waves = -(-gx * gy // slots)
+            key = (-waves, round(gx * gy / (waves * slots), 2), spw, rt)
+            if best is None or key > best[0]:
+                best = (key, dict(rt=rt, kw=2, spw=spw, pd=3))
+    return best[1]
+
+
+_WSCRATCH: dict = {}
+
+
+def _w_scratch(device: torch.device, floats: int, ints: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-device slots (fp32) and zeroed arrival counters (int32) for split-K launches, grown when needed;
+    None while a CUDA graph is being captured and they are too small (the caller then avoids the split)."""
+    have = _WSCRATCH.get(device)
+    if have is not None and have[0].numel() >= floats and have[1].numel() >= ints:
+        return have
+    if torch.cuda.is_current_stream_capturing():
+        return None
+    nf = max(floats, have[0].numel() if have else 0, 1 << 20)
+    ni = max(ints, have[1].numel() if have else 0, 1 << 12)
+    have = _WSCRATCH[device] = (torch.empty(nf, dtype=torch.float32, device=device),
+                                torch.zeros(ni, dtype=torch.int32, device=device))
+    return have
+
+
+if torch.cuda.is_available():  # allocate now, outside any CUDA-graph memory pool (see triton_half2._counters)
+    _w_scratch(torch.device("cuda", torch.cuda.current_device()), 1, 1)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_w(xt: int, rt: int, kw: int, nt: int, gs: int, sbf16: bool, pd: int, abl: int, device: int) -> Launcher:
+    return _launcher(source_w(xt, rt, kw, nt, gs, sbf16, pd, abl), "int_mma_w", "cuda-int-mma-w", device)
+
+
+def run_int_mma_w(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dict | None = None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """x2 [M, K], 2 <= M <= 16 (see :func:`supports_w`) -> [M, N] of x2.dtype, the w kernel."""
+    M, K = x2.shape
+    assert supports_w(pk, x2) and K == pk["K"], (M, K, pk["K"])
+    N = pk["N"]
+    dev = device_index(x2)
+    nt = 1 if M <= 8 else 2
+    cfg = cfg or w_config(M, N, K, sm_count(dev))
+    c0 = dict(W_DEFAULT, **cfg)
+    kern = _compiled_w(XT[x2.dtype], c0["rt"], c0["kw"], nt, pk["group"], bool(pk["sbf16"]), c0["pd"],
+                       int(c0.get("abl", 0)), dev)
+    threads = 32 * c0["rt"] * c0["kw"]
+    c, (gx, gy) = w_launch(M, N, K, cfg, sm_count(dev), lambda smem: kern.blocks_per_sm(threads, smem))
+    scratch = _w_scratch(x2.device, gy * N * 16, gx) if gy > 1 else None
+    if gy > 1 and scratch is None:  # capturing with too small a scratch: one input range per block, if it fits
+        whole = -(-(K // 128) // c["kw"])
+        c, (gx, gy) = w_launch(M, N, K, dict(c, spw=whole), sm_count(dev))
+        if gy > 1:
+            raise ValueError("cuda-int-mma-w: split-K scratch too small during CUDA graph capture (reserve_w)")
+    part, cnt = scratch if gy > 1 else (x2, x2)
+    if out is None:
+        out = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
+    kern(grid=(gx, gy, 1), block=(threads, 1, 1),
+         args=[x2, out, bias if bias is not None else out, pk["words"], pk["sz"], part, cnt, M, N, K, pk["KU"],
+               pk["NG"], int(bias is not None), c["spw"]], smem=w_smem(c, nt))
+    return out
+
+
+def reserve_w(N: int, K: int, device: torch.device) -> None:
+    """Grow the split-K scratch now for a layer of N outputs and K inputs at batches 2-16 (the default configs), so
+    that no launch needs to allocate it during a CUDA graph's capture or warm-up."""
+    if K % 128 or device.type != "cuda":
+        return
+    sms = sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    for m in (8, 16):
+        _, (gx, gy) = w_launch(m, N, K, w_config(m, N, K, sms), sms)
+        if gy > 1:
+            _w_scratch(device, gy * N * 16, gx)
+
+
 def try_int_mma(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None) -> torch.Tensor | None:
     """:func:`run_int_mma` where :func:`supports` holds, else None (the caller dequantizes). A failure to compile
     or launch warns once and sends that device's later calls to the caller's path."""
-    if not supports(pk, x2):
-        return None
     try:
+        if W_ON and supports_w(pk, x2):
+            try:
+                return run_int_mma_w(x2, pk, bias)
+            except ValueError:  # no launch of it fits here (see run_int_mma_w): the first kernel serves this call
+                pass
+            except RuntimeError as e:
+                import warnings
+
+                warnings.warn(f"leanq: cuda-int-mma-w unavailable ({str(e)[:200]}); the first mma kernel serves")
+                _BROKEN_W.add(device_index(x2))
+        if not supports(pk, x2):
+            return None
         return run_int_mma(x2, pk, bias)
     except RuntimeError as e:
         import warnings

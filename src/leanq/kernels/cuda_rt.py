@@ -147,7 +147,7 @@ class Launcher:
         self.kernel = kernel  # keeps the module alive
         self.func = kernel.func
         self.name = name
-        self.smem_limit = 48 * 1024
+        self.smem_limit = 0  # the dynamic shared memory the function was last allowed (raised before a launch needs more)
         if Launcher._lib is None:
             lib = ctypes.CDLL("libcuda.so.1")
             lib.cuLaunchKernel.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 6 + [
@@ -162,7 +162,9 @@ class Launcher:
         self._occ: dict = {}
 
     def _smem(self, smem: int) -> None:
-        if smem > self.smem_limit:  # more dynamic shared memory than the default 48 KB: ask once
+        # ask for every new maximum: a function's static shared memory counts against the default 48 KB as well,
+        # so a launch with less than 48 KB of dynamic shared memory can still need it raised
+        if smem > self.smem_limit:
             rc = Launcher._lib.cuFuncSetAttribute(self.func, _MAX_DYNAMIC_SHARED, smem)
             if rc != 0:
                 raise RuntimeError(f"{self.name}: {smem} bytes of shared memory refused (CUDA error {rc})")
