@@ -12,7 +12,7 @@ PyTorch's packed int4 CPU matmul, repacked once at load; ``--kernel reference`` 
 reference instead) with the stored-format buffers released after repacking.
 
 Memory, per child: ``weights_mb`` (bytes of every parameter, buffer and kernel-layout cache),
-``rss_base_mb`` (after imports, before loading), ``rss_loaded_mb`` (after loading and freeing the load's
+``rss_base_mb`` (after imports, transformers' Llama modeling included, before loading), ``rss_loaded_mb`` (after loading and freeing the load's
 temporaries), ``peak_rss_decode_mb`` (VmHWM reset right before decoding, read after it).  tokens/s =
 new tokens / wall time of ``generate`` (prefill included), median of --reps after one warm-up call.
 """
@@ -122,6 +122,10 @@ def child(a) -> dict:
     torch.set_num_threads(a.threads)
     from leanq import api
     from leanq.kernels import explain
+
+    # the model's code too, before the base: importing transformers' Llama modeling adds ~115 MB of RSS to either
+    # process, which is not the model's memory (measured 2026-11-28, session 10)
+    import transformers.models.llama.modeling_llama  # noqa: F401
 
     _trim()
     base = _rss_mb()
