@@ -65,7 +65,8 @@ def main() -> int:
     ap.add_argument("--mma-cfgs", default="", help="also these cuda-int-mma launch configs, threads/wr/nt: e.g. "
                     "256/1/2,512/2/4")
     ap.add_argument("--mmaw-cfgs", default="", help="with --mma: also these configs of the w kernel (weights as the A "
-                    "operand), rt/kw/spw/pd (spw 0: chosen by the launcher), e.g. 4/4/0/4,2/8/2/4")
+                    "operand), rt/kw/spw/pd[/mg] (spw 0: chosen by the launcher; mg 1: copies of four steps at a "
+                    "time), e.g. 4/4/0/4,2/8/2/4,7/1/32/2/1")
     ap.add_argument("--mma-lite", action="store_true", help="with --mma: skip dequantize + cuBLAS and the Triton kn-dot")
     ap.add_argument("--ablate", action="store_true",
                     help="also time the tuned config with parts left out (cuda_int.source's ablate bits 1, 2, 3)")
@@ -206,11 +207,14 @@ def main() -> int:
                         p = rk_pk(c)
                         return lambda: cm.run_int_mma_w(xm, p, None, cfg)
 
-                    wcfgs = [None] + [dict(rt=int(a), kw=int(b_), spw=int(c_) or None, pd=int(d)) for a, b_, c_, d in
-                                      (c.split("/") for c in args.mmaw_cfgs.split(",") if c)]
+                    wcfgs = [None]
+                    for spec in (c.split("/") for c in args.mmaw_cfgs.split(",") if c):
+                        v = [int(f) for f in spec] + [0] * (5 - len(spec))
+                        wcfgs.append(dict(rt=v[0], kw=v[1], spw=v[2] or None, pd=v[3], mg=v[4]))
                     for cfg in wcfgs:
                         name = "cuda-int-mma-w" + ("" if cfg is None else
-                                                   f" rt{cfg['rt']} kw{cfg['kw']} spw{cfg['spw'] or 0} pd{cfg['pd']}")
+                                                   f" rt{cfg['rt']} kw{cfg['kw']} spw{cfg['spw'] or 0} pd{cfg['pd']}"
+                                                   + (" mg" if cfg["mg"] else ""))
                         cands[name] = (lambda c, cfg=cfg: mmaw_fn(c, cfg), nb)
                 if not args.mma_lite:
                     cands["rk-dequant+cublas"] = (deq_fn, nb)

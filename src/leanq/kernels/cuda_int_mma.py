@@ -293,6 +293,24 @@ __device__ __forceinline__ void issue_sz(uint2* s, const u32* sa, const u32* sb,
   cp4(&s->y, sb + st / SPG);
 }
 
+#if MG
+// MG (launch option ``mg``, off by default; measured on an H100, 2026-11-28: 2-8% faster than the per-step copies
+// with 7 warps per block and 32 steps per warp, 1-4% slower with 8 warps and 16 steps, so not a clear gain; checked
+// there against the reference on the five Llama shapes at batch 16): the weights of four steps at a time, copied row-wise (each instruction: 2 rows
+// x 256 contiguous bytes, where the per-step copies move 8 rows x 64 bytes) into a slot [16 rows][16 chunks] whose
+// chunks are swizzled (chunk c of row r at c ^ 4 (r & 1)) so that the lanes' 16-byte reads of a step hit all banks
+__device__ __forceinline__ void issue_macro(uint4* slot, uint2* szs, const uint4* w, const u32* sa, const u32* sb,
+                                            int rbase, int N, int KU, int Sm, int slast, int lane, int t) {
+  const int c = min(4 * Sm + (lane & 15), KU - 1);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const int r = 2 * i + (lane >> 4);
+    cp16(slot + r * 16 + ((lane & 15) ^ ((r & 1) << 2)), w + (size_t)min(rbase + r, N - 1) * KU + c);
+  }
+  issue_sz(szs, sa, sb, Sm, t, slast);
+}
+#endif
+
 // the 8 tensor-core steps of one super-step: weights from st, x from the block's staged copy (xs: this step's
 // [8][32 lanes] entries of NT uint2, one 8- or 16-byte read per lane and step, conflict-free)
 __device__ __forceinline__ void compute_wstep(float (&acc)[NT][4], const uint4 qa4, const uint4 qb4, const uint2 sw,
@@ -346,8 +364,13 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) int_mma_w(
   __shared__ int last;
   extern __shared__ uint4 dsm[];  // the weight rings [WARPS][PD][2][32], group words [WARPS][2][32], then x
   uint4* wq = dsm;
+#if MG  // slots of four steps: [WARPS][PD][16 rows][16 chunks], then [WARPS][PD][32] group words
+  uint2* wsz = (uint2*)(dsm + WARPS * PD * 256);
+  uint2* xs = wsz + WARPS * PD * 32;
+#else
   uint2* wsz = (uint2*)(dsm + WARPS * PD * 64);
   uint2* xs = wsz + WARPS * 2 * 32;  // [block's super-steps][8 steps][32 lanes][NT]
+#endif
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int rt = warp % RT, kw = warp / RT;
   const int ra = (blockIdx.x * RT + rt) * 16 + g, rb = ra + 8;
@@ -364,8 +387,15 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) int_mma_w(
   const uint4* wb = w + (size_t)rbc * KU + t;
   const u32* sa = sz + (size_t)rac * NG;
   const u32* sb = sz + (size_t)rbc * NG;
+#if MG
+  const int rbase = (blockIdx.x * RT + rt) * 16;
+  uint4* mq = wq + (size_t)warp * PD * 256;            // [PD][16 rows][16 chunks]
+  uint2* ms = wsz + (size_t)warp * PD * 32 + lane;     // [PD][32 lanes] group words
+  const int nm = (s1 - s0 + 3) >> 2;                   // this warp's slots of four steps
+#else
   uint4* rq = wq + (size_t)warp * PD * 64 + lane;
   uint2* rs = wsz + (size_t)warp * 2 * 32 + lane;  // two slots of four steps' group words
+#endif
   // the block's x first, all of it by cp.async (one group): batch rows 0 .. 8 NT - 1 (rows past M clamped), input
   // k = 128 S + 32 t + 4 j + e of batch row b to step j of lane (b % 8) * 4 + t, entry b / 8, 8 bytes per copy.
   // Thread u takes t = u % 4 and batch row (u / 4) % (8 NT) fastest, so a warp's copies fill neighbouring entries.
@@ -382,8 +412,12 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) int_mma_w(
   if (s0 < s1) {
 #pragma unroll
     for (int d = 0; d < PD - 1; ++d) {
+#if MG
+      issue_macro(mq + d * 256, ms + d * 32, w, sa, sb, rbase, N, KU, s0 + 4 * min(d, nm - 1), s1 - 1, lane, t);
+#else
       issue_wstep(rq + d * 64, wa, wb, min(s0 + d, s1 - 1));
       if ((d & 3) == 0) issue_sz(rs + ((d >> 2) & 1) * 32, sa, sb, s0 + d, t, s1 - 1);
+#endif
       cp_commit();
     }
   } else {
@@ -396,6 +430,31 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) int_mma_w(
   float acc[NT][4];
 #pragma unroll
   for (int n = 0; n < NT; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+#if MG
+  if (s0 < s1) {
+    for (int mi = 0; mi < nm; ++mi) {
+      __syncwarp();  // every lane is done reading the slot refilled next
+      const int ahead = (mi + PD - 1) % PD;
+      issue_macro(mq + ahead * 256, ms + ahead * 32, w, sa, sb, rbase, N, KU, s0 + 4 * min(mi + PD - 1, nm - 1),
+                  s1 - 1, lane, t);
+      cp_commit();
+      cp_wait<PD - 1>();
+      __syncwarp();  // every lane's copies of this slot are visible
+      const int slot = mi % PD;
+      const uint2 own = ms[slot * 32];
+      const uint4* sq = mq + slot * 256;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int S = s0 + 4 * mi + j;
+        if (S >= s1) break;
+        const int src = (lane & ~3) | j, sc = (4 * j + t) ^ ((g & 1) << 2);
+        const uint2 sw = make_uint2(__shfl_sync(0xffffffffu, own.x, src), __shfl_sync(0xffffffffu, own.y, src));
+        compute_wstep(acc, sq[g * 16 + sc], sq[(g + 8) * 16 + sc], sw, xs + (size_t)(S - sb0) * 8 * 32 * NT + lane * NT);
+      }
+    }
+    cp_wait<0>();
+  }
+#else
   if (s0 < s1) {
     for (int S = s0, slot = 0; S < s1; ++S) {
       const int ahead = slot == 0 ? PD - 1 : slot - 1;  // (slot + PD - 1) % PD
@@ -418,6 +477,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) int_mma_w(
     }
     cp_wait<0>();
   }
+#endif
 
 #if KW > 1
   if (kw > 0) {
@@ -552,8 +612,8 @@ W_ON = os.environ.get("LEANQ_MMA_W", "1") != "0"  # batches 2-16 of 4-bit layers
 TUNED_W: dict = {}  # batch bucket (8: batches 2-8, 16: 9-16) -> config, from the H100 sweeps of bench_cuda_int.py
 
 
-def source_w(xt: int, rt: int, kw: int, nt: int, gs: int, sbf16: bool, pd: int = 4, abl: int = 0) -> str:
-    defs = dict(BITS=4, XT=xt, RT=rt, KW=kw, NT=nt, GS=gs, SBF16=int(sbf16), PD=pd, ABL=abl)
+def source_w(xt: int, rt: int, kw: int, nt: int, gs: int, sbf16: bool, pd: int = 4, abl: int = 0, mg: int = 0) -> str:
+    defs = dict(BITS=4, XT=xt, RT=rt, KW=kw, NT=nt, GS=gs, SBF16=int(sbf16), PD=pd, ABL=abl, MG=mg)
     return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + PRELUDE + _HELPERS + _SRC_W
 
 
@@ -574,6 +634,8 @@ _BROKEN_W: set = set()
 def w_smem(c: dict, nt: int) -> int:
     """Dynamic shared memory of a w launch: the weight rings, then the block's staged x (KW * SPW super-steps)."""
     warps = c["rt"] * c["kw"]
+    if c.get("mg"):  # slots of four steps: 16 rows x 256 bytes, and the lanes' group words
+        return warps * c["pd"] * (4096 + 32 * 8) + c["kw"] * c["spw"] * 8 * 32 * nt * 8
     return warps * (c["pd"] * 32 * W_STEP_BYTES + 2 * 32 * 8) + c["kw"] * c["spw"] * 8 * 32 * nt * 8
 
 
@@ -655,8 +717,9 @@ if torch.cuda.is_available():  # allocate now, outside any CUDA-graph memory poo
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_w(xt: int, rt: int, kw: int, nt: int, gs: int, sbf16: bool, pd: int, abl: int, device: int) -> Launcher:
-    return _launcher(source_w(xt, rt, kw, nt, gs, sbf16, pd, abl), "int_mma_w", "cuda-int-mma-w", device)
+def _compiled_w(xt: int, rt: int, kw: int, nt: int, gs: int, sbf16: bool, pd: int, abl: int, mg: int,
+                device: int) -> Launcher:
+    return _launcher(source_w(xt, rt, kw, nt, gs, sbf16, pd, abl, mg), "int_mma_w", "cuda-int-mma-w", device)
 
 
 def run_int_mma_w(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dict | None = None,
@@ -670,7 +733,7 @@ def run_int_mma_w(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: di
     cfg = cfg or w_config(M, N, K, sm_count(dev))
     c0 = dict(W_DEFAULT, **cfg)
     kern = _compiled_w(XT[x2.dtype], c0["rt"], c0["kw"], nt, pk["group"], bool(pk["sbf16"]), c0["pd"],
-                       int(c0.get("abl", 0)), dev)
+                       int(c0.get("abl", 0)), int(c0.get("mg", 0)), dev)
     threads = 32 * c0["rt"] * c0["kw"]
     c, (gx, gy) = w_launch(M, N, K, cfg, sm_count(dev), lambda smem: kern.blocks_per_sm(threads, smem))
     scratch = _w_scratch(x2.device, gy * N * 16, gx) if gy > 1 else None
