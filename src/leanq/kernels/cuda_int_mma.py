@@ -21,7 +21,9 @@ Measured on an H100 (2026-11-28, graph harness, 4-bit g128, the five Llama shape
 1.56-2.22x at batch 4, where the first kernel gave 0.75-1.04x and 0.96-1.17x in the same run. Ablations
 (``mma_w_probe.py``): serving the weights from L2 changes nothing, so DRAM is not the limit; the ring alone
 (no decode, no staging) takes 17.6 us of 23.2 at 14336 x 4096, against 13.2 us for the batch-1 GEMV on the
-same bytes (ncu of an earlier version: L1/TEX throughput 76%, DRAM 29%).
+same bytes (ncu of an earlier version: L1/TEX throughput 76%, DRAM 29%). Two launch options stay off: ``mg``
+(copies of four steps, 2 rows x 256 bytes per instruction: within a few percent either way on the H100) and ``rp``
+(the weights prefetched in registers instead of the ring; not yet run on a GPU).
 
 **The first kernel** (``int_mma``: 2-, 4- and 8-bit, groups multiples of 16; serves what the w kernel does not).
 A = x (16 batch rows, read as it is), B = a 16 x 8 slice of weights: thread (g = lane / 4, t = lane % 4) holds
@@ -367,6 +369,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) int_mma_w(
 #if MG  // slots of four steps: [WARPS][PD][16 rows][16 chunks], then [WARPS][PD][32] group words
   uint2* wsz = (uint2*)(dsm + WARPS * PD * 256);
   uint2* xs = wsz + WARPS * PD * 32;
+#elif RP  // weights in registers: x alone
+  uint2* xs = (uint2*)dsm;
 #else
   uint2* wsz = (uint2*)(dsm + WARPS * PD * 64);
   uint2* xs = wsz + WARPS * 2 * 32;  // [block's super-steps][8 steps][32 lanes][NT]
@@ -392,6 +396,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) int_mma_w(
   uint4* mq = wq + (size_t)warp * PD * 256;            // [PD][16 rows][16 chunks]
   uint2* ms = wsz + (size_t)warp * PD * 32 + lane;     // [PD][32 lanes] group words
   const int nm = (s1 - s0 + 3) >> 2;                   // this warp's slots of four steps
+#elif RP
+  (void)wq;
 #else
   uint4* rq = wq + (size_t)warp * PD * 64 + lane;
   uint2* rs = wsz + (size_t)warp * 2 * 32 + lane;  // two slots of four steps' group words
@@ -407,6 +413,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) int_mma_w(
     cp8(d + 32 * NT, src + 1);
   }
   cp_commit();
+#if RP
+  cp_wait<0>();
+#else
   // then the weight ring of PD slots per lane: steps s0 .. s0 + PD - 2 now, then each step issues the one PD - 1
   // ahead (past the end: step s1 - 1 again, so every wait counts the same number of groups) and waits for its own
   if (s0 < s1) {
@@ -425,6 +434,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) int_mma_w(
     for (int d = 0; d < PD - 1; ++d) cp_commit();  // empty groups: the wait below counts the same
   }
   cp_wait<PD - 1>();  // this thread's x copies are done
+#endif
   __syncthreads();    // everyone's
 
   float acc[NT][4];
@@ -453,6 +463,27 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) int_mma_w(
       }
     }
     cp_wait<0>();
+  }
+#elif RP
+  // RP (launch option ``rp``, off by default; written in session 10 and not yet run on a GPU): the weights in
+  // registers, one step ahead, the next step's loads in a block of their own: the compiler keeps such a block's
+  // loads ahead of the arithmetic after it (as int_gemv's prefetch does), where loads in the same block as the
+  // arithmetic were issued right before their use
+  if (s0 < s1) {
+    uint4 qa = ldw(wa + 4 * s0), qb = ldw(wb + 4 * s0);
+    u32 za = __ldg(sa + s0 / SPG), zb = __ldg(sb + s0 / SPG);
+    for (int S = s0; S < s1; ++S) {
+      uint4 na, nb;
+      u32 nza, nzb;
+      if (S + 1 < s1) {
+        na = ldw(wa + 4 * (S + 1));
+        nb = ldw(wb + 4 * (S + 1));
+        nza = __ldg(sa + (S + 1) / SPG);
+        nzb = __ldg(sb + (S + 1) / SPG);
+      }
+      compute_wstep(acc, qa, qb, make_uint2(za, zb), xs + (size_t)(S - sb0) * 8 * 32 * NT + lane * NT);
+      qa = na; qb = nb; za = nza; zb = nzb;
+    }
   }
 #else
   if (s0 < s1) {
@@ -612,8 +643,9 @@ W_ON = os.environ.get("LEANQ_MMA_W", "1") != "0"  # batches 2-16 of 4-bit layers
 TUNED_W: dict = {}  # batch bucket (8: batches 2-8, 16: 9-16) -> config, from the H100 sweeps of bench_cuda_int.py
 
 
-def source_w(xt: int, rt: int, kw: int, nt: int, gs: int, sbf16: bool, pd: int = 4, abl: int = 0, mg: int = 0) -> str:
-    defs = dict(BITS=4, XT=xt, RT=rt, KW=kw, NT=nt, GS=gs, SBF16=int(sbf16), PD=pd, ABL=abl, MG=mg)
+def source_w(xt: int, rt: int, kw: int, nt: int, gs: int, sbf16: bool, pd: int = 4, abl: int = 0, mg: int = 0,
+             rp: int = 0) -> str:
+    defs = dict(BITS=4, XT=xt, RT=rt, KW=kw, NT=nt, GS=gs, SBF16=int(sbf16), PD=pd, ABL=abl, MG=mg, RP=rp)
     return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + PRELUDE + _HELPERS + _SRC_W
 
 
@@ -636,6 +668,8 @@ def w_smem(c: dict, nt: int) -> int:
     warps = c["rt"] * c["kw"]
     if c.get("mg"):  # slots of four steps: 16 rows x 256 bytes, and the lanes' group words
         return warps * c["pd"] * (4096 + 32 * 8) + c["kw"] * c["spw"] * 8 * 32 * nt * 8
+    if c.get("rp"):  # weights in registers: the staged x alone
+        return c["kw"] * c["spw"] * 8 * 32 * nt * 8
     return warps * (c["pd"] * 32 * W_STEP_BYTES + 2 * 32 * 8) + c["kw"] * c["spw"] * 8 * 32 * nt * 8
 
 
@@ -717,9 +751,9 @@ if torch.cuda.is_available():  # allocate now, outside any CUDA-graph memory poo
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_w(xt: int, rt: int, kw: int, nt: int, gs: int, sbf16: bool, pd: int, abl: int, mg: int,
+def _compiled_w(xt: int, rt: int, kw: int, nt: int, gs: int, sbf16: bool, pd: int, abl: int, mg: int, rp: int,
                 device: int) -> Launcher:
-    return _launcher(source_w(xt, rt, kw, nt, gs, sbf16, pd, abl, mg), "int_mma_w", "cuda-int-mma-w", device)
+    return _launcher(source_w(xt, rt, kw, nt, gs, sbf16, pd, abl, mg, rp), "int_mma_w", "cuda-int-mma-w", device)
 
 
 def run_int_mma_w(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dict | None = None,
@@ -733,7 +767,7 @@ def run_int_mma_w(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: di
     cfg = cfg or w_config(M, N, K, sm_count(dev))
     c0 = dict(W_DEFAULT, **cfg)
     kern = _compiled_w(XT[x2.dtype], c0["rt"], c0["kw"], nt, pk["group"], bool(pk["sbf16"]), c0["pd"],
-                       int(c0.get("abl", 0)), int(c0.get("mg", 0)), dev)
+                       int(c0.get("abl", 0)), int(c0.get("mg", 0)), int(c0.get("rp", 0)), dev)
     threads = 32 * c0["rt"] * c0["kw"]
     c, (gx, gy) = w_launch(M, N, K, cfg, sm_count(dev), lambda smem: kern.blocks_per_sm(threads, smem))
     scratch = _w_scratch(x2.device, gy * N * 16, gx) if gy > 1 else None
