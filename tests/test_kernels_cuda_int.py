@@ -445,6 +445,31 @@ def test_int_mma_w_fragment_mapping_reproduces_the_product(group, n, k, m, dtype
     assert ((_emulate_int_mma_w(x, bad, *cfg) - ref).norm() / ref.norm()).item() > 1e-2
 
 
+def test_int_mma_w_mg_slot_layout_round_trips():
+    """Launch option mg's slot of four steps: the copy side (instruction i, lane l: row 2i + l // 16, chunk l % 16,
+    at position 16 r + (c ^ 4 (r % 2))) and the read side (lane g * 4 + t, step j: rows g and g + 8, position
+    16 r + ((4 j + t) ^ 4 (g % 2))) must meet at the same chunk, and one step's 32 reads must cover all eight
+    16-byte bank groups four times (no bank conflicts)."""
+    slot = {}
+    for i in range(8):
+        for lane in range(32):
+            r, c = 2 * i + lane // 16, lane % 16
+            pos = 16 * r + (c ^ (4 * (r % 2)))
+            assert pos not in slot
+            slot[pos] = (r, c)
+    assert len(slot) == 256
+    for j in range(4):
+        for h in (0, 8):
+            groups = []
+            for lane in range(32):
+                g, t = lane // 4, lane % 4
+                r = g + h
+                pos = 16 * r + ((4 * j + t) ^ (4 * (g % 2)))
+                assert slot[pos] == (r, 4 * j + t)
+                groups.append(pos % 8)
+            assert sorted(groups) == sorted(list(range(8)) * 4)
+
+
 def test_int_mma_w_default_config_covers_every_shape():
     """w_config gives a launchable config for small and large shapes alike (one K step, a single row tile, the
     Llama shapes): a grid covering every row tile and step, no block without work, within a block's shared memory."""
