@@ -254,17 +254,16 @@ extern "C" __global__ void __launch_bounds__(THREADS) int_mma(
 # 8 (j % 2) and 8 (j % 2) + 4 are inputs 128S + 32t + 4j + {0, 1} and + {2, 3}. So B (x: inputs x batch rows) for
 # thread (g, t) at step j is x[g][128S + 32t + 4j .. + 3]: the lane's 64 contiguous bytes of x per batch row hold its
 # B registers for the whole super-step; the block stages its inputs' x in shared memory in exactly that order (one
-# 8- or 16-byte read per lane and step). A = (M0 + q) - (M0 + z), exact; C[row][batch] in fp32 is scaled per super-step by the row's group
-# scale. A block holds RT row tiles x KW input ranges of SPW super-steps each; its KW partial tiles meet in shared
-# memory. When the grid splits K (gridDim.y > 1), each block writes its sums into its own slot of ``part``
-# ([gridDim.y][N][16] fp32), and the block that arrives last at its row group's counter adds the slots in slot order
-# and writes the output (deterministic: no float atomics), then resets the counter.
+# 8- or 16-byte read per lane and step). A = (M0 + q) - (M0 + z), exact; C[row][batch] in fp32 is scaled per
+# super-step by the row's group scale. A block holds RT row tiles x KW input ranges of SPW super-steps each; its KW
+# partial tiles meet in shared memory. When the grid splits K (gridDim.y > 1), each block writes its sums into its
+# own slot of ``part`` ([gridDim.y][N][16] fp32), and the block that arrives last at its row group's counter adds the
+# slots in slot order and writes the output (deterministic: no float atomics), then resets the counter.
 _SRC_W = r"""
 #define WARPS (RT * KW)
 #define SPG (GS / 128)        // super-steps per scale group
 static_assert(PD >= 2 && PD <= 5, "two slots of group words serve rings of 2 to 5 steps");
 
-// one super-step's weights and group words for one lane (48 bytes: both rows' 16-byte chunks, their group words)
 // the weights go through a ring of PD steps per warp in shared memory, filled by cp.async: with register
 // destinations, the compiler placed the next step's loads just before their use, whatever their order in the source
 __device__ __forceinline__ void cp16(void* dst, const void* src) {
@@ -296,11 +295,11 @@ __device__ __forceinline__ void issue_sz(uint2* s, const u32* sa, const u32* sb,
 }
 
 #if MG
-// MG (launch option ``mg``, off by default; measured on an H100, 2026-11-28: 2-8% faster than the per-step copies
-// with 7 warps per block and 32 steps per warp, 1-4% slower with 8 warps and 16 steps, so not a clear gain; checked
-// there against the reference on the five Llama shapes at batch 16): the weights of four steps at a time, copied row-wise (each instruction: 2 rows
-// x 256 contiguous bytes, where the per-step copies move 8 rows x 64 bytes) into a slot [16 rows][16 chunks] whose
-// chunks are swizzled (chunk c of row r at c ^ 4 (r & 1)) so that the lanes' 16-byte reads of a step hit all banks
+// MG (launch option ``mg``, off by default): the weights of four steps at a time, copied row-wise (each
+// instruction: 2 rows x 256 contiguous bytes, where the per-step copies move 8 rows x 64 bytes) into a slot
+// [16 rows][16 chunks] whose chunks are swizzled (chunk c of row r at c ^ 4 (r & 1)), so that the lanes' 16-byte
+// reads of a step hit all banks. Measured on an H100 (2026-11-28): 2-8% faster than the per-step copies with 7
+// warps per block and 32 steps per warp, 1-4% slower with 8 warps and 16 steps: not a clear gain.
 __device__ __forceinline__ void issue_macro(uint4* slot, uint2* szs, const uint4* w, const u32* sa, const u32* sb,
                                             int rbase, int N, int KU, int Sm, int slast, int lane, int t) {
   const int c = min(4 * Sm + (lane & 15), KU - 1);
@@ -459,7 +458,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) int_mma_w(
         if (S >= s1) break;
         const int src = (lane & ~3) | j, sc = (4 * j + t) ^ ((g & 1) << 2);
         const uint2 sw = make_uint2(__shfl_sync(0xffffffffu, own.x, src), __shfl_sync(0xffffffffu, own.y, src));
-        compute_wstep(acc, sq[g * 16 + sc], sq[(g + 8) * 16 + sc], sw, xs + (size_t)(S - sb0) * 8 * 32 * NT + lane * NT);
+        compute_wstep(acc, sq[g * 16 + sc], sq[(g + 8) * 16 + sc], sw,
+                      xs + (size_t)(S - sb0) * 8 * 32 * NT + lane * NT);
       }
     }
     cp_wait<0>();
