@@ -712,8 +712,12 @@ def w_config(M: int, N: int, K: int, sms: int) -> dict:
     over W_RT x W_SPW (kw 2, pd 3) the grid of the fewest waves (one block per SM), then the best filled last wave,
     then the most steps per warp."""
     tuned = TUNED_W.get(8 if M <= 8 else 16)
-    if tuned:
-        return dict(tuned)
+    return dict(tuned) if tuned else dict(_w_search(8 if M <= 8 else 16, N, K, sms))
+
+
+@functools.lru_cache(maxsize=None)
+def _w_search(M: int, N: int, K: int, sms: int) -> dict:
+    """w_config's search, once per (batch bucket, shape, SM count): it runs on every launch without a config."""
     best = None
     for rt in W_RT:
         for spw in W_SPW:
@@ -764,16 +768,17 @@ def run_int_mma_w(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: di
     N = pk["N"]
     dev = device_index(x2)
     nt = 1 if M <= 8 else 2
-    cfg = cfg or w_config(M, N, K, sm_count(dev))
+    sms = sm_count(dev)
+    cfg = cfg or w_config(M, N, K, sms)
     c0 = dict(W_DEFAULT, **cfg)
     kern = _compiled_w(XT[x2.dtype], c0["rt"], c0["kw"], nt, pk["group"], bool(pk["sbf16"]), c0["pd"],
                        int(c0.get("abl", 0)), int(c0.get("mg", 0)), int(c0.get("rp", 0)), dev)
     threads = 32 * c0["rt"] * c0["kw"]
-    c, (gx, gy) = w_launch(M, N, K, cfg, sm_count(dev), lambda smem: kern.blocks_per_sm(threads, smem))
+    c, (gx, gy) = w_launch(M, N, K, cfg, sms, lambda smem: kern.blocks_per_sm(threads, smem))
     scratch = _w_scratch(x2.device, gy * N * 16, gx) if gy > 1 else None
     if gy > 1 and scratch is None:  # capturing with too small a scratch: one input range per block, if it fits
         whole = -(-(K // 128) // c["kw"])
-        c, (gx, gy) = w_launch(M, N, K, dict(c, spw=whole), sm_count(dev))
+        c, (gx, gy) = w_launch(M, N, K, dict(c, spw=whole), sms)
         if gy > 1:
             raise ValueError("cuda-int-mma-w: split-K scratch too small during CUDA graph capture (reserve_w)")
     part, cnt = scratch if gy > 1 else (x2, x2)
@@ -790,7 +795,7 @@ def reserve_w(N: int, K: int, device: torch.device) -> None:
     that no launch needs to allocate it during a CUDA graph's capture or warm-up."""
     if K % 128 or device.type != "cuda":
         return
-    sms = sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    sms = sm_count(device_index(device))
     for m in (8, 16):
         _, (gx, gy) = w_launch(m, N, K, w_config(m, N, K, sms), sms)
         if gy > 1:

@@ -121,9 +121,10 @@ def sm_count(dev: int) -> int:
     return torch.cuda.get_device_properties(dev).multi_processor_count
 
 
-def device_index(x: torch.Tensor) -> int:
-    """The CUDA device index of tensor ``x`` (the current device for a bare ``cuda``)."""
-    return x.device.index if x.device.index is not None else torch.cuda.current_device()
+def device_index(x: torch.Tensor | torch.device) -> int:
+    """The CUDA device index of tensor or device ``x`` (the current device for a bare ``cuda``)."""
+    d = x.device if isinstance(x, torch.Tensor) else x
+    return d.index if d.index is not None else torch.cuda.current_device()
 
 
 def on_device_of(x: torch.Tensor, fn, *args):
