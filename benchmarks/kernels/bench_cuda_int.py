@@ -68,6 +68,10 @@ def main() -> int:
                     "operand), rt/kw/spw/pd[/mg[/rp]] (spw 0: chosen by the launcher; mg 1: copies of four steps at a "
                     "time; rp 1: weights prefetched in registers), e.g. 4/4/0/4,2/8/2/4,7/1/32/2/1,7/2/16/3/0/1")
     ap.add_argument("--mma-lite", action="store_true", help="with --mma: skip dequantize + cuBLAS and the Triton kn-dot")
+    ap.add_argument("--wgmma-cfgs", default="", help="with --mma batches above 16: also these configs of the wgmma "
+                    "kernel (kernels.cuda_int_wgmma), wg/bm/nst/split[/pipe/minb] (split 0: chosen), e.g. 2/128/4/0,1/256/3/2/1/1")
+    ap.add_argument("--gemm-cfgs", default="", help="with --mma batches above 16: also these configs of the Triton GEMM "
+                    "on the rk words (kernels.triton_gemm), BN/BM/BK/warps/stages/split/GM[/XA], e.g. 128/128/64/8/4/1/8/1")
     ap.add_argument("--ablate", action="store_true",
                     help="also time the tuned config with parts left out (cuda_int.source's ablate bits 1, 2, 3)")
     args = ap.parse_args()
@@ -199,10 +203,35 @@ def main() -> int:
                     return lambda: kn.run_dot_kn(xm, p, None)
 
                 cands = {"bf16": (bk.bf16_copies(n, k, xm), 2 * n * k)}
+                if M > 16:  # the Triton GEMM on the rk words, beside dequantize + cuBLAS
+                    from leanq.kernels import triton_gemm as tg
+
+                    def gemm_fn(c, cfg=None, xm=xm):
+                        p = rk_pk(c)
+                        return lambda: tg.run_gemm_rk(xm, p, None, cfg)
+
+                    gcfgs = [None] + [dict(zip(("BN", "BM", "BK", "num_warps", "num_stages", "SPLIT", "GM", "XA"),
+                                               (int(f) for f in c.split("/")))) for c in args.gemm_cfgs.split(",") if c]
+                    for cfg in gcfgs:
+                        name = "triton-gemm" + ("" if cfg is None else " " + "/".join(str(v) for v in cfg.values()))
+                        cands[name] = (lambda c, cfg=cfg: gemm_fn(c, cfg), nb)
+                    if bits == 4:  # the wgmma kernel (sm_90a)
+                        from leanq.kernels import cuda_int_wgmma as cw
+
+                        def wg_fn(c, cfg=None, xm=xm):
+                            p = rk_pk(c)
+                            return lambda: cw.run_int_wgmma(xm, p, None, cfg)
+
+                        wgcfgs = [None] + [dict(zip(("wg", "bm", "nst", "split", "pipe", "minb"), (int(f) for f in c.split("/"))))
+                                           for c in args.wgmma_cfgs.split(",") if c]
+                        for cfg in wgcfgs:
+                            name = "cuda-int-wgmma" + ("" if cfg is None else " " + "/".join(str(v) for v in cfg.values()))
+                            cands[name] = (lambda c, cfg=cfg: wg_fn(c, cfg), nb)
+                    mma_cfgs = []
                 for cfg in mma_cfgs:
                     name = "cuda-int-mma" + ("" if cfg is None else f" t{cfg['threads']} wr{cfg['wr']} nt{cfg['nt']}")
                     cands[name] = (lambda c, cfg=cfg: mma_fn(c, cfg), nb)
-                if bits == 4:
+                if bits == 4 and M <= 16:
                     def mmaw_fn(c, cfg=None, xm=xm):
                         p = rk_pk(c)
                         return lambda: cm.run_int_mma_w(xm, p, None, cfg)
@@ -222,7 +251,11 @@ def main() -> int:
                         cands["kn-dot"] = (kn_dot_fn, nb)
                 tb = gb = None
                 for name, (make, nbytes) in cands.items():
-                    e = bk.rel_err(make(0)(), refm) if name != "bf16" else 0.0
+                    try:
+                        e = bk.rel_err(make(0)(), refm) if name != "bf16" else 0.0
+                    except Exception as ex:  # a config the device refuses (shared memory, registers)
+                        print(f"  M={M:<3} {name} failed: {type(ex).__name__}: {str(ex)[:160]}", flush=True)
+                        continue
                     ok = e <= 1e-2
                     t1 = bk.bench(make(0), args.reps) if ok and not args.no_single else float("nan")
                     g1 = bk.bench_graph(make, nbytes, reps=args.reps) if ok else float("nan")
@@ -252,7 +285,8 @@ def main() -> int:
                   f"{r['graph_us']:.1f} | {r['x_bf16_graph']:.2f} | {r['pct_copy_graph']:.0f} |")
     wbest: dict = {}
     for r in rows:
-        if r["impl"].startswith("batch-cuda-int-mma") and r["x_bf16_graph"] == r["x_bf16_graph"]:
+        if r["impl"].startswith(("batch-cuda-int-mma", "batch-triton-gemm", "batch-rk-dequant", "batch-cuda-int-wgmma")) and \
+                r["x_bf16_graph"] == r["x_bf16_graph"]:
             wbest.setdefault((r["M"], r["impl"]), []).append(r["x_bf16_graph"])
     if wbest:
         import math

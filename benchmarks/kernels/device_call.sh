@@ -7,6 +7,10 @@
 #   bash benchmarks/kernels/device_call.sh next7     # session 7's untimed work: the CUDA kernel tests (fused release,
 #                                                    # >48 KB shared memory, whole-row vq, batch-16 mma), decode
 #                                                    # (q/k/v, gate/up fused: the default), mma at batches 4 and 16, vq rows
+#   GEMM_CFGS=... bash benchmarks/kernels/device_call.sh gemm1  # Triton GEMM on rk words (batch 256): its tests, a config
+#                                                    # sweep beside dequantize + cuBLAS, then the cuda_int GPU tests
+#   bash benchmarks/kernels/device_call.sh final11   # session 11's close: batches 64/256 (4/2-bit) beside dequantize
+#                                                    # + cuBLAS, then every GPU test of the int kernels
 #   bash benchmarks/kernels/device_call.sh table8    # the issue's table in one run: batches 1/16/256, 4/2/8/3 bits, both
 #                                                    # harnesses at batch 1 (cuda-int, kn, int4pack, int8pack, BF16)
 # Each step runs under its own timeout so a slow step cannot eat the call; logs and JSON go to $OUT.
@@ -52,4 +56,17 @@ next7)
     2>&1 | grep -E "M=|cuda-int " | tee "$OUT/mma.log"
   (cd benchmarks/kernels && PYTHONPATH=../../src timeout "${T3:-200}" python3 bench_vq.py --out "$OUT" --graph \
     --cuda 0,5 --rows 256/2/1,512/1/2,512/2/1,1024/1/1 2>&1 | grep '"kind": "best"\|graph' | tail -40 | tee "$OUT/vq.log") ;;
+gemm1)
+  timeout "${T0:-90}" python3 -m pytest -q -p no:cacheprovider tests/test_kernels_triton_gemm.py 2>&1 | tail -5 \
+    | tee "$OUT/tests_gemm.log"
+  timeout "${T1:-260}" python3 benchmarks/kernels/bench_cuda_int.py --out "$OUT" --bits 4 --mma 256 --no-single \
+    --reps 10 --gemm-cfgs "$GEMM_CFGS" 2>&1 | grep -E "M=|geometric|  M=" | tee "$OUT/gemm.log"
+  timeout "${T2:-200}" python3 -m pytest -q -p no:cacheprovider tests/test_kernels_cuda_int.py \
+    tests/test_kernels_dispatch.py 2>&1 | tail -8 | tee "$OUT/tests.log" ;;
+final11)
+  timeout "${T1:-240}" python3 benchmarks/kernels/bench_cuda_int.py --out "$OUT" --bits 4,2 --mma 64,256 --no-single \
+    --reps 10 2>&1 | grep -E "M=|geometric|failed|  M=" | tee "$OUT/gemm.log"
+  PYTHONPATH=src:tests timeout "${T2:-330}" python3 -m pytest -q -p no:cacheprovider tests/test_kernels_cuda_int.py \
+    tests/test_kernels_dispatch.py tests/test_kernels_triton_gemm.py tests/test_kernels_cuda_wgmma.py 2>&1 | tail -8 \
+    | tee "$OUT/tests.log" ;;
 esac

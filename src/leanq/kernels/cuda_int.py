@@ -34,7 +34,9 @@ Per block:
 Warps walk row groups ``blockIdx.x * WARPS + warp`` stepping by the grid, and the grid holds no more
 blocks than the GPU runs at once (the driver's occupancy), so each block stages x once.  Batches 2-16 with
 fp16/bf16 activations run on tensor cores from the same words (:mod:`leanq.kernels.cuda_int_mma`); larger
-batches (prefill) dequantize to the activation dtype (``int_dequant``) and call cuBLAS.  Compiled at first use
+batches (prefill, batched serving) take a GEMM on the same words: 4-bit layers from 64 rows on Hopper's wgmma
+(:mod:`leanq.kernels.cuda_int_wgmma`), else the Triton GEMM (:mod:`leanq.kernels.triton_gemm`), else they
+dequantize to the activation dtype (``int_dequant``) and call cuBLAS.  Compiled at first use
 through NVRTC and launched through the driver (:mod:`leanq.kernels.cuda_rt`); under torch.compile one
 custom op, ``leanq::cuda_int_linear``.  Where NVRTC is missing or fails, the Triton kernels serve
 (``LEANQ_CUDA_INT=0`` chooses them).  The oracle is :func:`reference_rk` (and the stored format's own
@@ -50,7 +52,7 @@ import torch
 from ..formats.intq import group_size_of, num_groups
 from ..formats.packing import unpack
 from . import Kernel, cached_layout, drop_stored, int_layer_for, register_kernel
-from . import cuda_int_mma
+from . import cuda_int_mma, cuda_int_wgmma
 from .cuda_rt import PRELUDE, XT, Launcher, device_index, nvrtc_available, on_device_of, sm_count
 
 BITS = (2, 3, 4, 8)
@@ -833,7 +835,8 @@ def _cpu_linear(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None) -> torch.
 
 def _run(x: torch.Tensor, pk: dict, bias: torch.Tensor | None) -> torch.Tensor:
     """x [..., K] -> [..., N]: the GEMV at batch 1, tensor cores at 2-16 (:mod:`cuda_int_mma`, 16-bit
-    activations), dequantize + cuBLAS above, the pure-torch path off the GPU."""
+    activations), the GEMMs of :func:`_try_gemm` above (dequantize + cuBLAS where neither applies), the pure-torch
+    path off the GPU."""
     x2 = x.reshape(-1, x.shape[-1])
     x2 = x2 if x2.is_contiguous() else x2.contiguous()
     if not x2.is_cuda:
@@ -843,8 +846,49 @@ def _run(x: torch.Tensor, pk: dict, bias: torch.Tensor | None) -> torch.Tensor:
     else:
         y = cuda_int_mma.try_int_mma(x2, pk, bias)
         if y is None:
+            y = _try_gemm(x2, pk, bias)
+        if y is None:
             y = torch.nn.functional.linear(x2, dequantize_rk(pk, x2.dtype), bias)
     return y.reshape(*x.shape[:-1], pk["N"])
+
+
+_GEMM_BROKEN: set = set()
+
+
+def _try_gemm(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """Batches above 16: 4-bit layers from 64 rows on Hopper's wgmma (:mod:`leanq.kernels.cuda_int_wgmma`), else the
+    Triton GEMM on these words (:mod:`leanq.kernels.triton_gemm`) where it applies, else None (the caller
+    dequantizes). A kernel that fails to compile or launch says so once and steps aside on that device."""
+    dev = device_index(x2)
+    # above 64 rows the Triton GEMM measured faster on 4096 x 4096 (0.64-0.65x BF16 against 0.50-0.55x, three H100
+    # runs of 2026-11-28) and slower on the four larger Llama shapes; at 64 rows the wgmma kernel won on all five
+    small = x2.shape[0] > 64 and pk["N"] * pk["K"] <= 4096 * 4096
+    if not small and cuda_int_wgmma.supports(pk, x2):
+        try:
+            return cuda_int_wgmma.run_int_wgmma(x2, pk, bias)
+        except RuntimeError as e:
+            import warnings
+
+            warnings.warn(f"leanq: cuda-int-wgmma unavailable ({str(e)[:200]}); the Triton GEMM serves")
+            cuda_int_wgmma._BROKEN.add(dev)
+    if dev in _GEMM_BROKEN:
+        return None
+    try:
+        from . import triton_gemm
+    except ImportError:
+        _GEMM_BROKEN.add(dev)
+        return None
+    if not triton_gemm.supports(pk, x2):
+        return None
+    try:
+        return triton_gemm.run_gemm_rk(x2, pk, bias)
+    except Exception as e:  # a Triton/driver pairing that cannot build or launch it: dequantize + cuBLAS serves
+        import warnings
+
+        warnings.warn(f"leanq: triton-gemm unavailable ({type(e).__name__}: {str(e)[:200]}); batches above 16 "
+                      "dequantize")
+        _GEMM_BROKEN.add(dev)
+        return None
 
 
 def _impl(x: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, bias: torch.Tensor | None, bits: int, K: int,

@@ -48,7 +48,7 @@ import os
 
 import torch
 
-from .cuda_rt import PRELUDE, XT, Launcher, device_index, nvrtc_available, sm_count
+from .cuda_rt import PRELUDE, XT, Launcher, device_index, grow_scratch, nvrtc_available, sm_count
 
 # launch configs (threads, row groups per block, n8 tiles per warp, slices whose loads go out together) by batch:
 # the best of the H100 sweeps of 2026-11-28 at batches 4 and 16 (benchmarks/kernels/results/cuda-int-mma-h100-*)
@@ -736,18 +736,9 @@ _WSCRATCH: dict = {}
 
 
 def _w_scratch(device: torch.device, floats: int, ints: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Per-device slots (fp32) and zeroed arrival counters (int32) for split-K launches, grown when needed;
-    None while a CUDA graph is being captured and they are too small (the caller then avoids the split)."""
-    have = _WSCRATCH.get(device)
-    if have is not None and have[0].numel() >= floats and have[1].numel() >= ints:
-        return have
-    if torch.cuda.is_current_stream_capturing():
-        return None
-    nf = max(floats, have[0].numel() if have else 0, 1 << 20)
-    ni = max(ints, have[1].numel() if have else 0, 1 << 12)
-    have = _WSCRATCH[device] = (torch.empty(nf, dtype=torch.float32, device=device),
-                                torch.zeros(ni, dtype=torch.int32, device=device))
-    return have
+    """Per-device slots (fp32, at least 1M) and zeroed arrival counters (int32) for split-K launches, grown when
+    needed; None while a CUDA graph is being captured and they are too small (the caller then avoids the split)."""
+    return grow_scratch(_WSCRATCH, device, floats, ints, min_floats=1 << 20)
 
 
 if torch.cuda.is_available():  # allocate now, outside any CUDA-graph memory pool (see triton_half2._counters)

@@ -192,3 +192,19 @@ class Launcher:
                                           torch.cuda.current_stream().cuda_stream, arr, None)
         if rc != 0:
             raise RuntimeError(f"{self.name}: cuLaunchKernel failed with CUDA error {rc}")
+
+
+def grow_scratch(store: dict, device: torch.device, floats: int, ints: int, min_floats: int = 0):
+    """Split-K scratch of a kernel, per device in ``store``: fp32 slots and zeroed int32 arrival counters, grown when
+    a launch needs more (never shrunk). None while a CUDA graph is being captured and they are too small: the
+    allocation may not happen there, and the caller launches without a split instead."""
+    have = store.get(device)
+    if have is not None and have[0].numel() >= floats and have[1].numel() >= ints:
+        return have
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None
+    nf = max(floats, have[0].numel() if have else 0, min_floats)
+    ni = max(ints, have[1].numel() if have else 0, 1 << 12)
+    have = store[device] = (torch.empty(nf, dtype=torch.float32, device=device),
+                            torch.zeros(ni, dtype=torch.int32, device=device))
+    return have

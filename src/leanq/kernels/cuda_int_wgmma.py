@@ -1,0 +1,384 @@
+"""Batches of 64 and more (prefill, batched serving) on Hopper's warpgroup tensor cores (``wgmma``, sm_90a), straight
+from the rk words of :mod:`leanq.kernels.cuda_int`: 4-bit layers, K a multiple of 64, the group a multiple of 64.
+
+A block of WG warpgroups owns R = 64 WG weight rows and BM batch rows (the wgmma's N). It walks K in stages of 64
+inputs, NST stages deep, every copy a ``cp.async``:
+
+- x [BM, 64] of the stage, 16-bit, in the 128-byte swizzled K-major layout that the wgmma's B descriptor reads
+  (16-byte chunk c of batch row r at chunk c ^ (r % 8) of its 128-byte row);
+- the R rows' 32 bytes of rk words (row stride 48 bytes: a warp's eight rows land in distinct banks);
+- the R rows' group words (scale in the high 16 bits, zero point in the low 16).
+
+Each warp decodes its 16 rows straight into the wgmma's A registers: in 16-input step j, lane (g = lane / 4,
+t = lane % 4) needs inputs 16 j + 2t, 2t + 1 and 16 j + 8 + 2t, 8 + 2t + 1 of rows g and g + 8, which are the
+code pair at bits (4t, 16 + 4t) of words 2j and 2j + 1 (:func:`leanq.kernels.cuda_int._pack_words`): one
+shift, one LOP3 (M0 + q, exact), one x2 subtraction of M0 + z and one x2 multiplication by s per register. Four
+wgmma ``m64nBMk16`` per stage take those registers and the stage's x descriptor (32 bytes further per step).
+
+Split-K (SPLIT > 1) as in :mod:`leanq.kernels.cuda_int_mma`: each block stores its fp32 tile to its own slot in
+the accumulator's register order, and the last to arrive at the tile's counter adds the slots in slot order
+(deterministic), writes the output and resets the counter.
+
+The oracle is :func:`leanq.kernels.cuda_int.reference_rk`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from .cuda_rt import PRELUDE, XT, Launcher, device_index, grow_scratch, sm_count
+
+ON = os.environ.get("LEANQ_WGMMA", "1") != "0"
+MIN_M = int(os.environ.get("LEANQ_WGMMA_MIN_M", "64"))
+# warpgroups per block, batch rows per block, stages, K split (0: chosen by :func:`config`), the decode of the next stage
+# overlapping the current stage's wgmmas, and the blocks per SM the registers are capped for
+DEFAULT = dict(wg=2, bm=128, nst=4, split=0, pipe=1, minb=2)
+
+
+def _wgmma_asm(bm: int, xt: int) -> str:
+    """The C++ helper issuing one ``wgmma.mma_async m64n{bm}k16`` with A from registers and B from a descriptor."""
+    n = bm // 2  # accumulator registers per thread
+    t = "f16" if xt == 1 else "bf16"
+    outs = ", ".join(f"%{i}" for i in range(n))
+    cons = ", ".join(f'"+f"(d[{i}])' for i in range(n))
+    return (
+        "__device__ __forceinline__ void wgmma_step(float (&d)[%d], u32 a0, u32 a1, u32 a2, u32 a3, "
+        "unsigned long long desc) {\n" % n
+        + '  asm volatile("{\\n.reg .pred p;\\nsetp.ne.b32 p, %%%d, 0;\\n"\n' % (n + 5)
+        + '    "wgmma.mma_async.sync.aligned.m64n%dk16.f32.%s.%s {%s}, {%%%d, %%%d, %%%d, %%%d}, %%%d, p, 1, 1, 0;\\n}"\n'
+        % (bm, t, t, outs, n, n + 1, n + 2, n + 3, n + 4)
+        + f'    : {cons}\n    : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"(1));\n'
+        + "}\n")
+
+
+_SRC = r"""
+#define R (64 * WG)              // weight rows per block
+#define THREADS (128 * WG)
+#define NACC (BM / 2)            // accumulator registers per thread
+#define XS_BYTES (BM * 128)      // one stage of x: BM rows of 64 16-bit inputs
+#define WROW 48                  // bytes per weight row in a stage (32 used)
+#define WS_BYTES (R * WROW)
+#define SZ_BYTES (R * 4)
+
+__device__ __forceinline__ u32 smem_u32(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void cp16(u32 dst, const void* src, u32 bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void cp4(u32 dst, const void* src, u32 bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" :: "r"(dst), "l"(src), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wg_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" :: "n"(N) : "memory"); }
+__device__ __forceinline__ void fence_reg(float& r) { asm volatile("" : "+f"(r) :: "memory"); }
+__device__ __forceinline__ u32 mul2(u32 a, u32 b) {
+  u32 d;
+#if XT == 1
+  asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+#else
+  asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+#endif
+  return d;
+}
+// K-major, 128-byte swizzle: rows of 128 bytes, 8-row groups 1024 bytes apart (SBO); LBO unused
+__device__ __forceinline__ unsigned long long bdesc(u32 saddr) {
+  return (unsigned long long)((saddr & 0x3FFFF) >> 4) | (1ull << 16) | ((unsigned long long)(1024 >> 4) << 32)
+         | (1ull << 62);
+}
+// a group word's scale in the activations' 16-bit format, in both halves, and M0 + z in both halves
+__device__ __forceinline__ void scale_zero(u32 sz, u32& s2, u32& mz2) {
+  u32 sb = sz >> 16;
+#if (XT == 2) != SBF16
+  u16 h;
+#if XT == 2
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(h2f((u16)sb)));
+#else
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(__uint_as_float(sb << 16)));
+#endif
+  sb = h;
+#endif
+  s2 = sb | (sb << 16);
+  const u32 m0z = (MAGIC & 0xFFFFu) | (sz & 0xFFFFu);   // M0 + z: z OR'd into M0's mantissa (z < 16), exact
+  mz2 = m0z | (m0z << 16);
+}
+__device__ __forceinline__ u32 dec(u32 w, u32 s2, u32 mz2) {
+  return mul2(sub2(lop3_ao(w, 0x000F000Fu, MAGIC), mz2), s2);
+}
+
+__device__ __forceinline__ uint4 lds128(u32 a) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(a) : "memory");
+  return v;
+}
+__device__ __forceinline__ u32 lds32(u32 a) {
+  u32 v; asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(a) : "memory"); return v;
+}
+// a stage's A registers of this lane (shared addresses: wrow of its first row's words, zrow of its group word; the
+// second row is 8 rows further), 16-input steps j = 0..3; sh = 4t
+__device__ __forceinline__ void decode_stage(u32 wrow, u32 zrow, u32 sh, u32 (&a)[4][4]) {
+  const uint4 wa = lds128(wrow), wb = lds128(wrow + 16);
+  const uint4 ua = lds128(wrow + 8 * WROW), ub = lds128(wrow + 8 * WROW + 16);
+  u32 s0, z0, s1, z1;
+  scale_zero(lds32(zrow), s0, z0);
+  scale_zero(lds32(zrow + 32), s1, z1);
+  const u32 w[8] = {wa.x, wa.y, wa.z, wa.w, wb.x, wb.y, wb.z, wb.w};
+  const u32 u[8] = {ua.x, ua.y, ua.z, ua.w, ub.x, ub.y, ub.z, ub.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    a[j][0] = dec(w[2 * j] >> sh, s0, z0);
+    a[j][1] = dec(u[2 * j] >> sh, s1, z1);
+    a[j][2] = dec(w[2 * j + 1] >> sh, s0, z0);
+    a[j][3] = dec(u[2 * j + 1] >> sh, s1, z1);
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS, MINB)
+int_wgmma(const void* __restrict__ x, void* __restrict__ out, const void* __restrict__ bias,
+          const u32* __restrict__ words, const u32* __restrict__ szw, float* __restrict__ part, int* __restrict__ cnt,
+          int M, int N, int K, int WPR, int NG, int GSH, int HAS_BIAS) {
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* smem = (unsigned char*)(((unsigned long long)smem_raw + 1023) & ~1023ull);
+  unsigned char* xs = smem;                                  // NST x stages (1024-byte aligned each)
+  unsigned char* ws = smem + NST * XS_BYTES;                 // NST weight stages
+  unsigned char* zs = ws + NST * WS_BYTES;                   // NST group-word stages
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int n0 = blockIdx.x * R, m0 = blockIdx.y * BM;
+  const int steps = K >> 6;
+  const int per = (steps + gridDim.z - 1) / gridDim.z;
+  const int kt0 = blockIdx.z * per;
+  const int kt1 = min(kt0 + per, steps);
+  const int nk = max(kt1 - kt0, 0);
+
+  // this thread's copies, the same every stage but for the source offset: XU chunks of x, one chunk of words,
+  // one group word (threads below R); rows past M / N read nothing (zero fill)
+#define XU ((BM * 8 + THREADS - 1) / THREADS)
+  // chunk u of this thread: batch row r0 + u THREADS / 8, the same swizzled column (THREADS / 8 is a multiple of 8)
+  const int r0 = tid >> 3, c0 = tid & 7;
+  const u32 xdst0 = r0 * 128 + ((c0 ^ (r0 & 7)) << 4);
+  u32 xoff[XU], xok = 0;
+#pragma unroll
+  for (int u = 0; u < XU; ++u) {
+    const int r = r0 + u * (THREADS / 8), m = m0 + r;
+    xoff[u] = (u32)(((long long)min(m, M - 1) * K + 8 * c0) * 2);
+    xok |= (m < M && r < BM) ? 1u << u : 0u;
+  }
+  const unsigned char* xbase = (const unsigned char*)x + ((long long)kt0 << 7);
+  const int wr = tid >> 1, wc = tid & 1;
+  const u32* wsrc = words + (long long)min(n0 + wr, N - 1) * WPR + 4 * wc + (kt0 << 3);
+  const u32 wdst = wr * WROW + wc * 16, wbytes = n0 + wr < N ? 16u : 0u;
+  const u32* zsrc = szw + (long long)min(n0 + (tid % R), N - 1) * NG;
+  const u32 zbytes = (tid < R && n0 + tid < N) ? 4u : 0u;
+  const u32 xs0 = smem_u32(xs), ws0 = smem_u32(ws), zs0 = smem_u32(zs);
+  int lk = kt0;                                              // the next stage to load
+  auto load_stage = [&](int buf) {
+#pragma unroll
+    for (int u = 0; u < XU; ++u)
+      if ((BM * 8) % THREADS == 0 || r0 + u * (THREADS / 8) < BM)
+        cp16(xs0 + buf * XS_BYTES + xdst0 + u * (THREADS * 16), xbase + xoff[u], (xok >> u) & 1 ? 16u : 0u);
+    xbase += 128;
+    cp16(ws0 + buf * WS_BYTES + wdst, wsrc, wbytes);
+    wsrc += 8;
+    if (tid < R) cp4(zs0 + buf * SZ_BYTES + tid * 4, zsrc + (lk >> GSH), zbytes);
+    ++lk;
+  };
+
+  float acc[NACC];
+#pragma unroll
+  for (int i = 0; i < NACC; ++i) acc[i] = 0.f;
+
+#pragma unroll
+  for (int s = 0; s < NST - 1; ++s) {
+    if (s < nk) load_stage(s);
+    cp_commit();
+  }
+  const int g = lane >> 2, t = lane & 3;
+  const int row = warp * 16 + g;                             // this lane's rows: row, row + 8 (block-local)
+  const u32 wrow0 = ws0 + row * WROW, zrow0 = zs0 + row * 4, sh = 4 * t;
+  // stage it: wait for its copies, make them visible to the tensor cores, then (all threads past the barrier) reuse
+  // the oldest free buffer for stage it + NST - 1
+#define ARRIVE(IT, PENDING)                                                          \
+  cp_wait<PENDING>();                                                                \
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");                       \
+  __syncthreads();
+#define REFILL(IT)                                                                   \
+  { const int nx = (IT) + NST - 1; if (nx < nk) load_stage((unsigned)nx % NST); cp_commit(); }
+#define MMA(A, IT)                                                                   \
+  { const u32 xb = xs0 + ((unsigned)(IT) % NST) * XS_BYTES;                          \
+    _Pragma("unroll") for (int i = 0; i < NACC; ++i) fence_reg(acc[i]);             \
+    wg_fence();                                                                      \
+    _Pragma("unroll") for (int j = 0; j < 4; ++j)                                    \
+      wgmma_step(acc, A[j][0], A[j][1], A[j][2], A[j][3], bdesc(xb + 32 * j));       \
+    wg_commit();                                                                     \
+    _Pragma("unroll") for (int i = 0; i < NACC; ++i) fence_reg(acc[i]); }
+#if PIPE
+  // the wgmmas of stage it run while stage it + 1 is decoded into the other register set (NST >= 3)
+  u32 aA[4][4], aB[4][4];
+  if (nk > 0) {
+    ARRIVE(0, NST - 2)
+    decode_stage(wrow0, zrow0, sh, aA);
+  }
+#define PSTEP(CUR, NXT, IT)                                                          \
+  MMA(CUR, IT)                                                                       \
+  wg_wait<1>();                                                                      \
+  if ((IT) + 1 < nk) { ARRIVE(IT, NST - 3) } else { __syncthreads(); }               \
+  REFILL(IT)                                                                         \
+  if ((IT) + 1 < nk) { const u32 nb = (unsigned)((IT) + 1) % NST;                     \
+    decode_stage(wrow0 + nb * WS_BYTES, zrow0 + nb * SZ_BYTES, sh, NXT); }
+  for (int it = 0; it < nk; it += 2) {
+    PSTEP(aA, aB, it)
+    if (it + 1 < nk) { PSTEP(aB, aA, it + 1) }
+  }
+  wg_wait<0>();
+#pragma unroll
+  for (int i = 0; i < NACC; ++i) fence_reg(acc[i]);
+#else
+  for (int it = 0; it < nk; ++it) {
+    ARRIVE(it, NST - 2)
+    REFILL(it)
+    u32 a[4][4];
+    decode_stage(wrow0 + ((unsigned)it % NST) * WS_BYTES, zrow0 + ((unsigned)it % NST) * SZ_BYTES, sh, a);
+    MMA(a, it)
+    wg_wait<0>();
+#pragma unroll
+    for (int i = 0; i < NACC; ++i) fence_reg(acc[i]);
+  }
+#endif
+  cp_wait<0>();
+
+  // accumulator i: row (warp's 16) g + 8 ((i >> 1) & 1), batch column 8 (i >> 2) + 2t + (i & 1)
+  const int wgi = warp >> 2;
+  (void)wgi;
+  if (gridDim.z > 1) {
+    const int tile = blockIdx.y * gridDim.x + blockIdx.x;
+    float* slot = part + ((long long)tile * gridDim.z) * (R * BM);
+    float* mine = slot + (long long)blockIdx.z * (R * BM);
+#pragma unroll
+    for (int i = 0; i < NACC; i += 4)
+      *(float4*)(mine + (i / 4) * (THREADS * 4) + tid * 4) = make_float4(acc[i], acc[i + 1], acc[i + 2], acc[i + 3]);
+    __threadfence();
+    __syncthreads();
+    __shared__ int last;
+    if (tid == 0) last = atomicAdd(cnt + tile, 1) == (int)gridDim.z - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+#pragma unroll
+    for (int i = 0; i < NACC; i += 4) {
+      float4 v = __ldcg((const float4*)(slot + (i / 4) * (THREADS * 4) + tid * 4));
+      for (int z = 1; z < (int)gridDim.z; ++z) {
+        const float4 q = __ldcg((const float4*)(slot + (long long)z * (R * BM) + (i / 4) * (THREADS * 4) + tid * 4));
+        v.x += q.x; v.y += q.y; v.z += q.z; v.w += q.w;
+      }
+      acc[i] = v.x; acc[i + 1] = v.y; acc[i + 2] = v.z; acc[i + 3] = v.w;
+    }
+    if (tid == 0) cnt[tile] = 0;
+  }
+#pragma unroll
+  for (int i = 0; i < NACC; ++i) {
+    const int n = n0 + row + 8 * ((i >> 1) & 1);
+    const int m = m0 + 8 * (i >> 2) + 2 * t + (i & 1);
+    if (n < N && m < M) {
+      float y = acc[i];
+      if (HAS_BIAS) y += ldx(bias, n);
+      stx(out, (long long)m * N + n, y);
+    }
+  }
+}
+"""
+
+
+def source(xt: int, sbf16: bool, wg: int, bm: int, nst: int, pipe: int = 1, minb: int = 1) -> str:
+    from .cuda_int_mma import _HELPERS
+
+    defs = dict(BITS=4, XT=xt, SBF16=int(sbf16), WG=wg, BM=bm, NST=nst, PIPE=int(pipe and nst >= 3), MINB=minb)
+    return ("".join(f"#define {k} {v}\n" for k, v in defs.items()) + PRELUDE + _HELPERS + _wgmma_asm(bm, xt)
+            + _SRC)
+
+
+def smem_bytes(wg: int, bm: int, nst: int) -> int:
+    return nst * (bm * 128 + 64 * wg * 48 + 64 * wg * 4) + 1024
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(xt: int, sbf16: bool, wg: int, bm: int, nst: int, pipe: int, minb: int, device: int) -> Launcher:
+    with torch.cuda.device(device):
+        return Launcher(torch.cuda._compile_kernel(source(xt, sbf16, wg, bm, nst, pipe, minb), "int_wgmma",
+                                                   compute_capability="90a"), "cuda-int-wgmma")
+
+
+_BROKEN: set = set()
+
+
+def supports(pk: dict, x2: torch.Tensor) -> bool:
+    """4-bit rk layouts with K and the group multiples of 64, 16-bit activations in contiguous rows (16-byte
+    aligned), batches of MIN_M rows or more, on a Hopper GPU (compute capability 9.0)."""
+    M, K = x2.shape
+    if not (ON and M >= MIN_M and x2.is_cuda and x2.dtype in (torch.float16, torch.bfloat16) and pk["bits"] == 4
+            and K % 64 == 0 and pk["group"] % 64 == 0 and x2.is_contiguous() and x2.data_ptr() % 16 == 0
+            and pk["words"].shape[1] % 4 == 0):
+        return False
+    dev = device_index(x2)
+    return dev not in _BROKEN and torch.cuda.get_device_capability(dev) == (9, 0)
+
+
+def config(M: int, N: int, K: int, sms: int) -> dict:
+    """The launch config: BM 128 (64 for batches up to 64), and the warpgroups per block (2, 3 or 4) and K split (1-4,
+    at least 8 stages per block) whose work units fill whole waves of one unit per SM best (an SM's throughput
+    measured about the same with one block of 2-4 warpgroups or two blocks of 2), less 0.06 per extra split (each adds
+    an fp32 tile per unit of traffic and a longer last-block sum), then the smaller block (two blocks of 2 per SM
+    measured faster than one of 4 at 14336 x 4096)."""
+    bm = 64 if M <= 64 else 128
+    best = None
+    for wg in (2, 3, 4):
+        tiles = -(-N // (64 * wg)) * -(-M // bm)
+        for split in range(1, 5):
+            if split > 1 and K // 64 < 8 * split:
+                break
+            units = tiles * split
+            fill = units / (-(-units // sms) * sms)
+            key = round(fill - 0.06 * (split - 1), 2)
+            if best is None or key > best[0]:
+                best = (key, dict(DEFAULT, wg=wg, bm=bm, split=split, minb=2 if wg == 2 else 1))
+    return best[1]
+
+
+_SCRATCH: dict = {}
+
+
+def _scratch(device: torch.device, floats: int, ints: int):
+    return grow_scratch(_SCRATCH, device, floats, ints)
+
+
+def run_int_wgmma(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dict | None = None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """x2 [M, K] (see :func:`supports`) -> [M, N] of x2.dtype."""
+    M, K = x2.shape
+    assert K == pk["K"] and pk["bits"] == 4, (K, pk["K"], pk["bits"])
+    N = pk["N"]
+    dev = device_index(x2)
+    c = dict(config(M, N, K, sm_count(dev)), **(cfg or {}))
+    wg, bm, nst = int(c["wg"]), int(c["bm"]), int(c["nst"])
+    if bm > 128 or wg > 2:  # the accumulators of m64n256, or 384-512 threads: one block per SM
+        c["minb"] = 1
+    kern = _compiled(XT[x2.dtype], bool(pk["sbf16"]), wg, bm, nst, int(c.get("pipe", 1)), int(c.get("minb", 1)), dev)
+    gx, gy = -(-N // (64 * wg)), -(-M // bm)
+    split = max(1, min(int(c["split"] or 1), K // 64))
+    part = cnt = x2
+    if split > 1:
+        sc = _scratch(x2.device, gx * gy * split * 64 * wg * bm, gx * gy)
+        if sc is None:
+            split = 1
+        else:
+            part, cnt = sc
+    if out is None:
+        out = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
+    kern(grid=(gx, gy, split), block=(128 * wg, 1, 1),
+         args=[x2, out, bias if bias is not None else out, pk["words"], pk["sz"], part, cnt, M, N, K,
+               pk["words"].shape[1], pk["NG"], (pk["group"] // 64).bit_length() - 1, int(bias is not None)],
+         smem=smem_bytes(wg, bm, nst))
+    return out

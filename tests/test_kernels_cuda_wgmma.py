@@ -1,0 +1,111 @@
+"""The wgmma kernel for batches of 64 and more (kernels.cuda_int_wgmma): Hopper GPUs only (sm_90a)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from leanq.kernels import cuda_int as ci
+
+from test_kernels_cuda_int import _layer
+
+HOPPER = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                            reason="wgmma needs a Hopper GPU (sm_90a)")
+
+
+@HOPPER
+@pytest.mark.parametrize("n,k,m,group,sdtype", [(128, 64, 64, 64, torch.float16), (200, 512, 64, 128, torch.bfloat16),
+                                                 (96, 1024, 300, 128, torch.float16), (384, 2048, 256, 256, torch.bfloat16)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int_wgmma_matches_reference(n, k, m, group, sdtype, dtype):
+    """Against the float32 reference: partial row and batch tiles, bias, both scale formats, one stage and many,
+    K split over blocks (deterministic: the same bytes every launch, counters back at zero)."""
+    from leanq.kernels import cuda_int_wgmma as cw
+
+    layer = _layer(n, k, 4, group, sdtype=sdtype, bias=True, device="cuda", seed=7)
+    pk = ci.packed_rk(layer)
+    x = torch.randn(m, k, device="cuda").to(dtype)
+    x[0, k // 2] = 3000.0
+    assert cw.supports(pk, x)
+    ref = x.float() @ ci.reference_rk(pk).t() + layer.bias.float()
+    for cfg in (None, dict(wg=2, bm=128, nst=4, split=1), dict(wg=1, bm=64, nst=3, split=3),
+                dict(wg=2, bm=256, nst=2, split=2), dict(wg=1, bm=128, nst=4, split=1)):
+        out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+        cw.run_int_wgmma(x, pk, layer.bias.to(dtype), cfg, out=out)
+        err = ((out.float() - ref).norm() / ref.norm()).item()
+        assert torch.isfinite(out).all() and err < 1e-2, (cfg, err)
+        assert torch.equal(cw.run_int_wgmma(x, pk, layer.bias.to(dtype), cfg),
+                           cw.run_int_wgmma(x, pk, layer.bias.to(dtype), cfg)), cfg
+    for _, cnt in cw._SCRATCH.values():
+        assert int(cnt.abs().sum()) == 0
+
+
+def _emulate_a_fragments(pk: dict, n0: int, kt: int, wg: int) -> torch.Tensor:
+    """The weights [64 WG, 64] of block rows n0.. and stage kt as the wgmma kernel's lanes hand them to the tensor
+    cores: lane (g, t) of warp w decodes code pair (4t, 16 + 4t) of words 2j, 2j + 1 of rows 16w + g and 16w + g + 8
+    (the kernel's decode_stage), placed where the m64k16 A fragment puts its registers (a0: row g, inputs 2t, 2t + 1;
+    a1: row g + 8; a2: row g, inputs 2t + 8, 2t + 9; a3: row g + 8)."""
+    words = pk["words"].to(torch.int64) & 0xFFFFFFFF
+    sz = pk["sz"].to(torch.int64) & 0xFFFFFFFF
+    gsh = (pk["group"] // 64).bit_length() - 1
+    w = torch.full((64 * wg, 64), float("nan"))
+    for warp in range(4 * wg):
+        for lane in range(32):
+            g, t = lane // 4, lane % 4
+            for half, r in ((0, warp * 16 + g), (1, warp * 16 + g + 8)):
+                n = min(n0 + r, pk["N"] - 1)
+                szw = int(sz[n, kt >> gsh])
+                s = (torch.tensor([szw >> 16], dtype=torch.int32) << 16).view(torch.float32).item() if pk["sbf16"] \
+                    else torch.tensor([szw >> 16], dtype=torch.int16).view(torch.float16).float().item()
+                z = szw & 0xFFFF
+                for j in range(4):
+                    for reg, word in ((0, 2 * j), (2, 2 * j + 1)):
+                        v = int(words[n, kt * 8 + word]) >> (4 * t)
+                        lo, hi = v & 0xF, (v >> 16) & 0xF
+                        k = 16 * j + 2 * t + (8 if reg == 2 else 0)
+                        w[r, k], w[r, k + 1] = (lo - z) * s, (hi - z) * s
+    return w
+
+
+@pytest.mark.parametrize("sdtype", [torch.float16, torch.bfloat16])
+def test_int_wgmma_a_fragments_hold_the_weights(sdtype):
+    """On any machine: the lanes' decode of each stage places every weight of the block where the A fragment's
+    layout says it is (a wrong shift, word or row pairing fails)."""
+    layer = _layer(200, 256, 4, 128, sdtype=sdtype, seed=3)
+    pk = ci.packed_rk(layer)
+    ref = ci.reference_rk(pk)
+    for n0, kt, wg in ((0, 0, 2), (128, 3, 2), (0, 2, 3)):
+        emu = _emulate_a_fragments(pk, n0, kt, wg)
+        rows = min(64 * wg, 200 - n0)
+        assert torch.equal(emu[:rows], ref[n0:n0 + rows, 64 * kt:64 * kt + 64]), (n0, kt, wg)
+
+
+def test_int_wgmma_config_covers_the_shapes():
+    """The launch choice for many shapes: a valid block (2-4 warpgroups, shared memory within an H100's 227 KB),
+    splits that leave every block at least 8 stages, and the Llama shapes' picks that the H100 sweep favoured."""
+    from leanq.kernels import cuda_int_wgmma as cw
+
+    for n in (64, 576, 1536, 4096, 11008, 14336, 28672):
+        for k in (64, 576, 4096, 11008, 14336):
+            for m in (64, 100, 256, 1024):
+                c = cw.config(m, n, k, 132)
+                assert c["wg"] in (2, 3, 4) and c["bm"] in (64, 128) and c["split"] >= 1
+                assert c["split"] == 1 or k // 64 >= 8 * c["split"]
+                assert cw.smem_bytes(c["wg"], c["bm"], c["nst"]) * (c["minb"]) <= 227 * 1024
+    assert cw.config(256, 4096, 4096, 132)["split"] == 2 and cw.config(256, 4096, 4096, 132)["wg"] == 2
+    assert cw.config(256, 11008, 4096, 132)["wg"] == 3
+    assert cw.config(256, 14336, 4096, 132) == dict(cw.DEFAULT, split=1, wg=2, bm=128, minb=2)
+
+
+def test_int_wgmma_declines_what_it_does_not_compute():
+    from leanq.kernels import cuda_int_wgmma as cw
+
+    pk4 = ci.packed_rk(_layer(64, 256, 4, 128))
+    pk2 = ci.packed_rk(_layer(64, 256, 2, 128))
+    x = torch.randn(64, 256, dtype=torch.bfloat16)
+    assert not cw.supports(pk4, x)  # not on a GPU
+    if torch.cuda.is_available():
+        xc = x.cuda()
+        assert not cw.supports({**pk2, "words": pk2["words"].cuda()}, xc)  # 2-bit
+        assert not cw.supports(pk4, xc[:32])  # below MIN_M rows
+        assert not cw.supports(pk4, xc.float())  # fp32 activations
