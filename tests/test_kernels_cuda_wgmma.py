@@ -19,7 +19,8 @@ HOPPER = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_devi
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_int_wgmma_matches_reference(n, k, m, group, sdtype, dtype):
     """Against the float32 reference: partial row and batch tiles, bias, both scale formats, one stage and many,
-    K split over blocks (deterministic: the same bytes every launch, counters back at zero)."""
+    K split over blocks (deterministic: the same bytes every launch, counters back at zero), and the warp-specialized
+    form (ws: a producer warp, mbarriers; added in session 11 after its last GPU call, not yet run on a GPU)."""
     from leanq.kernels import cuda_int_wgmma as cw
 
     layer = _layer(n, k, 4, group, sdtype=sdtype, bias=True, device="cuda", seed=7)
@@ -29,7 +30,8 @@ def test_int_wgmma_matches_reference(n, k, m, group, sdtype, dtype):
     assert cw.supports(pk, x)
     ref = x.float() @ ci.reference_rk(pk).t() + layer.bias.float()
     for cfg in (None, dict(wg=2, bm=128, nst=4, split=1), dict(wg=1, bm=64, nst=3, split=3),
-                dict(wg=2, bm=256, nst=2, split=2), dict(wg=1, bm=128, nst=4, split=1)):
+                dict(wg=2, bm=256, nst=2, split=2), dict(wg=1, bm=128, nst=4, split=1),
+                dict(wg=2, bm=128, nst=4, split=2, ws=1), dict(wg=3, bm=64, nst=3, split=1, ws=1)):
         out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
         cw.run_int_wgmma(x, pk, layer.bias.to(dtype), cfg, out=out)
         err = ((out.float() - ref).norm() / ref.norm()).item()

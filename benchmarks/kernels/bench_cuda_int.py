@@ -69,7 +69,8 @@ def main() -> int:
                     "time; rp 1: weights prefetched in registers), e.g. 4/4/0/4,2/8/2/4,7/1/32/2/1,7/2/16/3/0/1")
     ap.add_argument("--mma-lite", action="store_true", help="with --mma: skip dequantize + cuBLAS and the Triton kn-dot")
     ap.add_argument("--wgmma-cfgs", default="", help="with --mma batches above 16: also these configs of the wgmma "
-                    "kernel (kernels.cuda_int_wgmma), wg/bm/nst/split[/pipe/minb] (split 0: chosen), e.g. 2/128/4/0,1/256/3/2/1/1")
+                    "kernel (kernels.cuda_int_wgmma), wg/bm/nst/split[/pipe/minb/ws] (split 0: chosen; ws 1: a producer warp and "
+                    "mbarriers), e.g. 2/128/4/0,1/256/3/2/1/1,2/128/4/2/1/1/1")
     ap.add_argument("--gemm-cfgs", default="", help="with --mma batches above 16: also these configs of the Triton GEMM "
                     "on the rk words (kernels.triton_gemm), BN/BM/BK/warps/stages/split/GM[/XA], e.g. 128/128/64/8/4/1/8/1")
     ap.add_argument("--ablate", action="store_true",
@@ -222,7 +223,7 @@ def main() -> int:
                             p = rk_pk(c)
                             return lambda: cw.run_int_wgmma(xm, p, None, cfg)
 
-                        wgcfgs = [None] + [dict(zip(("wg", "bm", "nst", "split", "pipe", "minb"), (int(f) for f in c.split("/"))))
+                        wgcfgs = [None] + [dict(zip(("wg", "bm", "nst", "split", "pipe", "minb", "ws"), (int(f) for f in c.split("/"))))
                                            for c in args.wgmma_cfgs.split(",") if c]
                         for cfg in wgcfgs:
                             name = "cuda-int-wgmma" + ("" if cfg is None else " " + "/".join(str(v) for v in cfg.values()))

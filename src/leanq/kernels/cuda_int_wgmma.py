@@ -19,6 +19,13 @@ Split-K (SPLIT > 1) as in :mod:`leanq.kernels.cuda_int_mma`: each block stores i
 the accumulator's register order, and the last to arrive at the tile's counter adds the slots in slot order
 (deterministic), writes the output and resets the counter.
 
+Launch option ``ws`` (off; written after session 11's last GPU call and **not yet run on a GPU**, only compiled for
+sm_90a with a local NVRTC): warp specialization. One more warp issues every stage's copies and marks them landed on
+a per-stage ``mbarrier`` (``cp.async.mbarrier.arrive.noinc``); each warpgroup waits on it, decodes, multiplies and
+releases the stage on a second ``mbarrier`` once its ``wgmma``s are done. No block-wide barrier remains in the main
+loop, so the warpgroups no longer decode and multiply in step (ncu showed the tensor pipe 37.5% busy with them in
+step). With ``ws`` off, the compiled kernel is instruction for instruction the one measured.
+
 The oracle is :func:`leanq.kernels.cuda_int.reference_rk`.
 """
 
@@ -56,7 +63,8 @@ def _wgmma_asm(bm: int, xt: int) -> str:
 
 _SRC = r"""
 #define R (64 * WG)              // weight rows per block
-#define THREADS (128 * WG)
+#define CT (128 * WG)            // consumer threads: the warpgroups
+#define THREADS (CT + 32 * WS)   // WS: one more warp, the producer
 #define NACC (BM / 2)            // accumulator registers per thread
 #define XS_BYTES (BM * 128)      // one stage of x: BM rows of 64 16-bit inputs
 #define WROW 48                  // bytes per weight row in a stage (32 used)
@@ -76,6 +84,20 @@ __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.alig
 __device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
 template <int N> __device__ __forceinline__ void wg_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" :: "n"(N) : "memory"); }
 __device__ __forceinline__ void fence_reg(float& r) { asm volatile("" : "+f"(r) :: "memory"); }
+// mbarriers (WS): init, plain arrive, arrive when this thread's earlier cp.asyncs land, wait for a phase's parity
+__device__ __forceinline__ void mbar_init(u32 a, u32 count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(a), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(u32 a) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(a) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_cp(u32 a) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" :: "r"(a) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(u32 a, u32 parity) {
+  asm volatile("{\n.reg .pred p;\nWAIT:\nmbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n@!p bra WAIT;\n}"
+               :: "r"(a), "r"(parity) : "memory");
+}
 __device__ __forceinline__ u32 mul2(u32 a, u32 b) {
   u32 d;
 #if XT == 1
@@ -154,6 +176,87 @@ int_wgmma(const void* __restrict__ x, void* __restrict__ out, const void* __rest
   const int kt1 = min(kt0 + per, steps);
   const int nk = max(kt1 - kt0, 0);
 
+#if WS
+  float acc[NACC];
+#pragma unroll
+  for (int i = 0; i < NACC; ++i) acc[i] = 0.f;
+  const u32 xs0 = smem_u32(xs), ws0 = smem_u32(ws), zs0 = smem_u32(zs);
+  // warp specialization: warp 4 WG copies every stage (full[s] completes when its copies land), the warpgroups decode
+  // and multiply on their own schedule and release a stage (empty[s], one arrival per warp) once its wgmmas are done;
+  // no block-wide barrier in the main loop
+  __shared__ __align__(8) unsigned long long full_bar[NST], empty_bar[NST];
+  const u32 fb0 = smem_u32(full_bar), eb0 = smem_u32(empty_bar);
+  if (tid == 0) {
+    for (int s = 0; s < NST; ++s) {
+      mbar_init(fb0 + 8 * s, 32);
+      mbar_init(eb0 + 8 * s, 4 * WG);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  const int g = lane >> 2, t = lane & 3;
+  const int row = warp * 16 + g;
+  if (warp == 4 * WG) {
+    const int c = lane & 7;
+    for (int it = 0; it < nk; ++it) {
+      const u32 s = (unsigned)it % NST;
+      if (it >= NST) mbar_wait(eb0 + 8 * s, (((unsigned)it / NST) & 1) ^ 1);
+      const int k0 = (kt0 + it) << 6;
+#pragma unroll 4
+      for (int u = 0; u < BM / 4; ++u) {                     // x: lane's column chunk c of rows lane / 8 + 4u
+        const int r = (lane >> 3) + 4 * u, m = m0 + r;
+        cp16(xs0 + s * XS_BYTES + r * 128 + ((c ^ (r & 7)) << 4),
+             (const unsigned char*)x + ((long long)min(m, M - 1) * K + k0 + 8 * c) * 2, m < M ? 16u : 0u);
+      }
+#pragma unroll
+      for (int u = 0; u < R / 16; ++u) {                     // words: rows (lane + 32u) / 2, chunk lane & 1
+        const int i = lane + 32 * u, r = i >> 1, n = n0 + r;
+        cp16(ws0 + s * WS_BYTES + r * WROW + (i & 1) * 16, words + (long long)min(n, N - 1) * WPR + (k0 >> 3) + 4 * (i & 1),
+             n < N ? 16u : 0u);
+      }
+#pragma unroll
+      for (int u = 0; u < R / 32; ++u) {                     // group words: rows lane + 32u
+        const int r = lane + 32 * u, n = n0 + r;
+        cp4(zs0 + s * SZ_BYTES + r * 4, szw + (long long)min(n, N - 1) * NG + ((kt0 + it) >> GSH), n < N ? 4u : 0u);
+      }
+      mbar_arrive_cp(fb0 + 8 * s);
+    }
+    cp_wait<0>();
+  } else {
+    const u32 wrow0 = ws0 + row * WROW, zrow0 = zs0 + row * 4, sh = 4 * t;
+    u32 aA[4][4], aB[4][4];
+    if (nk > 0) {
+      mbar_wait(fb0, 0);
+      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+      decode_stage(wrow0, zrow0, sh, aA);
+    }
+#define WMMA(A, IT)                                                                  \
+  { const u32 xb = xs0 + ((unsigned)(IT) % NST) * XS_BYTES;                          \
+    _Pragma("unroll") for (int i = 0; i < NACC; ++i) fence_reg(acc[i]);             \
+    wg_fence();                                                                      \
+    _Pragma("unroll") for (int j = 0; j < 4; ++j)                                    \
+      wgmma_step(acc, A[j][0], A[j][1], A[j][2], A[j][3], bdesc(xb + 32 * j));       \
+    wg_commit();                                                                     \
+    _Pragma("unroll") for (int i = 0; i < NACC; ++i) fence_reg(acc[i]); }
+#define WSTEP(CUR, NXT, IT)                                                          \
+    WMMA(CUR, IT)                                                                    \
+    wg_wait<1>();                                                                    \
+    if ((IT) >= 1 && lane == 0) mbar_arrive(eb0 + 8 * ((unsigned)((IT) - 1) % NST)); \
+    if ((IT) + 1 < nk) {                                                             \
+      const u32 s1 = (unsigned)((IT) + 1) % NST;                                     \
+      mbar_wait(fb0 + 8 * s1, ((unsigned)((IT) + 1) / NST) & 1);                     \
+      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");                   \
+      decode_stage(wrow0 + s1 * WS_BYTES, zrow0 + s1 * SZ_BYTES, sh, NXT);           \
+    }
+    for (int it = 0; it < nk; it += 2) {
+      WSTEP(aA, aB, it)
+      if (it + 1 < nk) { WSTEP(aB, aA, it + 1) }
+    }
+    wg_wait<0>();
+#pragma unroll
+    for (int i = 0; i < NACC; ++i) fence_reg(acc[i]);
+  }
+#else
   // this thread's copies, the same every stage but for the source offset: XU chunks of x, one chunk of words,
   // one group word (threads below R); rows past M / N read nothing (zero fill)
 #define XU ((BM * 8 + THREADS - 1) / THREADS)
@@ -249,6 +352,7 @@ int_wgmma(const void* __restrict__ x, void* __restrict__ out, const void* __rest
   }
 #endif
   cp_wait<0>();
+#endif
 
   // accumulator i: row (warp's 16) g + 8 ((i >> 1) & 1), batch column 8 (i >> 2) + 2t + (i & 1)
   const int wgi = warp >> 2;
@@ -259,25 +363,29 @@ int_wgmma(const void* __restrict__ x, void* __restrict__ out, const void* __rest
     float* mine = slot + (long long)blockIdx.z * (R * BM);
 #pragma unroll
     for (int i = 0; i < NACC; i += 4)
-      *(float4*)(mine + (i / 4) * (THREADS * 4) + tid * 4) = make_float4(acc[i], acc[i + 1], acc[i + 2], acc[i + 3]);
+      if (!WS || tid < CT)
+        *(float4*)(mine + (i / 4) * (CT * 4) + tid * 4) = make_float4(acc[i], acc[i + 1], acc[i + 2], acc[i + 3]);
     __threadfence();
     __syncthreads();
     __shared__ int last;
     if (tid == 0) last = atomicAdd(cnt + tile, 1) == (int)gridDim.z - 1;
     __syncthreads();
-    if (!last) return;
+    if (!last || (WS && tid >= CT)) return;
     __threadfence();
 #pragma unroll
     for (int i = 0; i < NACC; i += 4) {
-      float4 v = __ldcg((const float4*)(slot + (i / 4) * (THREADS * 4) + tid * 4));
+      float4 v = __ldcg((const float4*)(slot + (i / 4) * (CT * 4) + tid * 4));
       for (int z = 1; z < (int)gridDim.z; ++z) {
-        const float4 q = __ldcg((const float4*)(slot + (long long)z * (R * BM) + (i / 4) * (THREADS * 4) + tid * 4));
+        const float4 q = __ldcg((const float4*)(slot + (long long)z * (R * BM) + (i / 4) * (CT * 4) + tid * 4));
         v.x += q.x; v.y += q.y; v.z += q.z; v.w += q.w;
       }
       acc[i] = v.x; acc[i + 1] = v.y; acc[i + 2] = v.z; acc[i + 3] = v.w;
     }
     if (tid == 0) cnt[tile] = 0;
   }
+#if WS
+  if (tid >= CT) return;                                      // the producer warp has no outputs
+#endif
 #pragma unroll
   for (int i = 0; i < NACC; ++i) {
     const int n = n0 + row + 8 * ((i >> 1) & 1);
@@ -292,10 +400,11 @@ int_wgmma(const void* __restrict__ x, void* __restrict__ out, const void* __rest
 """
 
 
-def source(xt: int, sbf16: bool, wg: int, bm: int, nst: int, pipe: int = 1, minb: int = 1) -> str:
+def source(xt: int, sbf16: bool, wg: int, bm: int, nst: int, pipe: int = 1, minb: int = 1, ws: int = 0) -> str:
     from .cuda_int_mma import _HELPERS
 
-    defs = dict(BITS=4, XT=xt, SBF16=int(sbf16), WG=wg, BM=bm, NST=nst, PIPE=int(pipe and nst >= 3), MINB=minb)
+    defs = dict(BITS=4, XT=xt, SBF16=int(sbf16), WG=wg, BM=bm, NST=nst, PIPE=int(pipe and nst >= 3), MINB=minb,
+                WS=int(ws))
     return ("".join(f"#define {k} {v}\n" for k, v in defs.items()) + PRELUDE + _HELPERS + _wgmma_asm(bm, xt)
             + _SRC)
 
@@ -305,9 +414,9 @@ def smem_bytes(wg: int, bm: int, nst: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(xt: int, sbf16: bool, wg: int, bm: int, nst: int, pipe: int, minb: int, device: int) -> Launcher:
+def _compiled(xt: int, sbf16: bool, wg: int, bm: int, nst: int, pipe: int, minb: int, ws: int, device: int) -> Launcher:
     with torch.cuda.device(device):
-        return Launcher(torch.cuda._compile_kernel(source(xt, sbf16, wg, bm, nst, pipe, minb), "int_wgmma",
+        return Launcher(torch.cuda._compile_kernel(source(xt, sbf16, wg, bm, nst, pipe, minb, ws), "int_wgmma",
                                                    compute_capability="90a"), "cuda-int-wgmma")
 
 
@@ -363,9 +472,10 @@ def run_int_wgmma(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: di
     dev = device_index(x2)
     c = dict(config(M, N, K, sm_count(dev)), **(cfg or {}))
     wg, bm, nst = int(c["wg"]), int(c["bm"]), int(c["nst"])
-    if bm > 128 or wg > 2:  # the accumulators of m64n256, or 384-512 threads: one block per SM
+    if bm > 128 or wg > 2 or c.get("ws"):  # m64n256's accumulators, 384-544 threads: one block per SM
         c["minb"] = 1
-    kern = _compiled(XT[x2.dtype], bool(pk["sbf16"]), wg, bm, nst, int(c.get("pipe", 1)), int(c.get("minb", 1)), dev)
+    ws = int(c.get("ws", 0))
+    kern = _compiled(XT[x2.dtype], bool(pk["sbf16"]), wg, bm, nst, int(c.get("pipe", 1)), int(c.get("minb", 1)), ws, dev)
     gx, gy = -(-N // (64 * wg)), -(-M // bm)
     split = max(1, min(int(c["split"] or 1), K // 64))
     part = cnt = x2
@@ -377,7 +487,7 @@ def run_int_wgmma(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: di
             part, cnt = sc
     if out is None:
         out = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
-    kern(grid=(gx, gy, split), block=(128 * wg, 1, 1),
+    kern(grid=(gx, gy, split), block=(128 * wg + 32 * ws, 1, 1),
          args=[x2, out, bias if bias is not None else out, pk["words"], pk["sz"], part, cnt, M, N, K,
                pk["words"].shape[1], pk["NG"], (pk["group"] // 64).bit_length() - 1, int(bias is not None)],
          smem=smem_bytes(wg, bm, nst))
