@@ -436,15 +436,20 @@ def supports(pk: dict, x2: torch.Tensor) -> bool:
 
 
 def config(M: int, N: int, K: int, sms: int) -> dict:
+    """The launch config for a batch of M rows (see :func:`_config`; cached, a fresh dict per call)."""
+    return dict(_config(64 if M <= 64 else 128, -(-M // (64 if M <= 64 else 128)), N, K, sms))
+
+
+@functools.lru_cache(maxsize=4096)
+def _config(bm: int, mt: int, N: int, K: int, sms: int) -> tuple:
     """The launch config: BM 128 (64 for batches up to 64), and the warpgroups per block (2, 3 or 4) and K split (1-4,
     at least 8 stages per block) whose work units fill whole waves of one unit per SM best (an SM's throughput
     measured about the same with one block of 2-4 warpgroups or two blocks of 2), less 0.06 per extra split (each adds
     an fp32 tile per unit of traffic and a longer last-block sum), then the smaller block (two blocks of 2 per SM
     measured faster than one of 4 at 14336 x 4096)."""
-    bm = 64 if M <= 64 else 128
     best = None
     for wg in (2, 3, 4):
-        tiles = -(-N // (64 * wg)) * -(-M // bm)
+        tiles = -(-N // (64 * wg)) * mt
         for split in range(1, 5):
             if split > 1 and K // 64 < 8 * split:
                 break
@@ -453,7 +458,7 @@ def config(M: int, N: int, K: int, sms: int) -> dict:
             key = round(fill - 0.06 * (split - 1), 2)
             if best is None or key > best[0]:
                 best = (key, dict(DEFAULT, wg=wg, bm=bm, split=split, minb=2 if wg == 2 else 1))
-    return best[1]
+    return tuple(best[1].items())
 
 
 _SCRATCH: dict = {}
