@@ -2,15 +2,19 @@
 :mod:`leanq.kernels.cuda_int`: the weights dequantized in registers inside the GEMM's main loop.
 
 Before this kernel, batches above 16 dequantized the whole layer into a BF16 scratch and called cuBLAS: two
-passes over N x K 16-bit values (write, then read) on top of cuBLAS's own time, 0.51-0.68x BF16 ``F.linear``
-at batch 256 on an H100.
+passes over N x K 16-bit values (write, then read) on top of cuBLAS's own time, 0.35-0.43x BF16 ``F.linear``
+at batch 256 on an H100 (0.51-0.68x in earlier sessions' runs).
 
 Here one Triton program owns a tile of BN outputs x BM batch rows and walks K in steps of BK inputs (BK divides
 the group). Per step it loads the [BN, BK / E] word tile (E = 32 / bits codes per int32), the tile's group words
 (scale in the high 16 bits, zero point in the low 16) and the [BK, BM] slice of x (transposed view), decodes the
-codes to (q - z) * s in the activation dtype, and accumulates ``tl.dot(w, x^T)`` in fp32: the weights are the
-dot's first operand, which Hopper's wgmma takes from registers, so the decoded tile need not go through shared
-memory. The output tile is [BN, BM], stored transposed into out [M, N].
+codes to (q - z) * s in the activation dtype (inline PTX on the GPU: per code pair one LOP3, one x2 subtraction and
+one x2 multiplication; the E values of a word are joined in the thread that loaded it) and accumulates
+``tl.dot(w, x^T)`` in fp32. The weights are the dot's first operand, which Hopper's wgmma takes from registers;
+Triton 3.6 still moves the decoded tile once through shared memory (STS + LDSM) to reach that operand's layout, and
+waits for each wgmma before the next decode. The output tile is [BN, BM], stored transposed into out [M, N].
+Measured (H100, batch 256, 2026-11-28): 0.51-0.67x BF16 for 4-bit, 0.52-0.79x for 2-bit; for 4-bit layers from 64
+rows :mod:`leanq.kernels.cuda_int_wgmma` is faster on all but 4096 x 4096.
 
 A code's place in its word follows :func:`leanq.kernels.cuda_int._pack_words` (code 2i at ``bits * i``, code
 2i + 1 at ``16 + bits * i``); a row's words are in input order, so word w holds inputs E w .. E w + E - 1.
