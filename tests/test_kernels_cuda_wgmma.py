@@ -111,3 +111,74 @@ def test_int_wgmma_declines_what_it_does_not_compute():
         assert not cw.supports({**pk2, "words": pk2["words"].cuda()}, xc)  # 2-bit
         assert not cw.supports(pk4, xc[:32])  # below MIN_M rows
         assert not cw.supports(pk4, xc.float())  # fp32 activations
+
+
+class _Barrier:
+    """An mbarrier as the ws kernel uses it: ``count`` arrivals complete a phase; a wait on parity P passes once the
+    latest phase of that parity is complete (phase index ``done`` is in progress: parity ``done & 1`` is not)."""
+
+    def __init__(self, count: int):
+        self.count, self.pending, self.done = count, count, 0
+
+    def arrive(self, n: int = 1) -> None:
+        self.pending -= n
+        assert self.pending >= 0
+        if self.pending == 0:
+            self.done, self.pending = self.done + 1, self.count
+
+    def passes(self, parity: int) -> bool:
+        return (self.done & 1) != parity
+
+
+@pytest.mark.parametrize("nst,nk,warps", [(4, 1, 8), (4, 11, 8), (3, 7, 12), (6, 20, 8), (4, 4, 4)])
+def test_int_wgmma_ws_stage_protocol(nst, nk, warps):
+    """The ws kernel's producer/consumer schedule (its stage, parity and release formulas), run under random
+    interleavings of the producer warp and each consumer warp: every stage a consumer decodes or multiplies holds
+    that iteration's copy until the consumer releases it, and nothing deadlocks."""
+    import random
+
+    for seed in range(30):
+        rng = random.Random(seed)
+        full = [_Barrier(32) for _ in range(nst)]
+        empty = [_Barrier(warps) for _ in range(nst)]
+        buf = [None] * nst
+
+        def producer():
+            for it in range(nk):
+                s = it % nst
+                if it >= nst:
+                    while not empty[s].passes(((it // nst) & 1) ^ 1):
+                        yield
+                buf[s] = it                          # the copies land
+                full[s].arrive(32)                   # cp.async.mbarrier.arrive.noinc, 32 lanes
+                yield
+
+        def consumer():
+            if nk > 0:
+                while not full[0].passes(0):
+                    yield
+                assert buf[0] == 0                   # decode of stage 0
+            for it in range(nk):
+                assert buf[it % nst] == it           # the wgmmas of stage it read its x
+                yield
+                assert buf[it % nst] == it           # ... until they are waited for (wg_wait<1> next iteration)
+                if it >= 1:
+                    assert buf[(it - 1) % nst] == it - 1
+                    empty[(it - 1) % nst].arrive()
+                if it + 1 < nk:
+                    s1 = (it + 1) % nst
+                    while not full[s1].passes(((it + 1) // nst) & 1):
+                        yield
+                    assert buf[s1] == it + 1         # decode of stage it + 1
+                yield
+
+        live = [producer()] + [consumer() for _ in range(warps)]
+        steps = 0
+        while live:  # waits spin by yielding: a deadlock shows as a run past the step bound
+            a = rng.choice(live)
+            try:
+                next(a)
+            except StopIteration:
+                live.remove(a)
+            steps += 1
+            assert steps < 200 * (nk + 2) * (warps + 1), "deadlock"
