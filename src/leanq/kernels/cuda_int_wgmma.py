@@ -176,6 +176,15 @@ int_wgmma(const void* __restrict__ x, void* __restrict__ out, const void* __rest
   const int kt1 = min(kt0 + per, steps);
   const int nk = max(kt1 - kt0, 0);
 
+  // stage IT's four wgmmas on the register set A (the accumulators fenced so the compiler keeps them in place)
+#define MMA(A, IT)                                                                   \
+  { const u32 xb = xs0 + ((unsigned)(IT) % NST) * XS_BYTES;                          \
+    _Pragma("unroll") for (int i = 0; i < NACC; ++i) fence_reg(acc[i]);             \
+    wg_fence();                                                                      \
+    _Pragma("unroll") for (int j = 0; j < 4; ++j)                                    \
+      wgmma_step(acc, A[j][0], A[j][1], A[j][2], A[j][3], bdesc(xb + 32 * j));       \
+    wg_commit();                                                                     \
+    _Pragma("unroll") for (int i = 0; i < NACC; ++i) fence_reg(acc[i]); }
 #if WS
   float acc[NACC];
 #pragma unroll
@@ -230,16 +239,8 @@ int_wgmma(const void* __restrict__ x, void* __restrict__ out, const void* __rest
       asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
       decode_stage(wrow0, zrow0, sh, aA);
     }
-#define WMMA(A, IT)                                                                  \
-  { const u32 xb = xs0 + ((unsigned)(IT) % NST) * XS_BYTES;                          \
-    _Pragma("unroll") for (int i = 0; i < NACC; ++i) fence_reg(acc[i]);             \
-    wg_fence();                                                                      \
-    _Pragma("unroll") for (int j = 0; j < 4; ++j)                                    \
-      wgmma_step(acc, A[j][0], A[j][1], A[j][2], A[j][3], bdesc(xb + 32 * j));       \
-    wg_commit();                                                                     \
-    _Pragma("unroll") for (int i = 0; i < NACC; ++i) fence_reg(acc[i]); }
 #define WSTEP(CUR, NXT, IT)                                                          \
-    WMMA(CUR, IT)                                                                    \
+    MMA(CUR, IT)                                                                     \
     wg_wait<1>();                                                                    \
     if ((IT) >= 1 && lane == 0) mbar_arrive(eb0 + 8 * ((unsigned)((IT) - 1) % NST)); \
     if ((IT) + 1 < nk) {                                                             \
@@ -310,14 +311,6 @@ int_wgmma(const void* __restrict__ x, void* __restrict__ out, const void* __rest
   __syncthreads();
 #define REFILL(IT)                                                                   \
   { const int nx = (IT) + NST - 1; if (nx < nk) load_stage((unsigned)nx % NST); cp_commit(); }
-#define MMA(A, IT)                                                                   \
-  { const u32 xb = xs0 + ((unsigned)(IT) % NST) * XS_BYTES;                          \
-    _Pragma("unroll") for (int i = 0; i < NACC; ++i) fence_reg(acc[i]);             \
-    wg_fence();                                                                      \
-    _Pragma("unroll") for (int j = 0; j < 4; ++j)                                    \
-      wgmma_step(acc, A[j][0], A[j][1], A[j][2], A[j][3], bdesc(xb + 32 * j));       \
-    wg_commit();                                                                     \
-    _Pragma("unroll") for (int i = 0; i < NACC; ++i) fence_reg(acc[i]); }
 #if PIPE
   // the wgmmas of stage it run while stage it + 1 is decoded into the other register set (NST >= 3)
   u32 aA[4][4], aB[4][4];
@@ -355,8 +348,6 @@ int_wgmma(const void* __restrict__ x, void* __restrict__ out, const void* __rest
 #endif
 
   // accumulator i: row (warp's 16) g + 8 ((i >> 1) & 1), batch column 8 (i >> 2) + 2t + (i & 1)
-  const int wgi = warp >> 2;
-  (void)wgi;
   if (gridDim.z > 1) {
     const int tile = blockIdx.y * gridDim.x + blockIdx.x;
     float* slot = part + ((long long)tile * gridDim.z) * (R * BM);
