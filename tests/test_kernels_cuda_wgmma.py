@@ -20,7 +20,7 @@ HOPPER = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_devi
 def test_int_wgmma_matches_reference(n, k, m, group, sdtype, dtype):
     """Against the float32 reference: partial row and batch tiles, bias, both scale formats, one stage and many,
     K split over blocks (deterministic: the same bytes every launch, counters back at zero), and the warp-specialized
-    form (ws: a producer warp, mbarriers; added in session 11 after its last GPU call, not yet run on a GPU)."""
+    form (ws: 2 or 4 producer warps, mbarriers)."""
     from leanq.kernels import cuda_int_wgmma as cw
 
     layer = _layer(n, k, 4, group, sdtype=sdtype, bias=True, device="cuda", seed=7)
@@ -31,7 +31,7 @@ def test_int_wgmma_matches_reference(n, k, m, group, sdtype, dtype):
     ref = x.float() @ ci.reference_rk(pk).t() + layer.bias.float()
     for cfg in (None, dict(wg=2, bm=128, nst=4, split=1), dict(wg=1, bm=64, nst=3, split=3),
                 dict(wg=2, bm=256, nst=2, split=2), dict(wg=1, bm=128, nst=4, split=1),
-                dict(wg=2, bm=128, nst=4, split=2, ws=1), dict(wg=3, bm=64, nst=3, split=1, ws=1)):
+                dict(wg=2, bm=128, nst=4, split=2, ws=4), dict(wg=3, bm=64, nst=3, split=1, ws=2)):
         out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
         cw.run_int_wgmma(x, pk, layer.bias.to(dtype), cfg, out=out)
         err = ((out.float() - ref).norm() / ref.norm()).item()
@@ -96,7 +96,8 @@ def test_int_wgmma_config_covers_the_shapes():
                 assert cw.smem_bytes(c["wg"], c["bm"], c["nst"]) * (c["minb"]) <= 227 * 1024
     assert cw.config(256, 4096, 4096, 132)["split"] == 2 and cw.config(256, 4096, 4096, 132)["wg"] == 2
     assert cw.config(256, 11008, 4096, 132)["wg"] == 3
-    assert cw.config(256, 14336, 4096, 132) == dict(cw.DEFAULT, split=1, wg=2, bm=128, minb=2)
+    assert cw.config(256, 14336, 4096, 132) == dict(cw.DEFAULT, split=1, wg=2, bm=128, **cw.WS_DEFAULT)
+    assert cw.config(64, 14336, 4096, 132) == dict(cw.DEFAULT, split=1, wg=2, bm=64, minb=2)  # 64 rows: no ws
 
 
 def test_int_wgmma_declines_what_it_does_not_compute():
@@ -130,26 +131,35 @@ class _Barrier:
         return (self.done & 1) != parity
 
 
-@pytest.mark.parametrize("nst,nk,warps", [(4, 1, 8), (4, 11, 8), (3, 7, 12), (6, 20, 8), (4, 4, 4)])
-def test_int_wgmma_ws_stage_protocol(nst, nk, warps):
+@pytest.mark.parametrize("nst,nk,warps,pw", [(4, 1, 8, 4), (4, 11, 8, 4), (3, 7, 12, 2), (6, 20, 8, 4), (6, 20, 12, 4),
+                                            (4, 4, 4, 2)])
+def test_int_wgmma_ws_stage_protocol(nst, nk, warps, pw):
     """The ws kernel's producer/consumer schedule (its stage, parity and release formulas), run under random
-    interleavings of the producer warp and each consumer warp: every stage a consumer decodes or multiplies holds
-    that iteration's copy until the consumer releases it, and nothing deadlocks."""
+    interleavings of the ``pw`` producer warps (each copies its share of a stage) and each consumer warp: every stage
+    a consumer decodes or multiplies holds all of that iteration's copies until the consumer releases it, and nothing
+    deadlocks."""
     import random
 
     for seed in range(30):
         rng = random.Random(seed)
-        full = [_Barrier(32) for _ in range(nst)]
+        full = [_Barrier(32 * pw) for _ in range(nst)]
         empty = [_Barrier(warps) for _ in range(nst)]
-        buf = [None] * nst
+        parts = [[None] * pw for _ in range(nst)]  # each producer warp's share of a stage's copies
 
-        def producer():
+        class _Buf:
+            def __getitem__(self, s):
+                return parts[s][0] if len(set(parts[s])) == 1 else ("torn", tuple(parts[s]))
+
+        buf = _Buf()
+
+        def producer(p):
             for it in range(nk):
                 s = it % nst
                 if it >= nst:
                     while not empty[s].passes(((it // nst) & 1) ^ 1):
                         yield
-                buf[s] = it                          # the copies land
+                parts[s][p] = it                     # this warp's copies land
+                yield
                 full[s].arrive(32)                   # cp.async.mbarrier.arrive.noinc, 32 lanes
                 yield
 
@@ -172,7 +182,7 @@ def test_int_wgmma_ws_stage_protocol(nst, nk, warps):
                     assert buf[s1] == it + 1         # decode of stage it + 1
                 yield
 
-        live = [producer()] + [consumer() for _ in range(warps)]
+        live = [producer(p) for p in range(pw)] + [consumer() for _ in range(warps)]
         steps = 0
         while live:  # waits spin by yielding: a deadlock shows as a run past the step bound
             a = rng.choice(live)

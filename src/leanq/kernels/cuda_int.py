@@ -860,10 +860,9 @@ def _try_gemm(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None) -> torch.Te
     Triton GEMM on these words (:mod:`leanq.kernels.triton_gemm`) where it applies, else None (the caller
     dequantizes). A kernel that fails to compile or launch says so once and steps aside on that device."""
     dev = device_index(x2)
-    # above 64 rows the Triton GEMM measured faster on 4096 x 4096 (0.64-0.65x BF16 against 0.50-0.55x, three H100
-    # runs of 2026-11-28) and slower on the four larger Llama shapes; at 64 rows the wgmma kernel won on all five
-    small = x2.shape[0] > 64 and pk["N"] * pk["K"] <= 4096 * 4096
-    if not small and cuda_int_wgmma.supports(pk, x2):
+    # the wgmma kernel (warp-specialized above 64 rows) measured at least level with the Triton GEMM on all five Llama
+    # shapes at 64, 128 and 256 rows (H200, 2026-11-28)
+    if cuda_int_wgmma.supports(pk, x2):
         try:
             return cuda_int_wgmma.run_int_wgmma(x2, pk, bias)
         except RuntimeError as e:

@@ -19,12 +19,14 @@ Split-K (SPLIT > 1) as in :mod:`leanq.kernels.cuda_int_mma`: each block stores i
 the accumulator's register order, and the last to arrive at the tile's counter adds the slots in slot order
 (deterministic), writes the output and resets the counter.
 
-Launch option ``ws`` (off; written after session 11's last GPU call and **not yet run on a GPU**, only compiled for
-sm_90a with a local NVRTC): warp specialization. One more warp issues every stage's copies and marks them landed on
-a per-stage ``mbarrier`` (``cp.async.mbarrier.arrive.noinc``); each warpgroup waits on it, decodes, multiplies and
-releases the stage on a second ``mbarrier`` once its ``wgmma``s are done. No block-wide barrier remains in the main
-loop, so the warpgroups no longer decode and multiply in step (ncu showed the tensor pipe 37.5% busy with them in
-step). With ``ws`` off, the compiled kernel is instruction for instruction the one measured.
+Warp specialization (launch option ``ws``, the default above 64 batch rows): ``ws`` more warps (2 or 4; 4 by
+default, a whole warpgroup) issue every stage's copies, each thread's source offsets computed once, and mark them
+landed on a per-stage ``mbarrier`` (``cp.async.mbarrier.arrive.noinc`` per thread); each warpgroup waits on it,
+decodes, multiplies and releases the stage on a second ``mbarrier`` once its ``wgmma``s are done. No block-wide
+barrier remains in the main loop, so the warpgroups no longer decode and multiply in step. A single producer warp
+(session 11's first form) issued about 570 instructions per stage and left every stage twice as long as the
+consumers needed (H200, 2026-11-28); four warps issue about 40 each. With ``ws`` 0 the kernel is the
+barrier-per-stage form measured in session 11, still the choice at 64 rows and below (two blocks per SM).
 
 The oracle is :func:`leanq.kernels.cuda_int.reference_rk`.
 """
@@ -43,6 +45,8 @@ MIN_M = int(os.environ.get("LEANQ_WGMMA_MIN_M", "64"))
 # warpgroups per block, batch rows per block, stages, K split (0: chosen by :func:`config`), the decode of the next stage
 # overlapping the current stage's wgmmas, and the blocks per SM the registers are capped for
 DEFAULT = dict(wg=2, bm=128, nst=4, split=0, pipe=1, minb=2)
+# above 64 rows (BM 128): warp specialization, a producer warpgroup (ws 4) and six stages, one block per SM
+WS_DEFAULT = dict(nst=6, minb=1, ws=4)
 
 
 def _wgmma_asm(bm: int, xt: int) -> str:
@@ -64,7 +68,13 @@ def _wgmma_asm(bm: int, xt: int) -> str:
 _SRC = r"""
 #define R (64 * WG)              // weight rows per block
 #define CT (128 * WG)            // consumer threads: the warpgroups
-#define THREADS (CT + 32 * WS)   // WS: one more warp, the producer
+#define THREADS (CT + 32 * WS)   // WS: WS more warps (2 or 4), the producers
+#define LT (32 * WS)             // producer threads
+#if WS
+#define XUW ((BM * 8) / LT)      // a producer thread's x chunks per stage
+#define WUW ((2 * R) / LT)       // its weight-word chunks
+#define ZUW ((R + LT - 1) / LT)  // its group words
+#endif
 #define NACC (BM / 2)            // accumulator registers per thread
 #define XS_BYTES (BM * 128)      // one stage of x: BM rows of 64 16-bit inputs
 #define WROW 48                  // bytes per weight row in a stage (32 used)
@@ -197,7 +207,7 @@ int_wgmma(const void* __restrict__ x, void* __restrict__ out, const void* __rest
   const u32 fb0 = smem_u32(full_bar), eb0 = smem_u32(empty_bar);
   if (tid == 0) {
     for (int s = 0; s < NST; ++s) {
-      mbar_init(fb0 + 8 * s, 32);
+      mbar_init(fb0 + 8 * s, LT);
       mbar_init(eb0 + 8 * s, 4 * WG);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
@@ -205,29 +215,51 @@ int_wgmma(const void* __restrict__ x, void* __restrict__ out, const void* __rest
   __syncthreads();
   const int g = lane >> 2, t = lane & 3;
   const int row = warp * 16 + g;
-  if (warp == 4 * WG) {
-    const int c = lane & 7;
+  if (warp >= 4 * WG) {
+    // producer threads p = 0..LT-1 (LT / 8 a multiple of 8, so a thread's x chunks share one swizzled column);
+    // every source offset is computed once, a stage only moves the bases
+    const int p = tid - CT;
+    const int r0 = p >> 3, c0 = p & 7;
+    const u32 xdst0 = r0 * 128 + ((c0 ^ (r0 & 7)) << 4);
+    u32 xoff[XUW], xok = 0;
+#pragma unroll
+    for (int u = 0; u < XUW; ++u) {
+      const int m = m0 + r0 + u * (LT / 8);
+      xoff[u] = (u32)(((long long)min(m, M - 1) * K + 8 * c0) * 2);
+      xok |= m < M ? 1u << u : 0u;
+    }
+    const unsigned char* xbase = (const unsigned char*)x + ((long long)kt0 << 7);
+    const u32* wsrc[WUW];
+    u32 wdst[WUW], wok = 0;
+#pragma unroll
+    for (int v = 0; v < WUW; ++v) {
+      const int i = p + LT * v, r = i >> 1;
+      wsrc[v] = words + (long long)min(n0 + r, N - 1) * WPR + 4 * (i & 1) + (kt0 << 3);
+      wdst[v] = r * WROW + (i & 1) * 16;
+      wok |= n0 + r < N ? 1u << v : 0u;
+    }
+    const u32* zsrc[ZUW];                                      // group words: rows p + LT z below R
+    u32 zok = 0;
+#pragma unroll
+    for (int z = 0; z < ZUW; ++z) {
+      zsrc[z] = szw + (long long)min(n0 + p + LT * z, N - 1) * NG;
+      zok |= n0 + p + LT * z < N ? 1u << z : 0u;
+    }
     for (int it = 0; it < nk; ++it) {
       const u32 s = (unsigned)it % NST;
       if (it >= NST) mbar_wait(eb0 + 8 * s, (((unsigned)it / NST) & 1) ^ 1);
-      const int k0 = (kt0 + it) << 6;
-#pragma unroll 4
-      for (int u = 0; u < BM / 4; ++u) {                     // x: lane's column chunk c of rows lane / 8 + 4u
-        const int r = (lane >> 3) + 4 * u, m = m0 + r;
-        cp16(xs0 + s * XS_BYTES + r * 128 + ((c ^ (r & 7)) << 4),
-             (const unsigned char*)x + ((long long)min(m, M - 1) * K + k0 + 8 * c) * 2, m < M ? 16u : 0u);
+#pragma unroll
+      for (int u = 0; u < XUW; ++u)
+        cp16(xs0 + s * XS_BYTES + xdst0 + u * (LT * 16), xbase + xoff[u], (xok >> u) & 1 ? 16u : 0u);
+      xbase += 128;
+#pragma unroll
+      for (int v = 0; v < WUW; ++v) {
+        cp16(ws0 + s * WS_BYTES + wdst[v], wsrc[v], (wok >> v) & 1 ? 16u : 0u);
+        wsrc[v] += 8;
       }
 #pragma unroll
-      for (int u = 0; u < R / 16; ++u) {                     // words: rows (lane + 32u) / 2, chunk lane & 1
-        const int i = lane + 32 * u, r = i >> 1, n = n0 + r;
-        cp16(ws0 + s * WS_BYTES + r * WROW + (i & 1) * 16, words + (long long)min(n, N - 1) * WPR + (k0 >> 3) + 4 * (i & 1),
-             n < N ? 16u : 0u);
-      }
-#pragma unroll
-      for (int u = 0; u < R / 32; ++u) {                     // group words: rows lane + 32u
-        const int r = lane + 32 * u, n = n0 + r;
-        cp4(zs0 + s * SZ_BYTES + r * 4, szw + (long long)min(n, N - 1) * NG + ((kt0 + it) >> GSH), n < N ? 4u : 0u);
-      }
+      for (int z = 0; z < ZUW; ++z)
+        if (p + LT * z < R) cp4(zs0 + s * SZ_BYTES + (p + LT * z) * 4, zsrc[z] + ((kt0 + it) >> GSH), (zok >> z) & 1 ? 4u : 0u);
       mbar_arrive_cp(fb0 + 8 * s);
     }
     cp_wait<0>();
@@ -433,13 +465,14 @@ def config(M: int, N: int, K: int, sms: int) -> dict:
 
 @functools.lru_cache(maxsize=4096)
 def _config(bm: int, mt: int, N: int, K: int, sms: int) -> tuple:
-    """The launch config: BM 128 (64 for batches up to 64), and the warpgroups per block (2, 3 or 4) and K split (1-4,
+    """The launch config: BM 128 (64 for batches up to 64), and the warpgroups per block (2, 3 or 4; 2 or 3 at BM 128,
+    where a producer warpgroup joins them: :data:`WS_DEFAULT`) and K split (1-4,
     at least 8 stages per block) whose work units fill whole waves of one unit per SM best (an SM's throughput
     measured about the same with one block of 2-4 warpgroups or two blocks of 2), less 0.06 per extra split (each adds
     an fp32 tile per unit of traffic and a longer last-block sum), then the smaller block (two blocks of 2 per SM
     measured faster than one of 4 at 14336 x 4096)."""
     best = None
-    for wg in (2, 3, 4):
+    for wg in ((2, 3) if bm == 128 else (2, 3, 4)):
         tiles = -(-N // (64 * wg)) * mt
         for split in range(1, 5):
             if split > 1 and K // 64 < 8 * split:
@@ -448,7 +481,8 @@ def _config(bm: int, mt: int, N: int, K: int, sms: int) -> tuple:
             fill = units / (-(-units // sms) * sms)
             key = round(fill - 0.06 * (split - 1), 2)
             if best is None or key > best[0]:
-                best = (key, dict(DEFAULT, wg=wg, bm=bm, split=split, minb=2 if wg == 2 else 1))
+                best = (key, dict(DEFAULT, wg=wg, bm=bm, split=split, minb=2 if wg == 2 else 1) if bm == 64 else
+                        dict(DEFAULT, wg=wg, bm=bm, split=split, **WS_DEFAULT))
     return tuple(best[1].items())
 
 
@@ -466,7 +500,9 @@ def run_int_wgmma(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: di
     assert K == pk["K"] and pk["bits"] == 4, (K, pk["K"], pk["bits"])
     N = pk["N"]
     dev = device_index(x2)
-    c = dict(config(M, N, K, sm_count(dev)), **(cfg or {}))
+    base = config(M, N, K, sm_count(dev))
+    c = dict(DEFAULT, **cfg) if cfg else base  # a given config: DEFAULT's keys where it has none
+    c["wg"], c["split"] = c["wg"] or base["wg"], c["split"] or base["split"]  # 0: the chosen one
     wg, bm, nst = int(c["wg"]), int(c["bm"]), int(c["nst"])
     if bm > 128 or wg > 2 or c.get("ws"):  # m64n256's accumulators, 384-544 threads: one block per SM
         c["minb"] = 1
