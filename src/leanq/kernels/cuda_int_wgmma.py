@@ -47,6 +47,9 @@ MIN_M = int(os.environ.get("LEANQ_WGMMA_MIN_M", "64"))
 DEFAULT = dict(wg=2, bm=128, nst=4, split=0, pipe=1, minb=2)
 # above 64 rows (BM 128): warp specialization, a producer warpgroup (ws 4) and six stages, one block per SM
 WS_DEFAULT = dict(nst=6, minb=1, ws=4)
+# above 128 rows where :func:`_estimate` favours it: m64n256 wgmmas, two warpgroups with 232 registers a thread
+# (``setmaxnreg``; the producer warpgroup keeps 40), four stages of 32 KB of x
+WS256 = dict(wg=2, bm=256, nst=4, minb=1, ws=4)
 
 
 def _wgmma_asm(bm: int, xt: int) -> str:
@@ -67,6 +70,7 @@ def _wgmma_asm(bm: int, xt: int) -> str:
 
 _SRC = r"""
 #define R (64 * WG)              // weight rows per block
+#define MAX_SPLIT 4              // K split at most (run_int_wgmma clamps)
 #define CT (128 * WG)            // consumer threads: the warpgroups
 #define THREADS (CT + 32 * WS)   // WS: WS more warps (2 or 4), the producers
 #define LT (32 * WS)             // producer threads
@@ -216,6 +220,9 @@ int_wgmma(const void* __restrict__ x, void* __restrict__ out, const void* __rest
   const int g = lane >> 2, t = lane & 3;
   const int row = warp * 16 + g;
   if (warp >= 4 * WG) {
+#if MAXREG
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;" ::: "memory");
+#endif
     // producer threads p = 0..LT-1 (LT / 8 a multiple of 8, so a thread's x chunks share one swizzled column);
     // every source offset is computed once, a stage only moves the bases
     const int p = tid - CT;
@@ -263,7 +270,11 @@ int_wgmma(const void* __restrict__ x, void* __restrict__ out, const void* __rest
       mbar_arrive_cp(fb0 + 8 * s);
     }
     cp_wait<0>();
+    return;                                                 // no outputs; the epilogue syncs the consumers only
   } else {
+#if MAXREG
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" :: "n"(MAXREG) : "memory");
+#endif
     const u32 wrow0 = ws0 + row * WROW, zrow0 = zs0 + row * 4, sh = 4 * t;
     u32 aA[4][4], aB[4][4];
     if (nk > 0) {
@@ -380,6 +391,12 @@ int_wgmma(const void* __restrict__ x, void* __restrict__ out, const void* __rest
 #endif
 
   // accumulator i: row (warp's 16) g + 8 ((i >> 1) & 1), batch column 8 (i >> 2) + 2t + (i & 1)
+  // (WS: the producer warps have returned; the consumers sync among themselves on named barrier 1)
+#if WS
+#define CSYNC() asm volatile("bar.sync 1, %0;" :: "n"(CT) : "memory")
+#else
+#define CSYNC() __syncthreads()
+#endif
   if (gridDim.z > 1) {
     const int tile = blockIdx.y * gridDim.x + blockIdx.x;
     float* slot = part + ((long long)tile * gridDim.z) * (R * BM);
@@ -389,19 +406,21 @@ int_wgmma(const void* __restrict__ x, void* __restrict__ out, const void* __rest
       if (!WS || tid < CT)
         *(float4*)(mine + (i / 4) * (CT * 4) + tid * 4) = make_float4(acc[i], acc[i + 1], acc[i + 2], acc[i + 3]);
     __threadfence();
-    __syncthreads();
+    CSYNC();
     __shared__ int last;
     if (tid == 0) last = atomicAdd(cnt + tile, 1) == (int)gridDim.z - 1;
-    __syncthreads();
+    CSYNC();
     if (!last || (WS && tid >= CT)) return;
     __threadfence();
 #pragma unroll
     for (int i = 0; i < NACC; i += 4) {
       float4 v = __ldcg((const float4*)(slot + (i / 4) * (CT * 4) + tid * 4));
-      for (int z = 1; z < (int)gridDim.z; ++z) {
-        const float4 q = __ldcg((const float4*)(slot + (long long)z * (R * BM) + (i / 4) * (CT * 4) + tid * 4));
-        v.x += q.x; v.y += q.y; v.z += q.z; v.w += q.w;
-      }
+#pragma unroll
+      for (int z = 1; z < MAX_SPLIT; ++z)                    // unrolled: the loads of many i in flight at once
+        if (z < (int)gridDim.z) {
+          const float4 q = __ldcg((const float4*)(slot + (long long)z * (R * BM) + (i / 4) * (CT * 4) + tid * 4));
+          v.x += q.x; v.y += q.y; v.z += q.z; v.w += q.w;
+        }
       acc[i] = v.x; acc[i + 1] = v.y; acc[i + 2] = v.z; acc[i + 3] = v.w;
     }
     if (tid == 0) cnt[tile] = 0;
@@ -427,7 +446,7 @@ def source(xt: int, sbf16: bool, wg: int, bm: int, nst: int, pipe: int = 1, minb
     from .cuda_int_mma import _HELPERS
 
     defs = dict(BITS=4, XT=xt, SBF16=int(sbf16), WG=wg, BM=bm, NST=nst, PIPE=int(pipe and nst >= 3), MINB=minb,
-                WS=int(ws))
+                WS=int(ws), MAXREG=232 if ws == 4 and wg == 2 and bm > 128 else 0)
     return ("".join(f"#define {k} {v}\n" for k, v in defs.items()) + PRELUDE + _HELPERS + _wgmma_asm(bm, xt)
             + _SRC)
 
@@ -459,8 +478,35 @@ def supports(pk: dict, x2: torch.Tensor) -> bool:
 
 
 def config(M: int, N: int, K: int, sms: int) -> dict:
-    """The launch config for a batch of M rows (see :func:`_config`; cached, a fresh dict per call)."""
-    return dict(_config(64 if M <= 64 else 128, -(-M // (64 if M <= 64 else 128)), N, K, sms))
+    """The launch config for a batch of M rows (see :func:`_config`; cached, a fresh dict per call). Above 128 rows
+    a block of two warpgroups and 256 batch rows (m64n256 wgmmas, :data:`WS256`) competes with the 128-row choice
+    on :func:`_estimate`."""
+    if M <= 64:
+        return dict(_config(64, -(-M // 64), N, K, sms))
+    c = dict(_config(128, -(-M // 128), N, K, sms))
+    if M > 128:
+        mt = -(-M // 256)
+        split = _fill_split(-(-N // 128) * mt, K, sms)
+        if _estimate(256, 2, split, mt, N, K, sms) < _estimate(128, c["wg"], c["split"], -(-M // 128), N, K, sms):
+            return dict(DEFAULT, split=split, **WS256)
+    return c
+
+
+def _fill_split(tiles: int, K: int, sms: int) -> int:
+    """The K split (1-4, at least 8 stages per block) whose units fill whole waves of one per SM best, less 0.06
+    per extra split."""
+    return max((s for s in range(1, 5) if s == 1 or K // 64 >= 8 * s),
+               key=lambda s: round(tiles * s / (-(-tiles * s // sms) * sms) - 0.06 * (s - 1), 2))
+
+
+def _estimate(bm: int, wg: int, split: int, mt: int, N: int, K: int, sms: int) -> float:
+    """Microseconds of a warp-specialized launch on an H200, roughly: waves x (0.5 us per stage per unit of work +
+    a fixed 9.7 us, the pipeline's fill and the split's sum), a unit of work being two warpgroups at 128 batch rows
+    (three: 1.5); the 256-row block measured 1.6 units a stage and 14.5 us fixed. Fitted on the five Llama shapes at
+    256 rows (benchmarks/kernels/NOTES.md, v13), where it picks the faster block shape on each."""
+    units = -(-N // (64 * wg)) * mt * split
+    w, fixed = (1.6, 14.5) if bm == 256 else (wg / 2, 9.7)
+    return -(-units // sms) * (0.5 * -(-(K // 64) // split) * w + fixed)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -502,14 +548,16 @@ def run_int_wgmma(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: di
     dev = device_index(x2)
     base = config(M, N, K, sm_count(dev))
     c = dict(DEFAULT, **cfg) if cfg else base  # a given config: DEFAULT's keys where it has none
-    c["wg"], c["split"] = c["wg"] or base["wg"], c["split"] or base["split"]  # 0: the chosen one
+    c["wg"] = c["wg"] or base["wg"]  # 0: the chosen one
+    if not c["split"]:  # 0: the split that fills the waves best for this block shape
+        c["split"] = _fill_split(-(-N // (64 * c["wg"])) * -(-M // c["bm"]), K, sm_count(dev))
     wg, bm, nst = int(c["wg"]), int(c["bm"]), int(c["nst"])
     if bm > 128 or wg > 2 or c.get("ws"):  # m64n256's accumulators, 384-544 threads: one block per SM
         c["minb"] = 1
     ws = int(c.get("ws", 0))
     kern = _compiled(XT[x2.dtype], bool(pk["sbf16"]), wg, bm, nst, int(c.get("pipe", 1)), int(c.get("minb", 1)), ws, dev)
     gx, gy = -(-N // (64 * wg)), -(-M // bm)
-    split = max(1, min(int(c["split"] or 1), K // 64))
+    split = max(1, min(int(c["split"] or 1), K // 64, 4))  # MAX_SPLIT
     part = cnt = x2
     if split > 1:
         sc = _scratch(x2.device, gx * gy * split * 64 * wg * bm, gx * gy)
