@@ -26,7 +26,15 @@ decodes, multiplies and releases the stage on a second ``mbarrier`` once its ``w
 barrier remains in the main loop, so the warpgroups no longer decode and multiply in step. A single producer warp
 (session 11's first form) issued about 570 instructions per stage and left every stage twice as long as the
 consumers needed (H200, 2026-11-28); four warps issue about 40 each. With ``ws`` 0 the kernel is the
-barrier-per-stage form measured in session 11, still the choice at 64 rows and below (two blocks per SM).
+barrier-per-stage form measured in session 11, still the choice at 64 rows and below (two blocks per SM). Once the
+main loop ends the producers return and the consumers sync on named barrier 1.
+
+Above 128 rows :func:`config` may pick blocks of 256 batch rows (m64n256 wgmmas, :data:`WS256`): two consumer
+warpgroups with 128 accumulators a thread, which fit because ``setmaxnreg`` moves registers from the producer
+warpgroup (40 a thread) to them (232). Each decoded weight then meets twice the batch rows.
+
+The split-K sum issues the loads of all the other slots at once (the slot loop unrolled up to MAX_SPLIT = 4), in
+the same order of additions as before.
 
 The oracle is :func:`leanq.kernels.cuda_int.reference_rk`.
 """
