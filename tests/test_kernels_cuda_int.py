@@ -518,12 +518,15 @@ def test_int_mma_w_matches_reference(group, n, k, m, sdtype, dtype):
     ns = k // 128
     for cfg in (None, dict(rt=1, kw=1, spw=1, pd=2), dict(rt=2, kw=2, spw=ns, pd=4), dict(rt=4, kw=2, spw=1, pd=3),
                 dict(rt=1, kw=4, spw=2, pd=4), dict(rt=2, kw=1, spw=6, pd=2, mg=1), dict(rt=1, kw=2, spw=4, pd=3, mg=1),
-                dict(rt=2, kw=2, spw=3, pd=3, rp=1), dict(rt=1, kw=1, spw=ns, pd=3, rp=1)):
+                dict(rt=2, kw=2, spw=3, pd=3, rp=1), dict(rt=1, kw=1, spw=ns, pd=3, rp=1),
+                dict(rt=4, kw=2, spw=1, pd=3, rs=1), dict(rt=1, kw=4, spw=2, pd=4, rs=1)):
         out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
         cm.run_int_mma_w(x, pk, layer.bias.to(dtype), cfg, out=out)
         assert torch.isfinite(out).all() and ((out.float() - ref).norm() / ref.norm()).item() < 1e-2, cfg
         again = cm.run_int_mma_w(x, pk, layer.bias.to(dtype), cfg)
         assert torch.equal(again, cm.run_int_mma_w(x, pk, layer.bias.to(dtype), cfg)), cfg  # deterministic
+        if cfg and cfg.get("rs"):  # the split sum's other schedule: the same additions, so the same bytes
+            assert torch.equal(again, cm.run_int_mma_w(x, pk, layer.bias.to(dtype), dict(cfg, rs=0))), cfg
     for _, cnt in cm._WSCRATCH.values():
         assert int(cnt.abs().sum()) == 0  # every launch left its counters at zero
 

@@ -65,8 +65,9 @@ def main() -> int:
     ap.add_argument("--mma-cfgs", default="", help="also these cuda-int-mma launch configs, threads/wr/nt: e.g. "
                     "256/1/2,512/2/4")
     ap.add_argument("--mmaw-cfgs", default="", help="with --mma: also these configs of the w kernel (weights as the A "
-                    "operand), rt/kw/spw/pd[/mg[/rp]] (spw 0: chosen by the launcher; mg 1: copies of four steps at a "
-                    "time; rp 1: weights prefetched in registers), e.g. 4/4/0/4,2/8/2/4,7/1/32/2/1,7/2/16/3/0/1")
+                    "operand), rt/kw/spw/pd[/mg[/rp[/rs]]] (spw 0: chosen by the launcher; mg 1: copies of four steps at a "
+                    "time; rp 1: weights prefetched in registers; rs 1: the split sum's loads in flight together), "
+                    "e.g. 4/4/0/4,2/8/2/4,7/1/32/2/1,7/2/16/3/0/1,8/2/16/3/0/0/1")
     ap.add_argument("--mma-lite", action="store_true", help="with --mma: skip dequantize + cuBLAS and the Triton kn-dot")
     ap.add_argument("--wgmma-cfgs", default="", help="with --mma batches above 16: also these configs of the wgmma "
                     "kernel (kernels.cuda_int_wgmma), wg/bm/nst/split[/pipe/minb/ws] (split 0: chosen; ws 1: a producer warp and "
@@ -239,12 +240,13 @@ def main() -> int:
 
                     wcfgs = [None]
                     for spec in (c.split("/") for c in args.mmaw_cfgs.split(",") if c):
-                        v = [int(f) for f in spec] + [0] * (6 - len(spec))
-                        wcfgs.append(dict(rt=v[0], kw=v[1], spw=v[2] or None, pd=v[3], mg=v[4], rp=v[5]))
+                        v = [int(f) for f in spec] + [0] * (7 - len(spec))
+                        wcfgs.append(dict(rt=v[0], kw=v[1], spw=v[2] or None, pd=v[3], mg=v[4], rp=v[5], rs=v[6]))
                     for cfg in wcfgs:
                         name = "cuda-int-mma-w" + ("" if cfg is None else
                                                    f" rt{cfg['rt']} kw{cfg['kw']} spw{cfg['spw'] or 0} pd{cfg['pd']}"
-                                                   + (" mg" if cfg["mg"] else "") + (" rp" if cfg["rp"] else ""))
+                                                   + (" mg" if cfg["mg"] else "") + (" rp" if cfg["rp"] else "")
+                                                   + (" rs" if cfg["rs"] else ""))
                         cands[name] = (lambda c, cfg=cfg: mmaw_fn(c, cfg), nb)
                 if not args.mma_lite:
                     cands["rk-dequant+cublas"] = (deq_fn, nb)

@@ -23,7 +23,11 @@ Measured on an H100 (2026-11-28, graph harness, 4-bit g128, the five Llama shape
 (no decode, no staging) takes 17.6 us of 23.2 at 14336 x 4096, against 13.2 us for the batch-1 GEMV on the
 same bytes (ncu of an earlier version: L1/TEX throughput 76%, DRAM 29%). Two launch options stay off: ``mg``
 (copies of four steps, 2 rows x 256 bytes per instruction: within a few percent either way on the H100) and ``rp``
-(the weights prefetched in registers instead of the ring; not yet run on a GPU).
+(the weights prefetched in registers instead of the ring; its GPU tests pass, not yet timed). A third, ``rs`` (off; written in
+session 12 after its device time was spent, compiled locally only), changes the split sum's schedule: each thread
+loads all of its outputs' slot values at once, slot by slot, instead of one output's slots one load at a time (the
+wgmma kernel gained 0.90x -> 0.98x at batch 64 from the same change). The additions keep their order, so the bytes
+are the same; with ``rs`` off the SASS is unchanged.
 
 **The first kernel** (``int_mma``: 2-, 4- and 8-bit, groups multiples of 16; serves what the w kernel does not).
 A = x (16 batch rows, read as it is), B = a 16 x 8 slice of weights: thread (g = lane / 4, t = lane % 4) holds
@@ -554,6 +558,26 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) int_mma_w(
   if (!last) return;
   __threadfence();
   const int NB = NT * 8;  // batch columns the slots hold
+#if RS
+  // all of this thread's outputs at once, slot by slot: PER loads in flight per slot instead of one (the same
+  // additions in the same order as below)
+#define PER ((RT * 16 * NT * 8 + WARPS * 32 - 1) / (WARPS * 32))
+  float y[PER];
+#pragma unroll
+  for (int e = 0; e < PER; ++e) y[e] = 0.f;
+  for (int sl = 0; sl < (int)gridDim.y; ++sl) {
+#pragma unroll
+    for (int e = 0; e < PER; ++e) {
+      const int i = threadIdx.x + e * WARPS * 32, r = blockIdx.x * RT * 16 + i / NB, b = i % NB;
+      if (i < RT * 16 * NB && r < N && b < M) y[e] += __ldcg(part + ((size_t)sl * N + r) * 16 + b);
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < PER; ++e) {
+    const int i = threadIdx.x + e * WARPS * 32, r = blockIdx.x * RT * 16 + i / NB, b = i % NB;
+    if (i < RT * 16 * NB && r < N && b < M) stx(out, (long long)b * N + r, y[e] + (HAS_BIAS ? ldx(bias, r) : 0.f));
+  }
+#else
   for (int i = threadIdx.x; i < RT * 16 * NB; i += WARPS * 32) {
     const int r = blockIdx.x * RT * 16 + i / NB, b = i % NB;
     if (r >= N || b >= M) continue;
@@ -562,6 +586,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) int_mma_w(
     if (HAS_BIAS) y += ldx(bias, r);
     stx(out, (long long)b * N + r, y);
   }
+#endif
   if (threadIdx.x == 0) cnt[blockIdx.x] = 0;
 }
 """
@@ -644,8 +669,8 @@ TUNED_W: dict = {}  # batch bucket (8: batches 2-8, 16: 9-16) -> config, from th
 
 
 def source_w(xt: int, rt: int, kw: int, nt: int, gs: int, sbf16: bool, pd: int = 4, abl: int = 0, mg: int = 0,
-             rp: int = 0) -> str:
-    defs = dict(BITS=4, XT=xt, RT=rt, KW=kw, NT=nt, GS=gs, SBF16=int(sbf16), PD=pd, ABL=abl, MG=mg, RP=rp)
+             rp: int = 0, rs: int = 0) -> str:
+    defs = dict(BITS=4, XT=xt, RT=rt, KW=kw, NT=nt, GS=gs, SBF16=int(sbf16), PD=pd, ABL=abl, MG=mg, RP=rp, RS=rs)
     return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + PRELUDE + _HELPERS + _SRC_W
 
 
@@ -747,8 +772,8 @@ if torch.cuda.is_available():  # allocate now, outside any CUDA-graph memory poo
 
 @functools.lru_cache(maxsize=None)
 def _compiled_w(xt: int, rt: int, kw: int, nt: int, gs: int, sbf16: bool, pd: int, abl: int, mg: int, rp: int,
-                device: int) -> Launcher:
-    return _launcher(source_w(xt, rt, kw, nt, gs, sbf16, pd, abl, mg, rp), "int_mma_w", "cuda-int-mma-w", device)
+                device: int, rs: int = 0) -> Launcher:
+    return _launcher(source_w(xt, rt, kw, nt, gs, sbf16, pd, abl, mg, rp, rs), "int_mma_w", "cuda-int-mma-w", device)
 
 
 def run_int_mma_w(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dict | None = None,
@@ -763,7 +788,7 @@ def run_int_mma_w(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: di
     cfg = cfg or w_config(M, N, K, sms)
     c0 = dict(W_DEFAULT, **cfg)
     kern = _compiled_w(XT[x2.dtype], c0["rt"], c0["kw"], nt, pk["group"], bool(pk["sbf16"]), c0["pd"],
-                       int(c0.get("abl", 0)), int(c0.get("mg", 0)), int(c0.get("rp", 0)), dev)
+                       int(c0.get("abl", 0)), int(c0.get("mg", 0)), int(c0.get("rp", 0)), dev, int(c0.get("rs", 0)))
     threads = 32 * c0["rt"] * c0["kw"]
     c, (gx, gy) = w_launch(M, N, K, cfg, sms, lambda smem: kern.blocks_per_sm(threads, smem))
     scratch = _w_scratch(x2.device, gy * N * 16, gx) if gy > 1 else None
