@@ -1,0 +1,135 @@
+"""One figure of the GPU kernel results: 4-bit x BF16 by batch, and batch 1 by weight format, with issue 5's and
+issue 6's targets drawn in. Reads the JSON lines that bench_cuda_int.py and bench_vq.py write.
+
+    python benchmarks/kernels/plot_kernels.py            # session 12's H200 files -> docs/img/kernels_h200.png
+
+Each point is the graph-harness ratio against BF16 ``F.linear`` timed in the same run as the point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+
+R = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+SHAPES = ["4096x4096", "4096x11008", "11008x4096", "4096x14336", "14336x4096"]
+
+
+def _rows(path: str) -> list[dict]:
+    with open(path) as f:
+        return [r for r in (json.loads(line) for line in f if line.strip()) if "meta" not in r and r.get("kind") != "meta"]
+
+
+def _pick(rows: list[dict], **want) -> dict[str, float]:
+    """shape -> x_bf16_graph of the rows matching ``want`` (the last one per shape)."""
+    out = {}
+    for r in rows:
+        if all(r.get(k) == v for k, v in want.items()) and isinstance(r.get("x_bf16_graph"), float):
+            if not math.isnan(r["x_bf16_graph"]):
+                out[r["shape"]] = r["x_bf16_graph"]
+    return out
+
+
+def _vq(rows: list[dict], setting: str) -> dict[str, float]:
+    """shape -> the best CUDA table kernel's graph ratio at batch 1 (bench_vq.py's rows)."""
+    bf = {r["shape"]: r["ms"] for r in rows if r.get("kind") == "baseline" and r.get("M") == 1
+          and r.get("impl") == "bf16 F.linear (graph)"}
+    out: dict[str, float] = {}
+    for r in rows:
+        if (r.get("kind") == "vq" and r.get("setting") == setting and r.get("M") == 1
+                and str(r.get("impl", "")).startswith("cuda") and r["impl"].endswith("(graph)") and r["shape"] in bf):
+            out[r["shape"]] = max(out.get(r["shape"], 0.0), bf[r["shape"]] / r["ms"])
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--final", default=os.path.join(R, "cuda-int-h200-2026-11-28-final.jsonl"),
+                    help="batch 1 (cuda-int, int4pack) and batch 16 (mma-w) rows")
+    ap.add_argument("--b64", default=os.path.join(R, "ws-h200-2026-11-28-reduce.jsonl"), help="batch-64 rows")
+    ap.add_argument("--gemm", default=os.path.join(R, "gemm-h200-2026-11-28-final.jsonl"), help="batch 128/256 rows")
+    ap.add_argument("--widths", default=",".join(os.path.join(R, f) for f in (
+        "cuda-int-h200-2026-11-28-sweep.jsonl", "cuda-int-h200-2026-11-28-bits83.jsonl")), help="batch-1 2/3/8-bit rows")
+    ap.add_argument("--vq", default=os.path.join(R, "vq-h200-2026-11-28.jsonl"))
+    ap.add_argument("--title", default="leanq kernels, H200 (driver 580.159.04, torch 2.11.0, triton 3.6.0), 2026-11-28")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__)))), "docs", "img", "kernels_h200.png"))
+    args = ap.parse_args()
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    final, b64, gemm = _rows(args.final), _rows(args.b64), _rows(args.gemm)
+    by_batch = {
+        1: _pick(final, impl="cuda-int", bits=4),
+        16: _pick(final, impl="batch-cuda-int-mma-w", M=16),
+        64: _pick(b64, impl="batch-cuda-int-wgmma", M=64),
+        128: _pick(gemm, impl="batch-cuda-int-wgmma", M=128),
+        256: _pick(gemm, impl="batch-cuda-int-wgmma", M=256),
+    }
+    widths = [r for p in args.widths.split(",") if p for r in _rows(p)]
+    vq = _rows(args.vq) if args.vq else []
+    fmts = {
+        "2-bit": (_pick(widths, impl="cuda-int", bits=2), 4.5),
+        "3-bit": (_pick(widths, impl="cuda-int", bits=3), 3.5),
+        "4-bit": (by_batch[1], 3.0),
+        "8-bit": (_pick(widths, impl="cuda-int", bits=8), 1.7),
+        "vq2": (_vq(vq, "vq2"), 2.5),
+        "vq3": (_vq(vq, "vq3"), 2.5),
+        "int4pack": (_pick(final, impl="int4pack", bits=4), None),
+    }
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw=dict(width_ratios=[1, 1.25]))
+    batches = list(by_batch)
+    for s in SHAPES:
+        a.plot(range(len(batches)), [by_batch[m].get(s, float("nan")) for m in batches], "o-", label=s)
+    for i, (m, t) in enumerate(((1, 3.0), (16, 2.0), (256, 0.9))):
+        x = batches.index(m)
+        a.hlines(t, x - 0.3, x + 0.3, colors="k", linestyles="--", linewidth=1.2)
+    a.axhline(1.0, color="grey", linewidth=0.8)
+    a.set_xticks(range(len(batches)), [str(m) for m in batches])
+    a.set_xlabel("batch rows")
+    a.set_ylabel("x BF16 F.linear (graph harness)")
+    a.set_title("4-bit g128 by batch (dashes: issue 5's targets)")
+    a.legend(fontsize=8)
+    a.grid(alpha=0.3)
+
+    names = list(fmts)
+    w = 0.8 / len(SHAPES)
+    for j, s in enumerate(SHAPES):
+        b.bar([i + (j - 2) * w for i in range(len(names))], [fmts[n][0].get(s, float("nan")) for n in names], w,
+              label=s)
+    for i, n in enumerate(names):
+        if fmts[n][1]:
+            b.hlines(fmts[n][1], i - 0.42, i + 0.42, colors="k", linestyles="--", linewidth=1.2)
+    b.axhline(1.0, color="grey", linewidth=0.8)
+    b.set_xticks(range(len(names)), names)
+    b.set_ylabel("x BF16 F.linear at batch 1")
+    b.set_title("batch 1 by weight format (dashes: targets; 4-bit's is 2.5 at 4096x4096)")
+    b.grid(alpha=0.3, axis="y")
+    fig.suptitle(args.title, fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(args.out))
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, args.out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    print(args.out)
+    for m, d in by_batch.items():
+        print(f"batch {m:>3}: " + " ".join(f"{d.get(s, float('nan')):.2f}" for s in SHAPES))
+    for n in names:
+        print(f"{n:>8}: " + " ".join(f"{fmts[n][0].get(s, float('nan')):.2f}" for s in SHAPES))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
