@@ -119,6 +119,7 @@ def main() -> int:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 is for secrets, not figures
         os.replace(tmp, args.out)
     finally:
         if os.path.exists(tmp):
