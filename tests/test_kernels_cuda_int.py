@@ -29,6 +29,16 @@ def _layer(n, k, bits, group, sym=False, sdtype=torch.float16, bias=False, devic
     return QuantLinear.from_int_weight(IntWeight(pack(codes, bits), scales, zeros, spec, k), b).to(device)
 
 
+def _gpu_case(n, k, bits, group, m, dtype, sdtype=torch.float16, seed=0):
+    """A biased layer on the GPU, its rk pack, activations [m, k] of ``dtype`` with an outlier of 3000, and the
+    float32 reference output: (layer, pk, x, ref)."""
+    layer = _layer(n, k, bits, group, sdtype=sdtype, bias=True, device="cuda", seed=seed)
+    pk = ci.packed_rk(layer)
+    x = torch.randn(m, k, device="cuda").to(dtype)
+    x[0, k // 2] = 3000.0
+    return layer, pk, x, x.float() @ ci.reference_rk(pk).t() + layer.bias.float()
+
+
 CASES = [(4, 128, False, torch.float16, 96, 512), (4, 32, True, torch.bfloat16, 33, 160),
          (2, 128, False, torch.bfloat16, 64, 384), (2, 64, True, torch.float16, 17, 200),
          (8, 128, False, torch.float16, 40, 256), (8, 16, False, torch.float32, 9, 48),
@@ -509,12 +519,8 @@ def test_int_mma_w_matches_reference(group, n, k, m, sdtype, dtype):
     the arrival counters back at zero after each."""
     from leanq.kernels import cuda_int_mma as cm
 
-    layer = _layer(n, k, 4, group, sdtype=sdtype, bias=True, device="cuda", seed=3)
-    pk = ci.packed_rk(layer)
-    x = torch.randn(m, k, device="cuda").to(dtype)
-    x[0, k // 2] = 3000.0
+    layer, pk, x, ref = _gpu_case(n, k, 4, group, m, dtype, sdtype, seed=3)
     assert cm.supports_w(pk, x)
-    ref = x.float() @ ci.reference_rk(pk).t() + layer.bias.float()
     ns = k // 128
     for cfg in (None, dict(rt=1, kw=1, spw=1, pd=2), dict(rt=2, kw=2, spw=ns, pd=4), dict(rt=4, kw=2, spw=1, pd=3),
                 dict(rt=1, kw=4, spw=2, pd=4), dict(rt=2, kw=1, spw=6, pd=2, mg=1), dict(rt=1, kw=2, spw=4, pd=3, mg=1),
@@ -574,14 +580,10 @@ def test_int_mma_w_in_a_cuda_graph_without_room_for_its_split():
 def test_int_mma_matches_reference(bits, group, n, k, m, dtype):
     from leanq.kernels import cuda_int_mma as cm
 
-    layer = _layer(n, k, bits, group, bias=True, device="cuda")
-    pk = ci.packed_rk(layer)
-    x = torch.randn(m, k, device="cuda").to(dtype)
-    x[0, k // 2] = 3000.0
+    layer, pk, x, ref = _gpu_case(n, k, bits, group, m, dtype)
     if not cm.supports(pk, x):
         assert dtype == torch.bfloat16 and bits == 8
         return
-    ref = x.float() @ ci.reference_rk(pk).t() + layer.bias.float()
     for cfg in (None, dict(threads=128, wr=2, nt=1), dict(threads=512, wr=2, nt=4), dict(threads=64, wr=1, nt=2)):
         out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
         cm.run_int_mma(x, pk, layer.bias.to(dtype), cfg, out=out)

@@ -7,7 +7,7 @@ import torch
 
 from leanq.kernels import cuda_int as ci
 
-from test_kernels_cuda_int import _layer
+from test_kernels_cuda_int import _gpu_case, _layer
 
 HOPPER = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
                             reason="wgmma needs a Hopper GPU (sm_90a)")
@@ -23,12 +23,8 @@ def test_int_wgmma_matches_reference(n, k, m, group, sdtype, dtype):
     form (ws: 2 or 4 producer warps, mbarriers)."""
     from leanq.kernels import cuda_int_wgmma as cw
 
-    layer = _layer(n, k, 4, group, sdtype=sdtype, bias=True, device="cuda", seed=7)
-    pk = ci.packed_rk(layer)
-    x = torch.randn(m, k, device="cuda").to(dtype)
-    x[0, k // 2] = 3000.0
+    layer, pk, x, ref = _gpu_case(n, k, 4, group, m, dtype, sdtype, seed=7)
     assert cw.supports(pk, x)
-    ref = x.float() @ ci.reference_rk(pk).t() + layer.bias.float()
     for cfg in (None, dict(wg=2, bm=128, nst=4, split=1), dict(wg=1, bm=64, nst=3, split=3),
                 dict(wg=2, bm=256, nst=2, split=2), dict(wg=1, bm=128, nst=4, split=1),
                 dict(wg=2, bm=128, nst=4, split=2, ws=4), dict(wg=3, bm=64, nst=3, split=1, ws=2),

@@ -500,11 +500,15 @@ def config(M: int, N: int, K: int, sms: int) -> dict:
     return c
 
 
+def _fill_key(tiles: int, split: int, sms: int) -> float:
+    """How well ``tiles`` x ``split`` units fill whole waves of one per SM, less 0.06 per extra split."""
+    units = tiles * split
+    return round(units / (-(-units // sms) * sms) - 0.06 * (split - 1), 2)
+
+
 def _fill_split(tiles: int, K: int, sms: int) -> int:
-    """The K split (1-4, at least 8 stages per block) whose units fill whole waves of one per SM best, less 0.06
-    per extra split."""
-    return max((s for s in range(1, 5) if s == 1 or K // 64 >= 8 * s),
-               key=lambda s: round(tiles * s / (-(-tiles * s // sms) * sms) - 0.06 * (s - 1), 2))
+    """The K split (1-4, at least 8 stages per block) with the best :func:`_fill_key` (the smallest among equals)."""
+    return max((s for s in range(1, 5) if s == 1 or K // 64 >= 8 * s), key=lambda s: _fill_key(tiles, s, sms))
 
 
 def _estimate(bm: int, wg: int, split: int, mt: int, N: int, K: int, sms: int) -> float:
@@ -528,15 +532,11 @@ def _config(bm: int, mt: int, N: int, K: int, sms: int) -> tuple:
     best = None
     for wg in ((2, 3) if bm == 128 else (2, 3, 4)):
         tiles = -(-N // (64 * wg)) * mt
-        for split in range(1, 5):
-            if split > 1 and K // 64 < 8 * split:
-                break
-            units = tiles * split
-            fill = units / (-(-units // sms) * sms)
-            key = round(fill - 0.06 * (split - 1), 2)
-            if best is None or key > best[0]:
-                best = (key, dict(DEFAULT, wg=wg, bm=bm, split=split, minb=2 if wg == 2 else 1) if bm == 64 else
-                        dict(DEFAULT, wg=wg, bm=bm, split=split, **WS_DEFAULT))
+        split = _fill_split(tiles, K, sms)
+        key = _fill_key(tiles, split, sms)
+        if best is None or key > best[0]:
+            best = (key, dict(DEFAULT, wg=wg, bm=bm, split=split, minb=2 if wg == 2 else 1) if bm == 64 else
+                    dict(DEFAULT, wg=wg, bm=bm, split=split, **WS_DEFAULT))
     return tuple(best[1].items())
 
 

@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from .cuda_rt import grow_scratch
+from .triton_int import grouped_tile
 
 BITS = (2, 4, 8)
 MIN_M = int(os.environ.get("LEANQ_GEMM_MIN_M", "17"))  # batches from here take this kernel (below: cuda_int_mma)
@@ -148,14 +149,9 @@ def _gemm_rk_kernel(x_ptr, out_ptr, bias_ptr, w_ptr, sz_ptr, part_ptr, cnt_ptr, 
     BKW: tl.constexpr = BK // E
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
+    # tiles in bands of GM weight-row tiles: the programs running together share weight tiles and x slices in L2
     num_m = tl.cdiv(M, BM)
-    num_n = tl.cdiv(N, BN)
-    # tiles in bands of GM row tiles: the programs running together share weight tiles and x slices in L2
-    band = GM * num_m
-    first_n = (pid // band) * GM
-    gm = tl.minimum(num_n - first_n, GM)
-    pid_n = first_n + (pid % band) % gm
-    pid_m = (pid % band) // gm
+    pid_n, pid_m = grouped_tile(pid, tl.cdiv(N, BN), num_m, GM)
     n = pid_n * BN + tl.arange(0, BN)
     m = pid_m * BM + tl.arange(0, BM)
     n_c = tl.minimum(n, N - 1)  # clamped rows/columns for the loads: no masks in the main loop

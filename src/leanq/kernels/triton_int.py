@@ -274,20 +274,23 @@ def _dequant_tile(w0_ptr, w1_ptr, w2_ptr, s_ptr, z_ptr, offs_n, n_mask, k0, N, K
 
 
 @triton.jit
+def grouped_tile(pid, num_g, num_o, G):
+    """The tile (index along the grouped axis, index along the other) of program ``pid`` when programs walk bands of
+    G tiles of the grouped axis: the programs running together share their operand tiles in L2."""
+    band = G * num_o
+    first = (pid // band) * G
+    g = tl.minimum(num_g - first, G)
+    return first + (pid % band) % g, (pid % band) // g
+
+
+@triton.jit
 def _dot_kernel(x_ptr, out_ptr, bias_ptr, w0_ptr, w1_ptr, w2_ptr, s_ptr, z_ptr,
                 M, N, K, Kw, G, stride_xm, stride_om,
                 B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, CPW: tl.constexpr,
                 SYM: tl.constexpr, HAS_BIAS: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, NGT: tl.constexpr, GT: tl.constexpr, GROUP_M: tl.constexpr):
     """out [M, N] = x [M, K] @ dequant(W)^T, tensor cores; 1-D grid with grouped ordering for L2 reuse."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BM)
-    num_n = tl.cdiv(N, BN)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    gm = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % gm
-    pid_n = (pid % per_group) // gm
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(N, BN), GROUP_M)
     BK: tl.constexpr = NGT * GT
     DT: tl.constexpr = x_ptr.dtype.element_ty
     offs_m = pid_m * BM + tl.arange(0, BM)
