@@ -23,11 +23,11 @@ Measured on an H100 (2026-11-28, graph harness, 4-bit g128, the five Llama shape
 (no decode, no staging) takes 17.6 us of 23.2 at 14336 x 4096, against 13.2 us for the batch-1 GEMV on the
 same bytes (ncu of an earlier version: L1/TEX throughput 76%, DRAM 29%). Two launch options stay off: ``mg``
 (copies of four steps, 2 rows x 256 bytes per instruction: within a few percent either way on the H100) and ``rp``
-(the weights prefetched in registers instead of the ring; its GPU tests pass, not yet timed). A third, ``rs`` (off; written in
-session 12 after its device time was spent, compiled locally only), changes the split sum's schedule: each thread
-loads all of its outputs' slot values at once, slot by slot, instead of one output's slots one load at a time (the
-wgmma kernel gained 0.90x -> 0.98x at batch 64 from the same change). The additions keep their order, so the bytes
-are the same; with ``rs`` off the SASS is unchanged.
+(the weights prefetched in registers instead of the ring; its GPU tests pass, not yet timed). A third, ``rs``, is on
+by default: the split sum's schedule, each thread loading all of its outputs' slot values at once, slot by slot,
+instead of one output's slots one load at a time. The additions keep their order, so the bytes are the same as
+with ``rs`` 0 (whose SASS is the kernel before it). On an H200 (2026-11-28, same run, graph harness) it took
+batch 16 from 1.09-1.47x to 1.28-1.57x BF16 over the five Llama shapes, and batch 4 from 1.43-1.90x to 1.51-1.91x.
 
 **The first kernel** (``int_mma``: 2-, 4- and 8-bit, groups multiples of 16; serves what the w kernel does not).
 A = x (16 batch rows, read as it is), B = a 16 x 8 slice of weights: thread (g = lane / 4, t = lane % 4) holds
@@ -657,7 +657,7 @@ def run_int_mma(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dict
 # warp (None: the one whose grid fills its last wave best, see w_launch), PD ring slots per warp (PD - 1 steps ahead)
 W_STEP_BYTES = 32  # shared memory per lane and ring slot: two 16-byte chunks (and two slots of group words per warp)
 W_SMEM_MAX = 227 * 1024  # shared memory a block may have (H100; the launch asks for it above 48 KB)
-W_DEFAULT = dict(rt=4, kw=4, spw=None, pd=4)
+W_DEFAULT = dict(rt=4, kw=4, spw=None, pd=4, rs=1)
 # the choice when none is given (w_config): two input ranges per block, a ring of 3, and the rows per block (rt) and
 # steps per warp (spw) whose grid needs the fewest waves and fills the last one best, larger spw first among equals.
 # On an H100 (2026-11-28 sweeps) long warps (spw 16) won on the large shapes, and SMs left idle by the grid
