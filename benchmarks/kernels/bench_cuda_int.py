@@ -56,8 +56,8 @@ def main() -> int:
     ap.add_argument("--sweep", action="store_true", help="also time the launch configs of SWEEP (graph harness)")
     ap.add_argument("--sweep-bits", default="4")
     ap.add_argument("--rows-cfgs", default="", help="per-warp-form configs to time with the sweep's widths, "
-                    "threads/rows per warp/chunks per lane/warps per row (1 or 2)[/tiles ahead (0-2)[/min blocks per SM]]: "
-                    "e.g. 512/1/2/2 or 512/1/2/1/2")
+                    "threads/rows per warp/chunks per lane/warps per row (1 or 2)[/tiles ahead (0-1)[/min blocks per SM]]: "
+                    "e.g. 512/1/2/2 or 512/1/2/1/1/2")
     ap.add_argument("--stream-cfgs", default="", help="streaming-form configs (cuda_int.int_gemv_stream, sm_90) to time "
                     "with the sweep's widths, threads/stages/units per lane[/blocks per SM]: e.g. 256/4/2,128/8/1/4")
     ap.add_argument("--no-single", action="store_true", help="graph harness only")

@@ -341,38 +341,6 @@ extern "C" __global__ void GEMV_BOUNDS int_gemv(
   const int TPR = (KU + 32 * U - 1) / (32 * U);  // tiles per row group
 #endif
 
-#if PF == 2 && SPLIT == 1
-  // two tiles in flight while one is computed: a ring of three register tiles, the loop unrolled by three so
-  // that every tile keeps its registers (a load cursor (lrg, ltk) runs two tiles ahead of the compute cursor)
-  uint4 qa[R][U], qb[R][U], qc[R][U];
-  uint2 ha[R][U], hb[R][U], hc[R][U];
-  u32 sa[R][U], sb[R][U], sc[R][U];
-  int lrg = rg0, ltk = 0;
-#define LA_NEXT() { if (++ltk == TPR) { ltk = 0; lrg += rstep; } }
-  if (lrg < NRG) load_tile(qa, ha, sa, w, sz, lrg, cb + ltk * 32 * U, N, KU, NG, GCS, lane, ce);
-  LA_NEXT();
-  if (lrg < NRG) load_tile(qb, hb, sb, w, sz, lrg, cb + ltk * 32 * U, N, KU, NG, GCS, lane, ce);
-  LA_NEXT();
-  stage_x(xs, x, K, KU, XVEC, lane);
-  __syncthreads();
-  float acc[R];
-#pragma unroll
-  for (int r = 0; r < R; ++r) acc[r] = 0.f;
-  int rg = rg0, tk = 0;
-#define RING_STEP(QC, HC, SC, QD, HD, SD)                                                        \
-  if (rg >= NRG) break;                                                                          \
-  if (lrg < NRG) load_tile(QD, HD, SD, w, sz, lrg, cb + ltk * 32 * U, N, KU, NG, GCS, lane, ce); \
-  LA_NEXT();                                                                                     \
-  compute_tile(acc, QC, HC, SC, xs, cb + tk * 32 * U, lane, ce);                                 \
-  if (++tk == TPR) { finish_rows(acc, rg, lane, N, out, bias, HAS_BIAS, nullptr); tk = 0; rg += rstep; }
-  for (;;) {
-    RING_STEP(qa, ha, sa, qc, hc, sc)
-    RING_STEP(qb, hb, sb, qa, ha, sa)
-    RING_STEP(qc, hc, sc, qb, hb, sb)
-  }
-#undef RING_STEP
-#undef LA_NEXT
-#else
   uint4 q[R][U];
   uint2 qh[R][U];
   u32 s[R][U];
@@ -432,7 +400,6 @@ extern "C" __global__ void GEMV_BOUNDS int_gemv(
     if (rg < NRG) load_tile(q, qh, s, w, sz, rg, cb + tk * 32 * U, N, KU, NG, GCS, lane, ce);
 #endif
   }
-#endif  // PF == 2
   lookahead(nw, nwb, blockIdx.x * WARPS + warp, gridDim.x * WARPS, lane);
   lookahead(ns, nsb, blockIdx.x * WARPS + warp, gridDim.x * WARPS, lane);
 }
@@ -622,7 +589,7 @@ def source(bits: int, xt: int, threads: int, r: int, u: int, pf: int, sbf16: boo
     words are only XOR-ed), bit 2 no activation staging."""
     assert bits in BITS and threads % 32 == 0 and 1 <= r <= 32 and u >= 1, (bits, threads, r, u)
     assert sp == 1 or (sp == 2 and threads % 64 == 0 and threads <= 960), (sp, threads)  # a named barrier per pair
-    assert pf in (0, 1, 2) and (pf < 2 or sp == 1), (pf, sp)  # two tiles ahead: the per-warp form without row split
+    assert pf in (0, 1), pf  # a ring of two tiles ahead measured slower on an H200 (NOTES.md, v14; commit 1a92040)
     assert lah in (0, 1, 2), lah
     defs = dict(BITS=bits, XT=xt, THREADS=threads, R=r, U=u, PF=int(pf), SBF16=int(sbf16), ABLATE=ablate, SB=sb, ST=st,
                 SPLIT=sp, LAH=lah, MINB=minb)
