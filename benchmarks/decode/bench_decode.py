@@ -57,8 +57,8 @@ def build(layers: int, device: str, dtype=torch.bfloat16, seed: int = 0):
 
 
 def weight_bytes(model) -> int:
-    """Bytes of the model's GPU parameters, buffers and cached kernel layouts, each storage once (fused layers'
-    views and the look-ahead's references to the next layer's layout share storages)."""
+    """Bytes of the model's GPU parameters, buffers and cached kernel layouts, each storage once (a fused group's
+    layers hold views of one storage)."""
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
         st = t.untyped_storage()
@@ -220,22 +220,15 @@ def cmd_decode(a) -> dict:
         freed = ti.release_stored(model)
     torch.cuda.empty_cache()
     kernels = sorted({k for _, k in explain(model, batch=1, device="cuda", **_dt())})
-    las = [float(v) for v in a.lookahead.split(",") if v] or [None]
-    for j, g, la in [(j, g, la) for j, la in enumerate(las) for g in modes]:
-        if la is not None:  # the GEMV's look-ahead into the next layer's weights (cuda_int.LOOKAHEAD), MB
-            from leanq.kernels import cuda_int as ci
-
-            ci.LOOKAHEAD = int(la * (1 << 20))
+    for g in modes:
         key, bkey = (f"int{a.bits}", "bf16") if g == modes[0] else (f"int{a.bits}-{g}", f"bf16-{g}")
-        if la is not None and len(las) > 1:
-            key += f"-la{la:g}" + (f"-{las[:j + 1].count(la)}" if las.count(la) > 1 else "")  # repeats: -1, -2
         res[key] = dict(layout=a.layout, fuse=bool(a.fuse), quantize_seconds=qsec, stored_bytes_released=freed,
                         kernels_batch1=kernels, weights_gib=weight_bytes(model) / 2**30,
                         **time_generate(model, a.prompt_len, a.new_tokens, a.reps, g, a.host_profile))
         print(key, json.dumps(res[key]), flush=True)
         torch._dynamo.reset()
         q = res[key]
-        sfx = ("" if g == modes[0] else f"_{g}") + (key[key.index("-la"):].replace("-", "_") if "-la" in key else "")
+        sfx = "" if g == modes[0] else f"_{g}"
         res["speedup" + sfx] = q["tokens_per_s"] / res[bkey]["tokens_per_s"]
         res["weight_memory_ratio" + sfx] = q["weights_gib"] / res[bkey]["weights_gib"]
         res["peak_memory_ratio" + sfx] = q["peak_gib"] / res[bkey]["peak_gib"]
@@ -291,8 +284,6 @@ def main() -> int:
                          "all (transformers' default), lean (see compile_config)")
     ap.add_argument("--host-profile", action="store_true",
                     help="also profile the host side of a 32-token generate per model and config (CPU time by op)")
-    ap.add_argument("--lookahead", default="", help="MB of the next layer's weights each batch-1 GEMV asks L2 for "
-                    "(cuda_int.LOOKAHEAD), a comma list timed in turn on the same 4-bit model, e.g. 0,8,24")
     ap.add_argument("--tuned", default="", help="bench_kernels.json whose tuned tile configs to use")
     ap.add_argument("--floor", action="store_true",
                     help="decode: after BF16, time the same model with every decoder-layer linear replaced by a "

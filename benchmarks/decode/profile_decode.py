@@ -18,34 +18,10 @@ import time
 import torch
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--layout", choices=["rk", "kn"], default="rk")
-    a = ap.parse_args()
-    sys.path.insert(0, __file__.rsplit("/", 1)[0])
-    import bench_decode as bd
+def profile_once(model, ids, kw: dict, new: int, table: bool) -> None:
+    """Compile (first generate), two timed generates, one profiled: GPU kernel time per token by kernel name."""
     from torch.profiler import ProfilerActivity, profile
 
-    from leanq.config import MethodConfig, QuantSpec
-    from leanq.kernels import triton_kn as kn
-    from leanq.pipeline import quantize_blocks
-
-    model = bd.build(a.layers, "cuda")
-    quantize_blocks(model, QuantSpec(bits=4, group_size=128, sym=False), MethodConfig(name="rtn", mse_clip=False),
-                    None, device="cuda", progress=False)
-    if a.layout == "rk":
-        from leanq.kernels import cuda_int as ci
-
-        ci.release_stored_rk(model)
-    else:
-        kn.release_stored_kn(model)
-    torch.cuda.empty_cache()
-    ids = torch.randint(100, 30000, (1, 16), device="cuda")
-    new = a.new_tokens
-    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, cache_implementation="static", pad_token_id=0,
-              eos_token_id=None)
     with torch.no_grad():
         model.generate(ids, **kw)  # compiles
         torch.cuda.synchronize()
@@ -67,7 +43,40 @@ def main() -> int:
     print(f"GPU kernel time: {total / new:.0f} us per token")
     for name, (n, us) in sorted(agg.items(), key=lambda kv: -kv[1][1])[:25]:
         print(f"{us / new:9.1f} us/token {n / new:7.1f} launches/token  {name}")
-    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=60))
+    if table:
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=60))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--layout", choices=["rk", "kn"], default="rk")
+    ap.add_argument("--table", action=argparse.BooleanOptionalAction, default=True,
+                    help="print the host-side table")
+    a = ap.parse_args()
+    sys.path.insert(0, __file__.rsplit("/", 1)[0])
+    import bench_decode as bd
+
+    from leanq.config import MethodConfig, QuantSpec
+    from leanq.kernels import triton_kn as kn
+    from leanq.pipeline import quantize_blocks
+
+    model = bd.build(a.layers, "cuda")
+    quantize_blocks(model, QuantSpec(bits=4, group_size=128, sym=False), MethodConfig(name="rtn", mse_clip=False),
+                    None, device="cuda", progress=False)
+    if a.layout == "rk":
+        from leanq.kernels import cuda_int as ci
+
+        ci.release_stored_rk(model)
+    else:
+        kn.release_stored_kn(model)
+    torch.cuda.empty_cache()
+    ids = torch.randint(100, 30000, (1, 16), device="cuda")
+    new = a.new_tokens
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, cache_implementation="static", pad_token_id=0,
+              eos_token_id=None)
+    profile_once(model, ids, kw, new, a.table)
     return 0
 
 

@@ -56,8 +56,8 @@ def main() -> int:
     ap.add_argument("--sweep", action="store_true", help="also time the launch configs of SWEEP (graph harness)")
     ap.add_argument("--sweep-bits", default="4")
     ap.add_argument("--rows-cfgs", default="", help="per-warp-form configs to time with the sweep's widths, "
-                    "threads/rows per warp/chunks per lane/warps per row (1 or 2)[/tiles ahead (0-1)[/min blocks per SM]]: "
-                    "e.g. 512/1/2/2 or 512/1/2/1/1/2")
+                    "threads/rows per warp/chunks per lane/warps per row (1 or 2)[/next tile prefetched (0 or 1)]: "
+                    "e.g. 512/1/2/2 or 512/1/2/1/0")
     ap.add_argument("--stream-cfgs", default="", help="streaming-form configs (cuda_int.int_gemv_stream, sm_90) to time "
                     "with the sweep's widths, threads/stages/units per lane[/blocks per SM]: e.g. 256/4/2,128/8/1/4")
     ap.add_argument("--no-single", action="store_true", help="graph harness only")
@@ -66,26 +66,22 @@ def main() -> int:
     ap.add_argument("--mma-cfgs", default="", help="also these cuda-int-mma launch configs, threads/wr/nt: e.g. "
                     "256/1/2,512/2/4")
     ap.add_argument("--mmaw-cfgs", default="", help="with --mma: also these configs of the w kernel (weights as the A "
-                    "operand), rt/kw/spw/pd[/mg[/rp[/rs]]] or rs (the chosen config with rs 1) (spw 0: chosen by the launcher; mg 1: copies of four steps at a "
-                    "time; rp 1: weights prefetched in registers; rs 1: the split sum's loads in flight together), "
-                    "e.g. 4/4/0/4,2/8/2/4,7/1/32/2/1,7/2/16/3/0/1,8/2/16/3/0/0/1")
+                    "operand), rt/kw/spw/pd[/mg[/rp[/rs]]] or rs0 (the chosen config with rs 0) (spw 0: chosen by the "
+                    "launcher; mg 1: copies of four steps at a time; rp 1: weights prefetched in registers; rs: the split "
+                    "sum's loads in flight together, 1 unless given), e.g. 4/4/0/4,2/8/2/4,7/1/32/2/1,7/2/16/3/0/1,8/2/16/3/0/0/0")
     ap.add_argument("--mma-lite", action="store_true", help="with --mma: skip dequantize + cuBLAS and the Triton kn-dot")
     ap.add_argument("--wgmma-cfgs", default="", help="with --mma batches above 16: also these configs of the wgmma "
                     "kernel (kernels.cuda_int_wgmma), wg/bm/nst/split[/pipe/minb/ws] (split 0: chosen; ws 1: a producer warp and "
                     "mbarriers), e.g. 2/128/4/0,1/256/3/2/1/1,2/128/4/2/1/1/1")
     ap.add_argument("--gemm-cfgs", default="", help="with --mma batches above 16: also these configs of the Triton GEMM "
                     "on the rk words (kernels.triton_gemm), BN/BM/BK/warps/stages/split/GM[/XA], e.g. 128/128/64/8/4/1/8/1")
-    ap.add_argument("--la", default="", help="also time the tuned config with look-ahead: each launch asks L2 for "
-                    "the first MB of the next launch's weights as its warps finish (run_int_cuda's nxt), MB[/lah] "
-                    "(lah: 0 prefetch, 1 evict_last, 2 bulk), e.g. 4,16,16/2")
     ap.add_argument("--ablate", action="store_true",
                     help="also time the tuned config with parts left out (cuda_int.source's ablate bits 1, 2, 3)")
     args = ap.parse_args()
     sweep = (SWEEP if args.sweep else []) + [
         dict(mode="stream", threads=int(f[0]), st=int(f[1]), u=int(f[2]), bps=int(f[3]) if len(f) > 3 else None)
         for f in (c.split("/") for c in args.stream_cfgs.split(",") if c)] + [
-        dict(threads=int(f[0]), r=int(f[1]), u=int(f[2]), pf=int(f[4]) if len(f) > 4 else 1, bps=None, sp=int(f[3]),
-             minb=int(f[5]) if len(f) > 5 else 0)
+        dict(threads=int(f[0]), r=int(f[1]), u=int(f[2]), pf=int(f[4]) if len(f) > 4 else 1, bps=None, sp=int(f[3]))
         for f in (c.split("/") for c in args.rows_cfgs.split(",") if c)]
     os.makedirs(args.out, exist_ok=True)
     meta = bk.run_meta()
@@ -245,17 +241,17 @@ def main() -> int:
 
                     wcfgs = [None]
                     for spec in (c.split("/") for c in args.mmaw_cfgs.split(",") if c):
-                        if spec == ["rs"]:  # the chosen config with its split sum's loads in flight
-                            d = dict(mg=0, rp=0, **cm.w_config(M, n, k, torch.cuda.get_device_properties(0).multi_processor_count))
-                            wcfgs.append(dict(d, rs=1))
+                        if spec == ["rs0"]:  # the chosen config with the split sum's loads one at a time
+                            sms = torch.cuda.get_device_properties(0).multi_processor_count
+                            wcfgs.append(dict(mg=0, rp=0, **cm.w_config(M, n, k, sms), rs=0))
                             continue
-                        v = [int(f) for f in spec] + [0] * (7 - len(spec))
+                        v = [int(f) for f in spec] + [0, 0, cm.W_DEFAULT["rs"]][len(spec) - 4:]
                         wcfgs.append(dict(rt=v[0], kw=v[1], spw=v[2] or None, pd=v[3], mg=v[4], rp=v[5], rs=v[6]))
                     for cfg in wcfgs:
                         name = "cuda-int-mma-w" + ("" if cfg is None else
                                                    f" rt{cfg['rt']} kw{cfg['kw']} spw{cfg['spw'] or 0} pd{cfg['pd']}"
                                                    + (" mg" if cfg["mg"] else "") + (" rp" if cfg["rp"] else "")
-                                                   + (" rs" if cfg["rs"] else ""))
+                                                   + ("" if cfg["rs"] else " rs0"))
                         cands[name] = (lambda c, cfg=cfg: mmaw_fn(c, cfg), nb)
                 if not args.mma_lite:
                     cands["rk-dequant+cublas"] = (deq_fn, nb)
@@ -278,26 +274,6 @@ def main() -> int:
                     emit(r)
                     print(f"  M={M:<3} {name:<28} single {t1 * 1e3:6.1f} us x{tb / t1:.2f}  graph {g1 * 1e3:6.1f} us "
                           f"x{gb / g1:.2f} bf16 ({r['pct_copy_graph']:.0f}% copy)  err {e:.1e}", flush=True)
-            for spec in [c for c in args.la.split(",") if c]:
-                mb, lah = (spec.split("/") + ["0"])[:2]
-                cfg, la = dict(ci._cfg(bits), lah=int(lah)), int(float(mb) * (1 << 20))
-                copies = bk.graph_copies(nb)
-                # the look-ahead only adds loads to L2: the output must be the same bytes as without it
-                y0 = ci.run_int_cuda(x, pk0, None)
-                y1 = ci.run_int_cuda(x, pk0, None, cfg, nxt=rk_pk(1), la=la)
-                same = bool(torch.equal(y0, y1))
-
-                def la_fn(c, cfg=cfg, la=la, copies=copies):
-                    p, q = rk_pk(c), rk_pk((c + 1) % copies)
-                    return lambda: ci.run_int_cuda(x, p, None, cfg, nxt=q, la=la)
-
-                g1 = bk.bench_graph(la_fn, nb, reps=args.reps) if same else float("nan")
-                r = dict(shape=f"{n}x{k}", n=n, k=k, bits=bits, impl=f"cuda-int-la{mb}/{lah}", cfg=cfg, la=la,
-                         same_bytes=same, graph_us=g1 * 1e3, x_bf16_graph=base[1] / g1,
-                         pct_copy_graph=100 * nb / (g1 * 1e-3) / 1e9 / bw)
-                emit(r)
-                print(f"  look-ahead {mb} MB lah {lah}: graph {g1 * 1e3:6.1f} us x{r['x_bf16_graph']:.2f} "
-                      f"{r['pct_copy_graph']:4.1f}% copy  same bytes {same}", flush=True)
             if args.ablate:
                 for ab in (1, 2, 3):
                     cfg = dict(ci._cfg(bits), ablate=ab)

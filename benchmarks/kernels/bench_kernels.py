@@ -75,11 +75,6 @@ def _timed(run, reps: int, per: int) -> float:
     return statistics.median(times)
 
 
-def graph_copies(nbytes: int) -> int:
-    """Weight copies :func:`bench_graph` rotates for calls of ``nbytes`` each (launch i runs copy i % copies)."""
-    return max(2, min(16, -(-(100 << 20) // max(nbytes, 1))))
-
-
 def bench_graph(make_fn, nbytes: int, reps: int = 20, launches: int = 24) -> float:
     """Median milliseconds per call with calls back to back, as a decoder replays them under CUDA graphs.
 
@@ -87,7 +82,7 @@ def bench_graph(make_fn, nbytes: int, reps: int = 20, launches: int = 24) -> flo
     twice the 50 MB L2, so no call finds its weights in cache.  ``launches`` calls are captured in one
     CUDA graph; each timed replay (CUDA events) is divided by ``launches``.  This removes the ~3.6 us
     per-launch floor of :func:`bench` (event + launch latency) that a graph replay does not pay."""
-    copies = graph_copies(nbytes)
+    copies = max(2, min(16, -(-(100 << 20) // max(nbytes, 1))))
     fns = [make_fn(c) for c in range(copies)]
     for f in fns:
         f()

@@ -46,7 +46,6 @@ dequantize).  :func:`release_stored_rk` hands a model's layers to this kernel al
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
@@ -63,9 +62,6 @@ DEFAULT_CFG = dict(threads=256, r=2, u=2, pf=1, bps=None)
 # the streaming form (int_gemv_stream, sm_90) by bits where it would be the default: threads, tiles in flight per
 # warp, chunks per lane. Empty: on an H100 it measured slower than the per-warp form at every width (NOTES.md, v10).
 STREAM: dict = {}
-# bytes of the next layer's words a batch-1 GEMV asks L2 for as its warps finish (run_int_cuda's ``nxt``; layers
-# released by release_stored_rk know their successor); LEANQ_LOOKAHEAD_MB sets it, 0 turns it off
-LOOKAHEAD = max(0, int(float(os.environ.get("LEANQ_LOOKAHEAD_MB", "0")) * (1 << 20)))
 # by bits: the best geometric mean over the five Llama shapes in the H100 sweeps of bench_cuda_int.py
 TUNED: dict = {4: dict(threads=512, r=1, u=2, pf=1, bps=None), 2: dict(threads=512, r=2, u=1, pf=1, bps=None),
               8: dict(threads=512, r=1, u=4, pf=1, bps=None), 3: dict(threads=512, r=1, u=2, pf=1, bps=None)}
@@ -284,39 +280,10 @@ __device__ __forceinline__ void stage_x(uint4* xs, const void* __restrict__ x, i
   }
 }
 
-// look-ahead: once a warp has no rows left, it asks L2 for its share of the first ``nb`` bytes of the next layer's
-// words (or scale words) at ``p``: slot ``slot`` of ``slots`` contiguous shares, in 128-byte lines (LAH 1: marked
-// evict_last; LAH 2, sm_90: one bulk prefetch per warp). Nothing waits for these loads; the next layer's GEMV
-// then finds the bytes in L2 or on their way, while this layer's tail, the kernels between (norms, attention) and
-// the launch gap would otherwise leave the memory idle.
-__device__ __forceinline__ void lookahead(const char* p, int nb, int slot, int slots, int lane) {
-  if (nb <= 0) return;
-  const int lines = (nb + 127) >> 7, per = (lines + slots - 1) / slots;
-  const int l0 = slot * per, l1 = min(lines, l0 + per);
-#if LAH == 2 && __CUDA_ARCH__ >= 900
-  if (lane == 0 && l1 > l0)
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(p + ((size_t)l0 << 7)), "r"((u32)(l1 - l0) << 7)
-                 : "memory");
-#else
-  for (int l = l0 + lane; l < l1; l += 32) {
-#if LAH == 1
-    asm volatile("prefetch.global.L2::evict_last [%0];" :: "l"(p + ((size_t)l << 7)));
-#else
-    asm volatile("prefetch.global.L2 [%0];" :: "l"(p + ((size_t)l << 7)));
-#endif
-  }
-#endif
-}
-
-#if MINB
-#define GEMV_BOUNDS __launch_bounds__(THREADS, MINB)
-#else
-#define GEMV_BOUNDS __launch_bounds__(THREADS)
-#endif
-extern "C" __global__ void GEMV_BOUNDS int_gemv(
+extern "C" __global__ void __launch_bounds__(THREADS) int_gemv(
     const void* __restrict__ x, void* __restrict__ out, const void* __restrict__ bias,
     const uint4* __restrict__ w, const u32* __restrict__ sz, int N, int K, int KU, int NG, int GCS, int HAS_BIAS,
-    int XVEC, const char* __restrict__ nw, int nwb, const char* __restrict__ ns, int nsb)
+    int XVEC)
 {
   extern __shared__ uint4 xs[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -400,8 +367,6 @@ extern "C" __global__ void GEMV_BOUNDS int_gemv(
     if (rg < NRG) load_tile(q, qh, s, w, sz, rg, cb + tk * 32 * U, N, KU, NG, GCS, lane, ce);
 #endif
   }
-  lookahead(nw, nwb, blockIdx.x * WARPS + warp, gridDim.x * WARPS, lane);
-  lookahead(ns, nsb, blockIdx.x * WARPS + warp, gridDim.x * WARPS, lane);
 }
 
 // ---- the streaming form (sm_90, 2-, 4- and 8-bit: 1-D bulk copies into shared memory) ----
@@ -581,7 +546,7 @@ extern "C" __global__ void int_dequant(void* __restrict__ out, const uint4* __re
 
 
 def source(bits: int, xt: int, threads: int, r: int, u: int, pf: int, sbf16: bool, ablate: int = 0, sb: int = 4,
-           st: int = 4, sp: int = 1, lah: int = 0, minb: int = 0) -> str:
+           st: int = 4, sp: int = 1) -> str:
     """The CUDA source of one configuration (its constants as #defines): ``sb`` activation units per thread per
     staging step (their loads in flight together).
 
@@ -590,9 +555,8 @@ def source(bits: int, xt: int, threads: int, r: int, u: int, pf: int, sbf16: boo
     assert bits in BITS and threads % 32 == 0 and 1 <= r <= 32 and u >= 1, (bits, threads, r, u)
     assert sp == 1 or (sp == 2 and threads % 64 == 0 and threads <= 960), (sp, threads)  # a named barrier per pair
     assert pf in (0, 1), pf  # a ring of two tiles ahead measured slower on an H200 (NOTES.md, v14; commit 1a92040)
-    assert lah in (0, 1, 2), lah
     defs = dict(BITS=bits, XT=xt, THREADS=threads, R=r, U=u, PF=int(pf), SBF16=int(sbf16), ABLATE=ablate, SB=sb, ST=st,
-                SPLIT=sp, LAH=lah, MINB=minb)
+                SPLIT=sp)
     return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + PRELUDE + _SRC
 
 
@@ -602,9 +566,8 @@ def available() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _compiled(bits: int, xt: int, threads: int, r: int, u: int, pf: int, sbf16: bool, device: int,
-              name: str = "int_gemv", ablate: int = 0, sb: int = 4, st: int = 4, sp: int = 1, lah: int = 0,
-              minb: int = 0) -> Launcher:
-    src = source(bits, xt, threads, r, u, pf, sbf16, ablate, sb, st, sp, lah, minb)
+              name: str = "int_gemv", ablate: int = 0, sb: int = 4, st: int = 4, sp: int = 1) -> Launcher:
+    src = source(bits, xt, threads, r, u, pf, sbf16, ablate, sb, st, sp)
     with torch.cuda.device(device):
         return Launcher(torch.cuda._compile_kernel(src, name), "cuda-int")
 
@@ -750,30 +713,15 @@ def staging_units(cfg: dict, pk: dict) -> int:
     return int(cfg.get("sb") or max(1, min(4, -(-units // cfg["threads"]))))
 
 
-def lookahead_bytes(nxt: dict | None, la: int | None) -> tuple:
-    """(words tensor, bytes, scale-word tensor, bytes) of the next layer's look-ahead: its first ``la`` bytes of
-    words (LOOKAHEAD when None) and the same share of its scale words; (None, 0, None, 0) without a next layer."""
-    la = LOOKAHEAD if la is None else la
-    if nxt is None or la <= 0:
-        return None, 0, None, 0
-    w, sz = nxt["words"], nxt["sz"]
-    wtot, stot = w.numel() * w.element_size(), sz.numel() * sz.element_size()
-    wb = min(la, wtot, 1 << 30)
-    return w, wb, sz, min(stot, -(-stot * wb // max(wtot, 1)))
-
-
 def run_int_cuda(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dict | None = None,
-                 out: torch.Tensor | None = None, nxt: dict | None = None, la: int | None = None) -> torch.Tensor:
-    """x2 [1, K] (fp16/bf16/fp32, contiguous) -> [1, N] of x2.dtype (into ``out`` when given). ``nxt``: the layout
-    of the layer that runs next, whose first ``la`` bytes (:data:`LOOKAHEAD` when None) the GEMV's warps ask L2
-    for as they finish (the streaming form ignores it)."""
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """x2 [1, K] (fp16/bf16/fp32, contiguous) -> [1, N] of x2.dtype (into ``out`` when given)."""
     M, K = x2.shape
     assert M == 1 and K == pk["K"] and x2.is_contiguous(), (M, K, pk["K"])
     cfg = dict(cfg or _cfg(pk["bits"]))
     dev = device_index(x2)
     launch = _stream_launch(cfg, pk, x2, dev) if cfg.get("mode") == "stream" else None
-    rows = launch is None
-    if rows:  # the per-warp form (also where the streaming form does not apply: GPU, width, K)
+    if launch is None:  # the per-warp form (also where the streaming form does not apply: GPU, width, K)
         launch = _rows_launch(cfg if cfg.get("mode") != "stream" else TUNED.get(pk["bits"], DEFAULT_CFG), pk, x2, dev)
     kern, threads, blocks, smem = launch
     N = pk["N"]
@@ -781,12 +729,9 @@ def run_int_cuda(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dic
         out = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
     assert out.shape == (M, N) and out.dtype == x2.dtype and out.is_contiguous()
     xvec = int(K % 8 == 0 and x2.data_ptr() % 16 == 0)
-    args = [x2, out, bias if bias is not None else out, pk["words"], pk["sz"], N, K, pk["KU"], pk["NG"], pk["GCS"],
-            int(bias is not None), xvec]
-    if rows:  # the per-warp form takes the look-ahead
-        nw, nwb, ns, nsb = lookahead_bytes(nxt, la)
-        args += [nw if nw is not None else out, nwb, ns if ns is not None else out, nsb]
-    kern(grid=(blocks, 1, 1), block=(threads, 1, 1), smem=smem, args=args)
+    kern(grid=(blocks, 1, 1), block=(threads, 1, 1), smem=smem,
+         args=[x2, out, bias if bias is not None else out, pk["words"], pk["sz"], N, K, pk["KU"], pk["NG"], pk["GCS"],
+               int(bias is not None), xvec])
     return out
 
 
@@ -802,8 +747,7 @@ def _rows_launch(cfg: dict, pk: dict, x2: torch.Tensor, dev: int) -> tuple:
     """(kernel, threads, blocks, shared memory) of the per-warp form."""
     threads, r, u, sp = cfg["threads"], cfg["r"], cfg["u"], int(cfg.get("sp", 1))
     kern = _compiled(pk["bits"], XT[x2.dtype], threads, r, u, int(cfg.get("pf", 1)), bool(pk["sbf16"]), dev,
-                     "int_gemv", int(cfg.get("ablate", 0)), staging_units(cfg, pk), 4, sp, int(cfg.get("lah", 0)),
-                     int(cfg.get("minb", 0)))
+                     "int_gemv", int(cfg.get("ablate", 0)), staging_units(cfg, pk), 4, sp)
     warps = threads // 32 // sp  # row groups a block walks at once (sp = 2: two warps per row group)
     smem = pk["KU"] * (codes_per_chunk(pk["bits"]) * 2 + 16)  # fp16 activations, a chunk sum per chunk
     smem += 2 * warps * r * 4 if sp == 2 else 0  # the halves' meeting slots
@@ -890,16 +834,16 @@ def _cpu_linear(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None) -> torch.
     return torch.nn.functional.linear(x2, reference_rk(pk, x2.dtype), bias)
 
 
-def _run(x: torch.Tensor, pk: dict, bias: torch.Tensor | None, nxt: dict | None = None) -> torch.Tensor:
-    """x [..., K] -> [..., N]: the GEMV at batch 1 (with the look-ahead into ``nxt``, the next layer's layout), tensor
-    cores at 2-16 (:mod:`cuda_int_mma`, 16-bit activations), the GEMMs of :func:`_try_gemm` above (dequantize +
-    cuBLAS where neither applies), the pure-torch path off the GPU."""
+def _run(x: torch.Tensor, pk: dict, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., K] -> [..., N]: the GEMV at batch 1, tensor cores at 2-16 (:mod:`cuda_int_mma`, 16-bit
+    activations), the GEMMs of :func:`_try_gemm` above (dequantize + cuBLAS where neither applies), the pure-torch
+    path off the GPU."""
     x2 = x.reshape(-1, x.shape[-1])
     x2 = x2 if x2.is_contiguous() else x2.contiguous()
     if not x2.is_cuda:
         y = _cpu_linear(x2, pk, bias)
     elif x2.shape[0] == 1:
-        y = run_int_cuda(x2, pk, bias, nxt=nxt)
+        y = run_int_cuda(x2, pk, bias)
     else:
         y = cuda_int_mma.try_int_mma(x2, pk, bias)
         if y is None:
@@ -948,21 +892,18 @@ def _try_gemm(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None) -> torch.Te
 
 
 def _impl(x: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, bias: torch.Tensor | None, bits: int, K: int,
-          N: int, KU: int, NG: int, GCS: int, sbf16: bool, group: int, next_words: torch.Tensor | None = None,
-          next_sz: torch.Tensor | None = None) -> torch.Tensor:
+          N: int, KU: int, NG: int, GCS: int, sbf16: bool, group: int) -> torch.Tensor:
     """The kernels as one opaque op, so torch.compile (and its CUDA graphs) take them whole: the GEMV at
-    batch 1, dequantize + cuBLAS above. ``next_words``/``next_sz``: the layout of the layer that runs next (only
-    read, by the batch-1 look-ahead into L2)."""
+    batch 1, dequantize + cuBLAS above."""
     pk = dict(words=words, sz=sz, bits=bits, K=K, N=N, KU=KU, NG=NG, GCS=GCS, sbf16=sbf16, group=group)
-    nxt = dict(words=next_words, sz=next_sz) if next_words is not None and next_sz is not None else None
-    return on_device_of(x, _run, x, pk, bias, nxt)
+    return on_device_of(x, _run, x, pk, bias)
 
 
 try:
     _op = torch.library.custom_op("leanq::cuda_int_linear", mutates_args=())(_impl)
 
     @_op.register_fake
-    def _(x, words, sz, bias, bits, K, N, KU, NG, GCS, sbf16, group, next_words=None, next_sz=None):
+    def _(x, words, sz, bias, bits, K, N, KU, NG, GCS, sbf16, group):
         return x.new_empty(*x.shape[:-1], N)
 except Exception:  # an older torch without custom_op: compiled models use the Triton kernels
     _op = None
@@ -1001,11 +942,10 @@ def _fast_forward(m, x: torch.Tensor) -> torch.Tensor:
     :class:`DedupeOps` leaves one.  Outside torch.compile it runs on its own rows (views of the fused layout)."""
     b = m.bias.to(x.dtype) if m.bias is not None else None
     compiled = _op is not None and torch.compiler.is_compiling()
-    nxt = (m.rk_next_words, m.rk_next_sz)
     if not compiled or m.rk_rows is None:
-        args = (x, m.rk_words, m.rk_sz, b) + m.rk_meta + nxt
+        args = (x, m.rk_words, m.rk_sz, b) + m.rk_meta
         return _op(*args) if compiled else _impl(*args)
-    y = _op(x, m.rk_fused_words, m.rk_fused_sz, None, *m.rk_fused_meta, *nxt)[..., m.rk_rows[0]:m.rk_rows[1]]
+    y = _op(x, m.rk_fused_words, m.rk_fused_sz, None, *m.rk_fused_meta)[..., m.rk_rows[0]:m.rk_rows[1]]
     return y + b if b is not None else y
 
 
@@ -1059,29 +999,11 @@ def take_over(model: torch.nn.Module, layers: list, fuse: bool = True) -> int:
             r0 = r1
     if groups:
         install_dedupe()
-    link_next(layers)
     for m in layers:  # 4-bit batches 2-16 on the w kernel: its split-K scratch sized now, outside any CUDA graph
         if m.rk_meta[0] == 4:
             rows = m.rk_fused_meta[2] if m.rk_rows is not None else m.rk_meta[2]
             cuda_int_mma.reserve_w(rows, m.rk_meta[1], m.rk_words.device)
     return freed
-
-
-def link_next(layers: list) -> None:
-    """Give each taken-over layer the layout of the GEMV that runs after its own, for the batch-1 look-ahead
-    (:data:`LOOKAHEAD`): ``layers`` in module order, which in the decoders leanq knows is the order of execution
-    (q/k/v, o, gate/up, down, the next block's q/k/v); a fused group is one GEMV. Where a model runs its layers in
-    another order the look-ahead only fetches bytes that are not used next; the results do not change."""
-    def unit(m):  # the layout m's GEMV runs on: the fused group's or its own
-        return (m.rk_fused_words, m.rk_fused_sz) if m.rk_rows is not None else (m.rk_words, m.rk_sz)
-
-    units = list({id(unit(m)[0]): unit(m) for m in layers}.values())  # in first-seen order
-    pos = {id(u[0]): i for i, u in enumerate(units)}
-    for m in layers:
-        i = pos[id(unit(m)[0])]
-        nw, ns = units[i + 1] if i + 1 < len(units) else (None, None)
-        m.register_buffer("rk_next_words", nw, persistent=False)
-        m.register_buffer("rk_next_sz", ns, persistent=False)
 
 
 def release_stored_rk(model: torch.nn.Module, fuse: bool = True) -> int:
