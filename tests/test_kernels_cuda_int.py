@@ -110,7 +110,8 @@ def test_cuda_int_declines_what_it_does_not_compute():
 
 
 # the per-warp form (int_gemv) and the streaming form (int_gemv_stream: bulk copies, sm_90; elsewhere it falls back)
-FORMS = {"rows": None, "stream": dict(mode="stream", threads=256, st=3, u=1)}
+FORMS = {"rows": None, "stream": dict(mode="stream", threads=256, st=3, u=1),
+         "xfirst": dict(threads=512, r=1, u=2, pf=1, xf=1)}
 
 
 @GPU
@@ -137,7 +138,8 @@ def test_cuda_int_matches_reference(bits, group, sym, sdtype, n, k, dtype, form)
                                  dict(threads=64, r=3, u=1, pf=1, bps=1), dict(mode="stream", threads=256, st=4, u=2),
                                  dict(mode="stream", threads=128, st=2, u=1, bps=1),
                                  dict(mode="stream", threads=64, st=6, u=3), dict(threads=256, r=2, u=1, pf=1, sp=2),
-                                 dict(threads=128, r=1, u=2, pf=0, sp=2, bps=1)])
+                                 dict(threads=128, r=1, u=2, pf=0, sp=2, bps=1), dict(threads=64, r=3, u=1, pf=0, xf=1),
+                                 dict(threads=256, r=2, u=2, pf=1, sp=2, xf=1, sb=1)])
 @pytest.mark.parametrize("bits", [4, 3, 2, 8])
 def test_cuda_int_configs_agree(cfg, bits):
     """Every launch config computes the same function (rows and chunks that do not divide evenly included)."""

@@ -18,7 +18,7 @@ import time
 import torch
 
 
-def profile_once(model, ids, kw: dict, new: int, table: bool) -> None:
+def profile_once(model, ids, kw: dict, new: int, table: bool, label: str = "int4") -> None:
     """Compile (first generate), two timed generates, one profiled: GPU kernel time per token by kernel name."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -30,7 +30,7 @@ def profile_once(model, ids, kw: dict, new: int, table: bool) -> None:
             model.generate(ids, **kw)
             torch.cuda.synchronize()
             t = time.perf_counter() - t0
-            print(f"int4 {new} tokens: {t:.3f} s, {t / new * 1e3:.2f} ms per token (prefill included)", flush=True)
+            print(f"{label} {new} tokens: {t:.3f} s, {t / new * 1e3:.2f} ms per token (prefill included)", flush=True)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             model.generate(ids, **kw)
             torch.cuda.synchronize()
@@ -52,6 +52,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--layout", choices=["rk", "kn"], default="rk")
+    ap.add_argument("--bf16", action="store_true", help="profile the BF16 model instead (no quantization)")
     ap.add_argument("--table", action=argparse.BooleanOptionalAction, default=True,
                     help="print the host-side table")
     a = ap.parse_args()
@@ -63,20 +64,21 @@ def main() -> int:
     from leanq.pipeline import quantize_blocks
 
     model = bd.build(a.layers, "cuda")
-    quantize_blocks(model, QuantSpec(bits=4, group_size=128, sym=False), MethodConfig(name="rtn", mse_clip=False),
-                    None, device="cuda", progress=False)
-    if a.layout == "rk":
-        from leanq.kernels import cuda_int as ci
+    if not a.bf16:
+        quantize_blocks(model, QuantSpec(bits=4, group_size=128, sym=False), MethodConfig(name="rtn", mse_clip=False),
+                        None, device="cuda", progress=False)
+        if a.layout == "rk":
+            from leanq.kernels import cuda_int as ci
 
-        ci.release_stored_rk(model)
-    else:
-        kn.release_stored_kn(model)
+            ci.release_stored_rk(model)
+        else:
+            kn.release_stored_kn(model)
     torch.cuda.empty_cache()
     ids = torch.randint(100, 30000, (1, 16), device="cuda")
     new = a.new_tokens
     kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, cache_implementation="static", pad_token_id=0,
               eos_token_id=None)
-    profile_once(model, ids, kw, new, a.table)
+    profile_once(model, ids, kw, new, a.table, "bf16" if a.bf16 else "int4")
     return 0
 
 

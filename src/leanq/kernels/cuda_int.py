@@ -21,7 +21,9 @@ the whole 3-bit code, three instructions per code pair.
 
 Per block:
 
-1. every warp issues the loads of its first tile (R rows x U chunks per lane, 16 bytes each) at once;
+1. every thread issues the loads of its first activations (launch option ``xf``, on by default: before the weights,
+   so that these L2 hits do not queue behind DRAM reads), then every warp the loads of its first tile (R rows x U
+   chunks per lane, 16 bytes each) at once;
 2. meanwhile the block stages the activations in shared memory, a thread per 8 values: per chunk,
    e with max |x| <= 2**e (a power of two: exact), each fp16 pair x * 2**(15 - pos - e) for the position
    of the codes it meets, and the chunk's sum of x with 2**(9 + e) in a spare 16 bytes (chunks at an odd
@@ -62,9 +64,11 @@ DEFAULT_CFG = dict(threads=256, r=2, u=2, pf=1, bps=None)
 # the streaming form (int_gemv_stream, sm_90) by bits where it would be the default: threads, tiles in flight per
 # warp, chunks per lane. Empty: on an H100 it measured slower than the per-warp form at every width (NOTES.md, v10).
 STREAM: dict = {}
-# by bits: the best geometric mean over the five Llama shapes in the H100 sweeps of bench_cuda_int.py
-TUNED: dict = {4: dict(threads=512, r=1, u=2, pf=1, bps=None), 2: dict(threads=512, r=2, u=1, pf=1, bps=None),
-              8: dict(threads=512, r=1, u=4, pf=1, bps=None), 3: dict(threads=512, r=1, u=2, pf=1, bps=None)}
+# by bits: the best geometric mean over the five Llama shapes in the H100 sweeps of bench_cuda_int.py; xf 1 (x's
+# first staging loads issued before the first weight tile) measured faster on 19 of the 20 (shape, width) rows of one
+# H200 run, by 1-5% (benchmarks/kernels/NOTES.md, v14)
+TUNED: dict = {4: dict(threads=512, r=1, u=2, pf=1, bps=None, xf=1), 2: dict(threads=512, r=2, u=1, pf=1, bps=None, xf=1),
+              8: dict(threads=512, r=1, u=4, pf=1, bps=None, xf=1), 3: dict(threads=512, r=1, u=2, pf=1, bps=None, xf=1)}
 
 _SRC = r"""
 #if BITS == 3
@@ -232,51 +236,63 @@ __device__ __forceinline__ void compute_tile(float (&acc)[R], const uint4 (&q)[R
 // and in the spare unit P = 2**(9 + e) and the chunk's sum of x
 // a thread per 16-byte unit (8 values; a chunk's S units on S neighbouring lanes, which share their max and sum
 // by shuffles), SB units per thread at a time with all their loads issued first
-__device__ __forceinline__ void stage_x(uint4* xs, const void* __restrict__ x, int K, int KU, int XVEC, int lane) {
-  for (int u0 = 0; u0 < KU * S; u0 += SB * THREADS) {
-    uint4 raw[SB][XW];  // the 16-byte loads of SB units (XVEC), in flight together
+// one step of the staging: the 16-byte loads of SB units per thread, from unit u0 (issued together) ...
+__device__ __forceinline__ void x_load(uint4 (&raw)[SB][XW], const void* __restrict__ x, int u0, int K, int KU,
+                                       int XVEC) {
 #pragma unroll
-    for (int b = 0; b < SB; ++b) {
-      const int u = u0 + b * THREADS + threadIdx.x;
+  for (int b = 0; b < SB; ++b) {
+    const int u = u0 + b * THREADS + threadIdx.x;
 #pragma unroll
-      for (int i = 0; i < XW; ++i) raw[b][i] = XVEC && u < KU * S && 8 * u + 8 <= K ? ((const uint4*)x)[XW * u + i]
-                                                                                : make_uint4(0u, 0u, 0u, 0u);
-    }
+    for (int i = 0; i < XW; ++i) raw[b][i] = XVEC && u < KU * S && 8 * u + 8 <= K ? ((const uint4*)x)[XW * u + i]
+                                                                              : make_uint4(0u, 0u, 0u, 0u);
+  }
+}
+// ... and their scaled fp16 pairs and chunk sums into shared memory
+__device__ __forceinline__ void x_store(uint4* xs, const uint4 (&raw)[SB][XW], const void* __restrict__ x, int u0,
+                                        int K, int KU, int XVEC, int lane) {
 #pragma unroll
-    for (int b = 0; b < SB; ++b) {
-      const int u = u0 + b * THREADS + threadIdx.x;
-      if (u >= KU * S) break;
-      const int c = u / S, j = u % S;
-      float v[8];
-      if (XVEC && 8 * u + 8 <= K) unpack8(v, raw[b]);
-      else load8(v, x, u, K);
+  for (int b = 0; b < SB; ++b) {
+    const int u = u0 + b * THREADS + threadIdx.x;
+    if (u >= KU * S) break;
+    const int c = u / S, j = u % S;
+    float v[8];
+    if (XVEC && 8 * u + 8 <= K) unpack8(v, raw[b]);
+    else load8(v, x, u, K);
 #if ABLATE & 2
-      xs[c * CST + j] = make_uint4(u, 0u, 0u, 0u);
-      if (j == 0) xs[c * CST + S] = make_uint4(0x3F800000u, 0u, 0u, 0u);
-      continue;
+    xs[c * CST + j] = make_uint4(u, 0u, 0u, 0u);
+    if (j == 0) xs[c * CST + S] = make_uint4(0x3F800000u, 0u, 0u, 0u);
+    continue;
 #endif
-      float m = 0.f, tot = 0.f;
+    float m = 0.f, tot = 0.f;
 #pragma unroll
-      for (int i = 0; i < 8; ++i) { m = fmaxf(m, fabsf(v[i])); tot += v[i]; }
-      const u32 gm = ((1u << S) - 1u) << (lane & ~(S - 1));
+    for (int i = 0; i < 8; ++i) { m = fmaxf(m, fabsf(v[i])); tot += v[i]; }
+    const u32 gm = ((1u << S) - 1u) << (lane & ~(S - 1));
 #pragma unroll
-      for (int o = 1; o < S; o <<= 1) {
-        m = fmaxf(m, __shfl_xor_sync(gm, m, o));
-        tot += __shfl_xor_sync(gm, tot, o);
-      }
-      // m <= 2**e, e from m's exponent field; a chunk of zeros (or subnormals) keeps e = 0
-      int e = (int)((__float_as_uint(m) >> 23) & 0xFFu) - 126;
-      e = m >= 1.17549435e-38f ? min(max(e, -100), 100) : 0;
-      u32 h[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const float ps = __uint_as_float((u32)(127 + 15 - e - fpos((4 * j + i) % NF)) << 23);  // 2**(15 - pos - e)
-        h[i] = f2h2(v[2 * i] * ps, v[2 * i + 1] * ps);
-      }
-      xs[c * CST + j] = make_uint4(h[0], h[1], h[2], h[3]);
-      if (j == 0)
-        xs[c * CST + S] = make_uint4(__float_as_uint(__uint_as_float((u32)(127 + 9 + e) << 23)), __float_as_uint(tot), 0u, 0u);
+    for (int o = 1; o < S; o <<= 1) {
+      m = fmaxf(m, __shfl_xor_sync(gm, m, o));
+      tot += __shfl_xor_sync(gm, tot, o);
     }
+    // m <= 2**e, e from m's exponent field; a chunk of zeros (or subnormals) keeps e = 0
+    int e = (int)((__float_as_uint(m) >> 23) & 0xFFu) - 126;
+    e = m >= 1.17549435e-38f ? min(max(e, -100), 100) : 0;
+    u32 h[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float ps = __uint_as_float((u32)(127 + 15 - e - fpos((4 * j + i) % NF)) << 23);  // 2**(15 - pos - e)
+      h[i] = f2h2(v[2 * i] * ps, v[2 * i + 1] * ps);
+    }
+    xs[c * CST + j] = make_uint4(h[0], h[1], h[2], h[3]);
+    if (j == 0)
+      xs[c * CST + S] = make_uint4(__float_as_uint(__uint_as_float((u32)(127 + 9 + e) << 23)), __float_as_uint(tot), 0u, 0u);
+  }
+}
+// the staging steps from unit ``from`` on
+__device__ __forceinline__ void stage_x(uint4* xs, const void* __restrict__ x, int K, int KU, int XVEC, int lane,
+                                        int from = 0) {
+  for (int u0 = from; u0 < KU * S; u0 += SB * THREADS) {
+    uint4 raw[SB][XW];  // the 16-byte loads of SB units (XVEC), in flight together
+    x_load(raw, x, u0, K, KU, XVEC);
+    x_store(xs, raw, x, u0, K, KU, XVEC, lane);
   }
 }
 
@@ -311,9 +327,20 @@ extern "C" __global__ void __launch_bounds__(THREADS) int_gemv(
   uint4 q[R][U];
   uint2 qh[R][U];
   u32 s[R][U];
+#if XF
+  // the activations' first staging step is issued before the weights' first tile, so that its loads (L2 hits) do
+  // not queue behind the tile's DRAM reads
+  uint4 xraw[SB][XW];
+  x_load(xraw, x, 0, K, KU, XVEC);
+#endif
   if (rg0 < NRG) load_tile(q, qh, s, w, sz, rg0, cb, N, KU, NG, GCS, lane, ce);
 
+#if XF
+  x_store(xs, xraw, x, 0, K, KU, XVEC, lane);
+  stage_x(xs, x, K, KU, XVEC, lane, SB * THREADS);
+#else
   stage_x(xs, x, K, KU, XVEC, lane);
+#endif
   __syncthreads();
 
   float acc[R];
@@ -546,7 +573,7 @@ extern "C" __global__ void int_dequant(void* __restrict__ out, const uint4* __re
 
 
 def source(bits: int, xt: int, threads: int, r: int, u: int, pf: int, sbf16: bool, ablate: int = 0, sb: int = 4,
-           st: int = 4, sp: int = 1) -> str:
+           st: int = 4, sp: int = 1, xf: int = 0) -> str:
     """The CUDA source of one configuration (its constants as #defines): ``sb`` activation units per thread per
     staging step (their loads in flight together).
 
@@ -556,7 +583,7 @@ def source(bits: int, xt: int, threads: int, r: int, u: int, pf: int, sbf16: boo
     assert sp == 1 or (sp == 2 and threads % 64 == 0 and threads <= 960), (sp, threads)  # a named barrier per pair
     assert pf in (0, 1), pf  # a ring of two tiles ahead measured slower on an H200 (NOTES.md, v14; commit 1a92040)
     defs = dict(BITS=bits, XT=xt, THREADS=threads, R=r, U=u, PF=int(pf), SBF16=int(sbf16), ABLATE=ablate, SB=sb, ST=st,
-                SPLIT=sp)
+                SPLIT=sp, XF=int(xf))
     return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + PRELUDE + _SRC
 
 
@@ -566,8 +593,8 @@ def available() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _compiled(bits: int, xt: int, threads: int, r: int, u: int, pf: int, sbf16: bool, device: int,
-              name: str = "int_gemv", ablate: int = 0, sb: int = 4, st: int = 4, sp: int = 1) -> Launcher:
-    src = source(bits, xt, threads, r, u, pf, sbf16, ablate, sb, st, sp)
+              name: str = "int_gemv", ablate: int = 0, sb: int = 4, st: int = 4, sp: int = 1, xf: int = 0) -> Launcher:
+    src = source(bits, xt, threads, r, u, pf, sbf16, ablate, sb, st, sp, xf)
     with torch.cuda.device(device):
         return Launcher(torch.cuda._compile_kernel(src, name), "cuda-int")
 
@@ -747,7 +774,7 @@ def _rows_launch(cfg: dict, pk: dict, x2: torch.Tensor, dev: int) -> tuple:
     """(kernel, threads, blocks, shared memory) of the per-warp form."""
     threads, r, u, sp = cfg["threads"], cfg["r"], cfg["u"], int(cfg.get("sp", 1))
     kern = _compiled(pk["bits"], XT[x2.dtype], threads, r, u, int(cfg.get("pf", 1)), bool(pk["sbf16"]), dev,
-                     "int_gemv", int(cfg.get("ablate", 0)), staging_units(cfg, pk), 4, sp)
+                     "int_gemv", int(cfg.get("ablate", 0)), staging_units(cfg, pk), 4, sp, int(cfg.get("xf", 0)))
     warps = threads // 32 // sp  # row groups a block walks at once (sp = 2: two warps per row group)
     smem = pk["KU"] * (codes_per_chunk(pk["bits"]) * 2 + 16)  # fp16 activations, a chunk sum per chunk
     smem += 2 * warps * r * 4 if sp == 2 else 0  # the halves' meeting slots
