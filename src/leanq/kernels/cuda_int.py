@@ -65,10 +65,12 @@ DEFAULT_CFG = dict(threads=256, r=2, u=2, pf=1, bps=None)
 # warp, chunks per lane. Empty: on an H100 it measured slower than the per-warp form at every width (NOTES.md, v10).
 STREAM: dict = {}
 # by bits: the best geometric mean over the five Llama shapes in the H100 sweeps of bench_cuda_int.py; xf 1 (x's
-# first staging loads issued before the first weight tile) measured faster on 19 of the 20 (shape, width) rows of one
-# H200 run, by 1-5% (benchmarks/kernels/NOTES.md, v14)
-TUNED: dict = {4: dict(threads=512, r=1, u=2, pf=1, bps=None, xf=1), 2: dict(threads=512, r=2, u=1, pf=1, bps=None, xf=1),
-              8: dict(threads=512, r=1, u=4, pf=1, bps=None, xf=1), 3: dict(threads=512, r=1, u=2, pf=1, bps=None, xf=1)}
+# first staging loads issued before the first weight tile) measured faster on 19 of the 20 (shape, width) rows of
+# one H200 run, by 1-5% (benchmarks/kernels/NOTES.md, v14)
+TUNED: dict = {4: dict(threads=512, r=1, u=2, pf=1, bps=None, xf=1),
+               2: dict(threads=512, r=2, u=1, pf=1, bps=None, xf=1),
+               8: dict(threads=512, r=1, u=4, pf=1, bps=None, xf=1),
+               3: dict(threads=512, r=1, u=2, pf=1, bps=None, xf=1)}
 
 _SRC = r"""
 #if BITS == 3
@@ -593,7 +595,8 @@ def available() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _compiled(bits: int, xt: int, threads: int, r: int, u: int, pf: int, sbf16: bool, device: int,
-              name: str = "int_gemv", ablate: int = 0, sb: int = 4, st: int = 4, sp: int = 1, xf: int = 0) -> Launcher:
+              name: str = "int_gemv", ablate: int = 0, sb: int = 4, st: int = 4, sp: int = 1,
+              xf: int = 0) -> Launcher:
     src = source(bits, xt, threads, r, u, pf, sbf16, ablate, sb, st, sp, xf)
     with torch.cuda.device(device):
         return Launcher(torch.cuda._compile_kernel(src, name), "cuda-int")
