@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_kernels as bk  # noqa: E402
 
 from leanq.kernels import cuda_int as ci  # noqa: E402
+from leanq.kernels.cuda_rt import sm_count  # noqa: E402
 from leanq.kernels import triton_kn as kn  # noqa: E402
 
 SWEEP = [dict(threads=t, r=r, u=u, pf=pf, bps=b) for t in (128, 256, 512) for r in (1, 2, 4) for u in (1, 2, 4)
@@ -244,8 +245,7 @@ def main() -> int:
                     wcfgs = [None]
                     for spec in (c.split("/") for c in args.mmaw_cfgs.split(",") if c):
                         if spec == ["rs0"]:  # the chosen config with the split sum's loads one at a time
-                            sms = torch.cuda.get_device_properties(0).multi_processor_count
-                            wcfgs.append(dict(mg=0, rp=0, **cm.w_config(M, n, k, sms), rs=0))
+                            wcfgs.append(dict(mg=0, rp=0, **cm.w_config(M, n, k, sm_count(0)), rs=0))
                             continue
                         v = [int(f) for f in spec] + [0, 0, cm.W_DEFAULT["rs"]][len(spec) - 4:]
                         wcfgs.append(dict(rt=v[0], kw=v[1], spw=v[2] or None, pd=v[3], mg=v[4], rp=v[5], rs=v[6]))
