@@ -111,7 +111,7 @@ def test_cuda_int_declines_what_it_does_not_compute():
 
 # the per-warp form (int_gemv) and the streaming form (int_gemv_stream: bulk copies, sm_90; elsewhere it falls back)
 FORMS = {"rows": None, "stream": dict(mode="stream", threads=256, st=3, u=1),
-         "xfirst": dict(threads=512, r=1, u=2, pf=1, xf=1)}
+         "xfirst": dict(threads=512, r=1, u=2, pf=1, xf=1), "pdl": dict(threads=512, r=1, u=2, pf=1, gd=1)}
 
 
 @GPU
@@ -139,7 +139,8 @@ def test_cuda_int_matches_reference(bits, group, sym, sdtype, n, k, dtype, form)
                                  dict(mode="stream", threads=128, st=2, u=1, bps=1),
                                  dict(mode="stream", threads=64, st=6, u=3), dict(threads=256, r=2, u=1, pf=1, sp=2),
                                  dict(threads=128, r=1, u=2, pf=0, sp=2, bps=1), dict(threads=64, r=3, u=1, pf=0, xf=1),
-                                 dict(threads=256, r=2, u=2, pf=1, sp=2, xf=1, sb=1)])
+                                 dict(threads=256, r=2, u=2, pf=1, sp=2, xf=1, sb=1), dict(threads=64, r=3, u=1, pf=0, gd=1),
+                                 dict(threads=256, r=2, u=2, pf=1, sp=2, gd=2)])
 @pytest.mark.parametrize("bits", [4, 3, 2, 8])
 def test_cuda_int_configs_agree(cfg, bits):
     """Every launch config computes the same function (rows and chunks that do not divide evenly included)."""
@@ -165,6 +166,37 @@ def test_cuda_int_wide_inputs_take_more_than_48kb_of_shared_memory(bits, form):
     ci.run_int_cuda(x, pk, None, FORMS[form], out=out)
     ref = x.float() @ ci.reference_rk(pk).t()
     assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+@GPU
+@pytest.mark.parametrize("gd", [1, 2])
+def test_cuda_int_pdl_chain_in_a_cuda_graph_reads_each_input_after_it_is_written(gd):
+    """Programmatic dependent launch: in a captured chain where each GEMV reads what the kernel before it wrote (the
+    GEMV before it, or an elementwise op), every replay gives the bytes of the chain launched without it, for a new
+    input each time (the chain's buffers still hold the last replay's values, so an early read would show)."""
+    pks = [ci.packed_rk(_layer(2048, 2048, 4, 128, device="cuda", seed=i)) for i in range(2)]
+    cfg = dict(threads=512, r=1, u=2, pf=1)
+    x0 = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
+
+    def chain(c):
+        x = x0
+        for i in range(12):
+            x = ci.run_int_cuda(x, pks[i % 2], None, c)
+            x = x * 0.25 if i % 3 == 2 else x  # an elementwise kernel between some GEMVs
+        return x
+
+    chain(dict(cfg, gd=gd))
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = chain(dict(cfg, gd=gd))
+    for _ in range(4):
+        x0.copy_(torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16))
+        g.replay()
+        ref = chain(cfg)
+        torch.cuda.synchronize()
+        assert torch.isfinite(ref).all() and ref.abs().max() > 0
+        assert torch.equal(y, ref)
 
 
 @GPU

@@ -18,6 +18,16 @@ import time
 import torch
 
 
+def busy_us(spans: list) -> float:
+    """Length of the union of (start, end) intervals: the time at least one kernel ran."""
+    tot, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b > end:
+            tot += b - max(a, end)
+            end = b
+    return tot
+
+
 def profile_once(model, ids, kw: dict, new: int, table: bool, label: str = "int4") -> None:
     """Compile (first generate), two timed generates, one profiled: GPU kernel time per token by kernel name."""
     from torch.profiler import ProfilerActivity, profile
@@ -35,12 +45,16 @@ def profile_once(model, ids, kw: dict, new: int, table: bool, label: str = "int4
             model.generate(ids, **kw)
             torch.cuda.synchronize()
     agg = collections.defaultdict(lambda: [0, 0.0])
+    spans = []
     for e in prof.events():
         if e.device_type.name == "CUDA":
             agg[e.name[:70]][0] += 1
             agg[e.name[:70]][1] += e.device_time_total
+            spans.append((e.time_range.start, e.time_range.end))
     total = sum(v[1] for v in agg.values())
     print(f"GPU kernel time: {total / new:.0f} us per token")
+    print(f"GPU busy (the union of the kernels' intervals; overlapping kernels count once): {busy_us(spans) / new:.0f} us "
+          "per token")
     for name, (n, us) in sorted(agg.items(), key=lambda kv: -kv[1][1])[:25]:
         print(f"{us / new:9.1f} us/token {n / new:7.1f} launches/token  {name}")
     if table:
@@ -55,7 +69,15 @@ def main() -> int:
     ap.add_argument("--bf16", action="store_true", help="profile the BF16 model instead (no quantization)")
     ap.add_argument("--table", action=argparse.BooleanOptionalAction, default=True,
                     help="print the host-side table")
+    ap.add_argument("--gd", type=int, default=None,
+                    help="the batch-1 GEMV's programmatic dependent launch mode for every width (cuda_int's launch "
+                         "option gd: 0 off, 1, 2); default: as cuda_int.TUNED")
     a = ap.parse_args()
+    if a.gd is not None:
+        from leanq.kernels import cuda_int as ci
+
+        for cfg in ci.TUNED.values():
+            cfg["gd"] = a.gd
     sys.path.insert(0, __file__.rsplit("/", 1)[0])
     import bench_decode as bd
 

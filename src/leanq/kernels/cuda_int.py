@@ -329,6 +329,17 @@ extern "C" __global__ void __launch_bounds__(THREADS) int_gemv(
   uint4 q[R][U];
   uint2 qh[R][U];
   u32 s[R][U];
+#if GD
+  // programmatic dependent launch (launch option gd): this grid may start while the kernel before it in the stream
+  // ends. The weights do not depend on that kernel, so each warp's first tile is loaded at once; x (that kernel's
+  // output, in a decode) is read, and out written, only after gdc_wait, which every thread passes
+  if (rg0 < NRG) load_tile(q, qh, s, w, sz, rg0, cb, N, KU, NG, GCS, lane, ce);
+  gdc_wait();
+#if GD == 1
+  gdc_launch();  // the next grid may be scheduled now (its blocks take an SM as this grid's blocks leave)
+#endif
+  stage_x(xs, x, K, KU, XVEC, lane);
+#else
 #if XF
   // the activations' first staging step is issued before the weights' first tile, so that its loads (L2 hits) do
   // not queue behind the tile's DRAM reads
@@ -342,6 +353,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) int_gemv(
   stage_x(xs, x, K, KU, XVEC, lane, SB * THREADS);
 #else
   stage_x(xs, x, K, KU, XVEC, lane);
+#endif
 #endif
   __syncthreads();
 
@@ -575,17 +587,20 @@ extern "C" __global__ void int_dequant(void* __restrict__ out, const uint4* __re
 
 
 def source(bits: int, xt: int, threads: int, r: int, u: int, pf: int, sbf16: bool, ablate: int = 0, sb: int = 4,
-           st: int = 4, sp: int = 1, xf: int = 0) -> str:
+           st: int = 4, sp: int = 1, xf: int = 0, gd: int = 0) -> str:
     """The CUDA source of one configuration (its constants as #defines): ``sb`` activation units per thread per
-    staging step (their loads in flight together).
+    staging step (their loads in flight together); ``gd`` programmatic dependent launch (int_gemv: 1 the first
+    weight tile loaded before the wait for the previous grid and the next grid let in after it, 2 the same but the
+    next grid let in only as this one ends; the launcher must pass ``pdl`` for it to overlap anything).
 
     ``ablate`` (timing experiments only; the results are wrong): bit 1 no decode or dot products (the loaded
     words are only XOR-ed), bit 2 no activation staging."""
     assert bits in BITS and threads % 32 == 0 and 1 <= r <= 32 and u >= 1, (bits, threads, r, u)
     assert sp == 1 or (sp == 2 and threads % 64 == 0 and threads <= 960), (sp, threads)  # a named barrier per pair
     assert pf in (0, 1), pf  # a ring of two tiles ahead measured slower on an H200 (NOTES.md, v14; commit 1a92040)
+    assert gd in (0, 1, 2), gd
     defs = dict(BITS=bits, XT=xt, THREADS=threads, R=r, U=u, PF=int(pf), SBF16=int(sbf16), ABLATE=ablate, SB=sb, ST=st,
-                SPLIT=sp, XF=int(xf))
+                SPLIT=sp, XF=int(xf), GD=int(gd))
     return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + PRELUDE + _SRC
 
 
@@ -596,8 +611,8 @@ def available() -> bool:
 @functools.lru_cache(maxsize=None)
 def _compiled(bits: int, xt: int, threads: int, r: int, u: int, pf: int, sbf16: bool, device: int,
               name: str = "int_gemv", ablate: int = 0, sb: int = 4, st: int = 4, sp: int = 1,
-              xf: int = 0) -> Launcher:
-    src = source(bits, xt, threads, r, u, pf, sbf16, ablate, sb, st, sp, xf)
+              xf: int = 0, gd: int = 0) -> Launcher:
+    src = source(bits, xt, threads, r, u, pf, sbf16, ablate, sb, st, sp, xf, gd)
     with torch.cuda.device(device):
         return Launcher(torch.cuda._compile_kernel(src, name), "cuda-int")
 
@@ -751,8 +766,12 @@ def run_int_cuda(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dic
     cfg = dict(cfg or _cfg(pk["bits"]))
     dev = device_index(x2)
     launch = _stream_launch(cfg, pk, x2, dev) if cfg.get("mode") == "stream" else None
+    pdl = False
     if launch is None:  # the per-warp form (also where the streaming form does not apply: GPU, width, K)
-        launch = _rows_launch(cfg if cfg.get("mode") != "stream" else TUNED.get(pk["bits"], DEFAULT_CFG), pk, x2, dev)
+        if cfg.get("mode") == "stream":
+            cfg = dict(TUNED.get(pk["bits"], DEFAULT_CFG))
+        launch = _rows_launch(cfg, pk, x2, dev)
+        pdl = gdc(cfg, dev) > 0
     kern, threads, blocks, smem = launch
     N = pk["N"]
     if out is None:
@@ -761,7 +780,7 @@ def run_int_cuda(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dic
     xvec = int(K % 8 == 0 and x2.data_ptr() % 16 == 0)
     kern(grid=(blocks, 1, 1), block=(threads, 1, 1), smem=smem,
          args=[x2, out, bias if bias is not None else out, pk["words"], pk["sz"], N, K, pk["KU"], pk["NG"], pk["GCS"],
-               int(bias is not None), xvec])
+               int(bias is not None), xvec], pdl=pdl)
     return out
 
 
@@ -777,7 +796,8 @@ def _rows_launch(cfg: dict, pk: dict, x2: torch.Tensor, dev: int) -> tuple:
     """(kernel, threads, blocks, shared memory) of the per-warp form."""
     threads, r, u, sp = cfg["threads"], cfg["r"], cfg["u"], int(cfg.get("sp", 1))
     kern = _compiled(pk["bits"], XT[x2.dtype], threads, r, u, int(cfg.get("pf", 1)), bool(pk["sbf16"]), dev,
-                     "int_gemv", int(cfg.get("ablate", 0)), staging_units(cfg, pk), 4, sp, int(cfg.get("xf", 0)))
+                     "int_gemv", int(cfg.get("ablate", 0)), staging_units(cfg, pk), 4, sp, int(cfg.get("xf", 0)),
+                     gdc(cfg, dev))
     warps = threads // 32 // sp  # row groups a block walks at once (sp = 2: two warps per row group)
     smem = pk["KU"] * (codes_per_chunk(pk["bits"]) * 2 + 16)  # fp16 activations, a chunk sum per chunk
     smem += 2 * warps * r * 4 if sp == 2 else 0  # the halves' meeting slots
@@ -796,6 +816,12 @@ def stream_smem(pk: dict, threads: int, st: int, u: int) -> int:
 @functools.lru_cache(maxsize=None)
 def _sm90(dev: int) -> bool:
     return torch.cuda.get_device_capability(dev) >= (9, 0)
+
+
+def gdc(cfg: dict, dev: int) -> int:
+    """The config's programmatic-dependent-launch mode (``gd``) where the GPU has it (sm_90 on), else 0."""
+    gd = int(cfg.get("gd", 0))
+    return gd if gd and _sm90(dev) else 0
 
 
 def _stream_launch(cfg: dict, pk: dict, x2: torch.Tensor, dev: int):

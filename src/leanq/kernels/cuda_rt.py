@@ -18,6 +18,21 @@ XT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 # CUfunction_attribute: CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
 _MAX_DYNAMIC_SHARED = 8
+# CUlaunchAttributeID: CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6
+
+
+class _LaunchAttribute(ctypes.Structure):
+    # CUlaunchAttribute: the id, padding to 8 bytes, a 64-byte value union (its first int is the flag used here)
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int), ("rest", ctypes.c_char * 60)]
+
+
+class _LaunchConfig(ctypes.Structure):
+    # CUlaunchConfig
+    _fields_ = [("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint), ("gridDimZ", ctypes.c_uint),
+                ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
+                ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p),
+                ("attrs", ctypes.POINTER(_LaunchAttribute)), ("numAttrs", ctypes.c_uint)]
 
 # Device helpers every kernel source starts with: activations of type XT (0 fp32, 1 fp16, 2 bf16; a #define of
 # the kernel's configuration) read as fp32 (ldx) and written back rounded to nearest (stx); fp16x2 arithmetic
@@ -28,6 +43,19 @@ typedef unsigned char u8;
 typedef unsigned short u16;
 typedef unsigned int u32;
 
+// programmatic dependent launch (sm_90 on; no-ops before): gdc_wait holds the thread until the grids this one
+// depends on have completed and their writes are visible (a grid launched with the PDL attribute may start before
+// that); gdc_launch lets the next grid in the stream be scheduled once every block of this one has called it or ended
+__device__ __forceinline__ void gdc_wait() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void gdc_launch() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
 __device__ __forceinline__ float h2f(u16 h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
 __device__ __forceinline__ float bf2f(u16 h) { return __uint_as_float(((u32)h) << 16); }
 __device__ __forceinline__ float ldx(const void* x, long long i) {
@@ -154,6 +182,9 @@ class Launcher:
             lib.cuLaunchKernel.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 6 + [
                 ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
             lib.cuLaunchKernel.restype = ctypes.c_int
+            lib.cuLaunchKernelEx.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p, ctypes.c_void_p,
+                                             ctypes.c_void_p]
+            lib.cuLaunchKernelEx.restype = ctypes.c_int
             lib.cuFuncSetAttribute.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
             lib.cuFuncSetAttribute.restype = ctypes.c_int
             lib.cuOccupancyMaxActiveBlocksPerMultiprocessor.argtypes = [
@@ -184,12 +215,22 @@ class Launcher:
             self._occ[key] = max(1, n.value)
         return self._occ[key]
 
-    def __call__(self, grid, block, args, smem: int = 0) -> None:
+    def __call__(self, grid, block, args, smem: int = 0, pdl: bool = False) -> None:
+        """``pdl``: launched with programmatic stream serialization (cuLaunchKernelEx), so the grid may start before
+        the kernel before it in the stream has completed: the kernel must call gdc_wait before it reads what that
+        kernel wrote or writes anything (sm_90 on)."""
         self._smem(smem)
         vals = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a) for a in args]
         arr = (ctypes.c_void_p * len(vals))(*[ctypes.addressof(v) for v in vals])
-        rc = Launcher._lib.cuLaunchKernel(self.func, grid[0], grid[1], grid[2], block[0], block[1], block[2], smem,
-                                          torch.cuda.current_stream().cuda_stream, arr, None)
+        stream = torch.cuda.current_stream().cuda_stream
+        if pdl:
+            attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
+            cfg = _LaunchConfig(grid[0], grid[1], grid[2], block[0], block[1], block[2], smem, stream,
+                                ctypes.pointer(attr), 1)
+            rc = Launcher._lib.cuLaunchKernelEx(ctypes.byref(cfg), self.func, arr, None)
+        else:
+            rc = Launcher._lib.cuLaunchKernel(self.func, grid[0], grid[1], grid[2], block[0], block[1], block[2], smem,
+                                              stream, arr, None)
         if rc != 0:
             raise RuntimeError(f"{self.name}: cuLaunchKernel failed with CUDA error {rc}")
 
