@@ -140,7 +140,8 @@ def test_cuda_int_matches_reference(bits, group, sym, sdtype, n, k, dtype, form)
                                  dict(mode="stream", threads=64, st=6, u=3), dict(threads=256, r=2, u=1, pf=1, sp=2),
                                  dict(threads=128, r=1, u=2, pf=0, sp=2, bps=1), dict(threads=64, r=3, u=1, pf=0, xf=1),
                                  dict(threads=256, r=2, u=2, pf=1, sp=2, xf=1, sb=1), dict(threads=64, r=3, u=1, pf=0, gd=1),
-                                 dict(threads=256, r=2, u=2, pf=1, sp=2, gd=2)])
+                                 dict(threads=256, r=2, u=2, pf=1, sp=2, gd=2), dict(threads=64, r=3, u=1, pf=0, gd=1, gp=3),
+                                 dict(threads=256, r=2, u=1, pf=1, sp=2, gd=1, gp=2)])
 @pytest.mark.parametrize("bits", [4, 3, 2, 8])
 def test_cuda_int_configs_agree(cfg, bits):
     """Every launch config computes the same function (rows and chunks that do not divide evenly included)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import hashlib
 import sys
 import time
 
@@ -42,8 +43,10 @@ def profile_once(model, ids, kw: dict, new: int, table: bool, label: str = "int4
             t = time.perf_counter() - t0
             print(f"{label} {new} tokens: {t:.3f} s, {t / new * 1e3:.2f} ms per token (prefill included)", flush=True)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            model.generate(ids, **kw)
+            toks = model.generate(ids, **kw)
             torch.cuda.synchronize()
+    # the tokens, to compare runs that should compute the same thing (a changed launch mode, say)
+    print(f"tokens digest: {hashlib.sha256(toks.cpu().numpy().tobytes()).hexdigest()[:16]}")
     agg = collections.defaultdict(lambda: [0, 0.0])
     spans = []
     for e in prof.events():

@@ -122,6 +122,13 @@ __device__ __forceinline__ uint2 ldw2(const uint2* p) {
   return r;
 }
 
+// bytes (a multiple of 16, from a 16-byte aligned address) asked into L2, no wait (sm_90 on; a no-op before)
+__device__ __forceinline__ void l2_prefetch(const void* p, int bytes) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(p), "r"(bytes) : "memory");
+#endif
+}
+
 // the R x U chunks of the tile (row group rg, chunks from c0) of this warp (zeros past the rows / the row end):
 // 16-byte loads, and each chunk's group word (group = chunk >> GCS)
 __device__ __forceinline__ void load_tile(uint4 (&q)[R][U], uint2 (&qh)[R][U], u32 (&s)[R][U],
@@ -334,6 +341,28 @@ extern "C" __global__ void __launch_bounds__(THREADS) int_gemv(
   // ends. The weights do not depend on that kernel, so each warp's first tile is loaded at once; x (that kernel's
   // output, in a decode) is read, and out written, only after gdc_wait, which every thread passes
   if (rg0 < NRG) load_tile(q, qh, s, w, sz, rg0, cb, N, KU, NG, GCS, lane, ce);
+#if GP
+  // launch option gp: the warp's next GP tiles asked into L2 too (a bulk prefetch per row of a tile, by lane r)
+  {
+    int rgp = rg0, tkp = 0;
+#pragma unroll 1
+    for (int i = 0; i < GP; ++i) {
+      if (++tkp == TPR) { tkp = 0; rgp += rstep; }
+      const int row = rgp * R + lane;
+      if (rgp >= NRG) break;
+      if (lane < R && row < N) {
+        const int c0 = cb + tkp * 32 * U, n = min(32 * U, ce - c0);
+        const uint4* wr = w + (size_t)row * ROWU(KU);
+        if (n > 0) {
+          l2_prefetch(wr + c0, n * 16);
+#if BITS == 3
+          l2_prefetch(HPTR(wr, c0), n * 8);
+#endif
+        }
+      }
+    }
+  }
+#endif
   gdc_wait();
 #if GD == 1
   gdc_launch();  // the next grid may be scheduled now (its blocks take an SM as this grid's blocks leave)
@@ -587,20 +616,21 @@ extern "C" __global__ void int_dequant(void* __restrict__ out, const uint4* __re
 
 
 def source(bits: int, xt: int, threads: int, r: int, u: int, pf: int, sbf16: bool, ablate: int = 0, sb: int = 4,
-           st: int = 4, sp: int = 1, xf: int = 0, gd: int = 0) -> str:
+           st: int = 4, sp: int = 1, xf: int = 0, gd: int = 0, gp: int = 0) -> str:
     """The CUDA source of one configuration (its constants as #defines): ``sb`` activation units per thread per
     staging step (their loads in flight together); ``gd`` programmatic dependent launch (int_gemv: 1 the first
     weight tile loaded before the wait for the previous grid and the next grid let in after it, 2 the same but the
-    next grid let in only as this one ends; the launcher must pass ``pdl`` for it to overlap anything).
+    next grid let in only as this one ends; the launcher must pass ``pdl`` for it to overlap anything); ``gp`` (with
+    ``gd``) each warp's next ``gp`` tiles asked into L2 before the wait.
 
     ``ablate`` (timing experiments only; the results are wrong): bit 1 no decode or dot products (the loaded
     words are only XOR-ed), bit 2 no activation staging."""
     assert bits in BITS and threads % 32 == 0 and 1 <= r <= 32 and u >= 1, (bits, threads, r, u)
     assert sp == 1 or (sp == 2 and threads % 64 == 0 and threads <= 960), (sp, threads)  # a named barrier per pair
     assert pf in (0, 1), pf  # a ring of two tiles ahead measured slower on an H200 (NOTES.md, v14; commit 1a92040)
-    assert gd in (0, 1, 2), gd
+    assert gd in (0, 1, 2) and 0 <= gp <= 16 and (gd or not gp), (gd, gp)
     defs = dict(BITS=bits, XT=xt, THREADS=threads, R=r, U=u, PF=int(pf), SBF16=int(sbf16), ABLATE=ablate, SB=sb, ST=st,
-                SPLIT=sp, XF=int(xf), GD=int(gd))
+                SPLIT=sp, XF=int(xf), GD=int(gd), GP=int(gp))
     return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + PRELUDE + _SRC
 
 
@@ -611,8 +641,8 @@ def available() -> bool:
 @functools.lru_cache(maxsize=None)
 def _compiled(bits: int, xt: int, threads: int, r: int, u: int, pf: int, sbf16: bool, device: int,
               name: str = "int_gemv", ablate: int = 0, sb: int = 4, st: int = 4, sp: int = 1,
-              xf: int = 0, gd: int = 0) -> Launcher:
-    src = source(bits, xt, threads, r, u, pf, sbf16, ablate, sb, st, sp, xf, gd)
+              xf: int = 0, gd: int = 0, gp: int = 0) -> Launcher:
+    src = source(bits, xt, threads, r, u, pf, sbf16, ablate, sb, st, sp, xf, gd, gp)
     with torch.cuda.device(device):
         return Launcher(torch.cuda._compile_kernel(src, name), "cuda-int")
 
@@ -797,7 +827,7 @@ def _rows_launch(cfg: dict, pk: dict, x2: torch.Tensor, dev: int) -> tuple:
     threads, r, u, sp = cfg["threads"], cfg["r"], cfg["u"], int(cfg.get("sp", 1))
     kern = _compiled(pk["bits"], XT[x2.dtype], threads, r, u, int(cfg.get("pf", 1)), bool(pk["sbf16"]), dev,
                      "int_gemv", int(cfg.get("ablate", 0)), staging_units(cfg, pk), 4, sp, int(cfg.get("xf", 0)),
-                     gdc(cfg, dev))
+                     gdc(cfg, dev), int(cfg.get("gp", 0)) if gdc(cfg, dev) else 0)
     warps = threads // 32 // sp  # row groups a block walks at once (sp = 2: two warps per row group)
     smem = pk["KU"] * (codes_per_chunk(pk["bits"]) * 2 + 16)  # fp16 activations, a chunk sum per chunk
     smem += 2 * warps * r * 4 if sp == 2 else 0  # the halves' meeting slots
