@@ -140,8 +140,7 @@ def test_cuda_int_matches_reference(bits, group, sym, sdtype, n, k, dtype, form)
                                  dict(mode="stream", threads=64, st=6, u=3), dict(threads=256, r=2, u=1, pf=1, sp=2),
                                  dict(threads=128, r=1, u=2, pf=0, sp=2, bps=1), dict(threads=64, r=3, u=1, pf=0, xf=1),
                                  dict(threads=256, r=2, u=2, pf=1, sp=2, xf=1, sb=1), dict(threads=64, r=3, u=1, pf=0, gd=1),
-                                 dict(threads=256, r=2, u=2, pf=1, sp=2, gd=2), dict(threads=64, r=3, u=1, pf=0, gd=1, gp=3),
-                                 dict(threads=256, r=2, u=1, pf=1, sp=2, gd=1, gp=2)])
+                                 dict(threads=256, r=2, u=2, pf=1, sp=2, gd=2), dict(threads=256, r=2, u=1, pf=1, sp=2, gd=1)])
 @pytest.mark.parametrize("bits", [4, 3, 2, 8])
 def test_cuda_int_configs_agree(cfg, bits):
     """Every launch config computes the same function (rows and chunks that do not divide evenly included)."""
@@ -170,20 +169,29 @@ def test_cuda_int_wide_inputs_take_more_than_48kb_of_shared_memory(bits, form):
 
 
 @GPU
-@pytest.mark.parametrize("gd", [1, 2])
-def test_cuda_int_pdl_chain_in_a_cuda_graph_reads_each_input_after_it_is_written(gd):
-    """Programmatic dependent launch: in a captured chain where each GEMV reads what the kernel before it wrote (the
-    GEMV before it, or an elementwise op), every replay gives the bytes of the chain launched without it, for a new
-    input each time (the chain's buffers still hold the last replay's values, so an early read would show)."""
+@pytest.mark.parametrize("m,gd", [(1, 1), (1, 2), (4, 1), (16, 1)])
+def test_cuda_int_pdl_chain_in_a_cuda_graph_reads_each_input_after_it_is_written(m, gd):
+    """Programmatic dependent launch (batch 1: int_gemv; 4 and 16: int_mma_w, split over K): in a captured chain
+    where each layer reads what the kernel before it wrote (the layer before it, or an elementwise op), every replay
+    gives the bytes of the chain launched without it, for a new input each time (the chain's buffers still hold the
+    last replay's values, so an early read would show)."""
+    from leanq.kernels import cuda_int_mma as cm
+
     pks = [ci.packed_rk(_layer(2048, 2048, 4, 128, device="cuda", seed=i)) for i in range(2)]
-    cfg = dict(threads=512, r=1, u=2, pf=1)
-    x0 = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
+    x0 = torch.randn(m, 2048, device="cuda", dtype=torch.bfloat16)
+    if m == 1:
+        cfg = dict(threads=512, r=1, u=2, pf=1)
+        run = lambda x, pk, c: ci.run_int_cuda(x, pk, None, c)  # noqa: E731
+    else:
+        cfg = dict(rt=2, kw=2, spw=2, pd=3)  # 8 input ranges: a split launch, its slots and counters
+        assert cm.w_launch(m, 2048, 2048, cfg, 132)[1][1] > 1
+        run = lambda x, pk, c: cm.run_int_mma_w(x, pk, None, c)  # noqa: E731
 
     def chain(c):
         x = x0
         for i in range(12):
-            x = ci.run_int_cuda(x, pks[i % 2], None, c)
-            x = x * 0.25 if i % 3 == 2 else x  # an elementwise kernel between some GEMVs
+            x = run(x, pks[i % 2], c)
+            x = x * 0.25 if i % 3 == 2 else x  # an elementwise kernel between some layers
         return x
 
     chain(dict(cfg, gd=gd))
@@ -192,7 +200,7 @@ def test_cuda_int_pdl_chain_in_a_cuda_graph_reads_each_input_after_it_is_written
     with torch.cuda.graph(g):
         y = chain(dict(cfg, gd=gd))
     for _ in range(4):
-        x0.copy_(torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16))
+        x0.copy_(torch.randn(m, 2048, device="cuda", dtype=torch.bfloat16))
         g.replay()
         ref = chain(cfg)
         torch.cuda.synchronize()
@@ -560,7 +568,8 @@ def test_int_mma_w_matches_reference(group, n, k, m, sdtype, dtype):
     for cfg in (None, dict(rt=1, kw=1, spw=1, pd=2), dict(rt=2, kw=2, spw=ns, pd=4), dict(rt=4, kw=2, spw=1, pd=3),
                 dict(rt=1, kw=4, spw=2, pd=4), dict(rt=2, kw=1, spw=6, pd=2, mg=1), dict(rt=1, kw=2, spw=4, pd=3, mg=1),
                 dict(rt=2, kw=2, spw=3, pd=3, rp=1), dict(rt=1, kw=1, spw=ns, pd=3, rp=1),
-                dict(rt=4, kw=2, spw=1, pd=3, rs=1), dict(rt=1, kw=4, spw=2, pd=4, rs=1)):
+                dict(rt=4, kw=2, spw=1, pd=3, rs=1), dict(rt=1, kw=4, spw=2, pd=4, rs=1),
+                dict(rt=2, kw=2, spw=1, pd=3, gd=1), dict(rt=1, kw=1, spw=ns, pd=4, gd=1)):
         out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
         cm.run_int_mma_w(x, pk, layer.bias.to(dtype), cfg, out=out)
         assert torch.isfinite(out).all() and ((out.float() - ref).norm() / ref.norm()).item() < 1e-2, cfg
@@ -568,6 +577,8 @@ def test_int_mma_w_matches_reference(group, n, k, m, sdtype, dtype):
         assert torch.equal(again, cm.run_int_mma_w(x, pk, layer.bias.to(dtype), cfg)), cfg  # deterministic
         if cfg and cfg.get("rs"):  # the split sum's other schedule: the same additions, so the same bytes
             assert torch.equal(again, cm.run_int_mma_w(x, pk, layer.bias.to(dtype), dict(cfg, rs=0))), cfg
+        if cfg and cfg.get("gd"):  # programmatic dependent launch changes the order of the copies only
+            assert torch.equal(again, cm.run_int_mma_w(x, pk, layer.bias.to(dtype), dict(cfg, gd=0))), cfg
     for _, cnt in cm._WSCRATCH.values():
         assert int(cnt.abs().sum()) == 0  # every launch left its counters at zero
 

@@ -59,7 +59,7 @@ def main() -> int:
     ap.add_argument("--rows-cfgs", default="", help="per-warp-form configs to time with the sweep's widths, "
                     "threads/rows per warp/chunks per lane/warps per row (1 or 2)[/next tile prefetched (0 or 1)"
                     "[/x's first staging loads before the first tile (xf 0 or 1)[/programmatic dependent launch (gd 0, "
-                    "1 or 2)[/next tiles into L2 before its wait (gp)]]]]: e.g. 512/1/2/2 or 512/1/4/1/1/0/1/2")
+                    "1 or 2)]]]: e.g. 512/1/2/2 or 512/1/4/1/1/0/1")
     ap.add_argument("--stream-cfgs", default="", help="streaming-form configs (cuda_int.int_gemv_stream, sm_90) to time "
                     "with the sweep's widths, threads/stages/units per lane[/blocks per SM]: e.g. 256/4/2,128/8/1/4")
     ap.add_argument("--no-single", action="store_true", help="graph harness only")
@@ -68,9 +68,10 @@ def main() -> int:
     ap.add_argument("--mma-cfgs", default="", help="also these cuda-int-mma launch configs, threads/wr/nt: e.g. "
                     "256/1/2,512/2/4")
     ap.add_argument("--mmaw-cfgs", default="", help="with --mma: also these configs of the w kernel (weights as the A "
-                    "operand), rt/kw/spw/pd[/mg[/rp[/rs]]] or rs0 (the chosen config with rs 0) (spw 0: chosen by "
-                    "the launcher; mg 1: copies of four steps at a time; rp 1: weights prefetched in registers; rs: "
-                    "the split sum's loads in flight together, 1 unless given), e.g. "
+                    "operand), rt/kw/spw/pd[/mg[/rp[/rs[/gd]]]] or rs0, gd0, gd1 (the chosen config with rs 0, gd 0 "
+                    "or 1) (spw 0: chosen by the launcher; mg 1: copies of four steps at a time; rp 1: weights "
+                    "prefetched in registers; rs: the split sum's loads in flight together, 1 unless given; gd: "
+                    "programmatic dependent launch, as W_DEFAULT unless given), e.g. "
                     "4/4/0/4,2/8/2/4,7/1/32/2/1,7/2/16/3/0/1,8/2/16/3/0/0/0")
     ap.add_argument("--mma-lite", action="store_true", help="with --mma: skip dequantize + cuBLAS and the Triton kn-dot")
     ap.add_argument("--wgmma-cfgs", default="", help="with --mma batches above 16: also these configs of the wgmma "
@@ -85,8 +86,7 @@ def main() -> int:
         dict(mode="stream", threads=int(f[0]), st=int(f[1]), u=int(f[2]), bps=int(f[3]) if len(f) > 3 else None)
         for f in (c.split("/") for c in args.stream_cfgs.split(",") if c)] + [
         dict(threads=int(f[0]), r=int(f[1]), u=int(f[2]), pf=int(f[4]) if len(f) > 4 else 1, bps=None, sp=int(f[3]),
-             xf=int(f[5]) if len(f) > 5 else 0, gd=int(f[6]) if len(f) > 6 else 0,
-             gp=int(f[7]) if len(f) > 7 else 0)
+             xf=int(f[5]) if len(f) > 5 else 0, gd=int(f[6]) if len(f) > 6 else 0)
         for f in (c.split("/") for c in args.rows_cfgs.split(",") if c)]
     os.makedirs(args.out, exist_ok=True)
     meta = bk.run_meta()
@@ -246,16 +246,18 @@ def main() -> int:
 
                     wcfgs = [None]
                     for spec in (c.split("/") for c in args.mmaw_cfgs.split(",") if c):
-                        if spec == ["rs0"]:  # the chosen config with the split sum's loads one at a time
-                            wcfgs.append(dict(mg=0, rp=0, **cm.w_config(M, n, k, sm_count(0)), rs=0))
+                        if spec in (["rs0"], ["gd0"], ["gd1"]):  # the chosen config with rs 0, or gd 0 / 1
+                            wcfgs.append(dict(dict(mg=0, rp=0, rs=cm.W_DEFAULT["rs"], gd=cm.W_DEFAULT.get("gd", 0)),
+                                              **cm.w_config(M, n, k, sm_count(0)), **{spec[0][:2]: int(spec[0][2])}))
                             continue
-                        v = [int(f) for f in spec] + [0, 0, cm.W_DEFAULT["rs"]][len(spec) - 4:]
-                        wcfgs.append(dict(rt=v[0], kw=v[1], spw=v[2] or None, pd=v[3], mg=v[4], rp=v[5], rs=v[6]))
+                        v = [int(f) for f in spec] + [0, 0, cm.W_DEFAULT["rs"], cm.W_DEFAULT.get("gd", 0)][len(spec) - 4:]
+                        wcfgs.append(dict(rt=v[0], kw=v[1], spw=v[2] or None, pd=v[3], mg=v[4], rp=v[5], rs=v[6],
+                                          gd=v[7]))
                     for cfg in wcfgs:
                         name = "cuda-int-mma-w" + ("" if cfg is None else
                                                    f" rt{cfg['rt']} kw{cfg['kw']} spw{cfg['spw'] or 0} pd{cfg['pd']}"
                                                    + (" mg" if cfg["mg"] else "") + (" rp" if cfg["rp"] else "")
-                                                   + ("" if cfg["rs"] else " rs0"))
+                                                   + ("" if cfg["rs"] else " rs0") + (" gd" if cfg["gd"] else ""))
                         cands[name] = (lambda c, cfg=cfg: mmaw_fn(c, cfg), nb)
                 if not args.mma_lite:
                     cands["rk-dequant+cublas"] = (deq_fn, nb)

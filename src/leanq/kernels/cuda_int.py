@@ -55,7 +55,7 @@ from ..formats.intq import group_size_of, num_groups
 from ..formats.packing import unpack
 from . import Kernel, cached_layout, drop_stored, int_layer_for, register_kernel
 from . import cuda_int_mma, cuda_int_wgmma
-from .cuda_rt import PRELUDE, XT, Launcher, device_index, nvrtc_available, on_device_of, sm_count
+from .cuda_rt import PRELUDE, XT, Launcher, device_index, nvrtc_available, on_device_of, sm90, sm_count
 
 BITS = (2, 3, 4, 8)
 # threads per block, rows per warp, chunks per lane per tile, next tile prefetched, cap on blocks per SM (None: as
@@ -64,13 +64,15 @@ DEFAULT_CFG = dict(threads=256, r=2, u=2, pf=1, bps=None)
 # the streaming form (int_gemv_stream, sm_90) by bits where it would be the default: threads, tiles in flight per
 # warp, chunks per lane. Empty: on an H100 it measured slower than the per-warp form at every width (NOTES.md, v10).
 STREAM: dict = {}
-# by bits: the best geometric mean over the five Llama shapes in the H100 sweeps of bench_cuda_int.py; xf 1 (x's
-# first staging loads issued before the first weight tile) measured faster on 19 of the 20 (shape, width) rows of
-# one H200 run, by 1-5% (benchmarks/kernels/NOTES.md, v14)
-TUNED: dict = {4: dict(threads=512, r=1, u=2, pf=1, bps=None, xf=1),
-               2: dict(threads=512, r=2, u=1, pf=1, bps=None, xf=1),
-               8: dict(threads=512, r=1, u=4, pf=1, bps=None, xf=1),
-               3: dict(threads=512, r=1, u=2, pf=1, bps=None, xf=1)}
+# by bits: the best geometric mean over the five Llama shapes in H200 sweeps of bench_cuda_int.py with gd 1
+# (programmatic dependent launch, sm_90 on: each warp's first tile loaded while the kernel before ends), which
+# measured 8-30% faster than the H100-tuned configs without it in a chain of launches (benchmarks/kernels/NOTES.md,
+# v15); with it, more bytes per first tile paid (4-bit u 4 over u 2). xf 1 (x's first staging loads before the
+# first weight tile, v14) serves where gd is off (before sm_90).
+TUNED: dict = {4: dict(threads=512, r=1, u=4, pf=1, bps=None, xf=1, gd=1),
+               2: dict(threads=512, r=2, u=2, pf=1, bps=None, xf=1, gd=1),
+               8: dict(threads=512, r=1, u=4, pf=1, bps=None, xf=1, gd=1),
+               3: dict(threads=512, r=2, u=2, pf=1, bps=None, xf=1, gd=1)}
 
 _SRC = r"""
 #if BITS == 3
@@ -120,13 +122,6 @@ __device__ __forceinline__ uint2 ldw2(const uint2* p) {
   uint2 r;
   asm("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p));
   return r;
-}
-
-// bytes (a multiple of 16, from a 16-byte aligned address) asked into L2, no wait (sm_90 on; a no-op before)
-__device__ __forceinline__ void l2_prefetch(const void* p, int bytes) {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(p), "r"(bytes) : "memory");
-#endif
 }
 
 // the R x U chunks of the tile (row group rg, chunks from c0) of this warp (zeros past the rows / the row end):
@@ -341,28 +336,6 @@ extern "C" __global__ void __launch_bounds__(THREADS) int_gemv(
   // ends. The weights do not depend on that kernel, so each warp's first tile is loaded at once; x (that kernel's
   // output, in a decode) is read, and out written, only after gdc_wait, which every thread passes
   if (rg0 < NRG) load_tile(q, qh, s, w, sz, rg0, cb, N, KU, NG, GCS, lane, ce);
-#if GP
-  // launch option gp: the warp's next GP tiles asked into L2 too (a bulk prefetch per row of a tile, by lane r)
-  {
-    int rgp = rg0, tkp = 0;
-#pragma unroll 1
-    for (int i = 0; i < GP; ++i) {
-      if (++tkp == TPR) { tkp = 0; rgp += rstep; }
-      const int row = rgp * R + lane;
-      if (rgp >= NRG) break;
-      if (lane < R && row < N) {
-        const int c0 = cb + tkp * 32 * U, n = min(32 * U, ce - c0);
-        const uint4* wr = w + (size_t)row * ROWU(KU);
-        if (n > 0) {
-          l2_prefetch(wr + c0, n * 16);
-#if BITS == 3
-          l2_prefetch(HPTR(wr, c0), n * 8);
-#endif
-        }
-      }
-    }
-  }
-#endif
   gdc_wait();
 #if GD == 1
   gdc_launch();  // the next grid may be scheduled now (its blocks take an SM as this grid's blocks leave)
@@ -616,21 +589,20 @@ extern "C" __global__ void int_dequant(void* __restrict__ out, const uint4* __re
 
 
 def source(bits: int, xt: int, threads: int, r: int, u: int, pf: int, sbf16: bool, ablate: int = 0, sb: int = 4,
-           st: int = 4, sp: int = 1, xf: int = 0, gd: int = 0, gp: int = 0) -> str:
+           st: int = 4, sp: int = 1, xf: int = 0, gd: int = 0) -> str:
     """The CUDA source of one configuration (its constants as #defines): ``sb`` activation units per thread per
     staging step (their loads in flight together); ``gd`` programmatic dependent launch (int_gemv: 1 the first
     weight tile loaded before the wait for the previous grid and the next grid let in after it, 2 the same but the
-    next grid let in only as this one ends; the launcher must pass ``pdl`` for it to overlap anything); ``gp`` (with
-    ``gd``) each warp's next ``gp`` tiles asked into L2 before the wait.
+    next grid let in only as this one ends; the launcher must pass ``pdl`` for it to overlap anything).
 
     ``ablate`` (timing experiments only; the results are wrong): bit 1 no decode or dot products (the loaded
     words are only XOR-ed), bit 2 no activation staging."""
     assert bits in BITS and threads % 32 == 0 and 1 <= r <= 32 and u >= 1, (bits, threads, r, u)
     assert sp == 1 or (sp == 2 and threads % 64 == 0 and threads <= 960), (sp, threads)  # a named barrier per pair
     assert pf in (0, 1), pf  # a ring of two tiles ahead measured slower on an H200 (NOTES.md, v14; commit 1a92040)
-    assert gd in (0, 1, 2) and 0 <= gp <= 16 and (gd or not gp), (gd, gp)
+    assert gd in (0, 1, 2), gd
     defs = dict(BITS=bits, XT=xt, THREADS=threads, R=r, U=u, PF=int(pf), SBF16=int(sbf16), ABLATE=ablate, SB=sb, ST=st,
-                SPLIT=sp, XF=int(xf), GD=int(gd), GP=int(gp))
+                SPLIT=sp, XF=int(xf), GD=int(gd))
     return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + PRELUDE + _SRC
 
 
@@ -641,8 +613,8 @@ def available() -> bool:
 @functools.lru_cache(maxsize=None)
 def _compiled(bits: int, xt: int, threads: int, r: int, u: int, pf: int, sbf16: bool, device: int,
               name: str = "int_gemv", ablate: int = 0, sb: int = 4, st: int = 4, sp: int = 1,
-              xf: int = 0, gd: int = 0, gp: int = 0) -> Launcher:
-    src = source(bits, xt, threads, r, u, pf, sbf16, ablate, sb, st, sp, xf, gd, gp)
+              xf: int = 0, gd: int = 0) -> Launcher:
+    src = source(bits, xt, threads, r, u, pf, sbf16, ablate, sb, st, sp, xf, gd)
     with torch.cuda.device(device):
         return Launcher(torch.cuda._compile_kernel(src, name), "cuda-int")
 
@@ -827,7 +799,7 @@ def _rows_launch(cfg: dict, pk: dict, x2: torch.Tensor, dev: int) -> tuple:
     threads, r, u, sp = cfg["threads"], cfg["r"], cfg["u"], int(cfg.get("sp", 1))
     kern = _compiled(pk["bits"], XT[x2.dtype], threads, r, u, int(cfg.get("pf", 1)), bool(pk["sbf16"]), dev,
                      "int_gemv", int(cfg.get("ablate", 0)), staging_units(cfg, pk), 4, sp, int(cfg.get("xf", 0)),
-                     gdc(cfg, dev), int(cfg.get("gp", 0)) if gdc(cfg, dev) else 0)
+                     gdc(cfg, dev))
     warps = threads // 32 // sp  # row groups a block walks at once (sp = 2: two warps per row group)
     smem = pk["KU"] * (codes_per_chunk(pk["bits"]) * 2 + 16)  # fp16 activations, a chunk sum per chunk
     smem += 2 * warps * r * 4 if sp == 2 else 0  # the halves' meeting slots
@@ -843,21 +815,18 @@ def stream_smem(pk: dict, threads: int, st: int, u: int) -> int:
     return warps * st * 32 * u * 16 + (warps * st + 1) // 2 * 16 + pk["KU"] * (codes_per_chunk(pk["bits"]) * 2 + 16)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm90(dev: int) -> bool:
-    return torch.cuda.get_device_capability(dev) >= (9, 0)
 
 
 def gdc(cfg: dict, dev: int) -> int:
     """The config's programmatic-dependent-launch mode (``gd``) where the GPU has it (sm_90 on), else 0."""
     gd = int(cfg.get("gd", 0))
-    return gd if gd and _sm90(dev) else 0
+    return gd if gd and sm90(dev) else 0
 
 
 def _stream_launch(cfg: dict, pk: dict, x2: torch.Tensor, dev: int):
     """(kernel, threads, blocks, shared memory) of the streaming form, or None where it does not apply (3-bit,
     before sm_90, or shared memory too small for this K)."""
-    if pk["bits"] == 3 or not _sm90(dev):
+    if pk["bits"] == 3 or not sm90(dev):
         return None
     threads, st, u = cfg.get("threads", 256), cfg.get("st", 4), cfg.get("u", 1)
     smem = stream_smem(pk, threads, st, u)

@@ -52,7 +52,7 @@ import os
 
 import torch
 
-from .cuda_rt import PRELUDE, XT, Launcher, device_index, grow_scratch, nvrtc_available, sm_count
+from .cuda_rt import PRELUDE, XT, Launcher, device_index, grow_scratch, nvrtc_available, sm90, sm_count
 
 # launch configs (threads, row groups per block, n8 tiles per warp, slices whose loads go out together) by batch:
 # the best of the H100 sweeps of 2026-11-28 at batches 4 and 16 (benchmarks/kernels/results/cuda-int-mma-h100-*)
@@ -408,15 +408,41 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) int_mma_w(
   // the block's x first, all of it by cp.async (one group): batch rows 0 .. 8 NT - 1 (rows past M clamped), input
   // k = 128 S + 32 t + 4 j + e of batch row b to step j of lane (b % 8) * 4 + t, entry b / 8, 8 bytes per copy.
   // Thread u takes t = u % 4 and batch row (u / 4) % (8 NT) fastest, so a warp's copies fill neighbouring entries.
-  for (int u = threadIdx.x; u < (ABL & 4 ? 0 : (sb1 - sb0) * 128 * NT); u += WARPS * 32) {  // ABL 4: no staging
-    const int tt = u & 3, b = (u >> 2) % (8 * NT), rest = (u >> 2) / (8 * NT), jp = rest & 3, sl = rest >> 2;
-    const uint2* src = (const uint2*)(x + (size_t)min(b, M - 1) * (K >> 3) + (sb0 + sl) * 16 + 4 * tt + jp);
-    uint2* d = xs + ((size_t)(sl * 8 + 2 * jp) * 32 + (b & 7) * 4 + tt) * NT + (b >> 3);
-    cp8(d, src);
-    cp8(d + 32 * NT, src + 1);
+  auto stage_x = [&]() {
+    for (int u = threadIdx.x; u < (ABL & 4 ? 0 : (sb1 - sb0) * 128 * NT); u += WARPS * 32) {  // ABL 4: no staging
+      const int tt = u & 3, b = (u >> 2) % (8 * NT), rest = (u >> 2) / (8 * NT), jp = rest & 3, sl = rest >> 2;
+      const uint2* src = (const uint2*)(x + (size_t)min(b, M - 1) * (K >> 3) + (sb0 + sl) * 16 + 4 * tt + jp);
+      uint2* d = xs + ((size_t)(sl * 8 + 2 * jp) * 32 + (b & 7) * 4 + tt) * NT + (b >> 3);
+      cp8(d, src);
+      cp8(d + 32 * NT, src + 1);
+    }
+    cp_commit();
+  };
+#if GD
+  // programmatic dependent launch (launch option gd; not with mg or rp): this grid may start while the kernel before
+  // it in the stream ends. The weight ring's first PD - 1 steps (and their group words) do not depend on it and go
+  // first; x (that kernel's output, in a decode) is copied, and anything written, only after gdc_wait, which every
+  // thread passes. The ring's groups then precede x's, so the prologue waits for all of them.
+  if (s0 < s1) {
+#pragma unroll
+    for (int d = 0; d < PD - 1; ++d) {
+      issue_wstep(rq + d * 64, wa, wb, min(s0 + d, s1 - 1));
+      if ((d & 3) == 0) issue_sz(rs + ((d >> 2) & 1) * 32, sa, sb, s0 + d, t, s1 - 1);
+      cp_commit();
+    }
+  } else {
+#pragma unroll
+    for (int d = 0; d < PD - 1; ++d) cp_commit();
   }
-  cp_commit();
-#if RP
+  gdc_wait();
+  gdc_launch();  // the next grid may be scheduled now (its blocks take an SM as this grid's blocks leave)
+  stage_x();
+  cp_wait<0>();
+#else
+  stage_x();
+#endif
+#if GD
+#elif RP
   cp_wait<0>();
 #else
   // then the weight ring of PD slots per lane: steps s0 .. s0 + PD - 2 now, then each step issues the one PD - 1
@@ -669,8 +695,12 @@ TUNED_W: dict = {}  # batch bucket (8: batches 2-8, 16: 9-16) -> config, from th
 
 
 def source_w(xt: int, rt: int, kw: int, nt: int, gs: int, sbf16: bool, pd: int = 4, abl: int = 0, mg: int = 0,
-             rp: int = 0, rs: int = 0) -> str:
-    defs = dict(BITS=4, XT=xt, RT=rt, KW=kw, NT=nt, GS=gs, SBF16=int(sbf16), PD=pd, ABL=abl, MG=mg, RP=rp, RS=rs)
+             rp: int = 0, rs: int = 0, gd: int = 0) -> str:
+    """``gd`` 1: programmatic dependent launch (the ring's first steps copied before the wait for the previous grid;
+    the launcher must pass ``pdl``), with the per-step ring only (mg 0, rp 0)."""
+    assert not gd or not (mg or rp), (gd, mg, rp)
+    defs = dict(BITS=4, XT=xt, RT=rt, KW=kw, NT=nt, GS=gs, SBF16=int(sbf16), PD=pd, ABL=abl, MG=mg, RP=rp, RS=rs,
+                GD=int(gd))
     return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + PRELUDE + _HELPERS + _SRC_W
 
 
@@ -772,8 +802,9 @@ if torch.cuda.is_available():  # allocate now, outside any CUDA-graph memory poo
 
 @functools.lru_cache(maxsize=None)
 def _compiled_w(xt: int, rt: int, kw: int, nt: int, gs: int, sbf16: bool, pd: int, abl: int, mg: int, rp: int,
-                device: int, rs: int = 0) -> Launcher:
-    return _launcher(source_w(xt, rt, kw, nt, gs, sbf16, pd, abl, mg, rp, rs), "int_mma_w", "cuda-int-mma-w", device)
+                device: int, rs: int = 0, gd: int = 0) -> Launcher:
+    return _launcher(source_w(xt, rt, kw, nt, gs, sbf16, pd, abl, mg, rp, rs, gd), "int_mma_w", "cuda-int-mma-w",
+                     device)
 
 
 def run_int_mma_w(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dict | None = None,
@@ -787,8 +818,9 @@ def run_int_mma_w(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: di
     sms = sm_count(dev)
     cfg = cfg or w_config(M, N, K, sms)
     c0 = dict(W_DEFAULT, **cfg)
+    gd = int(bool(c0.get("gd")) and sm90(dev) and not (c0.get("mg") or c0.get("rp")))
     kern = _compiled_w(XT[x2.dtype], c0["rt"], c0["kw"], nt, pk["group"], bool(pk["sbf16"]), c0["pd"],
-                       int(c0.get("abl", 0)), int(c0.get("mg", 0)), int(c0.get("rp", 0)), dev, int(c0.get("rs", 0)))
+                       int(c0.get("abl", 0)), int(c0.get("mg", 0)), int(c0.get("rp", 0)), dev, int(c0.get("rs", 0)), gd)
     threads = 32 * c0["rt"] * c0["kw"]
     c, (gx, gy) = w_launch(M, N, K, cfg, sms, lambda smem: kern.blocks_per_sm(threads, smem))
     scratch = _w_scratch(x2.device, gy * N * 16, gx) if gy > 1 else None
@@ -802,7 +834,7 @@ def run_int_mma_w(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: di
         out = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
     kern(grid=(gx, gy, 1), block=(threads, 1, 1),
          args=[x2, out, bias if bias is not None else out, pk["words"], pk["sz"], part, cnt, M, N, K, pk["KU"],
-               pk["NG"], int(bias is not None), c["spw"]], smem=w_smem(c, nt))
+               pk["NG"], int(bias is not None), c["spw"]], smem=w_smem(c, nt), pdl=bool(gd))
     return out
 
 

@@ -149,6 +149,12 @@ def sm_count(dev: int) -> int:
     return torch.cuda.get_device_properties(dev).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
+def sm90(dev: int) -> bool:
+    """Device ``dev`` is sm_90 or later (wgmma, bulk copies, programmatic dependent launch)."""
+    return torch.cuda.get_device_capability(dev) >= (9, 0)
+
+
 def device_index(x: torch.Tensor | torch.device) -> int:
     """The CUDA device index of tensor or device ``x`` (the current device for a bare ``cuda``)."""
     d = x.device if isinstance(x, torch.Tensor) else x
