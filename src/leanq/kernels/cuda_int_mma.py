@@ -683,7 +683,7 @@ def run_int_mma(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dict
 # warp (None: the one whose grid fills its last wave best, see w_launch), PD ring slots per warp (PD - 1 steps ahead)
 W_STEP_BYTES = 32  # shared memory per lane and ring slot: two 16-byte chunks (and two slots of group words per warp)
 W_SMEM_MAX = 227 * 1024  # shared memory a block may have (H100; the launch asks for it above 48 KB)
-W_DEFAULT = dict(rt=4, kw=4, spw=None, pd=4, rs=1)
+W_DEFAULT = dict(rt=4, kw=4, spw=None, pd=4, rs=1, gd=1)
 # the choice when none is given (w_config): two input ranges per block, a ring of 3, and the rows per block (rt) and
 # steps per warp (spw) whose grid needs the fewest waves and fills the last one best, larger spw first among equals.
 # On an H100 (2026-11-28 sweeps) long warps (spw 16) won on the large shapes, and SMs left idle by the grid
