@@ -168,8 +168,43 @@ def test_cuda_int_wide_inputs_take_more_than_48kb_of_shared_memory(bits, form):
     assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
 
 
+def test_pdl_mode_follows_the_gpu_and_inductor(monkeypatch):
+    """gd applies from sm_90 on; while TorchInductor's PDL mode is on, the early trigger (gd 1) becomes gd 2."""
+    import torch._inductor.config as icfg
+
+    monkeypatch.setattr(ci, "sm90", lambda dev: True)
+    monkeypatch.setattr(icfg.triton, "enable_pdl", False)
+    assert [ci.gdc(dict(gd=g), 0) for g in (0, 1, 2)] == [0, 1, 2]
+    assert ci.gdc({}, 0) == 0
+    monkeypatch.setattr(icfg.triton, "enable_pdl", True)
+    assert [ci.gdc(dict(gd=g), 0) for g in (0, 1, 2)] == [0, 2, 2]
+    monkeypatch.setattr(ci, "sm90", lambda dev: False)
+    assert ci.gdc(dict(gd=1), 0) == 0
+
+
+def test_pdl_wait_precedes_every_read_of_x_in_the_sources():
+    """The sources with gd: griddepcontrol.wait comes before the first read of x (int_gemv's staging, int_mma_w's
+    x copies), and the early trigger sits under ``#if GD == 1`` (gd 2 leaves it out)."""
+    from leanq.kernels import cuda_int_mma as cm
+
+    for gd in (1, 2):
+        src = ci.source(4, 2, 512, 1, 4, 1, True, gd=gd)
+        srcw = cm.source_w(2, 6, 2, 1, 128, True, 3, 0, 0, 0, 1, gd)
+        assert f"#define GD {gd}\n" in src and f"#define GD {gd}\n" in srcw
+        for text, entry, first_x in ((src, "int_gemv(", "stage_x(xs, x"), (srcw, "int_mma_w(", "stage_x();")):
+            body = text[text.index(entry):]
+            body = body[body.index("#if GD\n"):]
+            body = body[:body.index("#else\n")]
+            assert body.index("gdc_wait();") < body.index(first_x)
+            lines = [ln.strip() for ln in body.splitlines()]
+            i = next(j for j, ln in enumerate(lines) if ln.startswith("gdc_launch();"))
+            assert lines[i - 1] == "#if GD == 1" and lines[i + 1] == "#endif"
+    with pytest.raises(AssertionError):
+        cm.source_w(2, 6, 2, 1, 128, True, 3, 0, 1, 0, 1, 1)  # not with mg
+
+
 @GPU
-@pytest.mark.parametrize("m,gd", [(1, 1), (1, 2), (4, 1), (16, 1)])
+@pytest.mark.parametrize("m,gd", [(1, 1), (1, 2), (4, 1), (16, 1), (16, 2)])
 def test_cuda_int_pdl_chain_in_a_cuda_graph_reads_each_input_after_it_is_written(m, gd):
     """Programmatic dependent launch (batch 1: int_gemv; 4 and 16: int_mma_w, split over K): in a captured chain
     where each layer reads what the kernel before it wrote (the layer before it, or an elementwise op), every replay
@@ -569,7 +604,7 @@ def test_int_mma_w_matches_reference(group, n, k, m, sdtype, dtype):
                 dict(rt=1, kw=4, spw=2, pd=4), dict(rt=2, kw=1, spw=6, pd=2, mg=1), dict(rt=1, kw=2, spw=4, pd=3, mg=1),
                 dict(rt=2, kw=2, spw=3, pd=3, rp=1), dict(rt=1, kw=1, spw=ns, pd=3, rp=1),
                 dict(rt=4, kw=2, spw=1, pd=3, rs=1), dict(rt=1, kw=4, spw=2, pd=4, rs=1),
-                dict(rt=2, kw=2, spw=1, pd=3, gd=1), dict(rt=1, kw=1, spw=ns, pd=4, gd=1)):
+                dict(rt=2, kw=2, spw=1, pd=3, gd=1), dict(rt=1, kw=1, spw=ns, pd=4, gd=1), dict(rt=2, kw=2, spw=1, pd=3, gd=2)):
         out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
         cm.run_int_mma_w(x, pk, layer.bias.to(dtype), cfg, out=out)
         assert torch.isfinite(out).all() and ((out.float() - ref).norm() / ref.norm()).item() < 1e-2, cfg

@@ -55,7 +55,8 @@ from ..formats.intq import group_size_of, num_groups
 from ..formats.packing import unpack
 from . import Kernel, cached_layout, drop_stored, int_layer_for, register_kernel
 from . import cuda_int_mma, cuda_int_wgmma
-from .cuda_rt import PRELUDE, XT, Launcher, device_index, nvrtc_available, on_device_of, sm90, sm_count
+from .cuda_rt import (PRELUDE, XT, Launcher, device_index, inductor_pdl, nvrtc_available, on_device_of, sm90,
+                      sm_count)
 
 BITS = (2, 3, 4, 8)
 # threads per block, rows per warp, chunks per lane per tile, next tile prefetched, cap on blocks per SM (None: as
@@ -818,9 +819,12 @@ def stream_smem(pk: dict, threads: int, st: int, u: int) -> int:
 
 
 def gdc(cfg: dict, dev: int) -> int:
-    """The config's programmatic-dependent-launch mode (``gd``) where the GPU has it (sm_90 on), else 0."""
+    """The config's programmatic-dependent-launch mode (``gd``) where the GPU has it (sm_90 on), else 0; 1 becomes
+    2 (the next grid let in at this one's end) while TorchInductor's own PDL mode is on (see cuda_rt.inductor_pdl)."""
     gd = int(cfg.get("gd", 0))
-    return gd if gd and sm90(dev) else 0
+    if not gd or not sm90(dev):
+        return 0
+    return 2 if gd == 1 and inductor_pdl() else gd
 
 
 def _stream_launch(cfg: dict, pk: dict, x2: torch.Tensor, dev: int):

@@ -52,7 +52,8 @@ import os
 
 import torch
 
-from .cuda_rt import PRELUDE, XT, Launcher, device_index, grow_scratch, nvrtc_available, sm90, sm_count
+from .cuda_rt import (PRELUDE, XT, Launcher, device_index, grow_scratch, inductor_pdl, nvrtc_available, sm90,
+                      sm_count)
 
 # launch configs (threads, row groups per block, n8 tiles per warp, slices whose loads go out together) by batch:
 # the best of the H100 sweeps of 2026-11-28 at batches 4 and 16 (benchmarks/kernels/results/cuda-int-mma-h100-*)
@@ -435,7 +436,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) int_mma_w(
     for (int d = 0; d < PD - 1; ++d) cp_commit();
   }
   gdc_wait();
+#if GD == 1
   gdc_launch();  // the next grid may be scheduled now (its blocks take an SM as this grid's blocks leave)
+#endif
   stage_x();
   cp_wait<0>();
 #else
@@ -696,9 +699,10 @@ TUNED_W: dict = {}  # batch bucket (8: batches 2-8, 16: 9-16) -> config, from th
 
 def source_w(xt: int, rt: int, kw: int, nt: int, gs: int, sbf16: bool, pd: int = 4, abl: int = 0, mg: int = 0,
              rp: int = 0, rs: int = 0, gd: int = 0) -> str:
-    """``gd`` 1: programmatic dependent launch (the ring's first steps copied before the wait for the previous grid;
-    the launcher must pass ``pdl``), with the per-step ring only (mg 0, rp 0)."""
-    assert not gd or not (mg or rp), (gd, mg, rp)
+    """``gd`` 1: programmatic dependent launch (the ring's first steps copied before the wait for the previous grid,
+    the next grid let in after it; the launcher must pass ``pdl``), 2 the same with the next grid let in only as this
+    one ends; with the per-step ring only (mg 0, rp 0)."""
+    assert gd in (0, 1, 2) and (not gd or not (mg or rp)), (gd, mg, rp)
     defs = dict(BITS=4, XT=xt, RT=rt, KW=kw, NT=nt, GS=gs, SBF16=int(sbf16), PD=pd, ABL=abl, MG=mg, RP=rp, RS=rs,
                 GD=int(gd))
     return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + PRELUDE + _HELPERS + _SRC_W
@@ -818,7 +822,8 @@ def run_int_mma_w(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: di
     sms = sm_count(dev)
     cfg = cfg or w_config(M, N, K, sms)
     c0 = dict(W_DEFAULT, **cfg)
-    gd = int(bool(c0.get("gd")) and sm90(dev) and not (c0.get("mg") or c0.get("rp")))
+    gd = 0 if c0.get("mg") or c0.get("rp") or not sm90(dev) else int(c0.get("gd", 0))
+    gd = 2 if gd == 1 and inductor_pdl() else gd  # see cuda_rt.inductor_pdl
     kern = _compiled_w(XT[x2.dtype], c0["rt"], c0["kw"], nt, pk["group"], bool(pk["sbf16"]), c0["pd"],
                        int(c0.get("abl", 0)), int(c0.get("mg", 0)), int(c0.get("rp", 0)), dev, int(c0.get("rs", 0)), gd)
     threads = 32 * c0["rt"] * c0["kw"]

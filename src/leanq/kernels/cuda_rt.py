@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import sys
 
 import torch
 
@@ -153,6 +154,15 @@ def sm_count(dev: int) -> int:
 def sm90(dev: int) -> bool:
     """Device ``dev`` is sm_90 or later (wgmma, bulk copies, programmatic dependent launch)."""
     return torch.cuda.get_device_capability(dev) >= (9, 0)
+
+
+def inductor_pdl() -> bool:
+    """TorchInductor generates programmatic-dependent-launch code (``torch._inductor.config.triton.enable_pdl``).
+    Its kernels skip the wait where they do not read their predecessor's output, so a kernel before them that lets
+    them start early (``gdc_launch`` at its start) could end after a later kernel that reads its output: the
+    kernels here then leave the trigger to their end (launch option gd 2)."""
+    cfg = sys.modules.get("torch._inductor.config")
+    return bool(getattr(getattr(cfg, "triton", None), "enable_pdl", False))
 
 
 def device_index(x: torch.Tensor | torch.device) -> int:
