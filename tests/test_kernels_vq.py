@@ -189,6 +189,58 @@ def test_cuda_vq_matches_reference(d, ib, nb, rows, cols, group, in_f, dtype):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA C++ kernel needs a GPU (NVRTC)")
+@pytest.mark.parametrize("cfg", [dict(threads=128, npt=4, vc=16, mode="stationary", bps=4, gd=1),
+                                 dict(threads=256, npt=4, vc=16, gd=1), dict(threads=64, npt=16, vc=8, fuse=True, gd=1),
+                                 dict(threads=128, npt=4, vc=16, mode="stationary", bps=4, gd=2)])
+def test_cuda_vq_pdl_chain_in_a_cuda_graph_reads_each_input_after_it_is_written(cfg):
+    """Programmatic dependent launch (gd): in a captured chain of vq layers (the GEMV, its finishing kernel, an
+    elementwise op between layers; the scratch sums shared), every replay matches the chain launched without it, for
+    a new input each time (the chain's buffers still hold the last replay's values, so an early read would show)."""
+    from leanq.kernels import cuda_vq as cv
+    from leanq.kernels import triton_vq_kn as vk
+
+    spec = QuantSpec(fmt="vq", bits=8, vq_dim=4, vq_books=1, vq_rows=None, vq_cols=192, group_size=None)
+    pks = [vk.packed_vq_kn(random_vq_layer(1536, 1536, spec, bias=False, seed=20 + i).to("cuda")) for i in range(2)]
+    x0 = torch.randn(1, 1536, device="cuda")
+    plain = {k: v for k, v in cfg.items() if k != "gd"}
+
+    def chain(c):
+        x = x0
+        for i in range(8):
+            x = cv.run_vq_cuda(x, pks[i % 2], None, c) * 0.025  # about unit scale again
+        return x
+
+    chain(cfg)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = chain(cfg)
+    for _ in range(4):
+        x0.copy_(torch.randn(1, 1536, device="cuda"))
+        g.replay()
+        ref = chain(plain)
+        torch.cuda.synchronize()
+        assert ref.abs().max() > 0
+        torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))  # fp32 atomics: any order
+
+
+def test_cuda_vq_pdl_source_orders_the_wait():
+    """gd: the index loads (volatile, coherent) come before the wait, x only after it, the early trigger with gd 1."""
+    from leanq.kernels import cuda_vq as cv
+
+    for gd in (0, 1, 2):
+        src = cv.source(4, 256, 2, 128, 4, 16, False, 0, gd)
+        assert f"#define GD {gd}\n" in src
+        for entry in ("vq_lut_gemv(", "vq_lut_gemv_s("):
+            body = src[src.index(entry):]
+            assert body.index("load_idx<GD != 0>(") < body.index("gdc_step();") < body.index("build_table(")
+        body = src[src.index("vq_finish("):]
+        assert body.index("gdc_step();") < body.index("acc[n]")
+    with pytest.raises(AssertionError):
+        cv.source(4, 256, 2, 128, 4, 16, False, 0, 3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA C++ kernel needs a GPU (NVRTC)")
 def test_cuda_vq_runs_under_torch_compile():
     """torch.compile takes the kernel whole as the custom op leanq::cuda_vq_linear (same result as eager)."""
     from leanq.kernels import cuda_vq as cv

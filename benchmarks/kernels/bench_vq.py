@@ -46,7 +46,10 @@ KN_CONFIGS = [dict(BN=bn, BV=bv, num_warps=w, lut=lut) for bn, bv, w, lut in [
 CUDA_CONFIGS = [dict(threads=256, npt=4, vc=16, fuse=False), dict(threads=256, npt=4, vc=16, fuse=True),
                 dict(threads=256, npt=4, vc=8, fuse=False), dict(threads=128, npt=8, vc=16, fuse=False),
                 dict(threads=256, npt=4, vc=16, mode="stationary", bps=2),
-                dict(threads=128, npt=4, vc=16, mode="stationary", bps=4)]
+                dict(threads=128, npt=4, vc=16, mode="stationary", bps=4),
+                # 6, 7: the two presets' tuned configs with programmatic dependent launch (cuda_vq's gd)
+                dict(threads=128, npt=4, vc=16, mode="stationary", bps=4, gd=1),
+                dict(threads=256, npt=4, vc=16, fuse=False, gd=1)]
 FLUSH = None
 
 
@@ -56,7 +59,7 @@ def rows_name(c: dict) -> str:
 
 def cuda_name(c: dict) -> str:
     return (f"cuda {c.get('mode', 'tile')[:4]} t{c['threads']} n{c['npt']} v{c['vc']}" + (f" b{c['bps']}" if "bps" in c else "")
-            + (" fused" if c.get("fuse") else ""))
+            + (" fused" if c.get("fuse") else "") + (f" gd{c['gd']}" if c.get("gd") else ""))
 
 
 def flush_l2() -> None:

@@ -150,7 +150,7 @@ __device__ __forceinline__ void load_tile(uint4 (&q)[R][U], uint2 (&qh)[R][U], u
 
 
 // activations 8u .. 8u + 7 one at a time (zeros past K): when K % 8 != 0 or x is not 16-byte aligned
-__device__ __forceinline__ void load8(float (&v)[8], const void* __restrict__ x, int u, int K) {
+__device__ __forceinline__ void load8(float (&v)[8], const void* XR x, int u, int K) {
 #pragma unroll
   for (int i = 0; i < 8; ++i) v[i] = 8 * u + i < K ? ldx(x, 8 * u + i) : 0.f;
 }
@@ -242,7 +242,7 @@ __device__ __forceinline__ void compute_tile(float (&acc)[R], const uint4 (&q)[R
 // a thread per 16-byte unit (8 values; a chunk's S units on S neighbouring lanes, which share their max and sum
 // by shuffles), SB units per thread at a time with all their loads issued first
 // one step of the staging: the 16-byte loads of SB units per thread, from unit u0 (issued together) ...
-__device__ __forceinline__ void x_load(uint4 (&raw)[SB][XW], const void* __restrict__ x, int u0, int K, int KU,
+__device__ __forceinline__ void x_load(uint4 (&raw)[SB][XW], const void* XR x, int u0, int K, int KU,
                                        int XVEC) {
 #pragma unroll
   for (int b = 0; b < SB; ++b) {
@@ -253,7 +253,7 @@ __device__ __forceinline__ void x_load(uint4 (&raw)[SB][XW], const void* __restr
   }
 }
 // ... and their scaled fp16 pairs and chunk sums into shared memory
-__device__ __forceinline__ void x_store(uint4* xs, const uint4 (&raw)[SB][XW], const void* __restrict__ x, int u0,
+__device__ __forceinline__ void x_store(uint4* xs, const uint4 (&raw)[SB][XW], const void* XR x, int u0,
                                         int K, int KU, int XVEC, int lane) {
 #pragma unroll
   for (int b = 0; b < SB; ++b) {
@@ -292,7 +292,7 @@ __device__ __forceinline__ void x_store(uint4* xs, const uint4 (&raw)[SB][XW], c
   }
 }
 // the staging steps from unit ``from`` on
-__device__ __forceinline__ void stage_x(uint4* xs, const void* __restrict__ x, int K, int KU, int XVEC, int lane,
+__device__ __forceinline__ void stage_x(uint4* xs, const void* XR x, int K, int KU, int XVEC, int lane,
                                         int from = 0) {
   for (int u0 = from; u0 < KU * S; u0 += SB * THREADS) {
     uint4 raw[SB][XW];  // the 16-byte loads of SB units (XVEC), in flight together
@@ -302,7 +302,7 @@ __device__ __forceinline__ void stage_x(uint4* xs, const void* __restrict__ x, i
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS) int_gemv(
-    const void* __restrict__ x, void* __restrict__ out, const void* __restrict__ bias,
+    const void* XR x, void* __restrict__ out, const void* __restrict__ bias,
     const uint4* __restrict__ w, const u32* __restrict__ sz, int N, int K, int KU, int NG, int GCS, int HAS_BIAS,
     int XVEC)
 {
@@ -446,7 +446,7 @@ __device__ __forceinline__ void tile_groups(u32 (&s)[U][UC], const u32* __restri
   }
 }
 extern "C" __global__ void __launch_bounds__(THREADS) int_gemv_stream(
-    const void* __restrict__ x, void* __restrict__ out, const void* __restrict__ bias,
+    const void* XR x, void* __restrict__ out, const void* __restrict__ bias,
     const uint4* __restrict__ w, const u32* __restrict__ sz, int N, int K, int KU, int NG, int GCS, int HAS_BIAS,
     int XVEC)
 {

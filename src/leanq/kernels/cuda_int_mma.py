@@ -360,7 +360,7 @@ __device__ __forceinline__ void compute_wstep(float (&acc)[NT][4], const uint4 q
 // x: [M, K] 16-bit, 16-byte aligned rows (K % 128 == 0); out: [M, N]; w, sz: the rk layout; part, cnt: the slots and
 // the row groups' arrival counters (zero between launches), used when gridDim.y > 1; spw: super-steps per warp
 extern "C" __global__ void __launch_bounds__(WARPS * 32) int_mma_w(
-    const uint4* __restrict__ x, void* __restrict__ out, const void* __restrict__ bias, const uint4* __restrict__ w,
+    const uint4* XR x, void* __restrict__ out, const void* __restrict__ bias, const uint4* __restrict__ w,
     const u32* __restrict__ sz, float* __restrict__ part, int* __restrict__ cnt, int M, int N, int K, int KU, int NG,
     int HAS_BIAS, int spw)
 {

@@ -40,6 +40,14 @@ class _LaunchConfig(ctypes.Structure):
 # (hfma2, f2h2, h2sum: two fp32 to a pair, a pair's sum in fp32); a 16-byte weight load that skips L1 (ldw);
 # the end of a warp's row group (finish_rows).
 PRELUDE = r"""
+// XR qualifies x, the activations, which the kernel before wrote (in a decode). Under programmatic dependent launch
+// (a kernel's GD define not 0) x is read by coherent loads, without __restrict__ and so without ld.global.nc:
+// ptxas keeps griddepcontrol.wait ahead of coherent loads, and was seen to move read-only (.nc) loads across it.
+#if defined(GD) && GD
+#define XR
+#else
+#define XR __restrict__
+#endif
 typedef unsigned char u8;
 typedef unsigned short u16;
 typedef unsigned int u32;

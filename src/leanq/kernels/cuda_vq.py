@@ -41,7 +41,8 @@ import functools
 import torch
 
 from . import Kernel, register_kernel
-from .cuda_rt import PRELUDE, XT, Launcher, device_index, nvrtc_available, on_device_of, sm_count
+from .cuda_rt import (PRELUDE, XT, Launcher, device_index, inductor_pdl, nvrtc_available, on_device_of, sm90,
+                      sm_count)
 
 # threads per block, outputs per thread, vectors per block, kernel (and its blocks per SM), finishing step fused:
 # by (D, index bits) the best on the five Llama shapes in the H100 runs of docs/PERFORMANCE.md, "Codebook (vq)
@@ -70,14 +71,45 @@ __device__ __forceinline__ u32 word_of(const IdxT& q, int w) {
 #endif
 }
 
+// programmatic dependent launch (launch option gd, sm_90 on): every kernel here may start while the kernel before it
+// in the stream ends. What comes before this step reads only the layer's own indices; after it, x, the scratch sums
+// and the output. gd 1 also lets the next grid in at once (the GEMV's finishing kernel, or the next layer's GEMV);
+// gd 2 only at the end.
+__device__ __forceinline__ void gdc_step() {
+#if GD
+  gdc_wait();
+#if GD == 1
+  gdc_launch();
+#endif
+#endif
+}
+
 // Shared steps of both kernels, for the VC vectors from v0:
-// the index loads of VC vectors x NPT outputs from n (zeros where absent)
+// an index load as volatile inline PTX: kept before gdc_step's wait in the SASS (a plain load of read-only data may
+// be moved past it, and was, in vq_lut_gemv_s)
+__device__ __forceinline__ void ld_ordered(u32& v, const void* p) {
+  asm volatile("ld.global.b32 %0, [%1];" : "=r"(v) : "l"(p));
+}
+__device__ __forceinline__ void ld_ordered(uint2& v, const void* p) {
+  asm volatile("ld.global.v2.b32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+}
+__device__ __forceinline__ void ld_ordered(uint4& v, const void* p) {
+  asm volatile("ld.global.v4.b32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+}
+
+// the index loads of VC vectors x NPT outputs from n (zeros where absent); ORDERED: as volatile PTX (before gdc_step)
+template <bool ORDERED>
 __device__ __forceinline__ void load_idx(IdxT* q, const u8* __restrict__ idx, int v0, int n, bool live, int N,
                                          int NVEC) {
 #pragma unroll
   for (int j = 0; j < VC; ++j) {
-    if (live && v0 + j < NVEC) q[j] = *(const IdxT*)(idx + (size_t)(v0 + j) * N + n);
-    else q[j] = IdxT();
+    if (live && v0 + j < NVEC) {
+      const IdxT* p = (const IdxT*)(idx + (size_t)(v0 + j) * N + n);
+      if (ORDERED) ld_ordered(q[j], p);
+      else q[j] = *p;
+    } else {
+      q[j] = IdxT();
+    }
   }
 }
 
@@ -85,7 +117,7 @@ __device__ __forceinline__ void load_idx(IdxT* q, const u8* __restrict__ idx, in
 // memory, then the table tab[vl * KK + c] = <codeword c, x_vl>.  A thread owns codeword c (and every
 // (THREADS / KK)-th vector when THREADS > KK); when all VC vectors share one column tile (the usual case) the
 // codeword is read once and each entry costs one broadcast read of x, D multiply-adds and one store.
-__device__ __forceinline__ void build_table(float* tab, float* xs, int* toff, const void* __restrict__ x,
+__device__ __forceinline__ void build_table(float* tab, float* xs, int* toff, const void* XR x,
                                             const u16* __restrict__ cb, int v0, int NVEC, int K_IN, int COLS) {
   for (int i = threadIdx.x; i < VC * D; i += THREADS) {
     const int k = v0 * D + i;
@@ -178,7 +210,7 @@ __device__ __forceinline__ void add_out(float* __restrict__ acc, const float* __
 // after a barrier one thread per block publishes the block's adds (release) and takes a ticket; the block
 // holding the last ticket reads the sums after an acquire.
 extern "C" __global__ void __launch_bounds__(THREADS) vq_lut_gemv(
-    const void* __restrict__ x, float* __restrict__ acc, const u8* __restrict__ idx, const u16* __restrict__ cb,
+    const void* XR x, float* __restrict__ acc, const u8* __restrict__ idx, const u16* __restrict__ cb,
     const float* __restrict__ s, int N, int NVEC, int K_IN, int COLS, int G, int NSG,
     int* __restrict__ cnt, void* __restrict__ out, const void* __restrict__ bias, int HAS_BIAS, int FUSE)
 {
@@ -190,7 +222,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) vq_lut_gemv(
   const int v0 = blockIdx.y * VC;
   const bool live = n < N;
   IdxT q[VC];
-  load_idx(q, idx, v0, n, live, N, NVEC);
+  load_idx<GD != 0>(q, idx, v0, n, live, N, NVEC);
+  gdc_step();
   build_table(tab, xs, toff, x, cb, v0, NVEC, K_IN, COLS);
   if (live) {
     float a[NPT];
@@ -228,7 +261,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) vq_lut_gemv(
 // grid (ceil(N / NR), ceil(NVEC / VC)).  Fewer tables are built than by "tile" (one per NR outputs, not per
 // THREADS * NPT), at the price of more atomic adds when NR > THREADS * NPT would not otherwise fill the GPU.
 extern "C" __global__ void __launch_bounds__(THREADS) vq_lut_gemv_s(
-    const void* __restrict__ x, float* __restrict__ acc, const u8* __restrict__ idx, const u16* __restrict__ cb,
+    const void* XR x, float* __restrict__ acc, const u8* __restrict__ idx, const u16* __restrict__ cb,
     const float* __restrict__ s, int N, int NVEC, int K_IN, int COLS, int G, int NSG, int NR)
 {
   __shared__ float tab[VC * KK];
@@ -238,12 +271,13 @@ extern "C" __global__ void __launch_bounds__(THREADS) vq_lut_gemv_s(
   const int ne = min(N, (blockIdx.x + 1) * NR);
   int n = blockIdx.x * NR + threadIdx.x * NPT;
   IdxT q[VC], qn[VC];
-  load_idx(q, idx, v0, n, n < ne, N, NVEC);
+  load_idx<GD != 0>(q, idx, v0, n, n < ne, N, NVEC);
+  gdc_step();
   build_table(tab, xs, toff, x, cb, v0, NVEC, K_IN, COLS);
   float a[NPT];
   for (; n < ne; n += THREADS * NPT) {
     const int nn = n + THREADS * NPT;
-    load_idx(qn, idx, v0, nn, nn < ne, N, NVEC);
+    load_idx<false>(qn, idx, v0, nn, nn < ne, N, NVEC);
     lookups(a, q, tab);
     add_out(acc, s, a, n, v0, N, G, NSG);
 #pragma unroll
@@ -255,6 +289,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) vq_lut_gemv_s(
 extern "C" __global__ void vq_finish(float* __restrict__ acc, void* __restrict__ out, const void* __restrict__ bias,
                                      const float* __restrict__ s, int N, int HAS_BIAS, int ROW_SCALE)
 {
+  gdc_step();
   const int n = blockIdx.x * blockDim.x + threadIdx.x;
   if (n >= N) return;
   float y = acc[n];
@@ -266,13 +301,16 @@ extern "C" __global__ void vq_finish(float* __restrict__ acc, void* __restrict__
 """
 
 
-def source(d: int, kk: int, xt: int, threads: int, npt: int, vc: int, group_scale: bool, ablate: int = 0) -> str:
-    """The CUDA source for one configuration (the kernel's constants as #defines).
+def source(d: int, kk: int, xt: int, threads: int, npt: int, vc: int, group_scale: bool, ablate: int = 0,
+           gd: int = 0) -> str:
+    """The CUDA source for one configuration (the kernel's constants as #defines); ``gd`` programmatic dependent
+    launch (see gdc_step; the launcher must pass ``pdl``).
 
     ``ablate`` (timing experiments only; the results are wrong): bit 1 plain stores instead of atomic adds,
     bit 2 no table build, bit 4 no table reads."""
-    assert npt in (4, 8, 16) and kk <= 256 and d >= 1, (npt, kk, d)
-    defs = dict(D=d, KK=kk, XT=xt, THREADS=threads, NPT=npt, VC=vc, GROUP_SCALE=int(group_scale), ABLATE=ablate)
+    assert npt in (4, 8, 16) and kk <= 256 and d >= 1 and gd in (0, 1, 2), (npt, kk, d, gd)
+    defs = dict(D=d, KK=kk, XT=xt, THREADS=threads, NPT=npt, VC=vc, GROUP_SCALE=int(group_scale), ABLATE=ablate,
+                GD=gd)
     return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + PRELUDE + _SRC
 
 
@@ -283,8 +321,8 @@ def available() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _compiled(d: int, kk: int, xt: int, threads: int, npt: int, vc: int, group_scale: bool, device: int,
-              ablate: int = 0):
-    src = source(d, kk, xt, threads, npt, vc, group_scale, ablate)
+              ablate: int = 0, gd: int = 0):
+    src = source(d, kk, xt, threads, npt, vc, group_scale, ablate, gd)
     with torch.cuda.device(device):
         kernels = [torch.cuda._compile_kernel(src, name) for name in ("vq_lut_gemv", "vq_lut_gemv_s", "vq_finish")]
     return tuple(Launcher(k, "cuda-vq") for k in kernels)
@@ -318,8 +356,10 @@ def run_vq_cuda(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dict
     N, threads, npt, vc = pk["N"], cfg["threads"], cfg["npt"], cfg["vc"]
     row_scale = pk["nsg"] == 1
     dev = device_index(x2)
+    gd = int(cfg.get("gd", 0)) if sm90(dev) else 0
+    gd = 2 if gd == 1 and inductor_pdl() else gd  # see cuda_rt.inductor_pdl
     tile, stat, finish = _compiled(pk["D"], 1 << pk["IB"], XT[x2.dtype], threads, npt, vc, not row_scale, dev,
-                                   cfg.get("ablate", 0))
+                                   cfg.get("ablate", 0), gd)
     acc, cnt = _scratch(x2.device, N)
     out = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
     cb = pk["cb"].view(torch.float16) if pk["packed"] else pk["cb"]
@@ -329,14 +369,15 @@ def run_vq_cuda(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dict
     if cfg.get("mode", "tile") == "tile":
         fuse = bool(cfg.get("fuse", False))
         tile(grid=((N + bn - 1) // bn, vblocks, 1), block=(threads, 1, 1),
-             args=args + [cnt, out, bias if bias is not None else out, int(bias is not None), int(fuse)])
+             args=args + [cnt, out, bias if bias is not None else out, int(bias is not None), int(fuse)], pdl=gd > 0)
         if fuse:
             return out
     else:
         nr = outputs_per_block(N, bn, vblocks, cfg, sm_count(dev))
-        stat(grid=((N + nr - 1) // nr, vblocks, 1), block=(threads, 1, 1), args=args + [nr])
+        stat(grid=((N + nr - 1) // nr, vblocks, 1), block=(threads, 1, 1), args=args + [nr], pdl=gd > 0)
     finish(grid=((N + 255) // 256, 1, 1), block=(256, 1, 1),
-           args=[acc, out, bias if bias is not None else out, pk["scales"], N, int(bias is not None), int(row_scale)])
+           args=[acc, out, bias if bias is not None else out, pk["scales"], N, int(bias is not None), int(row_scale)],
+           pdl=gd > 0)
     return out
 
 
