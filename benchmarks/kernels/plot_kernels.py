@@ -1,7 +1,10 @@
 """One figure of the GPU kernel results: 4-bit x BF16 by batch, and batch 1 by weight format, with issue 5's and
 issue 6's targets drawn in. Reads the JSON lines that bench_cuda_int.py and bench_vq.py write.
 
-    python benchmarks/kernels/plot_kernels.py            # session 12's H200 files -> docs/img/kernels_h200.png
+    python benchmarks/kernels/plot_kernels.py            # the H200 files below -> docs/img/kernels_h200.png
+
+Batches 1 and 16 and the integer widths at batch 1 come from session 14's runs (programmatic dependent launch on);
+batches 64-256 and the codebook kernels from session 12's (their kernels have not changed since).
 
 Each point is the graph-harness ratio against BF16 ``F.linear`` timed in the same run as the point.
 """
@@ -47,14 +50,14 @@ def _vq(rows: list[dict], setting: str) -> dict[str, float]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--final", default=os.path.join(R, "cuda-int-h200-2026-11-28-final.jsonl"),
+    ap.add_argument("--final", default=os.path.join(R, "h200-2026-11-28-s14-final-gd-default.jsonl"),
                     help="batch 1 (cuda-int, int4pack) and batch 16 (mma-w) rows")
     ap.add_argument("--b64", default=os.path.join(R, "ws-h200-2026-11-28-reduce.jsonl"), help="batch-64 rows")
     ap.add_argument("--gemm", default=os.path.join(R, "gemm-h200-2026-11-28-final.jsonl"), help="batch 128/256 rows")
-    ap.add_argument("--widths", default=",".join(os.path.join(R, f) for f in (
-        "cuda-int-h200-2026-11-28-sweep.jsonl", "cuda-int-h200-2026-11-28-bits83.jsonl")), help="batch-1 2/3/8-bit rows")
+    ap.add_argument("--widths", default=os.path.join(R, "h200-2026-11-28-s14-final.jsonl"), help="batch-1 2/3/8-bit rows")
     ap.add_argument("--vq", default=os.path.join(R, "vq-h200-2026-11-28.jsonl"))
-    ap.add_argument("--title", default="leanq kernels, H200 (driver 580.159.04, torch 2.11.0, triton 3.6.0), 2026-11-28")
+    ap.add_argument("--title", default="leanq kernels, H200 (driver 580.159.04, torch 2.11.0, triton 3.6.0), 2026-11-28: "
+                    "batches 1-16 session 14, 64-256 and vq session 12")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
         os.path.abspath(__file__)))), "docs", "img", "kernels_h200.png"))
     args = ap.parse_args()
