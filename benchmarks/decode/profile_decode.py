@@ -56,8 +56,8 @@ def profile_once(model, ids, kw: dict, new: int, table: bool, label: str = "int4
             spans.append((e.time_range.start, e.time_range.end))
     total = sum(v[1] for v in agg.values())
     print(f"GPU kernel time: {total / new:.0f} us per token")
-    print(f"GPU busy (the union of the kernels' intervals; overlapping kernels count once): {busy_us(spans) / new:.0f} us "
-          "per token")
+    print(f"GPU busy (the union of the kernels' intervals; overlapping kernels count once): "
+          f"{busy_us(spans) / new:.0f} us per token")
     for name, (n, us) in sorted(agg.items(), key=lambda kv: -kv[1][1])[:25]:
         print(f"{us / new:9.1f} us/token {n / new:7.1f} launches/token  {name}")
     if table:

@@ -250,7 +250,8 @@ def main() -> int:
                             wcfgs.append(dict(dict(mg=0, rp=0, rs=cm.W_DEFAULT["rs"], gd=cm.W_DEFAULT.get("gd", 0)),
                                               **cm.w_config(M, n, k, sm_count(0)), **{spec[0][:2]: int(spec[0][2])}))
                             continue
-                        v = [int(f) for f in spec] + [0, 0, cm.W_DEFAULT["rs"], cm.W_DEFAULT.get("gd", 0)][len(spec) - 4:]
+                        rest = [0, 0, cm.W_DEFAULT["rs"], cm.W_DEFAULT.get("gd", 0)]
+                        v = [int(f) for f in spec] + rest[len(spec) - 4:]
                         wcfgs.append(dict(rt=v[0], kw=v[1], spw=v[2] or None, pd=v[3], mg=v[4], rp=v[5], rs=v[6],
                                           gd=v[7]))
                     for cfg in wcfgs:

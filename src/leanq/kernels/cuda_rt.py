@@ -195,6 +195,7 @@ class Launcher:
     """
 
     _lib = None
+    _has_ex = False
 
     def __init__(self, kernel, name: str = "leanq"):
         self.kernel = kernel  # keeps the module alive
@@ -206,9 +207,12 @@ class Launcher:
             lib.cuLaunchKernel.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 6 + [
                 ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
             lib.cuLaunchKernel.restype = ctypes.c_int
-            lib.cuLaunchKernelEx.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p, ctypes.c_void_p,
-                                             ctypes.c_void_p]
-            lib.cuLaunchKernelEx.restype = ctypes.c_int
+            # cuLaunchKernelEx: CUDA 12 drivers on; without it, launches go without PDL
+            Launcher._has_ex = hasattr(lib, "cuLaunchKernelEx")
+            if Launcher._has_ex:
+                lib.cuLaunchKernelEx.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p, ctypes.c_void_p,
+                                                 ctypes.c_void_p]
+                lib.cuLaunchKernelEx.restype = ctypes.c_int
             lib.cuFuncSetAttribute.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
             lib.cuFuncSetAttribute.restype = ctypes.c_int
             lib.cuOccupancyMaxActiveBlocksPerMultiprocessor.argtypes = [
@@ -247,7 +251,7 @@ class Launcher:
         vals = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a) for a in args]
         arr = (ctypes.c_void_p * len(vals))(*[ctypes.addressof(v) for v in vals])
         stream = torch.cuda.current_stream().cuda_stream
-        if pdl:
+        if pdl and Launcher._has_ex:  # launched without the attribute, the kernels' gdc_wait returns at once
             attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
             cfg = _LaunchConfig(grid[0], grid[1], grid[2], block[0], block[1], block[2], smem, stream,
                                 ctypes.pointer(attr), 1)
