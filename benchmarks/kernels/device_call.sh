@@ -13,6 +13,9 @@
 #                                                    # + cuBLAS, then every GPU test of the int kernels
 #   bash benchmarks/kernels/device_call.sh table8    # the issue's table in one run: batches 1/16/256, 4/2/8/3 bits, both
 #                                                    # harnesses at batch 1 (cuda-int, kn, int4pack, int8pack, BF16)
+#   bash benchmarks/kernels/device_call.sh pdl15     # session 14's untimed work: the GPU tests of the PDL paths (gd 2,
+#                                                    # coherent x under gd, the vq kernels' gd), the 4-bit table at
+#                                                    # batches 1/4/16, and the vq presets with gd against without
 # Each step runs under its own timeout so a slow step cannot eat the call; logs and JSON go to $OUT.
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=src
@@ -69,4 +72,12 @@ final11)
   PYTHONPATH=src:tests timeout "${T2:-330}" python3 -m pytest -q -p no:cacheprovider tests/test_kernels_cuda_int.py \
     tests/test_kernels_dispatch.py tests/test_kernels_triton_gemm.py tests/test_kernels_cuda_wgmma.py 2>&1 | tail -8 \
     | tee "$OUT/tests.log" ;;
+pdl15)
+  PYTHONPATH=src:tests timeout "${T1:-150}" python3 -m pytest -q -p no:cacheprovider tests/test_kernels_vq.py \
+    tests/test_kernels_cuda_int.py -k "pdl or cuda_vq or configs_agree or mma_w_matches" 2>&1 | tail -4 \
+    | tee "$OUT/tests.log"
+  timeout "${T2:-150}" python3 benchmarks/kernels/bench_cuda_int.py --out "$OUT" --bits 4 --no-single --mma 16,4 \
+    --mma-lite --reps 20 2>&1 | grep -E "int4 cuda-int |M=(4|16) +cuda-int-mma-w|geometric" | tee "$OUT/int4.log"
+  (cd benchmarks/kernels && PYTHONPATH=../../src timeout "${T3:-200}" python3 bench_vq.py --out "$OUT" --graph \
+    --old-configs 0 --kn 2 --cuda 0,5,6,7 2>&1 | grep -E "graph" | tail -40 | tee "$OUT/vq.log") ;;
 esac
