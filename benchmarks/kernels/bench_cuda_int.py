@@ -298,14 +298,27 @@ def main() -> int:
         if not r["impl"].startswith(("cuda-int-", "batch-")):
             print(f"| {r['shape']} | {r['bits']} | {r['impl']} | {r['single_us']:.1f} | {r['x_bf16_single']:.2f} | "
                   f"{r['graph_us']:.1f} | {r['x_bf16_graph']:.2f} | {r['pct_copy_graph']:.0f} |")
+    import math
+
+    def geo(v: list) -> float:
+        return math.exp(sum(map(math.log, v)) / len(v))
+
+    b1: dict = {}
+    for r in rows:  # the launcher's default config at batch 1, by width (rows that matched the reference)
+        if r["impl"] == "cuda-int" and r["x_bf16_graph"] == r["x_bf16_graph"]:
+            b1.setdefault(r["bits"], []).append((r["x_bf16_graph"], r["pct_copy_graph"]))
+    if b1:
+        print("\nbatch 1, default config, x bf16 (graph) by width: geometric mean, min-max, % of copy min-max:")
+        for bits, v in sorted(b1.items()):
+            xs, ps = [a for a, _ in v], [p for _, p in v]
+            print(f"  {bits}-bit {geo(xs):.2f}  {min(xs):.2f}-{max(xs):.2f}  {min(ps):.0f}-{max(ps):.0f}%  "
+                  f"({len(v)} shapes)")
     wbest: dict = {}
     for r in rows:
         if r["impl"].startswith(("batch-cuda-int-mma", "batch-triton-gemm", "batch-rk-dequant", "batch-cuda-int-wgmma")) and \
                 r["x_bf16_graph"] == r["x_bf16_graph"]:
             wbest.setdefault((r["M"], r["impl"]), []).append(r["x_bf16_graph"])
     if wbest:
-        import math
-
         print("\ntensor-core kernels, geometric-mean x bf16 (graph) over shapes, by batch:")
         for (m, impl), v in sorted(wbest.items(), key=lambda kv: (kv[0][0], -sum(map(math.log, kv[1])) / len(kv[1]))):
             print(f"  M={m:<3} {math.exp(sum(map(math.log, v)) / len(v)):.2f}  min {min(v):.2f}  {impl}  ({len(v)} shapes)")
@@ -316,8 +329,6 @@ def main() -> int:
                 key = json.dumps(r["cfg"], sort_keys=True) + f"|{r['bits']}"
                 best.setdefault(key, []).append(r["x_bf16_graph"])
         print("\nsweep, geometric-mean x bf16 (graph) over shapes, best 12:")
-        import math
-
         scored = sorted(((math.exp(sum(map(math.log, v)) / len(v)), kk, len(v)) for kk, v in best.items()), reverse=True)
         for sc, kk, cnt in scored[:12]:
             print(f"  {sc:.2f}  {kk}  ({cnt} shapes)")
