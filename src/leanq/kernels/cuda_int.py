@@ -55,7 +55,7 @@ from ..formats.intq import group_size_of, num_groups
 from ..formats.packing import unpack
 from . import Kernel, cached_layout, drop_stored, int_layer_for, register_kernel
 from . import cuda_int_mma, cuda_int_wgmma
-from .cuda_rt import (PRELUDE, XT, Launcher, device_index, inductor_pdl, nvrtc_available, on_device_of, sm90,
+from .cuda_rt import (PRELUDE, XT, Launcher, device_index, nvrtc_available, on_device_of, pdl_mode, sm90,
                       sm_count)
 
 BITS = (2, 3, 4, 8)
@@ -773,8 +773,9 @@ def run_int_cuda(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dic
     if launch is None:  # the per-warp form (also where the streaming form does not apply: GPU, width, K)
         if cfg.get("mode") == "stream":
             cfg = dict(TUNED.get(pk["bits"], DEFAULT_CFG))
-        launch = _rows_launch(cfg, pk, x2, dev)
-        pdl = gdc(cfg, dev) > 0
+        gd = gdc(cfg, dev)
+        launch = _rows_launch(cfg, pk, x2, dev, gd)
+        pdl = gd > 0
     kern, threads, blocks, smem = launch
     N = pk["N"]
     if out is None:
@@ -795,12 +796,11 @@ def _grid(kern: Launcher, threads: int, smem: int, cfg: dict, groups: int, per_b
     return max(1, min(-(-groups // per_block), per_sm * sm_count(dev)))
 
 
-def _rows_launch(cfg: dict, pk: dict, x2: torch.Tensor, dev: int) -> tuple:
-    """(kernel, threads, blocks, shared memory) of the per-warp form."""
+def _rows_launch(cfg: dict, pk: dict, x2: torch.Tensor, dev: int, gd: int) -> tuple:
+    """(kernel, threads, blocks, shared memory) of the per-warp form; ``gd`` its PDL mode (:func:`gdc`)."""
     threads, r, u, sp = cfg["threads"], cfg["r"], cfg["u"], int(cfg.get("sp", 1))
     kern = _compiled(pk["bits"], XT[x2.dtype], threads, r, u, int(cfg.get("pf", 1)), bool(pk["sbf16"]), dev,
-                     "int_gemv", int(cfg.get("ablate", 0)), staging_units(cfg, pk), 4, sp, int(cfg.get("xf", 0)),
-                     gdc(cfg, dev))
+                     "int_gemv", int(cfg.get("ablate", 0)), staging_units(cfg, pk), 4, sp, int(cfg.get("xf", 0)), gd)
     warps = threads // 32 // sp  # row groups a block walks at once (sp = 2: two warps per row group)
     smem = pk["KU"] * (codes_per_chunk(pk["bits"]) * 2 + 16)  # fp16 activations, a chunk sum per chunk
     smem += 2 * warps * r * 4 if sp == 2 else 0  # the halves' meeting slots
@@ -816,15 +816,10 @@ def stream_smem(pk: dict, threads: int, st: int, u: int) -> int:
     return warps * st * 32 * u * 16 + (warps * st + 1) // 2 * 16 + pk["KU"] * (codes_per_chunk(pk["bits"]) * 2 + 16)
 
 
-
-
 def gdc(cfg: dict, dev: int) -> int:
     """The config's programmatic-dependent-launch mode (``gd``) where the GPU has it (sm_90 on), else 0; 1 becomes
     2 (the next grid let in at this one's end) while TorchInductor's own PDL mode is on (see cuda_rt.inductor_pdl)."""
-    gd = int(cfg.get("gd", 0))
-    if not gd or not sm90(dev):
-        return 0
-    return 2 if gd == 1 and inductor_pdl() else gd
+    return pdl_mode(int(cfg.get("gd", 0)), sm90(dev))
 
 
 def _stream_launch(cfg: dict, pk: dict, x2: torch.Tensor, dev: int):

@@ -52,7 +52,7 @@ import os
 
 import torch
 
-from .cuda_rt import (PRELUDE, XT, Launcher, device_index, grow_scratch, inductor_pdl, nvrtc_available, sm90,
+from .cuda_rt import (PRELUDE, XT, Launcher, device_index, grow_scratch, nvrtc_available, pdl_mode, sm90,
                       sm_count)
 
 # launch configs (threads, row groups per block, n8 tiles per warp, slices whose loads go out together) by batch:
@@ -419,52 +419,45 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) int_mma_w(
     }
     cp_commit();
   };
+#if !RP
+  // the weight ring of PD slots per lane: steps s0 .. s0 + PD - 2 up front, then each step issues the one PD - 1
+  // ahead (past the end: step s1 - 1 again, so every wait counts the same number of groups) and waits for its own
+  auto ring_prologue = [=]() {  // by value: by reference changed the SASS of every form
+    if (s0 < s1) {
+#pragma unroll
+      for (int d = 0; d < PD - 1; ++d) {
+#if MG
+        issue_macro(mq + d * 256, ms + d * 32, w, sa, sb, rbase, N, KU, s0 + 4 * min(d, nm - 1), s1 - 1, lane, t);
+#else
+        issue_wstep(rq + d * 64, wa, wb, min(s0 + d, s1 - 1));
+        if ((d & 3) == 0) issue_sz(rs + ((d >> 2) & 1) * 32, sa, sb, s0 + d, t, s1 - 1);
+#endif
+        cp_commit();
+      }
+    } else {
+#pragma unroll
+      for (int d = 0; d < PD - 1; ++d) cp_commit();  // empty groups: the waits count the same
+    }
+  };
+#endif
 #if GD
   // programmatic dependent launch (launch option gd; not with mg or rp): this grid may start while the kernel before
-  // it in the stream ends. The weight ring's first PD - 1 steps (and their group words) do not depend on it and go
-  // first; x (that kernel's output, in a decode) is copied, and anything written, only after gdc_wait, which every
-  // thread passes. The ring's groups then precede x's, so the prologue waits for all of them.
-  if (s0 < s1) {
-#pragma unroll
-    for (int d = 0; d < PD - 1; ++d) {
-      issue_wstep(rq + d * 64, wa, wb, min(s0 + d, s1 - 1));
-      if ((d & 3) == 0) issue_sz(rs + ((d >> 2) & 1) * 32, sa, sb, s0 + d, t, s1 - 1);
-      cp_commit();
-    }
-  } else {
-#pragma unroll
-    for (int d = 0; d < PD - 1; ++d) cp_commit();
-  }
+  // it in the stream ends. The ring's first steps (and their group words) do not depend on it and go first; x (that
+  // kernel's output, in a decode) is copied, and anything written, only after gdc_wait, which every thread passes.
+  // The ring's groups then precede x's, so the prologue waits for all of them.
+  ring_prologue();
   gdc_wait();
 #if GD == 1
   gdc_launch();  // the next grid may be scheduled now (its blocks take an SM as this grid's blocks leave)
 #endif
   stage_x();
   cp_wait<0>();
-#else
-  stage_x();
-#endif
-#if GD
 #elif RP
+  stage_x();
   cp_wait<0>();
 #else
-  // then the weight ring of PD slots per lane: steps s0 .. s0 + PD - 2 now, then each step issues the one PD - 1
-  // ahead (past the end: step s1 - 1 again, so every wait counts the same number of groups) and waits for its own
-  if (s0 < s1) {
-#pragma unroll
-    for (int d = 0; d < PD - 1; ++d) {
-#if MG
-      issue_macro(mq + d * 256, ms + d * 32, w, sa, sb, rbase, N, KU, s0 + 4 * min(d, nm - 1), s1 - 1, lane, t);
-#else
-      issue_wstep(rq + d * 64, wa, wb, min(s0 + d, s1 - 1));
-      if ((d & 3) == 0) issue_sz(rs + ((d >> 2) & 1) * 32, sa, sb, s0 + d, t, s1 - 1);
-#endif
-      cp_commit();
-    }
-  } else {
-#pragma unroll
-    for (int d = 0; d < PD - 1; ++d) cp_commit();  // empty groups: the wait below counts the same
-  }
+  stage_x();
+  ring_prologue();
   cp_wait<PD - 1>();  // this thread's x copies are done
 #endif
   __syncthreads();    // everyone's
@@ -822,8 +815,7 @@ def run_int_mma_w(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: di
     sms = sm_count(dev)
     cfg = cfg or w_config(M, N, K, sms)
     c0 = dict(W_DEFAULT, **cfg)
-    gd = 0 if c0.get("mg") or c0.get("rp") or not sm90(dev) else int(c0.get("gd", 0))
-    gd = 2 if gd == 1 and inductor_pdl() else gd  # see cuda_rt.inductor_pdl
+    gd = pdl_mode(0 if c0.get("mg") or c0.get("rp") else int(c0.get("gd", 0)), sm90(dev))
     kern = _compiled_w(XT[x2.dtype], c0["rt"], c0["kw"], nt, pk["group"], bool(pk["sbf16"]), c0["pd"],
                        int(c0.get("abl", 0)), int(c0.get("mg", 0)), int(c0.get("rp", 0)), dev, int(c0.get("rs", 0)), gd)
     threads = 32 * c0["rt"] * c0["kw"]

@@ -173,6 +173,15 @@ def inductor_pdl() -> bool:
     return bool(getattr(getattr(cfg, "triton", None), "enable_pdl", False))
 
 
+def pdl_mode(gd: int, has_pdl: bool) -> int:
+    """The programmatic-dependent-launch mode a kernel runs with: launch option ``gd`` where the GPU has PDL
+    (``has_pdl``: sm_90 on), else 0; 1 (the next grid let in early) becomes 2 (let in at this grid's end) while
+    TorchInductor's PDL mode is on (see :func:`inductor_pdl`)."""
+    if not gd or not has_pdl:
+        return 0
+    return 2 if gd == 1 and inductor_pdl() else gd
+
+
 def device_index(x: torch.Tensor | torch.device) -> int:
     """The CUDA device index of tensor or device ``x`` (the current device for a bare ``cuda``)."""
     d = x.device if isinstance(x, torch.Tensor) else x

@@ -41,7 +41,7 @@ import functools
 import torch
 
 from . import Kernel, register_kernel
-from .cuda_rt import (PRELUDE, XT, Launcher, device_index, inductor_pdl, nvrtc_available, on_device_of, sm90,
+from .cuda_rt import (PRELUDE, XT, Launcher, device_index, nvrtc_available, on_device_of, pdl_mode, sm90,
                       sm_count)
 
 # threads per block, outputs per thread, vectors per block, kernel (and its blocks per SM), finishing step fused:
@@ -356,8 +356,7 @@ def run_vq_cuda(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dict
     N, threads, npt, vc = pk["N"], cfg["threads"], cfg["npt"], cfg["vc"]
     row_scale = pk["nsg"] == 1
     dev = device_index(x2)
-    gd = int(cfg.get("gd", 0)) if sm90(dev) else 0
-    gd = 2 if gd == 1 and inductor_pdl() else gd  # see cuda_rt.inductor_pdl
+    gd = pdl_mode(int(cfg.get("gd", 0)), sm90(dev))
     tile, stat, finish = _compiled(pk["D"], 1 << pk["IB"], XT[x2.dtype], threads, npt, vc, not row_scale, dev,
                                    cfg.get("ablate", 0), gd)
     acc, cnt = _scratch(x2.device, N)
