@@ -179,7 +179,15 @@ def test_cuda_vq_matches_reference(d, ib, nb, rows, cols, group, in_f, dtype):
     # several steps per block
     for cfg in (dict(threads=128, npt=8, vc=16), dict(threads=64, npt=16, vc=8, fuse=True), dict(threads=256, npt=4, vc=16),
                 dict(threads=256, npt=8, vc=8, mode="stationary", nr=2), dict(threads=128, npt=4, vc=16, mode="stationary"),
-                dict(threads=64, npt=16, vc=8, mode="stationary", bps=1)):
+                dict(threads=64, npt=16, vc=8, mode="stationary", bps=1), *(() if dtype != torch.bfloat16 else (
+                    # (bf16 only: each config is a compile) ec: codewords read before the wait (several per
+                    # thread, one per thread, with gd); cpw: codewords per thread in the table build (2, 4, 8)
+                    dict(threads=128, npt=4, vc=16, mode="stationary", bps=4, gd=1, ec=1),
+                    dict(threads=256, npt=4, vc=16, gd=1, ec=1), dict(threads=64, npt=16, vc=8, fuse=True, ec=1),
+                    dict(threads=128, npt=4, vc=16, mode="stationary", bps=4, gd=1, ec=1, cpw=4),
+                    dict(threads=128, npt=4, vc=16, mode="stationary", bps=4, cpw=8),
+                    dict(threads=256, npt=4, vc=16, gd=1, ec=1, cpw=2),
+                    dict(threads=64, npt=16, vc=8, fuse=True, cpw=4)))):
         if not cv.layout_ok(pk, cfg):
             continue
         for _ in range(2):  # the second launch checks the scratch was left at zero
@@ -191,7 +199,9 @@ def test_cuda_vq_matches_reference(d, ib, nb, rows, cols, group, in_f, dtype):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA C++ kernel needs a GPU (NVRTC)")
 @pytest.mark.parametrize("cfg", [dict(threads=128, npt=4, vc=16, mode="stationary", bps=4, gd=1),
                                  dict(threads=256, npt=4, vc=16, gd=1), dict(threads=64, npt=16, vc=8, fuse=True, gd=1),
-                                 dict(threads=128, npt=4, vc=16, mode="stationary", bps=4, gd=2)])
+                                 dict(threads=128, npt=4, vc=16, mode="stationary", bps=4, gd=2),
+                                 dict(threads=128, npt=4, vc=16, mode="stationary", bps=4, gd=1, ec=1),
+                                 dict(threads=128, npt=4, vc=16, mode="stationary", bps=4, gd=1, ec=1, cpw=4)])
 def test_cuda_vq_pdl_chain_in_a_cuda_graph_reads_each_input_after_it_is_written(cfg):
     """Programmatic dependent launch (gd): in a captured chain of vq layers (the GEMV, its finishing kernel, an
     elementwise op between layers; the scratch sums shared), every replay matches the chain launched without it, for
@@ -234,10 +244,53 @@ def test_cuda_vq_pdl_source_orders_the_wait():
         for entry in ("vq_lut_gemv(", "vq_lut_gemv_s("):
             body = src[src.index(entry):]
             assert body.index("load_idx<GD != 0>(") < body.index("gdc_step();") < body.index("build_table(")
+            # ec: the codewords (layer data) go out with the indices, before the wait
+            assert body.index("load_idx<GD != 0>(") < body.index("load_cb(") < body.index("gdc_step();")
         body = src[src.index("vq_finish("):]
         assert body.index("gdc_step();") < body.index("acc[n]")
     with pytest.raises(AssertionError):
         cv.source(4, 256, 2, 128, 4, 16, False, 0, 3)
+
+
+def test_cuda_vq_halves_the_vectors_per_block_only_where_a_block_would_get_one_step():
+    """launch_vc: the 2-bit preset's vc1 serves layers where each stationary block would own a single step of
+    outputs (4096x4096 on 132 SMs), never the large Llama shapes, the tile kernel, or a config without vc1."""
+    from leanq.kernels import cuda_vq as cv
+
+    cfg = cv.TUNED[(4, 8)]
+    assert cfg.get("vc1") == 8 and cfg["mode"] == "stationary"
+    pk = lambda n, k: dict(N=n, nvec=k // 4)  # noqa: E731
+    assert cv.launch_vc(pk(4096, 4096), cfg, 132) == 8
+    for n, k in [(11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336)]:
+        assert cv.launch_vc(pk(n, k), cfg, 132) == 16, (n, k)
+    bn = cfg["threads"] * cfg["npt"]
+    assert cv.outputs_per_block(4096, bn, 4096 // 4 // 16, cfg, 132) == bn  # why: one step per block at vc 16
+    assert cv.outputs_per_block(4096, bn, 4096 // 4 // 8, cfg, 132) == 2 * bn  # two at vc 8
+    assert cv.launch_vc(pk(4096, 4096), {k: v for k, v in cfg.items() if k != "vc1"}, 132) == 16
+    assert cv.launch_vc(pk(4096, 4096), dict(cfg, mode="tile"), 132) == 16
+    assert cv.cpw_ok(256, cfg["threads"], cfg["vc1"], cfg["cpw"])  # the build mapping holds at vc1 too
+
+
+def test_cuda_vq_build_mapping_covers_the_table():
+    """cpw: kk / cpw codeword groups times vector groups must tile (codewords x vectors) exactly, or the launcher
+    keeps the old mapping (source refuses a mapping that leaves entries out)."""
+    from leanq.kernels import cuda_vq as cv
+
+    for kk, threads, vc, cpw in [(256, 128, 16, 4), (256, 128, 16, 8), (64, 256, 16, 4), (64, 256, 16, 2),
+                                 (256, 64, 8, 4), (32, 64, 8, 4)]:
+        assert cv.cpw_ok(kk, threads, vc, cpw)
+        groups, vgroups = kk // cpw, threads // (kk // cpw)
+        cover = {(g * cpw + i, vg + k * vgroups) for g in range(groups) for vg in range(vgroups)
+                 for k in range(vc // vgroups) for i in range(cpw)}
+        assert cover == {(c, v) for c in range(kk) for v in range(vc)}, (kk, threads, vc, cpw)
+        assert f"#define CPW {cpw}\n" in cv.source(4, kk, 2, threads, 4, vc, False, 0, 1, 1, cpw)
+    for kk, threads, vc, cpw in [(256, 128, 16, 3), (256, 128, 16, 1), (64, 256, 8, 4), (256, 64, 16, 1),
+                                 (256, 128, 16, 0)]:
+        assert not cv.cpw_ok(kk, threads, vc, cpw), (kk, threads, vc, cpw)
+    with pytest.raises(AssertionError):
+        cv.source(4, 256, 2, 128, 4, 16, False, 0, 1, 1, 3)
+    assert cv.TUNED[(4, 8)].get("cpw") and cv.cpw_ok(256, cv.TUNED[(4, 8)]["threads"], cv.TUNED[(4, 8)]["vc"],
+                                                     cv.TUNED[(4, 8)]["cpw"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA C++ kernel needs a GPU (NVRTC)")

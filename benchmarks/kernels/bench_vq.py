@@ -49,7 +49,10 @@ CUDA_CONFIGS = [dict(threads=256, npt=4, vc=16, fuse=False), dict(threads=256, n
                 dict(threads=128, npt=4, vc=16, mode="stationary", bps=4),
                 # 6, 7: the two presets' tuned configs with programmatic dependent launch (cuda_vq's gd)
                 dict(threads=128, npt=4, vc=16, mode="stationary", bps=4, gd=1),
-                dict(threads=256, npt=4, vc=16, fuse=False, gd=1)]
+                dict(threads=256, npt=4, vc=16, fuse=False, gd=1),
+                # 8, 9: the presets' tuned configs since session 15 (cuda_vq.TUNED: ec, cpw, vc1)
+                dict(threads=128, npt=4, vc=16, vc1=8, mode="stationary", bps=4, gd=1, ec=1, cpw=4),
+                dict(threads=256, npt=4, vc=16, fuse=False, gd=1, ec=1)]
 FLUSH = None
 
 
@@ -58,8 +61,33 @@ def rows_name(c: dict) -> str:
 
 
 def cuda_name(c: dict) -> str:
-    return (f"cuda {c.get('mode', 'tile')[:4]} t{c['threads']} n{c['npt']} v{c['vc']}" + (f" b{c['bps']}" if "bps" in c else "")
-            + (" fused" if c.get("fuse") else "") + (f" gd{c['gd']}" if c.get("gd") else ""))
+    parts = [f"cuda {c.get('mode', 'tile')[:4]} t{c['threads']} n{c['npt']} v{c['vc']}"
+             + (f"/{c['vc1']}" if "vc1" in c else "")]
+    parts += [f"b{c['bps']}"] if "bps" in c else []
+    parts += [f"r{c['nr']}"] if "nr" in c else []
+    parts += ["fused"] if c.get("fuse") else []
+    parts += [f"gd{c['gd']}"] if c.get("gd") else []
+    parts += ["ec"] if c.get("ec") else []
+    parts += [f"cw{c['cpw']}"] if c.get("cpw") else []
+    parts += [f"ablate{c['ablate']}"] if c.get("ablate") else []
+    return " ".join(parts)
+
+
+def parse_cuda_cfg(spec: str) -> dict:
+    """'stat/t128/n4/v16/b4/gd1' or 'tile/t256/n4/v16/fu1/gd1' (``r`` outputs-per-block steps of the stationary
+    kernel instead of ``b`` blocks per SM; ``a`` cuda_vq.source's ablate bits, timing only) -> a launch config."""
+    mode, *fields = spec.split("/")
+    if mode not in ("tile", "stat"):
+        raise SystemExit(f"--cuda-cfgs: mode must be tile or stat, got {mode!r} in {spec!r}")
+    cfg = dict(mode="tile" if mode == "tile" else "stationary", threads=256, npt=4, vc=16)
+    keys = {"t": "threads", "n": "npt", "v": "vc", "b": "bps", "r": "nr", "gd": "gd", "fu": "fuse", "a": "ablate", "ec": "ec",
+            "cw": "cpw", "vo": "vc1"}
+    for f in fields:
+        k = f.rstrip("0123456789")
+        if k not in keys or k == f:
+            raise SystemExit(f"--cuda-cfgs: unknown field {f!r} in {spec!r} (t, n, v, vo, b, r, gd, ec, cw, fu, a with a number)")
+        cfg[keys[k]] = bool(int(f[len(k):])) if k == "fu" else int(f[len(k):])
+    return cfg
 
 
 def flush_l2() -> None:
@@ -126,8 +154,11 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=40)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU through TRITON_INTERPRET=1")
     ap.add_argument("--settings", default=",".join(SETTINGS))
+    ap.add_argument("--batches", default=",".join(map(str, BATCHES)), help="activation rows to time (default 1,16)")
     ap.add_argument("--kn", default="", help="indices into KN_CONFIGS to time (default all)")
     ap.add_argument("--cuda", default="", help="indices into CUDA_CONFIGS to time (default all; 'none' skips)")
+    ap.add_argument("--cuda-cfgs", default="", help="time these CUDA configs instead of --cuda's, e.g. "
+                    "stat/t128/n4/v16/b4/gd1,tile/t256/n4/v16/gd1 (see parse_cuda_cfg)")
     ap.add_argument("--rows", default="", help="also time the whole-row kernel (kernels.cuda_vq_rows) at these "
                     "launch configs, threads/rows per warp/chunks per lane: e.g. 256/2/1,512/1/2")
     ap.add_argument("--graph", action="store_true",
@@ -151,7 +182,7 @@ def main() -> int:
     dev = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16 if cuda else torch.float32  # the interpreter computes in numpy: fp32 keeps it exact
     shapes = [(24, 384), (40, 192)] if args.smoke else SHAPES
-    batches = [1, 3] if args.smoke else BATCHES  # the interpreter runs one program per activation row
+    batches = [1, 3] if args.smoke else [int(b) for b in args.batches.split(",")]  # the interpreter runs one program per activation row
     reps = 1 if args.smoke else args.reps
     configs = [GEMV_CONFIGS[0], GEMV_CONFIGS[-1]] if args.smoke else GEMV_CONFIGS[: args.old_configs]
     kn_configs = [dict(BN=16, BV=4, num_warps=1), dict(BN=16, BV=4, num_warps=1, lut=True)] if args.smoke \
@@ -160,6 +191,8 @@ def main() -> int:
         dict(threads=int(t), r=int(r), u=int(u)) for t, r, u in (c.split("/") for c in args.rows.split(","))]
     cuda_configs = [] if (args.smoke or args.cuda == "none" or not cv.available()) else \
         [CUDA_CONFIGS[int(i)] for i in args.cuda.split(",")] if args.cuda else CUDA_CONFIGS
+    if args.cuda_cfgs and cuda_configs:
+        cuda_configs = [parse_cuda_cfg(c) for c in args.cuda_cfgs.split(",")]
     os.makedirs(args.out, exist_ok=True)
     fh = open(os.path.join(args.out, "bench_vq.jsonl"), "w")
     meta = dict(kind="meta", device=torch.cuda.get_device_name() if cuda else "cpu (TRITON_INTERPRET=1)",

@@ -16,6 +16,8 @@
 #   bash benchmarks/kernels/device_call.sh pdl15     # session 14's untimed work: the GPU tests of the PDL paths (gd 2,
 #                                                    # coherent x under gd, the vq kernels' gd), the 4-bit table at
 #                                                    # batches 1/4/16, and the vq presets with gd against without
+#   bash benchmarks/kernels/device_call.sh vq16      # session 15's close: the vq GPU tests with vc1 in the 2-bit
+#                                                    # preset, and the presets (configs 8, 9) beside v15's (5, 7)
 # Each step runs under its own timeout so a slow step cannot eat the call; logs and JSON go to $OUT.
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=src
@@ -80,4 +82,9 @@ pdl15)
     --mma-lite --reps 20 2>&1 | grep -E "int4 cuda-int |M=(4|16) +cuda-int-mma-w|geometric" | tee "$OUT/int4.log"
   (cd benchmarks/kernels && PYTHONPATH=../../src timeout "${T3:-200}" python3 bench_vq.py --out "$OUT" --graph \
     --old-configs 0 --kn 2 --cuda 0,5,6,7 2>&1 | grep -E "graph" | tail -40 | tee "$OUT/vq.log") ;;
+vq16)
+  PYTHONPATH=src:tests timeout "${T1:-330}" python3 -m pytest -q -p no:cacheprovider tests/test_kernels_vq.py 2>&1 \
+    | tail -4 | tee "$OUT/tests.log"
+  (cd benchmarks/kernels && PYTHONPATH=../../src timeout "${T3:-200}" python3 bench_vq.py --out "$OUT" --graph \
+    --batches 1 --old-configs 0 --kn 2 --cuda 5,7,8,9 2>&1 | grep -E "graph" | tail -40 | tee "$OUT/vq.log") ;;
 esac

@@ -36,14 +36,16 @@ def _pick(rows: list[dict], **want) -> dict[str, float]:
     return out
 
 
-def _vq(rows: list[dict], setting: str) -> dict[str, float]:
-    """shape -> the best CUDA table kernel's graph ratio at batch 1 (bench_vq.py's rows)."""
+def _vq(rows: list[dict], setting: str, impls: list[str] | None = None) -> dict[str, float]:
+    """shape -> the best CUDA table kernel's graph ratio at batch 1 (bench_vq.py's rows), among ``impls`` (names
+    without " (graph)") when given."""
     bf = {r["shape"]: r["ms"] for r in rows if r.get("kind") == "baseline" and r.get("M") == 1
           and r.get("impl") == "bf16 F.linear (graph)"}
     out: dict[str, float] = {}
     for r in rows:
         if (r.get("kind") == "vq" and r.get("setting") == setting and r.get("M") == 1
-                and str(r.get("impl", "")).startswith("cuda") and r["impl"].endswith("(graph)") and r["shape"] in bf):
+                and str(r.get("impl", "")).startswith("cuda") and r["impl"].endswith("(graph)") and r["shape"] in bf
+                and (not impls or r["impl"][: -len(" (graph)")] in impls)):
             out[r["shape"]] = max(out.get(r["shape"], 0.0), bf[r["shape"]] / r["ms"])
     return out
 
@@ -55,9 +57,14 @@ def main() -> int:
     ap.add_argument("--b64", default=os.path.join(R, "ws-h200-2026-11-28-reduce.jsonl"), help="batch-64 rows")
     ap.add_argument("--gemm", default=os.path.join(R, "gemm-h200-2026-11-28-final.jsonl"), help="batch 128/256 rows")
     ap.add_argument("--widths", default=os.path.join(R, "h200-2026-11-28-s14-final.jsonl"), help="batch-1 2/3/8-bit rows")
-    ap.add_argument("--vq", default=os.path.join(R, "vq-h200-2026-11-28.jsonl"))
+    ap.add_argument("--vq", default=",".join(os.path.join(R, f"h200-2026-11-28-s15-cpw-{v}.jsonl") for v in ("vq2", "vq3")),
+                    help="bench_vq.py rows, comma-separated files")
+    ap.add_argument("--vq-impls", default="cuda stat t128 n4 v16 b4 gd1 ec cw4,cuda stat t128 n4 v8 b4 gd1 ec cw4,"
+                    "cuda tile t256 n4 v16 gd1 ec",
+                    help="the CUDA configs to draw, best per shape (default: the presets' defaults of version 16; "
+                    "v8 is what vc1 picks at 4096x4096); '' for every config")
     ap.add_argument("--title", default="leanq kernels, H200 (driver 580.159.04, torch 2.11.0, triton 3.6.0), 2026-11-28: "
-                    "batches 1-16 session 14, 64-256 and vq session 12")
+                    "batches 1-16 session 14, 64-256 session 12, vq session 15")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
         os.path.abspath(__file__)))), "docs", "img", "kernels_h200.png"))
     args = ap.parse_args()
@@ -76,14 +83,23 @@ def main() -> int:
         256: _pick(gemm, impl="batch-cuda-int-wgmma", M=256),
     }
     widths = [r for p in args.widths.split(",") if p for r in _rows(p)]
-    vq = _rows(args.vq) if args.vq else []
+    vq_files = [_rows(p) for p in args.vq.split(",") if p]  # each file's rows against its own run's BF16
+    impls = [i for i in args.vq_impls.split(",") if i] or None
+
+    def vq(setting: str) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for rows in vq_files:
+            for shape, x in _vq(rows, setting, impls).items():
+                out[shape] = max(out.get(shape, 0.0), x)
+        return out
+
     fmts = {
         "2-bit": (_pick(widths, impl="cuda-int", bits=2), 4.5),
         "3-bit": (_pick(widths, impl="cuda-int", bits=3), 3.5),
         "4-bit": (by_batch[1], 3.0),
         "8-bit": (_pick(widths, impl="cuda-int", bits=8), 1.7),
-        "vq2": (_vq(vq, "vq2"), 2.5),
-        "vq3": (_vq(vq, "vq3"), 2.5),
+        "vq2": (vq("vq2"), 2.5),
+        "vq3": (vq("vq3"), 2.5),
         "int4pack": (_pick(final, impl="int4pack", bits=4), None),
     }
 

@@ -26,6 +26,12 @@ about ``bps`` blocks per SM.  The tile kernel can also finish in place (``fuse``
 into an output range, found with a release/acquire ticket, does step 4's second half), measured slower
 than the second kernel on the H100.
 
+Launch options beside the shape of the work (threads, outputs per thread, vectors per block, kernel):
+``gd`` programmatic dependent launch (index and codeword loads before the wait for the previous kernel);
+``ec`` each thread's codewords read before that wait; ``cpw`` codewords per thread in the table build (one read
+of a vector's activations serves cpw entries, stored in one wide store); ``vc1`` fewer vectors per block where a
+stationary block would get a single step (:func:`launch_vc`).
+
 Supports one codebook per column tile (no row tiles, one book: the vq presets), index bits <= 8,
 activations fp32/fp16/bf16.  Compiled at first use through NVRTC (``torch.cuda._compile_kernel``,
 PyTorch >= 2.8) and launched through the driver (capturable in CUDA graphs; under torch.compile it
@@ -48,8 +54,13 @@ from .cuda_rt import (PRELUDE, XT, Launcher, device_index, nvrtc_available, on_d
 # by (D, index bits) the best on the five Llama shapes in the H100 runs of docs/PERFORMANCE.md, "Codebook (vq)
 # kernels, session 6" (benchmarks/kernels/results/vq-cuda-h100-2026-11-27-*)
 DEFAULT_CFG = dict(threads=256, npt=4, vc=16, mode="tile", fuse=False)
-TUNED: dict = {(4, 8): dict(threads=128, npt=4, vc=16, mode="stationary", bps=4),  # the 2-bit preset
-               (2, 6): dict(threads=256, npt=4, vc=16, mode="tile", fuse=False)}  # the 3-bit preset
+# gd 1 (programmatic dependent launch) since session 15: +6-17% (vq2) and +7-17% (vq3) on the H200 in one run
+# (benchmarks/kernels/results/h200-2026-11-28-s15-pdl15); pdl_mode turns it off before sm_90. ec 1 (codewords read
+# before the wait): +0-9% (vq2), +4-7% (vq3) in one run (s15-ec). cpw 4 (vq2 only): +2-3% on four shapes, -2.5% on
+# the fifth, in one run (s15-cpw); no change for vq3, where a thread's codeword already serves four vectors
+# vc1 8: see launch_vc
+TUNED: dict = {(4, 8): dict(threads=128, npt=4, vc=16, vc1=8, mode="stationary", bps=4, gd=1, ec=1, cpw=4),  # 2-bit
+               (2, 6): dict(threads=256, npt=4, vc=16, mode="tile", fuse=False, gd=1, ec=1)}  # 3-bit
 
 _SRC = r"""
 #if NPT == 16
@@ -113,12 +124,76 @@ __device__ __forceinline__ void load_idx(IdxT* q, const u8* __restrict__ idx, in
   }
 }
 
+// launch option ec: each thread's codewords read before the wait, as raw words (D halves: one 4/8/16-byte load),
+// when the block's VC vectors share one column tile (the usual case; else build_table reads them as before).
+// Layer data, not written by the kernel before this one: the wait does not order them, ld_ordered only keeps
+// them ahead of it in the SASS, so their latency overlaps the previous kernel's tail and the x staging.
+// launch option cpw: in the table build a thread owns CPW consecutive codewords (CG groups of them) and every VG-th
+// vector, so one read of a vector's activations serves CPW entries, and the CPW entries go out in one wide store
+// (cpw 0: a thread owns codewords c, c + THREADS, ...; each entry reads the activations again)
+#if CPW
+#define CG (KK / CPW)
+#define VG (THREADS / CG)
+#define CPT CPW
+#elif THREADS >= KK
+#define CPT 1
+#else
+#define CPT ((KK + THREADS - 1) / THREADS)
+#endif
+#if EC && D == 2
+#define EARLY_CB 1
+typedef u32 CbT;
+#elif EC && D == 4
+#define EARLY_CB 1
+typedef uint2 CbT;
+#elif EC && D == 8
+#define EARLY_CB 1
+typedef uint4 CbT;
+#else
+#define EARLY_CB 0
+typedef u32 CbT;
+#endif
+
+__device__ __forceinline__ bool one_tile_of(int v0, int NVEC, int COLS) {
+  return v0 + VC - 1 < NVEC && ((v0 + VC - 1) * D) / COLS == (v0 * D) / COLS;
+}
+
+__device__ __forceinline__ void load_cb(CbT* wc, const u16* __restrict__ cb, int v0, int NVEC, int COLS) {
+#if EARLY_CB
+#if CPW
+  const int c_first = (threadIdx.x % CG) * CPW, c_step = 1;
+#elif THREADS >= KK
+  const int c_first = threadIdx.x % KK, c_step = KK;
+#else
+  const int c_first = threadIdx.x, c_step = THREADS;
+#endif
+  if (!one_tile_of(v0, NVEC, COLS)) return;
+  const size_t off = (size_t)((v0 * D) / COLS) * KK * D;
+#pragma unroll
+  for (int i = 0; i < CPT; ++i) {
+    const int c = c_first + i * c_step;
+    if (c < KK) ld_ordered(wc[i], cb + off + (size_t)c * D);
+  }
+#endif
+}
+
+// half j of a codeword's raw words
+__device__ __forceinline__ float cb_half(const CbT& w, int j) {
+#if EARLY_CB
+  const u32* p = (const u32*)&w;
+  return h2f((u16)(p[j >> 1] >> (16 * (j & 1))));
+#else
+  return 0.f;
+#endif
+}
+
 // activations (fp32) and each vector's codebook offset (codeword 0 of its column tile; -1 past NVEC) into shared
 // memory, then the table tab[vl * KK + c] = <codeword c, x_vl>.  A thread owns codeword c (and every
 // (THREADS / KK)-th vector when THREADS > KK); when all VC vectors share one column tile (the usual case) the
 // codeword is read once and each entry costs one broadcast read of x, D multiply-adds and one store.
 __device__ __forceinline__ void build_table(float* tab, float* xs, int* toff, const void* XR x,
-                                            const u16* __restrict__ cb, int v0, int NVEC, int K_IN, int COLS) {
+                                            const u16* __restrict__ cb, int v0, int NVEC, int K_IN, int COLS,
+                                            const CbT* wc) {
   for (int i = threadIdx.x; i < VC * D; i += THREADS) {
     const int k = v0 * D + i;
     xs[i] = k < K_IN ? ldx(x, k) : 0.f;
@@ -134,12 +209,56 @@ __device__ __forceinline__ void build_table(float* tab, float* xs, int* toff, co
   const int c_first = threadIdx.x, c_step = THREADS, vl_first = 0, vl_step = 1;
 #endif
   const bool one_tile = toff[VC - 1] >= 0 && toff[VC - 1] == toff[0];
+#if CPW && !(ABLATE & 2)
+  if (one_tile) {
+    const int cg = threadIdx.x % CG, vg = threadIdx.x / CG;
+    float w[CPW][D];
+#pragma unroll
+    for (int i = 0; i < CPW; ++i)
+#pragma unroll
+      for (int j = 0; j < D; ++j)
+        w[i][j] = EARLY_CB ? cb_half(wc[i], j) : h2f(cb[(size_t)toff[0] + (cg * CPW + i) * D + j]);
+#pragma unroll
+    for (int k = 0; k < VC / VG; ++k) {
+      const int vl = vg + k * VG;
+      float xv[D], t[CPW];
+#pragma unroll
+      for (int j = 0; j < D; ++j) xv[j] = xs[vl * D + j];
+#pragma unroll
+      for (int i = 0; i < CPW; ++i) {
+        t[i] = 0.f;
+#pragma unroll
+        for (int j = 0; j < D; ++j) t[i] += w[i][j] * xv[j];
+      }
+      float* dst = tab + vl * KK + cg * CPW;
+#if CPW % 4 == 0
+#pragma unroll
+      for (int i = 0; i < CPW; i += 4) *(float4*)(dst + i) = make_float4(t[i], t[i + 1], t[i + 2], t[i + 3]);
+#elif CPW == 2
+      *(float2*)dst = make_float2(t[0], t[1]);
+#else
+#pragma unroll
+      for (int i = 0; i < CPW; ++i) dst[i] = t[i];
+#endif
+    }
+    __syncthreads();
+    return;
+  }
+#endif
 #if !(ABLATE & 2)
-  for (int c = c_first; c < KK; c += c_step) {
+#if EARLY_CB
+#pragma unroll
+  for (int ci = 0; ci < CPT; ++ci) {
+    const int c = c_first + ci * c_step;
+    if (c >= KK) break;
+#else
+  for (int c = c_first, ci = 0; c < KK; c += c_step, ++ci) {
+#endif
     float w[D];
     if (one_tile) {
 #pragma unroll
-      for (int i = 0; i < D; ++i) w[i] = h2f(cb[(size_t)toff[0] + c * D + i]);
+      for (int i = 0; i < D; ++i)
+        w[i] = EARLY_CB && !CPW ? cb_half(wc[ci % CPT], i) : h2f(cb[(size_t)toff[0] + c * D + i]);
 #pragma unroll
       for (int vl = vl_first; vl < VC; vl += vl_step) {
         float t = 0.f;
@@ -214,7 +333,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) vq_lut_gemv(
     const float* __restrict__ s, int N, int NVEC, int K_IN, int COLS, int G, int NSG,
     int* __restrict__ cnt, void* __restrict__ out, const void* __restrict__ bias, int HAS_BIAS, int FUSE)
 {
-  __shared__ float tab[VC * KK];
+  __shared__ __align__(16) float tab[VC * KK];
   __shared__ float xs[VC * D];
   __shared__ int toff[VC];
   __shared__ int last;
@@ -222,9 +341,11 @@ extern "C" __global__ void __launch_bounds__(THREADS) vq_lut_gemv(
   const int v0 = blockIdx.y * VC;
   const bool live = n < N;
   IdxT q[VC];
+  CbT wc[CPT];
   load_idx<GD != 0>(q, idx, v0, n, live, N, NVEC);
+  load_cb(wc, cb, v0, NVEC, COLS);
   gdc_step();
-  build_table(tab, xs, toff, x, cb, v0, NVEC, K_IN, COLS);
+  build_table(tab, xs, toff, x, cb, v0, NVEC, K_IN, COLS, wc);
   if (live) {
     float a[NPT];
     lookups(a, q, tab);
@@ -264,16 +385,18 @@ extern "C" __global__ void __launch_bounds__(THREADS) vq_lut_gemv_s(
     const void* XR x, float* __restrict__ acc, const u8* __restrict__ idx, const u16* __restrict__ cb,
     const float* __restrict__ s, int N, int NVEC, int K_IN, int COLS, int G, int NSG, int NR)
 {
-  __shared__ float tab[VC * KK];
+  __shared__ __align__(16) float tab[VC * KK];
   __shared__ float xs[VC * D];
   __shared__ int toff[VC];
   const int v0 = blockIdx.y * VC;
   const int ne = min(N, (blockIdx.x + 1) * NR);
   int n = blockIdx.x * NR + threadIdx.x * NPT;
   IdxT q[VC], qn[VC];
+  CbT wc[CPT];
   load_idx<GD != 0>(q, idx, v0, n, n < ne, N, NVEC);
+  load_cb(wc, cb, v0, NVEC, COLS);
   gdc_step();
-  build_table(tab, xs, toff, x, cb, v0, NVEC, K_IN, COLS);
+  build_table(tab, xs, toff, x, cb, v0, NVEC, K_IN, COLS, wc);
   float a[NPT];
   for (; n < ne; n += THREADS * NPT) {
     const int nn = n + THREADS * NPT;
@@ -302,16 +425,27 @@ extern "C" __global__ void vq_finish(float* __restrict__ acc, void* __restrict__
 
 
 def source(d: int, kk: int, xt: int, threads: int, npt: int, vc: int, group_scale: bool, ablate: int = 0,
-           gd: int = 0) -> str:
+           gd: int = 0, ec: int = 0, cpw: int = 0) -> str:
     """The CUDA source for one configuration (the kernel's constants as #defines); ``gd`` programmatic dependent
-    launch (see gdc_step; the launcher must pass ``pdl``).
+    launch (see gdc_step; the launcher must pass ``pdl``); ``ec`` the codewords loaded before the wait (load_cb;
+    D of 2, 4 or 8, else ignored); ``cpw`` codewords per thread in the table build (0: the old mapping; else
+    a divisor of ``kk`` with ``threads`` a multiple of kk / cpw and ``vc`` of the vector groups, see cpw_ok).
 
     ``ablate`` (timing experiments only; the results are wrong): bit 1 plain stores instead of atomic adds,
     bit 2 no table build, bit 4 no table reads."""
-    assert npt in (4, 8, 16) and kk <= 256 and d >= 1 and gd in (0, 1, 2), (npt, kk, d, gd)
+    assert npt in (4, 8, 16) and kk <= 256 and d >= 1 and gd in (0, 1, 2) and ec in (0, 1), (npt, kk, d, gd, ec)
+    assert cpw == 0 or cpw_ok(kk, threads, vc, cpw), (kk, threads, vc, cpw)
     defs = dict(D=d, KK=kk, XT=xt, THREADS=threads, NPT=npt, VC=vc, GROUP_SCALE=int(group_scale), ABLATE=ablate,
-                GD=gd)
+                GD=gd, EC=ec, CPW=cpw)
     return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + PRELUDE + _SRC
+
+
+def cpw_ok(kk: int, threads: int, vc: int, cpw: int) -> bool:
+    """The build mapping of ``cpw`` codewords per thread covers the table exactly: kk / cpw codeword groups, the
+    block's threads a whole number of them, and the vectors a whole number of rounds of the vector groups."""
+    if cpw < 1 or kk % cpw or threads % (kk // cpw):
+        return False
+    return vc % (threads // (kk // cpw)) == 0
 
 
 def available() -> bool:
@@ -321,8 +455,8 @@ def available() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _compiled(d: int, kk: int, xt: int, threads: int, npt: int, vc: int, group_scale: bool, device: int,
-              ablate: int = 0, gd: int = 0):
-    src = source(d, kk, xt, threads, npt, vc, group_scale, ablate, gd)
+              ablate: int = 0, gd: int = 0, ec: int = 0, cpw: int = 0):
+    src = source(d, kk, xt, threads, npt, vc, group_scale, ablate, gd, ec, cpw)
     with torch.cuda.device(device):
         kernels = [torch.cuda._compile_kernel(src, name) for name in ("vq_lut_gemv", "vq_lut_gemv_s", "vq_finish")]
     return tuple(Launcher(k, "cuda-vq") for k in kernels)
@@ -353,19 +487,24 @@ def run_vq_cuda(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dict
     cfg = cfg or _cfg(pk)
     if not layout_ok(pk, cfg):
         raise ValueError("cuda-vq: layout not supported (row tiles, several books, or scale groups across blocks)")
-    N, threads, npt, vc = pk["N"], cfg["threads"], cfg["npt"], cfg["vc"]
+    N, threads, npt = pk["N"], cfg["threads"], cfg["npt"]
     row_scale = pk["nsg"] == 1
     dev = device_index(x2)
+    stationary = cfg.get("mode", "tile") != "tile"
+    vc = launch_vc(pk, cfg, sm_count(dev) if stationary else 0)
     gd = pdl_mode(int(cfg.get("gd", 0)), sm90(dev))
+    cb = pk["cb"].view(torch.float16) if pk["packed"] else pk["cb"]
+    cb_aligned = cb.data_ptr() % 16 == 0  # ec's word loads
+    cpw = int(cfg.get("cpw", 0))
+    cpw = cpw if cpw and cpw_ok(1 << pk["IB"], threads, vc, cpw) else 0
     tile, stat, finish = _compiled(pk["D"], 1 << pk["IB"], XT[x2.dtype], threads, npt, vc, not row_scale, dev,
-                                   cfg.get("ablate", 0), gd)
+                                   cfg.get("ablate", 0), gd, int(cfg.get("ec", 0)) if cb_aligned else 0, cpw)
     acc, cnt = _scratch(x2.device, N)
     out = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
-    cb = pk["cb"].view(torch.float16) if pk["packed"] else pk["cb"]
     bn = threads * npt
     vblocks = (pk["nvec"] + vc - 1) // vc
     args = [x2, acc, pk["idx"], cb, pk["scales"], N, pk["nvec"], K, pk["cols"], pk["group"], pk["nsg"]]
-    if cfg.get("mode", "tile") == "tile":
+    if not stationary:
         fuse = bool(cfg.get("fuse", False))
         tile(grid=((N + bn - 1) // bn, vblocks, 1), block=(threads, 1, 1),
              args=args + [cnt, out, bias if bias is not None else out, int(bias is not None), int(fuse)], pdl=gd > 0)
@@ -379,6 +518,19 @@ def run_vq_cuda(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dict
            pdl=gd > 0)
     return out
 
+
+def launch_vc(pk: dict, cfg: dict, sms: int) -> int:
+    """Vectors per block for this layer: ``cfg['vc']``, or ``cfg['vc1']`` for a stationary config that would give each
+    block a single step of outputs (4096x4096 on 132 SMs): a half-size table then serves two steps, so each table
+    entry is built for twice the lookups and the second step's index loads overlap the first step's lookups
+    (vq2 at 4096x4096 on the H200: +7-10% in three runs, docs/PERFORMANCE.md version 16)."""
+    vc = cfg["vc"]
+    if cfg.get("mode", "tile") == "tile" or "vc1" not in cfg:
+        return vc
+    bn = cfg["threads"] * cfg["npt"]
+    if outputs_per_block(pk["N"], bn, (pk["nvec"] + vc - 1) // vc, cfg, sms) > bn:
+        return vc
+    return cfg["vc1"]
 
 
 def outputs_per_block(n: int, bn: int, vblocks: int, cfg: dict, sms: int) -> int:
