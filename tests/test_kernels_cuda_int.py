@@ -183,6 +183,32 @@ def test_pdl_mode_follows_the_gpu_and_inductor(monkeypatch):
     assert ci.gdc(dict(gd=1), 0) == 0
 
 
+def test_compile_kernels_compiles_a_source_once_for_all_its_kernels(monkeypatch):
+    """cuda_rt.compile_kernels: one NVRTC compile and one module load for several kernels of one source; where
+    PyTorch's private helpers differ (another signature or return), each kernel through torch.cuda._compile_kernel."""
+    import torch.cuda._utils as tu
+
+    from leanq.kernels import cuda_rt
+
+    calls = []
+    monkeypatch.setattr(tu, "_nvrtc_compile", lambda src, name: calls.append(("nvrtc", name)) or (b"ptx", name),
+                        raising=False)
+    class K:
+        def __init__(self, name):
+            self.func, self.name = 1, name
+
+    monkeypatch.setattr(tu, "_cuda_load_module", lambda ptx, names: calls.append(("load", tuple(names)))
+                        or {n: K(n) for n in names}, raising=False)
+    assert [k.name for k in cuda_rt.compile_kernels("src", ["a", "b", "c"])] == ["a", "b", "c"]
+    assert calls == [("nvrtc", "a"), ("load", ("a", "b", "c"))]
+
+    monkeypatch.setattr(torch.cuda, "_compile_kernel", lambda src, name: f"one {name}", raising=False)
+    monkeypatch.setattr(tu, "_cuda_load_module", lambda ptx, names: {n: f"no func {n}" for n in names}, raising=False)
+    assert cuda_rt.compile_kernels("src", ["a", "b"]) == ["one a", "one b"]  # objects Launcher could not take
+    monkeypatch.setattr(tu, "_nvrtc_compile", lambda src, name: b"ptx only", raising=False)  # an older return
+    assert cuda_rt.compile_kernels("src", ["a", "b"]) == ["one a", "one b"]
+
+
 def test_pdl_wait_precedes_every_read_of_x_in_the_sources():
     """The sources with gd: griddepcontrol.wait comes before the first read of x (int_gemv's staging, int_mma_w's
     x copies), and the early trigger sits under ``#if GD == 1`` (gd 2 leaves it out)."""

@@ -153,6 +153,24 @@ def nvrtc_available(switch: str) -> bool:
             and hasattr(torch.cuda, "_compile_kernel") and os.environ.get(switch, "1") != "0")
 
 
+def compile_kernels(src: str, names: list[str]) -> list:
+    """The ``extern "C"`` kernels ``names`` of one source, compiled by NVRTC once and loaded as one module.
+    ``torch.cuda._compile_kernel`` compiles (and the driver loads) the whole source once per name; a source with three
+    kernels cost three compiles. Any failure on this path (PyTorch's private helpers differ, or the source does not
+    compile) falls back to that one, which compiles again and raises its own error."""
+    try:
+        from torch.cuda._utils import _cuda_load_module, _nvrtc_compile
+
+        ptx, _ = _nvrtc_compile(src, names[0])
+        loaded = _cuda_load_module(ptx, list(names))
+        kernels = [loaded[n] for n in names]
+        if all(hasattr(k, "func") for k in kernels):  # what Launcher takes
+            return kernels
+    except Exception:  # noqa: BLE001 - the fallback below decides
+        pass
+    return [torch.cuda._compile_kernel(src, n) for n in names]
+
+
 @functools.lru_cache(maxsize=None)
 def sm_count(dev: int) -> int:
     return torch.cuda.get_device_properties(dev).multi_processor_count

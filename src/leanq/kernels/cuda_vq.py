@@ -47,8 +47,8 @@ import functools
 import torch
 
 from . import Kernel, register_kernel
-from .cuda_rt import (PRELUDE, XT, Launcher, device_index, nvrtc_available, on_device_of, pdl_mode, sm90,
-                      sm_count)
+from .cuda_rt import (PRELUDE, XT, Launcher, compile_kernels, device_index, nvrtc_available, on_device_of, pdl_mode,
+                      sm90, sm_count)
 
 # threads per block, outputs per thread, vectors per block, kernel (and its blocks per SM), finishing step fused:
 # by (D, index bits) the best on the five Llama shapes in the H100 runs of docs/PERFORMANCE.md, "Codebook (vq)
@@ -458,7 +458,7 @@ def _compiled(d: int, kk: int, xt: int, threads: int, npt: int, vc: int, group_s
               ablate: int = 0, gd: int = 0, ec: int = 0, cpw: int = 0):
     src = source(d, kk, xt, threads, npt, vc, group_scale, ablate, gd, ec, cpw)
     with torch.cuda.device(device):
-        kernels = [torch.cuda._compile_kernel(src, name) for name in ("vq_lut_gemv", "vq_lut_gemv_s", "vq_finish")]
+        kernels = compile_kernels(src, ["vq_lut_gemv", "vq_lut_gemv_s", "vq_finish"])
     return tuple(Launcher(k, "cuda-vq") for k in kernels)
 
 
