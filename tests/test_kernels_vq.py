@@ -187,7 +187,11 @@ def test_cuda_vq_matches_reference(d, ib, nb, rows, cols, group, in_f, dtype):
                     dict(threads=128, npt=4, vc=16, mode="stationary", bps=4, gd=1, ec=1, cpw=4),
                     dict(threads=128, npt=4, vc=16, mode="stationary", bps=4, cpw=8),
                     dict(threads=256, npt=4, vc=16, gd=1, ec=1, cpw=2),
-                    dict(threads=64, npt=16, vc=8, fuse=True, cpw=4)))):
+                    dict(threads=64, npt=16, vc=8, fuse=True, cpw=4),
+                    # th: the fp16 table (16-bit activations; fp32 activations keep the fp32 table)
+                    dict(threads=128, npt=4, vc=16, mode="stationary", bps=4, gd=1, ec=1, cpw=4, th=1),
+                    dict(threads=256, npt=4, vc=16, gd=1, ec=1, th=1))),
+                *((dict(threads=128, npt=8, vc=16, th=1),) if dtype == torch.float16 else ())):
         if not cv.layout_ok(pk, cfg):
             continue
         for _ in range(2):  # the second launch checks the scratch was left at zero
@@ -197,11 +201,35 @@ def test_cuda_vq_matches_reference(d, ib, nb, rows, cols, group, in_f, dtype):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA C++ kernel needs a GPU (NVRTC)")
+@pytest.mark.parametrize("mag", [1e-7, 1.0, 3e3])
+def test_cuda_vq_fp16_table_scales_activations_of_any_size(mag):
+    """th: entries past fp16's range (|x| in the thousands times 4-dim codewords) or in its subnormals (|x| ~ 1e-7)
+    must not overflow or flush: the block's power-of-two scaling keeps the result within the bf16 tolerance."""
+    from leanq.kernels import cuda_vq as cv
+    from leanq.kernels import triton_vq_kn as vk
+
+    spec = QuantSpec(fmt="vq", bits=8, vq_dim=4, vq_books=1, vq_cols=192)
+    m = random_vq_layer(1024, 768, spec, bias=False, seed=11).to("cuda")
+    x = (torch.randn(1, 768, generator=torch.Generator().manual_seed(5)) * mag)
+    x[0, 100] = 40 * mag  # one outlier per layer, as activations have
+    x = x.to("cuda", torch.bfloat16)
+    ref = oracle(m, x)
+    pk = vk.packed_vq_kn(m)
+    for cfg in (dict(threads=128, npt=4, vc=16, mode="stationary", bps=4, gd=1, ec=1, cpw=4, th=1),
+                dict(threads=256, npt=4, vc=16, th=1)):
+        y = cv.run_vq_cuda(x, pk, None, cfg).double().cpu()
+        assert torch.isfinite(y).all()
+        # bf16 outputs round at ~2e-3; unscaled fp16 entries would be off by ~5% at 1e-7 (subnormals), inf at 3e3
+        assert ((y - ref).norm() / ref.norm()).item() < 5e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA C++ kernel needs a GPU (NVRTC)")
 @pytest.mark.parametrize("cfg", [dict(threads=128, npt=4, vc=16, mode="stationary", bps=4, gd=1),
                                  dict(threads=256, npt=4, vc=16, gd=1), dict(threads=64, npt=16, vc=8, fuse=True, gd=1),
                                  dict(threads=128, npt=4, vc=16, mode="stationary", bps=4, gd=2),
                                  dict(threads=128, npt=4, vc=16, mode="stationary", bps=4, gd=1, ec=1),
-                                 dict(threads=128, npt=4, vc=16, mode="stationary", bps=4, gd=1, ec=1, cpw=4)])
+                                 dict(threads=128, npt=4, vc=16, mode="stationary", bps=4, gd=1, ec=1, cpw=4),
+                                 dict(threads=128, npt=4, vc=16, mode="stationary", bps=4, gd=1, ec=1, cpw=4, th=1)])
 def test_cuda_vq_pdl_chain_in_a_cuda_graph_reads_each_input_after_it_is_written(cfg):
     """Programmatic dependent launch (gd): in a captured chain of vq layers (the GEMV, its finishing kernel, an
     elementwise op between layers; the scratch sums shared), every replay matches the chain launched without it, for
@@ -289,6 +317,9 @@ def test_cuda_vq_build_mapping_covers_the_table():
         assert not cv.cpw_ok(kk, threads, vc, cpw), (kk, threads, vc, cpw)
     with pytest.raises(AssertionError):
         cv.source(4, 256, 2, 128, 4, 16, False, 0, 1, 1, 3)
+    assert "#define TH 1\n" in cv.source(4, 256, 2, 128, 4, 16, False, 0, 1, 1, 4, 1)
+    with pytest.raises(AssertionError):  # fp32 activations keep the fp32 table
+        cv.source(4, 256, 0, 128, 4, 16, False, 0, 1, 1, 4, 1)
     assert cv.TUNED[(4, 8)].get("cpw") and cv.cpw_ok(256, cv.TUNED[(4, 8)]["threads"], cv.TUNED[(4, 8)]["vc"],
                                                      cv.TUNED[(4, 8)]["cpw"])
 

@@ -52,7 +52,10 @@ CUDA_CONFIGS = [dict(threads=256, npt=4, vc=16, fuse=False), dict(threads=256, n
                 dict(threads=256, npt=4, vc=16, fuse=False, gd=1),
                 # 8, 9: the presets' tuned configs since session 15 (cuda_vq.TUNED: ec, cpw, vc1)
                 dict(threads=128, npt=4, vc=16, vc1=8, mode="stationary", bps=4, gd=1, ec=1, cpw=4),
-                dict(threads=256, npt=4, vc=16, fuse=False, gd=1, ec=1)]
+                dict(threads=256, npt=4, vc=16, fuse=False, gd=1, ec=1),
+                # 10, 11: 8 and 9 with the fp16 table (th; prepared in session 15, not yet timed)
+                dict(threads=128, npt=4, vc=16, vc1=8, mode="stationary", bps=4, gd=1, ec=1, cpw=4, th=1),
+                dict(threads=256, npt=4, vc=16, fuse=False, gd=1, ec=1, th=1)]
 FLUSH = None
 
 
@@ -69,6 +72,7 @@ def cuda_name(c: dict) -> str:
     parts += [f"gd{c['gd']}"] if c.get("gd") else []
     parts += ["ec"] if c.get("ec") else []
     parts += [f"cw{c['cpw']}"] if c.get("cpw") else []
+    parts += ["th"] if c.get("th") else []
     parts += [f"ablate{c['ablate']}"] if c.get("ablate") else []
     return " ".join(parts)
 
@@ -81,11 +85,11 @@ def parse_cuda_cfg(spec: str) -> dict:
         raise SystemExit(f"--cuda-cfgs: mode must be tile or stat, got {mode!r} in {spec!r}")
     cfg = dict(mode="tile" if mode == "tile" else "stationary", threads=256, npt=4, vc=16)
     keys = {"t": "threads", "n": "npt", "v": "vc", "b": "bps", "r": "nr", "gd": "gd", "fu": "fuse", "a": "ablate", "ec": "ec",
-            "cw": "cpw", "vo": "vc1"}
+            "cw": "cpw", "vo": "vc1", "th": "th"}
     for f in fields:
         k = f.rstrip("0123456789")
         if k not in keys or k == f:
-            raise SystemExit(f"--cuda-cfgs: unknown field {f!r} in {spec!r} (t, n, v, vo, b, r, gd, ec, cw, fu, a with a number)")
+            raise SystemExit(f"--cuda-cfgs: unknown field {f!r} in {spec!r} (t, n, v, vo, b, r, gd, ec, cw, th, fu, a with a number)")
         cfg[keys[k]] = bool(int(f[len(k):])) if k == "fu" else int(f[len(k):])
     return cfg
 

@@ -17,7 +17,8 @@
 #                                                    # coherent x under gd, the vq kernels' gd), the 4-bit table at
 #                                                    # batches 1/4/16, and the vq presets with gd against without
 #   bash benchmarks/kernels/device_call.sh vq16      # session 15's close: the vq GPU tests with vc1 in the 2-bit
-#                                                    # preset, and the presets (configs 8, 9) beside v15's (5, 7)
+#                                                    # preset, the single compile and the fp16 table (th), and the
+#                                                    # presets (configs 8, 9) beside v15's (5, 7) and with th (10, 11)
 # Each step runs under its own timeout so a slow step cannot eat the call; logs and JSON go to $OUT.
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=src
@@ -86,5 +87,5 @@ vq16)
   PYTHONPATH=src:tests timeout "${T1:-330}" python3 -m pytest -q -p no:cacheprovider tests/test_kernels_vq.py 2>&1 \
     | tail -4 | tee "$OUT/tests.log"
   (cd benchmarks/kernels && PYTHONPATH=../../src timeout "${T3:-200}" python3 bench_vq.py --out "$OUT" --graph \
-    --batches 1 --old-configs 0 --kn 2 --cuda 5,7,8,9 2>&1 | grep -E "graph" | tail -40 | tee "$OUT/vq.log") ;;
+    --batches 1 --old-configs 0 --kn 2 --cuda 5,7,8,9,10,11 2>&1 | grep -E "graph" | tail -40 | tee "$OUT/vq.log") ;;
 esac

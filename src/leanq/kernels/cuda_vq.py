@@ -30,7 +30,8 @@ Launch options beside the shape of the work (threads, outputs per thread, vector
 ``gd`` programmatic dependent launch (index and codeword loads before the wait for the previous kernel);
 ``ec`` each thread's codewords read before that wait; ``cpw`` codewords per thread in the table build (one read
 of a vector's activations serves cpw entries, stored in one wide store); ``vc1`` fewer vectors per block where a
-stationary block would get a single step (:func:`launch_vc`).
+stationary block would get a single step (:func:`launch_vc`); ``th`` the table in fp16 for 16-bit activations,
+each block's activations scaled by a power of two so entries stay in range (prepared, off by default).
 
 Supports one codebook per column tile (no row tiles, one book: the vq presets), index bits <= 8,
 activations fp32/fp16/bf16.  Compiled at first use through NVRTC (``torch.cuda._compile_kernel``,
@@ -187,22 +188,73 @@ __device__ __forceinline__ float cb_half(const CbT& w, int j) {
 #endif
 }
 
+// launch option th (16-bit activations only): the table in fp16, half the shared memory per lookup (about 2.8
+// bank passes per warp read against 3.2 for fp32 words, for random indices) and per store. The block scales its
+// activations by a power of two, 2^-E with every |x| < 2^E, through the codewords it multiplies them with (exact),
+// so entries stay in fp16's range; the lookups' sums are scaled back by 2^E (exact) before they leave the block.
+#if TH
+typedef u16 TabT;
+#else
+typedef float TabT;
+#endif
+__device__ __forceinline__ float from_tab(TabT v) {
+#if TH
+  return h2f(v);
+#else
+  return v;
+#endif
+}
+__device__ __forceinline__ TabT to_tab(float t) {
+#if TH
+  u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(t)); return h;
+#else
+  return t;
+#endif
+}
+
 // activations (fp32) and each vector's codebook offset (codeword 0 of its column tile; -1 past NVEC) into shared
 // memory, then the table tab[vl * KK + c] = <codeword c, x_vl>.  A thread owns codeword c (and every
 // (THREADS / KK)-th vector when THREADS > KK); when all VC vectors share one column tile (the usual case) the
 // codeword is read once and each entry costs one broadcast read of x, D multiply-adds and one store.
-__device__ __forceinline__ void build_table(float* tab, float* xs, int* toff, const void* XR x,
-                                            const u16* __restrict__ cb, int v0, int NVEC, int K_IN, int COLS,
-                                            const CbT* wc) {
+// Returns what the lookups' sums are multiplied by (th: 2^E; else 1).
+__device__ __forceinline__ float build_table(TabT* tab, float* xs, int* toff, u32* wmax, const void* XR x,
+                                             const u16* __restrict__ cb, int v0, int NVEC, int K_IN, int COLS,
+                                             const CbT* wc) {
+#if TH
+  u32 mb = 0;  // the largest |x| this thread staged, as bits (non-negative floats order as unsigned ints)
+  for (int i = threadIdx.x; i < VC * D; i += THREADS) {
+    const int k = v0 * D + i;
+    const float v = k < K_IN ? ldx(x, k) : 0.f;
+    xs[i] = v;
+    mb = max(mb, __float_as_uint(fabsf(v)));
+  }
+#else
   for (int i = threadIdx.x; i < VC * D; i += THREADS) {
     const int k = v0 * D + i;
     xs[i] = k < K_IN ? ldx(x, k) : 0.f;
   }
+#endif
   for (int i = threadIdx.x; i < VC; i += THREADS) {
     const int v = v0 + i;
     toff[i] = v < NVEC ? ((v * D) / COLS) * KK * D : -1;
   }
+#if TH
+#pragma unroll
+  for (int o = 16; o; o >>= 1) mb = max(mb, __shfl_xor_sync(0xffffffffu, mb, o));
+  if ((threadIdx.x & 31) == 0) wmax[threadIdx.x >> 5] = mb;
+#endif
   __syncthreads();
+  float sc = 1.f, inv = 1.f;
+#if TH
+  mb = 0;
+#pragma unroll
+  for (int w = 0; w < THREADS / 32; ++w) mb = max(mb, wmax[w]);
+  if (mb >= 0x00800000u) {  // a normal largest |x| (zeros, subnormals: no scaling)
+    const int E = min((int)((mb >> 23) & 0xFFu) - 126, 126);  // |x| < 2^E
+    sc = __uint_as_float((u32)(127 - E) << 23);
+    inv = __uint_as_float((u32)(127 + E) << 23);
+  }
+#endif
 #if THREADS >= KK
   const int c_first = threadIdx.x % KK, c_step = KK, vl_first = threadIdx.x / KK, vl_step = THREADS / KK;
 #else
@@ -217,7 +269,7 @@ __device__ __forceinline__ void build_table(float* tab, float* xs, int* toff, co
     for (int i = 0; i < CPW; ++i)
 #pragma unroll
       for (int j = 0; j < D; ++j)
-        w[i][j] = EARLY_CB ? cb_half(wc[i], j) : h2f(cb[(size_t)toff[0] + (cg * CPW + i) * D + j]);
+        w[i][j] = sc * (EARLY_CB ? cb_half(wc[i], j) : h2f(cb[(size_t)toff[0] + (cg * CPW + i) * D + j]));
 #pragma unroll
     for (int k = 0; k < VC / VG; ++k) {
       const int vl = vg + k * VG;
@@ -230,19 +282,24 @@ __device__ __forceinline__ void build_table(float* tab, float* xs, int* toff, co
 #pragma unroll
         for (int j = 0; j < D; ++j) t[i] += w[i][j] * xv[j];
       }
-      float* dst = tab + vl * KK + cg * CPW;
-#if CPW % 4 == 0
+      TabT* dst = tab + vl * KK + cg * CPW;
+#if TH && CPW % 4 == 0
+#pragma unroll
+      for (int i = 0; i < CPW; i += 4) *(uint2*)(dst + i) = make_uint2(f2h2(t[i], t[i + 1]), f2h2(t[i + 2], t[i + 3]));
+#elif TH && CPW == 2
+      *(u32*)dst = f2h2(t[0], t[1]);
+#elif !TH && CPW % 4 == 0
 #pragma unroll
       for (int i = 0; i < CPW; i += 4) *(float4*)(dst + i) = make_float4(t[i], t[i + 1], t[i + 2], t[i + 3]);
-#elif CPW == 2
+#elif !TH && CPW == 2
       *(float2*)dst = make_float2(t[0], t[1]);
 #else
 #pragma unroll
-      for (int i = 0; i < CPW; ++i) dst[i] = t[i];
+      for (int i = 0; i < CPW; ++i) dst[i] = to_tab(t[i]);
 #endif
     }
     __syncthreads();
-    return;
+    return inv;
   }
 #endif
 #if !(ABLATE & 2)
@@ -258,13 +315,13 @@ __device__ __forceinline__ void build_table(float* tab, float* xs, int* toff, co
     if (one_tile) {
 #pragma unroll
       for (int i = 0; i < D; ++i)
-        w[i] = EARLY_CB && !CPW ? cb_half(wc[ci % CPT], i) : h2f(cb[(size_t)toff[0] + c * D + i]);
+        w[i] = sc * (EARLY_CB && !CPW ? cb_half(wc[ci % CPT], i) : h2f(cb[(size_t)toff[0] + c * D + i]));
 #pragma unroll
       for (int vl = vl_first; vl < VC; vl += vl_step) {
         float t = 0.f;
 #pragma unroll
         for (int i = 0; i < D; ++i) t += w[i] * xs[vl * D + i];
-        tab[vl * KK + c] = t;
+        tab[vl * KK + c] = to_tab(t);
       }
     } else {
       int have = -2;
@@ -274,22 +331,23 @@ __device__ __forceinline__ void build_table(float* tab, float* xs, int* toff, co
         if (off >= 0) {
           if (off != have) {
 #pragma unroll
-            for (int i = 0; i < D; ++i) w[i] = h2f(cb[(size_t)off + c * D + i]);
+            for (int i = 0; i < D; ++i) w[i] = sc * h2f(cb[(size_t)off + c * D + i]);
             have = off;
           }
 #pragma unroll
           for (int i = 0; i < D; ++i) t += w[i] * xs[vl * D + i];
         }
-        tab[vl * KK + c] = t;
+        tab[vl * KK + c] = to_tab(t);
       }
     }
   }
 #endif
   __syncthreads();
+  return inv;
 }
 
-// a[t] = sum_j T[j, idx byte t of q[j]]: one shared-memory read and one add per (vector, output)
-__device__ __forceinline__ void lookups(float* a, const IdxT* q, const float* tab) {
+// a[t] = inv * sum_j T[j, idx byte t of q[j]]: one shared-memory read and one add per (vector, output)
+__device__ __forceinline__ void lookups(float* a, const IdxT* q, const TabT* tab, float inv) {
 #pragma unroll
   for (int t = 0; t < NPT; ++t) a[t] = 0.f;
 #pragma unroll
@@ -300,10 +358,14 @@ __device__ __forceinline__ void lookups(float* a, const IdxT* q, const float* ta
 #if ABLATE & 4
       a[t] += (float)b;
 #else
-      a[t] += tab[j * KK + b];
+      a[t] += from_tab(tab[j * KK + b]);
 #endif
     }
   }
+#if TH
+#pragma unroll
+  for (int t = 0; t < NPT; ++t) a[t] *= inv;
+#endif
 }
 
 // per-group scales (when a group spans whole blocks), then one fp32 atomic add per output
@@ -333,8 +395,9 @@ extern "C" __global__ void __launch_bounds__(THREADS) vq_lut_gemv(
     const float* __restrict__ s, int N, int NVEC, int K_IN, int COLS, int G, int NSG,
     int* __restrict__ cnt, void* __restrict__ out, const void* __restrict__ bias, int HAS_BIAS, int FUSE)
 {
-  __shared__ __align__(16) float tab[VC * KK];
+  __shared__ __align__(16) TabT tab[VC * KK];
   __shared__ float xs[VC * D];
+  __shared__ u32 wmax[THREADS / 32];
   __shared__ int toff[VC];
   __shared__ int last;
   const int n = (blockIdx.x * THREADS + threadIdx.x) * NPT;
@@ -345,10 +408,10 @@ extern "C" __global__ void __launch_bounds__(THREADS) vq_lut_gemv(
   load_idx<GD != 0>(q, idx, v0, n, live, N, NVEC);
   load_cb(wc, cb, v0, NVEC, COLS);
   gdc_step();
-  build_table(tab, xs, toff, x, cb, v0, NVEC, K_IN, COLS, wc);
+  const float inv = build_table(tab, xs, toff, wmax, x, cb, v0, NVEC, K_IN, COLS, wc);
   if (live) {
     float a[NPT];
-    lookups(a, q, tab);
+    lookups(a, q, tab, inv);
     add_out(acc, s, a, n, v0, N, G, NSG);
   }
   if (!FUSE) return;
@@ -385,8 +448,9 @@ extern "C" __global__ void __launch_bounds__(THREADS) vq_lut_gemv_s(
     const void* XR x, float* __restrict__ acc, const u8* __restrict__ idx, const u16* __restrict__ cb,
     const float* __restrict__ s, int N, int NVEC, int K_IN, int COLS, int G, int NSG, int NR)
 {
-  __shared__ __align__(16) float tab[VC * KK];
+  __shared__ __align__(16) TabT tab[VC * KK];
   __shared__ float xs[VC * D];
+  __shared__ u32 wmax[THREADS / 32];
   __shared__ int toff[VC];
   const int v0 = blockIdx.y * VC;
   const int ne = min(N, (blockIdx.x + 1) * NR);
@@ -396,12 +460,12 @@ extern "C" __global__ void __launch_bounds__(THREADS) vq_lut_gemv_s(
   load_idx<GD != 0>(q, idx, v0, n, n < ne, N, NVEC);
   load_cb(wc, cb, v0, NVEC, COLS);
   gdc_step();
-  build_table(tab, xs, toff, x, cb, v0, NVEC, K_IN, COLS, wc);
+  const float inv = build_table(tab, xs, toff, wmax, x, cb, v0, NVEC, K_IN, COLS, wc);
   float a[NPT];
   for (; n < ne; n += THREADS * NPT) {
     const int nn = n + THREADS * NPT;
     load_idx<false>(qn, idx, v0, nn, nn < ne, N, NVEC);
-    lookups(a, q, tab);
+    lookups(a, q, tab, inv);
     add_out(acc, s, a, n, v0, N, G, NSG);
 #pragma unroll
     for (int j = 0; j < VC; ++j) q[j] = qn[j];
@@ -425,18 +489,20 @@ extern "C" __global__ void vq_finish(float* __restrict__ acc, void* __restrict__
 
 
 def source(d: int, kk: int, xt: int, threads: int, npt: int, vc: int, group_scale: bool, ablate: int = 0,
-           gd: int = 0, ec: int = 0, cpw: int = 0) -> str:
+           gd: int = 0, ec: int = 0, cpw: int = 0, th: int = 0) -> str:
     """The CUDA source for one configuration (the kernel's constants as #defines); ``gd`` programmatic dependent
     launch (see gdc_step; the launcher must pass ``pdl``); ``ec`` the codewords loaded before the wait (load_cb;
     D of 2, 4 or 8, else ignored); ``cpw`` codewords per thread in the table build (0: the old mapping; else
-    a divisor of ``kk`` with ``threads`` a multiple of kk / cpw and ``vc`` of the vector groups, see cpw_ok).
+    a divisor of ``kk`` with ``threads`` a multiple of kk / cpw and ``vc`` of the vector groups, see cpw_ok);
+    ``th`` the table in fp16 (16-bit activations; see TabT).
 
     ``ablate`` (timing experiments only; the results are wrong): bit 1 plain stores instead of atomic adds,
     bit 2 no table build, bit 4 no table reads."""
     assert npt in (4, 8, 16) and kk <= 256 and d >= 1 and gd in (0, 1, 2) and ec in (0, 1), (npt, kk, d, gd, ec)
     assert cpw == 0 or cpw_ok(kk, threads, vc, cpw), (kk, threads, vc, cpw)
+    assert th in (0, 1) and not (th and xt == 0), (th, xt)  # fp32 activations keep the fp32 table
     defs = dict(D=d, KK=kk, XT=xt, THREADS=threads, NPT=npt, VC=vc, GROUP_SCALE=int(group_scale), ABLATE=ablate,
-                GD=gd, EC=ec, CPW=cpw)
+                GD=gd, EC=ec, CPW=cpw, TH=th)
     return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + PRELUDE + _SRC
 
 
@@ -455,8 +521,8 @@ def available() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _compiled(d: int, kk: int, xt: int, threads: int, npt: int, vc: int, group_scale: bool, device: int,
-              ablate: int = 0, gd: int = 0, ec: int = 0, cpw: int = 0):
-    src = source(d, kk, xt, threads, npt, vc, group_scale, ablate, gd, ec, cpw)
+              ablate: int = 0, gd: int = 0, ec: int = 0, cpw: int = 0, th: int = 0):
+    src = source(d, kk, xt, threads, npt, vc, group_scale, ablate, gd, ec, cpw, th)
     with torch.cuda.device(device):
         kernels = compile_kernels(src, ["vq_lut_gemv", "vq_lut_gemv_s", "vq_finish"])
     return tuple(Launcher(k, "cuda-vq") for k in kernels)
@@ -498,7 +564,8 @@ def run_vq_cuda(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dict
     cpw = int(cfg.get("cpw", 0))
     cpw = cpw if cpw and cpw_ok(1 << pk["IB"], threads, vc, cpw) else 0
     tile, stat, finish = _compiled(pk["D"], 1 << pk["IB"], XT[x2.dtype], threads, npt, vc, not row_scale, dev,
-                                   cfg.get("ablate", 0), gd, int(cfg.get("ec", 0)) if cb_aligned else 0, cpw)
+                                   cfg.get("ablate", 0), gd, int(cfg.get("ec", 0)) if cb_aligned else 0, cpw,
+                                   int(cfg.get("th", 0)) if x2.dtype != torch.float32 else 0)
     acc, cnt = _scratch(x2.device, N)
     out = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
     bn = threads * npt
