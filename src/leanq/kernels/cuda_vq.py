@@ -222,18 +222,15 @@ __device__ __forceinline__ float build_table(TabT* tab, float* xs, int* toff, u3
                                              const CbT* wc) {
 #if TH
   u32 mb = 0;  // the largest |x| this thread staged, as bits (non-negative floats order as unsigned ints)
+#endif
   for (int i = threadIdx.x; i < VC * D; i += THREADS) {
     const int k = v0 * D + i;
     const float v = k < K_IN ? ldx(x, k) : 0.f;
     xs[i] = v;
+#if TH
     mb = max(mb, __float_as_uint(fabsf(v)));
-  }
-#else
-  for (int i = threadIdx.x; i < VC * D; i += THREADS) {
-    const int k = v0 * D + i;
-    xs[i] = k < K_IN ? ldx(x, k) : 0.f;
-  }
 #endif
+  }
   for (int i = threadIdx.x; i < VC; i += THREADS) {
     const int v = v0 + i;
     toff[i] = v < NVEC ? ((v * D) / COLS) * KK * D : -1;
