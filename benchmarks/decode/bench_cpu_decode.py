@@ -5,6 +5,10 @@ the same thread count, prompt, greedy decoding and number of new tokens (EOS dis
 
     OMP_NUM_THREADS=2 python benchmarks/decode/bench_cpu_decode.py --out results.json
     OMP_NUM_THREADS=2 python benchmarks/decode/bench_cpu_decode.py --without-triton --out results.json
+    OMP_NUM_THREADS=2 python benchmarks/decode/bench_cpu_decode.py --without-triton --runtime lean --out results.json
+
+``--runtime lean`` runs both children through :mod:`leanq.runtime` (no transformers imported; the FP32 child reads
+a float folder written once from --model); the default runs transformers' ``generate``.
 
 The 4-bit checkpoint is made once (``leanq.quantize``, method rtn, 4-bit g128, asym; embeddings and
 head kept) and cached at --ckpt.  The 4-bit layers run through the dispatch table (``cpu-int4pack``:
@@ -114,7 +118,49 @@ def int8_embedding_probe(model) -> None:
     model.config.tie_word_embeddings = False
 
 
+def child_lean(a) -> dict:
+    """The same measurement through leanq.runtime (no transformers in the process): the FP32 child reads the float
+    folder, the 4-bit child the checkpoint."""
+    sys.modules["transformers"] = None  # proves the runtime never needs it
+    if a.without_triton:
+        sys.modules["triton"] = None
+    if a.kernel == "reference":
+        os.environ["LEANQ_KERNELS"] = "reference"
+    import torch
+
+    torch.set_num_threads(a.threads)
+    from leanq import runtime
+    from leanq.kernels import explain
+
+    _trim()
+    base = _rss_mb()
+    t0 = time.perf_counter()
+    model, tok = runtime.load(a.float_folder if a.child == "fp32" else a.ckpt, release=a.kernel != "reference")
+    kernels = sorted({k for _, k in explain(model, batch=1, device="cpu")})
+    load_s = time.perf_counter() - t0
+    _trim()
+    loaded = _rss_mb()
+    ids = tok.encode(PROMPT).ids
+    model.generate(ids, 4, stop_at_eos=False)  # warm-up (repacks, allocator)
+    _trim()
+    _reset_peak()
+    times, out = [], None
+    for _ in range(a.reps):
+        t0 = time.perf_counter()
+        out = model.generate(ids, a.new_tokens, stop_at_eos=False)
+        times.append(time.perf_counter() - t0)
+    assert len(out) == a.new_tokens, len(out)
+    t = statistics.median(times)
+    return dict(which=a.child, runtime="lean", kernels=kernels, threads=torch.get_num_threads(),
+                prompt_tokens=len(ids), new_tokens=a.new_tokens, tokens_per_s=a.new_tokens / t, seconds=t,
+                all_seconds=times, load_seconds=load_s, weights_mb=_weights_bytes(model) / 2**20, rss_base_mb=base,
+                rss_loaded_mb=loaded, peak_rss_decode_mb=_rss_mb("VmHWM"), text=tok.decode(out)[:120],
+                transformers_loaded=sys.modules.get("transformers") is not None)
+
+
 def child(a) -> dict:
+    if a.runtime == "lean":
+        return child_lean(a)
     if a.without_triton:  # as an install without the test extra: `import triton` fails, as it does there
         sys.modules["triton"] = None
     import torch
@@ -173,6 +219,10 @@ def child(a) -> dict:
 
 
 def ensure_ckpt(a) -> None:
+    if a.runtime == "lean" and not (Path(a.float_folder) / "model.safetensors").is_file():
+        code = (f"from pathlib import Path; from leanq.models import save_float_folder; "
+                f"save_float_folder({a.model!r}, Path({a.float_folder!r}))")
+        subprocess.run([sys.executable, "-c", code], check=True)
     if (Path(a.ckpt) / "leanq.json").is_file():
         return
     code = (f"from leanq import api; q = api.quantize({a.model!r}, method='rtn', bits=4, group_size=128, "
@@ -197,6 +247,10 @@ def main() -> int:
     ap.add_argument("--embed-int8", action="store_true",
                     help="probe: in the 4-bit child, swap the tied embedding / LM head for int8 rows after loading "
                          "(int8_embedding_probe; not a checkpoint format)")
+    ap.add_argument("--runtime", choices=["hf", "lean"], default="hf",
+                    help="hf: transformers' generate (the default); lean: leanq.runtime, no transformers in the "
+                         "children (the FP32 child reads --float-folder, written once from --model)")
+    ap.add_argument("--float-folder", default="/tmp/leanq-smollm2-f32")
     ap.add_argument("--child", choices=["fp32", "int4"], help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -207,12 +261,14 @@ def main() -> int:
     ensure_ckpt(a)
     load1 = os.getloadavg()[0]
     res = dict(machine=f"{platform.machine()} {os.cpu_count()} cores", torch=torch.__version__, embed_int8=a.embed_int8,
+               runtime=a.runtime,
                python=platform.python_version(), command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), runs={})
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
     for which in a.which.split(","):
         cmd = [sys.executable, __file__, "--child", which, "--model", a.model, "--ckpt", a.ckpt, "--new-tokens",
-               str(a.new_tokens), "--reps", str(a.reps), "--threads", str(a.threads), "--kernel", a.kernel]
+               str(a.new_tokens), "--reps", str(a.reps), "--threads", str(a.threads), "--kernel", a.kernel,
+               "--runtime", a.runtime, "--float-folder", a.float_folder]
         cmd += ["--without-triton"] if a.without_triton else []
         cmd += ["--embed-int8"] if a.embed_int8 and which == "int4" else []
         r = subprocess.run(cmd, env=env, capture_output=True, text=True)

@@ -176,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=40)
     g.add_argument("--device", default="auto")
+    g.add_argument("--runtime", choices=["hf", "lean"], default="hf",
+                   help="hf: transformers' generate; lean: leanq's own Llama decoder (leanq.runtime: no transformers "
+                        "imported, float tensors kept as stored; Llama-family checkpoints and float folders)")
 
     x = sub.add_parser("export", help="write a checkpoint as compressed-tensors (vLLM, transformers) or GGUF (llama.cpp)",
                        description="compressed-tensors: int 4/8-bit group-wise or per-channel, sym or asym, exact. "
@@ -296,6 +299,8 @@ def cmd_info(a) -> int:
 
 
 def cmd_generate(a) -> int:
+    if a.runtime == "lean":
+        return _generate_lean(a)
     import torch
 
     from .api import load_any, pick_device
@@ -309,6 +314,25 @@ def cmd_generate(a) -> int:
         out = model.generate(ids, max_new_tokens=a.max_new_tokens, do_sample=False,
                              pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     print(tok.decode(out[0], skip_special_tokens=True))
+    return 0
+
+
+def _generate_lean(a) -> int:
+    from . import runtime
+    from .api import pick_device
+    from .models import resolve
+
+    dev = pick_device(a.device)
+    model, tok = runtime.load(resolve(a.model), device=dev)
+    if tok is None:
+        raise LeanqError(f"{a.model}: has no tokenizer.json")
+    ids = tok.encode(a.prompt).ids
+    t0 = time.perf_counter()
+    out = model.generate(ids, a.max_new_tokens)
+    dt = time.perf_counter() - t0
+    print(tok.decode(ids + out, skip_special_tokens=True))
+    print(f"{len(out)} new tokens in {dt:.2f} s ({len(out) / dt:.1f} tokens/s, prompt of {len(ids)} included)",
+          file=sys.stderr)
     return 0
 
 

@@ -1,0 +1,400 @@
+"""A lean decoder for Llama-family models: leanq checkpoints and float Hugging Face folders, without transformers.
+
+``transformers`` is how leanq builds, calibrates and evaluates models, and ``leanq generate`` runs through its
+``generate`` by default.  This module is the small alternative for running a result: greedy decoding with a static
+KV cache, written over the same quantized layers (:class:`leanq.modules.QuantLinear`, whose kernels the dispatch
+table picks) and plain float tensors.  Nothing of transformers is imported, which matters on a small CPU: importing
+its Llama modelling code costs about 115 MB of resident memory (measured, docs/PERFORMANCE.md), more than a 4-bit
+135M-parameter model holds.
+
+What it runs: ``model_type`` "llama" (Llama 1-3 shapes without RoPE scaling, SmolLM, TinyLlama and alike): RMSNorm,
+rotary position embeddings (the half-split convention of Hugging Face weights), grouped-query attention, SwiGLU.
+Anything else in config.json is refused with one line that names the field.
+
+Float tensors stay in the dtype they are stored in; float linears run in that dtype (a 16-bit tied embedding is
+the LM head's weight without a float32 copy: half the bytes, and on this project's 2-core CPU a 4x faster head
+product).  The residual stream, norms and attention are float32 on the CPU (``act_dtype``).
+
+The oracle is transformers' own model: tests/test_runtime.py compares logits and greedy tokens on tiny random
+models, float and quantized.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import LeanqError
+from .modules import QuantLinear
+
+MAX_CONFIG_BYTES = 1 << 20
+_PROJ = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    """The fields of config.json the decoder needs, checked."""
+
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    inter: int
+    eps: float
+    rope_theta: float
+    max_positions: int
+    tied: bool
+    eos: tuple[int, ...] = ()
+
+    @classmethod
+    def from_config(cls, d: dict, where: str = "config.json") -> "LlamaShape":
+        if not isinstance(d, dict):
+            raise LeanqError(f"{where}: expected a JSON object")
+        if d.get("model_type") != "llama":
+            raise LeanqError(f"{where}: model_type {d.get('model_type')!r}: the lean runtime runs 'llama' models only "
+                             f"(use the default runtime)")
+
+        def pos_int(k: str, default=None, hi: int = 1 << 24) -> int:
+            v = d.get(k, default)
+            if type(v) is not int or not 0 < v <= hi:
+                raise LeanqError(f"{where}: {k} must be an integer in 1..{hi}, got {v!r}"[:200])
+            return v
+
+        hidden, heads = pos_int("hidden_size"), pos_int("num_attention_heads", hi=4096)
+        kv = pos_int("num_key_value_heads", heads, hi=4096)
+        hd = d.get("head_dim")
+        hd = pos_int("head_dim", hi=4096) if hd is not None else hidden // heads
+        if d.get("head_dim") is None and hidden % heads:
+            raise LeanqError(f"{where}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
+        if heads % kv or hd % 2:
+            raise LeanqError(f"{where}: num_attention_heads {heads} must be a multiple of num_key_value_heads {kv}, "
+                             f"and head_dim {hd} even")
+        act = d.get("hidden_act", "silu")
+        if act != "silu":
+            raise LeanqError(f"{where}: hidden_act {act!r}: the lean runtime supports 'silu' only")
+        for k in ("attention_bias", "mlp_bias"):
+            if d.get(k, False) is not False:
+                raise LeanqError(f"{where}: {k}={d.get(k)!r}: the lean runtime supports Llama without biases")
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise LeanqError(f"{where}: rope_parameters must be an object")
+        rtype = rope.get("rope_type", rope.get("type", "default"))
+        if rtype != "default":
+            raise LeanqError(f"{where}: RoPE type {rtype!r}: the lean runtime supports the default RoPE only")
+        theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+        eps = d.get("rms_norm_eps", 1e-6)
+        for k, v in (("rope_theta", theta), ("rms_norm_eps", eps)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1e12 or not math.isfinite(v):
+                raise LeanqError(f"{where}: {k} must be a positive number, got {v!r}"[:200])
+        tied = d.get("tie_word_embeddings", False)
+        if not isinstance(tied, bool):
+            raise LeanqError(f"{where}: tie_word_embeddings must be true or false")
+        eos = d.get("eos_token_id")
+        eos = [eos] if isinstance(eos, int) and not isinstance(eos, bool) else eos if isinstance(eos, list) else []
+        return cls(vocab=pos_int("vocab_size"), hidden=hidden, layers=pos_int("num_hidden_layers", hi=4096),
+                   heads=heads, kv_heads=kv, head_dim=hd, inter=pos_int("intermediate_size"), eps=float(eps),
+                   rope_theta=float(theta), max_positions=pos_int("max_position_embeddings", 2048),
+                   tied=tied, eos=tuple(e for e in eos if type(e) is int and e >= 0))
+
+
+def read_config(folder: Path) -> LlamaShape:
+    f = folder / "config.json"
+    if not f.is_file():
+        raise LeanqError(f"{f}: missing")
+    if f.stat().st_size > MAX_CONFIG_BYTES:
+        raise LeanqError(f"{f}: too large to be a model config")
+    try:
+        d = json.loads(f.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LeanqError(f"{f}: not a JSON config ({str(e).splitlines()[0]})") from None
+    return LlamaShape.from_config(d, str(f))
+
+
+class FloatLinear(nn.Module):
+    """y = x W^T in the weight's own dtype (activations cast there and back)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
+
+
+def _linear(name: str, n_in: int, n_out: int, recipe) -> nn.Module:
+    mr = recipe.modules.get(name) if recipe is not None else None
+    if mr is None:
+        return FloatLinear(torch.empty(n_out, n_in))
+    if (mr.in_features, mr.out_features) != (n_in, n_out) or mr.bias:
+        raise LeanqError(f"leanq.json: module {name!r} is {mr.out_features}x{mr.in_features}"
+                         f"{' with a bias' if mr.bias else ''}; config.json gives {n_out}x{n_in} without")
+    return QuantLinear(n_in, n_out, mr.spec, False)
+
+
+class Block(nn.Module):
+    def __init__(self, s: LlamaShape, prefix: str, recipe):
+        super().__init__()
+        q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
+        dims = {"q_proj": (s.hidden, q), "k_proj": (s.hidden, kv), "v_proj": (s.hidden, kv), "o_proj": (q, s.hidden),
+                "gate_proj": (s.hidden, s.inter), "up_proj": (s.hidden, s.inter), "down_proj": (s.inter, s.hidden)}
+        self.input_layernorm = _Norm(s.hidden)
+        self.post_attention_layernorm = _Norm(s.hidden)
+        self.self_attn = nn.Module()
+        self.mlp = nn.Module()
+        for part, names in _PROJ.items():
+            for n in names:
+                setattr(getattr(self, part), n, _linear(f"{prefix}.{part}.{n}", *dims[n], recipe))
+
+
+class _Norm(nn.Module):
+    def __init__(self, n: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n), requires_grad=False)
+
+
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return (w.float() * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps))).to(x.dtype)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    rot = torch.cat((-x[..., h:], x[..., :h]), -1)
+    return x * cos + rot * sin
+
+
+class LeanLlama(nn.Module):
+    """Parameter names as in Hugging Face's LlamaForCausalLM (``model.layers.3.mlp.up_proj.qweight``), so the
+    checkpoint's tensors load by name."""
+
+    def __init__(self, s: LlamaShape, recipe=None):
+        super().__init__()
+        self.shape = s
+        self.model = nn.Module()
+        self.model.embed_tokens = _Norm(0)
+        self.model.embed_tokens.weight = nn.Parameter(torch.empty(s.vocab, s.hidden), requires_grad=False)
+        self.model.layers = nn.ModuleList(Block(s, f"model.layers.{i}", recipe) for i in range(s.layers))
+        self.model.norm = _Norm(s.hidden)
+        if not s.tied:
+            self.lm_head = _linear("lm_head", s.hidden, s.vocab, recipe)
+        elif recipe is not None and "lm_head" in recipe.modules:
+            raise LeanqError("leanq.json: lm_head is quantized but config.json ties it to the embedding")
+        self.act_dtype = torch.float32
+        self._kv: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # -- decoding -------------------------------------------------------------------------------------------
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        if self.shape.tied:
+            w = self.model.embed_tokens.weight
+            return F.linear(h.to(w.dtype), w).float()
+        return self.lm_head(h).float()
+
+    def _tables(self, n: int, device) -> None:
+        s = self.shape
+        if self._rope is not None and self._rope[0].shape[0] >= n and self._rope[0].device == device:
+            return
+        inv = 1.0 / (s.rope_theta ** (torch.arange(0, s.head_dim, 2, dtype=torch.int64, device=device).float()
+                                      / s.head_dim))
+        f = torch.arange(n, device=device, dtype=torch.float32)[:, None] * inv[None]
+        e = torch.cat((f, f), -1)
+        self._rope = (e.cos().to(self.act_dtype), e.sin().to(self.act_dtype))
+
+    def reset(self, max_len: int) -> None:
+        """A static cache for ``max_len`` positions (prompt + new tokens)."""
+        s = self.shape
+        if not 0 < max_len <= s.max_positions:
+            raise LeanqError(f"{max_len} positions: this model takes 1..{s.max_positions}")
+        dev = self.model.norm.weight.device
+        kv = torch.zeros(2, s.layers, s.kv_heads, max_len, s.head_dim, device=dev, dtype=self.act_dtype)
+        self._kv = (kv[0], kv[1])
+        self._tables(max_len, dev)
+
+    def forward(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
+        """ids [T] at positions pos..pos+T-1 (the cache holds 0..pos-1) -> logits [vocab] of the last one."""
+        s = self.shape
+        assert self._kv is not None and self._rope is not None, "call reset() first"
+        kc, vc = self._kv
+        t = ids.shape[0]
+        end = pos + t
+        if end > kc.shape[2]:
+            raise LeanqError(f"position {end} is past the cache ({kc.shape[2]}); reset() with a larger max_len")
+        emb = self.model.embed_tokens.weight
+        x = emb[ids].to(self.act_dtype)  # [T, hidden]
+        cos, sin = self._rope[0][pos:end], self._rope[1][pos:end]
+        causal = t > 1
+        mask = None
+        if causal and pos:
+            mask = torch.ones(t, end, dtype=torch.bool, device=x.device).tril(pos)
+        for i, b in enumerate(self.model.layers):
+            a = b.self_attn
+            h = _rms(x, b.input_layernorm.weight, s.eps)
+            q = a.q_proj(h).view(t, s.heads, s.head_dim).transpose(0, 1)
+            k = a.k_proj(h).view(t, s.kv_heads, s.head_dim).transpose(0, 1)
+            v = a.v_proj(h).view(t, s.kv_heads, s.head_dim).transpose(0, 1)
+            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+            kc[i, :, pos:end] = k
+            vc[i, :, pos:end] = v
+            o = F.scaled_dot_product_attention(q.unsqueeze(0), kc[i, :, :end].unsqueeze(0), vc[i, :, :end].unsqueeze(0),
+                                               attn_mask=mask, is_causal=causal and not pos,
+                                               enable_gqa=s.heads != s.kv_heads)
+            x = x + a.o_proj(o[0].transpose(0, 1).reshape(t, s.heads * s.head_dim))
+            h = _rms(x, b.post_attention_layernorm.weight, s.eps)
+            m = b.mlp
+            x = x + m.down_proj(F.silu(m.gate_proj(h)) * m.up_proj(h))
+        return self.head(_rms(x[-1:], self.model.norm.weight, s.eps))[0]
+
+    @torch.inference_mode()
+    def generate(self, ids: list[int], max_new_tokens: int, stop_at_eos: bool = True) -> list[int]:
+        """Greedy continuation of ``ids``: the new token ids (fewer when an end-of-sequence token comes)."""
+        if not ids or max_new_tokens < 0:
+            raise LeanqError("generate: needs at least one prompt token and max_new_tokens >= 0")
+        if min(ids) < 0 or max(ids) >= self.shape.vocab:
+            raise LeanqError(f"generate: token ids must lie in 0..{self.shape.vocab - 1}")
+        self.reset(len(ids) + max_new_tokens)
+        dev = self.model.norm.weight.device
+        logits = self(torch.tensor(ids, device=dev), 0)
+        out: list[int] = []
+        pos = len(ids)
+        while len(out) < max_new_tokens:
+            nxt = int(logits.argmax())
+            out.append(nxt)
+            if stop_at_eos and nxt in self.shape.eos or len(out) == max_new_tokens:
+                break
+            logits = self(torch.tensor([nxt], device=dev), pos)
+            pos += 1
+        return out
+
+
+# -- loading --------------------------------------------------------------------------------------------------
+def _weight_files(folder: Path) -> list[Path]:
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    idx = folder / "model.safetensors.index.json"
+    if not idx.is_file():
+        raise LeanqError(f"{folder}: no model.safetensors (or model.safetensors.index.json)")
+    try:
+        wm = json.loads(idx.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted(set(wm.values()))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise LeanqError(f"{idx}: not a safetensors index (needs a 'weight_map' object)") from None
+    files = []
+    for n in names:
+        if not isinstance(n, str) or "/" in n or "\\" in n or n.startswith("."):
+            raise LeanqError(f"{idx}: shard name {n!r} is not a file name in this folder"[:200])
+        if not (folder / n).is_file():
+            raise LeanqError(f"{folder / n}: missing (listed in {idx.name})")
+        files.append(folder / n)
+    return files
+
+
+def load(path: str | Path, device: str = "cpu", release: bool = True) -> tuple[LeanLlama, object]:
+    """A leanq checkpoint folder or a float Hugging Face folder -> (LeanLlama, tokenizer or None).
+
+    Checkpoints are verified as :func:`leanq.checkpoint.load` does (size and sha256 of the weights, every tensor's
+    name, dtype, shape and finiteness, the codes' ranges).  ``release``: on the CPU, 4-bit layers keep only the
+    packed CPU kernel's copy (:func:`leanq.kernels.cpu_int4.release_stored`)."""
+    from safetensors import SafetensorError, safe_open
+
+    from .checkpoint import RECIPE, WEIGHTS, _check_codes, _sha256, read_recipe
+
+    p = Path(path)
+    if not p.is_dir():
+        raise LeanqError(f"{p}: not a folder; the lean runtime reads leanq checkpoints and float Hugging Face folders "
+                         f"(a GGUF file runs through the default runtime, or quantize it first)")
+    recipe = None
+    if (p / RECIPE).is_file():
+        recipe, files = read_recipe(p)
+        wf = p / WEIGHTS
+        if not wf.is_file():
+            raise LeanqError(f"{wf}: missing")
+        if wf.stat().st_size != files[WEIGHTS].get("bytes"):
+            raise LeanqError(f"{wf}: {wf.stat().st_size} bytes, but {RECIPE} records {files[WEIGHTS].get('bytes')} "
+                             f"(truncated or replaced)")
+        if _sha256(wf) != files[WEIGHTS].get("sha256"):
+            raise LeanqError(f"{wf}: contents do not match the sha256 recorded in {RECIPE} (corrupt or replaced)")
+        if recipe.model_type != "llama":
+            raise LeanqError(f"{p}: model type {recipe.model_type!r}: the lean runtime runs 'llama' models only")
+        wfiles = [wf]
+    else:
+        wfiles = _weight_files(p)
+    s = read_config(p)
+    file_bytes = sum(f.stat().st_size for f in wfiles)
+    with torch.device("meta"):
+        model = LeanLlama(s, recipe)
+    expected = dict(model.state_dict())
+    quant = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    keep = getattr(torch, recipe.keep_dtype) if recipe is not None else None
+
+    def float_kept(k: str, ref: torch.Tensor) -> bool:
+        return ref.is_floating_point() and k.rsplit(".", 1)[0] not in quant
+
+    need = sum(v.numel() * (2 if float_kept(k, v) else v.element_size()) for k, v in expected.items())
+    if need > file_bytes:  # a config that describes more than the files hold: refuse before allocating
+        raise LeanqError(f"{p / 'config.json'}: describes tensors of at least {need} bytes, but the weights "
+                         f"hold {file_bytes}")
+    state: dict[str, torch.Tensor] = {}
+    try:
+        for f in wfiles:
+            with safe_open(str(f), framework="pt") as st:
+                for k in st.keys():
+                    if k not in expected:
+                        if recipe is not None or not k.endswith("rotary_emb.inv_freq"):
+                            if not (s.tied and k == "lm_head.weight"):
+                                raise LeanqError(f"{f}: unexpected tensor {k!r}"[:300])
+                        continue
+                    # a copy: safetensors' tensors may be views of the file's mapping, which would then stay
+                    # resident as long as any one of them lives (the 4-bit codes after the CPU kernel repacked them)
+                    t = st.get_tensor(k).clone()
+                    ref = expected[k]
+                    fl = float_kept(k, ref)
+                    # a checkpoint's float tensors are in its keep dtype; a float folder's in any float dtype
+                    want = (keep if keep is not None else "a float") if fl else ref.dtype
+                    ok_dtype = t.dtype == want or (want == "a float" and t.is_floating_point())
+                    if tuple(t.shape) != tuple(ref.shape) or not ok_dtype:
+                        raise LeanqError(f"{f}: tensor {k} is {t.dtype} {tuple(t.shape)}, expected {want} "
+                                         f"{tuple(ref.shape)}")
+                    if t.is_floating_point() and t.element_size() > 1 and not torch.isfinite(t).all():
+                        raise LeanqError(f"{f}: tensor {k} holds NaN or Inf")
+                    if fl and t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                        t = t.float()
+                    if fl and k.endswith("norm.weight"):
+                        t = t.float()
+                    state[k] = t
+    except SafetensorError as e:
+        raise LeanqError(f"{p}: not a valid safetensors file ({e})") from None
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise LeanqError(f"{p}: weights lack {missing[:3]}")
+    _check_codes(model, state, quant)
+    model.load_state_dict(state, strict=True, assign=True)
+    for m in model.modules():  # buffers assigned from the file; QuantLinear's caches start empty
+        if isinstance(m, QuantLinear):
+            m._cache = {}
+    model.eval().to(device)
+    model.act_dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    if release and device == "cpu":
+        from .kernels import cpu_int4
+
+        cpu_int4.release_stored(model)
+    tok = None
+    if (p / "tokenizer.json").is_file():
+        try:
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_file(str(p / "tokenizer.json"))
+        except ImportError:
+            tok = None
+        except Exception as e:  # the tokenizers library raises plain Exception on a malformed file
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise LeanqError(f"{p / 'tokenizer.json'}: unreadable ({why})") from None
+    return model, tok

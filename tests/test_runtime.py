@@ -1,0 +1,197 @@
+"""leanq.runtime against transformers' own Llama: logits and greedy tokens, float and quantized; bad inputs."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from leanq import runtime
+from leanq.checkpoint import load, save
+from leanq.config import QuantSpec
+from leanq.errors import LeanqError
+
+from conftest import REPO, tiny_model, tiny_tokenizer
+from test_checkpoint import quantized
+
+
+def _hf_logits(m, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return m(ids[None]).logits[0].float()
+
+
+def _lean_logits(lm: runtime.LeanLlama, ids: torch.Tensor) -> torch.Tensor:
+    """Every position's logits: the prompt's first token, then one token at a time through the cache."""
+    lm.reset(len(ids))
+    with torch.inference_mode():
+        return torch.stack([lm(ids[i:i + 1], i) for i in range(len(ids))])
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture
+def float_folder(tmp_path: Path) -> Path:
+    d = tmp_path / "f"
+    tok = tiny_tokenizer()
+    m = tiny_model("llama", vocab_size=len(tok), rope_theta=500.0)
+    m.save_pretrained(d, safe_serialization=True)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_float_folder_matches_transformers(float_folder):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(float_folder, dtype=torch.float32).eval()
+    lm, tok = runtime.load(float_folder)
+    assert tok is not None and lm.shape.kv_heads == 2 and lm.shape.heads == 4
+    ids = torch.randint(0, lm.shape.vocab, (20,), generator=torch.Generator().manual_seed(3))
+    ref = _hf_logits(hf, ids)
+    assert _rel(_lean_logits(lm, ids), ref) < 1e-5  # one token at a time through the cache
+    lm.reset(len(ids))
+    with torch.inference_mode():
+        assert _rel(lm(ids, 0), ref[-1]) < 1e-5  # the whole prompt at once (causal prefill)
+        lm(ids[:12], 0)
+        assert _rel(lm(ids[12:], 12), ref[-1]) < 1e-5  # a chunk after a cached prefix (explicit mask)
+    # greedy: every new token is transformers' argmax on the sequence so far (to a near-tie of random weights)
+    prompt = ids[:6].tolist()
+    out = lm.generate(prompt, 12, stop_at_eos=False)
+    seq = torch.tensor(prompt + out)
+    full = _hf_logits(hf, seq)[len(prompt) - 1:-1]
+    chosen = full.gather(1, torch.tensor(out)[:, None])[:, 0]
+    assert len(out) == 12 and (full.max(1).values - chosen).max() < 1e-4
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(bits=4, group_size=32), QuantSpec(bits=3, group_size=32, sym=True)],
+                         ids=["int4-g32", "int3-g32-sym"])
+def test_checkpoint_matches_leanq_load(tmp_path, spec):
+    """A quantized checkpoint through the runtime computes what the transformers model leanq loads computes (the
+    16-bit tied head aside: activations rounded to float16 there)."""
+    m, recipe = quantized(spec=spec)
+    save(m, tiny_tokenizer(), recipe, tmp_path / "ck")
+    hf, _, _ = load(tmp_path / "ck")
+    ids = torch.randint(0, 96, (16,), generator=torch.Generator().manual_seed(5))
+    ref = _hf_logits(hf, ids)
+    for release in (False, True):  # the dispatch table's kernel for the stored format, and the packed CPU copy
+        lm, _ = runtime.load(tmp_path / "ck", release=release)
+        assert lm.model.embed_tokens.weight.dtype == torch.float16  # as stored: no float32 copy
+        err = _rel(_lean_logits(lm, ids), ref)
+        assert err < 1e-3, (release, err)  # measured 3e-4 (the float16 head); a wrong RoPE base gives 2e-3
+
+
+def test_no_transformers_in_the_process(float_folder):
+    code = ("import sys; sys.modules['transformers'] = None\n"
+            "from leanq import runtime\n"
+            f"lm, tok = runtime.load({str(float_folder)!r})\n"
+            "out = lm.generate(tok.encode('the quick brown fox').ids, 5, stop_at_eos=False)\n"
+            "assert len(out) == 5, out\n"
+            "print('ok')\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+
+
+def test_stops_at_eos(float_folder):
+    lm, _ = runtime.load(float_folder)
+    prompt = [5, 6, 7]
+    free = lm.generate(prompt, 8, stop_at_eos=False)
+    object.__setattr__(lm, "shape", runtime.LlamaShape(**{**lm.shape.__dict__, "eos": (free[2],)}))
+    assert lm.generate(prompt, 8) == free[:free.index(free[2]) + 1]
+
+
+def _edit_config(folder: Path, **kw) -> None:
+    f = folder / "config.json"
+    d = json.loads(f.read_text())
+    d.update(kw)
+    f.write_text(json.dumps(d))
+
+
+@pytest.mark.parametrize("edit,msg", [
+    (dict(model_type="gpt2"), "runs 'llama' models only"),
+    (dict(hidden_act="gelu"), "hidden_act"),
+    (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 1e4}), "RoPE type"),
+    (dict(num_key_value_heads=3), "multiple of num_key_value_heads"),
+    (dict(num_hidden_layers=10 ** 9), "num_hidden_layers must be an integer"),
+    (dict(hidden_size=4096), "describes tensors of at least"),
+    (dict(rms_norm_eps="x"), "rms_norm_eps"),
+    (dict(attention_bias=True), "attention_bias"),
+], ids=["type", "act", "rope", "gqa", "layers", "too-big", "eps", "bias"])
+def test_bad_config_one_clear_error(float_folder, edit, msg):
+    _edit_config(float_folder, **edit)
+    with pytest.raises(LeanqError, match=msg):
+        runtime.load(float_folder)
+
+
+def test_bad_weights_one_clear_error(tmp_path, float_folder):
+    from safetensors.torch import load_file, save_file
+
+    lm, _ = runtime.load(float_folder)
+    with pytest.raises(LeanqError, match="token ids must lie"):
+        lm.generate([lm.shape.vocab], 2)
+    with pytest.raises(LeanqError, match="positions"):
+        lm.generate([1], lm.shape.max_positions)
+    st = load_file(float_folder / "model.safetensors")
+    cases = {
+        "shape": ({**st, "model.norm.weight": torch.ones(3)}, "expected"),
+        "nan": ({**st, "model.norm.weight": torch.full_like(st["model.norm.weight"], float("nan"))}, "NaN"),
+        "missing": ({k: v for k, v in st.items() if k != "model.norm.weight"}, "lack"),
+        "extra": ({**st, "model.extra.weight": torch.ones(2)}, "unexpected tensor"),
+    }
+    for name, (state, msg) in cases.items():
+        d = tmp_path / name
+        shutil.copytree(float_folder, d)
+        save_file(state, str(d / "model.safetensors"))
+        with pytest.raises(LeanqError, match=msg):
+            runtime.load(d)
+    d = tmp_path / "tok"
+    shutil.copytree(float_folder, d)
+    (d / "tokenizer.json").write_text("{not json")
+    with pytest.raises(LeanqError, match="tokenizer.json: unreadable"):
+        runtime.load(d)
+    (tmp_path / "none").mkdir()
+    with pytest.raises(LeanqError, match="no model.safetensors"):
+        runtime.load(tmp_path / "none")
+
+
+def test_corrupt_checkpoint_refused(tmp_path):
+    m, recipe = quantized()
+    ck = save(m, tiny_tokenizer(), recipe, tmp_path / "ck")
+    w = ck / "model.safetensors"
+    b = bytearray(w.read_bytes())
+    b[-1] ^= 1
+    w.write_bytes(bytes(b))
+    with pytest.raises(LeanqError, match="sha256"):
+        runtime.load(ck)
+
+
+def test_cli_generate_lean(tmp_path, capsys):
+    from leanq import cli
+
+    m, recipe = quantized()
+    ck = save(m, tiny_tokenizer(), recipe, tmp_path / "ck")
+    assert cli.main(["generate", str(ck), "--prompt", "the quick brown", "--max-new-tokens", "6",
+                     "--runtime", "lean", "--device", "cpu"]) == 0
+    cap = capsys.readouterr()
+    assert cap.out.startswith("the quick brown") and "new tokens in" in cap.err
+    assert cli.main(["generate", str(tmp_path / "nothing"), "--prompt", "x", "--runtime", "lean"]) != 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_matches_cpu(tmp_path):
+    """On a GPU the runtime keeps its residual stream in bfloat16 and the quantized layers take the GPU kernels."""
+    m, recipe = quantized()
+    ck = save(m, tiny_tokenizer(), recipe, tmp_path / "ck")
+    ids = torch.randint(0, 96, (16,), generator=torch.Generator().manual_seed(5))
+    cpu, _ = runtime.load(ck)
+    gpu, _ = runtime.load(ck, device="cuda")
+    assert gpu.act_dtype == torch.bfloat16
+    ref = _lean_logits(cpu, ids)
+    got = _lean_logits(gpu, ids.cuda()).float().cpu()
+    assert _rel(got, ref) < 3e-2
+    assert len(gpu.generate(ids[:4].tolist(), 8, stop_at_eos=False)) == 8
