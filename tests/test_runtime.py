@@ -35,19 +35,33 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-@pytest.fixture
-def float_folder(tmp_path: Path) -> Path:
-    d = tmp_path / "f"
+def _folder(d: Path, model_type: str = "llama", **kw) -> Path:
     tok = tiny_tokenizer()
-    m = tiny_model("llama", vocab_size=len(tok), rope_theta=500.0)
+    m = tiny_model(model_type, vocab_size=len(tok), **kw)
+    if model_type == "qwen2" or kw.get("attention_bias") or kw.get("mlp_bias"):
+        with torch.no_grad():  # transformers initialises biases to zero: give them values a wrong wiring would show
+            for n, p in m.named_parameters():
+                if n.endswith(".bias"):
+                    p.normal_(0, 0.5)
     m.save_pretrained(d, safe_serialization=True)
     tok.save_pretrained(d)
     return d
 
 
-def test_float_folder_matches_transformers(float_folder):
+@pytest.fixture
+def float_folder(tmp_path: Path) -> Path:
+    return _folder(tmp_path / "f", rope_theta=500.0)
+
+
+FAMILIES = {"llama": dict(rope_theta=500.0), "llama-biases": dict(attention_bias=True, mlp_bias=True),
+            "mistral": dict(model_type="mistral", sliding_window=64), "qwen2": dict(model_type="qwen2")}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_float_folder_matches_transformers(tmp_path, family):
     from transformers import AutoModelForCausalLM
 
+    float_folder = _folder(tmp_path / family, **FAMILIES[family])
     hf = AutoModelForCausalLM.from_pretrained(float_folder, dtype=torch.float32).eval()
     lm, tok = runtime.load(float_folder)
     assert tok is not None and lm.shape.kv_heads == 2 and lm.shape.heads == 4
@@ -113,15 +127,17 @@ def _edit_config(folder: Path, **kw) -> None:
 
 
 @pytest.mark.parametrize("edit,msg", [
-    (dict(model_type="gpt2"), "runs 'llama' models only"),
+    (dict(model_type="gpt2"), "the lean runtime runs llama, mistral, qwen2"),
     (dict(hidden_act="gelu"), "hidden_act"),
     (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 1e4}), "RoPE type"),
     (dict(num_key_value_heads=3), "multiple of num_key_value_heads"),
     (dict(num_hidden_layers=10 ** 9), "num_hidden_layers must be an integer"),
     (dict(hidden_size=4096), "describes tensors of at least"),
     (dict(rms_norm_eps="x"), "rms_norm_eps"),
-    (dict(attention_bias=True), "attention_bias"),
-], ids=["type", "act", "rope", "gqa", "layers", "too-big", "eps", "bias"])
+    (dict(attention_bias="yes"), "attention_bias must be true or false"),
+    (dict(model_type="qwen2", use_sliding_window=True), "sliding-window layers"),
+    (dict(model_type="mistral", sliding_window=0), "sliding_window must be"),
+], ids=["type", "act", "rope", "gqa", "layers", "too-big", "eps", "bias", "qwen2-window", "mistral-window"])
 def test_bad_config_one_clear_error(float_folder, edit, msg):
     _edit_config(float_folder, **edit)
     with pytest.raises(LeanqError, match=msg):
@@ -195,3 +211,31 @@ def test_cuda_matches_cpu(tmp_path):
     got = _lean_logits(gpu, ids.cuda()).float().cpu()
     assert _rel(got, ref) < 3e-2
     assert len(gpu.generate(ids[:4].tolist(), 8, stop_at_eos=False)) == 8
+
+
+def test_mistral_refuses_past_its_window(tmp_path):
+    lm, _ = runtime.load(_folder(tmp_path / "m", "mistral", sliding_window=8))
+    assert len(lm.generate([1, 2, 3], 5, stop_at_eos=False)) == 5  # 8 positions: every one sees the whole past
+    with pytest.raises(LeanqError, match="sliding window"):
+        lm.generate([1, 2, 3], 6)
+
+
+def test_quantized_qwen2_with_biases(tmp_path):
+    """q/k/v biases of quantized layers load with their QuantLinear and are applied."""
+    m, recipe = quantized(model_type="qwen2")
+    save(m, tiny_tokenizer(), recipe, tmp_path / "ck")
+    hf, _, _ = load(tmp_path / "ck")
+    assert hf.model.layers[0].self_attn.q_proj.bias is not None
+    lm, _ = runtime.load(tmp_path / "ck")
+    g = torch.Generator().manual_seed(2)
+    for a, b in zip(hf.model.layers, lm.model.layers):  # transformers' zero biases, made to matter
+        for n in ("q_proj", "k_proj", "v_proj"):
+            v = torch.randn(getattr(a.self_attn, n).bias.shape, generator=g)
+            getattr(a.self_attn, n).bias.copy_(v)
+            getattr(b.self_attn, n).bias.copy_(v)
+    ids = torch.randint(0, 96, (16,), generator=torch.Generator().manual_seed(5))
+    ref = _hf_logits(hf, ids)
+    assert _rel(_lean_logits(lm, ids), ref) < 1e-3
+    for b in lm.model.layers:
+        b.self_attn.k_proj.bias.zero_()
+    assert _rel(_lean_logits(lm, ids), ref) > 1e-2  # the check sees the biases

@@ -7,7 +7,8 @@ table picks) and plain float tensors.  Nothing of transformers is imported, whic
 its Llama modelling code costs about 115 MB of resident memory (measured, docs/PERFORMANCE.md), more than a 4-bit
 135M-parameter model holds.
 
-What it runs: ``model_type`` "llama" (Llama 1-3 shapes without RoPE scaling, SmolLM, TinyLlama and alike): RMSNorm,
+What it runs: ``model_type`` "llama" (Llama 1-3 shapes without RoPE scaling, SmolLM, TinyLlama and alike, biases
+as config.json says), "mistral" (within its sliding window) and "qwen2" (q/k/v biases, full attention): RMSNorm,
 rotary position embeddings (the half-split convention of Hugging Face weights), grouped-query attention, SwiGLU.
 Anything else in config.json is refused with one line that names the field.
 
@@ -34,6 +35,7 @@ from .errors import LeanqError
 from .modules import QuantLinear
 
 MAX_CONFIG_BYTES = 1 << 20
+FAMILIES = ("llama", "mistral", "qwen2")
 _PROJ = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
 
 
@@ -53,14 +55,19 @@ class LlamaShape:
     max_positions: int
     tied: bool
     eos: tuple[int, ...] = ()
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    window: int | None = None  # mistral's sliding window: exact only while every position sees the whole past
 
     @classmethod
     def from_config(cls, d: dict, where: str = "config.json") -> "LlamaShape":
         if not isinstance(d, dict):
             raise LeanqError(f"{where}: expected a JSON object")
-        if d.get("model_type") != "llama":
-            raise LeanqError(f"{where}: model_type {d.get('model_type')!r}: the lean runtime runs 'llama' models only "
-                             f"(use the default runtime)")
+        mt = d.get("model_type")
+        if mt not in FAMILIES:
+            raise LeanqError(f"{where}: model_type {mt!r}: the lean runtime runs {', '.join(FAMILIES)} models "
+                             f"(use the default runtime)"[:300])
 
         def pos_int(k: str, default=None, hi: int = 1 << 24) -> int:
             v = d.get(k, default)
@@ -80,9 +87,18 @@ class LlamaShape:
         act = d.get("hidden_act", "silu")
         if act != "silu":
             raise LeanqError(f"{where}: hidden_act {act!r}: the lean runtime supports 'silu' only")
-        for k in ("attention_bias", "mlp_bias"):
-            if d.get(k, False) is not False:
-                raise LeanqError(f"{where}: {k}={d.get(k)!r}: the lean runtime supports Llama without biases")
+        flags = {}
+        for k in ("attention_bias", "mlp_bias", "use_sliding_window"):
+            v = d.get(k)
+            if v is not None and not isinstance(v, bool):
+                raise LeanqError(f"{where}: {k} must be true or false, got {v!r}"[:200])
+            flags[k] = bool(v)
+        layer_types = d.get("layer_types") or []
+        if mt == "qwen2" and (flags["use_sliding_window"] or any(t != "full_attention" for t in layer_types)):
+            raise LeanqError(f"{where}: sliding-window layers: the lean runtime runs qwen2 with full attention only")
+        window = d.get("sliding_window") if mt == "mistral" else None
+        if window is not None and (type(window) is not int or window <= 0):
+            raise LeanqError(f"{where}: sliding_window must be a positive integer or null, got {window!r}"[:200])
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
         if not isinstance(rope, dict):
             raise LeanqError(f"{where}: rope_parameters must be an object")
@@ -102,7 +118,9 @@ class LlamaShape:
         return cls(vocab=pos_int("vocab_size"), hidden=hidden, layers=pos_int("num_hidden_layers", hi=4096),
                    heads=heads, kv_heads=kv, head_dim=hd, inter=pos_int("intermediate_size"), eps=float(eps),
                    rope_theta=float(theta), max_positions=pos_int("max_position_embeddings", 2048),
-                   tied=tied, eos=tuple(e for e in eos if type(e) is int and e >= 0))
+                   tied=tied, eos=tuple(e for e in eos if type(e) is int and e >= 0),
+                   qkv_bias=flags["attention_bias"] or mt == "qwen2", o_bias=flags["attention_bias"] and mt != "qwen2",
+                   mlp_bias=flags["mlp_bias"] and mt == "llama", window=window)
 
 
 def read_config(folder: Path) -> LlamaShape:
@@ -119,24 +137,28 @@ def read_config(folder: Path) -> LlamaShape:
 
 
 class FloatLinear(nn.Module):
-    """y = x W^T in the weight's own dtype (activations cast there and back)."""
+    """y = x W^T (+ b) in the weight's own dtype (activations cast there and back)."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, n_in: int, n_out: int, bias: bool):
         super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.weight = nn.Parameter(torch.empty(n_out, n_in), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(n_out), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
+        w = self.weight
+        b = self.bias.to(w.dtype) if self.bias is not None else None
+        return F.linear(x.to(w.dtype), w, b).to(x.dtype)
 
 
-def _linear(name: str, n_in: int, n_out: int, recipe) -> nn.Module:
+def _linear(name: str, n_in: int, n_out: int, recipe, bias: bool = False) -> nn.Module:
     mr = recipe.modules.get(name) if recipe is not None else None
     if mr is None:
-        return FloatLinear(torch.empty(n_out, n_in))
-    if (mr.in_features, mr.out_features) != (n_in, n_out) or mr.bias:
+        return FloatLinear(n_in, n_out, bias)
+    if (mr.in_features, mr.out_features, mr.bias) != (n_in, n_out, bias):
         raise LeanqError(f"leanq.json: module {name!r} is {mr.out_features}x{mr.in_features}"
-                         f"{' with a bias' if mr.bias else ''}; config.json gives {n_out}x{n_in} without")
-    return QuantLinear(n_in, n_out, mr.spec, False)
+                         f"{' with a bias' if mr.bias else ''}; config.json gives {n_out}x{n_in}"
+                         f"{' with a bias' if bias else ''}")
+    return QuantLinear(n_in, n_out, mr.spec, bias)
 
 
 class Block(nn.Module):
@@ -149,9 +171,11 @@ class Block(nn.Module):
         self.post_attention_layernorm = _Norm(s.hidden)
         self.self_attn = nn.Module()
         self.mlp = nn.Module()
+        bias = {"q_proj": s.qkv_bias, "k_proj": s.qkv_bias, "v_proj": s.qkv_bias, "o_proj": s.o_bias,
+                "gate_proj": s.mlp_bias, "up_proj": s.mlp_bias, "down_proj": s.mlp_bias}
         for part, names in _PROJ.items():
             for n in names:
-                setattr(getattr(self, part), n, _linear(f"{prefix}.{part}.{n}", *dims[n], recipe))
+                setattr(getattr(self, part), n, _linear(f"{prefix}.{part}.{n}", *dims[n], recipe, bias[n]))
 
 
 class _Norm(nn.Module):
@@ -213,6 +237,9 @@ class LeanLlama(nn.Module):
         s = self.shape
         if not 0 < max_len <= s.max_positions:
             raise LeanqError(f"{max_len} positions: this model takes 1..{s.max_positions}")
+        if s.window is not None and max_len > s.window:
+            raise LeanqError(f"{max_len} positions: past the model's sliding window ({s.window}), which the lean "
+                             f"runtime does not apply; use the default runtime")
         dev = self.model.norm.weight.device
         kv = torch.zeros(2, s.layers, s.kv_heads, max_len, s.head_dim, device=dev, dtype=self.act_dtype)
         self._kv = (kv[0], kv[1])
@@ -322,8 +349,9 @@ def load(path: str | Path, device: str = "cpu", release: bool = True) -> tuple[L
                              f"(truncated or replaced)")
         if _sha256(wf) != files[WEIGHTS].get("sha256"):
             raise LeanqError(f"{wf}: contents do not match the sha256 recorded in {RECIPE} (corrupt or replaced)")
-        if recipe.model_type != "llama":
-            raise LeanqError(f"{p}: model type {recipe.model_type!r}: the lean runtime runs 'llama' models only")
+        if recipe.model_type not in FAMILIES:
+            raise LeanqError(f"{p}: model type {recipe.model_type!r}: the lean runtime runs {', '.join(FAMILIES)} "
+                             f"models"[:300])
         wfiles = [wf]
     else:
         wfiles = _weight_files(p)
