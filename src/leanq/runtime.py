@@ -167,8 +167,8 @@ class Block(nn.Module):
         q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
         dims = {"q_proj": (s.hidden, q), "k_proj": (s.hidden, kv), "v_proj": (s.hidden, kv), "o_proj": (q, s.hidden),
                 "gate_proj": (s.hidden, s.inter), "up_proj": (s.hidden, s.inter), "down_proj": (s.inter, s.hidden)}
-        self.input_layernorm = _Norm(s.hidden)
-        self.post_attention_layernorm = _Norm(s.hidden)
+        self.input_layernorm = _Weight(s.hidden)
+        self.post_attention_layernorm = _Weight(s.hidden)
         self.self_attn = nn.Module()
         self.mlp = nn.Module()
         bias = {"q_proj": s.qkv_bias, "k_proj": s.qkv_bias, "v_proj": s.qkv_bias, "o_proj": s.o_bias,
@@ -178,10 +178,12 @@ class Block(nn.Module):
                 setattr(getattr(self, part), n, _linear(f"{prefix}.{part}.{n}", *dims[n], recipe, bias[n]))
 
 
-class _Norm(nn.Module):
-    def __init__(self, n: int):
+class _Weight(nn.Module):
+    """A module that only holds ``weight`` (norms, the embedding), for Hugging Face's parameter names."""
+
+    def __init__(self, *shape: int):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(n), requires_grad=False)
+        self.weight = nn.Parameter(torch.empty(*shape), requires_grad=False)
 
 
 def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -203,10 +205,9 @@ class LeanLlama(nn.Module):
         super().__init__()
         self.shape = s
         self.model = nn.Module()
-        self.model.embed_tokens = _Norm(0)
-        self.model.embed_tokens.weight = nn.Parameter(torch.empty(s.vocab, s.hidden), requires_grad=False)
+        self.model.embed_tokens = _Weight(s.vocab, s.hidden)
         self.model.layers = nn.ModuleList(Block(s, f"model.layers.{i}", recipe) for i in range(s.layers))
-        self.model.norm = _Norm(s.hidden)
+        self.model.norm = _Weight(s.hidden)
         if not s.tied:
             self.lm_head = _linear("lm_head", s.hidden, s.vocab, recipe)
         elif recipe is not None and "lm_head" in recipe.modules:
@@ -224,7 +225,8 @@ class LeanLlama(nn.Module):
 
     def _tables(self, n: int, device) -> None:
         s = self.shape
-        if self._rope is not None and self._rope[0].shape[0] >= n and self._rope[0].device == device:
+        r = self._rope
+        if r is not None and r[0].shape[0] >= n and r[0].device == device and r[0].dtype == self.act_dtype:
             return
         inv = 1.0 / (s.rope_theta ** (torch.arange(0, s.head_dim, 2, dtype=torch.int64, device=device).float()
                                       / s.head_dim))
