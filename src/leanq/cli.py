@@ -178,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto")
     g.add_argument("--runtime", choices=["hf", "lean"], default="hf",
                    help="hf: transformers' generate; lean: leanq's own Llama decoder (leanq.runtime: no transformers "
-                        "imported, float tensors kept as stored; Llama, Mistral and Qwen2 checkpoints and float folders)")
+                        "imported, float tensors kept as stored; Llama, Mistral and Qwen2 checkpoints and float folders, llama "
+                        "GGUF files)")
 
     x = sub.add_parser("export", help="write a checkpoint as compressed-tensors (vLLM, transformers) or GGUF (llama.cpp)",
                        description="compressed-tensors: int 4/8-bit group-wise or per-channel, sym or asym, exact. "

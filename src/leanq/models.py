@@ -96,15 +96,10 @@ def load_float(name: str, dtype: torch.dtype = torch.float32, with_tokenizer: bo
 _GGUF_COUNTS = ("block_count", "expert_count")
 
 
-def _check_gguf(p: Path) -> None:
-    """Parse a GGUF file before transformers does, so that a truncated, corrupt or
-    oversized one gives one clear error, and no hang or huge allocation.
-
-    GGUFReader memory-maps the file and checks that every tensor's data lies
-    inside it.  Module counts are bounded by the number of tensors; then the
-    model the metadata describes is built on the meta device and its
-    parameter count compared with the elements the file holds.
-    """
+def open_gguf(p: Path):
+    """A GGUFReader over ``p`` after the checks any reader needs: the magic, a parse that fails as one
+    LeanqError on a damaged file (GGUFReader memory-maps it and checks every tensor lies inside), and
+    module counts no larger than the number of tensors."""
     with open(p, "rb") as f:
         head = f.read(4)
     if head != b"GGUF":
@@ -116,7 +111,6 @@ def _check_gguf(p: Path) -> None:
         f = r.fields["general.architecture"]
         arch = bytes(f.parts[f.data[0]]).decode("utf-8")
         counts = {k: int(r.fields[f"{arch}.{k}"].parts[-1][0]) for k in _GGUF_COUNTS if f"{arch}.{k}" in r.fields}
-        elements = sum(int(t.n_elements) for t in r.tensors)
     except KeyError as e:
         raise LeanqError(f"{p}: not a usable GGUF file (no {e} metadata)") from None
     except Exception as e:  # struct.error, ValueError, IndexError, UnicodeDecodeError, ... from a damaged file
@@ -124,6 +118,20 @@ def _check_gguf(p: Path) -> None:
     for k, v in counts.items():
         if v > len(r.tensors):
             raise LeanqError(f"{p}: {arch}.{k}={v} but the file holds only {len(r.tensors)} tensors")
+    return r
+
+
+def _check_gguf(p: Path) -> None:
+    """Parse a GGUF file before transformers does, so that a truncated, corrupt or
+    oversized one gives one clear error, and no hang or huge allocation.
+
+    GGUFReader memory-maps the file and checks that every tensor's data lies
+    inside it.  Module counts are bounded by the number of tensors; then the
+    model the metadata describes is built on the meta device and its
+    parameter count compared with the elements the file holds.
+    """
+    r = open_gguf(p)
+    elements = sum(int(t.n_elements) for t in r.tensors)
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(str(p.parent), gguf_file=p.name, trust_remote_code=False)

@@ -1,4 +1,5 @@
-"""A lean decoder for Llama-family models: leanq checkpoints and float Hugging Face folders, without transformers.
+"""A lean decoder for Llama-family models (leanq checkpoints, float Hugging Face folders, llama GGUF files), without
+transformers.
 
 ``transformers`` is how leanq builds, calibrates and evaluates models, and ``leanq generate`` runs through its
 ``generate`` by default.  This module is the small alternative for running a result: greedy decoding with a static
@@ -16,8 +17,12 @@ Float tensors stay in the dtype they are stored in; float linears run in that dt
 the LM head's weight without a float32 copy: half the bytes, and on this project's 2-core CPU a 4x faster head
 product).  The residual stream, norms and attention are float32 on the CPU (``act_dtype``).
 
+GGUF files (llama architecture, byte-level BPE tokenizer) are read with the ``gguf`` package: every tensor dequantized
+to float32 and q/k rows put back from llama.cpp's rotary order, the tokenizer built from the file's vocabulary and
+merges as transformers builds it, so both runtimes give the same ids.
+
 The oracle is transformers' own model: tests/test_runtime.py compares logits and greedy tokens on tiny random
-models, float and quantized.
+models (float, quantized, GGUF), and SmolLM2's GGUF tokenizer and tokens against transformers'.
 """
 
 from __future__ import annotations
@@ -327,19 +332,34 @@ def _weight_files(folder: Path) -> list[Path]:
 
 
 def load(path: str | Path, device: str = "cpu", release: bool = True) -> tuple[LeanLlama, object]:
-    """A leanq checkpoint folder or a float Hugging Face folder -> (LeanLlama, tokenizer or None).
+    """A leanq checkpoint folder, a float Hugging Face folder or a llama GGUF file -> (LeanLlama, tokenizer or None).
 
     Checkpoints are verified as :func:`leanq.checkpoint.load` does (size and sha256 of the weights, every tensor's
-    name, dtype, shape and finiteness, the codes' ranges).  ``release``: on the CPU, 4-bit layers keep only the
-    packed CPU kernel's copy (:func:`leanq.kernels.cpu_int4.release_stored`)."""
+    name, dtype, shape and finiteness, the codes' ranges); a GGUF file's tensors are dequantized to float32, as
+    transformers does for the default runtime.  ``release``: on the CPU, 4-bit layers keep only the packed CPU
+    kernel's copy (:func:`leanq.kernels.cpu_int4.release_stored`)."""
+    p = Path(path)
+    if p.is_file() and p.suffix == ".gguf":
+        model, tok = _load_gguf(p)
+    elif p.is_dir():
+        model, tok = _load_folder(p)
+    else:
+        raise LeanqError(f"{p}: neither a folder nor a .gguf file; the lean runtime reads leanq checkpoints, float "
+                         f"Hugging Face folders and llama GGUF files")
+    model.eval().to(device)
+    model.act_dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    if release and device == "cpu":
+        from .kernels import cpu_int4
+
+        cpu_int4.release_stored(model)
+    return model, tok
+
+
+def _load_folder(p: Path) -> tuple[LeanLlama, object]:
     from safetensors import SafetensorError, safe_open
 
     from .checkpoint import RECIPE, WEIGHTS, _check_codes, _sha256, read_recipe
 
-    p = Path(path)
-    if not p.is_dir():
-        raise LeanqError(f"{p}: not a folder; the lean runtime reads leanq checkpoints and float Hugging Face folders "
-                         f"(a GGUF file runs through the default runtime, or quantize it first)")
     recipe = None
     if (p / RECIPE).is_file():
         recipe, files = read_recipe(p)
@@ -410,12 +430,6 @@ def load(path: str | Path, device: str = "cpu", release: bool = True) -> tuple[L
     for m in model.modules():  # buffers assigned from the file; QuantLinear's caches start empty
         if isinstance(m, QuantLinear):
             m._cache = {}
-    model.eval().to(device)
-    model.act_dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    if release and device == "cpu":
-        from .kernels import cpu_int4
-
-        cpu_int4.release_stored(model)
     tok = None
     if (p / "tokenizer.json").is_file():
         try:
@@ -428,3 +442,138 @@ def load(path: str | Path, device: str = "cpu", release: bool = True) -> tuple[L
             why = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise LeanqError(f"{p / 'tokenizer.json'}: unreadable ({why})") from None
     return model, tok
+
+
+# -- GGUF -------------------------------------------------------------------------------------------------------
+_GGUF_PRE = ("default", "gpt2", "smollm")  # pre-tokenizers transformers splits with GPT-2's own pattern
+
+
+def _gguf_meta(r, key: str, default=None):
+    f = r.fields.get(key)
+    if f is None:
+        return default
+    try:
+        return f.contents()
+    except Exception as e:  # a damaged field: gguf raises ValueError, IndexError, UnicodeDecodeError, ...
+        raise LeanqError(f"GGUF metadata {key}: unreadable ({type(e).__name__})") from None
+
+
+def _byte_spelling() -> dict[int, str]:
+    """Byte-level BPE's alphabet: each byte as one printable character (printable Latin-1 bytes as themselves,
+    the other 68 as the code points from 256 up, in byte order)."""
+    keep = set(range(0x21, 0x7F)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
+    out, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + extra)
+            extra += 1
+    return out
+
+
+def _gguf_tokenizer(r, p: Path):
+    """The file's byte-level BPE tokenizer ('gpt2' model), built as transformers builds it for the default runtime:
+    the vocabulary in the byte alphabet, the merges, GPT-2's split pattern, control tokens kept whole."""
+    model = _gguf_meta(r, "tokenizer.ggml.model")
+    if model is None:
+        return None
+    pre = _gguf_meta(r, "tokenizer.ggml.pre", "default")
+    if model != "gpt2" or pre not in _GGUF_PRE:
+        raise LeanqError(f"{p}: tokenizer {model!r} (pre-tokenizer {pre!r}): the lean runtime builds byte-level BPE "
+                         f"tokenizers with pre-tokenizer {', '.join(_GGUF_PRE)}; use the default runtime"[:300])
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    tokens = _gguf_meta(r, "tokenizer.ggml.tokens") or []
+    merges = _gguf_meta(r, "tokenizer.ggml.merges") or []
+    types = _gguf_meta(r, "tokenizer.ggml.token_type") or []
+    spelling = _byte_spelling()
+    alphabet = set(spelling.values())
+    vocab: dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        vocab.setdefault(t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")), i)
+    try:
+        tk = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges]))
+    except Exception as e:  # the tokenizers library raises plain Exception on bad merges
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise LeanqError(f"{p}: tokenizer merges unusable ({why})") from None
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens([AddedToken(t, normalized=False, special=True)
+                           for t, ty in zip(tokens, types) if ty == 3 and set(t) <= alphabet])  # 3: control
+    tk.add_tokens([AddedToken(t, normalized=False) for t, ty in zip(tokens, types) if ty == 4 and t in vocab])
+    if _gguf_meta(r, "tokenizer.ggml.add_bos_token", False):
+        raise LeanqError(f"{p}: the tokenizer adds a BOS token, which the lean runtime's GGUF reader does not do yet")
+    return tk
+
+
+def _load_gguf(p: Path) -> tuple[LeanLlama, object]:
+    import numpy as np
+    from gguf import quants
+
+    from .export.gguf import gguf_name
+    from .models import open_gguf
+
+    r = open_gguf(p)
+    arch = _gguf_meta(r, "general.architecture")
+    if arch != "llama":
+        raise LeanqError(f"{p}: architecture {arch!r}: the lean runtime reads llama GGUF files only")
+
+    def num(key: str, default=None):
+        v = _gguf_meta(r, f"llama.{key}", default)
+        return int(v) if isinstance(v, (int, np.integer)) and not isinstance(v, bool) else v
+
+    tensors = {t.name: t for t in r.tensors}
+    heads = num("attention.head_count")
+    hidden = num("embedding_length")
+    cfg = {"model_type": "llama", "hidden_size": hidden, "num_hidden_layers": num("block_count"),
+           "intermediate_size": num("feed_forward_length"), "num_attention_heads": heads,
+           "num_key_value_heads": num("attention.head_count_kv", heads), "rope_theta": num("rope.freq_base", 10000.0),
+           "rms_norm_eps": num("attention.layer_norm_rms_epsilon", 1e-5),
+           "max_position_embeddings": num("context_length", 2048),
+           "tie_word_embeddings": "output.weight" not in tensors,
+           "eos_token_id": _gguf_meta(r, "tokenizer.ggml.eos_token_id")}
+    emb = tensors.get("token_embd.weight")
+    cfg["vocab_size"] = num("vocab_size") or (int(emb.shape[-1]) if emb is not None else None)
+    if num("attention.key_length") is not None:
+        cfg["head_dim"] = num("attention.key_length")
+    scaling = _gguf_meta(r, "llama.rope.scaling.type")
+    if scaling not in (None, "none"):
+        cfg["rope_parameters"] = {"rope_type": scaling}
+    s = LlamaShape.from_config(cfg, str(p))
+    if num("rope.dimension_count", s.head_dim) != s.head_dim:
+        raise LeanqError(f"{p}: rotary dimensions {num('rope.dimension_count')} of head size {s.head_dim}: partial "
+                         f"rotary embeddings are not supported by the lean runtime")
+    with torch.device("meta"):
+        model = LeanLlama(s)
+    expected = dict(model.state_dict())
+    names = {gguf_name(k): k for k in expected}
+    extra = sorted(set(tensors) - set(names) - {"rope_freqs.weight"})
+    if extra:
+        raise LeanqError(f"{p}: tensors the llama layout does not have: {extra[:3]}"[:300])
+    need = sum(v.numel() for v in expected.values())
+    have = sum(int(tensors[g].n_elements) for g in names if g in tensors)
+    if have < need:
+        missing = sorted(g for g in names if g not in tensors)
+        what = f"lacks {missing[:3]}" if missing else "tensors smaller than its metadata says"
+        raise LeanqError(f"{p}: {what}"[:300])
+    state = {}
+    for g, k in names.items():
+        t = tensors[g]
+        shape = tuple(int(x) for x in reversed(list(t.shape)))  # GGUF lists dimensions innermost first
+        if shape != tuple(expected[k].shape):
+            raise LeanqError(f"{p}: tensor {g} is {list(shape)}, the metadata needs {list(expected[k].shape)}")
+        try:
+            a = np.asarray(quants.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+        except (NotImplementedError, ValueError) as e:
+            raise LeanqError(f"{p}: tensor {g} of type {t.tensor_type.name}: cannot be dequantized ({e})"[:300]) \
+                from None
+        if g.endswith(("attn_q.weight", "attn_k.weight")):  # back from llama.cpp's rotary row order
+            n = s.heads if g.endswith("attn_q.weight") else s.kv_heads
+            a = a.reshape(n, a.shape[0] // n // 2, 2, -1).swapaxes(1, 2).reshape(shape)
+        w = torch.from_numpy(np.array(a, dtype=np.float32, copy=True))  # owned, not a view of the mapped file
+        if not torch.isfinite(w).all():
+            raise LeanqError(f"{p}: tensor {g} holds NaN or Inf")
+        state[k] = w
+    model.load_state_dict(state, strict=True, assign=True)
+    return model, _gguf_tokenizer(r, p)
