@@ -2,7 +2,8 @@
 
 Readers: the checkpoint folder (leanq.json recipe, model.safetensors,
 config.json, tokenizer files), GGUF files (``models._check_gguf`` + the
-transformers GGUF loader behind ``load_float``) and the CLI on top of them.
+transformers GGUF loader behind ``load_float``), the lean runtime's own
+readers of both (``leanq.runtime.load``) and the CLI on top of them.
 The property is the same everywhere: a damaged or malicious input either
 loads, or raises one :class:`LeanqError` whose message is one line (the CLI:
 exit status 2 and one ``leanq: error: ...`` line) — never another exception,
@@ -451,6 +452,68 @@ def test_gguf_garbage_and_wrong_magic(tmp_path):
     rng = np.random.default_rng(0)
     for raw in [b"", b"GGU", b"GGUF", b"GGUF" + rng.bytes(4000), b"PK\x03\x04" + rng.bytes(100)]:
         assert _gguf_outcome(raw) == "error"
+
+
+# --------------------------------------------------------------------------- the lean runtime's readers
+
+
+def _lean_run(p: Path, cleanup: Path | None = None) -> str:
+    """leanq.runtime.load, then two greedy tokens: 'ok' or 'error' (one-line LeanqError)."""
+    from leanq import runtime
+
+    def go():
+        lm, _ = runtime.load(p)
+        lm.generate([1, 2, 3], 2, stop_at_eos=False)
+    try:
+        return _outcome(go)
+    finally:
+        if cleanup is not None:
+            shutil.rmtree(cleanup, ignore_errors=True)
+
+
+def test_lean_reads_the_unmutated_inputs(ckpt, tiny_gguf):
+    assert _lean_run(ckpt) == "ok" and _lean_run(tiny_gguf) == "ok"
+
+
+@settings(FUZZ, max_examples=40 * SCALE)
+@given(data=st.data())
+def test_lean_config_mutation(ckpt, data):
+    d = _copy(ckpt)
+    cfg = json.loads((d / "config.json").read_text())
+    key = data.draw(st.sampled_from(sorted(cfg) + ["rope_scaling", "head_dim", "attention_bias", "sliding_window"]))
+    if key in cfg and data.draw(st.booleans()):
+        del cfg[key]
+    else:
+        cfg[key] = data.draw(_config_values)
+    (d / "config.json").write_text(json.dumps(cfg))
+    _lean_run(d, d.parent)
+
+
+@FUZZ
+@given(data=st.data())
+def test_lean_weights_and_tokenizer_mutation(ckpt, data):
+    d = _copy(ckpt)
+    name = data.draw(st.sampled_from([WEIGHTS, "tokenizer.json"]))
+    (d / name).write_bytes(_mutate_bytes(data, (d / name).read_bytes(), hot=3000))
+    if name == WEIGHTS:
+        _reseal(d)
+    _lean_run(d, d.parent)
+
+
+@settings(FUZZ, max_examples=40 * SCALE)
+@given(data=st.data())
+def test_lean_gguf_bytes_mutation(tiny_gguf, data):
+    raw = _mutate_bytes(data, tiny_gguf.read_bytes(), hot=1500)
+    t = Path(tempfile.mkdtemp(prefix="leanq-fuzz-"))
+    (t / "m.gguf").write_bytes(raw)
+    _lean_run(t / "m.gguf", t)
+
+
+@pytest.mark.parametrize("meta", [{"block_count": 10**6}, {"embedding_length": 10**6}, {"feed_forward_length": 10**9},
+                                  {"embedding_length": 2**40}, {"head_count": 0}, {"context_length": 0}])
+def test_lean_gguf_hostile_metadata(tmp_path, meta):
+    write_tiny_gguf(tmp_path / "m.gguf", meta)
+    assert _lean_run(tmp_path / "m.gguf") == "error"
 
 
 # --------------------------------------------------------------------------- CLI
