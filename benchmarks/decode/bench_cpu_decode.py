@@ -118,6 +118,30 @@ def int8_embedding_probe(model) -> None:
     model.config.tie_word_embeddings = False
 
 
+def _timed(generate, reps: int, new_tokens: int) -> tuple[list[float], object]:
+    """A 4-token warm-up (repacks, allocator), then ``reps`` timed calls of ``generate(new_tokens)`` with the peak RSS
+    reset before them: (seconds of each call, the last call's output)."""
+    generate(4)
+    _trim()
+    _reset_peak()
+    times, out = [], None
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        out = generate(new_tokens)
+        times.append(time.perf_counter() - t0)
+    return times, out
+
+
+def _result(a, model, kernels, prompt_tokens: int, times, load_s, base, loaded, text: str, **extra) -> dict:
+    import torch
+
+    t = statistics.median(times)
+    return dict(which=a.child, **extra, kernels=kernels, threads=torch.get_num_threads(), prompt_tokens=prompt_tokens,
+                new_tokens=a.new_tokens, tokens_per_s=a.new_tokens / t, seconds=t, all_seconds=times,
+                load_seconds=load_s, weights_mb=_weights_bytes(model) / 2**20, rss_base_mb=base,
+                rss_loaded_mb=loaded, peak_rss_decode_mb=_rss_mb("VmHWM"), text=text[:120])
+
+
 def child_lean(a) -> dict:
     """The same measurement through leanq.runtime (no transformers in the process): the FP32 child reads the float
     folder, the 4-bit child the checkpoint."""
@@ -141,21 +165,10 @@ def child_lean(a) -> dict:
     _trim()
     loaded = _rss_mb()
     ids = tok.encode(PROMPT).ids
-    model.generate(ids, 4, stop_at_eos=False)  # warm-up (repacks, allocator)
-    _trim()
-    _reset_peak()
-    times, out = [], None
-    for _ in range(a.reps):
-        t0 = time.perf_counter()
-        out = model.generate(ids, a.new_tokens, stop_at_eos=False)
-        times.append(time.perf_counter() - t0)
+    times, out = _timed(lambda n: model.generate(ids, n, stop_at_eos=False), a.reps, a.new_tokens)
     assert len(out) == a.new_tokens, len(out)
-    t = statistics.median(times)
-    return dict(which=a.child, runtime="lean", kernels=kernels, threads=torch.get_num_threads(),
-                prompt_tokens=len(ids), new_tokens=a.new_tokens, tokens_per_s=a.new_tokens / t, seconds=t,
-                all_seconds=times, load_seconds=load_s, weights_mb=_weights_bytes(model) / 2**20, rss_base_mb=base,
-                rss_loaded_mb=loaded, peak_rss_decode_mb=_rss_mb("VmHWM"), text=tok.decode(out)[:120],
-                transformers_loaded=sys.modules.get("transformers") is not None)
+    return _result(a, model, kernels, len(ids), times, load_s, base, loaded, tok.decode(out), runtime="lean",
+                   transformers_loaded=sys.modules.get("transformers") is not None)
 
 
 def child(a) -> dict:
@@ -198,24 +211,15 @@ def child(a) -> dict:
     _trim()
     loaded = _rss_mb()
     ids = tok(PROMPT, return_tensors="pt").input_ids
-    kw = dict(max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens, do_sample=False, eos_token_id=None,
-              pad_token_id=tok.eos_token_id if tok.eos_token_id is not None else 0)
-    with torch.inference_mode():
-        model.generate(ids, **dict(kw, max_new_tokens=4, min_new_tokens=4))  # warm-up (repacks, allocator)
-        _trim()
-        _reset_peak()
-        times, out = [], None
-        for _ in range(a.reps):
-            t0 = time.perf_counter()
-            out = model.generate(ids, **kw)
-            times.append(time.perf_counter() - t0)
+    pad = tok.eos_token_id if tok.eos_token_id is not None else 0
+
+    def gen(n):
+        with torch.inference_mode():
+            return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
+                                  pad_token_id=pad)
+    times, out = _timed(gen, a.reps, a.new_tokens)
     assert out.shape[1] == ids.shape[1] + a.new_tokens, out.shape
-    t = statistics.median(times)
-    return dict(which=a.child, kernels=kernels, threads=torch.get_num_threads(), prompt_tokens=ids.shape[1],
-                new_tokens=a.new_tokens, tokens_per_s=a.new_tokens / t, seconds=t, all_seconds=times,
-                load_seconds=load_s, weights_mb=_weights_bytes(model) / 2**20, rss_base_mb=base,
-                rss_loaded_mb=loaded, peak_rss_decode_mb=_rss_mb("VmHWM"),
-                text=tok.decode(out[0, ids.shape[1]:])[:120])
+    return _result(a, model, kernels, ids.shape[1], times, load_s, base, loaded, tok.decode(out[0, ids.shape[1]:]))
 
 
 def ensure_ckpt(a) -> None:

@@ -146,6 +146,21 @@ def read_recipe(path: str | Path) -> tuple[Recipe, dict]:
     return recipe, files
 
 
+def verified_weights(p: Path, files: dict, verify: bool = True) -> Path:
+    """The checkpoint's weights file, after checking it exists and has the size (and, with ``verify``, the sha256)
+    that ``files`` (the recipe's 'files' entry, from :func:`read_recipe`) records."""
+    wf = p / WEIGHTS
+    if not wf.is_file():
+        raise LeanqError(f"{wf}: missing")
+    want = files[WEIGHTS]
+    size = wf.stat().st_size
+    if size != want.get("bytes"):
+        raise LeanqError(f"{wf}: {size} bytes, but {RECIPE} records {want.get('bytes')} (truncated or replaced)")
+    if verify and _sha256(wf) != want.get("sha256"):
+        raise LeanqError(f"{wf}: contents do not match the sha256 recorded in {RECIPE} (corrupt or replaced)")
+    return wf
+
+
 def load(path: str | Path, device: str = "cpu", verify: bool = True):
     """Rebuild a quantized model from a checkpoint folder: returns (model, tokenizer, recipe)."""
     from safetensors import SafetensorError, safe_open
@@ -156,15 +171,8 @@ def load(path: str | Path, device: str = "cpu", verify: bool = True):
     hf_logging.disable_progress_bar()
     p = Path(path)
     recipe, files = read_recipe(p)
-    wf = p / WEIGHTS
-    if not wf.is_file():
-        raise LeanqError(f"{wf}: missing")
-    want = files[WEIGHTS]
+    wf = verified_weights(p, files, verify)
     size = wf.stat().st_size
-    if size != want.get("bytes"):
-        raise LeanqError(f"{wf}: {size} bytes, but {RECIPE} records {want.get('bytes')} (truncated or replaced)")
-    if verify and _sha256(wf) != want.get("sha256"):
-        raise LeanqError(f"{wf}: contents do not match the sha256 recorded in {RECIPE} (corrupt or replaced)")
     cfgf = p / "config.json"
     if not cfgf.is_file():
         raise LeanqError(f"{cfgf}: missing")

@@ -358,23 +358,15 @@ def load(path: str | Path, device: str = "cpu", release: bool = True) -> tuple[L
 def _load_folder(p: Path) -> tuple[LeanLlama, object]:
     from safetensors import SafetensorError, safe_open
 
-    from .checkpoint import RECIPE, WEIGHTS, _check_codes, _sha256, read_recipe
+    from .checkpoint import RECIPE, _check_codes, read_recipe, verified_weights
 
     recipe = None
     if (p / RECIPE).is_file():
         recipe, files = read_recipe(p)
-        wf = p / WEIGHTS
-        if not wf.is_file():
-            raise LeanqError(f"{wf}: missing")
-        if wf.stat().st_size != files[WEIGHTS].get("bytes"):
-            raise LeanqError(f"{wf}: {wf.stat().st_size} bytes, but {RECIPE} records {files[WEIGHTS].get('bytes')} "
-                             f"(truncated or replaced)")
-        if _sha256(wf) != files[WEIGHTS].get("sha256"):
-            raise LeanqError(f"{wf}: contents do not match the sha256 recorded in {RECIPE} (corrupt or replaced)")
+        wfiles = [verified_weights(p, files)]
         if recipe.model_type not in FAMILIES:
             raise LeanqError(f"{p}: model type {recipe.model_type!r}: the lean runtime runs {', '.join(FAMILIES)} "
                              f"models"[:300])
-        wfiles = [wf]
     else:
         wfiles = _weight_files(p)
     s = read_config(p)
@@ -398,13 +390,11 @@ def _load_folder(p: Path) -> tuple[LeanLlama, object]:
             with safe_open(str(f), framework="pt") as st:
                 for k in st.keys():
                     if k not in expected:
-                        if recipe is not None or not k.endswith("rotary_emb.inv_freq"):
-                            if not (s.tied and k == "lm_head.weight"):
-                                raise LeanqError(f"{f}: unexpected tensor {k!r}"[:300])
-                        continue
-                    # a copy: safetensors' tensors may be views of the file's mapping, which would then stay
-                    # resident as long as any one of them lives (the 4-bit codes after the CPU kernel repacked them)
-                    t = st.get_tensor(k).clone()
+                        # a float folder's rotary table, or the head it ties to the embedding, is not needed
+                        if (recipe is None and k.endswith("rotary_emb.inv_freq")) or (s.tied and k == "lm_head.weight"):
+                            continue
+                        raise LeanqError(f"{f}: unexpected tensor {k!r}"[:300])
+                    t = st.get_tensor(k)
                     ref = expected[k]
                     fl = float_kept(k, ref)
                     # a checkpoint's float tensors are in its keep dtype; a float folder's in any float dtype
@@ -415,11 +405,12 @@ def _load_folder(p: Path) -> tuple[LeanLlama, object]:
                                          f"{tuple(ref.shape)}")
                     if t.is_floating_point() and t.element_size() > 1 and not torch.isfinite(t).all():
                         raise LeanqError(f"{f}: tensor {k} holds NaN or Inf")
-                    if fl and t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                    if fl and (t.dtype not in (torch.float32, torch.float16, torch.bfloat16)
+                               or k.endswith("norm.weight")):
                         t = t.float()
-                    if fl and k.endswith("norm.weight"):
-                        t = t.float()
-                    state[k] = t
+                    # a copy: safetensors' tensors may be views of the file's mapping, which would then stay
+                    # resident as long as any one of them lives (the 4-bit codes after the CPU kernel repacked them)
+                    state[k] = t.clone()
     except SafetensorError as e:
         raise LeanqError(f"{p}: not a valid safetensors file ({e})") from None
     missing = sorted(set(expected) - set(state))
@@ -427,9 +418,6 @@ def _load_folder(p: Path) -> tuple[LeanLlama, object]:
         raise LeanqError(f"{p}: weights lack {missing[:3]}")
     _check_codes(model, state, quant)
     model.load_state_dict(state, strict=True, assign=True)
-    for m in model.modules():  # buffers assigned from the file; QuantLinear's caches start empty
-        if isinstance(m, QuantLinear):
-            m._cache = {}
     tok = None
     if (p / "tokenizer.json").is_file():
         try:
