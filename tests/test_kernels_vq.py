@@ -239,13 +239,21 @@ def test_cuda_vq_pdl_chain_in_a_cuda_graph_reads_each_input_after_it_is_written(
 
     spec = QuantSpec(fmt="vq", bits=8, vq_dim=4, vq_books=1, vq_rows=None, vq_cols=192, group_size=None)
     pks = [vk.packed_vq_kn(random_vq_layer(1536, 1536, spec, bias=False, seed=20 + i).to("cuda")) for i in range(2)]
+    check_pdl_chain(lambda x, pk, c: cv.run_vq_cuda(x, pk, None, c), pks, cfg, {k: v for k, v in cfg.items() if k != "gd"},
+                    exact=False)  # fp32 atomics: any order
+
+
+def check_pdl_chain(run, pks: list, cfg: dict, plain: dict, exact: bool) -> None:
+    """A chain of 8 layers (``run(x, pk, cfg)``, alternating ``pks``, an elementwise op between them) captured in a
+    CUDA graph with launch config ``cfg``: every replay equals the chain launched eagerly with ``plain`` (no PDL), for
+    a new input each time (the chain's buffers still hold the last replay's values, so an early read would show).
+    ``exact``: bit for bit, else within fp32 rounding."""
     x0 = torch.randn(1, 1536, device="cuda")
-    plain = {k: v for k, v in cfg.items() if k != "gd"}
 
     def chain(c):
         x = x0
         for i in range(8):
-            x = cv.run_vq_cuda(x, pks[i % 2], None, c) * 0.025  # about unit scale again
+            x = run(x, pks[i % 2], c) * 0.025  # about unit scale again
         return x
 
     chain(cfg)
@@ -259,7 +267,10 @@ def test_cuda_vq_pdl_chain_in_a_cuda_graph_reads_each_input_after_it_is_written(
         ref = chain(plain)
         torch.cuda.synchronize()
         assert ref.abs().max() > 0
-        torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))  # fp32 atomics: any order
+        if exact:
+            assert torch.equal(y, ref)
+        else:
+            torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
 
 
 def test_cuda_vq_pdl_source_orders_the_wait():

@@ -30,7 +30,10 @@ import torch.nn.functional as F
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336)]
 BATCHES = [1, 16]
-SETTINGS = {"vq2": 2, "vq3": 3}
+# name -> (--bits, --vq layout): the presets, and "vq2c", 2-dim vectors with 16 codewords (2 bits per weight), the
+# layout of kernels.cuda_vq_cluster; "vq2r" the same
+SETTINGS = {"vq2": (2, ""), "vq3": (3, ""), "vq2c": (2, "dim=2,index=4"),
+            "vq2r": (2, "dim=2,index=4,rows=128,cols=64")}  # with a codebook per 128 x 64 tile
 # (rows per program, vectors per step, warps, one word per codeword): small row tiles give enough
 # programs (4096 rows / 16 = 256) to keep every SM's loads in flight
 GEMV_CONFIGS = [dict(bn=16, bv=64, num_warps=4, pack=True), dict(bn=8, bv=128, num_warps=4, pack=True),
@@ -61,6 +64,11 @@ FLUSH = None
 
 def rows_name(c: dict) -> str:
     return f"rows t{c['threads']} r{c['r']} u{c['u']}"
+
+
+def cluster_name(c: dict) -> str:
+    return (f"cluster t{c['threads']} c{c['cs']} s{c['steps']}" + (f" p{c['ppt_max']}" if "ppt_max" in c else "")
+            + (f" gd{c['gd']}" if c.get("gd") else ""))
 
 
 def cuda_name(c: dict) -> str:
@@ -123,14 +131,14 @@ def bench(fn, reps: int, cuda: bool) -> float:
     return statistics.median(times)
 
 
-def random_vq_layer(n: int, k: int, bits: int, dev: str, seed: int = 0):
-    """A vq QuantLinear of the preset for ``bits`` with random indices, codebooks (~N(0, 0.02)) and scales."""
+def random_vq_layer(n: int, k: int, setting: tuple, dev: str, seed: int = 0):
+    """A vq QuantLinear of ``setting`` (--bits, --vq layout) with random indices, codebooks (~N(0, 0.02)) and scales."""
     from leanq.config import QuantSpec
     from leanq.formats.vq import geometry, pack_vq_weight
     from leanq.methods.vq import vq_fields
     from leanq.modules import QuantLinear
 
-    spec = QuantSpec(fmt="vq", **vq_fields(bits, None))
+    spec = QuantSpec(fmt="vq", **vq_fields(setting[0], None, setting[1]))
     geo = geometry(spec, n, k)
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, geo["K"], (n, spec.vq_books, geo["nvec"]), generator=g)
@@ -165,6 +173,9 @@ def main() -> int:
                     "stat/t128/n4/v16/b4/gd1,tile/t256/n4/v16/gd1 (see parse_cuda_cfg)")
     ap.add_argument("--rows", default="", help="also time the whole-row kernel (kernels.cuda_vq_rows) at these "
                     "launch configs, threads/rows per warp/chunks per lane: e.g. 256/2/1,512/1/2")
+    ap.add_argument("--cluster", default="", help="time the 16-codeword cluster kernel (kernels.cuda_vq_cluster) "
+                    "on layers it takes, at these configs: threads/cluster size/output steps per block[/gd[/most pairs per thread]], "
+                    "e.g. 256/8/1,512/8/1/1/32")
     ap.add_argument("--graph", action="store_true",
                     help="batch 1: also time BF16, the Triton kn kernel and the CUDA configs as CUDA-graph replays "
                          "of back-to-back calls on rotating weight copies (bench_kernels.bench_graph)")
@@ -179,6 +190,7 @@ def main() -> int:
     from leanq.kernels import select
     from leanq.kernels import triton_vq as tv
     from leanq.kernels import cuda_vq as cv
+    from leanq.kernels import cuda_vq_cluster as vcl
     from leanq.kernels import cuda_vq_rows as vr
     from leanq.kernels import triton_vq_kn as vk
 
@@ -195,6 +207,10 @@ def main() -> int:
         dict(threads=int(t), r=int(r), u=int(u)) for t, r, u in (c.split("/") for c in args.rows.split(","))]
     cuda_configs = [] if (args.smoke or args.cuda == "none" or not cv.available()) else \
         [CUDA_CONFIGS[int(i)] for i in args.cuda.split(",")] if args.cuda else CUDA_CONFIGS
+    cluster_configs = [] if (args.smoke or not args.cluster or not vcl.available()) else [
+        dict(threads=int(c[0]), cs=int(c[1]), steps=int(c[2]), gd=int(c[3]) if len(c) > 3 else 1,
+             **({"ppt_max": int(c[4])} if len(c) > 4 else {}))
+        for c in (t.split("/") for t in args.cluster.split(","))]
     if args.cuda_cfgs and cuda_configs:
         cuda_configs = [parse_cuda_cfg(c) for c in args.cuda_cfgs.split(",")]
     os.makedirs(args.out, exist_ok=True)
@@ -250,6 +266,12 @@ def main() -> int:
                     for c in cuda_configs:
                         if cv.layout_ok(pk, c):
                             fns[cuda_name(c)] = (lambda c=c: cv.run_vq_cuda(x, pk, None, c))
+                cl_pk = None
+                if M == 1 and cluster_configs and vcl.layout_fields(m.spec, n, k) is not None:
+                    cl_pk = vcl.packed_vq_cl(m)
+                    for c in cluster_configs:
+                        if vcl.layout_ok(cl_pk, c, torch.cuda.get_device_properties(0).multi_processor_count):
+                            fns[cluster_name(c)] = (lambda c=c: vcl.run_vq_cluster(x, cl_pk, None, c))
                 rows_pk = None
                 if M == 1 and row_configs and vr.layout_fields(m.spec, n, k) is not None:
                     rows_pk = vr.repack_vq_rk(m.qweight, m.codebooks, m.scales, m.spec, k)
@@ -288,6 +310,17 @@ def main() -> int:
                         emit(dict(kind="vq", setting=name, spec=m.spec.describe(), shape=f"{n}x{k}", M=1, impl=impl,
                                   ms=ms, weight_bytes=wbytes, bpw=8 * wbytes / (n * k), vs_bf16=graph_base / ms,
                                   GBps=(wbytes + x.numel() * x.element_size()) / (ms * 1e-3) / 1e9), fh)
+                    cpks = {0: cl_pk}
+                    sms = torch.cuda.get_device_properties(0).multi_processor_count
+                    for c in cluster_configs if cl_pk is not None else []:
+                        if not vcl.layout_ok(cl_pk, c, sms):
+                            continue
+                        ms = bench_graph(lambda cp, c=c: (lambda p=cpks.setdefault(cp, dict(cl_pk, P=cl_pk["P"].clone())):
+                                                          vcl.run_vq_cluster(x, p, None, c)), cl_pk["P"].numel())
+                        emit(dict(kind="vq", setting=name, spec=m.spec.describe(), shape=f"{n}x{k}", M=1,
+                                  impl=cluster_name(c) + " (graph)", ms=ms, weight_bytes=wbytes, bpw=8 * wbytes / (n * k),
+                                  vs_bf16=graph_base / ms, GBps=(wbytes + x.numel() * x.element_size()) / (ms * 1e-3) / 1e9), fh)
+                    del cpks
                     rpks = {0: rows_pk}
                     for c in row_configs if rows_pk is not None else []:
                         ms = bench_graph(lambda cp, c=c: (lambda p=rpks.setdefault(cp, dict(rows_pk, words=rows_pk["words"].clone())):

@@ -19,6 +19,8 @@
 #   bash benchmarks/kernels/device_call.sh vq16      # session 15's close: the vq GPU tests with vc1 in the 2-bit
 #                                                    # preset, the single compile and the fp16 table (th), and the
 #                                                    # presets (configs 8, 9) beside v15's (5, 7) and with th (10, 11)
+#   bash benchmarks/kernels/device_call.sh vqc       # session 17: the 16-codeword cluster kernel's GPU tests, then
+#                                                    # its configs (CL) beside the 2-bit preset's kernel, graph harness
 # Each step runs under its own timeout so a slow step cannot eat the call; logs and JSON go to $OUT.
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=src
@@ -88,4 +90,10 @@ vq16)
     | tail -4 | tee "$OUT/tests.log"
   (cd benchmarks/kernels && PYTHONPATH=../../src timeout "${T3:-200}" python3 bench_vq.py --out "$OUT" --graph \
     --batches 1 --old-configs 0 --kn 2 --cuda 5,7,8,9,10,11 2>&1 | grep -E "graph" | tail -40 | tee "$OUT/vq.log") ;;
+vqc)
+  [ -n "$NOTESTS" ] || PYTHONPATH=src:tests timeout "${T1:-150}" python3 -m pytest -q -p no:cacheprovider \
+    tests/test_kernels_vq_cluster.py 2>&1 | tail -15 | tee "$OUT/tests.log"
+  (cd benchmarks/kernels && PYTHONPATH=../../src timeout "${T3:-240}" python3 bench_vq.py --out "$OUT" --graph \
+    --batches 1 --old-configs 0 --kn 2 --settings "${SETS:-vq2,vq2c}" --cuda 8 --cluster "${CL:-256/8/1,512/8/1,256/8/2,128/8/1,256/4/1}" \
+    2>&1 | grep -E "graph|error" | tail -80 | tee "$OUT/vq.log") ;;
 esac

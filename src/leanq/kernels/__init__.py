@@ -148,6 +148,7 @@ def _load_gpu_kernels() -> None:
         from . import triton_vq  # noqa: F401  (vq LUT GEMV + dequantize)
         from . import triton_vq_kn  # noqa: F401  (batch-1 vq GEMV on the K-major index layout)
         from . import cuda_vq  # noqa: F401  (batch-1 vq GEMV in CUDA C++ via NVRTC, ahead of triton_vq_kn)
+        from . import cuda_vq_cluster  # noqa: F401  (16-codeword books: one kernel, a cluster's reduction)
         from . import triton_half2  # noqa: F401  (batch-1 2/4-bit GEMV in paired fp16)
         from . import triton_kn  # noqa: F401  (batch-1 2/4/8-bit GEMV on the K-major layout, ahead of h2)
     except ImportError:  # no triton: the reference kernels serve the GPU too

@@ -19,6 +19,8 @@ XT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 # CUfunction_attribute: CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
 _MAX_DYNAMIC_SHARED = 8
+# CUfunction_attribute: CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED (clusters of more than 8 blocks, sm_90)
+_NON_PORTABLE_CLUSTER_SIZE_ALLOWED = 14
 # CUlaunchAttributeID: CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
 _PROGRAMMATIC_STREAM_SERIALIZATION = 6
 
@@ -256,6 +258,15 @@ class Launcher:
             if rc != 0:
                 raise RuntimeError(f"{self.name}: {smem} bytes of shared memory refused (CUDA error {rc})")
             self.smem_limit = smem
+
+    def allow_large_clusters(self) -> None:
+        """Let the function run in thread-block clusters of more than 8 blocks (up to 16 on sm_90: its
+        ``__cluster_dims__`` then name a non-portable size)."""
+        if not getattr(self, "_large_clusters", False):
+            rc = Launcher._lib.cuFuncSetAttribute(self.func, _NON_PORTABLE_CLUSTER_SIZE_ALLOWED, 1)
+            if rc != 0:
+                raise RuntimeError(f"{self.name}: clusters above 8 blocks refused (CUDA error {rc})")
+            self._large_clusters = True
 
     def blocks_per_sm(self, threads: int, smem: int = 0) -> int:
         """How many blocks of ``threads`` threads and ``smem`` bytes of dynamic shared memory one SM holds at

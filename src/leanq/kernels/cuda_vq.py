@@ -645,25 +645,39 @@ except Exception:  # an older torch without custom_op: compiled models use the T
 
 
 def _linear(m, x: torch.Tensor) -> torch.Tensor:
-    from .triton_vq_kn import packed_vq_kn, run_vq_kn
+    from .triton_vq_kn import packed_vq_kn
 
     pk = packed_vq_kn(m)
-    x2 = x.reshape(1, -1)
-    x2 = x2 if x2.is_contiguous() else x2.contiguous()
-    b = m.bias.to(x.dtype) if m.bias is not None else None
+    x2, b = batch1_operands(m, x)
     args = (x2, pk["idx"], pk["cb"], pk["scales"], b, pk["N"], pk["K"], pk["D"], pk["IB"], pk["nvec"], pk["cols"],
             pk["group"], pk["nsg"], pk["packed"])
+    return run_op(m, x, args, _impl, _op, "cuda-vq-lut-gemv", _BROKEN)
+
+
+def batch1_operands(m, x: torch.Tensor) -> tuple:
+    """x as one contiguous row [1, K], and the layer's bias in x's dtype (or None)."""
+    x2 = x.reshape(1, -1)
+    return (x2 if x2.is_contiguous() else x2.contiguous()), (m.bias.to(x.dtype) if m.bias is not None else None)
+
+
+def run_op(m, x: torch.Tensor, args: tuple, impl, op, name: str, broken: set) -> torch.Tensor:
+    """A vq CUDA kernel on ``args`` (x2 and bias first): its custom op ``op`` under torch.compile (taken whole, CUDA
+    graphs included), else ``impl``. Where the kernel fails eagerly (NVRTC missing or failing, a launch refused),
+    warn once and let the Triton kernel serve layer ``m`` from then on (its id joins ``broken``)."""
+    from .triton_vq_kn import packed_vq_kn, run_vq_kn
+
+    x2, b = args[0], args[4]
     if torch.compiler.is_compiling():
-        y = _op(*args) if _op is not None else run_vq_kn(x2, pk, b)
+        y = op(*args) if op is not None else run_vq_kn(x2, packed_vq_kn(m), b)
         return y.reshape(*x.shape[:-1], m.out_features)
     try:
-        y = _impl(*args)
-    except RuntimeError as e:  # NVRTC missing or failing here: say so once, then the Triton kernel serves
+        y = impl(*args)
+    except RuntimeError as e:
         import warnings
 
-        warnings.warn(f"leanq: cuda-vq-lut-gemv unavailable ({str(e)[:200]}); using triton-vq-kn-gemv")
-        _BROKEN.add(id(m))
-        y = run_vq_kn(x2, pk, b)
+        warnings.warn(f"leanq: {name} unavailable ({str(e)[:200]}); using triton-vq-kn-gemv")
+        broken.add(id(m))
+        y = run_vq_kn(x2, packed_vq_kn(m), b)
     return y.reshape(*x.shape[:-1], m.out_features)
 
 
