@@ -33,7 +33,8 @@ BATCHES = [1, 16]
 # name -> (--bits, --vq layout): the presets, and "vq2c", 2-dim vectors with 16 codewords (2 bits per weight), the
 # layout of kernels.cuda_vq_cluster; "vq2r" the same
 SETTINGS = {"vq2": (2, ""), "vq3": (3, ""), "vq2c": (2, "dim=2,index=4"),
-            "vq2r": (2, "dim=2,index=4,rows=128,cols=64")}  # with a codebook per 128 x 64 tile
+            "vq2r": (2, "dim=2,index=4,rows=128,cols=64"),  # with a codebook per 128 x 64 tile
+            "vq2r5": (2, "dim=2,index=4,rows=512")}  # a codebook per 512 x 192 tile
 # (rows per program, vectors per step, warps, one word per codeword): small row tiles give enough
 # programs (4096 rows / 16 = 256) to keep every SM's loads in flight
 GEMV_CONFIGS = [dict(bn=16, bv=64, num_warps=4, pack=True), dict(bn=8, bv=128, num_warps=4, pack=True),
