@@ -161,3 +161,53 @@ def test_vq_cluster_runs_under_torch_compile():
     f = torch.compile(lambda t: m(t) * 2, fullgraph=True)
     assert torch.equal(f(x), eager * 2)
     assert vc._op is not None
+
+
+def test_vq_cluster_falls_back_to_clusters_of_8_where_16_are_refused(monkeypatch):
+    """Clusters of 16 blocks are a non-portable size: a GPU that refuses them (the driver's error at launch) gets
+    clusters of 8 from then on, with the same layer and config otherwise; a refusal of 8 is raised."""
+    calls = []
+
+    class Refuses16:
+        def allow_large_clusters(self):
+            pass
+
+        def __call__(self, grid, block, args, smem=0, pdl=False):
+            calls.append(grid[0])
+            if grid[0] > limit[0]:
+                raise RuntimeError("cuda-vq-cluster: cuLaunchKernel failed with CUDA error 912")
+
+    limit = [8]
+    monkeypatch.setattr(vc, "_compiled", lambda *a: Refuses16())
+    monkeypatch.setattr(vc, "device_index", lambda x: 0)
+    monkeypatch.setattr(vc, "sm_count", lambda d: 132)
+    monkeypatch.setattr(vc, "sm90", lambda d: True)
+    monkeypatch.setattr(vc, "_SMALL_CLUSTERS", set())
+    m = random_vq_layer(256, 1024, spec(), bias=False, seed=5)
+    pk = vc.packed_vq_cl(m)
+    x = torch.randn(1, 1024)
+    vc.run_vq_cluster(x, pk, None)
+    vc.run_vq_cluster(x, pk, None)
+    assert calls == [16, 8, 8]  # refused once, then straight to 8
+    limit[0] = 4
+    with pytest.raises(RuntimeError):
+        vc.run_vq_cluster(x, pk, None)
+
+
+def test_vq_cuda_kernel_failure_falls_back_to_triton_and_says_so():
+    """Where a vq CUDA kernel fails eagerly (NVRTC missing, a launch refused), the layer gets the Triton kernel's
+    result, one warning, and the Triton kernel from then on (its id in the kernel's broken set)."""
+    from leanq.kernels.cuda_vq import batch1_operands, run_op
+
+    m = random_vq_layer(16, 64, spec(), bias=True, seed=6)
+    x = torch.randn(1, 64)
+
+    def refused(*args):
+        raise RuntimeError("cuda-vq-cluster: cuLaunchKernel failed with CUDA error 912")
+
+    broken: set = set()
+    x2, b = batch1_operands(m, x)
+    with pytest.warns(UserWarning, match="cuda-vq-cluster-gemv unavailable"):
+        y = run_op(m, x, (x2, None, None, None, b), refused, None, "cuda-vq-cluster-gemv", broken)
+    assert broken == {id(m)}
+    torch.testing.assert_close(y.double(), oracle(m, x), rtol=1e-4, atol=1e-4)
