@@ -423,8 +423,8 @@ def run_vq_cluster(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: d
     cfg = cfg or DEFAULT_CFG
     dev = device_index(x2)
     sms = sm_count(dev)
-    if not layout_ok(pk, cfg, sms):
-        raise ValueError("cuda-vq-cluster: no launch geometry for this layer and config")
+    if not layout_ok(pk, cfg, sms):  # (a RuntimeError: the dispatch's caller lets the Triton kernel serve)
+        raise RuntimeError("cuda-vq-cluster: no launch geometry for this layer and config")
     if cfg["cs"] > 8 and dev in _SMALL_CLUSTERS:
         cfg = dict(cfg, cs=8)
     g = plan(pk, cfg, sms)
