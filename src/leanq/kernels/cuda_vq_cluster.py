@@ -423,10 +423,10 @@ def run_vq_cluster(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: d
     cfg = cfg or DEFAULT_CFG
     dev = device_index(x2)
     sms = sm_count(dev)
-    if not layout_ok(pk, cfg, sms):  # (a RuntimeError: the dispatch's caller lets the Triton kernel serve)
-        raise RuntimeError("cuda-vq-cluster: no launch geometry for this layer and config")
     if cfg["cs"] > 8 and dev in _SMALL_CLUSTERS:
         cfg = dict(cfg, cs=8)
+    if not layout_ok(pk, cfg, sms):  # (a RuntimeError: the dispatch's caller lets the Triton kernel serve)
+        raise RuntimeError("cuda-vq-cluster: no launch geometry for this layer and config")
     g = plan(pk, cfg, sms)
     gd = pdl_mode(int(cfg.get("gd", 0)), sm90(dev))
     kern = _compiled(XT[x2.dtype], pk["D"], g["threads"], g["tv"], g["ppt"], g["cs"], g["steps"], gd, dev)
