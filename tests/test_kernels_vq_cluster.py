@@ -68,10 +68,9 @@ def test_vq_cluster_partition_covers_each_unit_and_output_once(d, out_f, in_f, c
     m = random_vq_layer(out_f, in_f, dspec(d, cols, rows), bias=False, seed=3 * out_f + in_f)
     pk = vc.packed_vq_cl(m)
     x = torch.randn(1, in_f, generator=torch.Generator().manual_seed(1))
-    sms = 16
-    if not vc.layout_ok(pk, cfg, sms):
+    if not vc.layout_ok(pk, cfg):
         pytest.skip("config has no geometry for this layer")
-    torch.testing.assert_close(vc.emulate(pk, x, cfg, sms), oracle(m, x), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(vc.emulate(pk, x, cfg), oracle(m, x), rtol=1e-10, atol=1e-10)
 
 
 def test_vq_cluster_plan_fits_the_llama_shapes():
@@ -80,10 +79,10 @@ def test_vq_cluster_plan_fits_the_llama_shapes():
     for d, n, k in ((2, 4096, 4096), (2, 11008, 4096), (2, 4096, 11008), (2, 14336, 4096), (2, 4096, 14336),
                     (2, 12288, 4096), (4, 4096, 4096), (4, 11008, 4096), (4, 14336, 4096)):
         f = vc.layout_fields(dspec(d, 192), n, k)
-        assert f is not None and vc.layout_ok(f, vc.DEFAULT_CFG, 132), (d, n, k)
-        g = vc.plan(f, vc.DEFAULT_CFG, 132)
+        assert f is not None and vc.layout_ok(f, vc.DEFAULT_CFG), (d, n, k)
+        g = vc.plan(f, vc.DEFAULT_CFG)
         assert g["cs"] * g["ub"] >= f["NU"] and (d == 4 or g["ppt"] % 2 == 0) and g["chunks"] * g["nr"] >= n, g
-    assert not vc.layout_ok(vc.layout_fields(dspec(4, 192), 4096, 14336), vc.DEFAULT_CFG, 132)  # rows too large
+    assert not vc.layout_ok(vc.layout_fields(dspec(4, 192), 4096, 14336), vc.DEFAULT_CFG)  # rows too large
 
 
 def test_vq_cluster_declines_what_it_does_not_compute():
@@ -92,17 +91,17 @@ def test_vq_cluster_declines_what_it_does_not_compute():
     assert vc.layout_fields(spec(group=64), 64, 256) is None  # group scales
     assert vc.layout_fields(spec(rows=30), 64, 256) is None  # row tiles that split a thread's 4 outputs
     f = vc.layout_fields(spec(rows=128), 256, 256)
-    assert f is not None and vc.layout_ok(f, dict(threads=128, cs=2, tv=4), 8)  # 4 x 32 outputs per block
-    assert not vc.layout_ok(f, dict(threads=128, cs=2, tv=1), 8)  # 512 outputs per block: 8 row tiles
+    assert f is not None and vc.layout_ok(f, dict(threads=128, cs=2, tv=4))  # 4 x 32 outputs per block
+    assert not vc.layout_ok(f, dict(threads=128, cs=2, tv=1))  # 512 outputs per block: 8 row tiles
     assert vc.layout_fields(spec(books=2), 64, 256) is None  # residual books
     assert vc.layout_fields(spec(), 66, 256) is None  # outputs not a multiple of 4
     assert vc.layout_fields(spec(), 64, 256) is not None
     if not torch.cuda.is_available():
         m = random_vq_layer(16, 64, spec(), bias=False, seed=2)
         assert not vc._supports(m, torch.randn(1, 64))  # no GPU: never chosen
-    assert vc.takes(spec(), 4096, 4096, 132)
+    assert vc.takes(spec(), 4096, 4096)
     assert vc.layout_fields(spec(d=4, ib=8), 4096, 4096) is not None  # d4 runs (benchmarks, tests), but is not
-    assert not vc.takes(spec(d=4, ib=8), 4096, 4096, 132)  # dispatched: cuda_vq's split-K kernel serves it
+    assert not vc.takes(spec(d=4, ib=8), 4096, 4096)  # dispatched: cuda_vq's split-K kernel serves it
 
 
 def test_vq_cluster_source_waits_before_it_reads_x():
@@ -111,7 +110,7 @@ def test_vq_cluster_source_waits_before_it_reads_x():
     src = vc.source(2, 2, 256, 4, 32, 8, 1, gd=1)
     body = src[src.index("vq_cluster_gemv("):]
     assert body.index("load_q<GD != 0>") < body.index("gdc_step();") < body.index("ldx(x, col)")
-    assert body.index("ld_ordered4(w, cbt") < body.index("gdc_step();")
+    assert body.index("ld_ordered(w, cbt") < body.index("gdc_step();")
 
 
 @GPU
@@ -130,7 +129,7 @@ def test_vq_cluster_matches_reference(d, out_f, in_f, rows, dtype):
     bias = m.bias.to(dtype) if m.bias is not None else None
     cfgs = [c for c in CFGS if dtype == torch.bfloat16 or c is vc.DEFAULT_CFG]
     for cfg in cfgs:
-        if not vc.layout_ok(pk, cfg, torch.cuda.get_device_properties(0).multi_processor_count):
+        if not vc.layout_ok(pk, cfg):
             continue
         y1 = vc.run_vq_cluster(x, pk, bias, cfg)
         torch.testing.assert_close(y1.double().cpu(), ref, **tol)
@@ -180,7 +179,6 @@ def test_vq_cluster_falls_back_to_clusters_of_8_where_16_are_refused(monkeypatch
     limit = [8]
     monkeypatch.setattr(vc, "_compiled", lambda *a: Refuses16())
     monkeypatch.setattr(vc, "device_index", lambda x: 0)
-    monkeypatch.setattr(vc, "sm_count", lambda d: 132)
     monkeypatch.setattr(vc, "sm90", lambda d: True)
     monkeypatch.setattr(vc, "_SMALL_CLUSTERS", set())
     m = random_vq_layer(256, 1024, spec(), bias=False, seed=5)

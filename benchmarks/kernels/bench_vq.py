@@ -271,7 +271,7 @@ def main() -> int:
                 if M == 1 and cluster_configs and vcl.layout_fields(m.spec, n, k) is not None:
                     cl_pk = vcl.packed_vq_cl(m)
                     for c in cluster_configs:
-                        if vcl.layout_ok(cl_pk, c, torch.cuda.get_device_properties(0).multi_processor_count):
+                        if vcl.layout_ok(cl_pk, c):
                             fns[cluster_name(c)] = (lambda c=c: vcl.run_vq_cluster(x, cl_pk, None, c))
                 rows_pk = None
                 if M == 1 and row_configs and vr.layout_fields(m.spec, n, k) is not None:
@@ -312,9 +312,8 @@ def main() -> int:
                                   ms=ms, weight_bytes=wbytes, bpw=8 * wbytes / (n * k), vs_bf16=graph_base / ms,
                                   GBps=(wbytes + x.numel() * x.element_size()) / (ms * 1e-3) / 1e9), fh)
                     cpks = {0: cl_pk}
-                    sms = torch.cuda.get_device_properties(0).multi_processor_count
                     for c in cluster_configs if cl_pk is not None else []:
-                        if not vcl.layout_ok(cl_pk, c, sms):
+                        if not vcl.layout_ok(cl_pk, c):
                             continue
                         ms = bench_graph(lambda cp, c=c: (lambda p=cpks.setdefault(cp, dict(cl_pk, P=cl_pk["P"].clone())):
                                                           vcl.run_vq_cluster(x, p, None, c)), cl_pk["P"].numel())

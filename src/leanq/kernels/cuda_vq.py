@@ -63,6 +63,36 @@ DEFAULT_CFG = dict(threads=256, npt=4, vc=16, mode="tile", fuse=False)
 TUNED: dict = {(4, 8): dict(threads=128, npt=4, vc=16, vc1=8, mode="stationary", bps=4, gd=1, ec=1, cpw=4),  # 2-bit
                (2, 6): dict(threads=256, npt=4, vc=16, mode="tile", fuse=False, gd=1, ec=1)}  # 3-bit
 
+# Device helpers of the vq kernels (here and kernels.cuda_vq_cluster) under programmatic dependent launch: the wait
+# (and early trigger) step, and loads of the layer's own data that ptxas keeps ahead of it
+PDL_LOADS = r"""
+// programmatic dependent launch (launch option gd, sm_90 on): every kernel here may start while the kernel before it
+// in the stream ends. What comes before this step reads only the layer's own data (indices, codewords); after it, x,
+// any scratch sums and the output. gd 1 also lets the next grid in at once (a finishing kernel, or the next layer's
+// GEMV); gd 2 only at the end.
+__device__ __forceinline__ void gdc_step() {
+#if GD
+  gdc_wait();
+#if GD == 1
+  gdc_launch();
+#endif
+#endif
+}
+
+// a load of layer data as volatile inline PTX: kept before gdc_step's wait in the SASS (a plain load of read-only
+// data may be moved past it, and was, in vq_lut_gemv_s)
+__device__ __forceinline__ void ld_ordered(u32& v, const void* p) {
+  asm volatile("ld.global.b32 %0, [%1];" : "=r"(v) : "l"(p));
+}
+__device__ __forceinline__ void ld_ordered(uint2& v, const void* p) {
+  asm volatile("ld.global.v2.b32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+}
+__device__ __forceinline__ void ld_ordered(uint4& v, const void* p) {
+  asm volatile("ld.global.v4.b32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+}
+
+"""
+
 _SRC = r"""
 #if NPT == 16
 typedef uint4 IdxT;
@@ -81,32 +111,6 @@ __device__ __forceinline__ u32 word_of(const IdxT& q, int w) {
 #else
   return q;
 #endif
-}
-
-// programmatic dependent launch (launch option gd, sm_90 on): every kernel here may start while the kernel before it
-// in the stream ends. What comes before this step reads only the layer's own indices; after it, x, the scratch sums
-// and the output. gd 1 also lets the next grid in at once (the GEMV's finishing kernel, or the next layer's GEMV);
-// gd 2 only at the end.
-__device__ __forceinline__ void gdc_step() {
-#if GD
-  gdc_wait();
-#if GD == 1
-  gdc_launch();
-#endif
-#endif
-}
-
-// Shared steps of both kernels, for the VC vectors from v0:
-// an index load as volatile inline PTX: kept before gdc_step's wait in the SASS (a plain load of read-only data may
-// be moved past it, and was, in vq_lut_gemv_s)
-__device__ __forceinline__ void ld_ordered(u32& v, const void* p) {
-  asm volatile("ld.global.b32 %0, [%1];" : "=r"(v) : "l"(p));
-}
-__device__ __forceinline__ void ld_ordered(uint2& v, const void* p) {
-  asm volatile("ld.global.v2.b32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
-}
-__device__ __forceinline__ void ld_ordered(uint4& v, const void* p) {
-  asm volatile("ld.global.v4.b32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
 }
 
 // the index loads of VC vectors x NPT outputs from n (zeros where absent); ORDERED: as volatile PTX (before gdc_step)
@@ -500,7 +504,7 @@ def source(d: int, kk: int, xt: int, threads: int, npt: int, vc: int, group_scal
     assert th in (0, 1) and not (th and xt == 0), (th, xt)  # fp32 activations keep the fp32 table
     defs = dict(D=d, KK=kk, XT=xt, THREADS=threads, NPT=npt, VC=vc, GROUP_SCALE=int(group_scale), ABLATE=ablate,
                 GD=gd, EC=ec, CPW=cpw, TH=th)
-    return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + PRELUDE + _SRC
+    return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + PRELUDE + PDL_LOADS + _SRC
 
 
 def cpw_ok(kk: int, threads: int, vc: int, cpw: int) -> bool:

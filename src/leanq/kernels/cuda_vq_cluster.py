@@ -39,12 +39,13 @@ import functools
 import torch
 
 from . import Kernel, register_kernel
-from .cuda_rt import PRELUDE, XT, Launcher, compile_kernels, device_index, nvrtc_available, on_device_of, pdl_mode, sm90, sm_count
+from .cuda_rt import PRELUDE, XT, Launcher, compile_kernels, device_index, nvrtc_available, on_device_of, pdl_mode, sm90
+from .cuda_vq import PDL_LOADS
 
 # threads per block, cluster size (blocks over K), the most units per thread, programmatic dependent launch
 DEFAULT_CFG = dict(threads=256, cs=16, ppt_max=32, gd=1)
 SMEM_LIMIT = 200 * 1024
-SHAPES = {(2, 4): "p4", (4, 8): "b8"}  # (vq_dim, index bits) -> codebook shape
+SHAPES = {(2, 4), (4, 8)}  # (vq_dim, index bits): "p4" (16 codewords) and "b8" (256)
 
 
 def row_pitch(d: int) -> int:
@@ -62,8 +63,13 @@ def layout_fields(spec, out_features: int, in_features: int) -> dict | None:
     if ((d, ib) not in SHAPES or spec.vq_books != 1 or geo["nsg"] != 1 or out_features % 4 or geo["cols"] % 4
             or (geo["nrt"] > 1 and geo["rows"] % 4)):
         return None
-    return dict(N=out_features, K=in_features, D=d, KK=1 << ib, UW=32 if d == 2 else 256, nvec=geo["nvec"],
-                NU=-(-geo["nvec"] * d // 4), cols=geo["cols"], nct=geo["nct"], rows=geo["rows"], nrt=geo["nrt"])
+    return dict(N=out_features, K=in_features, **_counts(d, geo["nvec"]), cols=geo["cols"], nct=geo["nct"],
+                rows=geo["rows"], nrt=geo["nrt"])
+
+
+def _counts(d: int, nvec: int) -> dict:
+    """The counts that follow from the vector size: codewords KK, units NU (one index byte per 4 inputs)."""
+    return dict(D=d, KK=16 if d == 2 else 256, nvec=nvec, NU=-(-nvec * d // 4))
 
 
 def repack_vq_cl(qweight: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor, spec, in_features: int) -> dict:
@@ -102,7 +108,7 @@ def reference_vq_cl(pk: dict, dtype: torch.dtype = torch.float32) -> torch.Tenso
     return (w * pk["scales"][:, None]).to(dtype)
 
 
-def plan(pk: dict, cfg: dict, sms: int) -> dict:
+def plan(pk: dict, cfg: dict) -> dict:
     """The launch geometry for layer ``pk``: threads, unit groups TV (threads per group TN = threads / TV, a
     multiple of 32), units per thread PPT (each block holds UB = TV * PPT units; CS blocks cover all NU), outputs
     per block NR (a multiple of 4) and the output chunks. ``cfg`` may fix ``tv``, ``nr`` or ``steps``."""
@@ -124,22 +130,21 @@ def plan(pk: dict, cfg: dict, sms: int) -> dict:
     ub = tv * ppt
     ntmax = min(pk["nct"], (4 * ub) // pk["cols"] + 2)
     smem = (ub * row_pitch(pk["D"]) + tv * nr + nr + 4 * ub + ntmax * pk["KK"] * pk["D"]) * 4
-    return dict(threads=threads, cs=cs, tv=tv, tn=tn, ppt=ppt, ub=ub, nr=nr, chunks=chunks, steps=steps, smem=smem,
-                ntmax=ntmax)
+    return dict(threads=threads, cs=cs, tv=tv, tn=tn, ppt=ppt, ub=ub, nr=nr, chunks=chunks, steps=steps, smem=smem)
 
 
-def layout_ok(pk: dict, cfg: dict | None = None, sms: int = 132) -> bool:
-    g = plan(pk, cfg or DEFAULT_CFG, sms)
+def layout_ok(pk: dict, cfg: dict | None = None) -> bool:
+    g = plan(pk, cfg or DEFAULT_CFG)
     return (g["tn"] % 32 == 0 and g["tn"] * g["tv"] == g["threads"] and g["smem"] <= SMEM_LIMIT
             and (pk.get("nrt", 1) == 1 or pk["rows"] % g["nr"] == 0)
             and (g["cs"] == 1 or -(-g["nr"] // g["cs"]) <= g["threads"]) and g["cs"] in (1, 2, 4, 8, 16) and g["ppt"] <= 64)
 
 
-def emulate(pk: dict, x: torch.Tensor, cfg: dict | None = None, sms: int = 132) -> torch.Tensor:
+def emulate(pk: dict, x: torch.Tensor, cfg: dict | None = None) -> torch.Tensor:
     """The kernel's partition in float64 on any device: per block (rank, chunk) its units, per thread group its units
     and output steps, the groups' sums, then the cluster's sum in rank order; each (unit, output) term from the
     layout's dense weight. Fails if a (unit, output) is missed or counted twice. [1, K] -> [1, N] float64."""
-    g = plan(pk, cfg or DEFAULT_CFG, sms)
+    g = plan(pk, cfg or DEFAULT_CFG)
     N, K, NU = pk["N"], pk["K"], pk["NU"]
     w = torch.nn.functional.pad(reference_vq_cl(dict(pk, scales=torch.ones_like(pk["scales"])), torch.float64).cpu(),
                                 (0, 4 * NU - K))
@@ -173,20 +178,6 @@ _SRC = r"""
 #define XR_ ((4 * UB + THREADS - 1) / THREADS)   // activation values per thread
 #define BR_ ((UB * IPU + THREADS - 1) / THREADS) // build items per thread
 
-__device__ __forceinline__ void ld_ordered(u32& v, const void* p) {
-  asm volatile("ld.global.b32 %0, [%1];" : "=r"(v) : "l"(p));
-}
-__device__ __forceinline__ void ld_ordered4(uint4& v, const void* p) {
-  asm volatile("ld.global.v4.b32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-}
-__device__ __forceinline__ void gdc_step() {
-#if GD
-  gdc_wait();
-#if GD == 1
-  gdc_launch();
-#endif
-#endif
-}
 #if CS > 1
 __device__ __forceinline__ void cluster_sync_arrive() {
   asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
@@ -253,7 +244,7 @@ extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(THREADS)
   const u32* cbt = cb + ((size_t)(n0 / ROWS) * NCT + t0) * (KK * D / 2);
   for (int i = threadIdx.x; i < nt * KK * D / 8; i += THREADS) {
     uint4 w;
-    ld_ordered4(w, cbt + 4 * i);
+    ld_ordered(w, cbt + 4 * i);
     const u32 ww[4] = {w.x, w.y, w.z, w.w};
     float f[8];
 #pragma unroll
@@ -401,7 +392,7 @@ def source(xt: int, d: int, threads: int, tv: int, ppt: int, cs: int, steps: int
     assert d in (2, 4) and (d == 4 or ppt % 2 == 0), (d, ppt)
     kk, uw = (16, 32) if d == 2 else (256, 256)
     defs = dict(XT=xt, D=d, KK=kk, UW=uw, UWP=row_pitch(d), THREADS=threads, TV=tv, PPT=ppt, UB=tv * ppt, CS=cs, STEPS=steps, GD=gd)
-    return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + PRELUDE + _SRC
+    return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + PRELUDE + PDL_LOADS + _SRC
 
 
 def available() -> bool:
@@ -422,12 +413,11 @@ def run_vq_cluster(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: d
     assert M == 1 and K == pk["K"] and x2.is_contiguous(), (M, K, pk["K"])
     cfg = cfg or DEFAULT_CFG
     dev = device_index(x2)
-    sms = sm_count(dev)
     if cfg["cs"] > 8 and dev in _SMALL_CLUSTERS:
         cfg = dict(cfg, cs=8)
-    if not layout_ok(pk, cfg, sms):  # (a RuntimeError: the dispatch's caller lets the Triton kernel serve)
+    if not layout_ok(pk, cfg):  # (a RuntimeError: the dispatch's caller lets the Triton kernel serve)
         raise RuntimeError("cuda-vq-cluster: no launch geometry for this layer and config")
-    g = plan(pk, cfg, sms)
+    g = plan(pk, cfg)
     gd = pdl_mode(int(cfg.get("gd", 0)), sm90(dev))
     kern = _compiled(XT[x2.dtype], pk["D"], g["threads"], g["tv"], g["ppt"], g["cs"], g["steps"], gd, dev)
     out = torch.empty(M, pk["N"], device=x2.device, dtype=x2.dtype)
@@ -439,7 +429,7 @@ def run_vq_cluster(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: d
                    pk["cols"], pk["nct"], g["nr"], int(bias is not None), pk.get("rows", pk["N"])], pdl=gd > 0)
     except RuntimeError:
         # clusters of 16 are a non-portable size: where the GPU refuses them, clusters of 8 from then on
-        if g["cs"] <= 8 or not layout_ok(pk, dict(cfg, cs=8), sms):
+        if g["cs"] <= 8 or not layout_ok(pk, dict(cfg, cs=8)):
             raise
         _SMALL_CLUSTERS.add(dev)
         return run_vq_cluster(x2, pk, bias, dict(cfg, cs=8))
@@ -466,22 +456,21 @@ def _supports(m, x) -> bool:
             or x.dtype not in (torch.float16, torch.bfloat16, torch.float32) or x.shape[-1] != m.in_features
             or x.numel() != x.shape[-1] or x.device.type not in ("cuda", "meta")):
         return False
-    return takes(spec, m.out_features, m.in_features, sm_count(device_index(x)) if x.device.type == "cuda" else 132)
+    return takes(spec, m.out_features, m.in_features)
 
 
-def takes(spec, out_features: int, in_features: int, sms: int) -> bool:
+def takes(spec, out_features: int, in_features: int) -> bool:
     """The dispatch rule: d2 16-codeword layers with a launch geometry. For d4 (256 codewords) cuda_vq's split-K
     kernel measured faster on every shape this one takes (the cluster form rebuilds 256-entry rows for a K / 16
     slice in every block; docs/PERFORMANCE.md, version 18)."""
     f = layout_fields(spec, out_features, in_features)
-    return f is not None and f["D"] == 2 and layout_ok(f, DEFAULT_CFG, sms)
+    return f is not None and f["D"] == 2 and layout_ok(f, DEFAULT_CFG)
 
 
 def _impl(x: torch.Tensor, P: torch.Tensor, cb: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
           N: int, K: int, D: int, nvec: int, cols: int, nct: int, rows: int) -> torch.Tensor:
     """The kernel as one opaque op, so torch.compile (and its CUDA graphs) take it whole."""
-    pk = dict(P=P, cb=cb, scales=scales, N=N, K=K, D=D, KK=16 if D == 2 else 256, UW=32 if D == 2 else 256, nvec=nvec,
-              NU=-(-nvec * D // 4), cols=cols, nct=nct, rows=rows, nrt=-(-N // rows))
+    pk = dict(P=P, cb=cb, scales=scales, N=N, K=K, **_counts(D, nvec), cols=cols, nct=nct, rows=rows, nrt=-(-N // rows))
     return on_device_of(x, run_vq_cluster, x, pk, bias)
 
 
