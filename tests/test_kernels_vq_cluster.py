@@ -197,8 +197,9 @@ def test_vq_cuda_kernel_failure_falls_back_to_triton_and_says_so():
     result, one warning, and the Triton kernel from then on (its id in the kernel's broken set)."""
     from leanq.kernels.cuda_vq import batch1_operands, run_op
 
-    m = random_vq_layer(16, 64, spec(), bias=True, seed=6)
-    x = torch.randn(1, 64)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton kernel: on the GPU, else its interpreter
+    m = random_vq_layer(16, 64, spec(), bias=True, seed=6).to(dev)
+    x = torch.randn(1, 64, device=dev)
 
     def refused(*args):
         raise RuntimeError("cuda-vq-cluster: cuLaunchKernel failed with CUDA error 912")
@@ -208,4 +209,4 @@ def test_vq_cuda_kernel_failure_falls_back_to_triton_and_says_so():
     with pytest.warns(UserWarning, match="cuda-vq-cluster-gemv unavailable"):
         y = run_op(m, x, (x2, None, None, None, b), refused, None, "cuda-vq-cluster-gemv", broken)
     assert broken == {id(m)}
-    torch.testing.assert_close(y.double(), oracle(m, x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(y.double().cpu(), oracle(m, x), rtol=1e-4, atol=1e-4)
