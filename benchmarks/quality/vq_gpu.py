@@ -13,6 +13,9 @@ row so far (or --row-estimate before any has run).
     bash benchmarks/quality/vq_gpu.sh                         # on the lent GPU: setup + every row
     bash benchmarks/quality/vq_gpu.sh --rows vq2,vq3          # some rows
     LEANQ_DATA=../shared/data python benchmarks/quality/vq_gpu.py --smoke --state /tmp/vqs   # CPU check
+
+Fine-tuned rows also report the perplexity of held-out windows 49-64 (``held_out_ppl``), which is what a
+learning rate or step count is chosen on. What the calls carry: benchmarks/quality/gpu_prepare.sh.
 """
 
 from __future__ import annotations
@@ -47,7 +50,14 @@ ROWS = {
     "vq2-ft": (2, "", None, FT),
     "vq3-ft": (3, "", None, FT),
     "vq3-g128-ft": (3, "group=128", None, FT),
+    # session 18: the 2-bit layout of kernels.cuda_vq_cluster (2-dim vectors, 16 codewords, a codebook per 512 x 192
+    # tile) fine-tuned 250 and 500 steps at the learning rate that won at 50 steps on held-out windows (1e-2), and
+    # 250 steps at 3e-3 (held-out windows 49-64 again chose 1e-2: docs/results/vq.md, "Session 18")
+    "vq2c-r512-ft250": (2, "dim=2,index=4,rows=512", None, dict(steps=250, lr=1e-2, scale_lr=3e-3)),
+    "vq2c-r512-ft250-lr3e-3": (2, "dim=2,index=4,rows=512", None, dict(steps=250, lr=3e-3, scale_lr=1e-3)),
+    "vq2c-r512-ft500": (2, "dim=2,index=4,rows=512", None, dict(steps=500, lr=1e-2, scale_lr=3e-3)),
 }
+HELD_OUT = (48, 64)  # windows for choosing a learning rate (never the reported 1-48), for the fine-tuned rows
 
 
 def machine() -> str:
@@ -114,6 +124,13 @@ def main() -> int:
         ckpt = qm.save(state / f"ckpt-{row}", overwrite=True)
         model, tok = qm.model.to(dev), qm.tokenizer
         r = run_eval(model, tok, text, row, ckpt, 1024, windows, dev, progress=False)
+        held = {}
+        if train and not a.smoke:
+            from leanq.data import tokenize
+            from leanq.evaluate import perplexity
+
+            ids = tokenize(tok, text)[HELD_OUT[0] * 1024: HELD_OUT[1] * 1024]
+            held = {"held_out_windows": list(HELD_OUT), "held_out_ppl": perplexity(model, ids, 1024, None, dev, False)[0]}
         wall = time.perf_counter() - t0
         spec = qm.recipe.default_spec
         how = ("--method qat --init vq " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in train.items())
@@ -128,13 +145,13 @@ def main() -> int:
             out_plan = {}
         out = {**r.to_dict(), "row": row, "spec": spec.to_dict(), "describe": spec.describe(),
                "quant_seconds": qm.seconds, "wall_seconds": wall, "command": cmd, "machine": machine(),
-               "smoke": a.smoke, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **out_plan}
+               "smoke": a.smoke, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **out_plan, **held}
         tmp = res.with_suffix(".tmp")
         tmp.write_text(json.dumps(out, indent=1))
         tmp.replace(res)
         _copy(res, a.out)
-        print(f"{row}: ppl {r.ppl:.3f}  bpw {r.bits_per_weight:.3f}  quant {qm.seconds:.0f} s  wall {wall:.0f} s",
-              flush=True)
+        print(f"{row}: ppl {r.ppl:.3f}  bpw {r.bits_per_weight:.3f}  quant {qm.seconds:.0f} s  wall {wall:.0f} s"
+              + (f"  held-out {held['held_out_ppl']:.3f}" if held else ""), flush=True)
         longest = max(longest if longest != a.row_estimate else 0.0, wall)
         del model, qm
         if dev.startswith("cuda"):
