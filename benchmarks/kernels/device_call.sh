@@ -30,6 +30,11 @@ OUT=${OUT:-out}; mkdir -p "$OUT"
 { nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem --format=csv
   python3 -c "import sys,torch,triton,transformers;print('python',sys.version.split()[0],'torch',torch.__version__,'cuda',torch.version.cuda,'triton',triton.__version__,'transformers',transformers.__version__)"
 } 2>&1 | tee "$OUT/env.txt"
+# bench_vq.py in the graph harness at batch 1 with the given options; its graph rows (and any errors) to vq.log
+vq_graph() {
+  (cd benchmarks/kernels && PYTHONPATH=../../src timeout "${T3:-240}" python3 bench_vq.py --out "$OUT" --graph \
+    --batches 1 --old-configs 0 --kn 2 "$@" 2>&1 | grep -E "graph|error" | tail -80 | tee "$OUT/vq.log")
+}
 case "$1" in
 kernels)
   timeout "${T1:-165}" python3 benchmarks/kernels/bench_kernels.py --out "$OUT" --sweep --v3 --reps 25 \
@@ -95,13 +100,9 @@ vq16)
 vqc)
   [ -n "$NOTESTS" ] || PYTHONPATH=src:tests timeout "${T1:-150}" python3 -m pytest -q -p no:cacheprovider \
     tests/test_kernels_vq_cluster.py 2>&1 | tail -15 | tee "$OUT/tests.log"
-  (cd benchmarks/kernels && PYTHONPATH=../../src timeout "${T3:-240}" python3 bench_vq.py --out "$OUT" --graph \
-    --batches 1 --old-configs 0 --kn 2 --settings "${SETS:-vq2,vq2c}" --cuda 8 --cluster "${CL:-256/8/1,512/8/1,256/8/2,128/8/1,256/4/1}" \
-    2>&1 | grep -E "graph|error" | tail -80 | tee "$OUT/vq.log") ;;
+  vq_graph --settings "${SETS:-vq2,vq2c}" --cuda 8 --cluster "${CL:-256/8/1,512/8/1,256/8/2,128/8/1,256/4/1}" ;;
 vqr)
   [ -n "$NOTESTS" ] || PYTHONPATH=src:tests timeout "${T1:-200}" python3 -m pytest -q -x -p no:cacheprovider \
     ${TESTS:-tests/test_kernels_vq.py tests/test_kernels_vq_cluster.py} 2>&1 | tail -60 | tee "$OUT/tests.log"
-  (cd benchmarks/kernels && PYTHONPATH=../../src timeout "${T3:-240}" python3 bench_vq.py --out "$OUT" --graph \
-    --batches 1 --old-configs 0 --kn 2 --settings "${SETS:-vq2}" --cuda 8 --cuda-cfgs "${VQCFGS:-stat/t128/n4/v16/vo8/b4/gd1/ec1/cw4}" \
-    2>&1 | grep -E "graph|error" | tail -80 | tee "$OUT/vq.log") ;;
+  vq_graph --settings "${SETS:-vq2}" --cuda 8 --cuda-cfgs "${VQCFGS:-stat/t128/n4/v16/vo8/b4/gd1/ec1/cw4}" ;;
 esac

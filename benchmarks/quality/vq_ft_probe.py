@@ -20,6 +20,15 @@ import time
 import torch
 
 
+HELD_OUT_FIRST = 48  # held-out windows start after the 48 the core protocol reports
+
+
+def held_out(test_ids, windows: int, window: int = 1024):
+    """The ids of ``windows`` held-out windows of the test text (from window 49 on): what learning rates and step
+    counts are chosen on, never the reported windows 1-48."""
+    return test_ids[HELD_OUT_FIRST * window: (HELD_OUT_FIRST + windows) * window]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bits", type=int, default=2)
@@ -47,7 +56,7 @@ def main() -> int:
     tok = start.tokenizer
     test = tokenize(tok, read_text(find_file(None, EVAL_FILE, "--data")))
     windows = 1 if a.smoke else a.windows
-    held = test[48 * 1024: (48 + windows) * 1024]
+    held = held_out(test, windows)
     text_ids = tokenize(tok, read_text(find_file(None, CALIB_FILE, "--calib")))
     steps = 2 if a.smoke else a.steps
 

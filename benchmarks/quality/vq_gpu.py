@@ -57,7 +57,7 @@ ROWS = {
     "vq2c-r512-ft250-lr3e-3": (2, "dim=2,index=4,rows=512", None, dict(steps=250, lr=3e-3, scale_lr=1e-3)),
     "vq2c-r512-ft500": (2, "dim=2,index=4,rows=512", None, dict(steps=500, lr=1e-2, scale_lr=3e-3)),
 }
-HELD_OUT = (48, 64)  # windows for choosing a learning rate (never the reported 1-48), for the fine-tuned rows
+HELD_OUT_WINDOWS = 16  # windows 49-64 (vq_ft_probe.held_out), scored for the fine-tuned rows
 
 
 def machine() -> str:
@@ -93,6 +93,7 @@ def main() -> int:
     text = read_text(find_file(None, EVAL_FILE, "--data"))
     windows = 1 if a.smoke else a.max_windows
     longest = a.row_estimate
+    held_ids = None  # the held-out windows' ids, tokenized at the first fine-tuned row
     for row in [r for r in a.rows.split(",") if r]:
         if row not in ROWS:
             print(f"unknown row {row!r}; have {', '.join(ROWS)}", file=sys.stderr)
@@ -128,9 +129,12 @@ def main() -> int:
         if train and not a.smoke:
             from leanq.data import tokenize
             from leanq.evaluate import perplexity
+            from vq_ft_probe import HELD_OUT_FIRST, held_out
 
-            ids = tokenize(tok, text)[HELD_OUT[0] * 1024: HELD_OUT[1] * 1024]
-            held = {"held_out_windows": list(HELD_OUT), "held_out_ppl": perplexity(model, ids, 1024, None, dev, False)[0]}
+            if held_ids is None:
+                held_ids = held_out(tokenize(tok, text), HELD_OUT_WINDOWS)
+            held = {"held_out_windows": [HELD_OUT_FIRST, HELD_OUT_FIRST + HELD_OUT_WINDOWS],
+                    "held_out_ppl": perplexity(model, held_ids, 1024, None, dev, False)[0]}
         wall = time.perf_counter() - t0
         spec = qm.recipe.default_spec
         how = ("--method qat --init vq " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in train.items())
