@@ -485,12 +485,13 @@ def test_int_mma_supports_only_what_it_computes():
         assert not cm.supports(dict(pk, bits=8), x) and cm.supports(dict(pk, bits=8), x.half())
 
 
-def _emulate_int_mma_w(x: torch.Tensor, pk: dict, rt: int, kw: int, spw: int, nt: int) -> torch.Tensor:
+def _emulate_int_mma_w(x: torch.Tensor, pk: dict, rt: int, kw: int, spw: int, nt: int, tw: int = 1) -> torch.Tensor:
     """kernels.cuda_int_mma's w kernel (weights as the A operand), lane by lane in torch: every block, warp,
     super-step and tensor-core step takes its A registers from the rk words (rows clamped to N - 1, as the kernel
     loads them) and its B registers from x (batch rows clamped to M - 1) with the kernel's own index formulas, puts
     them where mma.m16n8k16 takes them (A[g | g+8][2t, 2t+1 | 2t+8, 2t+9], B[2t, 2t+1 | 2t+8, 2t+9][g]), multiplies
-    in float64, scales per super-step by the rows' group scales and keeps only the outputs the kernel writes."""
+    in float64, scales per super-step by the rows' group scales and keeps only the outputs the kernel writes. ``tw``:
+    row tiles per warp (launch option tw), tile i of warp rt_i of block bx at (bx * rt + rt_i) * tw + i."""
     M, K, N, G = x.shape[0], pk["K"], pk["N"], pk["group"]
     words = pk["words"].to(torch.int64) & 0xFFFFFFFF
     szw = pk["sz"].to(torch.int64) & 0xFFFFFFFF
@@ -499,7 +500,7 @@ def _emulate_int_mma_w(x: torch.Tensor, pk: dict, rt: int, kw: int, spw: int, nt
     zeros = (szw & 0xFFFF).double()
     xd = x.double()
     ns, tiles = K // 128, -(-N // 16)
-    gx, gy = -(-tiles // rt), -(-ns // (kw * spw))
+    gx, gy = -(-tiles // (rt * tw)), -(-ns // (kw * spw))
     out = torch.zeros(M, N, dtype=torch.float64)
 
     def pair(word: int, shift: int, z: float) -> torch.Tensor:  # (M0 + q) - (M0 + z) per half: q - z
@@ -507,8 +508,9 @@ def _emulate_int_mma_w(x: torch.Tensor, pk: dict, rt: int, kw: int, spw: int, nt
 
     for bx in range(gx):
         for by in range(gy):
-            for w in range(rt * kw):
+            for w, ti in ((w, ti) for w in range(rt * kw) for ti in range(tw)):
                 rt_i, kw_i = w % rt, w // rt
+                tile = (bx * rt + rt_i) * tw + ti
                 s0 = (by * kw + kw_i) * spw
                 for S in range(s0, min(s0 + spw, ns)):
                     a_mat = torch.zeros(16, 16, dtype=torch.float64)
@@ -519,7 +521,7 @@ def _emulate_int_mma_w(x: torch.Tensor, pk: dict, rt: int, kw: int, spw: int, nt
                         for lane in range(32):
                             g, t = lane // 4, lane % 4
                             for h in range(2):  # rows g (a0, a2) and g + 8 (a1, a3)
-                                row = min((bx * rt + rt_i) * 16 + g + 8 * h, N - 1)
+                                row = min(tile * 16 + g + 8 * h, N - 1)
                                 word = int(words[row, (4 * S + t) * 4 + wi])
                                 z = zeros[row, (128 * S) // G].item()
                                 a_mat[g + 8 * h, 2 * t:2 * t + 2] = pair(word, sh, z)
@@ -535,7 +537,7 @@ def _emulate_int_mma_w(x: torch.Tensor, pk: dict, rt: int, kw: int, spw: int, nt
                                 b_mat[2 * t + 8:2 * t + 10, g] = xr[k0 + 2:k0 + 4]
                             c = (a_mat @ b_mat) * sc[:, None]  # C[row][batch], scaled per row
                             for r in range(16):
-                                row = (bx * rt + rt_i) * 16 + r
+                                row = tile * 16 + r
                                 for col in range(8):
                                     b = 8 * n + col
                                     if row < N and b < M:
@@ -545,7 +547,9 @@ def _emulate_int_mma_w(x: torch.Tensor, pk: dict, rt: int, kw: int, spw: int, nt
 
 @pytest.mark.parametrize("group,n,k,m,dtype,cfg", [(128, 40, 384, 3, torch.bfloat16, (2, 2, 1, 1)),
                                                    (256, 24, 512, 11, torch.float16, (1, 2, 1, 2)),
-                                                   (128, 17, 256, 16, torch.bfloat16, (2, 1, 4, 2))])
+                                                   (128, 17, 256, 16, torch.bfloat16, (2, 1, 4, 2)),
+                                                   (128, 72, 384, 16, torch.bfloat16, (1, 2, 1, 2, 3)),
+                                                   (128, 40, 256, 5, torch.float16, (2, 1, 2, 1, 2))])
 def test_int_mma_w_fragment_mapping_reproduces_the_product(group, n, k, m, dtype, cfg):
     """The w kernel emulated lane by lane on the CPU: its register choices must rebuild x @ W^T from the rk words
     and x's 16-bit values, with K split over warps and blocks, rows past N and batch rows past M clamped."""
@@ -605,12 +609,16 @@ def test_int_mma_w_launch_geometry():
     from leanq.kernels import cuda_int_mma as cm
 
     for (n, k) in [(4096, 4096), (4096, 14336), (14336, 4096), (333, 128)]:
-        for cfg in (None, dict(rt=2, kw=8), dict(rt=8, kw=1, spw=3)):
+        for cfg in (None, dict(rt=2, kw=8), dict(rt=8, kw=1, spw=3), dict(rt=4, kw=2, spw=2, rp=1, tw=3)):
             c, (gx, gy) = cm.w_launch(16, n, k, cfg, 132)
-            ns, tiles = k // 128, -(-n // 16)
-            assert gx * c["rt"] >= tiles > (gx - 1) * c["rt"]
+            ns, tiles, rows = k // 128, -(-n // 16), c["rt"] * c.get("tw", 1)
+            assert gx * rows >= tiles > (gx - 1) * rows
             assert gy * c["kw"] * c["spw"] >= ns > (gy - 1) * c["kw"] * c["spw"]
             assert 1 <= c["spw"] <= ns
+    with pytest.raises(ValueError, match="needs rp"):  # row tiles per warp: the register form only
+        cm.w_launch(16, 4096, 4096, dict(rt=2, kw=2, tw=2), 132)
+    with pytest.raises(ValueError, match="static shared memory"):  # the partial tiles' buffer past 48 KB
+        cm.w_launch(16, 4096, 4096, dict(rt=8, kw=4, rp=1, tw=2), 132)
 
 
 @GPU
@@ -632,7 +640,9 @@ def test_int_mma_w_matches_reference(group, n, k, m, sdtype, dtype):
                 dict(rt=2, kw=2, spw=3, pd=3, rp=1), dict(rt=1, kw=1, spw=ns, pd=3, rp=1),
                 dict(rt=4, kw=2, spw=1, pd=3, rs=1), dict(rt=1, kw=4, spw=2, pd=4, rs=1),
                 dict(rt=2, kw=2, spw=1, pd=3, gd=1), dict(rt=1, kw=1, spw=ns, pd=4, gd=1),
-                dict(rt=2, kw=2, spw=1, pd=3, gd=2)):
+                dict(rt=2, kw=2, spw=1, pd=3, gd=2), dict(rt=2, kw=2, spw=1, pd=3, rp=1, tw=2, gd=1),
+                dict(rt=1, kw=2, spw=3, pd=3, rp=1, tw=3), dict(rt=4, kw=1, spw=ns, pd=3, rp=1, tw=4, gd=1),
+                dict(rt=2, kw=4, spw=1, pd=3, rp=1, tw=2, rs=0)):
         out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
         cm.run_int_mma_w(x, pk, layer.bias.to(dtype), cfg, out=out)
         assert torch.isfinite(out).all() and ((out.float() - ref).norm() / ref.norm()).item() < 1e-2, cfg

@@ -21,6 +21,9 @@
 #                                                    # presets (configs 8, 9) beside v15's (5, 7) and with th (10, 11)
 #   bash benchmarks/kernels/device_call.sh vqr       # session 18: the vq kernels' GPU tests (-x), then the 2-bit
 #                                                    # preset's split-K kernel at CUDA configs VQCFGS
+#   MW=... bash benchmarks/kernels/device_call.sh mmaw  # session 19: the batch 2-16 kernel's GPU tests (-k mma_w, -x),
+#                                                    # then its configs MW beside the default at batches 16 and 4
+#                                                    # (EXTRA: more bench_cuda_int.py options, e.g. --rows-cfgs)
 #   bash benchmarks/kernels/device_call.sh vqc       # session 17: the 16-codeword cluster kernel's GPU tests, then
 #                                                    # its configs (CL) beside the 2-bit preset's kernel, graph harness
 # Each step runs under its own timeout so a slow step cannot eat the call; logs and JSON go to $OUT.
@@ -105,4 +108,9 @@ vqr)
   [ -n "$NOTESTS" ] || PYTHONPATH=src:tests timeout "${T1:-200}" python3 -m pytest -q -x -p no:cacheprovider \
     ${TESTS:-tests/test_kernels_vq.py tests/test_kernels_vq_cluster.py} 2>&1 | tail -60 | tee "$OUT/tests.log"
   vq_graph --settings "${SETS:-vq2}" --cuda 8 --cuda-cfgs "${VQCFGS:-stat/t128/n4/v16/vo8/b4/gd1/ec1/cw4}" ;;
+mmaw)
+  [ -n "$NOTESTS" ] || PYTHONPATH=src:tests timeout "${T1:-200}" python3 -m pytest -q -x -p no:cacheprovider \
+    tests/test_kernels_cuda_int.py -k "${TK:-mma_w}" 2>&1 | tail -30 | tee "$OUT/tests.log"
+  timeout "${T2:-330}" python3 benchmarks/kernels/bench_cuda_int.py --out "$OUT" --bits 4 --no-single \
+    --mma "${MB-16,4}" --mma-lite --reps 20 --mmaw-cfgs "$MW" $EXTRA 2>&1 | tee "$OUT/bench.log" | grep -v "^ *M=.*skipped" | tail -150 ;;
 esac

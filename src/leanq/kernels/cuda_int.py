@@ -68,9 +68,10 @@ STREAM: dict = {}
 # by bits: the best geometric mean over the five Llama shapes in H200 sweeps of bench_cuda_int.py with gd 1
 # (programmatic dependent launch, sm_90 on: each warp's first tile loaded while the kernel before ends), which
 # measured 8-30% faster than the H100-tuned configs without it in a chain of launches (benchmarks/kernels/NOTES.md,
-# v15); with it, more bytes per first tile paid (4-bit u 4 over u 2). xf 1 (x's first staging loads before the
-# first weight tile, v14) serves where gd is off (before sm_90).
-TUNED: dict = {4: dict(threads=512, r=1, u=4, pf=1, bps=None, xf=1, gd=1),
+# v15); with it, more bytes per first tile paid (4-bit u 4 over u 2). 4-bit r 2 u 4 (two rows per warp, each x
+# value read from shared memory once for both) beat r 1 u 4 on all five shapes in session 19 (NOTES.md, v20).
+# xf 1 (x's first staging loads before the first weight tile, v14) serves where gd is off (before sm_90).
+TUNED: dict = {4: dict(threads=512, r=2, u=4, pf=1, bps=None, xf=1, gd=1),
                2: dict(threads=512, r=2, u=2, pf=1, bps=None, xf=1, gd=1),
                8: dict(threads=512, r=1, u=4, pf=1, bps=None, xf=1, gd=1),
                3: dict(threads=512, r=2, u=2, pf=1, bps=None, xf=1, gd=1)}

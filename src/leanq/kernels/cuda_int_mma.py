@@ -21,9 +21,12 @@ Measured on an H100 (2026-11-28, graph harness, 4-bit g128, the five Llama shape
 1.56-2.22x at batch 4, where the first kernel gave 0.75-1.04x and 0.96-1.17x in the same run. Ablations
 (``mma_w_probe.py``): serving the weights from L2 changes nothing, so DRAM is not the limit; the ring alone
 (no decode, no staging) takes 17.6 us of 23.2 at 14336 x 4096, against 13.2 us for the batch-1 GEMV on the
-same bytes (ncu of an earlier version: L1/TEX throughput 76%, DRAM 29%). Two launch options stay off: ``mg``
-(copies of four steps, 2 rows x 256 bytes per instruction: within a few percent either way on the H100) and ``rp``
-(the weights prefetched in registers instead of the ring; its GPU tests pass, not yet timed). A third, ``rs``, is on
+same bytes (ncu of an earlier version: L1/TEX throughput 76%, DRAM 29%). Three launch options stay off: ``mg``
+(copies of four steps, 2 rows x 256 bytes per instruction: within a few percent either way on the H100), ``rp``
+(the weights prefetched in registers instead of the ring) and, with it, ``tw`` (1-4 row tiles per warp sharing each
+x fragment read from shared memory). On an H200 (2026-11-28, benchmarks/kernels/NOTES.md, v20) the best ``rp`` forms
+were 1.31-1.43x BF16 at batch 16 (geomean of the five shapes) against the ring's 1.48-1.51x: ahead on the 4096-row
+shapes, behind on the 11008- and 14336-row ones. A third, ``rs``, is on
 by default: the split sum's schedule, each thread loading all of its outputs' slot values at once, slot by slot,
 instead of one output's slots one load at a time. The additions keep their order, so the bytes are the same as
 with ``rs`` 0 (whose SASS is the kernel before it). On an H200 (2026-11-28, same run, graph harness) it took
@@ -268,6 +271,7 @@ _SRC_W = r"""
 #define WARPS (RT * KW)
 #define SPG (GS / 128)        // super-steps per scale group
 static_assert(PD >= 2 && PD <= 5, "two slots of group words serve rings of 2 to 5 steps");
+static_assert(TW == 1 || RP, "row tiles per warp (tw) above 1 with the register form (rp) only");
 
 // the weights go through a ring of PD steps per warp in shared memory, filled by cp.async: with register
 // destinations, the compiler placed the next step's loads just before their use, whatever their order in the source
@@ -357,6 +361,54 @@ __device__ __forceinline__ void compute_wstep(float (&acc)[NT][4], const uint4 q
   }
 }
 
+#if RP
+// launch option ``tw`` (with rp): TW row tiles per warp share each x fragment read from shared memory. Per 16 x 16
+// weight tile a warp reads 16 batch rows x 16 inputs of x (512 bytes) from shared memory against 128 bytes of codes,
+// so with one tile per warp the x reads alone are four times the weight stream through L1/shared memory; TW tiles
+// divide that by TW. The x fragments of the super-step are read once, then each tile runs its 8 steps.
+__device__ __forceinline__ void compute_wstep_tw(float (&acc)[TW][NT][4], const uint4 (&qa4)[TW],
+                                                 const uint4 (&qb4)[TW], const u32 (&swa)[TW], const u32 (&swb)[TW],
+                                                 const uint2* xs) {
+  uint2 xv[8][NT];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+#if NT == 2
+    const uint4 v = *(const uint4*)(xs + j * 32 * NT);
+    xv[j][0] = make_uint2(v.x, v.y); xv[j][1] = make_uint2(v.z, v.w);
+#else
+    xv[j][0] = xs[j * 32];
+#endif
+  }
+#pragma unroll
+  for (int i = 0; i < TW; ++i) {
+    const u32 za = pack2(M0 + (float)(swa[i] & 0xFFFFu)), zb = pack2(M0 + (float)(swb[i] & 0xFFFFu));
+    const u32 qa[4] = {qa4[i].x, qa4[i].y, qa4[i].z, qa4[i].w}, qb[4] = {qb4[i].x, qb4[i].y, qb4[i].z, qb4[i].w};
+    float c[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; ++n) c[n][0] = c[n][1] = c[n][2] = c[n][3] = 0.f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int wi = j >> 1, sh = 8 * (j & 1);
+      u32 a[4];
+      a[0] = sub2(lop3_ao(qa[wi] >> sh, 0x000F000Fu, MAGIC), za);
+      a[1] = sub2(lop3_ao(qb[wi] >> sh, 0x000F000Fu, MAGIC), zb);
+      a[2] = sub2(lop3_ao(qa[wi] >> (sh + 4), 0x000F000Fu, MAGIC), za);
+      a[3] = sub2(lop3_ao(qb[wi] >> (sh + 4), 0x000F000Fu, MAGIC), zb);
+      mma16816(c[0], a, xv[j][0].x, xv[j][0].y);
+#if NT == 2
+      mma16816(c[1], a, xv[j][1].x, xv[j][1].y);
+#endif
+    }
+    const float s0 = scale_of(swa[i]), s1 = scale_of(swb[i]);
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      acc[i][n][0] = fmaf(s0, c[n][0], acc[i][n][0]); acc[i][n][1] = fmaf(s0, c[n][1], acc[i][n][1]);
+      acc[i][n][2] = fmaf(s1, c[n][2], acc[i][n][2]); acc[i][n][3] = fmaf(s1, c[n][3], acc[i][n][3]);
+    }
+  }
+}
+#endif
+
 // x: [M, K] 16-bit, 16-byte aligned rows (K % 128 == 0); out: [M, N]; w, sz: the rk layout; part, cnt: the slots and
 // the row groups' arrival counters (zero between launches), used when gridDim.y > 1; spw: super-steps per warp
 extern "C" __global__ void __launch_bounds__(WARPS * 32) int_mma_w(
@@ -365,7 +417,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) int_mma_w(
     int HAS_BIAS, int spw)
 {
 #if KW > 1
-  __shared__ float red[(KW - 1) * RT * NT * 4 * 32];
+  __shared__ float red[(KW - 1) * RT * TW * NT * 4 * 32];
 #endif
   __shared__ int last;
   extern __shared__ uint4 dsm[];  // the weight rings [WARPS][PD][2][32], group words [WARPS][2][32], then x
@@ -381,7 +433,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) int_mma_w(
 #endif
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int rt = warp % RT, kw = warp / RT;
-  const int ra = (blockIdx.x * RT + rt) * 16 + g, rb = ra + 8;
+  const int ra = (blockIdx.x * RT + rt) * TW * 16 + g, rb = ra + 8;  // the warp's first row tile (TW: with rp)
   const bool va = ra < N, vb = rb < N;
   const int NS = K >> 7;
   const int sb0 = blockIdx.y * KW * spw, sb1 = min(sb0 + KW * spw, NS);  // the block's super-steps
@@ -402,6 +454,30 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) int_mma_w(
   const int nm = (s1 - s0 + 3) >> 2;                   // this warp's slots of four steps
 #elif RP
   (void)wq;
+  // the warp's TW row tiles: rows ra + 16 i and rb + 16 i (clamped), their words and group words
+  const uint4* wpa[TW];
+  const uint4* wpb[TW];
+  const u32* spa[TW];
+  const u32* spb[TW];
+#pragma unroll
+  for (int i = 0; i < TW; ++i) {
+    const int r0 = min(rac + 16 * i, N - 1), r1 = min(rbc + 16 * i, N - 1);
+    wpa[i] = w + (size_t)r0 * KU + t;
+    wpb[i] = w + (size_t)r1 * KU + t;
+    spa[i] = sz + (size_t)r0 * NG;
+    spb[i] = sz + (size_t)r1 * NG;
+  }
+  uint4 qa[TW], qb[TW];
+  u32 za[TW], zb[TW];
+  auto load_step = [&](uint4 (&da)[TW], uint4 (&db)[TW], u32 (&ea)[TW], u32 (&eb)[TW], int S) {
+#pragma unroll
+    for (int i = 0; i < TW; ++i) {
+      da[i] = ldw(wpa[i] + 4 * S);
+      db[i] = ldw(wpb[i] + 4 * S);
+      ea[i] = __ldg(spa[i] + S / SPG);
+      eb[i] = __ldg(spb[i] + S / SPG);
+    }
+  };
 #else
   uint4* rq = wq + (size_t)warp * PD * 64 + lane;
   uint2* rs = wsz + (size_t)warp * 2 * 32 + lane;  // two slots of four steps' group words
@@ -440,8 +516,20 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) int_mma_w(
     }
   };
 #endif
+#if RP
+  // rp: the first step's weights go out first; with gd they are loaded before the wait for the previous grid (they
+  // do not depend on it), x only after it
+  if (s0 < s1) load_step(qa, qb, za, zb, s0);
 #if GD
-  // programmatic dependent launch (launch option gd; not with mg or rp): this grid may start while the kernel before
+  gdc_wait();
+#if GD == 1
+  gdc_launch();
+#endif
+#endif
+  stage_x();
+  cp_wait<0>();
+#elif GD
+  // programmatic dependent launch (launch option gd; not with mg): this grid may start while the kernel before
   // it in the stream ends. The ring's first steps (and their group words) do not depend on it and go first; x (that
   // kernel's output, in a decode) is copied, and anything written, only after gdc_wait, which every thread passes.
   // The ring's groups then precede x's, so the prologue waits for all of them.
@@ -452,9 +540,6 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) int_mma_w(
 #endif
   stage_x();
   cp_wait<0>();
-#elif RP
-  stage_x();
-  cp_wait<0>();
 #else
   stage_x();
   ring_prologue();
@@ -462,9 +547,12 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) int_mma_w(
 #endif
   __syncthreads();    // everyone's
 
-  float acc[NT][4];
+  float accs[TW][NT][4];
+  float (&acc)[NT][4] = accs[0];
 #pragma unroll
-  for (int n = 0; n < NT; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+  for (int i = 0; i < TW; ++i)
+#pragma unroll
+    for (int n = 0; n < NT; ++n) accs[i][n][0] = accs[i][n][1] = accs[i][n][2] = accs[i][n][3] = 0.f;
 #if MG
   if (s0 < s1) {
     for (int mi = 0; mi < nm; ++mi) {
@@ -491,24 +579,18 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) int_mma_w(
     cp_wait<0>();
   }
 #elif RP
-  // RP (launch option ``rp``, off by default; written in session 10 and not yet run on a GPU): the weights in
-  // registers, one step ahead, the next step's loads in a block of their own: the compiler keeps such a block's
-  // loads ahead of the arithmetic after it (as int_gemv's prefetch does), where loads in the same block as the
-  // arithmetic were issued right before their use
+  // RP (launch option ``rp``, off by default): the weights in registers, one step ahead, the next step's loads in a
+  // block of their own: the compiler keeps such a block's loads ahead of the arithmetic after it (as int_gemv's
+  // prefetch does), where loads in the same block as the arithmetic were issued right before their use
+  (void)wa; (void)wb; (void)sa; (void)sb;
   if (s0 < s1) {
-    uint4 qa = ldw(wa + 4 * s0), qb = ldw(wb + 4 * s0);
-    u32 za = __ldg(sa + s0 / SPG), zb = __ldg(sb + s0 / SPG);
     for (int S = s0; S < s1; ++S) {
-      uint4 na, nb;
-      u32 nza, nzb;
-      if (S + 1 < s1) {
-        na = ldw(wa + 4 * (S + 1));
-        nb = ldw(wb + 4 * (S + 1));
-        nza = __ldg(sa + (S + 1) / SPG);
-        nzb = __ldg(sb + (S + 1) / SPG);
-      }
-      compute_wstep(acc, qa, qb, make_uint2(za, zb), xs + (size_t)(S - sb0) * 8 * 32 * NT + lane * NT);
-      qa = na; qb = nb; za = nza; zb = nzb;
+      uint4 na[TW], nb[TW];
+      u32 nza[TW], nzb[TW];
+      if (S + 1 < s1) load_step(na, nb, nza, nzb, S + 1);
+      compute_wstep_tw(accs, qa, qb, za, zb, xs + (size_t)(S - sb0) * 8 * 32 * NT + lane * NT);
+#pragma unroll
+      for (int i = 0; i < TW; ++i) { qa[i] = na[i]; qb[i] = nb[i]; za[i] = nza[i]; zb[i] = nzb[i]; }
     }
   }
 #else
@@ -539,39 +621,53 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) int_mma_w(
 #if KW > 1
   if (kw > 0) {
 #pragma unroll
-    for (int n = 0; n < NT; ++n)
+    for (int tw = 0; tw < TW; ++tw)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) red[((((kw - 1) * RT + rt) * NT + n) * 4 + i) * 32 + lane] = acc[n][i];
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+          red[(((((kw - 1) * RT + rt) * TW + tw) * NT + n) * 4 + i) * 32 + lane] = accs[tw][n][i];
   }
   __syncthreads();
   if (kw == 0) {
 #pragma unroll
     for (int q = 1; q < KW; ++q)
 #pragma unroll
-      for (int n = 0; n < NT; ++n)
+      for (int tw = 0; tw < TW; ++tw)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) acc[n][i] += red[((((q - 1) * RT + rt) * NT + n) * 4 + i) * 32 + lane];
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+          for (int i = 0; i < 4; ++i)
+            accs[tw][n][i] += red[(((((q - 1) * RT + rt) * TW + tw) * NT + n) * 4 + i) * 32 + lane];
   }
 #endif
-  // C[row ra | rb][batch 8n + 2t, + 1]
+  (void)va; (void)vb;
+  // C[row ra | rb (+ 16 tw)][batch 8n + 2t, + 1]
   if (gridDim.y == 1) {
     if (kw == 0) {
 #pragma unroll
-      for (int n = 0; n < NT; ++n)
+      for (int tw = 0; tw < TW; ++tw)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int r = i < 2 ? ra : rb, b = 8 * n + 2 * t + (i & 1);
-          if (r < N && b < M) stx(out, (long long)b * N + r, acc[n][i] + (HAS_BIAS ? ldx(bias, r) : 0.f));
-        }
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int r = (i < 2 ? ra : rb) + 16 * tw, b = 8 * n + 2 * t + (i & 1);
+            if (r < N && b < M) stx(out, (long long)b * N + r, accs[tw][n][i] + (HAS_BIAS ? ldx(bias, r) : 0.f));
+          }
     }
     return;
   }
   if (kw == 0) {
 #pragma unroll
-    for (int n = 0; n < NT; ++n) {
-      if (va) *(float2*)(part + ((size_t)blockIdx.y * N + ra) * 16 + 8 * n + 2 * t) = make_float2(acc[n][0], acc[n][1]);
-      if (vb) *(float2*)(part + ((size_t)blockIdx.y * N + rb) * 16 + 8 * n + 2 * t) = make_float2(acc[n][2], acc[n][3]);
-    }
+    for (int tw = 0; tw < TW; ++tw)
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        const int r0 = ra + 16 * tw, r1 = rb + 16 * tw;
+        if (r0 < N)
+          *(float2*)(part + ((size_t)blockIdx.y * N + r0) * 16 + 8 * n + 2 * t) = make_float2(accs[tw][n][0], accs[tw][n][1]);
+        if (r1 < N)
+          *(float2*)(part + ((size_t)blockIdx.y * N + r1) * 16 + 8 * n + 2 * t) = make_float2(accs[tw][n][2], accs[tw][n][3]);
+      }
   }
   __threadfence();
   __syncthreads();
@@ -583,25 +679,25 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) int_mma_w(
 #if RS
   // all of this thread's outputs at once, slot by slot: PER loads in flight per slot instead of one (the same
   // additions in the same order as below)
-#define PER ((RT * 16 * NT * 8 + WARPS * 32 - 1) / (WARPS * 32))
+#define PER ((RT * TW * 16 * NT * 8 + WARPS * 32 - 1) / (WARPS * 32))
   float y[PER];
 #pragma unroll
   for (int e = 0; e < PER; ++e) y[e] = 0.f;
   for (int sl = 0; sl < (int)gridDim.y; ++sl) {
 #pragma unroll
     for (int e = 0; e < PER; ++e) {
-      const int i = threadIdx.x + e * WARPS * 32, r = blockIdx.x * RT * 16 + i / NB, b = i % NB;
-      if (i < RT * 16 * NB && r < N && b < M) y[e] += __ldcg(part + ((size_t)sl * N + r) * 16 + b);
+      const int i = threadIdx.x + e * WARPS * 32, r = blockIdx.x * RT * TW * 16 + i / NB, b = i % NB;
+      if (i < RT * TW * 16 * NB && r < N && b < M) y[e] += __ldcg(part + ((size_t)sl * N + r) * 16 + b);
     }
   }
 #pragma unroll
   for (int e = 0; e < PER; ++e) {
-    const int i = threadIdx.x + e * WARPS * 32, r = blockIdx.x * RT * 16 + i / NB, b = i % NB;
-    if (i < RT * 16 * NB && r < N && b < M) stx(out, (long long)b * N + r, y[e] + (HAS_BIAS ? ldx(bias, r) : 0.f));
+    const int i = threadIdx.x + e * WARPS * 32, r = blockIdx.x * RT * TW * 16 + i / NB, b = i % NB;
+    if (i < RT * TW * 16 * NB && r < N && b < M) stx(out, (long long)b * N + r, y[e] + (HAS_BIAS ? ldx(bias, r) : 0.f));
   }
 #else
-  for (int i = threadIdx.x; i < RT * 16 * NB; i += WARPS * 32) {
-    const int r = blockIdx.x * RT * 16 + i / NB, b = i % NB;
+  for (int i = threadIdx.x; i < RT * TW * 16 * NB; i += WARPS * 32) {
+    const int r = blockIdx.x * RT * TW * 16 + i / NB, b = i % NB;
     if (r >= N || b >= M) continue;
     float y = 0.f;
     for (int sl = 0; sl < (int)gridDim.y; ++sl) y += __ldcg(part + ((size_t)sl * N + r) * 16 + b);
@@ -691,13 +787,15 @@ TUNED_W: dict = {}  # batch bucket (8: batches 2-8, 16: 9-16) -> config, from th
 
 
 def source_w(xt: int, rt: int, kw: int, nt: int, gs: int, sbf16: bool, pd: int = 4, abl: int = 0, mg: int = 0,
-             rp: int = 0, rs: int = 0, gd: int = 0) -> str:
-    """``gd`` 1: programmatic dependent launch (the ring's first steps copied before the wait for the previous grid,
-    the next grid let in after it; the launcher must pass ``pdl``), 2 the same with the next grid let in only as this
-    one ends; with the per-step ring only (mg 0, rp 0)."""
-    assert gd in (0, 1, 2) and (not gd or not (mg or rp)), (gd, mg, rp)
+             rp: int = 0, rs: int = 0, gd: int = 0, tw: int = 1) -> str:
+    """``gd`` 1: programmatic dependent launch (the ring's first steps, or with ``rp`` the first step's registers,
+    loaded before the wait for the previous grid, the next grid let in after it; the launcher must pass ``pdl``), 2
+    the same with the next grid let in only as this one ends; not with ``mg``. ``tw``: row tiles per warp, sharing
+    each x fragment (with ``rp`` only)."""
+    assert gd in (0, 1, 2) and (not gd or not mg), (gd, mg)
+    assert tw in (1, 2, 3, 4) and (tw == 1 or rp), (tw, rp)
     defs = dict(BITS=4, XT=xt, RT=rt, KW=kw, NT=nt, GS=gs, SBF16=int(sbf16), PD=pd, ABL=abl, MG=mg, RP=rp, RS=rs,
-                GD=int(gd))
+                GD=int(gd), TW=tw)
     return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + PRELUDE + _HELPERS + _SRC_W
 
 
@@ -732,12 +830,17 @@ def w_launch(M: int, N: int, K: int, cfg: dict | None, sms: int, blocks_per_sm=N
     c = dict(W_DEFAULT, **(cfg or TUNED_W.get(8 if M <= 8 else 16, {})))
     if not 2 <= c["pd"] <= 5:
         raise ValueError(f"cuda-int-mma-w: pd {c['pd']} outside 2-5")
+    tw = int(c.get("tw", 1))
+    if tw != 1 and not c.get("rp"):
+        raise ValueError(f"cuda-int-mma-w: tw {tw} needs rp")
     tiles, ns = -(-N // 16), K // 128
     top = -(-ns // c["kw"])  # no more steps per warp than the K range holds
     nt = 1 if M <= 8 else 2
-    gx = -(-tiles // c["rt"])
+    gx = -(-tiles // (c["rt"] * tw))
     per_step = c["kw"] * 8 * 32 * nt * 8  # staged x per super-step of every warp's range
-    static = (c["kw"] - 1) * c["rt"] * nt * 4 * 32 * 4 + 16  # the kernel's own: partial tiles, the last-block flag
+    static = (c["kw"] - 1) * c["rt"] * tw * nt * 4 * 32 * 4 + 16  # the kernel's own: partial tiles, last-block flag
+    if static > 48 * 1024:
+        raise ValueError(f"cuda-int-mma-w: config {cfg} needs more static shared memory than a block has")
     room = (W_SMEM_MAX - static - w_smem(dict(c, spw=0), nt)) // per_step
     if room < 1:
         raise ValueError(f"cuda-int-mma-w: config {cfg} needs more shared memory than a block has")
@@ -799,8 +902,8 @@ if torch.cuda.is_available():  # allocate now, outside any CUDA-graph memory poo
 
 @functools.lru_cache(maxsize=None)
 def _compiled_w(xt: int, rt: int, kw: int, nt: int, gs: int, sbf16: bool, pd: int, abl: int, mg: int, rp: int,
-                device: int, rs: int = 0, gd: int = 0) -> Launcher:
-    return _launcher(source_w(xt, rt, kw, nt, gs, sbf16, pd, abl, mg, rp, rs, gd), "int_mma_w", "cuda-int-mma-w",
+                device: int, rs: int = 0, gd: int = 0, tw: int = 1) -> Launcher:
+    return _launcher(source_w(xt, rt, kw, nt, gs, sbf16, pd, abl, mg, rp, rs, gd, tw), "int_mma_w", "cuda-int-mma-w",
                      device)
 
 
@@ -815,9 +918,10 @@ def run_int_mma_w(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: di
     sms = sm_count(dev)
     cfg = cfg or w_config(M, N, K, sms)
     c0 = dict(W_DEFAULT, **cfg)
-    gd = pdl_mode(0 if c0.get("mg") or c0.get("rp") else int(c0.get("gd", 0)), sm90(dev))
+    gd = pdl_mode(0 if c0.get("mg") else int(c0.get("gd", 0)), sm90(dev))
     kern = _compiled_w(XT[x2.dtype], c0["rt"], c0["kw"], nt, pk["group"], bool(pk["sbf16"]), c0["pd"],
-                       int(c0.get("abl", 0)), int(c0.get("mg", 0)), int(c0.get("rp", 0)), dev, int(c0.get("rs", 0)), gd)
+                       int(c0.get("abl", 0)), int(c0.get("mg", 0)), int(c0.get("rp", 0)), dev, int(c0.get("rs", 0)), gd,
+                       int(c0.get("tw", 1)))
     threads = 32 * c0["rt"] * c0["kw"]
     c, (gx, gy) = w_launch(M, N, K, cfg, sms, lambda smem: kern.blocks_per_sm(threads, smem))
     scratch = _w_scratch(x2.device, gy * N * 16, gx) if gy > 1 else None
