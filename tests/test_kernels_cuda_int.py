@@ -564,6 +564,45 @@ def test_int_mma_w_fragment_mapping_reproduces_the_product(group, n, k, m, dtype
     assert ((_emulate_int_mma_w(x, bad, *cfg) - ref).norm() / ref.norm()).item() > 1e-2
 
 
+@pytest.mark.parametrize("nt,m,xv", [(2, 16, 1), (2, 11, 3), (1, 8, 1), (1, 3, 3)])
+def test_int_mma_w_xv_staging_meets_the_fragments(nt, m, xv):
+    """Launch option xv: the staging's 16-byte copies (thread u: tt = u % 4, batch row b, step pair jp, step sl; from
+    x's row min(b, M - 1), 16-byte chunk 16 sl + 4 tt + jp; to uint4 ((4 sl + jp) NT + b // 8) * 32 + (b % 8) * 4 +
+    tt) must put at the entry lane g * 4 + t reads for step pair jp and batch half n (((4 S + jp) NT + n) * 32 + lane)
+    the inputs 128 S + 32 t + 8 jp .. + 7 of batch row g + 8 n (clamped), which hold its B registers of steps 2 jp and
+    2 jp + 1; every entry written once."""
+    steps = 3
+    smem = {}
+    for u in range(steps * 128 * nt):
+        if xv == 3:  # quarter-warps by step pair, row pairs by warp
+            tt, jp, b, sl = u & 3, (u >> 3) & 3, ((u >> 2) & 1) + 2 * ((u >> 5) % (4 * nt)), (u >> 5) // (4 * nt)
+        else:
+            tt, b, rest = u & 3, (u >> 2) % (8 * nt), (u >> 2) // (8 * nt)
+            jp, sl = rest & 3, rest >> 2
+        idx = ((sl * 4 + jp) * nt + (b >> 3)) * 32 + (b & 7) * 4 + tt
+        assert idx not in smem
+        chunk = sl * 16 + 4 * tt + jp  # 16-byte chunks of the block's inputs: 8 inputs each
+        smem[idx] = (min(b, m - 1), 8 * chunk)
+    assert len(smem) == steps * 128 * nt
+    if xv == 3:  # every warp's 32 copies: 2 rows x 16 whole chunks from x, 4 runs of 8 neighbouring entries
+        for w0 in range(0, steps * 128 * nt, 32):
+            src, dst = set(), []
+            for u in range(w0, w0 + 32):
+                tt, jp, b = u & 3, (u >> 3) & 3, ((u >> 2) & 1) + 2 * ((u >> 5) % (4 * nt))
+                sl = (u >> 5) // (4 * nt)
+                src.add((b, 16 * sl + 4 * tt + jp))
+                dst.append(((sl * 4 + jp) * nt + (b >> 3)) * 32 + (b & 7) * 4 + tt)
+            assert len({r for r, _ in src}) == 2 and len(src) == 32
+            assert all(dst[q + 7] - dst[q] == 7 and sorted(dst[q:q + 8]) == dst[q:q + 8] for q in range(0, 32, 8))
+    for S in range(steps):
+        for lane in range(32):
+            g, t = lane >> 2, lane & 3
+            for jp in range(4):
+                for n in range(nt):
+                    want = (min(g + 8 * n, m - 1), 128 * S + 32 * t + 8 * jp)
+                    assert smem[((S * 4 + jp) * nt + n) * 32 + lane] == want
+
+
 def test_int_mma_w_mg_slot_layout_round_trips():
     """Launch option mg's slot of four steps: the copy side (instruction i, lane l: row 2i + l // 16, chunk l % 16,
     at position 16 r + (c ^ 4 (r % 2))) and the read side (lane g * 4 + t, step j: rows g and g + 8, position
@@ -642,7 +681,10 @@ def test_int_mma_w_matches_reference(group, n, k, m, sdtype, dtype):
                 dict(rt=2, kw=2, spw=1, pd=3, gd=1), dict(rt=1, kw=1, spw=ns, pd=4, gd=1),
                 dict(rt=2, kw=2, spw=1, pd=3, gd=2), dict(rt=2, kw=2, spw=1, pd=3, rp=1, tw=2, gd=1),
                 dict(rt=1, kw=2, spw=3, pd=3, rp=1, tw=3), dict(rt=4, kw=1, spw=ns, pd=3, rp=1, tw=4, gd=1),
-                dict(rt=2, kw=4, spw=1, pd=3, rp=1, tw=2, rs=0)):
+                dict(rt=2, kw=4, spw=1, pd=3, rp=1, tw=2, rs=0), dict(rt=2, kw=2, spw=3, pd=3, rs=1, gd=1, xv=1),
+                dict(rt=4, kw=2, spw=1, pd=3, rs=1, xv=1), dict(rt=2, kw=1, spw=6, pd=2, mg=1, xv=1),
+                dict(rt=2, kw=2, spw=1, pd=3, rp=1, tw=2, gd=1, xv=1), dict(rt=2, kw=2, spw=3, pd=3, gd=1, xv=2),
+                dict(rt=1, kw=4, spw=2, pd=4, xv=3)):
         out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
         cm.run_int_mma_w(x, pk, layer.bias.to(dtype), cfg, out=out)
         assert torch.isfinite(out).all() and ((out.float() - ref).norm() / ref.norm()).item() < 1e-2, cfg
@@ -652,6 +694,8 @@ def test_int_mma_w_matches_reference(group, n, k, m, sdtype, dtype):
             assert torch.equal(again, cm.run_int_mma_w(x, pk, layer.bias.to(dtype), dict(cfg, rs=0))), cfg
         if cfg and cfg.get("gd"):  # programmatic dependent launch changes the order of the copies only
             assert torch.equal(again, cm.run_int_mma_w(x, pk, layer.bias.to(dtype), dict(cfg, gd=0))), cfg
+        if cfg and cfg.get("xv"):  # the same values staged in another layout: the same products and sums
+            assert torch.equal(again, cm.run_int_mma_w(x, pk, layer.bias.to(dtype), dict(cfg, xv=0))), cfg
     for _, cnt in cm._WSCRATCH.values():
         assert int(cnt.abs().sum()) == 0  # every launch left its counters at zero
 

@@ -68,10 +68,10 @@ def main() -> int:
     ap.add_argument("--mma-cfgs", default="", help="also these cuda-int-mma launch configs, threads/wr/nt: e.g. "
                     "256/1/2,512/2/4")
     ap.add_argument("--mmaw-cfgs", default="", help="with --mma: also these configs of the w kernel (weights as the A "
-                    "operand), rt/kw/spw/pd[/mg[/rp[/rs[/gd[/tw]]]]] or rs0, gd0, gd1 (the chosen config with rs 0, gd 0 "
-                    "or 1) (spw 0: chosen by the launcher; mg 1: copies of four steps at a time; rp 1: weights "
+                    "operand), rt/kw/spw/pd[/mg[/rp[/rs[/gd[/tw[/xv]]]]]] or rs0, gd0, gd1, xv0, xv1 (the chosen config "
+                    "with rs 0, gd 0 or 1, xv 0 or 1) (spw 0: chosen by the launcher; mg 1: copies of four steps at a time; rp 1: weights "
                     "prefetched in registers; rs: the split sum's loads in flight together, 1 unless given; gd: "
-                    "programmatic dependent launch, as W_DEFAULT unless given; tw: row tiles per warp, with rp), e.g. "
+                    "programmatic dependent launch, as W_DEFAULT unless given; tw: row tiles per warp, with rp; xv: x staged by 16-byte copies), e.g. "
                     "4/4/0/4,2/8/2/4,7/1/32/2/1,7/2/16/3/0/1,8/2/16/3/0/0/0")
     ap.add_argument("--mma-lite", action="store_true", help="with --mma: skip dequantize + cuBLAS and the Triton kn-dot")
     ap.add_argument("--wgmma-cfgs", default="", help="with --mma batches above 16: also these configs of the wgmma "
@@ -246,20 +246,21 @@ def main() -> int:
 
                     wcfgs = [None]
                     for spec in (c.split("/") for c in args.mmaw_cfgs.split(",") if c):
-                        if spec in (["rs0"], ["gd0"], ["gd1"]):  # the chosen config with rs 0, or gd 0 / 1
+                        if spec in (["rs0"], ["gd0"], ["gd1"], ["xv0"], ["xv1"], ["xv2"], ["xv3"]):  # the chosen config with rs 0, gd or xv 0 / 1
                             wcfgs.append(dict(dict(mg=0, rp=0, rs=cm.W_DEFAULT["rs"], gd=cm.W_DEFAULT.get("gd", 0)),
                                               **cm.w_config(M, n, k, sm_count(0)), **{spec[0][:2]: int(spec[0][2])}))
                             continue
-                        rest = [0, 0, cm.W_DEFAULT["rs"], cm.W_DEFAULT.get("gd", 0), 1]
+                        rest = [0, 0, cm.W_DEFAULT["rs"], cm.W_DEFAULT.get("gd", 0), 1, cm.W_DEFAULT.get("xv", 0)]
                         v = [int(f) for f in spec] + rest[len(spec) - 4:]
                         wcfgs.append(dict(rt=v[0], kw=v[1], spw=v[2] or None, pd=v[3], mg=v[4], rp=v[5], rs=v[6],
-                                          gd=v[7], tw=v[8]))
+                                          gd=v[7], tw=v[8], xv=v[9]))
                     for cfg in wcfgs:
                         name = "cuda-int-mma-w" + ("" if cfg is None else
                                                    f" rt{cfg['rt']} kw{cfg['kw']} spw{cfg['spw'] or 0} pd{cfg['pd']}"
                                                    + (" mg" if cfg["mg"] else "") + (" rp" if cfg["rp"] else "")
                                                    + ("" if cfg["rs"] else " rs0") + (" gd" if cfg["gd"] else "")
-                                                   + (f" tw{cfg['tw']}" if cfg.get("tw", 1) != 1 else ""))
+                                                   + (f" tw{cfg['tw']}" if cfg.get("tw", 1) != 1 else "")
+                                                   + (f" xv{cfg['xv']}" if "xv" in cfg else ""))
                         cands[name] = (lambda c, cfg=cfg: mmaw_fn(c, cfg), nb)
                 if not args.mma_lite:
                     cands["rk-dequant+cublas"] = (deq_fn, nb)

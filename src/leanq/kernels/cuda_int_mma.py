@@ -26,10 +26,16 @@ same bytes (ncu of an earlier version: L1/TEX throughput 76%, DRAM 29%). Three l
 (the weights prefetched in registers instead of the ring) and, with it, ``tw`` (1-4 row tiles per warp sharing each
 x fragment read from shared memory). On an H200 (2026-11-28, benchmarks/kernels/NOTES.md, v20) the best ``rp`` forms
 were 1.31-1.43x BF16 at batch 16 (geomean of the five shapes) against the ring's 1.48-1.51x: ahead on the 4096-row
-shapes, behind on the 11008- and 14336-row ones. A third, ``rs``, is on
-by default: the split sum's schedule, each thread loading all of its outputs' slot values at once, slot by slot,
-instead of one output's slots one load at a time. The additions keep their order, so the bytes are the same as
-with ``rs`` 0 (whose SASS is the kernel before it). On an H200 (2026-11-28, same run, graph harness) it took
+shapes, behind on the 11008- and 14336-row ones. ``xv`` 3 is on by default: the block's x is staged by 16-byte
+copies through L1 (``cp.async.ca``), each warp's 32 copies two batch rows x 256 contiguous bytes and each
+quarter-warp's 8 neighbouring shared-memory entries, in a layout of step pairs (a lane's 16 bytes: the 8 inputs of
+one batch row for two tensor-core steps). Before it, 8-byte copies per step took 5.2 of 19.2 us at 14336 x 4096,
+batch 16 (ablation, H200). With it, batch 16 went from 1.33-1.59x to 1.37-1.84x BF16 (two runs) and batch 4 from
+1.49-1.98x to 1.55-2.13x (one run) on the five Llama shapes (H200). The same layout copied through L2 only (``xv`` 1)
+was 26-60% slower than the 8-byte form, and through L1 in the old copy order (``xv`` 2) 1-5% behind ``xv`` 3. A
+fourth, ``rs``, is on by default: the split sum's schedule, each thread loading all of its outputs' slot values at
+once, slot by slot, instead of one output's slots one load at a time. The additions keep their order, so the bytes
+are the same as with ``rs`` 0 (whose SASS is the kernel before it). On an H200 (2026-11-28, same run, graph harness) it took
 batch 16 from 1.09-1.47x to 1.28-1.57x BF16 over the five Llama shapes, and batch 4 from 1.43-1.90x to 1.51-1.91x.
 
 **The first kernel** (``int_mma``: 2-, 4- and 8-bit, groups multiples of 16; serves what the w kernel does not).
@@ -278,6 +284,9 @@ static_assert(TW == 1 || RP, "row tiles per warp (tw) above 1 with the register 
 __device__ __forceinline__ void cp16(void* dst, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"((u32)__cvta_generic_to_shared(dst)), "l"(src));
 }
+__device__ __forceinline__ void cp16a(void* dst, const void* src) {  // through L1
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 16;" :: "r"((u32)__cvta_generic_to_shared(dst)), "l"(src));
+}
 __device__ __forceinline__ void cp4(void* dst, const void* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" :: "r"((u32)__cvta_generic_to_shared(dst)), "l"(src));
 }
@@ -321,11 +330,26 @@ __device__ __forceinline__ void issue_macro(uint4* slot, uint2* szs, const uint4
 }
 #endif
 
-// the 8 tensor-core steps of one super-step: weights from st, x from the block's staged copy (xs: this step's
-// [8][32 lanes] entries of NT uint2, one 8- or 16-byte read per lane and step, conflict-free)
-__device__ __forceinline__ void compute_wstep(float (&acc)[NT][4], const uint4 qa4, const uint4 qb4, const uint2 sw,
-                                              const uint2* xs) {
-  uint2 xv[8][NT];
+// the B registers of one super-step from the block's staged x. XV 0: xs is this lane's entry in the step's [8 steps][32
+// lanes][NT] uint2, one 8- or 16-byte read per lane and step. XV 1-3 (launch option ``xv``; they differ only in how
+// stage_x copies): the step's [4 step pairs][NT][32 lanes] uint4, each the 8 inputs of one batch row that steps 2jp
+// and 2jp + 1 take (x[g + 8n][128S + 32t + 8jp .. + 7]): one 16-byte read per lane, step pair and batch half, staged
+// by 16-byte copies straight from x's rows. Both conflict-free. XLANE: the lane's offset (in uint2) from the step's base.
+#if XV
+#define XLANE(lane) (2 * (lane))
+#else
+#define XLANE(lane) ((lane) * NT)
+#endif
+__device__ __forceinline__ void load_xfrag(uint2 (&xv)[8][NT], const uint2* xs) {
+#if XV
+#pragma unroll
+  for (int jp = 0; jp < 4; ++jp)
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      const uint4 v = ((const uint4*)xs)[(jp * NT + n) * 32];
+      xv[2 * jp][n] = make_uint2(v.x, v.y); xv[2 * jp + 1][n] = make_uint2(v.z, v.w);
+    }
+#else
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
 #if NT == 2
@@ -335,6 +359,14 @@ __device__ __forceinline__ void compute_wstep(float (&acc)[NT][4], const uint4 q
     xv[j][0] = xs[j * 32];
 #endif
   }
+#endif
+}
+
+// the 8 tensor-core steps of one super-step: weights from st, x from the block's staged copy (load_xfrag)
+__device__ __forceinline__ void compute_wstep(float (&acc)[NT][4], const uint4 qa4, const uint4 qb4, const uint2 sw,
+                                              const uint2* xs) {
+  uint2 xv[8][NT];
+  load_xfrag(xv, xs);
   const u32 za = pack2(M0 + (float)(sw.x & 0xFFFFu)), zb = pack2(M0 + (float)(sw.y & 0xFFFFu));
   const u32 qa[4] = {qa4.x, qa4.y, qa4.z, qa4.w}, qb[4] = {qb4.x, qb4.y, qb4.z, qb4.w};
   float c[NT][4];
@@ -370,15 +402,7 @@ __device__ __forceinline__ void compute_wstep_tw(float (&acc)[TW][NT][4], const 
                                                  const uint4 (&qb4)[TW], const u32 (&swa)[TW], const u32 (&swb)[TW],
                                                  const uint2* xs) {
   uint2 xv[8][NT];
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-#if NT == 2
-    const uint4 v = *(const uint4*)(xs + j * 32 * NT);
-    xv[j][0] = make_uint2(v.x, v.y); xv[j][1] = make_uint2(v.z, v.w);
-#else
-    xv[j][0] = xs[j * 32];
-#endif
-  }
+  load_xfrag(xv, xs);
 #pragma unroll
   for (int i = 0; i < TW; ++i) {
     const u32 za = pack2(M0 + (float)(swa[i] & 0xFFFFu)), zb = pack2(M0 + (float)(swb[i] & 0xFFFFu));
@@ -487,11 +511,26 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) int_mma_w(
   // Thread u takes t = u % 4 and batch row (u / 4) % (8 NT) fastest, so a warp's copies fill neighbouring entries.
   auto stage_x = [&]() {
     for (int u = threadIdx.x; u < (ABL & 4 ? 0 : (sb1 - sb0) * 128 * NT); u += WARPS * 32) {  // ABL 4: no staging
+#if XV == 3  // a warp's copies: 2 rows x 16 chunks (512 contiguous bytes per row pair); each quarter-warp one step
+            // pair, 8 neighbouring entries (128 contiguous bytes of shared memory)
+      const int tt = u & 3, jp = (u >> 3) & 3, b = ((u >> 2) & 1) + 2 * ((u >> 5) % (4 * NT)), sl = (u >> 5) / (4 * NT);
+#else
       const int tt = u & 3, b = (u >> 2) % (8 * NT), rest = (u >> 2) / (8 * NT), jp = rest & 3, sl = rest >> 2;
+#endif
+#if XV  // a lane's 16-byte entry is 16 contiguous bytes of one row of x; XV 1 through L2 only, 2 and 3 through L1
+      const uint4* src = x + (size_t)min(b, M - 1) * (K >> 3) + (sb0 + sl) * 16 + 4 * tt + jp;
+      uint4* dx = (uint4*)xs + ((size_t)(sl * 4 + jp) * NT + (b >> 3)) * 32 + (b & 7) * 4 + tt;
+#if XV == 1
+      cp16(dx, src);
+#else
+      cp16a(dx, src);
+#endif
+#else
       const uint2* src = (const uint2*)(x + (size_t)min(b, M - 1) * (K >> 3) + (sb0 + sl) * 16 + 4 * tt + jp);
       uint2* d = xs + ((size_t)(sl * 8 + 2 * jp) * 32 + (b & 7) * 4 + tt) * NT + (b >> 3);
       cp8(d, src);
       cp8(d + 32 * NT, src + 1);
+#endif
     }
     cp_commit();
   };
@@ -573,7 +612,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) int_mma_w(
         const int src = (lane & ~3) | j, sc = (4 * j + t) ^ ((g & 1) << 2);
         const uint2 sw = make_uint2(__shfl_sync(0xffffffffu, own.x, src), __shfl_sync(0xffffffffu, own.y, src));
         compute_wstep(acc, sq[g * 16 + sc], sq[(g + 8) * 16 + sc], sw,
-                      xs + (size_t)(S - sb0) * 8 * 32 * NT + lane * NT);
+                      xs + (size_t)(S - sb0) * 8 * 32 * NT + XLANE(lane));
       }
     }
     cp_wait<0>();
@@ -588,7 +627,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) int_mma_w(
       uint4 na[TW], nb[TW];
       u32 nza[TW], nzb[TW];
       if (S + 1 < s1) load_step(na, nb, nza, nzb, S + 1);
-      compute_wstep_tw(accs, qa, qb, za, zb, xs + (size_t)(S - sb0) * 8 * 32 * NT + lane * NT);
+      compute_wstep_tw(accs, qa, qb, za, zb, xs + (size_t)(S - sb0) * 8 * 32 * NT + XLANE(lane));
 #pragma unroll
       for (int i = 0; i < TW; ++i) { qa[i] = na[i]; qb[i] = nb[i]; za[i] = nza[i]; zb[i] = nzb[i]; }
     }
@@ -610,7 +649,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) int_mma_w(
         acc[0][0] += __uint_as_float((a.x ^ a.y ^ a.z ^ a.w ^ b.x ^ b.y ^ b.z ^ b.w ^ sw.x) & 0x3F7FFFFFu); }
 #else
       compute_wstep(acc, rq[slot * 64], rq[slot * 64 + 32], sw,
-                    xs + (size_t)(S - sb0) * 8 * 32 * NT + lane * NT);
+                    xs + (size_t)(S - sb0) * 8 * 32 * NT + XLANE(lane));
 #endif
       slot = slot == PD - 1 ? 0 : slot + 1;
     }
@@ -664,9 +703,11 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) int_mma_w(
       for (int n = 0; n < NT; ++n) {
         const int r0 = ra + 16 * tw, r1 = rb + 16 * tw;
         if (r0 < N)
-          *(float2*)(part + ((size_t)blockIdx.y * N + r0) * 16 + 8 * n + 2 * t) = make_float2(accs[tw][n][0], accs[tw][n][1]);
+          *(float2*)(part + ((size_t)blockIdx.y * N + r0) * 16 + 8 * n + 2 * t) =
+              make_float2(accs[tw][n][0], accs[tw][n][1]);
         if (r1 < N)
-          *(float2*)(part + ((size_t)blockIdx.y * N + r1) * 16 + 8 * n + 2 * t) = make_float2(accs[tw][n][2], accs[tw][n][3]);
+          *(float2*)(part + ((size_t)blockIdx.y * N + r1) * 16 + 8 * n + 2 * t) =
+              make_float2(accs[tw][n][2], accs[tw][n][3]);
       }
   }
   __threadfence();
@@ -775,7 +816,9 @@ def run_int_mma(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dict
 # warp (None: the one whose grid fills its last wave best, see w_launch), PD ring slots per warp (PD - 1 steps ahead)
 W_STEP_BYTES = 32  # shared memory per lane and ring slot: two 16-byte chunks (and two slots of group words per warp)
 W_SMEM_MAX = 227 * 1024  # shared memory a block may have (H100; the launch asks for it above 48 KB)
-W_DEFAULT = dict(rt=4, kw=4, spw=None, pd=4, rs=1, gd=1)
+# xv 3: x staged by 16-byte copies through L1, a warp's copies two whole 256-byte row pieces (session 19: batch 16
+# 1.50x -> 1.68x BF16, geomean of the five Llama shapes on an H200; benchmarks/kernels/NOTES.md, v20)
+W_DEFAULT = dict(rt=4, kw=4, spw=None, pd=4, rs=1, gd=1, xv=3)
 # the choice when none is given (w_config): two input ranges per block, a ring of 3, and the rows per block (rt) and
 # steps per warp (spw) whose grid needs the fewest waves and fills the last one best, larger spw first among equals.
 # On an H100 (2026-11-28 sweeps) long warps (spw 16) won on the large shapes, and SMs left idle by the grid
@@ -787,15 +830,16 @@ TUNED_W: dict = {}  # batch bucket (8: batches 2-8, 16: 9-16) -> config, from th
 
 
 def source_w(xt: int, rt: int, kw: int, nt: int, gs: int, sbf16: bool, pd: int = 4, abl: int = 0, mg: int = 0,
-             rp: int = 0, rs: int = 0, gd: int = 0, tw: int = 1) -> str:
+             rp: int = 0, rs: int = 0, gd: int = 0, tw: int = 1, xv: int = 0) -> str:
     """``gd`` 1: programmatic dependent launch (the ring's first steps, or with ``rp`` the first step's registers,
     loaded before the wait for the previous grid, the next grid let in after it; the launcher must pass ``pdl``), 2
     the same with the next grid let in only as this one ends; not with ``mg``. ``tw``: row tiles per warp, sharing
-    each x fragment (with ``rp`` only)."""
+    each x fragment (with ``rp`` only). ``xv`` 1: x staged by 16-byte copies in step pairs (see load_xfrag), 0 by
+    8-byte copies per step (2 and 3: the same through L1, 3 with the copies ordered by x's rows)."""
     assert gd in (0, 1, 2) and (not gd or not mg), (gd, mg)
     assert tw in (1, 2, 3, 4) and (tw == 1 or rp), (tw, rp)
     defs = dict(BITS=4, XT=xt, RT=rt, KW=kw, NT=nt, GS=gs, SBF16=int(sbf16), PD=pd, ABL=abl, MG=mg, RP=rp, RS=rs,
-                GD=int(gd), TW=tw)
+                GD=int(gd), TW=tw, XV=int(xv))
     return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + PRELUDE + _HELPERS + _SRC_W
 
 
@@ -902,9 +946,9 @@ if torch.cuda.is_available():  # allocate now, outside any CUDA-graph memory poo
 
 @functools.lru_cache(maxsize=None)
 def _compiled_w(xt: int, rt: int, kw: int, nt: int, gs: int, sbf16: bool, pd: int, abl: int, mg: int, rp: int,
-                device: int, rs: int = 0, gd: int = 0, tw: int = 1) -> Launcher:
-    return _launcher(source_w(xt, rt, kw, nt, gs, sbf16, pd, abl, mg, rp, rs, gd, tw), "int_mma_w", "cuda-int-mma-w",
-                     device)
+                device: int, rs: int = 0, gd: int = 0, tw: int = 1, xv: int = 0) -> Launcher:
+    return _launcher(source_w(xt, rt, kw, nt, gs, sbf16, pd, abl, mg, rp, rs, gd, tw, xv), "int_mma_w",
+                     "cuda-int-mma-w", device)
 
 
 def run_int_mma_w(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dict | None = None,
@@ -921,7 +965,7 @@ def run_int_mma_w(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: di
     gd = pdl_mode(0 if c0.get("mg") else int(c0.get("gd", 0)), sm90(dev))
     kern = _compiled_w(XT[x2.dtype], c0["rt"], c0["kw"], nt, pk["group"], bool(pk["sbf16"]), c0["pd"],
                        int(c0.get("abl", 0)), int(c0.get("mg", 0)), int(c0.get("rp", 0)), dev, int(c0.get("rs", 0)), gd,
-                       int(c0.get("tw", 1)))
+                       int(c0.get("tw", 1)), int(c0.get("xv", 0)))
     threads = 32 * c0["rt"] * c0["kw"]
     c, (gx, gy) = w_launch(M, N, K, cfg, sms, lambda smem: kern.blocks_per_sm(threads, smem))
     scratch = _w_scratch(x2.device, gy * N * 16, gx) if gy > 1 else None
