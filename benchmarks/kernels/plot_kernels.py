@@ -50,11 +50,28 @@ def _vq(rows: list[dict], setting: str, impls: list[str] | None = None) -> dict[
     return out
 
 
+def _b16(final: list[dict], spec: str) -> dict[str, float]:
+    """shape -> batch-16 x BF16 of the w kernel: from ``spec`` ("FILE: SUFFIX", rows whose name ends with SUFFIX),
+    else the default rows of ``final``."""
+    if not spec:
+        return _pick(final, impl="batch-cuda-int-mma-w", M=16)
+    path, _, suffix = spec.partition(": ")
+    out = {}
+    for r in _rows(path):
+        if (r.get("M") == 16 and str(r.get("impl", "")).startswith("batch-cuda-int-mma-w")
+                and r["impl"].endswith(suffix.strip()) and not math.isnan(r.get("x_bf16_graph", float("nan")))):
+            out[r["shape"]] = r["x_bf16_graph"]
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--final", default=",".join(os.path.join(R, f"h200-2026-11-28-s19-{v}.jsonl") for v in ("rows", "r2u4")),
                     help="batch 1 (cuda-int, int4pack) and batch 16 (mma-w) rows, comma-separated files (a later file's "
                     "row wins per shape)")
+    ap.add_argument("--b16", default=os.path.join(R, "h200-2026-11-28-s19-xv3.jsonl") + ": xv3",
+                    help="FILE[: SUFFIX]: the batch-16 rows of the w kernel whose name ends with SUFFIX (default: the "
+                    "'--final' files' default rows)")
     ap.add_argument("--b64", default=os.path.join(R, "ws-h200-2026-11-28-reduce.jsonl"), help="batch-64 rows")
     ap.add_argument("--gemm", default=os.path.join(R, "gemm-h200-2026-11-28-final.jsonl"), help="batch 128/256 rows")
     ap.add_argument("--widths", default=os.path.join(R, "h200-2026-11-28-s19-rows.jsonl"), help="batch-1 2/3/8-bit rows")
@@ -79,7 +96,7 @@ def main() -> int:
     b64, gemm = _rows(args.b64), _rows(args.gemm)
     by_batch = {
         1: _pick(final, impl="cuda-int", bits=4),
-        16: _pick(final, impl="batch-cuda-int-mma-w", M=16),
+        16: _b16(final, args.b16),
         64: _pick(b64, impl="batch-cuda-int-wgmma", M=64),
         128: _pick(gemm, impl="batch-cuda-int-wgmma", M=128),
         256: _pick(gemm, impl="batch-cuda-int-wgmma", M=256),
