@@ -380,12 +380,11 @@ __device__ __forceinline__ void load_xfrag(uint2 (&xv)[8][NT], const uint2* xs) 
 #endif
 }
 
-// the 8 tensor-core steps of one super-step: weights from st, x from the block's staged copy (load_xfrag)
-__device__ __forceinline__ void compute_wstep(float (&acc)[NT][4], const uint4 qa4, const uint4 qb4, const uint2 sw,
-                                              const uint2* xs) {
-  uint2 xv[8][NT];
-  load_xfrag(xv, xs);
-  const u32 za = pack2(M0 + (float)(sw.x & 0xFFFFu)), zb = pack2(M0 + (float)(sw.y & 0xFFFFu));
+// the 8 tensor-core steps of one super-step for one row tile: its words qa4 (row g) and qb4 (row g + 8), their group
+// words, and the super-step's B registers xv (load_xfrag); the products scaled per row into acc
+__device__ __forceinline__ void tile_wstep(float (&acc)[NT][4], const uint4 qa4, const uint4 qb4, const u32 swa,
+                                           const u32 swb, const uint2 (&xv)[8][NT]) {
+  const u32 za = pack2(M0 + (float)(swa & 0xFFFFu)), zb = pack2(M0 + (float)(swb & 0xFFFFu));
   const u32 qa[4] = {qa4.x, qa4.y, qa4.z, qa4.w}, qb[4] = {qb4.x, qb4.y, qb4.z, qb4.w};
   float c[NT][4];
 #pragma unroll
@@ -403,12 +402,20 @@ __device__ __forceinline__ void compute_wstep(float (&acc)[NT][4], const uint4 q
     mma16816(c[1], a, xv[j][1].x, xv[j][1].y);
 #endif
   }
-  const float s0 = scale_of(sw.x), s1 = scale_of(sw.y);
+  const float s0 = scale_of(swa), s1 = scale_of(swb);
 #pragma unroll
   for (int n = 0; n < NT; ++n) {
     acc[n][0] = fmaf(s0, c[n][0], acc[n][0]); acc[n][1] = fmaf(s0, c[n][1], acc[n][1]);
     acc[n][2] = fmaf(s1, c[n][2], acc[n][2]); acc[n][3] = fmaf(s1, c[n][3], acc[n][3]);
   }
+}
+
+// one super-step of the warp's row tile: x from the block's staged copy, weights from the ring (or registers)
+__device__ __forceinline__ void compute_wstep(float (&acc)[NT][4], const uint4 qa4, const uint4 qb4, const uint2 sw,
+                                              const uint2* xs) {
+  uint2 xv[8][NT];
+  load_xfrag(xv, xs);
+  tile_wstep(acc, qa4, qb4, sw.x, sw.y, xv);
 }
 
 #if RP
@@ -422,32 +429,7 @@ __device__ __forceinline__ void compute_wstep_tw(float (&acc)[TW][NT][4], const 
   uint2 xv[8][NT];
   load_xfrag(xv, xs);
 #pragma unroll
-  for (int i = 0; i < TW; ++i) {
-    const u32 za = pack2(M0 + (float)(swa[i] & 0xFFFFu)), zb = pack2(M0 + (float)(swb[i] & 0xFFFFu));
-    const u32 qa[4] = {qa4[i].x, qa4[i].y, qa4[i].z, qa4[i].w}, qb[4] = {qb4[i].x, qb4[i].y, qb4[i].z, qb4[i].w};
-    float c[NT][4];
-#pragma unroll
-    for (int n = 0; n < NT; ++n) c[n][0] = c[n][1] = c[n][2] = c[n][3] = 0.f;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const int wi = j >> 1, sh = 8 * (j & 1);
-      u32 a[4];
-      a[0] = sub2(lop3_ao(qa[wi] >> sh, 0x000F000Fu, MAGIC), za);
-      a[1] = sub2(lop3_ao(qb[wi] >> sh, 0x000F000Fu, MAGIC), zb);
-      a[2] = sub2(lop3_ao(qa[wi] >> (sh + 4), 0x000F000Fu, MAGIC), za);
-      a[3] = sub2(lop3_ao(qb[wi] >> (sh + 4), 0x000F000Fu, MAGIC), zb);
-      mma16816(c[0], a, xv[j][0].x, xv[j][0].y);
-#if NT == 2
-      mma16816(c[1], a, xv[j][1].x, xv[j][1].y);
-#endif
-    }
-    const float s0 = scale_of(swa[i]), s1 = scale_of(swb[i]);
-#pragma unroll
-    for (int n = 0; n < NT; ++n) {
-      acc[i][n][0] = fmaf(s0, c[n][0], acc[i][n][0]); acc[i][n][1] = fmaf(s0, c[n][1], acc[i][n][1]);
-      acc[i][n][2] = fmaf(s1, c[n][2], acc[i][n][2]); acc[i][n][3] = fmaf(s1, c[n][3], acc[i][n][3]);
-    }
-  }
+  for (int i = 0; i < TW; ++i) tile_wstep(acc[i], qa4[i], qb4[i], swa[i], swb[i], xv);
 }
 #endif
 
