@@ -277,6 +277,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) int_mma(
 # slots in slot order and writes the output (deterministic: no float atomics), then resets the counter.
 _SRC_W = r"""
 #define WARPS (RT * KW)
+#define BROWS (RT * TW * 16)  // a block's rows
 #define SPG (GS / 128)        // super-steps per scale group
 static_assert(PD >= 2 && PD <= 5, "two slots of group words serve rings of 2 to 5 steps");
 static_assert(TW == 1 || RP, "row tiles per warp (tw) above 1 with the register form (rp) only");
@@ -461,7 +462,6 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) int_mma_w(
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int rt = warp % RT, kw = warp / RT;
   const int ra = (blockIdx.x * RT + rt) * TW * 16 + g, rb = ra + 8;  // the warp's first row tile (TW: with rp)
-  const bool va = ra < N, vb = rb < N;
   const int NS = K >> 7;
   const int sb0 = blockIdx.y * KW * spw, sb1 = min(sb0 + KW * spw, NS);  // the block's super-steps
   const int s0 = sb0 + kw * spw, s1 = min(s0 + spw, NS);                  // this warp's
@@ -722,7 +722,6 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) int_mma_w(
             accs[tw][n][i] += red[(((((q - 1) * RT + rt) * TW + tw) * NT + n) * 4 + i) * 32 + lane];
   }
 #endif
-  (void)va; (void)vb;
   // C[row ra | rb (+ 16 tw)][batch 8n + 2t, + 1]
   if (gridDim.y == 1) {
     if (kw == 0) {
@@ -762,25 +761,25 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) int_mma_w(
 #if RS
   // all of this thread's outputs at once, slot by slot: PER loads in flight per slot instead of one (the same
   // additions in the same order as below)
-#define PER ((RT * TW * 16 * NT * 8 + WARPS * 32 - 1) / (WARPS * 32))
+#define PER ((BROWS * NT * 8 + WARPS * 32 - 1) / (WARPS * 32))
   float y[PER];
 #pragma unroll
   for (int e = 0; e < PER; ++e) y[e] = 0.f;
   for (int sl = 0; sl < (int)gridDim.y; ++sl) {
 #pragma unroll
     for (int e = 0; e < PER; ++e) {
-      const int i = threadIdx.x + e * WARPS * 32, r = blockIdx.x * RT * TW * 16 + i / NB, b = i % NB;
-      if (i < RT * TW * 16 * NB && r < N && b < M) y[e] += __ldcg(part + ((size_t)sl * N + r) * 16 + b);
+      const int i = threadIdx.x + e * WARPS * 32, r = blockIdx.x * BROWS + i / NB, b = i % NB;
+      if (i < BROWS * NB && r < N && b < M) y[e] += __ldcg(part + ((size_t)sl * N + r) * 16 + b);
     }
   }
 #pragma unroll
   for (int e = 0; e < PER; ++e) {
-    const int i = threadIdx.x + e * WARPS * 32, r = blockIdx.x * RT * TW * 16 + i / NB, b = i % NB;
-    if (i < RT * TW * 16 * NB && r < N && b < M) stx(out, (long long)b * N + r, y[e] + (HAS_BIAS ? ldx(bias, r) : 0.f));
+    const int i = threadIdx.x + e * WARPS * 32, r = blockIdx.x * BROWS + i / NB, b = i % NB;
+    if (i < BROWS * NB && r < N && b < M) stx(out, (long long)b * N + r, y[e] + (HAS_BIAS ? ldx(bias, r) : 0.f));
   }
 #else
-  for (int i = threadIdx.x; i < RT * TW * 16 * NB; i += WARPS * 32) {
-    const int r = blockIdx.x * RT * TW * 16 + i / NB, b = i % NB;
+  for (int i = threadIdx.x; i < BROWS * NB; i += WARPS * 32) {
+    const int r = blockIdx.x * BROWS + i / NB, b = i % NB;
     if (r >= N || b >= M) continue;
     float y = 0.f;
     for (int sl = 0; sl < (int)gridDim.y; ++sl) y += __ldcg(part + ((size_t)sl * N + r) * 16 + b);
