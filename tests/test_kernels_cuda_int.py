@@ -603,29 +603,6 @@ def test_int_mma_w_xv_staging_meets_the_fragments(nt, m, xv):
                     assert smem[((S * 4 + jp) * nt + n) * 32 + lane] == want
 
 
-@pytest.mark.parametrize("kw,spw,steps,xc", [(2, 16, 32, 4), (2, 16, 32, 3), (3, 5, 13, 2), (2, 6, 12, 8), (4, 2, 7, 3)])
-def test_int_mma_w_x_chunks_cover_each_step_once_before_it_is_read(kw, spw, steps, xc):
-    """Launch option xc: chunk c's copies (st = v // (128 NT) of KW * xq chunk steps; local step il = c xq + st % xq of
-    warp range st // xq; block step (st // xq) * spw + il, skipped past spw or the block's steps) must stage every
-    block step exactly once, and a warp's step i must lie in chunk i // xq, the chunk whose mbarrier it waited for at
-    step (i // xq) * xq: so no step is read before its chunk's barrier."""
-    xq = -(-spw // xc)
-    owner = {}
-    for c in range(xc):
-        for st in range(kw * xq):  # one step's 128 NT units share its (st): the unit offset does not move it
-            il, rng = c * xq + st % xq, st // xq
-            sl = rng * spw + il
-            if il < spw and sl < steps:
-                assert sl not in owner
-                owner[sl] = c
-    assert sorted(owner) == list(range(steps))
-    for r in range(kw):
-        for i in range(spw):
-            sl = r * spw + i
-            if sl < steps:
-                assert owner[sl] == i // xq and (i // xq) * xq <= i
-
-
 def test_int_mma_w_mg_slot_layout_round_trips():
     """Launch option mg's slot of four steps: the copy side (instruction i, lane l: row 2i + l // 16, chunk l % 16,
     at position 16 r + (c ^ 4 (r % 2))) and the read side (lane g * 4 + t, step j: rows g and g + 8, position
@@ -664,6 +641,20 @@ def test_int_mma_w_default_config_covers_every_shape():
                 ns, tiles = k // 128, -(-n // 16)
                 assert gx * c2["rt"] >= tiles and gy * c2["kw"] * c2["spw"] >= ns > (gy - 1) * c2["kw"] * c2["spw"]
                 assert cm.w_smem(c2, 1 if m <= 8 else 2) <= cm.W_SMEM_MAX, (m, n, k, c2)
+
+
+def test_int_mma_w_shape_table_applies_on_132_sms_only():
+    """W_SHAPES (configs a sweep chose for one shape on a 132-SM part) serves that shape there; other SM counts and
+    shapes go through the search, and each entry launches within one wave of two blocks per SM."""
+    from leanq.kernels import cuda_int_mma as cm
+
+    for (n, k), cfg in cm.W_SHAPES.items():
+        for m in (4, 16):
+            assert cm.w_config(m, n, k, 132) == cfg
+            assert cm.w_config(m, n, k, 114) == cm._w_search(8 if m <= 8 else 16, n, k, 114)
+            c, (gx, gy) = cm.w_launch(m, n, k, cfg, 132)
+            assert c["spw"] == cfg["spw"] and gx * gy <= 2 * 132
+    assert cm.w_config(16, 4096, 11008, 132) == cm._w_search(16, 4096, 11008, 132)
 
 
 def test_int_mma_w_launch_geometry():
@@ -707,9 +698,7 @@ def test_int_mma_w_matches_reference(group, n, k, m, sdtype, dtype):
                 dict(rt=2, kw=4, spw=1, pd=3, rp=1, tw=2, rs=0), dict(rt=2, kw=2, spw=3, pd=3, rs=1, gd=1, xv=1),
                 dict(rt=4, kw=2, spw=1, pd=3, rs=1, xv=1), dict(rt=2, kw=1, spw=6, pd=2, mg=1, xv=1),
                 dict(rt=2, kw=2, spw=1, pd=3, rp=1, tw=2, gd=1, xv=1), dict(rt=2, kw=2, spw=3, pd=3, gd=1, xv=2),
-                dict(rt=1, kw=4, spw=2, pd=4, xv=3), dict(rt=2, kw=2, spw=ns, pd=3, gd=1, xv=3, xc=4),
-                dict(rt=4, kw=2, spw=3, pd=3, xv=3, xc=2), dict(rt=1, kw=3, spw=2, pd=4, gd=1, xv=0, xc=3),
-                dict(rt=2, kw=2, spw=1, pd=3, gd=2, xv=3, xc=8)):
+                dict(rt=1, kw=4, spw=2, pd=4, xv=3)):
         out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
         cm.run_int_mma_w(x, pk, layer.bias.to(dtype), cfg, out=out)
         assert torch.isfinite(out).all() and ((out.float() - ref).norm() / ref.norm()).item() < 1e-2, cfg
@@ -721,8 +710,6 @@ def test_int_mma_w_matches_reference(group, n, k, m, sdtype, dtype):
             assert torch.equal(again, cm.run_int_mma_w(x, pk, layer.bias.to(dtype), dict(cfg, gd=0))), cfg
         if cfg and cfg.get("xv"):  # the same values staged in another layout: the same products and sums
             assert torch.equal(again, cm.run_int_mma_w(x, pk, layer.bias.to(dtype), dict(cfg, xv=0))), cfg
-        if cfg and cfg.get("xc", 1) > 1:  # x in chunks: the same values, read in the same order
-            assert torch.equal(again, cm.run_int_mma_w(x, pk, layer.bias.to(dtype), dict(cfg, xc=1))), cfg
     for _, cnt in cm._WSCRATCH.values():
         assert int(cnt.abs().sum()) == 0  # every launch left its counters at zero
 

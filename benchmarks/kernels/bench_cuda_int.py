@@ -68,8 +68,8 @@ def main() -> int:
     ap.add_argument("--mma-cfgs", default="", help="also these cuda-int-mma launch configs, threads/wr/nt: e.g. "
                     "256/1/2,512/2/4")
     ap.add_argument("--mmaw-cfgs", default="", help="with --mma: also these configs of the w kernel (weights as the A "
-                    "operand), rt/kw/spw/pd[/mg[/rp[/rs[/gd[/tw[/xv]]]]]] or rs0, gd0, gd1, xv0-3, xc2-8 (the chosen config "
-                    "with rs 0, gd 0 or 1, xv 0-3, or x in 2-8 chunks) (spw 0: chosen by the launcher; mg 1: copies of four steps "
+                    "operand), rt/kw/spw/pd[/mg[/rp[/rs[/gd[/tw[/xv]]]]]] or changes to the chosen config joined by +: rs0, "
+                    "gd0-2, xv0-3, pd2-5, e.g. gd0+pd4 (spw 0: chosen by the launcher; mg 1: copies of four steps "
                     "at a time; rp 1: weights "
                     "prefetched in registers; rs: the split sum's loads in flight together, 1 unless given; gd: "
                     "programmatic dependent launch, as W_DEFAULT unless given; tw: row tiles per warp, with rp; xv: x staged by 16-byte copies), e.g. "
@@ -247,9 +247,12 @@ def main() -> int:
 
                     wcfgs = [None]
                     for spec in (c.split("/") for c in args.mmaw_cfgs.split(",") if c):
-                        if len(spec) == 1 and spec[0][:2] in ("rs", "gd", "xv", "xc"):  # the chosen config, one change
+                        changes = spec[0].split("+") if len(spec) == 1 else []
+                        if changes and all(ch[:2] in ("rs", "gd", "xv", "pd") for ch in changes):
+                            # the chosen config with these changes, e.g. gd0 or gd0+pd4
                             wcfgs.append(dict(dict(mg=0, rp=0, rs=cm.W_DEFAULT["rs"], gd=cm.W_DEFAULT.get("gd", 0)),
-                                              **cm.w_config(M, n, k, sm_count(0)), **{spec[0][:2]: int(spec[0][2])}))
+                                              **dict(cm.w_config(M, n, k, sm_count(0)),
+                                                     **{ch[:2]: int(ch[2:]) for ch in changes})))
                             continue
                         rest = [0, 0, cm.W_DEFAULT["rs"], cm.W_DEFAULT.get("gd", 0), 1, cm.W_DEFAULT.get("xv", 0)]
                         v = [int(f) for f in spec] + rest[len(spec) - 4:]
@@ -261,8 +264,7 @@ def main() -> int:
                                                    + (" mg" if cfg["mg"] else "") + (" rp" if cfg["rp"] else "")
                                                    + ("" if cfg["rs"] else " rs0") + (" gd" if cfg["gd"] else "")
                                                    + (f" tw{cfg['tw']}" if cfg.get("tw", 1) != 1 else "")
-                                                   + (f" xv{cfg['xv']}" if "xv" in cfg else "")
-                                                   + (f" xc{cfg['xc']}" if cfg.get("xc", 1) > 1 else ""))
+                                                   + (f" xv{cfg['xv']}" if "xv" in cfg else ""))
                         cands[name] = (lambda c, cfg=cfg: mmaw_fn(c, cfg), nb)
                 if not args.mma_lite:
                     cands["rk-dequant+cublas"] = (deq_fn, nb)

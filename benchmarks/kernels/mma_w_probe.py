@@ -22,6 +22,7 @@ def main() -> int:
     n, k, m = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     rt, kw, spw, pd = (int(v) for v in sys.argv[4].split("/"))
     cfg = dict(rt=rt, kw=kw, spw=spw or None, pd=pd)
+    cfg.update((a.split("=")[0], int(a.split("=")[1])) for a in sys.argv[5:] if "=" in a)  # e.g. mg=1 xv=0
     pk = ci.packed_rk(bk.random_layer(n, k, 4, seed=1))
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     ref = x.float() @ ci.reference_rk(pk).t()
@@ -38,7 +39,9 @@ def main() -> int:
         g1 = bk.bench_graph(lambda i: (lambda: ci.run_int_cuda(x1, pks[i % len(pks)], None)), nb, reps=10)
         print(f"  mma-w {g * 1e3:.1f} us ({nb / (g * 1e-3) / 1e9:.0f} GB/s), batch-1 GEMV {g1 * 1e3:.1f} us", flush=True)
         for abl, what in ((1, "weights from L2 (row tile 0 only)"), (2, "no decode / mma"), (4, "no x staging"),
-                          (6, "neither decode nor staging"), (7, "all three")):
+                          (6, "neither decode nor staging"), (7, "all three"),
+                          (8, "weights read 1 KB contiguous per warp step"), (10, "that, no decode / mma"),
+                          (12, "that, no x staging"), (14, "that, neither decode nor staging")):
             ca = dict(cfg, abl=abl)
             ga = bk.bench_graph(lambda i: (lambda: cm.run_int_mma_w(x, pks[i % len(pks)], None, ca)), nb, reps=10)
             print(f"  ablation {abl} ({what}): {ga * 1e3:.1f} us", flush=True)

@@ -15,7 +15,8 @@ the compiler issued the next step's loads just before their use), each quad copi
 time (shared by shuffles), and the block's x is staged once, by ``cp.async`` into the order the lanes read.
 Partial tiles of the KW ranges meet in shared memory; when the grid also splits K, each block writes its own
 slot and the last to arrive at its row group's counter adds the slots in order (deterministic) and writes the
-output. :func:`w_config` picks RT and SPW per shape (fewest waves of one block per SM, then the fullest).
+output. :func:`w_config` picks RT and SPW per shape (fewest waves of one block per SM, then the fullest), except
+for shapes in :data:`W_SHAPES` (4096 x 4096 on a 132-SM part: KW 1, 8 steps per warp, 2 blocks per SM).
 Measured on an H100 (2026-11-28, graph harness, 4-bit g128, the five Llama shapes,
 ``benchmarks/kernels/results/cuda-int-mma-w-h100-2026-11-28-final.jsonl``): 1.33-1.93x BF16 at batch 16 and
 1.56-2.22x at batch 4, where the first kernel gave 0.75-1.04x and 0.96-1.17x in the same run. Ablations
@@ -33,8 +34,10 @@ one batch row for two tensor-core steps). Before it, 8-byte copies per step took
 batch 16 (ablation, H200). With it, batch 16 went from 1.33-1.59x to 1.37-1.84x BF16 (two runs) and batch 4 from
 1.49-1.98x to 1.55-2.13x (one run) on the five Llama shapes (H200). The same layout copied through L2 only (``xv`` 1)
 was 26-60% slower than the 8-byte form, and through L1 in the old copy order (``xv`` 2) 1-5% behind ``xv`` 3.
-``xc`` (off; written after the last GPU call of session 19, not yet run on a GPU) stages x in chunks on mbarriers,
-so that warps start on the first chunk. A
+Measured slower and not kept (session 20, H200; benchmarks/kernels/NOTES.md v21): x staged in chunks on mbarriers so
+that warps start on the first chunk (4-16% slower), x through a ring of its own beside the weights with a named
+barrier per input range and step (15-30%), the zero point taken out in fp32 with per-step sums of x (up to 7% at
+batch 16), and each warp's first steps of weights prefetched into L2 while x is staged (up to 20%). A
 fourth, ``rs``, is on by default: the split sum's schedule, each thread loading all of its outputs' slot values at
 once, slot by slot, instead of one output's slots one load at a time. The additions keep their order, so the bytes
 are the same as with ``rs`` 0 (whose SASS is the kernel before it). On an H200 (2026-11-28, same run, graph harness) it took
@@ -281,7 +284,6 @@ _SRC_W = r"""
 #define SPG (GS / 128)        // super-steps per scale group
 static_assert(PD >= 2 && PD <= 5, "two slots of group words serve rings of 2 to 5 steps");
 static_assert(TW == 1 || RP, "row tiles per warp (tw) above 1 with the register form (rp) only");
-static_assert(XC == 1 || (!RP && !MG && XC <= 8), "x in chunks (xc) with the per-step ring only, at most 8");
 
 // the weights go through a ring of PD steps per warp in shared memory, filled by cp.async: with register
 // destinations, the compiler placed the next step's loads just before their use, whatever their order in the source
@@ -298,21 +300,6 @@ __device__ __forceinline__ void cp8(void* dst, const void* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" :: "r"((u32)__cvta_generic_to_shared(dst)), "l"(src));
 }
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;"); }
-#if XC > 1
-// launch option xc: an mbarrier per chunk of the staged x, which fires once every thread's copies up to that chunk
-// have landed (cp.async.mbarrier.arrive.noinc: outside the commit groups' order)
-__device__ __forceinline__ u32 smem_u32(const void* p) { return (u32)__cvta_generic_to_shared(p); }
-__device__ __forceinline__ void xbar_init(unsigned long long* b, u32 count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(smem_u32(b)), "r"(count) : "memory");
-}
-__device__ __forceinline__ void xbar_arrive_cp(unsigned long long* b) {
-  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" :: "r"(smem_u32(b)) : "memory");
-}
-__device__ __forceinline__ void xbar_wait(unsigned long long* b) {  // phase 0: each barrier completes once
-  asm volatile("{\n.reg .pred p;\nXWAIT:\nmbarrier.try_wait.parity.shared::cta.b64 p, [%0], 0;\n@!p bra XWAIT;\n}"
-               :: "r"(smem_u32(b)) : "memory");
-}
-#endif
 template <int N_>
 __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N_)); }
 // step S's weight copies into one ring slot: q, this lane's entry of the slot's [2][32] chunks (rows g, g + 8), read
@@ -320,8 +307,13 @@ __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0
 // the caller, S < NS); rows past N and batch rows past M hold other rows' values, which only reach outputs that are
 // never written.
 __device__ __forceinline__ void issue_wstep(uint4* q, const uint4* wa, const uint4* wb, int S) {
+#if ABL & 8  // ablation (probe only): the step's 1 KB read as one contiguous piece of the row tile (wa: its base + lane)
+  cp16(q, wa + 64 * S);
+  cp16(q + 32, wa + 64 * S + 32);
+#else
   cp16(q, wa + 4 * S);
   cp16(q + 32, wb + 4 * S);
+#endif
 }
 // the group words of four steps at once: lane t of each quad copies those of step S + t (clamped to the warp's last
 // step), and step S + i reads them from lane i of its quad by a shuffle (a quarter of the copies of one per step)
@@ -445,9 +437,6 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) int_mma_w(
   __shared__ float red[(KW - 1) * RT * TW * NT * 4 * 32];
 #endif
   __shared__ int last;
-#if XC > 1
-  __shared__ unsigned long long xbar[XC];
-#endif
   extern __shared__ uint4 dsm[];  // the weight rings [WARPS][PD][2][32], group words [WARPS][2][32], then x
   uint4* wq = dsm;
 #if MG  // slots of four steps: [WARPS][PD][16 rows][16 chunks], then [WARPS][PD][32] group words
@@ -470,7 +459,11 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) int_mma_w(
 #else
   const int rac = min(ra, N - 1), rbc = min(rb, N - 1);
 #endif
+#if ABL & 8
+  const uint4* wa = w + (size_t)max(min((blockIdx.x * RT + rt) * 16, N - 16), 0) * KU + lane;
+#else
   const uint4* wa = w + (size_t)rac * KU + t;
+#endif
   const uint4* wb = w + (size_t)rbc * KU + t;
   const u32* sa = sz + (size_t)rac * NG;
   const u32* sb = sz + (size_t)rbc * NG;
@@ -512,8 +505,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) int_mma_w(
   // the block's x first, all of it by cp.async (one group): batch rows 0 .. 8 NT - 1 (rows past M clamped), input
   // k = 128 S + 32 t + 4 j + e of batch row b to step j of lane (b % 8) * 4 + t, entry b / 8, 8 bytes per copy.
   // Thread u takes t = u % 4 and batch row (u / 4) % (8 NT) fastest, so a warp's copies fill neighbouring entries.
-  // unit u of the block's x: 16 bytes of one batch row (128 NT units per step, block-local step u / (128 NT))
-  auto copy_unit = [&](int u) {
+  auto stage_x = [&]() {
+    for (int u = threadIdx.x; u < (ABL & 4 ? 0 : (sb1 - sb0) * 128 * NT); u += WARPS * 32) {  // ABL 4: no staging
 #if XV == 3  // a warp's copies: 2 rows x 16 chunks (512 contiguous bytes per row pair); each quarter-warp one step
             // pair, 8 neighbouring entries (128 contiguous bytes of shared memory)
       const int tt = u & 3, jp = (u >> 3) & 3, b = ((u >> 2) & 1) + 2 * ((u >> 5) % (4 * NT)), sl = (u >> 5) / (4 * NT);
@@ -534,28 +527,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) int_mma_w(
       cp8(d, src);
       cp8(d + 32 * NT, src + 1);
 #endif
-  };
-  auto stage_x = [&]() {
-    for (int u = threadIdx.x; u < (ABL & 4 ? 0 : (sb1 - sb0) * 128 * NT); u += WARPS * 32) copy_unit(u);  // ABL 4: none
+    }
     cp_commit();
   };
-#if XC > 1
-  // xc: the block's x in XC chunks, chunk c holding local steps c xq .. c xq + xq - 1 of every warp's range; each
-  // thread copies its share of a chunk, then arrives on the chunk's mbarrier when those copies (and all its earlier
-  // ones) land. Nothing is committed: the copies join the ring's next group. A warp waits for chunk c before its step
-  // c xq, so it starts once the first chunk is in; its own ring waits then hold it PD - 1 steps later for the rest of
-  // its own copies.
-  const int xq = (spw + XC - 1) / XC;
-  auto stage_x_chunks = [&]() {
-    for (int c = 0; c < XC; ++c) {
-      for (int v = threadIdx.x; v < KW * xq * 128 * NT; v += WARPS * 32) {
-        const int st = v / (128 * NT), il = c * xq + st % xq, sl = (st / xq) * spw + il;
-        if (il < spw && sl < sb1 - sb0) copy_unit(sl * 128 * NT + v % (128 * NT));
-      }
-      xbar_arrive_cp(&xbar[c]);
-    }
-  };
-#endif
 #if !RP
   // the weight ring of PD slots per lane: steps s0 .. s0 + PD - 2 up front, then each step issues the one PD - 1
   // ahead (past the end: step s1 - 1 again, so every wait counts the same number of groups) and waits for its own
@@ -589,21 +563,6 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) int_mma_w(
 #endif
   stage_x();
   cp_wait<0>();
-#elif XC > 1
-  if (threadIdx.x == 0) {
-#pragma unroll
-    for (int c = 0; c < XC; ++c) xbar_init(&xbar[c], WARPS * 32);
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  }
-  __syncthreads();  // the barriers are initialised before any arrival
-  ring_prologue();
-#if GD
-  gdc_wait();
-#if GD == 1
-  gdc_launch();
-#endif
-#endif
-  stage_x_chunks();
 #elif GD
   // programmatic dependent launch (launch option gd; not with mg): this grid may start while the kernel before
   // it in the stream ends. The ring's first steps (and their group words) do not depend on it and go first; x (that
@@ -621,9 +580,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) int_mma_w(
   ring_prologue();
   cp_wait<PD - 1>();  // this thread's x copies are done
 #endif
-#if XC <= 1
   __syncthreads();    // everyone's
-#endif
 
   float accs[TW][NT][4];
   float (&acc)[NT][4] = accs[0];
@@ -680,9 +637,6 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) int_mma_w(
       if ((ip & 3) == 0 && S + PD - 1 < s1) issue_sz(rs + ((ip >> 2) & 1) * 32, sa, sb, S + PD - 1, t, s1 - 1);
       cp_commit();
       cp_wait<PD - 1>();
-#if XC > 1
-      if (i % xq == 0) xbar_wait(&xbar[i / xq]);  // the chunk of x that this step starts (every thread's copies)
-#endif
       const uint2 own = rs[((i >> 2) & 1) * 32];
       const int src = (lane & ~3) | (i & 3);
       const uint2 sw = make_uint2(__shfl_sync(0xffffffffu, own.x, src), __shfl_sync(0xffffffffu, own.y, src));
@@ -868,21 +822,24 @@ W_RT = (8, 7, 6, 5, 4)
 W_SPW = (16, 12, 11, 10, 8, 6, 4, 3, 2, 1)
 W_ON = os.environ.get("LEANQ_MMA_W", "1") != "0"  # batches 2-16 of 4-bit layers on the w kernel where it applies
 TUNED_W: dict = {}  # batch bucket (8: batches 2-8, 16: 9-16) -> config, from the H100 sweeps of bench_cuda_int.py
+# (N, K) -> config where a sweep beat the search's choice on a 132-SM part. 4096 x 4096 (an H200, 2026-11-28, two
+# runs): 4 row tiles, one input range, 8 steps per warp (256 blocks of 4 warps, K split in 4) took batch 16 from 10.0
+# to 9.4 us and batch 4 from 8.7 to 7.9; on the four larger Llama shapes every such config was slower than the search's
+# (benchmarks/kernels/NOTES.md, v21)
+W_SHAPES = {(4096, 4096): dict(rt=4, kw=1, spw=8, pd=3)}
 
 
 def source_w(xt: int, rt: int, kw: int, nt: int, gs: int, sbf16: bool, pd: int = 4, abl: int = 0, mg: int = 0,
-             rp: int = 0, rs: int = 0, gd: int = 0, tw: int = 1, xv: int = 0, xc: int = 1) -> str:
+             rp: int = 0, rs: int = 0, gd: int = 0, tw: int = 1, xv: int = 0) -> str:
     """``gd`` 1: programmatic dependent launch (the ring's first steps, or with ``rp`` the first step's registers,
     loaded before the wait for the previous grid, the next grid let in after it; the launcher must pass ``pdl``), 2
     the same with the next grid let in only as this one ends; not with ``mg``. ``tw``: row tiles per warp, sharing
     each x fragment (with ``rp`` only). ``xv`` 1: x staged by 16-byte copies in step pairs (see load_xfrag), 0 by
-    8-byte copies per step (2 and 3: the same through L1, 3 with the copies ordered by x's rows). ``xc`` 2-8: x staged
-    in that many chunks, each warp starting on a chunk as soon as it has landed (the per-step ring only)."""
-    assert xc in range(1, 9) and (xc == 1 or not (mg or rp)), (xc, mg, rp)
+    8-byte copies per step (2 and 3: the same through L1, 3 with the copies ordered by x's rows)."""
     assert gd in (0, 1, 2) and (not gd or not mg), (gd, mg)
     assert tw in (1, 2, 3, 4) and (tw == 1 or rp), (tw, rp)
     defs = dict(BITS=4, XT=xt, RT=rt, KW=kw, NT=nt, GS=gs, SBF16=int(sbf16), PD=pd, ABL=abl, MG=mg, RP=rp, RS=rs,
-                GD=int(gd), TW=tw, XV=int(xv), XC=int(xc))
+                GD=int(gd), TW=tw, XV=int(xv))
     return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + PRELUDE + _HELPERS + _SRC_W
 
 
@@ -925,8 +882,7 @@ def w_launch(M: int, N: int, K: int, cfg: dict | None, sms: int, blocks_per_sm=N
     nt = 1 if M <= 8 else 2
     gx = -(-tiles // (c["rt"] * tw))
     per_step = c["kw"] * 8 * 32 * nt * 8  # staged x per super-step of every warp's range
-    static = ((c["kw"] - 1) * c["rt"] * tw * nt * 4 * 32 * 4 + 16  # the kernel's own: partial tiles, last-block flag,
-              + 8 * int(c.get("xc", 1)))                           # the x chunks' mbarriers
+    static = (c["kw"] - 1) * c["rt"] * tw * nt * 4 * 32 * 4 + 16  # the kernel's own: partial tiles, last-block flag
     if static > 48 * 1024:
         raise ValueError(f"cuda-int-mma-w: config {cfg} needs more static shared memory than a block has")
     room = (W_SMEM_MAX - static - w_smem(dict(c, spw=0), nt)) // per_step
@@ -952,10 +908,14 @@ def w_launch(M: int, N: int, K: int, cfg: dict | None, sms: int, blocks_per_sm=N
 
 def w_config(M: int, N: int, K: int, sms: int) -> dict:
     """The launch config for x [M, K] and N outputs when the caller gives none: TUNED_W's for the batch bucket, else
-    over W_RT x W_SPW (kw 2, pd 3) the grid of the fewest waves (one block per SM), then the best filled last wave,
-    then the most steps per warp."""
+    W_SHAPES's for the shape on a 132-SM part, else over W_RT x W_SPW (kw 2, pd 3) the grid of the fewest waves (one
+    block per SM), then the best filled last wave, then the most steps per warp."""
     tuned = TUNED_W.get(8 if M <= 8 else 16)
-    return dict(tuned) if tuned else dict(_w_search(8 if M <= 8 else 16, N, K, sms))
+    if tuned:
+        return dict(tuned)
+    if sms == 132 and (N, K) in W_SHAPES:
+        return dict(W_SHAPES[(N, K)])
+    return dict(_w_search(8 if M <= 8 else 16, N, K, sms))
 
 
 @functools.lru_cache(maxsize=None)
@@ -990,8 +950,8 @@ if torch.cuda.is_available():  # allocate now, outside any CUDA-graph memory poo
 
 @functools.lru_cache(maxsize=None)
 def _compiled_w(xt: int, rt: int, kw: int, nt: int, gs: int, sbf16: bool, pd: int, abl: int, mg: int, rp: int,
-                device: int, rs: int = 0, gd: int = 0, tw: int = 1, xv: int = 0, xc: int = 1) -> Launcher:
-    return _launcher(source_w(xt, rt, kw, nt, gs, sbf16, pd, abl, mg, rp, rs, gd, tw, xv, xc), "int_mma_w",
+                device: int, rs: int = 0, gd: int = 0, tw: int = 1, xv: int = 0) -> Launcher:
+    return _launcher(source_w(xt, rt, kw, nt, gs, sbf16, pd, abl, mg, rp, rs, gd, tw, xv), "int_mma_w",
                      "cuda-int-mma-w", device)
 
 
@@ -1009,7 +969,7 @@ def run_int_mma_w(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: di
     gd = pdl_mode(0 if c0.get("mg") else int(c0.get("gd", 0)), sm90(dev))
     kern = _compiled_w(XT[x2.dtype], c0["rt"], c0["kw"], nt, pk["group"], bool(pk["sbf16"]), c0["pd"],
                        int(c0.get("abl", 0)), int(c0.get("mg", 0)), int(c0.get("rp", 0)), dev, int(c0.get("rs", 0)), gd,
-                       int(c0.get("tw", 1)), int(c0.get("xv", 0)), int(c0.get("xc", 1)))
+                       int(c0.get("tw", 1)), int(c0.get("xv", 0)))
     threads = 32 * c0["rt"] * c0["kw"]
     c, (gx, gy) = w_launch(M, N, K, cfg, sms, lambda smem: kern.blocks_per_sm(threads, smem))
     scratch = _w_scratch(x2.device, gy * N * 16, gx) if gy > 1 else None
