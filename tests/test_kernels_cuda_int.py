@@ -61,10 +61,11 @@ def _f16_bits(v: int) -> float:
 
 @pytest.mark.parametrize("k,seed", [(128, 0), (4160, 1)])
 def test_rk3_fields_decode_to_the_codes_as_the_kernel_reads_them(k, seed):
-    """The 3-bit GEMV's field decode, step by step as int_gemv does it (a 2-bit word, shifted by 8 for fields 4-7,
-    masked at 0x00030003 << p; the chunk's 1-bit word j shifted by (<< 2, >> 6) for 2-bit word 2j and (<< 1, >> 7)
-    for word 2j + 1, masked at 0x00040004 << p; one OR): every field's fp16 halves are the subnormals
-    code * 2**(p - 24) of the pair the staged activations expect (pair 8 i + f of the chunk; p = 2 (f % 4))."""
+    """The 3-bit GEMV's field decode, step by step as int_gemv does it: per chunk six words (four from the row's
+    first plane, two from its second); field f of a word masked at 0x00070007 << p, from the word itself for f < 3
+    (p = 3f) or the word >> 9 (p = 3 (f - 3)); pairs 30 and 31 from words 3j .. 3j + 2 as ((w >> 15) & 0x00010001) |
+    ((w' >> 14) & 0x00020002) | ((w'' >> 13) & 0x00040004), p = 0. Every result's fp16 halves are the subnormals
+    code * 2**(p - 24) of the pair the staged activations expect (codes 2 pair, 2 pair + 1 of the chunk)."""
     m = _layer(5, k, 3, 64, seed=seed)
     pk = ci.repack_rk(m.qweight, m.scales, m.zeros, 3, False, k, 64)
     ku = pk["KU"]
@@ -72,18 +73,19 @@ def test_rk3_fields_decode_to_the_codes_as_the_kernel_reads_them(k, seed):
     w = pk["words"].to(torch.int64) & 0xFFFFFFFF
     for row in range(5):
         for c in list(range(ku))[:3] + [ku - 1]:
-            wd = [int(w[row, 4 * c + i]) for i in range(4)]  # the 2-bit plane, then the 1-bit plane
-            hb = [int(w[row, 4 * ku + 2 * c + j]) for j in range(2)]
-            hv = [[(h << 2) & 0xFFFFFFFF, h >> 6, (h << 1) & 0xFFFFFFFF, h >> 7] for h in hb]
-            for wi in range(4):
-                for f in range(8):
-                    p, sh = 2 * (f & 3), f >= 4
-                    v = (((wd[wi] >> 8) if sh else wd[wi]) & (0x00030003 << p)) | (
-                        hv[wi >> 1][2 * (wi & 1) + int(sh)] & (0x00040004 << p))
-                    pair = 8 * wi + f
-                    for half in range(2):
-                        want = int(codes[row, 64 * c + 2 * pair + half]) * 2.0 ** (p - 24)
-                        assert _f16_bits((v >> (16 * half)) & 0xFFFF) == want, (row, c, wi, f, half)
+            w6 = [int(w[row, 4 * c + i]) for i in range(4)] + [int(w[row, 4 * ku + 2 * c + j]) for j in range(2)]
+            fields = []
+            for wi in range(6):
+                for f in range(5):
+                    p = 3 * f if f < 3 else 3 * (f - 3)
+                    fields.append(((w6[wi] if f < 3 else w6[wi] >> 9) & (0x00070007 << p), p))
+            for j in range(2):
+                a, b, d = w6[3 * j: 3 * j + 3]
+                fields.append((((a >> 15) & 0x00010001) | ((b >> 14) & 0x00020002) | ((d >> 13) & 0x00040004), 0))
+            for pair, (v, p) in enumerate(fields):
+                for half in range(2):
+                    want = int(codes[row, 64 * c + 2 * pair + half]) * 2.0 ** (p - 24)
+                    assert _f16_bits((v >> (16 * half)) & 0xFFFF) == want, (row, c, pair, half)
 
 
 def test_rk_groups_and_scales_it_cannot_hold_are_refused():

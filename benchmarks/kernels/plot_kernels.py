@@ -69,12 +69,14 @@ def main() -> int:
     ap.add_argument("--final", default=",".join(os.path.join(R, f"h200-2026-11-28-s19-{v}.jsonl") for v in ("rows", "r2u4")),
                     help="batch 1 (cuda-int, int4pack) and batch 16 (mma-w) rows, comma-separated files (a later file's "
                     "row wins per shape)")
-    ap.add_argument("--b16", default=os.path.join(R, "h200-2026-11-28-s19-xv3.jsonl") + ": xv3",
+    ap.add_argument("--b16", default=os.path.join(R, "h200-2026-11-28-s20-default.jsonl"),
                     help="FILE[: SUFFIX]: the batch-16 rows of the w kernel whose name ends with SUFFIX (default: the "
                     "'--final' files' default rows)")
     ap.add_argument("--b64", default=os.path.join(R, "ws-h200-2026-11-28-reduce.jsonl"), help="batch-64 rows")
     ap.add_argument("--gemm", default=os.path.join(R, "gemm-h200-2026-11-28-final.jsonl"), help="batch 128/256 rows")
-    ap.add_argument("--widths", default=os.path.join(R, "h200-2026-11-28-s19-rows.jsonl"), help="batch-1 2/3/8-bit rows")
+    ap.add_argument("--widths", default=",".join(os.path.join(R, f) for f in ("h200-2026-11-28-s19-rows.jsonl",
+                                                                              "h200-2026-11-28-s20-rk3.jsonl")),
+                    help="batch-1 2/3/8-bit rows, comma-separated files (a later file's row wins per shape)")
     ap.add_argument("--vq", default=",".join(os.path.join(R, f"h200-2026-11-28-s15-cpw-{v}.jsonl") for v in ("vq2", "vq3")),
                     help="bench_vq.py rows, comma-separated files")
     ap.add_argument("--vq-impls", default="cuda stat t128 n4 v16 b4 gd1 ec cw4,cuda stat t128 n4 v8 b4 gd1 ec cw4,"
@@ -82,7 +84,7 @@ def main() -> int:
                     help="the CUDA configs to draw, best per shape (default: the presets' defaults of version 16; "
                     "v8 is what vc1 picks at 4096x4096); '' for every config")
     ap.add_argument("--title", default="leanq kernels, H200 (driver 580.159.04, torch 2.11.0, triton 3.6.0), 2026-11-28: "
-                    "batches 1-16 session 19, 64-256 session 12, vq session 15")
+                    "batch 1 session 19 (3-bit session 20), 16 session 20, 64-256 session 12, vq session 15")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
         os.path.abspath(__file__)))), "docs", "img", "kernels_h200.png"))
     args = ap.parse_args()

@@ -12,12 +12,13 @@ the upper fields), so one AND (8-bit: one byte permute) leaves a pair of fp16 su
 q * 2**(pos - 24), exact, where pos is the code's bit position.  Group scale and zero point of each
 (row, group): one int32 ``(scale bits << 16) | zero`` (the stored fp16 or bf16 scale bits).
 
-3-bit rows are two planes: the codes' low two bits as a 2-bit row (64 codes per 16-byte chunk, KU even), then
-their top bits, 8 bytes per chunk (word j of a chunk holds the top bit of pair f of 2-bit word i = 2j, 2j + 1 at
-bit 2f + (i & 1) of each half); interleaving the planes in 48-byte units measured 3-5% slower on an H100.  The
-kernel reads 2-bit fields at positions p <= 6 (one shift by 8 for the upper four), moves each top bit to p + 2
-with one of four shifts per 1-bit word, and joins them with one OR: the same subnormal q * 2**(p - 24), now of
-the whole 3-bit code, three instructions per code pair.
+3-bit rows hold 64 codes per chunk in six words: four in a 16-byte plane (the row's KU chunks, KU even), then two
+in an 8-byte plane after it. Pair p < 30 of a chunk (codes 2p, 2p + 1) is field f = p % 5 of word p / 5, whole in
+each 16-bit half: at bit 3f for f < 3, at bit 9 + 3 (f - 3) for f = 3, 4 (read from the word >> 9), so one AND
+leaves the subnormal q * 2**(pos - 24) as for the other widths, two instructions per pair with the FMA. The spare
+bits 15 and 31 of words 3j, 3j + 1, 3j + 2 hold bit 0, 1, 2 of pair 30 + j's codes, assembled at bit 0 (three
+shifts, three ANDs or ORs). Before (sessions 9-19) the codes' low two bits and top bits sat in separate planes,
+joined by one more AND-OR per pair.
 
 Per block:
 
@@ -70,7 +71,8 @@ STREAM: dict = {}
 # measured 8-30% faster than the H100-tuned configs without it in a chain of launches (benchmarks/kernels/NOTES.md,
 # v15); with it, more bytes per first tile paid (4-bit u 4 over u 2). 4-bit r 2 u 4 (two rows per warp, each x
 # value read from shared memory once for both) beat r 1 u 4 on all five shapes in session 19 (NOTES.md, v20).
-# xf 1 (x's first staging loads before the first weight tile, v14) serves where gd is off (before sm_90).
+# xf 1 (x's first staging loads before the first weight tile, v14) serves where gd is off (before sm_90). 3-bit: with
+# the one-AND fields (session 20) r 2 u 2 stayed the best of eight geometries (NOTES.md, v21).
 TUNED: dict = {4: dict(threads=512, r=2, u=4, pf=1, bps=None, xf=1, gd=1),
                2: dict(threads=512, r=2, u=2, pf=1, bps=None, xf=1, gd=1),
                8: dict(threads=512, r=1, u=4, pf=1, bps=None, xf=1, gd=1),
@@ -78,8 +80,8 @@ TUNED: dict = {4: dict(threads=512, r=2, u=4, pf=1, bps=None, xf=1, gd=1),
 
 _SRC = r"""
 #if BITS == 3
-#define E 16         // 3-bit: a 16-byte chunk of the 2-bit plane (the low two bits of each code) plus 8 bytes of the
-                     // 1-bit plane (the top bits), both row-major, the 1-bit plane after the row's 2-bit plane
+#define E 16         // 3-bit: 64 codes per chunk, in 16 bytes of the row's first plane and 8 bytes of its second
+                     // (the second plane after the row's first)
 #else
 #define E (32 / BITS)
 #endif
@@ -103,9 +105,9 @@ __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 s) {
 __device__ __forceinline__ constexpr int fpos(int f) { return 4 * (f & 1); }
 __device__ __forceinline__ constexpr bool fsh(int f) { return f >= 2; }
 #elif BITS == 3
-#define SH 8
-__device__ __forceinline__ constexpr int fpos(int f) { return 2 * (f & 3); }
-__device__ __forceinline__ constexpr bool fsh(int f) { return f >= 4; }
+#define SH 9
+__device__ __forceinline__ constexpr int fpos(int f) { return f < 3 ? 3 * f : 3 * (f - 3); }  // f: a word's field 0-4
+__device__ __forceinline__ constexpr bool fsh(int f) { return f >= 3; }
 #elif BITS == 2
 #define SH 10
 __device__ __forceinline__ constexpr int fpos(int f) { return f < 5 ? 2 * f : 2 * (f - 5); }
@@ -115,11 +117,19 @@ __device__ __forceinline__ constexpr bool fsh(int f) { return f >= 5; }
 __device__ __forceinline__ constexpr int fpos(int f) { return 0; }
 __device__ __forceinline__ constexpr bool fsh(int f) { return false; }
 #endif
-#define QMASK ((1u << (BITS == 3 ? 2 : BITS)) - 1u)
-// 16-byte units per row of the words: 3-bit rows hold KU chunks of the 2-bit plane, then KU 8-byte chunks of the
-// 1-bit plane (KU even, so rows stay 16-byte aligned)
+#define QMASK ((1u << BITS) - 1u)
+// the bit position of pair p of a chunk (the staged activations of pair p are scaled for it); 3-bit: pairs 0-29
+// are fields p % 5 of the words, pairs 30 and 31 are assembled from the spare bits at position 0
+#if BITS == 3
+// (p need not be a constant: the staging's index is not) 2 bits per pair p of fpos(p % 5) / 3, 0 for pairs 30, 31
+__device__ __forceinline__ constexpr int ppos(int p) { return 3 * (int)((0x0491244912449124ull >> (2 * p)) & 3u); }
+#else
+__device__ __forceinline__ constexpr int ppos(int p) { return fpos(p % NF); }
+#endif
+// 16-byte units per row of the words: 3-bit rows hold KU 16-byte chunks of the first plane, then KU 8-byte chunks of
+// the second (KU even, so rows stay 16-byte aligned)
 #define ROWU(KU) (BITS == 3 ? (KU) / 2 * 3 : (KU))
-#define HPTR(wr, c) ((const uint2*)((wr) + KU) + (c))  // 3-bit: chunk c of the 1-bit plane
+#define HPTR(wr, c) ((const uint2*)((wr) + KU) + (c))  // 3-bit: chunk c of the second plane
 __device__ __forceinline__ uint2 ldw2(const uint2* p) {
   uint2 r;
   asm("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p));
@@ -159,22 +169,28 @@ __device__ __forceinline__ void load8(float (&v)[8], const void* XR x, int u, in
 // per chunk and row: A = sum over the chunk of (q * 2**(pos-24)) * (x * 2**(15-pos)) = 2**-9 sum q x in fp16x2
 // (subnormal codes times pre-scaled activations, one fp16x2 sum of 16 products at most), then in fp32
 // acc += scale * (2**9 A - z * X), X = the chunk's activation sum (staged with the activations)
-// 3-bit: the top bit of the code whose low bits sit at position p of a (shifted) 2-bit word is moved to position
-// p + 2 of a shifted copy of its 1-bit word (word j of the chunk's two covers 2-bit words 2j and 2j + 1; the top
-// bit of pair f of 2-bit word i sits at bit 2f + (i & 1) of each half), and one OR joins them: the field holds
-// the whole code q = low + 4 top as the subnormal q * 2**(p - 24), read by the same staged activations
+// 3-bit: six words (q, then qh), five fields each as above, then pairs 30 and 31 from the spare bits 15 and 31 of
+// words 3j .. 3j + 2 (bit b of each code in word 3j + b), assembled at bit 0
 __device__ __forceinline__ u32 chunk_pairs(const uint4 q, const uint2 qh, const u32 (&xh)[NPAIR]) {
-  const u32 wd[4] = {q.x, q.y, q.z, q.w};
 #if BITS == 3
-  // per 1-bit word: its copies with the top bits of (2-bit word 2j: fields 0-3, 4-7; word 2j + 1: 0-3, 4-7) at
-  // the positions p + 2
-  const u32 hb[2] = {qh.x, qh.y};
-  u32 hv[2][4];
+  const u32 w6[6] = {q.x, q.y, q.z, q.w, qh.x, qh.y};
+  u32 a3 = 0u;
+#pragma unroll
+  for (int wi = 0; wi < 6; ++wi) {
+    const u32 sh = w6[wi] >> SH;
+#pragma unroll
+    for (int f = 0; f < 5; ++f) a3 = hfma2((fsh(f) ? sh : w6[wi]) & (0x00070007u << fpos(f)), xh[5 * wi + f], a3);
+  }
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
-    hv[j][0] = hb[j] << 2; hv[j][1] = hb[j] >> 6; hv[j][2] = hb[j] << 1; hv[j][3] = hb[j] >> 7;
+    const u32 v = ((w6[3 * j] >> 15) & 0x00010001u) | ((w6[3 * j + 1] >> 14) & 0x00020002u)
+                  | ((w6[3 * j + 2] >> 13) & 0x00040004u);
+    a3 = hfma2(v, xh[30 + j], a3);
   }
-#endif
+  return a3;
+#else
+  (void)qh;
+  const u32 wd[4] = {q.x, q.y, q.z, q.w};
   u32 a = 0u;
 #pragma unroll
   for (int wi = 0; wi < 4; ++wi) {
@@ -186,9 +202,6 @@ __device__ __forceinline__ u32 chunk_pairs(const uint4 q, const uint2 qh, const 
       const int p = wi * NF + f;
 #if BITS == 8
       const u32 v = prmt(wd[wi], 0u, f == 0 ? 0x4240u : 0x4341u);
-#elif BITS == 3
-      const u32 v = ((fsh(f) ? sh : wd[wi]) & (0x00030003u << fpos(f)))
-                    | (hv[wi >> 1][2 * (wi & 1) + (fsh(f) ? 1 : 0)] & (0x00040004u << fpos(f)));
 #else
       const u32 v = (fsh(f) ? sh : wd[wi]) & ((QMASK | (QMASK << 16)) << fpos(f));
 #endif
@@ -196,6 +209,7 @@ __device__ __forceinline__ u32 chunk_pairs(const uint4 q, const uint2 qh, const 
     }
   }
   return a;
+#endif
 }
 
 // chunk c's staged activations (fp16 pairs), and P = 2**(9 + e) and the chunk's sum of x from its spare unit
@@ -284,7 +298,7 @@ __device__ __forceinline__ void x_store(uint4* xs, const uint4 (&raw)[SB][XW], c
     u32 h[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const float ps = __uint_as_float((u32)(127 + 15 - e - fpos((4 * j + i) % NF)) << 23);  // 2**(15 - pos - e)
+      const float ps = __uint_as_float((u32)(127 + 15 - e - ppos(4 * j + i)) << 23);  // 2**(15 - pos - e)
       h[i] = f2h2(v[2 * i] * ps, v[2 * i + 1] * ps);
     }
     xs[c * CST + j] = make_uint4(h[0], h[1], h[2], h[3]);
@@ -547,28 +561,39 @@ extern "C" __global__ void int_dequant(void* __restrict__ out, const uint4* __re
   const uint4 q = wr[c];
   const u32 s = sz[(size_t)row * NG + (c >> GCS)];
   const float sc = scale_of(s), z = (float)(s & 0xFFFFu);
-  const u32 wd[4] = {q.x, q.y, q.z, q.w};
+  float v[CPC];
 #if BITS == 3
   const uint2 qh = *HPTR(wr, c);
-  const u32 hb[2] = {qh.x, qh.y};
-#define CB (BITS == 3 ? 2 : BITS)
+  const u32 w6[6] = {q.x, q.y, q.z, q.w, qh.x, qh.y};
+#pragma unroll
+  for (int p = 0; p < 32; ++p) {
+    u32 lo = 0u, hi = 0u;
+    if (p < 30) {
+      const int f = p % 5, b = (fsh(f) ? SH : 0) + fpos(f);
+      lo = (w6[p / 5] >> b) & 7u;
+      hi = (w6[p / 5] >> (16 + b)) & 7u;
+    } else {
+#pragma unroll
+      for (int b = 0; b < 3; ++b) {
+        lo |= ((w6[3 * (p - 30) + b] >> 15) & 1u) << b;
+        hi |= ((w6[3 * (p - 30) + b] >> 31) & 1u) << b;
+      }
+    }
+    v[2 * p] = ((float)lo - z) * sc;
+    v[2 * p + 1] = ((float)hi - z) * sc;
+  }
 #else
-#define CB BITS
-#endif
-  float v[CPC];
+  const u32 wd[4] = {q.x, q.y, q.z, q.w};
 #pragma unroll
   for (int wi = 0; wi < 4; ++wi)
 #pragma unroll
     for (int f = 0; f < NF; ++f) {
       const int p = wi * NF + f;
-      u32 lo = (wd[wi] >> (CB * f)) & QMASK, hi = (wd[wi] >> (16 + CB * f)) & QMASK;
-#if BITS == 3
-      lo |= ((hb[wi >> 1] >> (2 * f + (wi & 1))) & 1u) << 2;
-      hi |= ((hb[wi >> 1] >> (16 + 2 * f + (wi & 1))) & 1u) << 2;
-#endif
+      const u32 lo = (wd[wi] >> (BITS * f)) & QMASK, hi = (wd[wi] >> (16 + BITS * f)) & QMASK;
       v[2 * p] = ((float)lo - z) * sc;
       v[2 * p + 1] = ((float)hi - z) * sc;
     }
+#endif
   const long long base = (long long)row * K + (long long)c * CPC;
   const bool vec = (c + 1) * CPC <= K && (K % (XT == 0 ? 4 : 8)) == 0;
   if (vec) {
@@ -626,7 +651,7 @@ def _compiled(bits: int, xt: int, threads: int, r: int, u: int, pf: int, sbf16: 
 
 
 def codes_per_chunk(bits: int) -> int:
-    """Codes per 16-byte chunk of a row (3-bit: per 16-byte chunk of its 2-bit plane, with 8 bytes of 1-bit plane)."""
+    """Codes per 16-byte chunk of a row (3-bit: per 16-byte chunk of its first plane, with 8 bytes of its second)."""
     return 64 if bits == 3 else 4 * (32 // bits)
 
 
@@ -637,7 +662,7 @@ def chunks_per_row(bits: int, in_features: int) -> int:
 
 
 def words_per_row(bits: int, ku: int) -> int:
-    """int32 words per row of the layout: 4 per chunk (3-bit: 6, the 2-bit plane's 4 then the 1-bit plane's 2)."""
+    """int32 words per row of the layout: 4 per chunk (3-bit: 6, the first plane's 4 then the second plane's 2)."""
     return ku * (6 if bits == 3 else 4)
 
 
@@ -674,12 +699,10 @@ def repack_rk(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, 
     ku = chunks_per_row(bits, in_features)
     codes = unpack(qweight, bits, in_features).to(torch.int64)
     codes = torch.nn.functional.pad(codes, (0, ku * cpc - in_features))
-    if bits == 3:  # the low two bits as a 2-bit layout, then the top bits: bit 2f + (i & 1) of each half of word
-        low = _pack_words(codes & 3, 2)  # j of a chunk's two holds pair f of its 2-bit words i = 2j, 2j + 1
-        top = (codes >> 2).view(n, ku, 2, 2, 8, 2)  # [row, chunk, j, i & 1, f, half]
-        high = _as_int32((top << _top_bit_pos(codes.device)).sum((-3, -2, -1))).view(n, ku * 2)
-        del codes, top
-        word = torch.cat([low, high], 1).contiguous()  # the row's 2-bit plane, then its 1-bit plane
+    if bits == 3:  # six words per chunk: the first four in the row's first plane, the last two in its second
+        w6 = _pack3(codes.view(n, ku, 64))
+        del codes
+        word = torch.cat([w6[:, :, :4].reshape(n, 4 * ku), w6[:, :, 4:].reshape(n, 2 * ku)], 1).contiguous()
     else:
         word = _pack_words(codes, bits)
         del codes
@@ -691,11 +714,34 @@ def repack_rk(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, 
                 sbf16=sb[1], group=group)
 
 
-def _top_bit_pos(device) -> torch.Tensor:
-    """3-bit: the bit of a 1-bit word holding the top bit of [i & 1, pair f, half] (2f + (i & 1) + 16 half)."""
-    a = torch.arange(8, dtype=torch.int64, device=device)
-    return (torch.arange(2, dtype=torch.int64, device=device).view(2, 1, 1) + 2 * a.view(1, 8, 1)
-            + 16 * torch.arange(2, dtype=torch.int64, device=device).view(1, 1, 2))
+def _pack3(codes: torch.Tensor) -> torch.Tensor:
+    """3-bit chunks: codes [N, KU, 64] (int64) -> int32 words [N, KU, 6]. Pair p < 30 (codes 2p, 2p + 1) is field
+    p % 5 of word p / 5 at bits 3 (p % 5) and 16 + 3 (p % 5); bit b of pair 30 + j's codes sits at bits 15 and 31 of
+    word 3j + b."""
+    n, ku = codes.shape[:2]
+    dev = codes.device
+    reg = codes[..., :60].reshape(n, ku, 6, 5, 2)  # [.., word, field, half]
+    sh = 3 * torch.arange(5, dtype=torch.int64, device=dev).view(5, 1) + 16 * torch.arange(2, dtype=torch.int64,
+                                                                                              device=dev).view(1, 2)
+    words = (reg << sh).sum((-2, -1))  # the fields do not overlap: the sum is their OR
+    spare = codes[..., 60:].reshape(n, ku, 2, 1, 2)  # [.., j, 1, half]
+    b = torch.arange(3, dtype=torch.int64, device=dev).view(1, 3, 1)
+    bits = (((spare >> b) & 1) << (15 + 16 * torch.arange(2, dtype=torch.int64, device=dev))).sum(-1)  # [.., j, b]
+    return _as_int32(words | bits.reshape(n, ku, 6))
+
+
+def _unpack3(words: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`_pack3`: int32 [N, KU, 6] -> int64 codes [N, KU, 64]."""
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    n, ku = w.shape[:2]
+    dev = w.device
+    sh = 3 * torch.arange(5, dtype=torch.int64, device=dev).view(5, 1) + 16 * torch.arange(2, dtype=torch.int64,
+                                                                                              device=dev).view(1, 2)
+    reg = (w.view(n, ku, 6, 1, 1) >> sh) & 7  # [.., word, field, half]
+    b = torch.arange(3, dtype=torch.int64, device=dev).view(1, 3, 1)
+    half = 15 + 16 * torch.arange(2, dtype=torch.int64, device=dev)
+    spare = (((w.view(n, ku, 2, 3, 1) >> half) & 1) << b).sum(-2)  # [.., j, half]
+    return torch.cat([reg.reshape(n, ku, 60), spare.reshape(n, ku, 4)], -1)
 
 
 def _as_int32(v: torch.Tensor) -> torch.Tensor:
@@ -727,9 +773,8 @@ def reference_rk(pk: dict, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     bits, n = pk["bits"], pk["N"]
     if bits == 3:
         ku = pk["KU"]
-        low = _unpack_words(pk["words"][:, : 4 * ku], 2)
-        hw = (pk["words"][:, 4 * ku:].to(torch.int64) & 0xFFFFFFFF).view(n, ku, 2, 1, 1, 1)
-        q = low | (((hw >> _top_bit_pos(hw.device)) & 1).reshape(n, -1) << 2)
+        w6 = torch.cat([pk["words"][:, : 4 * ku].reshape(n, ku, 4), pk["words"][:, 4 * ku:].reshape(n, ku, 2)], -1)
+        q = _unpack3(w6).reshape(n, -1)
     else:
         q = _unpack_words(pk["words"], bits)
     q = q[:, : pk["K"]].float()
