@@ -250,9 +250,9 @@ def main() -> int:
                         changes = spec[0].split("+") if len(spec) == 1 else []
                         if changes and all(ch[:2] in ("rs", "gd", "xv", "pd") for ch in changes):
                             # the chosen config with these changes, e.g. gd0 or gd0+pd4
-                            wcfgs.append(dict(dict(mg=0, rp=0, rs=cm.W_DEFAULT["rs"], gd=cm.W_DEFAULT.get("gd", 0)),
-                                              **dict(cm.w_config(M, n, k, sm_count(0)),
-                                                     **{ch[:2]: int(ch[2:]) for ch in changes})))
+                            wcfgs.append({"mg": 0, "rp": 0, "rs": cm.W_DEFAULT["rs"], "gd": cm.W_DEFAULT.get("gd", 0),
+                                          **cm.w_config(M, n, k, sm_count(0)),
+                                          **{ch[:2]: int(ch[2:]) for ch in changes}})
                             continue
                         rest = [0, 0, cm.W_DEFAULT["rs"], cm.W_DEFAULT.get("gd", 0), 1, cm.W_DEFAULT.get("xv", 0)]
                         v = [int(f) for f in spec] + rest[len(spec) - 4:]

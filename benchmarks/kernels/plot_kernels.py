@@ -50,18 +50,20 @@ def _vq(rows: list[dict], setting: str, impls: list[str] | None = None) -> dict[
     return out
 
 
+def _rows_of(paths: str) -> list[dict]:
+    """The rows of comma-separated result files, in order (so a later file's row wins in :func:`_pick`)."""
+    return [r for p in paths.split(",") if p for r in _rows(p)]
+
+
 def _b16(final: list[dict], spec: str) -> dict[str, float]:
     """shape -> batch-16 x BF16 of the w kernel: from ``spec`` ("FILE: SUFFIX", rows whose name ends with SUFFIX),
     else the default rows of ``final``."""
     if not spec:
         return _pick(final, impl="batch-cuda-int-mma-w", M=16)
     path, _, suffix = spec.partition(": ")
-    out = {}
-    for r in _rows(path):
-        if (r.get("M") == 16 and str(r.get("impl", "")).startswith("batch-cuda-int-mma-w")
-                and r["impl"].endswith(suffix.strip()) and not math.isnan(r.get("x_bf16_graph", float("nan")))):
-            out[r["shape"]] = r["x_bf16_graph"]
-    return out
+    rows = [r for r in _rows(path) if str(r.get("impl", "")).startswith("batch-cuda-int-mma-w")
+            and r["impl"].endswith(suffix.strip())]
+    return _pick(rows, M=16)
 
 
 def main() -> int:
@@ -94,7 +96,7 @@ def main() -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    final = [r for p in args.final.split(",") if p for r in _rows(p)]
+    final = _rows_of(args.final)
     b64, gemm = _rows(args.b64), _rows(args.gemm)
     by_batch = {
         1: _pick(final, impl="cuda-int", bits=4),
@@ -103,7 +105,7 @@ def main() -> int:
         128: _pick(gemm, impl="batch-cuda-int-wgmma", M=128),
         256: _pick(gemm, impl="batch-cuda-int-wgmma", M=256),
     }
-    widths = [r for p in args.widths.split(",") if p for r in _rows(p)]
+    widths = _rows_of(args.widths)
     vq_files = [_rows(p) for p in args.vq.split(",") if p]  # each file's rows against its own run's BF16
     impls = [i for i in args.vq_impls.split(",") if i] or None
 

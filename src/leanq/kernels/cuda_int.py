@@ -714,19 +714,22 @@ def repack_rk(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, 
                 sbf16=sb[1], group=group)
 
 
+def _rk3_shifts(device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """3-bit chunk positions (int64): a regular field's bit [field 5, half 2] (3 f + 16 half), a spare code bit's
+    index b [1, 3, 1], and a spare bit's position [half 2] (15 + 16 half)."""
+    a = functools.partial(torch.arange, dtype=torch.int64, device=device)
+    return 3 * a(5).view(5, 1) + 16 * a(2).view(1, 2), a(3).view(1, 3, 1), 15 + 16 * a(2)
+
+
 def _pack3(codes: torch.Tensor) -> torch.Tensor:
     """3-bit chunks: codes [N, KU, 64] (int64) -> int32 words [N, KU, 6]. Pair p < 30 (codes 2p, 2p + 1) is field
     p % 5 of word p / 5 at bits 3 (p % 5) and 16 + 3 (p % 5); bit b of pair 30 + j's codes sits at bits 15 and 31 of
     word 3j + b."""
     n, ku = codes.shape[:2]
-    dev = codes.device
-    reg = codes[..., :60].reshape(n, ku, 6, 5, 2)  # [.., word, field, half]
-    sh = 3 * torch.arange(5, dtype=torch.int64, device=dev).view(5, 1) + 16 * torch.arange(2, dtype=torch.int64,
-                                                                                              device=dev).view(1, 2)
-    words = (reg << sh).sum((-2, -1))  # the fields do not overlap: the sum is their OR
+    sh, b, half = _rk3_shifts(codes.device)
+    words = (codes[..., :60].reshape(n, ku, 6, 5, 2) << sh).sum((-2, -1))  # fields do not overlap: the sum is an OR
     spare = codes[..., 60:].reshape(n, ku, 2, 1, 2)  # [.., j, 1, half]
-    b = torch.arange(3, dtype=torch.int64, device=dev).view(1, 3, 1)
-    bits = (((spare >> b) & 1) << (15 + 16 * torch.arange(2, dtype=torch.int64, device=dev))).sum(-1)  # [.., j, b]
+    bits = (((spare >> b) & 1) << half).sum(-1)  # [.., j, b]
     return _as_int32(words | bits.reshape(n, ku, 6))
 
 
@@ -734,12 +737,8 @@ def _unpack3(words: torch.Tensor) -> torch.Tensor:
     """The inverse of :func:`_pack3`: int32 [N, KU, 6] -> int64 codes [N, KU, 64]."""
     w = words.to(torch.int64) & 0xFFFFFFFF
     n, ku = w.shape[:2]
-    dev = w.device
-    sh = 3 * torch.arange(5, dtype=torch.int64, device=dev).view(5, 1) + 16 * torch.arange(2, dtype=torch.int64,
-                                                                                              device=dev).view(1, 2)
+    sh, b, half = _rk3_shifts(w.device)
     reg = (w.view(n, ku, 6, 1, 1) >> sh) & 7  # [.., word, field, half]
-    b = torch.arange(3, dtype=torch.int64, device=dev).view(1, 3, 1)
-    half = 15 + 16 * torch.arange(2, dtype=torch.int64, device=dev)
     spare = (((w.view(n, ku, 2, 3, 1) >> half) & 1) << b).sum(-2)  # [.., j, half]
     return torch.cat([reg.reshape(n, ku, 60), spare.reshape(n, ku, 4)], -1)
 
