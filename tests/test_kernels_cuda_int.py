@@ -652,11 +652,13 @@ def test_int_mma_w_shape_table_applies_on_132_sms_only():
 
     for (n, k), cfg in cm.W_SHAPES.items():
         for m in (4, 16):
-            assert cm.w_config(m, n, k, 132) == cfg
-            assert cm.w_config(m, n, k, 114) == cm._w_search(8 if m <= 8 else 16, n, k, 114)
+            small = cm.W_SMALL if m <= 8 else {}  # batches 2-8: the register form in the same geometry
+            assert cm.w_config(m, n, k, 132) == dict(cfg, **small)
+            assert cm.w_config(m, n, k, 114) == dict(cm._w_search(8 if m <= 8 else 16, n, k, 114), **small)
             c, (gx, gy) = cm.w_launch(m, n, k, cfg, 132)
             assert c["spw"] == cfg["spw"] and gx * gy <= 2 * 132
     assert cm.w_config(16, 4096, 11008, 132) == cm._w_search(16, 4096, 11008, 132)
+    assert cm.w_config(8, 4096, 11008, 132) == dict(cm._w_search(8, 4096, 11008, 132), rp=1, pt=4)
 
 
 def test_int_mma_w_launch_geometry():
@@ -672,6 +674,8 @@ def test_int_mma_w_launch_geometry():
             assert 1 <= c["spw"] <= ns
     with pytest.raises(ValueError, match="needs rp"):  # row tiles per warp: the register form only
         cm.w_launch(16, 4096, 4096, dict(rt=2, kw=2, tw=2), 132)
+    with pytest.raises(ValueError, match="needs rp"):  # steps per register tile: the register form only
+        cm.w_launch(16, 4096, 4096, dict(rt=2, kw=2, pt=4), 132)
     with pytest.raises(ValueError, match="static shared memory"):  # the partial tiles' buffer past 48 KB
         cm.w_launch(16, 4096, 4096, dict(rt=8, kw=4, rp=1, tw=2), 132)
 
@@ -714,6 +718,28 @@ def test_int_mma_w_matches_reference(group, n, k, m, sdtype, dtype):
             assert torch.equal(again, cm.run_int_mma_w(x, pk, layer.bias.to(dtype), dict(cfg, xv=0))), cfg
     for _, cnt in cm._WSCRATCH.values():
         assert int(cnt.abs().sum()) == 0  # every launch left its counters at zero
+
+
+@GPU
+@pytest.mark.parametrize("group,n,k,m,sdtype", [(128, 333, 4224, 3, torch.bfloat16), (256, 40, 1024, 9, torch.float16),
+                                                (128, 17, 128, 2, torch.bfloat16)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int_mma_w_register_tiles_match(group, n, k, m, sdtype, dtype):
+    """The register form with pt steps per register tile (double-buffered): the reference's values, and the same
+    bytes as one step at a time (only when the loads go out changes)."""
+    from leanq.kernels import cuda_int_mma as cm
+
+    layer, pk, x, ref = _gpu_case(n, k, 4, group, m, dtype, sdtype, seed=4)
+    ns = k // 128
+    for cfg in (dict(rt=2, kw=2, spw=3, pd=3, rp=1, pt=2), dict(rt=1, kw=1, spw=ns, pd=3, rp=1, pt=4, gd=1, xv=3),
+                dict(rt=2, kw=2, spw=5, pd=3, rp=1, pt=3, tw=2), dict(rt=2, kw=2, spw=5, pd=3, rp=1, pt=4, xv=3),
+                dict(rt=1, kw=1, spw=ns, pd=3, rp=1, pt=6, gd=1, xv=3), None):
+        out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+        cm.run_int_mma_w(x, pk, layer.bias.to(dtype), cfg, out=out)
+        assert torch.isfinite(out).all() and ((out.float() - ref).norm() / ref.norm()).item() < 1e-2, cfg
+        if cfg:
+            one = cm.run_int_mma_w(x, pk, layer.bias.to(dtype), dict(cfg, pt=1))
+            assert torch.equal(out, one), cfg
 
 
 @GPU

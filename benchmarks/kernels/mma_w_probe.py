@@ -2,6 +2,7 @@
 one config, then the time per launch (CUDA events, graph of 24 launches) beside the batch-1 GEMV on the same words.
 
     PYTHONPATH=src python3 benchmarks/kernels/mma_w_probe.py 14336 4096 4 4/4/8/3
+    PYTHONPATH=src python3 benchmarks/kernels/mma_w_probe.py 14336 4096 4 7/2/16/3 rp=1 pt=4 --time --abl=1,2,4,6
     ncu --kernel-name int_mma_w --launch-skip 2 --launch-count 1 --section SpeedOfLight ... python3 ...
 """
 
@@ -22,7 +23,8 @@ def main() -> int:
     n, k, m = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     rt, kw, spw, pd = (int(v) for v in sys.argv[4].split("/"))
     cfg = dict(rt=rt, kw=kw, spw=spw or None, pd=pd)
-    cfg.update((a.split("=")[0], int(a.split("=")[1])) for a in sys.argv[5:] if "=" in a)  # e.g. mg=1 xv=0
+    # launch options after the config, e.g. mg=1 xv=0 (not the --flags)
+    cfg.update((a.split("=")[0], int(a.split("=")[1])) for a in sys.argv[5:] if "=" in a and not a.startswith("--"))
     pk = ci.packed_rk(bk.random_layer(n, k, 4, seed=1))
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     ref = x.float() @ ci.reference_rk(pk).t()
@@ -38,10 +40,13 @@ def main() -> int:
         x1 = x[:1].contiguous()
         g1 = bk.bench_graph(lambda i: (lambda: ci.run_int_cuda(x1, pks[i % len(pks)], None)), nb, reps=10)
         print(f"  mma-w {g * 1e3:.1f} us ({nb / (g * 1e-3) / 1e9:.0f} GB/s), batch-1 GEMV {g1 * 1e3:.1f} us", flush=True)
+        only = [int(v) for a in sys.argv if a.startswith("--abl=") for v in a[6:].split(",")]  # e.g. --abl=2,4,6
         for abl, what in ((1, "weights from L2 (row tile 0 only)"), (2, "no decode / mma"), (4, "no x staging"),
                           (6, "neither decode nor staging"), (7, "all three"),
                           (8, "weights read 1 KB contiguous per warp step"), (10, "that, no decode / mma"),
                           (12, "that, no x staging"), (14, "that, neither decode nor staging")):
+            if only and abl not in only:
+                continue
             ca = dict(cfg, abl=abl)
             ga = bk.bench_graph(lambda i: (lambda: cm.run_int_mma_w(x, pks[i % len(pks)], None, ca)), nb, reps=10)
             print(f"  ablation {abl} ({what}): {ga * 1e3:.1f} us", flush=True)

@@ -3,8 +3,9 @@ issue 6's targets drawn in. Reads the JSON lines that bench_cuda_int.py and benc
 
     python benchmarks/kernels/plot_kernels.py            # the H200 files below -> docs/img/kernels_h200.png
 
-Batches 1 and 16 and the integer widths at batch 1 come from session 14's runs (programmatic dependent launch on);
-batches 64-256 and the codebook kernels from session 12's (their kernels have not changed since).
+The defaults name the files of each point's latest run: batch 1 and the integer widths from sessions 19-20, batch 4
+from session 21 (the register form of the w kernel), batch 16 from session 20, batches 64-256 from session 12, the
+codebook kernels from session 15 (their kernels have not changed since).
 
 Each point is the graph-harness ratio against BF16 ``F.linear`` timed in the same run as the point.
 """
@@ -74,6 +75,8 @@ def main() -> int:
     ap.add_argument("--b16", default=os.path.join(R, "h200-2026-11-28-s20-default.jsonl"),
                     help="FILE[: SUFFIX]: the batch-16 rows of the w kernel whose name ends with SUFFIX (default: the "
                     "'--final' files' default rows)")
+    ap.add_argument("--b4", default=os.path.join(R, "h200-2026-11-28-s21-final.jsonl"),
+                    help="batch-4 rows of the w kernel (its default config, the register form since session 21)")
     ap.add_argument("--b64", default=os.path.join(R, "ws-h200-2026-11-28-reduce.jsonl"), help="batch-64 rows")
     ap.add_argument("--gemm", default=os.path.join(R, "gemm-h200-2026-11-28-final.jsonl"), help="batch 128/256 rows")
     ap.add_argument("--widths", default=",".join(os.path.join(R, f) for f in ("h200-2026-11-28-s19-rows.jsonl",
@@ -86,7 +89,8 @@ def main() -> int:
                     help="the CUDA configs to draw, best per shape (default: the presets' defaults of version 16; "
                     "v8 is what vc1 picks at 4096x4096); '' for every config")
     ap.add_argument("--title", default="leanq kernels, H200 (driver 580.159.04, torch 2.11.0, triton 3.6.0), 2026-11-28: "
-                    "batch 1 session 19 (3-bit session 20), 16 session 20, 64-256 session 12, vq session 15")
+                    "batch 1 session 19 (3-bit session 20), 4 session 21, 16 session 20, 64-256 session 12, "
+                    "vq session 15")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
         os.path.abspath(__file__)))), "docs", "img", "kernels_h200.png"))
     args = ap.parse_args()
@@ -100,6 +104,7 @@ def main() -> int:
     b64, gemm = _rows(args.b64), _rows(args.gemm)
     by_batch = {
         1: _pick(final, impl="cuda-int", bits=4),
+        4: _pick(_rows(args.b4), impl="batch-cuda-int-mma-w", M=4),
         16: _b16(final, args.b16),
         64: _pick(b64, impl="batch-cuda-int-wgmma", M=64),
         128: _pick(gemm, impl="batch-cuda-int-wgmma", M=128),

@@ -22,12 +22,15 @@ Measured on an H100 (2026-11-28, graph harness, 4-bit g128, the five Llama shape
 1.56-2.22x at batch 4, where the first kernel gave 0.75-1.04x and 0.96-1.17x in the same run. Ablations
 (``mma_w_probe.py``): serving the weights from L2 changes nothing, so DRAM is not the limit; the ring alone
 (no decode, no staging) takes 17.6 us of 23.2 at 14336 x 4096, against 13.2 us for the batch-1 GEMV on the
-same bytes (ncu of an earlier version: L1/TEX throughput 76%, DRAM 29%). Three launch options stay off: ``mg``
-(copies of four steps, 2 rows x 256 bytes per instruction: within a few percent either way on the H100), ``rp``
-(the weights prefetched in registers instead of the ring) and, with it, ``tw`` (1-4 row tiles per warp sharing each
-x fragment read from shared memory). On an H200 (2026-11-28, benchmarks/kernels/NOTES.md, v20) the best ``rp`` forms
-were 1.31-1.43x BF16 at batch 16 (geomean of the five shapes) against the ring's 1.48-1.51x: ahead on the 4096-row
-shapes, behind on the 11008- and 14336-row ones. ``xv`` 3 is on by default: the block's x is staged by 16-byte
+same bytes (ncu of an earlier version: L1/TEX throughput 76%, DRAM 29%). Two launch options stay off: ``mg``
+(copies of four steps, 2 rows x 256 bytes per instruction: within a few percent either way on the H100) and ``tw``
+(1-4 row tiles per warp sharing each x fragment read from shared memory, with ``rp``). ``rp`` (the weights loaded
+into registers instead of the ring) with ``pt`` super-steps per register tile, the next tile's loads out before the
+current tile's arithmetic, is the default at batches 2-8 (``W_SMALL``: ``pt`` 4, 4 KB per warp in flight). One step
+at a time (``pt`` 1) it had lost to the ring on an H200 (2026-11-28, NOTES.md v20: 1.31-1.43x BF16 at batch 16,
+geomean, against 1.48-1.51x); with ``pt`` 4 batch 4 went from 1.71-2.11x to 1.93-2.30x BF16 on the five Llama shapes
+(two runs, v22), while at batch 16 (two n8 tiles, 128 registers) it stayed at the ring's level, so batch 16 keeps the
+ring. ``xv`` 3 is on by default: the block's x is staged by 16-byte
 copies through L1 (``cp.async.ca``), each warp's 32 copies two batch rows x 256 contiguous bytes and each
 quarter-warp's 8 neighbouring shared-memory entries, in a layout of step pairs (a lane's 16 bytes: the 8 inputs of
 one batch row for two tensor-core steps). Before it, 8-byte copies per step took 5.2 of 19.2 us at 14336 x 4096,
@@ -487,8 +490,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) int_mma_w(
     spa[i] = sz + (size_t)r0 * NG;
     spb[i] = sz + (size_t)r1 * NG;
   }
-  uint4 qa[TW], qb[TW];
-  u32 za[TW], zb[TW];
+  uint4 qa[PT][TW], qb[PT][TW];  // PT steps in registers (launch option pt), then the next PT in flight
+  u32 za[PT][TW], zb[PT][TW];
   auto load_step = [&](uint4 (&da)[TW], uint4 (&db)[TW], u32 (&ea)[TW], u32 (&eb)[TW], int S) {
 #pragma unroll
     for (int i = 0; i < TW; ++i) {
@@ -554,7 +557,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) int_mma_w(
 #if RP
   // rp: the first step's weights go out first; with gd they are loaded before the wait for the previous grid (they
   // do not depend on it), x only after it
-  if (s0 < s1) load_step(qa, qb, za, zb, s0);
+#pragma unroll
+  for (int p = 0; p < PT; ++p)
+    if (s0 + p < s1) load_step(qa[p], qb[p], za[p], zb[p], s0 + p);
 #if GD
   gdc_wait();
 #if GD == 1
@@ -614,18 +619,34 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) int_mma_w(
     cp_wait<0>();
   }
 #elif RP
-  // RP (launch option ``rp``, off by default): the weights in registers, one step ahead, the next step's loads in a
-  // block of their own: the compiler keeps such a block's loads ahead of the arithmetic after it (as int_gemv's
-  // prefetch does), where loads in the same block as the arithmetic were issued right before their use
+  // RP (launch option ``rp``, the default at batches 2-8 with pt 4): the weights in registers, PT steps per register
+  // tile, the next tile's loads in a block of their own: the compiler keeps such a block's loads ahead of the
+  // arithmetic after it (as int_gemv's prefetch does), where loads in the same block as the arithmetic were issued
+  // right before their use
   (void)wa; (void)wb; (void)sa; (void)sb;
   if (s0 < s1) {
-    for (int S = s0; S < s1; ++S) {
-      uint4 na[TW], nb[TW];
-      u32 nza[TW], nzb[TW];
-      if (S + 1 < s1) load_step(na, nb, nza, nzb, S + 1);
-      compute_wstep_tw(accs, qa, qb, za, zb, xs + (size_t)(S - sb0) * 8 * 32 * NT + XLANE(lane));
+    for (int S = s0; S < s1; S += PT) {
+      uint4 na[PT][TW], nb[PT][TW];
+      u32 nza[PT][TW], nzb[PT][TW];
 #pragma unroll
-      for (int i = 0; i < TW; ++i) { qa[i] = na[i]; qb[i] = nb[i]; za[i] = nza[i]; zb[i] = nzb[i]; }
+      for (int p = 0; p < PT; ++p)
+        if (S + PT + p < s1) load_step(na[p], nb[p], nza[p], nzb[p], S + PT + p);
+#pragma unroll
+      for (int p = 0; p < PT; ++p)
+#if ABL & 2  // ablation (probe only): the words are loaded but not decoded or multiplied, x not read
+        if (S + p < s1)
+          accs[0][0][0] += __uint_as_float((qa[p][0].x ^ qa[p][0].y ^ qa[p][0].z ^ qa[p][0].w ^ qb[p][0].x ^
+                                            qb[p][0].y ^ qb[p][0].z ^ qb[p][0].w ^ za[p][0] ^ zb[p][0]) & 0x3F7FFFFFu);
+#else
+        if (S + p < s1)
+          compute_wstep_tw(accs, qa[p], qb[p], za[p], zb[p], xs + (size_t)(S + p - sb0) * 8 * 32 * NT + XLANE(lane));
+#endif
+#pragma unroll
+      for (int p = 0; p < PT; ++p)
+#pragma unroll
+        for (int i = 0; i < TW; ++i) {
+          qa[p][i] = na[p][i]; qb[p][i] = nb[p][i]; za[p][i] = nza[p][i]; zb[p][i] = nzb[p][i];
+        }
     }
   }
 #else
@@ -820,6 +841,11 @@ W_DEFAULT = dict(rt=4, kw=4, spw=None, pd=4, rs=1, gd=1, xv=3)
 # (112 of 132 at 14336 x 4096 with rt 8) were what the best config lost most to.
 W_RT = (8, 7, 6, 5, 4)
 W_SPW = (16, 12, 11, 10, 8, 6, 4, 3, 2, 1)
+# batches 2-8 (one n8 tile): the weights in registers, 4 super-steps per register tile (4 KB per warp in flight), in
+# the geometry the search gives the ring. On an H200 (2026-11-28, graph harness, the five Llama shapes) batch 4 went
+# from 7.9-17.5 us (1.71-2.11x BF16) with the ring to 7.0-14.7 us (1.93-2.30x); at batch 16 (two n8 tiles, twice the
+# x fragments: 128 registers) the same form was not faster than the ring (benchmarks/kernels/NOTES.md, v22)
+W_SMALL = dict(rp=1, pt=4)
 W_ON = os.environ.get("LEANQ_MMA_W", "1") != "0"  # batches 2-16 of 4-bit layers on the w kernel where it applies
 TUNED_W: dict = {}  # batch bucket (8: batches 2-8, 16: 9-16) -> config, from the H100 sweeps of bench_cuda_int.py
 # (N, K) -> config where a sweep beat the search's choice on a 132-SM part. 4096 x 4096 (an H200, 2026-11-28, two
@@ -830,7 +856,7 @@ W_SHAPES = {(4096, 4096): dict(rt=4, kw=1, spw=8, pd=3)}
 
 
 def source_w(xt: int, rt: int, kw: int, nt: int, gs: int, sbf16: bool, pd: int = 4, abl: int = 0, mg: int = 0,
-             rp: int = 0, rs: int = 0, gd: int = 0, tw: int = 1, xv: int = 0) -> str:
+             rp: int = 0, rs: int = 0, gd: int = 0, tw: int = 1, xv: int = 0, pt: int = 1) -> str:
     """``gd`` 1: programmatic dependent launch (the ring's first steps, or with ``rp`` the first step's registers,
     loaded before the wait for the previous grid, the next grid let in after it; the launcher must pass ``pdl``), 2
     the same with the next grid let in only as this one ends; not with ``mg``. ``tw``: row tiles per warp, sharing
@@ -838,8 +864,9 @@ def source_w(xt: int, rt: int, kw: int, nt: int, gs: int, sbf16: bool, pd: int =
     8-byte copies per step (2 and 3: the same through L1, 3 with the copies ordered by x's rows)."""
     assert gd in (0, 1, 2) and (not gd or not mg), (gd, mg)
     assert tw in (1, 2, 3, 4) and (tw == 1 or rp), (tw, rp)
+    assert 1 <= pt <= 8 and (pt == 1 or rp), (pt, rp)
     defs = dict(BITS=4, XT=xt, RT=rt, KW=kw, NT=nt, GS=gs, SBF16=int(sbf16), PD=pd, ABL=abl, MG=mg, RP=rp, RS=rs,
-                GD=int(gd), TW=tw, XV=int(xv))
+                GD=int(gd), TW=tw, XV=int(xv), PT=int(pt))
     return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + PRELUDE + _HELPERS + _SRC_W
 
 
@@ -877,6 +904,8 @@ def w_launch(M: int, N: int, K: int, cfg: dict | None, sms: int, blocks_per_sm=N
     tw = int(c.get("tw", 1))
     if tw != 1 and not c.get("rp"):
         raise ValueError(f"cuda-int-mma-w: tw {tw} needs rp")
+    if int(c.get("pt", 1)) != 1 and not c.get("rp"):
+        raise ValueError(f"cuda-int-mma-w: pt {c['pt']} needs rp")
     tiles, ns = -(-N // 16), K // 128
     top = -(-ns // c["kw"])  # no more steps per warp than the K range holds
     nt = 1 if M <= 8 else 2
@@ -909,13 +938,15 @@ def w_launch(M: int, N: int, K: int, cfg: dict | None, sms: int, blocks_per_sm=N
 def w_config(M: int, N: int, K: int, sms: int) -> dict:
     """The launch config for x [M, K] and N outputs when the caller gives none: TUNED_W's for the batch bucket, else
     W_SHAPES's for the shape on a 132-SM part, else over W_RT x W_SPW (kw 2, pd 3) the grid of the fewest waves (one
-    block per SM), then the best filled last wave, then the most steps per warp."""
+    block per SM), then the best filled last wave, then the most steps per warp; batches 2-8 add W_SMALL (the
+    register form)."""
     tuned = TUNED_W.get(8 if M <= 8 else 16)
     if tuned:
         return dict(tuned)
+    small = W_SMALL if M <= 8 else {}
     if sms == 132 and (N, K) in W_SHAPES:
-        return dict(W_SHAPES[(N, K)])
-    return dict(_w_search(8 if M <= 8 else 16, N, K, sms))
+        return dict(W_SHAPES[(N, K)], **small)
+    return dict(_w_search(8 if M <= 8 else 16, N, K, sms), **small)
 
 
 @functools.lru_cache(maxsize=None)
@@ -950,8 +981,8 @@ if torch.cuda.is_available():  # allocate now, outside any CUDA-graph memory poo
 
 @functools.lru_cache(maxsize=None)
 def _compiled_w(xt: int, rt: int, kw: int, nt: int, gs: int, sbf16: bool, pd: int, abl: int, mg: int, rp: int,
-                device: int, rs: int = 0, gd: int = 0, tw: int = 1, xv: int = 0) -> Launcher:
-    return _launcher(source_w(xt, rt, kw, nt, gs, sbf16, pd, abl, mg, rp, rs, gd, tw, xv), "int_mma_w",
+                device: int, rs: int = 0, gd: int = 0, tw: int = 1, xv: int = 0, pt: int = 1) -> Launcher:
+    return _launcher(source_w(xt, rt, kw, nt, gs, sbf16, pd, abl, mg, rp, rs, gd, tw, xv, pt), "int_mma_w",
                      "cuda-int-mma-w", device)
 
 
@@ -969,7 +1000,7 @@ def run_int_mma_w(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: di
     gd = pdl_mode(0 if c0.get("mg") else int(c0.get("gd", 0)), sm90(dev))
     kern = _compiled_w(XT[x2.dtype], c0["rt"], c0["kw"], nt, pk["group"], bool(pk["sbf16"]), c0["pd"],
                        int(c0.get("abl", 0)), int(c0.get("mg", 0)), int(c0.get("rp", 0)), dev, int(c0.get("rs", 0)), gd,
-                       int(c0.get("tw", 1)), int(c0.get("xv", 0)))
+                       int(c0.get("tw", 1)), int(c0.get("xv", 0)), int(c0.get("pt", 1)))
     threads = 32 * c0["rt"] * c0["kw"]
     c, (gx, gy) = w_launch(M, N, K, cfg, sms, lambda smem: kern.blocks_per_sm(threads, smem))
     scratch = _w_scratch(x2.device, gy * N * 16, gx) if gy > 1 else None
