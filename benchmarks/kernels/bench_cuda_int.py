@@ -68,13 +68,12 @@ def main() -> int:
     ap.add_argument("--mma-cfgs", default="", help="also these cuda-int-mma launch configs, threads/wr/nt: e.g. "
                     "256/1/2,512/2/4")
     ap.add_argument("--mmaw-cfgs", default="", help="with --mma: also these configs of the w kernel (weights as the A "
-                    "operand), rt/kw/spw/pd[/mg[/rp[/rs[/gd[/tw[/xv]]]]]] or changes to the chosen config joined by +: rs0, "
-                    "gd0-2, xv0-3, pd2-5, rp0-1, pt1-8 (with rp: steps per register tile), tw1-4, e.g. gd0+pd4 or "
-                    "rp1+pt4 (spw 0: chosen by the launcher; mg 1: copies of four steps "
-                    "at a time; rp 1: weights "
-                    "prefetched in registers; rs: the split sum's loads in flight together, 1 unless given; gd: "
-                    "programmatic dependent launch, as W_DEFAULT unless given; tw: row tiles per warp, with rp; xv: x staged by 16-byte copies), e.g. "
-                    "4/4/0/4,2/8/2/4,7/1/32/2/1,7/2/16/3/0/1,8/2/16/3/0/0/0")
+                    "operand), rt/kw/spw/pd[/mg[/rp[/rs[/gd[/tw[/xv]]]]]] or changes to the chosen config joined by +: "
+                    "rs0, gd0-2, xv0-3, pd2-5, rp0-1, pt1-8 (with rp: steps per register tile), tw1-4, e.g. gd0+pd4 or "
+                    "rp1+pt4 (spw 0: chosen by the launcher; mg 1: copies of four steps at a time; rp 1: weights "
+                    "loaded into registers; rs: the split sum's loads in flight together, 1 unless given; gd: "
+                    "programmatic dependent launch, as W_DEFAULT unless given; tw: row tiles per warp, with rp; xv: x "
+                    "staged by 16-byte copies), e.g. 4/4/0/4,2/8/2/4,7/1/32/2/1,7/2/16/3/0/1,8/2/16/3/0/0/0")
     ap.add_argument("--mma-lite", action="store_true", help="with --mma: skip dequantize + cuBLAS and the Triton kn-dot")
     ap.add_argument("--wgmma-cfgs", default="", help="with --mma batches above 16: also these configs of the wgmma "
                     "kernel (kernels.cuda_int_wgmma), wg/bm/nst/split[/pipe/minb/ws] (split 0: chosen; ws 1: a producer warp and "

@@ -56,15 +56,17 @@ def _rows_of(paths: str) -> list[dict]:
     return [r for p in paths.split(",") if p for r in _rows(p)]
 
 
-def _b16(final: list[dict], spec: str) -> dict[str, float]:
-    """shape -> batch-16 x BF16 of the w kernel: from ``spec`` ("FILE: SUFFIX", rows whose name ends with SUFFIX),
-    else the default rows of ``final``."""
+def _w_batch(final: list[dict], spec: str, m: int) -> dict[str, float]:
+    """shape -> batch-m x BF16 of the w kernel: from ``spec`` ("FILE[: SUFFIX]", rows whose name ends with SUFFIX,
+    without one the default config's), else the default rows of ``final``."""
     if not spec:
-        return _pick(final, impl="batch-cuda-int-mma-w", M=16)
+        return _pick(final, impl="batch-cuda-int-mma-w", M=m)
     path, _, suffix = spec.partition(": ")
     rows = [r for r in _rows(path) if str(r.get("impl", "")).startswith("batch-cuda-int-mma-w")
             and r["impl"].endswith(suffix.strip())]
-    return _pick(rows, M=16)
+    if not suffix.strip():
+        rows = [r for r in rows if r["impl"] == "batch-cuda-int-mma-w"]
+    return _pick(rows, M=m)
 
 
 def main() -> int:
@@ -73,10 +75,10 @@ def main() -> int:
                     help="batch 1 (cuda-int, int4pack) and batch 16 (mma-w) rows, comma-separated files (a later file's "
                     "row wins per shape)")
     ap.add_argument("--b16", default=os.path.join(R, "h200-2026-11-28-s20-default.jsonl"),
-                    help="FILE[: SUFFIX]: the batch-16 rows of the w kernel whose name ends with SUFFIX (default: the "
-                    "'--final' files' default rows)")
+                    help="FILE[: SUFFIX]: the batch-16 rows of the w kernel whose name ends with SUFFIX (without one: "
+                    "the default config's; '' for the '--final' files' default rows)")
     ap.add_argument("--b4", default=os.path.join(R, "h200-2026-11-28-s21-final.jsonl"),
-                    help="batch-4 rows of the w kernel (its default config, the register form since session 21)")
+                    help="the same for batch 4 (the register form by default since session 21)")
     ap.add_argument("--b64", default=os.path.join(R, "ws-h200-2026-11-28-reduce.jsonl"), help="batch-64 rows")
     ap.add_argument("--gemm", default=os.path.join(R, "gemm-h200-2026-11-28-final.jsonl"), help="batch 128/256 rows")
     ap.add_argument("--widths", default=",".join(os.path.join(R, f) for f in ("h200-2026-11-28-s19-rows.jsonl",
@@ -104,8 +106,8 @@ def main() -> int:
     b64, gemm = _rows(args.b64), _rows(args.gemm)
     by_batch = {
         1: _pick(final, impl="cuda-int", bits=4),
-        4: _pick(_rows(args.b4), impl="batch-cuda-int-mma-w", M=4),
-        16: _b16(final, args.b16),
+        4: _w_batch(final, args.b4, 4),
+        16: _w_batch(final, args.b16, 16),
         64: _pick(b64, impl="batch-cuda-int-wgmma", M=64),
         128: _pick(gemm, impl="batch-cuda-int-wgmma", M=128),
         256: _pick(gemm, impl="batch-cuda-int-wgmma", M=256),

@@ -29,8 +29,8 @@ into registers instead of the ring) with ``pt`` super-steps per register tile, t
 current tile's arithmetic, is the default at batches 2-8 (``W_SMALL``: ``pt`` 4, 4 KB per warp in flight). One step
 at a time (``pt`` 1) it had lost to the ring on an H200 (2026-11-28, NOTES.md v20: 1.31-1.43x BF16 at batch 16,
 geomean, against 1.48-1.51x); with ``pt`` 4 batch 4 went from 1.71-2.11x to 1.93-2.30x BF16 on the five Llama shapes
-(two runs, v22), while at batch 16 (two n8 tiles, 128 registers) it stayed at the ring's level, so batch 16 keeps the
-ring. ``xv`` 3 is on by default: the block's x is staged by 16-byte
+(three runs, v22), while at batch 16 (two n8 tiles, 128 registers) it stayed at the ring's level, so batch 16 keeps
+the ring. ``xv`` 3 is on by default: the block's x is staged by 16-byte
 copies through L1 (``cp.async.ca``), each warp's 32 copies two batch rows x 256 contiguous bytes and each
 quarter-warp's 8 neighbouring shared-memory entries, in a layout of step pairs (a lane's 16 bytes: the 8 inputs of
 one batch row for two tensor-core steps). Before it, 8-byte copies per step took 5.2 of 19.2 us at 14336 x 4096,
@@ -40,8 +40,8 @@ was 26-60% slower than the 8-byte form, and through L1 in the old copy order (``
 Measured slower and not kept (session 20, H200; benchmarks/kernels/NOTES.md v21): x staged in chunks on mbarriers so
 that warps start on the first chunk (4-16% slower), x through a ring of its own beside the weights with a named
 barrier per input range and step (15-30%), the zero point taken out in fp32 with per-step sums of x (up to 7% at
-batch 16), and each warp's first steps of weights prefetched into L2 while x is staged (up to 20%). A
-fourth, ``rs``, is on by default: the split sum's schedule, each thread loading all of its outputs' slot values at
+batch 16), and each warp's first steps of weights prefetched into L2 while x is staged (up to 20%). ``rs`` is on
+by default: the split sum's schedule, each thread loading all of its outputs' slot values at
 once, slot by slot, instead of one output's slots one load at a time. The additions keep their order, so the bytes
 are the same as with ``rs`` 0 (whose SASS is the kernel before it). On an H200 (2026-11-28, same run, graph harness) it took
 batch 16 from 1.09-1.47x to 1.28-1.57x BF16 over the five Llama shapes, and batch 4 from 1.43-1.90x to 1.51-1.91x.
@@ -555,8 +555,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) int_mma_w(
   };
 #endif
 #if RP
-  // rp: the first step's weights go out first; with gd they are loaded before the wait for the previous grid (they
-  // do not depend on it), x only after it
+  // rp: the first register tile's weights go out first; with gd they are loaded before the wait for the previous
+  // grid (they do not depend on it), x only after it
 #pragma unroll
   for (int p = 0; p < PT; ++p)
     if (s0 + p < s1) load_step(qa[p], qb[p], za[p], zb[p], s0 + p);
@@ -857,7 +857,7 @@ W_SHAPES = {(4096, 4096): dict(rt=4, kw=1, spw=8, pd=3)}
 
 def source_w(xt: int, rt: int, kw: int, nt: int, gs: int, sbf16: bool, pd: int = 4, abl: int = 0, mg: int = 0,
              rp: int = 0, rs: int = 0, gd: int = 0, tw: int = 1, xv: int = 0, pt: int = 1) -> str:
-    """``gd`` 1: programmatic dependent launch (the ring's first steps, or with ``rp`` the first step's registers,
+    """``gd`` 1: programmatic dependent launch (the ring's first steps, or with ``rp`` the first register tile,
     loaded before the wait for the previous grid, the next grid let in after it; the launcher must pass ``pdl``), 2
     the same with the next grid let in only as this one ends; not with ``mg``. ``tw``: row tiles per warp, sharing
     each x fragment (with ``rp`` only). ``xv`` 1: x staged by 16-byte copies in step pairs (see load_xfrag), 0 by
@@ -901,11 +901,10 @@ def w_launch(M: int, N: int, K: int, cfg: dict | None, sms: int, blocks_per_sm=N
     c = dict(W_DEFAULT, **(cfg or TUNED_W.get(8 if M <= 8 else 16, {})))
     if not 2 <= c["pd"] <= 5:
         raise ValueError(f"cuda-int-mma-w: pd {c['pd']} outside 2-5")
+    for opt in ("tw", "pt"):  # row tiles per warp, steps per register tile: the register form's
+        if int(c.get(opt, 1)) != 1 and not c.get("rp"):
+            raise ValueError(f"cuda-int-mma-w: {opt} {c[opt]} needs rp")
     tw = int(c.get("tw", 1))
-    if tw != 1 and not c.get("rp"):
-        raise ValueError(f"cuda-int-mma-w: tw {tw} needs rp")
-    if int(c.get("pt", 1)) != 1 and not c.get("rp"):
-        raise ValueError(f"cuda-int-mma-w: pt {c['pt']} needs rp")
     tiles, ns = -(-N // 16), K // 128
     top = -(-ns // c["kw"])  # no more steps per warp than the K range holds
     nt = 1 if M <= 8 else 2
@@ -940,13 +939,11 @@ def w_config(M: int, N: int, K: int, sms: int) -> dict:
     W_SHAPES's for the shape on a 132-SM part, else over W_RT x W_SPW (kw 2, pd 3) the grid of the fewest waves (one
     block per SM), then the best filled last wave, then the most steps per warp; batches 2-8 add W_SMALL (the
     register form)."""
-    tuned = TUNED_W.get(8 if M <= 8 else 16)
-    if tuned:
-        return dict(tuned)
-    small = W_SMALL if M <= 8 else {}
-    if sms == 132 and (N, K) in W_SHAPES:
-        return dict(W_SHAPES[(N, K)], **small)
-    return dict(_w_search(8 if M <= 8 else 16, N, K, sms), **small)
+    bucket = 8 if M <= 8 else 16
+    if TUNED_W.get(bucket):
+        return dict(TUNED_W[bucket])
+    base = W_SHAPES[(N, K)] if sms == 132 and (N, K) in W_SHAPES else _w_search(bucket, N, K, sms)
+    return dict(base, **(W_SMALL if bucket == 8 else {}))
 
 
 @functools.lru_cache(maxsize=None)
