@@ -80,8 +80,9 @@ def main() -> int:
                     "mbarriers), e.g. 2/128/4/0,1/256/3/2/1/1,2/128/4/2/1/1/1")
     ap.add_argument("--gemm-cfgs", default="", help="with --mma batches above 16: also these configs of the Triton GEMM "
                     "on the rk words (kernels.triton_gemm), BN/BM/BK/warps/stages/split/GM[/XA], e.g. 128/128/64/8/4/1/8/1")
-    ap.add_argument("--ablate", action="store_true",
-                    help="also time the tuned config with parts left out (cuda_int.source's ablate bits 1, 2, 3)")
+    ap.add_argument("--ablate", nargs="?", const="1,2,3", default="",
+                    help="also time the tuned config with parts left out (cuda_int.source's ablate bits: 1, 2, 3 "
+                    "unless given, e.g. --ablate 3)")
     args = ap.parse_args()
     sweep = (SWEEP if args.sweep else []) + [
         dict(mode="stream", threads=int(f[0]), st=int(f[1]), u=int(f[2]), bps=int(f[3]) if len(f) > 3 else None)
@@ -289,7 +290,7 @@ def main() -> int:
                     print(f"  M={M:<3} {name:<28} single {t1 * 1e3:6.1f} us x{tb / t1:.2f}  graph {g1 * 1e3:6.1f} us "
                           f"x{gb / g1:.2f} bf16 ({r['pct_copy_graph']:.0f}% copy)  err {e:.1e}", flush=True)
             if args.ablate:
-                for ab in (1, 2, 3):
+                for ab in (int(a) for a in args.ablate.split(",")):
                     cfg = dict(ci._cfg(bits), ablate=ab)
                     g1 = bk.bench_graph(lambda c: rk_fn(c, cfg), nb, reps=args.reps)
                     r = dict(shape=f"{n}x{k}", n=n, k=k, bits=bits, impl=f"cuda-int-ablate{ab}", cfg=cfg,
