@@ -76,7 +76,9 @@ def ckpt(tmp_path_factory) -> Path:
 
 
 def _copy(src: Path) -> Path:
-    d = Path(tempfile.mkdtemp(prefix="leanq-fuzz-")) / "ck"
+    """A fresh copy of the checkpoint ``src`` beside it (under pytest's temporary directory, which pytest prunes;
+    hypothesis examples cannot take a function-scoped ``tmp_path``)."""
+    d = Path(tempfile.mkdtemp(prefix="copy-", dir=src.parent)) / "ck"
     shutil.copytree(src, d)
     return d
 
@@ -504,7 +506,7 @@ def test_lean_weights_and_tokenizer_mutation(ckpt, data):
 @given(data=st.data())
 def test_lean_gguf_bytes_mutation(tiny_gguf, data):
     raw = _mutate_bytes(data, tiny_gguf.read_bytes(), hot=1500)
-    t = Path(tempfile.mkdtemp(prefix="leanq-fuzz-"))
+    t = Path(tempfile.mkdtemp(prefix="gguf-", dir=tiny_gguf.parent))
     (t / "m.gguf").write_bytes(raw)
     _lean_run(t / "m.gguf", t)
 

@@ -156,6 +156,28 @@ def test_cuda_int_configs_agree(cfg, bits):
 
 
 @GPU
+@pytest.mark.parametrize("bits", [4, 3, 2, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("k,offset", [(4160, 0), (4100, 0), (1000, 1), (200, 0)])
+def test_cuda_int_xs_staging_gives_the_same_bytes(bits, dtype, k, offset):
+    """Launch option ``xs`` (the staging's per-thread constants computed once, full-mask shuffles) stages the same
+    activations as before, so every output is the same to the bit: 16-byte loads (K % 8 == 0), element loads (K % 8
+    != 0, or x not 16-byte aligned: ``offset``), a last partial warp of chunks, both PDL modes."""
+    m = _layer(333, k, bits, 128, device="cuda")
+    pk = ci.packed_rk(m)
+    buf = torch.randn(1, k + offset, device="cuda").to(dtype)
+    x = buf[:, offset:]
+    assert x.is_contiguous() and (x.data_ptr() % 16 != 0) == bool(offset)
+    for cfg in (dict(threads=512, r=2, u=2, pf=1, xf=1, gd=1), dict(threads=256, r=1, u=4, pf=1, xf=1, gd=0, sb=1),
+                dict(threads=64, r=3, u=1, pf=0, xf=0)):
+        old = ci.run_int_cuda(x, pk, None, cfg)
+        new = ci.run_int_cuda(x, pk, None, dict(cfg, xs=1))
+        assert torch.equal(old, new), (cfg, (old.float() - new.float()).abs().max().item())
+    ref = x.float() @ ci.reference_rk(pk).t()
+    assert ((new.float() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+@GPU
 @pytest.mark.parametrize("bits", [4, 3, 2])
 @pytest.mark.parametrize("form", list(FORMS))
 def test_cuda_int_wide_inputs_take_more_than_48kb_of_shared_memory(bits, form):

@@ -28,7 +28,9 @@ Per block:
 2. meanwhile the block stages the activations in shared memory, a thread per 8 values: per chunk,
    e with max |x| <= 2**e (a power of two: exact), each fp16 pair x * 2**(15 - pos - e) for the position
    of the codes it meets, and the chunk's sum of x with 2**(9 + e) in a spare 16 bytes (chunks at an odd
-   stride of 16-byte units, so a quarter-warp's reads fall on distinct banks);
+   stride of 16-byte units, so a quarter-warp's reads fall on distinct banks); with launch option ``xs`` (the
+   default) what is fixed per thread (its unit of the chunk, the pairs' exponent bases) is computed once and the
+   chunk's max and sum are shared by full-warp shuffles;
 3. per chunk and row, one fp16x2 FMA per code pair into one sum (products q * x * 2**(-9 - e) of at most
    16 pairs: no overflow, no zero point), then in fp32 ``acc += scale * (2**(9 + e) * sum - zero * sum x)``;
    the next tile's loads are issued before this tile's arithmetic;
@@ -62,7 +64,7 @@ from .cuda_rt import (PRELUDE, XT, Launcher, device_index, nvrtc_available, on_d
 BITS = (2, 3, 4, 8)
 # threads per block, rows per warp, chunks per lane per tile, next tile prefetched, cap on blocks per SM (None: as
 # many as the SM holds)
-DEFAULT_CFG = dict(threads=256, r=2, u=2, pf=1, bps=None)
+DEFAULT_CFG = dict(threads=256, r=2, u=2, pf=1, bps=None, xs=1)
 # the streaming form (int_gemv_stream, sm_90) by bits where it would be the default: threads, tiles in flight per
 # warp, chunks per lane. Empty: on an H100 it measured slower than the per-warp form at every width (NOTES.md, v10).
 STREAM: dict = {}
@@ -73,10 +75,13 @@ STREAM: dict = {}
 # value read from shared memory once for both) beat r 1 u 4 on all five shapes in session 19 (NOTES.md, v20).
 # xf 1 (x's first staging loads before the first weight tile, v14) serves where gd is off (before sm_90). 3-bit: with
 # the one-AND fields (session 20) r 2 u 2 stayed the best of eight geometries (NOTES.md, v21).
-TUNED: dict = {4: dict(threads=512, r=2, u=4, pf=1, bps=None, xf=1, gd=1),
-               2: dict(threads=512, r=2, u=2, pf=1, bps=None, xf=1, gd=1),
-               8: dict(threads=512, r=1, u=4, pf=1, bps=None, xf=1, gd=1),
-               3: dict(threads=512, r=2, u=2, pf=1, bps=None, xf=1, gd=1)}
+# xs 1 (the staging's lean form, session 23: the same bytes in fewer instructions) measured 0-1.5% faster at 4-bit,
+# 1.5-2% at 3-bit on the 4096-row long-K shapes, 2-6% at 8-bit, and -2% to +3% at 2-bit over two calls on the five
+# shapes (NOTES.md, v24).
+TUNED: dict = {4: dict(threads=512, r=2, u=4, pf=1, bps=None, xf=1, gd=1, xs=1),
+               2: dict(threads=512, r=2, u=2, pf=1, bps=None, xf=1, gd=1, xs=1),
+               8: dict(threads=512, r=1, u=4, pf=1, bps=None, xf=1, gd=1, xs=1),
+               3: dict(threads=512, r=2, u=2, pf=1, bps=None, xf=1, gd=1, xs=1)}
 
 _SRC = r"""
 #if BITS == 3
@@ -267,26 +272,86 @@ __device__ __forceinline__ void x_load(uint4 (&raw)[SB][XW], const void* XR x, i
                                                                               : make_uint4(0u, 0u, 0u, 0u);
   }
 }
-// ... and their scaled fp16 pairs and chunk sums into shared memory
+#if XS
+// activations 8u .. 8u + 7 as raw bits (zeros past K), in the layout of the step's 16-byte loads
+__device__ __forceinline__ void load8raw(uint4 (&r)[XW], const void* XR x, int u, int K) {
+  u32 e[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i)
+#if XT == 0
+    e[i] = 8 * u + i < K ? __float_as_uint(((const float*)x)[8 * u + i]) : 0u;
+  r[0] = make_uint4(e[0], e[1], e[2], e[3]);
+  r[1] = make_uint4(e[4], e[5], e[6], e[7]);
+#else
+    e[i] = 8 * u + i < K ? (u32)((const u16*)x)[8 * u + i] : 0u;
+  r[0] = make_uint4(e[0] | (e[1] << 16), e[2] | (e[3] << 16), e[4] | (e[5] << 16), e[6] | (e[7] << 16));
+#endif
+}
+#endif
+// ... and their scaled fp16 pairs and chunk sums into shared memory. Unit u of the activations is unit j = u % S of
+// chunk c = u / S. XS 1 (launch option ``xs``, the default; the same bytes as XS 0, the form before session 23, in
+// fewer instructions): THREADS is a multiple of S and every step starts at a multiple of S, so j, the exponent bits
+// 2**(15 - pos) of its four pairs and whether it writes the chunk's spare unit are the same in every step: computed
+// once. Whole warps past the end leave the step (a warp-uniform test); lanes of a warp's last chunk past KU compute on
+// zeros and store nothing, so the max and sum shuffles take the full mask (XS 0 builds the chunk's lane mask each
+// time). bf16 values widen by one shift or one AND each, and the element-load fallback builds the same raw words.
 __device__ __forceinline__ void x_store(uint4* xs, const uint4 (&raw)[SB][XW], const void* XR x, int u0,
                                         int K, int KU, int XVEC, int lane) {
+#if XS
+  const int j = threadIdx.x & (S - 1);
+  u32 pb[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) pb[i] = (u32)(127 + 15 - ppos(4 * j + i)) << 23;
+  const u32 gm = 0xffffffffu;
+#endif
 #pragma unroll
   for (int b = 0; b < SB; ++b) {
+#if XS
+    const int w0 = u0 + b * THREADS + (threadIdx.x & ~31);
+    if (w0 >= KU * S) break;
+    const int u = w0 + lane, c = (int)((unsigned)u / S);
+    uint4 rr[XW];
+    if (XVEC && 8 * u + 8 <= K) {
+#pragma unroll
+      for (int i = 0; i < XW; ++i) rr[i] = raw[b][i];
+    } else {
+      load8raw(rr, x, u, K);
+    }
+    float v[8];
+#if XT == 2
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const u32 wv = i == 0 ? rr[0].x : i == 1 ? rr[0].y : i == 2 ? rr[0].z : rr[0].w;
+      v[2 * i] = __uint_as_float(wv << 16);
+      v[2 * i + 1] = __uint_as_float(wv & 0xFFFF0000u);
+    }
+#else
+    unpack8(v, rr);
+#endif
+    const bool st = c < KU;
+#else
     const int u = u0 + b * THREADS + threadIdx.x;
     if (u >= KU * S) break;
     const int c = u / S, j = u % S;
     float v[8];
     if (XVEC && 8 * u + 8 <= K) unpack8(v, raw[b]);
     else load8(v, x, u, K);
+    const u32 gm = ((1u << S) - 1u) << (lane & ~(S - 1));
+    u32 pb[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) pb[i] = (u32)(127 + 15 - ppos(4 * j + i)) << 23;
+    const bool st = true;
+#endif
 #if ABLATE & 2
-    xs[c * CST + j] = make_uint4(u, 0u, 0u, 0u);
-    if (j == 0) xs[c * CST + S] = make_uint4(0x3F800000u, 0u, 0u, 0u);
+    if (st) {
+      xs[c * CST + j] = make_uint4(u, 0u, 0u, 0u);
+      if (j == 0) xs[c * CST + S] = make_uint4(0x3F800000u, 0u, 0u, 0u);
+    }
     continue;
 #endif
     float m = 0.f, tot = 0.f;
 #pragma unroll
     for (int i = 0; i < 8; ++i) { m = fmaxf(m, fabsf(v[i])); tot += v[i]; }
-    const u32 gm = ((1u << S) - 1u) << (lane & ~(S - 1));
 #pragma unroll
     for (int o = 1; o < S; o <<= 1) {
       m = fmaxf(m, __shfl_xor_sync(gm, m, o));
@@ -295,15 +360,18 @@ __device__ __forceinline__ void x_store(uint4* xs, const uint4 (&raw)[SB][XW], c
     // m <= 2**e, e from m's exponent field; a chunk of zeros (or subnormals) keeps e = 0
     int e = (int)((__float_as_uint(m) >> 23) & 0xFFu) - 126;
     e = m >= 1.17549435e-38f ? min(max(e, -100), 100) : 0;
+    const u32 eb = (u32)e << 23;
     u32 h[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const float ps = __uint_as_float((u32)(127 + 15 - e - ppos(4 * j + i)) << 23);  // 2**(15 - pos - e)
+      const float ps = __uint_as_float(pb[i] - eb);  // 2**(15 - pos - e)
       h[i] = f2h2(v[2 * i] * ps, v[2 * i + 1] * ps);
     }
-    xs[c * CST + j] = make_uint4(h[0], h[1], h[2], h[3]);
-    if (j == 0)
-      xs[c * CST + S] = make_uint4(__float_as_uint(__uint_as_float((u32)(127 + 9 + e) << 23)), __float_as_uint(tot), 0u, 0u);
+    if (st) {
+      xs[c * CST + j] = make_uint4(h[0], h[1], h[2], h[3]);
+      if (j == 0)
+        xs[c * CST + S] = make_uint4(__float_as_uint(__uint_as_float((u32)(127 + 9 + e) << 23)), __float_as_uint(tot), 0u, 0u);
+    }
   }
 }
 // the staging steps from unit ``from`` on
@@ -616,11 +684,12 @@ extern "C" __global__ void int_dequant(void* __restrict__ out, const uint4* __re
 
 
 def source(bits: int, xt: int, threads: int, r: int, u: int, pf: int, sbf16: bool, ablate: int = 0, sb: int = 4,
-           st: int = 4, sp: int = 1, xf: int = 0, gd: int = 0) -> str:
+           st: int = 4, sp: int = 1, xf: int = 0, gd: int = 0, xs: int = 0) -> str:
     """The CUDA source of one configuration (its constants as #defines): ``sb`` activation units per thread per
     staging step (their loads in flight together); ``gd`` programmatic dependent launch (int_gemv: 1 the first
     weight tile loaded before the wait for the previous grid and the next grid let in after it, 2 the same but the
-    next grid let in only as this one ends; the launcher must pass ``pdl`` for it to overlap anything).
+    next grid let in only as this one ends; the launcher must pass ``pdl`` for it to overlap anything); ``xs`` 1 the
+    staging's per-thread constants computed once and its shuffles on the full mask (the same bytes).
 
     ``ablate`` (timing experiments only; the results are wrong): bit 1 no decode or dot products (the loaded
     words are only XOR-ed), bit 2 no activation staging."""
@@ -629,7 +698,7 @@ def source(bits: int, xt: int, threads: int, r: int, u: int, pf: int, sbf16: boo
     assert pf in (0, 1), pf  # a ring of two tiles ahead measured slower on an H200 (NOTES.md, v14; commit 1a92040)
     assert gd in (0, 1, 2), gd
     defs = dict(BITS=bits, XT=xt, THREADS=threads, R=r, U=u, PF=int(pf), SBF16=int(sbf16), ABLATE=ablate, SB=sb, ST=st,
-                SPLIT=sp, XF=int(xf), GD=int(gd))
+                SPLIT=sp, XF=int(xf), GD=int(gd), XS=int(xs))
     return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + PRELUDE + _SRC
 
 
@@ -640,8 +709,8 @@ def available() -> bool:
 @functools.lru_cache(maxsize=None)
 def _compiled(bits: int, xt: int, threads: int, r: int, u: int, pf: int, sbf16: bool, device: int,
               name: str = "int_gemv", ablate: int = 0, sb: int = 4, st: int = 4, sp: int = 1,
-              xf: int = 0, gd: int = 0) -> Launcher:
-    src = source(bits, xt, threads, r, u, pf, sbf16, ablate, sb, st, sp, xf, gd)
+              xf: int = 0, gd: int = 0, xs: int = 0) -> Launcher:
+    src = source(bits, xt, threads, r, u, pf, sbf16, ablate, sb, st, sp, xf, gd, xs)
     with torch.cuda.device(device):
         return Launcher(torch.cuda._compile_kernel(src, name), "cuda-int")
 
@@ -845,7 +914,8 @@ def _rows_launch(cfg: dict, pk: dict, x2: torch.Tensor, dev: int, gd: int) -> tu
     """(kernel, threads, blocks, shared memory) of the per-warp form; ``gd`` its PDL mode (:func:`gdc`)."""
     threads, r, u, sp = cfg["threads"], cfg["r"], cfg["u"], int(cfg.get("sp", 1))
     kern = _compiled(pk["bits"], XT[x2.dtype], threads, r, u, int(cfg.get("pf", 1)), bool(pk["sbf16"]), dev,
-                     "int_gemv", int(cfg.get("ablate", 0)), staging_units(cfg, pk), 4, sp, int(cfg.get("xf", 0)), gd)
+                     "int_gemv", int(cfg.get("ablate", 0)), staging_units(cfg, pk), 4, sp, int(cfg.get("xf", 0)), gd,
+                     int(cfg.get("xs", 0)))
     warps = threads // 32 // sp  # row groups a block walks at once (sp = 2: two warps per row group)
     smem = pk["KU"] * (codes_per_chunk(pk["bits"]) * 2 + 16)  # fp16 activations, a chunk sum per chunk
     smem += 2 * warps * r * 4 if sp == 2 else 0  # the halves' meeting slots
