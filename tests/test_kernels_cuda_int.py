@@ -627,6 +627,39 @@ def test_int_mma_w_xv_staging_meets_the_fragments(nt, m, xv):
                     assert smem[((S * 4 + jp) * nt + n) * 32 + lane] == want
 
 
+@pytest.mark.parametrize("nt,m", [(2, 16), (2, 11), (1, 8), (1, 3)])
+def test_int_mma_w_wg_staging_meets_the_fragments(nt, m):
+    """Launch option wg: the staging (thread u: step pair jp = u % 4, batch row b, super-step sl; four 16-byte loads
+    x[min(b, M - 1)][128 sl + 32 t + 8 jp ..], word 2q + kb of load t to word t of k'-chunk 2 (2 jp + q) + kb, that chunk
+    c of block c // 8 at byte sl 2048 NT + (c // 8) 1024 NT + 128 b + 16 ((c % 8) ^ (b % 8))) read back the way the
+    wgmma's B descriptor reads it (block j // 4, 32 bytes further per step, chunk c of row b at c ^ (b % 8)) must give
+    B[kk][b] = x[b][128 S + 32 t + 4 j + e] for the A fragments' kk = 2t + (e % 2) + 8 (e // 2); every 4-byte word
+    written once."""
+    steps = 3
+    smem = {}  # byte offset of a 4-byte word -> (batch row, first input of its pair)
+    for u in range(steps * 32 * nt):
+        jp, b, sl = u & 3, (u >> 2) % (8 * nt), (u >> 2) // (8 * nt)
+        for m_ in range(4):
+            cc = 2 * (2 * jp + (m_ >> 1)) + (m_ & 1)
+            base = sl * 2048 * nt + (cc >> 3) * 1024 * nt + 128 * b + (((cc & 7) ^ (b & 7)) << 4)
+            for t in range(4):
+                off = base + 4 * t
+                assert off not in smem
+                smem[off] = (min(b, m - 1), 128 * sl + 32 * t + 8 * jp + 2 * m_)
+    assert len(smem) == steps * 32 * nt * 16
+    for S in range(steps):
+        for j in range(8):
+            desc = S * 2048 * nt + (j >> 2) * 1024 * nt + 32 * (j & 3)  # the descriptor's start, relative
+            for b in range(8 * nt):
+                for kk in range(0, 16, 2):  # B[kk][b], B[kk + 1][b]: one 4-byte word
+                    blk = desc - desc % (1024 * nt)  # the block's base (1024 NT bytes, 1024-aligned)
+                    col = desc % 128 + 2 * kk  # K-major: input kk of the step, bytes into row b's 128 ...
+                    # ... in its 8-row group (1024 bytes apart), 16-byte chunk col // 16 at (col // 16) ^ (b % 8)
+                    off = blk + 1024 * (b // 8) + 128 * (b % 8) + (((col // 16) ^ (b % 8)) << 4) + col % 16
+                    t, e = (kk % 8) // 2, 2 * (kk // 8)
+                    assert smem[off] == (min(b, m - 1), 128 * S + 32 * t + 4 * j + e), (S, j, b, kk)
+
+
 def test_int_mma_w_mg_slot_layout_round_trips():
     """Launch option mg's slot of four steps: the copy side (instruction i, lane l: row 2i + l // 16, chunk l % 16,
     at position 16 r + (c ^ 4 (r % 2))) and the read side (lane g * 4 + t, step j: rows g and g + 8, position
@@ -762,6 +795,26 @@ def test_int_mma_w_register_tiles_match(group, n, k, m, sdtype, dtype):
         if cfg:
             one = cm.run_int_mma_w(x, pk, layer.bias.to(dtype), dict(cfg, pt=1))
             assert torch.equal(out, one), cfg
+
+
+@GPU
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="wgmma needs a Hopper GPU (sm_90a)")
+@pytest.mark.parametrize("group,n,k,m,sdtype", [(128, 333, 4224, 16, torch.bfloat16), (256, 200, 1024, 9, torch.float16),
+                                                (128, 70, 512, 5, torch.bfloat16), (128, 64, 128, 2, torch.float16)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int_mma_w_wgmma_form_matches(group, n, k, m, sdtype, dtype):
+    """Launch option wg (the register form's products on warpgroup tensor cores, x staged for their B descriptor):
+    the reference's values, with K split over warps and blocks, rows past N and batch rows past M, both PDL modes."""
+    from leanq.kernels import cuda_int_mma as cm
+
+    layer, pk, x, ref = _gpu_case(n, k, 4, group, m, dtype, sdtype, seed=5)
+    ns = k // 128
+    for cfg in (dict(rt=4, kw=2, spw=3, pd=3, rp=1, pt=2, wg=1, gd=1), dict(rt=4, kw=1, spw=ns, pd=3, rp=1, pt=4, wg=1),
+                dict(rt=8, kw=1, spw=2, pd=3, rp=1, pt=1, wg=1, gd=1), dict(rt=4, kw=4, spw=1, pd=3, rp=1, pt=3, wg=1)):
+        out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+        cm.run_int_mma_w(x, pk, layer.bias.to(dtype), cfg, out=out)
+        assert torch.isfinite(out).all() and ((out.float() - ref).norm() / ref.norm()).item() < 1e-2, cfg
 
 
 @GPU

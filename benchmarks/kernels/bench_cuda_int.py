@@ -69,7 +69,8 @@ def main() -> int:
                     "256/1/2,512/2/4")
     ap.add_argument("--mmaw-cfgs", default="", help="with --mma: also these configs of the w kernel (weights as the A "
                     "operand), rt/kw/spw/pd[/mg[/rp[/rs[/gd[/tw[/xv]]]]]] or changes to the chosen config joined by +: "
-                    "rs0, gd0-2, xv0-3, pd2-5, rp0-1, pt1-8 (with rp: steps per register tile), tw1-4, e.g. gd0+pd4 or "
+                    "rs0, gd0-2, xv0-3, pd2-5, rp0-1, pt1-8 (with rp: steps per register tile), tw1-4, wg0-1 (with rp, rt a multiple "
+                    "of 4: wgmma, sm_90a), rt/kw/sp (rows, ranges, steps per warp), e.g. gd0+pd4 or rp1+pt4+wg1+rt4 or "
                     "rp1+pt4 (spw 0: chosen by the launcher; mg 1: copies of four steps at a time; rp 1: weights "
                     "loaded into registers; rs: the split sum's loads in flight together, 1 unless given; gd: "
                     "programmatic dependent launch, as W_DEFAULT unless given; tw: row tiles per warp, with rp; xv: x "
@@ -249,11 +250,13 @@ def main() -> int:
                     wcfgs = [None]
                     for spec in (c.split("/") for c in args.mmaw_cfgs.split(",") if c):
                         changes = spec[0].split("+") if len(spec) == 1 else []
-                        if changes and all(ch[:2] in ("rs", "gd", "xv", "pd", "rp", "pt", "tw") for ch in changes):
-                            # the chosen config with these changes, e.g. gd0 or gd0+pd4
+                        keys = {"rs": "rs", "gd": "gd", "xv": "xv", "pd": "pd", "rp": "rp", "pt": "pt", "tw": "tw",
+                                "wg": "wg", "rt": "rt", "kw": "kw", "sp": "spw"}
+                        if changes and all(ch[:2] in keys for ch in changes):
+                            # the chosen config with these changes, e.g. gd0 or gd0+pd4 or rp1+pt4+wg1+rt4
                             wcfgs.append({"mg": 0, "rp": 0, "rs": cm.W_DEFAULT["rs"], "gd": cm.W_DEFAULT.get("gd", 0),
                                           **cm.w_config(M, n, k, sm_count(0)),
-                                          **{ch[:2]: int(ch[2:]) for ch in changes}})
+                                          **{keys[ch[:2]]: int(ch[2:]) for ch in changes}})
                             continue
                         rest = [0, 0, cm.W_DEFAULT["rs"], cm.W_DEFAULT.get("gd", 0), 1, cm.W_DEFAULT.get("xv", 0)]
                         v = [int(f) for f in spec] + rest[len(spec) - 4:]
@@ -266,6 +269,7 @@ def main() -> int:
                                                    + ("" if cfg["rs"] else " rs0") + (" gd" if cfg["gd"] else "")
                                                    + (f" tw{cfg['tw']}" if cfg.get("tw", 1) != 1 else "")
                                                    + (f" pt{cfg['pt']}" if cfg.get("pt", 1) != 1 else "")
+                                                   + (" wg" if cfg.get("wg") else "")
                                                    + (f" xv{cfg['xv']}" if "xv" in cfg else ""))
                         cands[name] = (lambda c, cfg=cfg: mmaw_fn(c, cfg), nb)
                 if not args.mma_lite:

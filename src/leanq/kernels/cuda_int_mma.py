@@ -429,6 +429,60 @@ __device__ __forceinline__ void compute_wstep_tw(float (&acc)[TW][NT][4], const 
 }
 #endif
 
+#if WG
+// launch option ``wg`` (with rp, TW 1, RT a multiple of 4; sm_90a): the products on Hopper's warpgroup tensor cores.
+// The four warps of a warpgroup hold row tiles rt = 4i .. 4i + 3 of one input range, so one wgmma m64n(8 NT)k16 takes
+// their A fragments (decoded as for mma.sync) and x from shared memory: no x fragments in registers, one instruction
+// where each warp issued NT, and the tensor cores' work runs asynchronously. x is staged as x': per super-step two
+// blocks [8 NT rows][128 bytes] in the 128-byte swizzled K-major layout the B descriptor reads (16-byte chunk c of row
+// b at c ^ (b % 8)), input k' = 16 j + kk of the super-step holding x[b][128 S + 32 t + 4 j + e] for the A fragments'
+// kk = 2t + (e & 1) + 8 (e >> 1).
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int N_> __device__ __forceinline__ void wg_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;" :: "n"(N_) : "memory");
+}
+__device__ __forceinline__ void fence_reg(float& r) { asm volatile("" : "+f"(r) :: "memory"); }
+// K-major, 128-byte swizzle: rows of 128 bytes, 8-row groups 1024 bytes apart (SBO)
+__device__ __forceinline__ unsigned long long bdesc_w(u32 saddr) {
+  return (unsigned long long)((saddr & 0x3FFFF) >> 4) | (1ull << 16) | ((unsigned long long)(1024 >> 4) << 32)
+         | (1ull << 62);
+}
+// one super-step of the warpgroup's four row tiles: this warp's A fragments of its 8 steps, 8 wgmmas on x' at
+// shared address xb, then the group's products scaled per row into acc (the wgmma accumulators have the layout of
+// the mma.sync ones: element 4n + i is c[n][i])
+__device__ __forceinline__ void wg_wstep(float (&acc)[NT][4], const uint4 qa4, const uint4 qb4, const u32 swa,
+                                         const u32 swb, const u32 xb) {
+  const u32 za = pack2(M0 + (float)(swa & 0xFFFFu)), zb = pack2(M0 + (float)(swb & 0xFFFFu));
+  const u32 qa[4] = {qa4.x, qa4.y, qa4.z, qa4.w}, qb[4] = {qb4.x, qb4.y, qb4.z, qb4.w};
+  u32 a[8][4];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const int wi = j >> 1, sh = 8 * (j & 1);
+    a[j][0] = sub2(lop3_ao(qa[wi] >> sh, 0x000F000Fu, MAGIC), za);
+    a[j][1] = sub2(lop3_ao(qb[wi] >> sh, 0x000F000Fu, MAGIC), zb);
+    a[j][2] = sub2(lop3_ao(qa[wi] >> (sh + 4), 0x000F000Fu, MAGIC), za);
+    a[j][3] = sub2(lop3_ao(qb[wi] >> (sh + 4), 0x000F000Fu, MAGIC), zb);
+  }
+  float c[4 * NT];
+#pragma unroll
+  for (int i = 0; i < 4 * NT; ++i) c[i] = 0.f;
+  wg_fence();
+#pragma unroll
+  for (int j = 0; j < 8; ++j) wgmma_step(c, a[j][0], a[j][1], a[j][2], a[j][3], bdesc_w(xb + (j >> 2) * (1024 * NT) + 32 * (j & 3)));
+  wg_commit();
+  wg_wait<0>();
+#pragma unroll
+  for (int i = 0; i < 4 * NT; ++i) fence_reg(c[i]);
+  const float s0 = scale_of(swa), s1 = scale_of(swb);
+#pragma unroll
+  for (int n = 0; n < NT; ++n) {
+    acc[n][0] = fmaf(s0, c[4 * n], acc[n][0]); acc[n][1] = fmaf(s0, c[4 * n + 1], acc[n][1]);
+    acc[n][2] = fmaf(s1, c[4 * n + 2], acc[n][2]); acc[n][3] = fmaf(s1, c[4 * n + 3], acc[n][3]);
+  }
+}
+#endif
+
 // x: [M, K] 16-bit, 16-byte aligned rows (K % 128 == 0); out: [M, N]; w, sz: the rk layout; part, cnt: the slots and
 // the row groups' arrival counters (zero between launches), used when gridDim.y > 1; spw: super-steps per warp
 extern "C" __global__ void __launch_bounds__(WARPS * 32) int_mma_w(
@@ -447,6 +501,10 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) int_mma_w(
   uint2* xs = wsz + WARPS * PD * 32;
 #elif RP  // weights in registers: x alone
   uint2* xs = (uint2*)dsm;
+#if WG  // x' needs 1024-byte alignment (the launch asks for 1 KB more)
+  unsigned char* xsw = (unsigned char*)(((size_t)dsm + 1023) & ~(size_t)1023);
+  const u32 xsw0 = (u32)__cvta_generic_to_shared(xsw);
+#endif
 #else
   uint2* wsz = (uint2*)(dsm + WARPS * PD * 64);
   uint2* xs = wsz + WARPS * 2 * 32;  // [block's super-steps][8 steps][32 lanes][NT]
@@ -508,6 +566,31 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) int_mma_w(
   // the block's x first, all of it by cp.async (one group): batch rows 0 .. 8 NT - 1 (rows past M clamped), input
   // k = 128 S + 32 t + 4 j + e of batch row b to step j of lane (b % 8) * 4 + t, entry b / 8, 8 bytes per copy.
   // Thread u takes t = u % 4 and batch row (u / 4) % (8 NT) fastest, so a warp's copies fill neighbouring entries.
+#if WG
+  // x' (see wg_wstep): a thread per (super-step sl, batch row b, step pair jp), four 16-byte loads x[b][128 S + 32 t +
+  // 8 jp ..] (t = 0..3), whose words 2q + kb are word t of k'-chunk 2 (2 jp + q) + kb; rows past M clamped
+  auto stage_x = [&]() {
+    for (int u = threadIdx.x; u < (sb1 - sb0) * 32 * NT; u += WARPS * 32) {
+      const int jp = u & 3, b = (u >> 2) % (8 * NT), sl = (u >> 2) / (8 * NT);
+      const uint4* src = x + (size_t)min(b, M - 1) * (K >> 3) + (sb0 + sl) * 16 + jp;
+      uint4 p[4];
+#pragma unroll
+      for (int t = 0; t < 4; ++t) p[t] = src[4 * t];
+      unsigned char* row = xsw + (size_t)sl * (2048 * NT) + b * 128;
+#pragma unroll
+      for (int m = 0; m < 4; ++m) {  // m = 2q + kb
+        const int cc = 2 * (2 * jp + (m >> 1)) + (m & 1);
+        const uint4 v = m == 0 ? make_uint4(p[0].x, p[1].x, p[2].x, p[3].x)
+                      : m == 1 ? make_uint4(p[0].y, p[1].y, p[2].y, p[3].y)
+                      : m == 2 ? make_uint4(p[0].z, p[1].z, p[2].z, p[3].z)
+                               : make_uint4(p[0].w, p[1].w, p[2].w, p[3].w);
+        *(uint4*)(row + (cc >> 3) * (1024 * NT) + (((cc & 7) ^ (b & 7)) << 4)) = v;
+      }
+    }
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // visible to the tensor cores after the barrier
+    cp_commit();
+  };
+#else
   auto stage_x = [&]() {
     for (int u = threadIdx.x; u < (ABL & 4 ? 0 : (sb1 - sb0) * 128 * NT); u += WARPS * 32) {  // ABL 4: no staging
 #if XV == 3  // a warp's copies: 2 rows x 16 chunks (512 contiguous bytes per row pair); each quarter-warp one step
@@ -533,6 +616,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) int_mma_w(
     }
     cp_commit();
   };
+#endif
 #if !RP
   // the weight ring of PD slots per lane: steps s0 .. s0 + PD - 2 up front, then each step issues the one PD - 1
   // ahead (past the end: step s1 - 1 again, so every wait counts the same number of groups) and waits for its own
@@ -639,7 +723,11 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) int_mma_w(
                                             qb[p][0].y ^ qb[p][0].z ^ qb[p][0].w ^ za[p][0] ^ zb[p][0]) & 0x3F7FFFFFu);
 #else
         if (S + p < s1)
+#if WG
+          wg_wstep(accs[0], qa[p][0], qb[p][0], za[p][0], zb[p][0], xsw0 + (u32)(S + p - sb0) * (2048 * NT));
+#else
           compute_wstep_tw(accs, qa[p], qb[p], za[p], zb[p], xs + (size_t)(S + p - sb0) * 8 * 32 * NT + XLANE(lane));
+#endif
 #endif
 #pragma unroll
       for (int p = 0; p < PT; ++p)
@@ -856,18 +944,26 @@ W_SHAPES = {(4096, 4096): dict(rt=4, kw=1, spw=8, pd=3)}
 
 
 def source_w(xt: int, rt: int, kw: int, nt: int, gs: int, sbf16: bool, pd: int = 4, abl: int = 0, mg: int = 0,
-             rp: int = 0, rs: int = 0, gd: int = 0, tw: int = 1, xv: int = 0, pt: int = 1) -> str:
+             rp: int = 0, rs: int = 0, gd: int = 0, tw: int = 1, xv: int = 0, pt: int = 1, wg: int = 0) -> str:
     """``gd`` 1: programmatic dependent launch (the ring's first steps, or with ``rp`` the first register tile,
     loaded before the wait for the previous grid, the next grid let in after it; the launcher must pass ``pdl``), 2
     the same with the next grid let in only as this one ends; not with ``mg``. ``tw``: row tiles per warp, sharing
     each x fragment (with ``rp`` only). ``xv`` 1: x staged by 16-byte copies in step pairs (see load_xfrag), 0 by
-    8-byte copies per step (2 and 3: the same through L1, 3 with the copies ordered by x's rows)."""
+    8-byte copies per step (2 and 3: the same through L1, 3 with the copies ordered by x's rows). ``wg`` 1 (with
+    ``rp``, ``tw`` 1 and ``rt`` a multiple of 4; sm_90a): the products on warpgroup tensor cores (wgmma), x staged for
+    their B descriptor (see wg_wstep)."""
     assert gd in (0, 1, 2) and (not gd or not mg), (gd, mg)
+    assert not wg or (rp and tw == 1 and rt % 4 == 0 and abl == 0), (wg, rp, tw, rt, abl)
     assert tw in (1, 2, 3, 4) and (tw == 1 or rp), (tw, rp)
     assert 1 <= pt <= 8 and (pt == 1 or rp), (pt, rp)
     defs = dict(BITS=4, XT=xt, RT=rt, KW=kw, NT=nt, GS=gs, SBF16=int(sbf16), PD=pd, ABL=abl, MG=mg, RP=rp, RS=rs,
-                GD=int(gd), TW=tw, XV=int(xv), PT=int(pt))
-    return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + PRELUDE + _HELPERS + _SRC_W
+                GD=int(gd), TW=tw, XV=int(xv), PT=int(pt), WG=int(wg))
+    wgmma = ""
+    if wg:
+        from .cuda_int_wgmma import _wgmma_asm
+
+        wgmma = _wgmma_asm(8 * nt, xt)
+    return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + PRELUDE + _HELPERS + wgmma + _SRC_W
 
 
 def supports_w(pk: dict, x2: torch.Tensor) -> bool:
@@ -889,8 +985,8 @@ def w_smem(c: dict, nt: int) -> int:
     warps = c["rt"] * c["kw"]
     if c.get("mg"):  # slots of four steps: 16 rows x 256 bytes, and the lanes' group words
         return warps * c["pd"] * (4096 + 32 * 8) + c["kw"] * c["spw"] * 8 * 32 * nt * 8
-    if c.get("rp"):  # weights in registers: the staged x alone
-        return c["kw"] * c["spw"] * 8 * 32 * nt * 8
+    if c.get("rp"):  # weights in registers: the staged x alone (wg: 1 KB more, for its 1024-byte alignment)
+        return c["kw"] * c["spw"] * 8 * 32 * nt * 8 + (1024 if c.get("wg") else 0)
     return warps * (c["pd"] * 32 * W_STEP_BYTES + 2 * 32 * 8) + c["kw"] * c["spw"] * 8 * 32 * nt * 8
 
 
@@ -978,9 +1074,12 @@ if torch.cuda.is_available():  # allocate now, outside any CUDA-graph memory poo
 
 @functools.lru_cache(maxsize=None)
 def _compiled_w(xt: int, rt: int, kw: int, nt: int, gs: int, sbf16: bool, pd: int, abl: int, mg: int, rp: int,
-                device: int, rs: int = 0, gd: int = 0, tw: int = 1, xv: int = 0, pt: int = 1) -> Launcher:
-    return _launcher(source_w(xt, rt, kw, nt, gs, sbf16, pd, abl, mg, rp, rs, gd, tw, xv, pt), "int_mma_w",
-                     "cuda-int-mma-w", device)
+                device: int, rs: int = 0, gd: int = 0, tw: int = 1, xv: int = 0, pt: int = 1, wg: int = 0) -> Launcher:
+    src = source_w(xt, rt, kw, nt, gs, sbf16, pd, abl, mg, rp, rs, gd, tw, xv, pt, wg)
+    if not wg:
+        return _launcher(src, "int_mma_w", "cuda-int-mma-w", device)
+    with torch.cuda.device(device):  # wgmma: sm_90a
+        return Launcher(torch.cuda._compile_kernel(src, "int_mma_w", compute_capability="90a"), "cuda-int-mma-w")
 
 
 def run_int_mma_w(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dict | None = None,
@@ -997,7 +1096,7 @@ def run_int_mma_w(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: di
     gd = pdl_mode(0 if c0.get("mg") else int(c0.get("gd", 0)), sm90(dev))
     kern = _compiled_w(XT[x2.dtype], c0["rt"], c0["kw"], nt, pk["group"], bool(pk["sbf16"]), c0["pd"],
                        int(c0.get("abl", 0)), int(c0.get("mg", 0)), int(c0.get("rp", 0)), dev, int(c0.get("rs", 0)), gd,
-                       int(c0.get("tw", 1)), int(c0.get("xv", 0)), int(c0.get("pt", 1)))
+                       int(c0.get("tw", 1)), int(c0.get("xv", 0)), int(c0.get("pt", 1)), int(c0.get("wg", 0)))
     threads = 32 * c0["rt"] * c0["kw"]
     c, (gx, gy) = w_launch(M, N, K, cfg, sms, lambda smem: kern.blocks_per_sm(threads, smem))
     scratch = _w_scratch(x2.device, gy * N * 16, gx) if gy > 1 else None
