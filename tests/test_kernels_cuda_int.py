@@ -811,7 +811,8 @@ def test_int_mma_w_wgmma_form_matches(group, n, k, m, sdtype, dtype):
     layer, pk, x, ref = _gpu_case(n, k, 4, group, m, dtype, sdtype, seed=5)
     ns = k // 128
     for cfg in (dict(rt=4, kw=2, spw=3, pd=3, rp=1, pt=2, wg=1, gd=1), dict(rt=4, kw=1, spw=ns, pd=3, rp=1, pt=4, wg=1),
-                dict(rt=8, kw=1, spw=2, pd=3, rp=1, pt=1, wg=1, gd=1), dict(rt=4, kw=4, spw=1, pd=3, rp=1, pt=3, wg=1)):
+                dict(rt=8, kw=1, spw=2, pd=3, rp=1, pt=1, wg=1, gd=1), dict(rt=4, kw=4, spw=1, pd=3, rp=1, pt=3, wg=1),
+                dict(rt=8, kw=2, spw=3, pd=3, rp=1, pt=2, wg=1, gd=1)):
         out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
         cm.run_int_mma_w(x, pk, layer.bias.to(dtype), cfg, out=out)
         assert torch.isfinite(out).all() and ((out.float() - ref).norm() / ref.norm()).item() < 1e-2, cfg

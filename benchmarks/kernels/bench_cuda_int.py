@@ -269,7 +269,7 @@ def main() -> int:
                                                    + ("" if cfg["rs"] else " rs0") + (" gd" if cfg["gd"] else "")
                                                    + (f" tw{cfg['tw']}" if cfg.get("tw", 1) != 1 else "")
                                                    + (f" pt{cfg['pt']}" if cfg.get("pt", 1) != 1 else "")
-                                                   + (" wg" if cfg.get("wg") else "")
+                                                   + (f" wg{cfg['wg']}" if cfg.get("wg") else "")
                                                    + (f" xv{cfg['xv']}" if "xv" in cfg else ""))
                         cands[name] = (lambda c, cfg=cfg: mmaw_fn(c, cfg), nb)
                 if not args.mma_lite:

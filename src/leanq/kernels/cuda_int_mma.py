@@ -451,11 +451,11 @@ __device__ __forceinline__ unsigned long long bdesc_w(u32 saddr) {
 // one super-step of the warpgroup's four row tiles: this warp's A fragments of its 8 steps, 8 wgmmas on x' at
 // shared address xb, then the group's products scaled per row into acc (the wgmma accumulators have the layout of
 // the mma.sync ones: element 4n + i is c[n][i])
-__device__ __forceinline__ void wg_wstep(float (&acc)[NT][4], const uint4 qa4, const uint4 qb4, const u32 swa,
-                                         const u32 swb, const u32 xb) {
+// this warp's A fragments of a super-step's 8 steps (the decode of tile_wstep)
+__device__ __forceinline__ void wg_decode(u32 (&a)[8][4], const uint4 qa4, const uint4 qb4, const u32 swa,
+                                          const u32 swb) {
   const u32 za = pack2(M0 + (float)(swa & 0xFFFFu)), zb = pack2(M0 + (float)(swb & 0xFFFFu));
   const u32 qa[4] = {qa4.x, qa4.y, qa4.z, qa4.w}, qb[4] = {qb4.x, qb4.y, qb4.z, qb4.w};
-  u32 a[8][4];
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
     const int wi = j >> 1, sh = 8 * (j & 1);
@@ -464,22 +464,36 @@ __device__ __forceinline__ void wg_wstep(float (&acc)[NT][4], const uint4 qa4, c
     a[j][2] = sub2(lop3_ao(qa[wi] >> (sh + 4), 0x000F000Fu, MAGIC), za);
     a[j][3] = sub2(lop3_ao(qb[wi] >> (sh + 4), 0x000F000Fu, MAGIC), zb);
   }
-  float c[4 * NT];
+}
+// the super-step's 8 wgmmas into c (zeroed first) on x' at shared address xb, committed as one group
+__device__ __forceinline__ void wg_issue(float (&c)[4 * NT], const u32 (&a)[8][4], const u32 xb) {
 #pragma unroll
   for (int i = 0; i < 4 * NT; ++i) c[i] = 0.f;
   wg_fence();
 #pragma unroll
   for (int j = 0; j < 8; ++j) wgmma_step(c, a[j][0], a[j][1], a[j][2], a[j][3], bdesc_w(xb + (j >> 2) * (1024 * NT) + 32 * (j & 3)));
   wg_commit();
+}
+// wait for the committed group, then its products scaled per row into acc (the wgmma accumulators have the layout
+// of the mma.sync ones: element 4n + i is c[n][i])
+__device__ __forceinline__ void wg_finish(float (&acc)[NT][4], float (&c)[4 * NT], const float s0, const float s1) {
   wg_wait<0>();
 #pragma unroll
   for (int i = 0; i < 4 * NT; ++i) fence_reg(c[i]);
-  const float s0 = scale_of(swa), s1 = scale_of(swb);
 #pragma unroll
   for (int n = 0; n < NT; ++n) {
     acc[n][0] = fmaf(s0, c[4 * n], acc[n][0]); acc[n][1] = fmaf(s0, c[4 * n + 1], acc[n][1]);
     acc[n][2] = fmaf(s1, c[4 * n + 2], acc[n][2]); acc[n][3] = fmaf(s1, c[4 * n + 3], acc[n][3]);
   }
+}
+// one super-step of the warpgroup's four row tiles, its wgmmas waited for before the next super-step's decode
+__device__ __forceinline__ void wg_wstep(float (&acc)[NT][4], const uint4 qa4, const uint4 qb4, const u32 swa,
+                                         const u32 swb, const u32 xb) {
+  u32 a[8][4];
+  wg_decode(a, qa4, qb4, swa, swb);
+  float c[4 * NT];
+  wg_issue(c, a, xb);
+  wg_finish(acc, c, scale_of(swa), scale_of(swb));
 }
 #endif
 
@@ -951,9 +965,11 @@ def source_w(xt: int, rt: int, kw: int, nt: int, gs: int, sbf16: bool, pd: int =
     each x fragment (with ``rp`` only). ``xv`` 1: x staged by 16-byte copies in step pairs (see load_xfrag), 0 by
     8-byte copies per step (2 and 3: the same through L1, 3 with the copies ordered by x's rows). ``wg`` 1 (with
     ``rp``, ``tw`` 1 and ``rt`` a multiple of 4; sm_90a): the products on warpgroup tensor cores (wgmma), x staged for
-    their B descriptor (see wg_wstep)."""
+    their B descriptor (see wg_wstep), each super-step's wgmmas waited for before the next decode (a form that decoded the
+    next super-step while they ran measured the same on an H200 and was removed: NOTES.md, v24)."""
     assert gd in (0, 1, 2) and (not gd or not mg), (gd, mg)
     assert not wg or (rp and tw == 1 and rt % 4 == 0 and abl == 0), (wg, rp, tw, rt, abl)
+    assert wg in (0, 1), wg
     assert tw in (1, 2, 3, 4) and (tw == 1 or rp), (tw, rp)
     assert 1 <= pt <= 8 and (pt == 1 or rp), (pt, rp)
     defs = dict(BITS=4, XT=xt, RT=rt, KW=kw, NT=nt, GS=gs, SBF16=int(sbf16), PD=pd, ABL=abl, MG=mg, RP=rp, RS=rs,
