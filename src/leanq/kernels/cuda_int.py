@@ -294,7 +294,7 @@ __device__ __forceinline__ void load8raw(uint4 (&r)[XW], const void* XR x, int u
 // 2**(15 - pos) of its four pairs and whether it writes the chunk's spare unit are the same in every step: computed
 // once. Whole warps past the end leave the step (a warp-uniform test); lanes of a warp's last chunk past KU compute on
 // zeros and store nothing, so the max and sum shuffles take the full mask (XS 0 builds the chunk's lane mask each
-// time). bf16 values widen by one shift or one AND each, and the element-load fallback builds the same raw words.
+// time). The element-load fallback builds the same raw words as the 16-byte loads, so both paths widen them alike.
 __device__ __forceinline__ void x_store(uint4* xs, const uint4 (&raw)[SB][XW], const void* XR x, int u0,
                                         int K, int KU, int XVEC, int lane) {
 #if XS
@@ -318,16 +318,7 @@ __device__ __forceinline__ void x_store(uint4* xs, const uint4 (&raw)[SB][XW], c
       load8raw(rr, x, u, K);
     }
     float v[8];
-#if XT == 2
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const u32 wv = i == 0 ? rr[0].x : i == 1 ? rr[0].y : i == 2 ? rr[0].z : rr[0].w;
-      v[2 * i] = __uint_as_float(wv << 16);
-      v[2 * i + 1] = __uint_as_float(wv & 0xFFFF0000u);
-    }
-#else
     unpack8(v, rr);
-#endif
     const bool st = c < KU;
 #else
     const int u = u0 + b * THREADS + threadIdx.x;

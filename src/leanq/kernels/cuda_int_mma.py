@@ -378,6 +378,16 @@ __device__ __forceinline__ void load_xfrag(uint2 (&xv)[8][NT], const uint2* xs) 
 
 // the 8 tensor-core steps of one super-step for one row tile: its words qa4 (row g) and qb4 (row g + 8), their group
 // words, and the super-step's B registers xv (load_xfrag); the products scaled per row into acc
+// the A registers of step j (0-7) of a row tile: the code pairs of words qa (row g) and qb (row g + 8) at shift
+// 8 (j % 2) of word j / 2 and 4 further, each as M0 + q less M0 + z (za, zb: M0 + the rows' zero points)
+__device__ __forceinline__ void decode_a(u32 (&a)[4], const u32 (&qa)[4], const u32 (&qb)[4], const u32 za,
+                                         const u32 zb, const int j) {
+  const int wi = j >> 1, sh = 8 * (j & 1);
+  a[0] = sub2(lop3_ao(qa[wi] >> sh, 0x000F000Fu, MAGIC), za);
+  a[1] = sub2(lop3_ao(qb[wi] >> sh, 0x000F000Fu, MAGIC), zb);
+  a[2] = sub2(lop3_ao(qa[wi] >> (sh + 4), 0x000F000Fu, MAGIC), za);
+  a[3] = sub2(lop3_ao(qb[wi] >> (sh + 4), 0x000F000Fu, MAGIC), zb);
+}
 __device__ __forceinline__ void tile_wstep(float (&acc)[NT][4], const uint4 qa4, const uint4 qb4, const u32 swa,
                                            const u32 swb, const uint2 (&xv)[8][NT]) {
   const u32 za = pack2(M0 + (float)(swa & 0xFFFFu)), zb = pack2(M0 + (float)(swb & 0xFFFFu));
@@ -387,12 +397,8 @@ __device__ __forceinline__ void tile_wstep(float (&acc)[NT][4], const uint4 qa4,
   for (int n = 0; n < NT; ++n) c[n][0] = c[n][1] = c[n][2] = c[n][3] = 0.f;
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
-    const int wi = j >> 1, sh = 8 * (j & 1);
     u32 a[4];
-    a[0] = sub2(lop3_ao(qa[wi] >> sh, 0x000F000Fu, MAGIC), za);
-    a[1] = sub2(lop3_ao(qb[wi] >> sh, 0x000F000Fu, MAGIC), zb);
-    a[2] = sub2(lop3_ao(qa[wi] >> (sh + 4), 0x000F000Fu, MAGIC), za);
-    a[3] = sub2(lop3_ao(qb[wi] >> (sh + 4), 0x000F000Fu, MAGIC), zb);
+    decode_a(a, qa, qb, za, zb, j);
     mma16816(c[0], a, xv[j][0].x, xv[j][0].y);
 #if NT == 2
     mma16816(c[1], a, xv[j][1].x, xv[j][1].y);
@@ -437,63 +443,34 @@ __device__ __forceinline__ void compute_wstep_tw(float (&acc)[TW][NT][4], const 
 // blocks [8 NT rows][128 bytes] in the 128-byte swizzled K-major layout the B descriptor reads (16-byte chunk c of row
 // b at c ^ (b % 8)), input k' = 16 j + kk of the super-step holding x[b][128 S + 32 t + 4 j + e] for the A fragments'
 // kk = 2t + (e & 1) + 8 (e >> 1).
-__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
-template <int N_> __device__ __forceinline__ void wg_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;" :: "n"(N_) : "memory");
-}
-__device__ __forceinline__ void fence_reg(float& r) { asm volatile("" : "+f"(r) :: "memory"); }
-// K-major, 128-byte swizzle: rows of 128 bytes, 8-row groups 1024 bytes apart (SBO)
-__device__ __forceinline__ unsigned long long bdesc_w(u32 saddr) {
-  return (unsigned long long)((saddr & 0x3FFFF) >> 4) | (1ull << 16) | ((unsigned long long)(1024 >> 4) << 32)
-         | (1ull << 62);
-}
-// one super-step of the warpgroup's four row tiles: this warp's A fragments of its 8 steps, 8 wgmmas on x' at
-// shared address xb, then the group's products scaled per row into acc (the wgmma accumulators have the layout of
-// the mma.sync ones: element 4n + i is c[n][i])
-// this warp's A fragments of a super-step's 8 steps (the decode of tile_wstep)
-__device__ __forceinline__ void wg_decode(u32 (&a)[8][4], const uint4 qa4, const uint4 qb4, const u32 swa,
-                                          const u32 swb) {
+// (the wgmma primitives wg_fence, wg_commit, wg_wait, fence_reg and bdesc: cuda_int_wgmma.WGMMA_HELPERS)
+// one super-step of the warpgroup's four row tiles: this warp's A registers of its 8 steps (decode_a), 8 wgmmas into
+// c on x' at shared address xb, a wait for them, then the group's products scaled per row into acc (the wgmma
+// accumulators have the layout of the mma.sync ones: element 4n + i is c[n][i])
+__device__ __forceinline__ void wg_wstep(float (&acc)[NT][4], const uint4 qa4, const uint4 qb4, const u32 swa,
+                                         const u32 swb, const u32 xb) {
   const u32 za = pack2(M0 + (float)(swa & 0xFFFFu)), zb = pack2(M0 + (float)(swb & 0xFFFFu));
   const u32 qa[4] = {qa4.x, qa4.y, qa4.z, qa4.w}, qb[4] = {qb4.x, qb4.y, qb4.z, qb4.w};
+  u32 a[8][4];
 #pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    const int wi = j >> 1, sh = 8 * (j & 1);
-    a[j][0] = sub2(lop3_ao(qa[wi] >> sh, 0x000F000Fu, MAGIC), za);
-    a[j][1] = sub2(lop3_ao(qb[wi] >> sh, 0x000F000Fu, MAGIC), zb);
-    a[j][2] = sub2(lop3_ao(qa[wi] >> (sh + 4), 0x000F000Fu, MAGIC), za);
-    a[j][3] = sub2(lop3_ao(qb[wi] >> (sh + 4), 0x000F000Fu, MAGIC), zb);
-  }
-}
-// the super-step's 8 wgmmas into c (zeroed first) on x' at shared address xb, committed as one group
-__device__ __forceinline__ void wg_issue(float (&c)[4 * NT], const u32 (&a)[8][4], const u32 xb) {
+  for (int j = 0; j < 8; ++j) decode_a(a[j], qa, qb, za, zb, j);
+  float c[4 * NT];
 #pragma unroll
   for (int i = 0; i < 4 * NT; ++i) c[i] = 0.f;
   wg_fence();
 #pragma unroll
-  for (int j = 0; j < 8; ++j) wgmma_step(c, a[j][0], a[j][1], a[j][2], a[j][3], bdesc_w(xb + (j >> 2) * (1024 * NT) + 32 * (j & 3)));
+  for (int j = 0; j < 8; ++j)
+    wgmma_step(c, a[j][0], a[j][1], a[j][2], a[j][3], bdesc(xb + (j >> 2) * (1024 * NT) + 32 * (j & 3)));
   wg_commit();
-}
-// wait for the committed group, then its products scaled per row into acc (the wgmma accumulators have the layout
-// of the mma.sync ones: element 4n + i is c[n][i])
-__device__ __forceinline__ void wg_finish(float (&acc)[NT][4], float (&c)[4 * NT], const float s0, const float s1) {
   wg_wait<0>();
 #pragma unroll
   for (int i = 0; i < 4 * NT; ++i) fence_reg(c[i]);
+  const float s0 = scale_of(swa), s1 = scale_of(swb);
 #pragma unroll
   for (int n = 0; n < NT; ++n) {
     acc[n][0] = fmaf(s0, c[4 * n], acc[n][0]); acc[n][1] = fmaf(s0, c[4 * n + 1], acc[n][1]);
     acc[n][2] = fmaf(s1, c[4 * n + 2], acc[n][2]); acc[n][3] = fmaf(s1, c[4 * n + 3], acc[n][3]);
   }
-}
-// one super-step of the warpgroup's four row tiles, its wgmmas waited for before the next super-step's decode
-__device__ __forceinline__ void wg_wstep(float (&acc)[NT][4], const uint4 qa4, const uint4 qb4, const u32 swa,
-                                         const u32 swb, const u32 xb) {
-  u32 a[8][4];
-  wg_decode(a, qa4, qb4, swa, swb);
-  float c[4 * NT];
-  wg_issue(c, a, xb);
-  wg_finish(acc, c, scale_of(swa), scale_of(swb));
 }
 #endif
 
@@ -976,9 +953,9 @@ def source_w(xt: int, rt: int, kw: int, nt: int, gs: int, sbf16: bool, pd: int =
                 GD=int(gd), TW=tw, XV=int(xv), PT=int(pt), WG=int(wg))
     wgmma = ""
     if wg:
-        from .cuda_int_wgmma import _wgmma_asm
+        from .cuda_int_wgmma import WGMMA_HELPERS, _wgmma_asm
 
-        wgmma = _wgmma_asm(8 * nt, xt)
+        wgmma = WGMMA_HELPERS + _wgmma_asm(8 * nt, xt)
     return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + PRELUDE + _HELPERS + wgmma + _SRC_W
 
 

@@ -76,6 +76,20 @@ def _wgmma_asm(bm: int, xt: int) -> str:
         + "}\n")
 
 
+# the wgmma primitives this kernel and cuda_int_mma's ``wg`` form share: fence, commit, wait, a register pinned in
+# place across the asynchronous products, and the B descriptor of a K-major tile with the 128-byte swizzle
+WGMMA_HELPERS = r"""
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wg_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" :: "n"(N) : "memory"); }
+__device__ __forceinline__ void fence_reg(float& r) { asm volatile("" : "+f"(r) :: "memory"); }
+// K-major, 128-byte swizzle: rows of 128 bytes, 8-row groups 1024 bytes apart (SBO); LBO unused
+__device__ __forceinline__ unsigned long long bdesc(u32 saddr) {
+  return (unsigned long long)((saddr & 0x3FFFF) >> 4) | (1ull << 16) | ((unsigned long long)(1024 >> 4) << 32)
+         | (1ull << 62);
+}
+"""
+
 _SRC = r"""
 #define R (64 * WG)              // weight rows per block
 #define MAX_SPLIT 4              // K split at most (run_int_wgmma clamps)
@@ -102,10 +116,6 @@ __device__ __forceinline__ void cp4(u32 dst, const void* src, u32 bytes) {
 }
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
-__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
-template <int N> __device__ __forceinline__ void wg_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" :: "n"(N) : "memory"); }
-__device__ __forceinline__ void fence_reg(float& r) { asm volatile("" : "+f"(r) :: "memory"); }
 // mbarriers (WS): init, plain arrive, arrive when this thread's earlier cp.asyncs land, wait for a phase's parity
 __device__ __forceinline__ void mbar_init(u32 a, u32 count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(a), "r"(count) : "memory");
@@ -128,11 +138,6 @@ __device__ __forceinline__ u32 mul2(u32 a, u32 b) {
   asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
 #endif
   return d;
-}
-// K-major, 128-byte swizzle: rows of 128 bytes, 8-row groups 1024 bytes apart (SBO); LBO unused
-__device__ __forceinline__ unsigned long long bdesc(u32 saddr) {
-  return (unsigned long long)((saddr & 0x3FFFF) >> 4) | (1ull << 16) | ((unsigned long long)(1024 >> 4) << 32)
-         | (1ull << 62);
 }
 // a group word's scale in the activations' 16-bit format, in both halves, and M0 + z in both halves
 __device__ __forceinline__ void scale_zero(u32 sz, u32& s2, u32& mz2) {
@@ -455,8 +460,8 @@ def source(xt: int, sbf16: bool, wg: int, bm: int, nst: int, pipe: int = 1, minb
 
     defs = dict(BITS=4, XT=xt, SBF16=int(sbf16), WG=wg, BM=bm, NST=nst, PIPE=int(pipe and nst >= 3), MINB=minb,
                 WS=int(ws), MAXREG=232 if ws == 4 and wg == 2 and bm > 128 else 0)
-    return ("".join(f"#define {k} {v}\n" for k, v in defs.items()) + PRELUDE + _HELPERS + _wgmma_asm(bm, xt)
-            + _SRC)
+    return ("".join(f"#define {k} {v}\n" for k, v in defs.items()) + PRELUDE + _HELPERS + WGMMA_HELPERS
+            + _wgmma_asm(bm, xt) + _SRC)
 
 
 def smem_bytes(wg: int, bm: int, nst: int) -> int:

@@ -110,6 +110,13 @@ __device__ __forceinline__ void unpack8(float (&v)[8], const uint4 (&r)[XW]) {
   v[0] = __uint_as_float(r[0].x); v[1] = __uint_as_float(r[0].y); v[2] = __uint_as_float(r[0].z);
   v[3] = __uint_as_float(r[0].w); v[4] = __uint_as_float(r[1].x); v[5] = __uint_as_float(r[1].y);
   v[6] = __uint_as_float(r[1].z); v[7] = __uint_as_float(r[1].w);
+#elif XT == 2  // bf16: a value's fp32 bits are its 16 bits at the top (one shift or one AND each)
+  const u32 vv[4] = {r[0].x, r[0].y, r[0].z, r[0].w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    v[2 * i] = __uint_as_float(vv[i] << 16);
+    v[2 * i + 1] = __uint_as_float(vv[i] & 0xFFFF0000u);
+  }
 #else
   const u32 vv[4] = {r[0].x, r[0].y, r[0].z, r[0].w};
 #pragma unroll
