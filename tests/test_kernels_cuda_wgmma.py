@@ -29,7 +29,8 @@ def test_int_wgmma_matches_reference(n, k, m, group, sdtype, dtype):
                 dict(wg=2, bm=256, nst=2, split=2), dict(wg=1, bm=128, nst=4, split=1),
                 dict(wg=2, bm=128, nst=4, split=2, ws=4), dict(wg=3, bm=64, nst=3, split=1, ws=2),
                 dict(wg=2, bm=256, nst=4, split=2, ws=4), dict(wg=2, bm=256, nst=5, split=0, ws=4),
-                dict(wg=2, bm=128, nst=6, split=4, ws=4)):
+                dict(wg=2, bm=128, nst=6, split=4, ws=4), dict(wg=2, bm=256, nst=4, split=1, ws=4, sk=1),
+                dict(wg=2, bm=128, nst=6, split=1, ws=4, sk=1), dict(wg=3, bm=128, nst=3, split=1, ws=4, sk=1)):
         out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
         cw.run_int_wgmma(x, pk, layer.bias.to(dtype), cfg, out=out)
         err = ((out.float() - ref).norm() / ref.norm()).item()
@@ -38,6 +39,54 @@ def test_int_wgmma_matches_reference(n, k, m, group, sdtype, dtype):
                            cw.run_int_wgmma(x, pk, layer.bias.to(dtype), cfg)), cfg
     for _, cnt in cw._SCRATCH.values():
         assert int(cnt.abs().sum()) == 0
+
+
+@HOPPER
+@pytest.mark.parametrize("n,k,m", [(4096, 4096, 256), (1000, 4096, 256), (11008, 1024, 200), (256, 256, 512)])
+def test_int_wgmma_stream_k_matches_reference(n, k, m):
+    """Stream-K (``sk``) at shapes whose tiles span one block or many (4096 x 4096: about four blocks a tile;
+    256 x 256 at 512 rows: one stage a block), against the reference and the same bytes every launch."""
+    from leanq.kernels import cuda_int_wgmma as cw
+
+    layer, pk, x, ref = _gpu_case(n, k, 4, 128, m, torch.bfloat16, torch.bfloat16, seed=11)
+    for cfg in (dict(wg=2, bm=256, nst=4, split=1, ws=4, sk=1), dict(wg=2, bm=128, nst=6, split=1, ws=4, sk=1)):
+        out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+        cw.run_int_wgmma(x, pk, layer.bias.to(torch.bfloat16), cfg, out=out)
+        err = ((out.float() - ref).norm() / ref.norm()).item()
+        assert torch.isfinite(out).all() and err < 1e-2, (cfg, err)
+        assert torch.equal(out, cw.run_int_wgmma(x, pk, layer.bias.to(torch.bfloat16), cfg)), cfg
+    for _, cnt in cw._SCRATCH.values():
+        assert int(cnt.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("tiles,stages,blocks", [(32, 64, 132), (112, 64, 132), (86, 64, 132), (3, 5, 15), (7, 3, 4),
+                                                 (1, 1, 1), (2, 8, 16), (5, 64, 5)])
+def test_int_wgmma_stream_k_schedule(tiles, stages, blocks):
+    """On any machine, the stream-K schedule: every (tile, stage) unit exactly once; only a block's first segment
+    starts inside a tile (one partial slot per block); each tile's first stages sit in its range's last segment,
+    and that block adds exactly the partials of the tile's other segments, later blocks only, in the order of k."""
+    from leanq.kernels import cuda_int_wgmma as cw
+
+    segs = cw.sk_segments(tiles, stages, blocks)
+    seen = [[0] * stages for _ in range(tiles)]
+    written, read = set(), []
+    for b, mine in enumerate(segs):
+        assert mine, b
+        for i, (tile, kt0, nk) in enumerate(mine):
+            for kt in range(kt0, kt0 + nk):
+                seen[tile][kt] += 1
+            if kt0 > 0:
+                assert i == 0
+                written.add(b)
+            elif nk < stages:
+                assert i == len(mine) - 1
+                others = cw.sk_partials(tiles, stages, blocks, b, tile)
+                assert others == sorted(others) and all(o > b for o in others)
+                assert [segs[o][0][:2] for o in others] == [(tile, k) for k in sorted(segs[o][0][1] for o in others)]
+                assert sum(segs[o][0][2] for o in others) + nk == stages
+                read += others
+    assert all(c == 1 for row in seen for c in row)
+    assert sorted(read) == sorted(written)
 
 
 def _emulate_a_fragments(pk: dict, n0: int, kt: int, wg: int) -> torch.Tensor:
@@ -95,7 +144,12 @@ def test_int_wgmma_config_covers_the_shapes():
                 assert c["split"] == 1 or k // 64 >= 8 * c["split"]
                 assert cw.smem_bytes(c["wg"], c["bm"], c["nst"]) * (c["minb"]) <= 227 * 1024
     assert cw.config(256, 4096, 4096, 132)["split"] == 2 and cw.config(256, 4096, 4096, 132)["wg"] == 2
-    assert cw.config(256, 11008, 4096, 132)["wg"] == 3
+    # stream-K where 86 tiles of two warpgroups fill two thirds of 132 SMs; not at 112 tiles or 32
+    assert cw.config(256, 11008, 4096, 132) == dict(cw.DEFAULT, split=1, sk=1, **cw.WS256)
+    assert cw.config(128, 11008, 4096, 132) == dict(cw.DEFAULT, split=1, sk=1, **dict(cw.WS_DEFAULT, wg=2, bm=128))
+    assert cw.config(512, 11008, 4096, 132)["wg"] == 3 and not cw.config(512, 11008, 4096, 132).get("sk")
+    assert not any(cw.config(m, n, k, 132).get("sk") for m in (128, 256) for n, k in
+                   ((4096, 4096), (4096, 11008), (14336, 4096), (4096, 14336)))
     # above 128 rows the 256-row block where the estimate favours it: the faster form on each of these in the H200 run
     assert cw.config(256, 14336, 4096, 132) == dict(cw.DEFAULT, split=1, **cw.WS256)
     assert cw.config(256, 4096, 11008, 132) == dict(cw.DEFAULT, split=4, **cw.WS256)
@@ -135,13 +189,18 @@ class _Barrier:
 
 
 @pytest.mark.parametrize("nst,nk,warps,pw", [(4, 1, 8, 4), (4, 11, 8, 4), (3, 7, 12, 2), (6, 20, 8, 4), (6, 20, 12, 4),
-                                            (4, 4, 4, 2)])
+                                            (4, 4, 4, 2), (4, (3, 5, 1), 8, 4), (4, (1, 1, 1, 2), 8, 4),
+                                            (6, (7, 13), 12, 4), (3, (2, 4, 6, 1), 8, 2)])
 def test_int_wgmma_ws_stage_protocol(nst, nk, warps, pw):
     """The ws kernel's producer/consumer schedule (its stage, parity and release formulas), run under random
     interleavings of the ``pw`` producer warps (each copies its share of a stage) and each consumer warp: every stage
     a consumer decodes or multiplies holds all of that iteration's copies until the consumer releases it, and nothing
-    deadlocks."""
+    deadlocks. A tuple ``nk`` is stream-K's segments: the stage count runs on across them (``gi``), and each
+    segment's last stage is released after its products, before the next segment's first decode."""
     import random
+
+    segs = nk if isinstance(nk, tuple) else (nk,)
+    sk = isinstance(nk, tuple)
 
     for seed in range(30):
         rng = random.Random(seed)
@@ -156,34 +215,43 @@ def test_int_wgmma_ws_stage_protocol(nst, nk, warps, pw):
         buf = _Buf()
 
         def producer(p):
-            for it in range(nk):
-                s = it % nst
-                if it >= nst:
-                    while not empty[s].passes(((it // nst) & 1) ^ 1):
-                        yield
-                parts[s][p] = it                     # this warp's copies land
-                yield
-                full[s].arrive(32)                   # cp.async.mbarrier.arrive.noinc, 32 lanes
-                yield
+            gi = 0
+            for nks in segs:
+                for it in range(gi, gi + nks):
+                    s = it % nst
+                    if it >= nst:
+                        while not empty[s].passes(((it // nst) & 1) ^ 1):
+                            yield
+                    parts[s][p] = it                 # this warp's copies land
+                    yield
+                    full[s].arrive(32)               # cp.async.mbarrier.arrive.noinc, 32 lanes
+                    yield
+                gi += nks
 
         def consumer():
-            if nk > 0:
-                while not full[0].passes(0):
-                    yield
-                assert buf[0] == 0                   # decode of stage 0
-            for it in range(nk):
-                assert buf[it % nst] == it           # the wgmmas of stage it read its x
-                yield
-                assert buf[it % nst] == it           # ... until they are waited for (wg_wait<1> next iteration)
-                if it >= 1:
-                    assert buf[(it - 1) % nst] == it - 1
-                    empty[(it - 1) % nst].arrive()
-                if it + 1 < nk:
-                    s1 = (it + 1) % nst
-                    while not full[s1].passes(((it + 1) // nst) & 1):
+            gi = 0
+            for nks in segs:
+                if nks > 0:
+                    while not full[gi % nst].passes((gi // nst) & 1):
                         yield
-                    assert buf[s1] == it + 1         # decode of stage it + 1
-                yield
+                    assert buf[gi % nst] == gi       # decode of the segment's first stage
+                for it in range(gi, gi + nks):
+                    assert buf[it % nst] == it       # the wgmmas of stage it read its x
+                    yield
+                    assert buf[it % nst] == it       # ... until they are waited for (wg_wait<1> next iteration)
+                    if it >= gi + 1:
+                        assert buf[(it - 1) % nst] == it - 1
+                        empty[(it - 1) % nst].arrive()
+                    if it + 1 < gi + nks:
+                        s1 = (it + 1) % nst
+                        while not full[s1].passes(((it + 1) // nst) & 1):
+                            yield
+                        assert buf[s1] == it + 1     # decode of stage it + 1
+                    yield
+                if sk and nks > 0:                   # wg_wait<0>, then the segment's last stage is free
+                    assert buf[(gi + nks - 1) % nst] == gi + nks - 1
+                    empty[(gi + nks - 1) % nst].arrive()
+                gi += nks
 
         live = [producer(p) for p in range(pw)] + [consumer() for _ in range(warps)]
         steps = 0
@@ -194,4 +262,4 @@ def test_int_wgmma_ws_stage_protocol(nst, nk, warps, pw):
             except StopIteration:
                 live.remove(a)
             steps += 1
-            assert steps < 200 * (nk + 2) * (warps + 1), "deadlock"
+            assert steps < 200 * (sum(segs) + 2) * (warps + 1), "deadlock"

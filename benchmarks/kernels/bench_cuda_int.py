@@ -77,8 +77,10 @@ def main() -> int:
                     "staged by 16-byte copies), e.g. 4/4/0/4,2/8/2/4,7/1/32/2/1,7/2/16/3/0/1,8/2/16/3/0/0/0")
     ap.add_argument("--mma-lite", action="store_true", help="with --mma: skip dequantize + cuBLAS and the Triton kn-dot")
     ap.add_argument("--wgmma-cfgs", default="", help="with --mma batches above 16: also these configs of the wgmma "
-                    "kernel (kernels.cuda_int_wgmma), wg/bm/nst/split[/pipe/minb/ws] (split 0: chosen; ws 1: a producer warp and "
-                    "mbarriers), e.g. 2/128/4/0,1/256/3/2/1/1,2/128/4/2/1/1/1")
+                    "kernel (kernels.cuda_int_wgmma), wg/bm/nst/split[/pipe/minb/ws[/sk[/abl]]] (split 0: chosen; ws 4: a "
+                    "producer warpgroup and mbarriers; sk 1: stream-K, one block per SM; abl: timing-only ablation bits "
+                    "of cuda_int_wgmma's ABL), e.g. 2/128/4/0,1/256/3/2/1/1,"
+                    "2/256/4/1/1/1/4/1")
     ap.add_argument("--gemm-cfgs", default="", help="with --mma batches above 16: also these configs of the Triton GEMM "
                     "on the rk words (kernels.triton_gemm), BN/BM/BK/warps/stages/split/GM[/XA], e.g. 128/128/64/8/4/1/8/1")
     ap.add_argument("--ablate", nargs="?", const="1,2,3", default="",
@@ -233,10 +235,11 @@ def main() -> int:
                             p = rk_pk(c)
                             return lambda: cw.run_int_wgmma(xm, p, None, cfg)
 
-                        wgcfgs = [None] + [dict(zip(("wg", "bm", "nst", "split", "pipe", "minb", "ws"), (int(f) for f in c.split("/"))))
+                        wgcfgs = [None] + [dict(zip(("wg", "bm", "nst", "split", "pipe", "minb", "ws", "sk", "abl"), (int(f) for f in c.split("/"))))
                                            for c in args.wgmma_cfgs.split(",") if c]
                         for cfg in wgcfgs:
                             name = "cuda-int-wgmma" + ("" if cfg is None else " " + "/".join(str(v) for v in cfg.values()))
+                            name += " (ablation)" if cfg and cfg.get("abl") else ""  # timed though wrong
                             cands[name] = (lambda c, cfg=cfg: wg_fn(c, cfg), nb)
                     mma_cfgs = []
                 for cfg in mma_cfgs:
@@ -283,7 +286,7 @@ def main() -> int:
                     except Exception as ex:  # a config the device refuses (shared memory, registers)
                         print(f"  M={M:<3} {name} failed: {type(ex).__name__}: {str(ex)[:160]}", flush=True)
                         continue
-                    ok = e <= 1e-2
+                    ok = e <= 1e-2 or name.endswith("(ablation)")
                     t1 = bk.bench(make(0), args.reps) if ok and not args.no_single else float("nan")
                     g1 = bk.bench_graph(make, nbytes, reps=args.reps) if ok else float("nan")
                     tb, gb = (t1, g1) if name == "bf16" else (tb, gb)

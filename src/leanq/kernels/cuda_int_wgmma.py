@@ -19,6 +19,15 @@ Split-K (SPLIT > 1) as in :mod:`leanq.kernels.cuda_int_mma`: each block stores i
 the accumulator's register order, and the last to arrive at the tile's counter adds the slots in slot order
 (deterministic), writes the output and resets the counter.
 
+Stream-K (launch option ``sk``, with ``ws``): one block per SM, the grid's G blocks sharing all T x S units of the
+product (T tiles of R rows and BM batch rows, S stages of 64 inputs), block b taking units [b U / G, (b + 1) U / G)
+(:func:`sk_segments`), so that no SM idles in a last partial wave. A block walks its range as segments, one tile
+each; its producer runs on into the next segment while the warpgroups write the last one's outputs. A segment that
+starts inside a tile (only a block's first one can) stores its fp32 partial to the block's slot and raises the
+block's flag; the block holding the tile's first stages (its range's last segment) waits for the flags of the blocks
+after it whose first segment lies in the tile, adds their slots in block order (that of k: the same sum every
+launch), resets the flags and writes the tile. Waits point only to later blocks, so the last block never waits.
+
 Warp specialization (launch option ``ws``, the default above 64 batch rows): ``ws`` more warps (2 or 4; 4 by
 default, a whole warpgroup) issue every stage's copies, each thread's source offsets computed once, and mark them
 landed on a per-stage ``mbarrier`` (``cp.async.mbarrier.arrive.noinc`` per thread); each warpgroup waits on it,
@@ -106,6 +115,12 @@ _SRC = r"""
 #define WROW 48                  // bytes per weight row in a stage (32 used)
 #define WS_BYTES (R * WROW)
 #define SZ_BYTES (R * 4)
+// a barrier of the threads that hold outputs (WS: the warpgroups only, on named barrier 1; the producers do not join)
+#if WS
+#define CSYNC() asm volatile("bar.sync 1, %0;" :: "n"(CT) : "memory")
+#else
+#define CSYNC() __syncthreads()
+#endif
 
 __device__ __forceinline__ u32 smem_u32(const void* p) { return (u32)__cvta_generic_to_shared(p); }
 __device__ __forceinline__ void cp16(u32 dst, const void* src, u32 bytes) {
@@ -130,6 +145,27 @@ __device__ __forceinline__ void mbar_wait(u32 a, u32 parity) {
   asm volatile("{\n.reg .pred p;\nWAIT:\nmbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n@!p bra WAIT;\n}"
                :: "r"(a), "r"(parity) : "memory");
 }
+#if SK
+// stream-K: the grid's G blocks share the T x S units (tile, 64-input stage) of the whole product, tiles in order
+// (row tiles fastest), block b taking units [b U / G, (b + 1) U / G); a segment is one tile's stages within a block's range
+struct Seg { int n0, m0, kt0, nk, tile; };
+__device__ __forceinline__ bool seg_next(long long& u, long long u1, int S, int TN, Seg& g) {
+  if (u >= u1) return false;
+  g.tile = (int)(u / S);
+  g.kt0 = (int)(u - (long long)g.tile * S);
+  g.nk = (int)min((long long)(S - g.kt0), u1 - u);
+  g.n0 = (g.tile % TN) * R;
+  g.m0 = (g.tile / TN) * BM;
+  u += g.nk;
+  return true;
+}
+__device__ __forceinline__ int ld_acquire(const int* p) {
+  int v; asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory"); return v;
+}
+__device__ __forceinline__ void st_release(int* p, int v) {
+  asm volatile("st.release.gpu.global.b32 [%0], %1;" :: "l"(p), "r"(v) : "memory");
+}
+#endif
 __device__ __forceinline__ u32 mul2(u32 a, u32 b) {
   u32 d;
 #if XT == 1
@@ -196,12 +232,18 @@ int_wgmma(const void* __restrict__ x, void* __restrict__ out, const void* __rest
   unsigned char* ws = smem + NST * XS_BYTES;                 // NST weight stages
   unsigned char* zs = ws + NST * WS_BYTES;                   // NST group-word stages
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+#if SK
+  const int S = K >> 6, TN = (N + R - 1) / R;
+  const long long U = (long long)TN * ((M + BM - 1) / BM) * S;
+  const long long ub0 = (long long)blockIdx.x * U / gridDim.x, ub1 = (long long)(blockIdx.x + 1) * U / gridDim.x;
+#else
   const int n0 = blockIdx.x * R, m0 = blockIdx.y * BM;
   const int steps = K >> 6;
   const int per = (steps + gridDim.z - 1) / gridDim.z;
   const int kt0 = blockIdx.z * per;
   const int kt1 = min(kt0 + per, steps);
   const int nk = max(kt1 - kt0, 0);
+#endif
 
   // stage IT's four wgmmas on the register set A (the accumulators fenced so the compiler keeps them in place)
 #define MMA(A, IT)                                                                   \
@@ -241,6 +283,15 @@ int_wgmma(const void* __restrict__ x, void* __restrict__ out, const void* __rest
     const int p = tid - CT;
     const int r0 = p >> 3, c0 = p & 7;
     const u32 xdst0 = r0 * 128 + ((c0 ^ (r0 & 7)) << 4);
+#if SK
+    u32 gi = 0;                                               // stages issued before this segment
+    long long su = ub0;
+    Seg sg;
+    while (seg_next(su, ub1, S, TN, sg)) {
+    const int n0 = sg.n0, m0 = sg.m0, kt0 = sg.kt0, nk = sg.nk;
+#else
+    const u32 gi = 0;
+#endif
     u32 xoff[XUW], xok = 0;
 #pragma unroll
     for (int u = 0; u < XUW; ++u) {
@@ -266,22 +317,30 @@ int_wgmma(const void* __restrict__ x, void* __restrict__ out, const void* __rest
       zok |= n0 + p + LT * z < N ? 1u << z : 0u;
     }
     for (int it = 0; it < nk; ++it) {
-      const u32 s = (unsigned)it % NST;
-      if (it >= NST) mbar_wait(eb0 + 8 * s, (((unsigned)it / NST) & 1) ^ 1);
+      const u32 s = (gi + it) % NST;
+      if (gi + it >= NST) mbar_wait(eb0 + 8 * s, (((gi + it) / NST) & 1) ^ 1);
+      // ABL (timing only, wrong outputs): bit 1, x copied for the first NST stages only; bit 2, the weights and
+      // group words likewise
+      if (!(ABL & 1) || gi + it < NST) {
 #pragma unroll
-      for (int u = 0; u < XUW; ++u)
-        cp16(xs0 + s * XS_BYTES + xdst0 + u * (LT * 16), xbase + xoff[u], (xok >> u) & 1 ? 16u : 0u);
+        for (int u = 0; u < XUW; ++u)
+          cp16(xs0 + s * XS_BYTES + xdst0 + u * (LT * 16), xbase + xoff[u], (xok >> u) & 1 ? 16u : 0u);
+      }
       xbase += 128;
 #pragma unroll
       for (int v = 0; v < WUW; ++v) {
-        cp16(ws0 + s * WS_BYTES + wdst[v], wsrc[v], (wok >> v) & 1 ? 16u : 0u);
+        if (!(ABL & 2) || gi + it < NST) cp16(ws0 + s * WS_BYTES + wdst[v], wsrc[v], (wok >> v) & 1 ? 16u : 0u);
         wsrc[v] += 8;
       }
 #pragma unroll
       for (int z = 0; z < ZUW; ++z)
-        if (p + LT * z < R) cp4(zs0 + s * SZ_BYTES + (p + LT * z) * 4, zsrc[z] + ((kt0 + it) >> GSH), (zok >> z) & 1 ? 4u : 0u);
+        if ((!(ABL & 2) || gi + it < NST) && p + LT * z < R) cp4(zs0 + s * SZ_BYTES + (p + LT * z) * 4, zsrc[z] + ((kt0 + it) >> GSH), (zok >> z) & 1 ? 4u : 0u);
       mbar_arrive_cp(fb0 + 8 * s);
     }
+#if SK
+    gi += nk;
+    }
+#endif
     cp_wait<0>();
     return;                                                 // no outputs; the epilogue syncs the consumers only
   } else {
@@ -290,20 +349,30 @@ int_wgmma(const void* __restrict__ x, void* __restrict__ out, const void* __rest
 #endif
     const u32 wrow0 = ws0 + row * WROW, zrow0 = zs0 + row * 4, sh = 4 * t;
     u32 aA[4][4], aB[4][4];
+#if SK
+    u32 gi = 0;                                               // stages consumed before this segment
+    long long su = ub0;
+    Seg sg;
+    while (seg_next(su, ub1, S, TN, sg)) {
+    const int nk = sg.nk;
+#else
+    const u32 gi = 0;
+#endif
     if (nk > 0) {
-      mbar_wait(fb0, 0);
+      mbar_wait(fb0 + 8 * (gi % NST), (gi / NST) & 1);
       asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-      decode_stage(wrow0, zrow0, sh, aA);
+      decode_stage(wrow0 + (gi % NST) * WS_BYTES, zrow0 + (gi % NST) * SZ_BYTES, sh, aA);
     }
 #define WSTEP(CUR, NXT, IT)                                                          \
-    MMA(CUR, IT)                                                                     \
+    MMA(CUR, gi + (IT))                                                              \
     wg_wait<1>();                                                                    \
-    if ((IT) >= 1 && lane == 0) mbar_arrive(eb0 + 8 * ((unsigned)((IT) - 1) % NST)); \
+    if ((IT) >= 1 && lane == 0) mbar_arrive(eb0 + 8 * ((gi + (IT) - 1) % NST));      \
     if ((IT) + 1 < nk) {                                                             \
-      const u32 s1 = (unsigned)((IT) + 1) % NST;                                     \
-      mbar_wait(fb0 + 8 * s1, ((unsigned)((IT) + 1) / NST) & 1);                     \
+      const u32 s1 = (gi + (IT) + 1) % NST;                                          \
+      mbar_wait(fb0 + 8 * s1, ((gi + (IT) + 1) / NST) & 1);                          \
       asm volatile("fence.proxy.async.shared::cta;" ::: "memory");                   \
-      decode_stage(wrow0 + s1 * WS_BYTES, zrow0 + s1 * SZ_BYTES, sh, NXT);           \
+      if (!(ABL & 4) || gi + (IT) < 1)  /* ABL bit 4: the first two stages' decode reused */ \
+        decode_stage(wrow0 + s1 * WS_BYTES, zrow0 + s1 * SZ_BYTES, sh, NXT);         \
     }
     for (int it = 0; it < nk; it += 2) {
       WSTEP(aA, aB, it)
@@ -312,6 +381,55 @@ int_wgmma(const void* __restrict__ x, void* __restrict__ out, const void* __rest
     wg_wait<0>();
 #pragma unroll
     for (int i = 0; i < NACC; ++i) fence_reg(acc[i]);
+#if SK
+    if (nk > 0 && lane == 0) mbar_arrive(eb0 + 8 * ((gi + nk - 1) % NST));  // the segment's last stage is free
+    gi += nk;
+    if (sg.kt0 > 0) {
+      // a tile's later stages: this block's partial (its first segment, so one slot per block) for the block that
+      // holds the tile's first stages, then its flag
+      float* mine = part + (long long)blockIdx.x * (R * BM);
+#pragma unroll
+      for (int i = 0; i < NACC; i += 4)
+        *(float4*)(mine + (i / 4) * (CT * 4) + tid * 4) = make_float4(acc[i], acc[i + 1], acc[i + 2], acc[i + 3]);
+      __threadfence();
+      CSYNC();
+      if (tid == 0) st_release(cnt + blockIdx.x, 1);
+    } else {
+      if (sg.nk < S) {
+        // the tile's first stages (this block's last segment): add the partials of the blocks after this one whose
+        // first segment lies in the tile, in their order (that of k: the same sum every launch), resetting each flag
+        const long long tend = (long long)(sg.tile + 1) * S;
+        for (int b2 = blockIdx.x + 1; b2 < (int)gridDim.x && (long long)b2 * U / gridDim.x < tend; ++b2) {
+          if (tid == 0) {
+            while (ld_acquire(cnt + b2) == 0) {}
+            cnt[b2] = 0;
+          }
+          CSYNC();
+          __threadfence();
+          const float* slot = part + (long long)b2 * (R * BM);
+#pragma unroll
+          for (int i = 0; i < NACC; i += 4) {
+            const float4 q = __ldcg((const float4*)(slot + (i / 4) * (CT * 4) + tid * 4));
+            acc[i] += q.x; acc[i + 1] += q.y; acc[i + 2] += q.z; acc[i + 3] += q.w;
+          }
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < NACC; ++i) {
+        const int n = sg.n0 + row + 8 * ((i >> 1) & 1);
+        const int m = sg.m0 + 8 * (i >> 2) + 2 * t + (i & 1);
+        if (n < N && m < M) {
+          float y = acc[i];
+          if (HAS_BIAS) y += ldx(bias, n);
+          stx(out, (long long)m * N + n, y);
+        }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < NACC; ++i) acc[i] = 0.f;
+    }
+    return;                                                   // every segment's outputs are written above
+#endif
   }
 #else
   // this thread's copies, the same every stage but for the source offset: XU chunks of x, one chunk of words,
@@ -405,11 +523,7 @@ int_wgmma(const void* __restrict__ x, void* __restrict__ out, const void* __rest
 
   // accumulator i: row (warp's 16) g + 8 ((i >> 1) & 1), batch column 8 (i >> 2) + 2t + (i & 1)
   // (WS: the producer warps have returned; the consumers sync among themselves on named barrier 1)
-#if WS
-#define CSYNC() asm volatile("bar.sync 1, %0;" :: "n"(CT) : "memory")
-#else
-#define CSYNC() __syncthreads()
-#endif
+#if !SK
   if (gridDim.z > 1) {
     const int tile = blockIdx.y * gridDim.x + blockIdx.x;
     float* slot = part + ((long long)tile * gridDim.z) * (R * BM);
@@ -451,15 +565,17 @@ int_wgmma(const void* __restrict__ x, void* __restrict__ out, const void* __rest
       stx(out, (long long)m * N + n, y);
     }
   }
+#endif
 }
 """
 
 
-def source(xt: int, sbf16: bool, wg: int, bm: int, nst: int, pipe: int = 1, minb: int = 1, ws: int = 0) -> str:
+def source(xt: int, sbf16: bool, wg: int, bm: int, nst: int, pipe: int = 1, minb: int = 1, ws: int = 0, sk: int = 0,
+           abl: int = 0) -> str:
     from .cuda_int_mma import _HELPERS
 
     defs = dict(BITS=4, XT=xt, SBF16=int(sbf16), WG=wg, BM=bm, NST=nst, PIPE=int(pipe and nst >= 3), MINB=minb,
-                WS=int(ws), MAXREG=232 if ws == 4 and wg == 2 and bm > 128 else 0)
+                WS=int(ws), MAXREG=232 if ws == 4 and wg == 2 and bm > 128 else 0, SK=int(bool(sk and ws)), ABL=int(abl))
     return ("".join(f"#define {k} {v}\n" for k, v in defs.items()) + PRELUDE + _HELPERS + WGMMA_HELPERS
             + _wgmma_asm(bm, xt) + _SRC)
 
@@ -469,9 +585,10 @@ def smem_bytes(wg: int, bm: int, nst: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(xt: int, sbf16: bool, wg: int, bm: int, nst: int, pipe: int, minb: int, ws: int, device: int) -> Launcher:
+def _compiled(xt: int, sbf16: bool, wg: int, bm: int, nst: int, pipe: int, minb: int, ws: int, sk: int,
+              device: int, abl: int = 0) -> Launcher:
     with torch.cuda.device(device):
-        return Launcher(torch.cuda._compile_kernel(source(xt, sbf16, wg, bm, nst, pipe, minb, ws), "int_wgmma",
+        return Launcher(torch.cuda._compile_kernel(source(xt, sbf16, wg, bm, nst, pipe, minb, ws, sk, abl), "int_wgmma",
                                                    compute_capability="90a"), "cuda-int-wgmma")
 
 
@@ -490,12 +607,40 @@ def supports(pk: dict, x2: torch.Tensor) -> bool:
     return dev not in _BROKEN and torch.cuda.get_device_capability(dev) == (9, 0)
 
 
+def sk_segments(tiles: int, stages: int, blocks: int) -> list:
+    """The stream-K schedule the kernel walks (``seg_next``), for checks on any machine: per block, its segments as
+    (tile, first stage, stages), and per tile the blocks whose partials its first-stage block adds, in order."""
+    units = tiles * stages
+    segs = []
+    for b in range(blocks):
+        u, u1, mine = b * units // blocks, (b + 1) * units // blocks, []
+        while u < u1:
+            tile, kt0 = divmod(u, stages)
+            nk = min(stages - kt0, u1 - u)
+            mine.append((tile, kt0, nk))
+            u += nk
+        segs.append(mine)
+    return segs
+
+
+def sk_partials(tiles: int, stages: int, blocks: int, b: int, tile: int) -> list:
+    """The blocks whose partials block ``b`` adds when it holds tile ``tile``'s first stages (the kernel's loop)."""
+    units, tend = tiles * stages, (tile + 1) * stages
+    out, b2 = [], b + 1
+    while b2 < blocks and b2 * units // blocks < tend:
+        out.append(b2)
+        b2 += 1
+    return out
+
+
 def config(M: int, N: int, K: int, sms: int) -> dict:
     """The launch config for a batch of M rows (see :func:`_config`; cached, a fresh dict per call). Above 128 rows
     a block of two warpgroups and 256 batch rows (m64n256 wgmmas, :data:`WS256`) competes with the 128-row choice
     on :func:`_estimate`."""
     if M <= 64:
         return dict(_config(64, -(-M // 64), N, K, sms))
+    if _stream_k(M, N, K, sms):
+        return dict(DEFAULT, split=1, sk=1, **(WS256 if M > 128 else dict(WS_DEFAULT, wg=2, bm=128)))
     c = dict(_config(128, -(-M // 128), N, K, sms))
     if M > 128:
         mt = -(-M // 256)
@@ -503,6 +648,15 @@ def config(M: int, N: int, K: int, sms: int) -> dict:
         if _estimate(256, 2, split, mt, N, K, sms) < _estimate(128, c["wg"], c["split"], -(-M // 128), N, K, sms):
             return dict(DEFAULT, split=split, **WS256)
     return c
+
+
+def _stream_k(M: int, N: int, K: int, sms: int) -> bool:
+    """Stream-K (``sk``) where the H200 runs measured it faster: the blocks of two warpgroups (256 batch rows above
+    128, else 128) fill one wave to between half and three quarters of the SMs, over at least 32 stages of K
+    (11008 x 4096 at 128 and 256 rows: 86 tiles on 132 SMs, 9% and 7% faster). At 112 tiles (85%) and at 32 (24%)
+    it measured slower: its partials' traffic outweighs the idle SMs (benchmarks/kernels/NOTES.md, v25)."""
+    tiles = -(-N // 128) * -(-M // (256 if M > 128 else 128))
+    return K // 64 >= 32 and sms / 2 <= tiles <= 3 * sms / 4
 
 
 def _fill_key(tiles: int, split: int, sms: int) -> float:
@@ -568,10 +722,18 @@ def run_int_wgmma(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: di
     if bm > 128 or wg > 2 or c.get("ws"):  # m64n256's accumulators, 384-544 threads: one block per SM
         c["minb"] = 1
     ws = int(c.get("ws", 0))
-    kern = _compiled(XT[x2.dtype], bool(pk["sbf16"]), wg, bm, nst, int(c.get("pipe", 1)), int(c.get("minb", 1)), ws, dev)
     gx, gy = -(-N // (64 * wg)), -(-M // bm)
     split = max(1, min(int(c["split"] or 1), K // 64, 4))  # MAX_SPLIT
     part = cnt = x2
+    sk = 0
+    if c.get("sk") and ws:  # stream-K: one block per SM over all (tile, stage) units, one partial slot per block
+        blocks = min(sm_count(dev), gx * gy * (K // 64))
+        sc = _scratch(x2.device, blocks * 64 * wg * bm, blocks)
+        if sc is not None:
+            sk, split, part, cnt = 1, 1, sc[0], sc[1]
+            gx, gy = blocks, 1
+    kern = _compiled(XT[x2.dtype], bool(pk["sbf16"]), wg, bm, nst, int(c.get("pipe", 1)), int(c.get("minb", 1)), ws,
+                     sk, dev, int(c.get("abl", 0)) if ws else 0)
     if split > 1:
         sc = _scratch(x2.device, gx * gy * split * 64 * wg * bm, gx * gy)
         if sc is None:
