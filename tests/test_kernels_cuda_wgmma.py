@@ -45,11 +45,14 @@ def test_int_wgmma_matches_reference(n, k, m, group, sdtype, dtype):
 @pytest.mark.parametrize("n,k,m", [(4096, 4096, 256), (1000, 4096, 256), (11008, 1024, 200), (256, 256, 512)])
 def test_int_wgmma_stream_k_matches_reference(n, k, m):
     """Stream-K (``sk``) at shapes whose tiles span one block or many (4096 x 4096: about four blocks a tile;
-    256 x 256 at 512 rows: one stage a block), against the reference and the same bytes every launch."""
+    256 x 256 at 512 rows: one stage a block), against the reference and the same bytes every launch; and with
+    three times as many blocks as SMs, so that most wait their turn to start (the waits must still end)."""
     from leanq.kernels import cuda_int_wgmma as cw
 
     layer, pk, x, ref = _gpu_case(n, k, 4, 128, m, torch.bfloat16, torch.bfloat16, seed=11)
-    for cfg in (dict(wg=2, bm=256, nst=4, split=1, ws=4, sk=1), dict(wg=2, bm=128, nst=6, split=1, ws=4, sk=1)):
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for cfg in (dict(wg=2, bm=256, nst=4, split=1, ws=4, sk=1), dict(wg=2, bm=128, nst=6, split=1, ws=4, sk=1),
+                dict(wg=2, bm=256, nst=4, split=1, ws=4, sk=1, blocks=3 * sms)):
         out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
         cw.run_int_wgmma(x, pk, layer.bias.to(torch.bfloat16), cfg, out=out)
         err = ((out.float() - ref).norm() / ref.norm()).item()
@@ -63,8 +66,9 @@ def test_int_wgmma_stream_k_matches_reference(n, k, m):
                                                  (1, 1, 1), (2, 8, 16), (5, 64, 5)])
 def test_int_wgmma_stream_k_schedule(tiles, stages, blocks):
     """On any machine, the stream-K schedule: every (tile, stage) unit exactly once; only a block's first segment
-    starts inside a tile (one partial slot per block); each tile's first stages sit in its range's last segment,
-    and that block adds exactly the partials of the tile's other segments, later blocks only, in the order of k."""
+    lacks its tile's last stage (one partial slot per block); a tile's last stages, when not the whole tile, are its
+    block's last segment, and that block adds exactly the partials of the tile's other segments, lower tickets
+    only, in the order of k (so no block waits for a higher ticket: the waits end whatever the residency)."""
     from leanq.kernels import cuda_int_wgmma as cw
 
     segs = cw.sk_segments(tiles, stages, blocks)
@@ -75,14 +79,16 @@ def test_int_wgmma_stream_k_schedule(tiles, stages, blocks):
         for i, (tile, kt0, nk) in enumerate(mine):
             for kt in range(kt0, kt0 + nk):
                 seen[tile][kt] += 1
-            if kt0 > 0:
+            if kt0 + nk < stages:
                 assert i == 0
                 written.add(b)
-            elif nk < stages:
+            elif kt0 > 0:
                 assert i == len(mine) - 1
                 others = cw.sk_partials(tiles, stages, blocks, b, tile)
-                assert others == sorted(others) and all(o > b for o in others)
-                assert [segs[o][0][:2] for o in others] == [(tile, k) for k in sorted(segs[o][0][1] for o in others)]
+                assert others == sorted(others) and all(o < b for o in others)
+                assert all(segs[o][0][0] == tile for o in others)
+                assert [segs[o][0][1] for o in others] == sorted(segs[o][0][1] for o in others)
+                assert max(segs[o][0][1] + segs[o][0][2] for o in others) == kt0
                 assert sum(segs[o][0][2] for o in others) + nk == stages
                 read += others
     assert all(c == 1 for row in seen for c in row)

@@ -20,13 +20,15 @@ the accumulator's register order, and the last to arrive at the tile's counter a
 (deterministic), writes the output and resets the counter.
 
 Stream-K (launch option ``sk``, with ``ws``): one block per SM, the grid's G blocks sharing all T x S units of the
-product (T tiles of R rows and BM batch rows, S stages of 64 inputs), block b taking units [b U / G, (b + 1) U / G)
-(:func:`sk_segments`), so that no SM idles in a last partial wave. A block walks its range as segments, one tile
-each; its producer runs on into the next segment while the warpgroups write the last one's outputs. A segment that
-starts inside a tile (only a block's first one can) stores its fp32 partial to the block's slot and raises the
-block's flag; the block holding the tile's first stages (its range's last segment) waits for the flags of the blocks
-after it whose first segment lies in the tile, adds their slots in block order (that of k: the same sum every
-launch), resets the flags and writes the tile. Waits point only to later blocks, so the last block never waits.
+product (T tiles of R rows and BM batch rows, S stages of 64 inputs), the block of ticket b taking units
+[b U / G, (b + 1) U / G) (:func:`sk_segments`), so that no SM idles in a last partial wave. Tickets are taken from a
+counter as blocks start. A block walks its range from the end as segments, one tile each; its producer runs on into
+the next segment while the warpgroups write the last one's outputs. A segment without its tile's last stage (only
+a block's first one: its range's end) stores its fp32 partial to the block's slot and raises the block's flag. The
+block holding the tile's last stages (its range's start, so its last segment) waits for the flags of the blocks
+before it whose range meets the tile, adds their slots to its own registers in ticket order (the same sum every
+launch), resets the flags and writes the tile. A block waits only for lower tickets, which have
+all started and wait only for lower tickets in turn, so the waits end however few blocks the GPU holds at once.
 
 Warp specialization (launch option ``ws``, the default above 64 batch rows): ``ws`` more warps (2 or 4; 4 by
 default, a whole warpgroup) issue every stage's copies, each thread's source offsets computed once, and mark them
@@ -147,16 +149,18 @@ __device__ __forceinline__ void mbar_wait(u32 a, u32 parity) {
 }
 #if SK
 // stream-K: the grid's G blocks share the T x S units (tile, 64-input stage) of the whole product, tiles in order
-// (row tiles fastest), block b taking units [b U / G, (b + 1) U / G); a segment is one tile's stages within a block's range
+// (row tiles fastest), the block of ticket b taking units [b U / G, (b + 1) U / G) and walking them from the end: a
+// segment is one tile's stages within that range, taken last unit first
 struct Seg { int n0, m0, kt0, nk, tile; };
-__device__ __forceinline__ bool seg_next(long long& u, long long u1, int S, int TN, Seg& g) {
-  if (u >= u1) return false;
-  g.tile = (int)(u / S);
-  g.kt0 = (int)(u - (long long)g.tile * S);
-  g.nk = (int)min((long long)(S - g.kt0), u1 - u);
+__device__ __forceinline__ bool seg_prev(long long& u, long long u0, int S, int TN, Seg& g) {
+  if (u <= u0) return false;
+  g.tile = (int)((u - 1) / S);
+  const long long t0 = (long long)g.tile * S, lo = t0 > u0 ? t0 : u0;
+  g.kt0 = (int)(lo - t0);
+  g.nk = (int)(u - lo);
   g.n0 = (g.tile % TN) * R;
   g.m0 = (g.tile / TN) * BM;
-  u += g.nk;
+  u = lo;
   return true;
 }
 __device__ __forceinline__ int ld_acquire(const int* p) {
@@ -235,7 +239,17 @@ int_wgmma(const void* __restrict__ x, void* __restrict__ out, const void* __rest
 #if SK
   const int S = K >> 6, TN = (N + R - 1) / R;
   const long long U = (long long)TN * ((M + BM - 1) / BM) * S;
-  const long long ub0 = (long long)blockIdx.x * U / gridDim.x, ub1 = (long long)(blockIdx.x + 1) * U / gridDim.x;
+  // the block's ticket (taken in the order the blocks start: a block waits only for lower tickets, all of which have
+  // started, so the waits end whatever number of blocks the GPU holds at once); the last ticket resets the counter
+  __shared__ int sk_ticket;
+  if (tid == 0) {
+    const int b = atomicAdd(cnt + gridDim.x, 1);
+    if (b == (int)gridDim.x - 1) cnt[gridDim.x] = 0;
+    sk_ticket = b;
+  }
+  __syncthreads();
+  const int bid = sk_ticket;
+  const long long ub0 = (long long)bid * U / gridDim.x, ub1 = (long long)(bid + 1) * U / gridDim.x;
 #else
   const int n0 = blockIdx.x * R, m0 = blockIdx.y * BM;
   const int steps = K >> 6;
@@ -285,9 +299,9 @@ int_wgmma(const void* __restrict__ x, void* __restrict__ out, const void* __rest
     const u32 xdst0 = r0 * 128 + ((c0 ^ (r0 & 7)) << 4);
 #if SK
     u32 gi = 0;                                               // stages issued before this segment
-    long long su = ub0;
+    long long su = ub1;
     Seg sg;
-    while (seg_next(su, ub1, S, TN, sg)) {
+    while (seg_prev(su, ub0, S, TN, sg)) {
     const int n0 = sg.n0, m0 = sg.m0, kt0 = sg.kt0, nk = sg.nk;
 #else
     const u32 gi = 0;
@@ -351,9 +365,9 @@ int_wgmma(const void* __restrict__ x, void* __restrict__ out, const void* __rest
     u32 aA[4][4], aB[4][4];
 #if SK
     u32 gi = 0;                                               // stages consumed before this segment
-    long long su = ub0;
+    long long su = ub1;
     Seg sg;
-    while (seg_next(su, ub1, S, TN, sg)) {
+    while (seg_prev(su, ub0, S, TN, sg)) {
     const int nk = sg.nk;
 #else
     const u32 gi = 0;
@@ -384,32 +398,36 @@ int_wgmma(const void* __restrict__ x, void* __restrict__ out, const void* __rest
 #if SK
     if (nk > 0 && lane == 0) mbar_arrive(eb0 + 8 * ((gi + nk - 1) % NST));  // the segment's last stage is free
     gi += nk;
-    if (sg.kt0 > 0) {
-      // a tile's later stages: this block's partial (its first segment, so one slot per block) for the block that
-      // holds the tile's first stages, then its flag
-      float* mine = part + (long long)blockIdx.x * (R * BM);
+    if (sg.kt0 + sg.nk < S) {
+      // not the tile's last stages: the block's first segment (its range's end), so one slot per block; this
+      // block's partial for the block that holds the tile's last stages, then its flag
+      float* mine = part + (long long)bid * (R * BM);
 #pragma unroll
       for (int i = 0; i < NACC; i += 4)
         *(float4*)(mine + (i / 4) * (CT * 4) + tid * 4) = make_float4(acc[i], acc[i + 1], acc[i + 2], acc[i + 3]);
       __threadfence();
       CSYNC();
-      if (tid == 0) st_release(cnt + blockIdx.x, 1);
+      if (tid == 0) st_release(cnt + bid, 1);
     } else {
-      if (sg.nk < S) {
-        // the tile's first stages (this block's last segment): add the partials of the blocks after this one whose
-        // first segment lies in the tile, in their order (that of k: the same sum every launch), resetting each flag
-        const long long tend = (long long)(sg.tile + 1) * S;
-        for (int b2 = blockIdx.x + 1; b2 < (int)gridDim.x && (long long)b2 * U / gridDim.x < tend; ++b2) {
-          if (tid == 0) {
+      if (sg.kt0 > 0) {
+        // the tile's last stages and not all of them (the block's last segment): the partials of the blocks before
+        // this one whose range meets the tile, added to its own in ticket order (the same sum every launch); their
+        // flags reset
+        const long long t0 = (long long)sg.tile * S;
+        int b1 = bid - 1;
+        while (b1 > 0 && (long long)b1 * U / gridDim.x > t0) --b1;  // the block holding the tile's first stage
+        if (tid == 0)
+          for (int b2 = b1; b2 < bid; ++b2) {
             while (ld_acquire(cnt + b2) == 0) {}
             cnt[b2] = 0;
           }
-          CSYNC();
-          __threadfence();
-          const float* slot = part + (long long)b2 * (R * BM);
+        CSYNC();
+        __threadfence();
+        for (int b2 = b1; b2 < bid; ++b2) {                 // a slot's loads all in flight at once
+          const float* slot = part + (long long)b2 * (R * BM) + tid * 4;
 #pragma unroll
           for (int i = 0; i < NACC; i += 4) {
-            const float4 q = __ldcg((const float4*)(slot + (i / 4) * (CT * 4) + tid * 4));
+            const float4 q = __ldcg((const float4*)(slot + (i / 4) * (CT * 4)));
             acc[i] += q.x; acc[i + 1] += q.y; acc[i + 2] += q.z; acc[i + 3] += q.w;
           }
         }
@@ -608,29 +626,29 @@ def supports(pk: dict, x2: torch.Tensor) -> bool:
 
 
 def sk_segments(tiles: int, stages: int, blocks: int) -> list:
-    """The stream-K schedule the kernel walks (``seg_next``), for checks on any machine: per block, its segments as
-    (tile, first stage, stages), and per tile the blocks whose partials its first-stage block adds, in order."""
+    """The stream-K schedule the kernel walks (``seg_prev``), for checks on any machine: per block (ticket), its
+    segments in the order it takes them (its range from the end) as (tile, first stage, stages)."""
     units = tiles * stages
     segs = []
     for b in range(blocks):
-        u, u1, mine = b * units // blocks, (b + 1) * units // blocks, []
-        while u < u1:
-            tile, kt0 = divmod(u, stages)
-            nk = min(stages - kt0, u1 - u)
-            mine.append((tile, kt0, nk))
-            u += nk
+        u0, u, mine = b * units // blocks, (b + 1) * units // blocks, []
+        while u > u0:
+            tile = (u - 1) // stages
+            lo = max(tile * stages, u0)
+            mine.append((tile, lo - tile * stages, u - lo))
+            u = lo
         segs.append(mine)
     return segs
 
 
 def sk_partials(tiles: int, stages: int, blocks: int, b: int, tile: int) -> list:
-    """The blocks whose partials block ``b`` adds when it holds tile ``tile``'s first stages (the kernel's loop)."""
-    units, tend = tiles * stages, (tile + 1) * stages
-    out, b2 = [], b + 1
-    while b2 < blocks and b2 * units // blocks < tend:
-        out.append(b2)
-        b2 += 1
-    return out
+    """The blocks whose partials block ``b`` adds to its own (in this order) when it holds the last stages of
+    ``tile`` and not all of them (the kernel's search from ``b - 1`` down)."""
+    units = tiles * stages
+    b1 = b - 1
+    while b1 > 0 and b1 * units // blocks > tile * stages:
+        b1 -= 1
+    return list(range(b1, b))
 
 
 def config(M: int, N: int, K: int, sms: int) -> dict:
@@ -727,8 +745,8 @@ def run_int_wgmma(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: di
     part = cnt = x2
     sk = 0
     if c.get("sk") and ws:  # stream-K: one block per SM over all (tile, stage) units, one partial slot per block
-        blocks = min(sm_count(dev), gx * gy * (K // 64))
-        sc = _scratch(x2.device, blocks * 64 * wg * bm, blocks)
+        blocks = min(int(c.get("blocks") or sm_count(dev)), gx * gy * (K // 64))  # "blocks": more, for tests
+        sc = _scratch(x2.device, blocks * 64 * wg * bm, blocks + 1)  # flags, then the ticket counter
         if sc is not None:
             sk, split, part, cnt = 1, 1, sc[0], sc[1]
             gx, gy = blocks, 1
