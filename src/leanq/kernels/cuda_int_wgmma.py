@@ -60,6 +60,7 @@ import torch
 from .cuda_rt import PRELUDE, XT, Launcher, device_index, grow_scratch, sm_count
 
 ON = os.environ.get("LEANQ_WGMMA", "1") != "0"
+EPI_ON = os.environ.get("LEANQ_WGMMA_EPI", "1") != "0"  # outputs staged in shared memory, stored 16 bytes at a time
 MIN_M = int(os.environ.get("LEANQ_WGMMA_MIN_M", "64"))
 # warpgroups per block, batch rows per block, stages, K split (0: chosen by :func:`config`), the decode of the next stage
 # overlapping the current stage's wgmmas, and the blocks per SM the registers are capped for
@@ -226,6 +227,51 @@ __device__ __forceinline__ void decode_stage(u32 wrow, u32 zrow, u32 sh, u32 (&a
   }
 }
 
+#if EPI
+// the outputs of a tile through shared memory: each thread's accumulators (bias added, rounded to the activations'
+// format) into a [BM][R + 8] staging tile (the 16 bytes of padding put a warp's four batch rows in distinct banks),
+// then 16-byte chunks of R / 8 per batch row, each a coalesced store (element stores where N is not a multiple of 8
+// or the chunk crosses N); the barriers are those of the threads holding outputs
+#define EPI_LD (R + 8)
+__device__ __forceinline__ u16 f2x(float f) {
+  u16 h;
+#if XT == 1
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+#else
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+#endif
+  return h;
+}
+__device__ __forceinline__ void store_tile(const float (&acc)[NACC], u32 epi, void* out, const void* bias, int n0,
+                                           int m0, int M, int N, int tid, int row, int t, int has_bias) {
+  CSYNC();                                                  // the staging tile's last readers are done
+#pragma unroll
+  for (int i = 0; i < NACC; ++i) {
+    const int n = row + 8 * ((i >> 1) & 1), m = 8 * (i >> 2) + 2 * t + (i & 1);
+    float y = acc[i];
+    if (has_bias && n0 + n < N) y += ldx(bias, n0 + n);
+    asm volatile("st.shared.u16 [%0], %1;" :: "r"(epi + 2 * (m * EPI_LD + n)), "h"(f2x(y)) : "memory");
+  }
+  CSYNC();
+  const bool vec = (N & 7) == 0;
+#pragma unroll 4
+  for (int c = tid; c < BM * (R / 8); c += CT) {
+    const int m = c / (R / 8), j = c % (R / 8), gm = m0 + m, gn = n0 + 8 * j;
+    if (gm >= M || gn >= N) continue;
+    const uint4 v = lds128(epi + 2 * (m * EPI_LD + 8 * j));
+    u16* dst = (u16*)out + (long long)gm * N + gn;
+    if (vec && gn + 8 <= N) {
+      *(uint4*)dst = v;
+    } else {
+      const u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int q = 0; q < 8; ++q)
+        if (gn + q < N) dst[q] = (u16)(w[q >> 1] >> (16 * (q & 1)));
+    }
+  }
+}
+#endif
+
 extern "C" __global__ void __launch_bounds__(THREADS, MINB)
 int_wgmma(const void* __restrict__ x, void* __restrict__ out, const void* __restrict__ bias,
           const u32* __restrict__ words, const u32* __restrict__ szw, float* __restrict__ part, int* __restrict__ cnt,
@@ -235,6 +281,9 @@ int_wgmma(const void* __restrict__ x, void* __restrict__ out, const void* __rest
   unsigned char* xs = smem;                                  // NST x stages (1024-byte aligned each)
   unsigned char* ws = smem + NST * XS_BYTES;                 // NST weight stages
   unsigned char* zs = ws + NST * WS_BYTES;                   // NST group-word stages
+#if EPI
+  const u32 epi = smem_u32(zs + NST * SZ_BYTES);             // the output staging tile (16-byte aligned)
+#endif
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 #if SK
   const int S = K >> 6, TN = (N + R - 1) / R;
@@ -334,7 +383,7 @@ int_wgmma(const void* __restrict__ x, void* __restrict__ out, const void* __rest
       const u32 s = (gi + it) % NST;
       if (gi + it >= NST) mbar_wait(eb0 + 8 * s, (((gi + it) / NST) & 1) ^ 1);
       // ABL (timing only, wrong outputs): bit 1, x copied for the first NST stages only; bit 2, the weights and
-      // group words likewise
+      // group words likewise; bit 4 (below) the decode of the first two stages reused; bit 8 no output stores
       if (!(ABL & 1) || gi + it < NST) {
 #pragma unroll
         for (int u = 0; u < XUW; ++u)
@@ -432,6 +481,9 @@ int_wgmma(const void* __restrict__ x, void* __restrict__ out, const void* __rest
           }
         }
       }
+#if EPI
+      store_tile(acc, epi, out, bias, sg.n0, sg.m0, M, N, tid, row, t, HAS_BIAS);
+#else
 #pragma unroll
       for (int i = 0; i < NACC; ++i) {
         const int n = sg.n0 + row + 8 * ((i >> 1) & 1);
@@ -442,6 +494,7 @@ int_wgmma(const void* __restrict__ x, void* __restrict__ out, const void* __rest
           stx(out, (long long)m * N + n, y);
         }
       }
+#endif
     }
 #pragma unroll
     for (int i = 0; i < NACC; ++i) acc[i] = 0.f;
@@ -573,40 +626,54 @@ int_wgmma(const void* __restrict__ x, void* __restrict__ out, const void* __rest
 #if WS
   if (tid >= CT) return;                                      // the producer warp has no outputs
 #endif
+#if EPI
+  if (!(ABL & 8)) store_tile(acc, epi, out, bias, n0, m0, M, N, tid, row, t, HAS_BIAS);  // ABL bit 8: no stores
+#else
 #pragma unroll
   for (int i = 0; i < NACC; ++i) {
     const int n = n0 + row + 8 * ((i >> 1) & 1);
     const int m = m0 + 8 * (i >> 2) + 2 * t + (i & 1);
-    if (n < N && m < M) {
+    if (n < N && m < M && (!(ABL & 8) || acc[i] == 12345.f)) {  // ABL bit 8: (almost) no output stores
       float y = acc[i];
       if (HAS_BIAS) y += ldx(bias, n);
       stx(out, (long long)m * N + n, y);
     }
   }
 #endif
+#endif
 }
 """
 
 
 def source(xt: int, sbf16: bool, wg: int, bm: int, nst: int, pipe: int = 1, minb: int = 1, ws: int = 0, sk: int = 0,
-           abl: int = 0) -> str:
+           abl: int = 0, epi: int = 0) -> str:
     from .cuda_int_mma import _HELPERS
 
     defs = dict(BITS=4, XT=xt, SBF16=int(sbf16), WG=wg, BM=bm, NST=nst, PIPE=int(pipe and nst >= 3), MINB=minb,
-                WS=int(ws), MAXREG=232 if ws == 4 and wg == 2 and bm > 128 else 0, SK=int(bool(sk and ws)), ABL=int(abl))
+                WS=int(ws), MAXREG=232 if ws == 4 and wg == 2 and bm > 128 else 0, SK=int(bool(sk and ws)), ABL=int(abl), EPI=int(epi))
     return ("".join(f"#define {k} {v}\n" for k, v in defs.items()) + PRELUDE + _HELPERS + WGMMA_HELPERS
             + _wgmma_asm(bm, xt) + _SRC)
 
 
-def smem_bytes(wg: int, bm: int, nst: int) -> int:
-    return nst * (bm * 128 + 64 * wg * 48 + 64 * wg * 4) + 1024
+SMEM_MAX = 227 * 1024  # a Hopper block's dynamic shared memory at most
+
+
+def smem_bytes(wg: int, bm: int, nst: int, epi: int = 0) -> int:
+    """Dynamic shared memory of a launch: the stages, the 1 KB alignment slack, and with ``epi`` the output tile."""
+    return nst * (bm * 128 + 64 * wg * 48 + 64 * wg * 4) + 1024 + (bm * (64 * wg + 8) * 2 if epi else 0)
+
+
+def _epi(wg: int, bm: int, nst: int, minb: int) -> int:
+    """The staged output tile where it fits beside the stages (``minb`` blocks per SM), else direct stores."""
+    return int(EPI_ON and smem_bytes(wg, bm, nst, 1) * max(1, minb) <= SMEM_MAX - 1024 * max(1, minb))
 
 
 @functools.lru_cache(maxsize=None)
 def _compiled(xt: int, sbf16: bool, wg: int, bm: int, nst: int, pipe: int, minb: int, ws: int, sk: int,
-              device: int, abl: int = 0) -> Launcher:
+              device: int, abl: int = 0, epi: int = 0) -> Launcher:
     with torch.cuda.device(device):
-        return Launcher(torch.cuda._compile_kernel(source(xt, sbf16, wg, bm, nst, pipe, minb, ws, sk, abl), "int_wgmma",
+        return Launcher(torch.cuda._compile_kernel(source(xt, sbf16, wg, bm, nst, pipe, minb, ws, sk, abl, epi),
+                                                   "int_wgmma",
                                                    compute_capability="90a"), "cuda-int-wgmma")
 
 
@@ -750,8 +817,9 @@ def run_int_wgmma(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: di
         if sc is not None:
             sk, split, part, cnt = 1, 1, sc[0], sc[1]
             gx, gy = blocks, 1
+    epi = _epi(wg, bm, nst, int(c.get("minb", 1))) if c.get("epi", 1) else 0
     kern = _compiled(XT[x2.dtype], bool(pk["sbf16"]), wg, bm, nst, int(c.get("pipe", 1)), int(c.get("minb", 1)), ws,
-                     sk, dev, int(c.get("abl", 0)) if ws else 0)
+                     sk, dev, int(c.get("abl", 0)) if ws else 0, epi)
     if split > 1:
         sc = _scratch(x2.device, gx * gy * split * 64 * wg * bm, gx * gy)
         if sc is None:
@@ -763,5 +831,5 @@ def run_int_wgmma(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: di
     kern(grid=(gx, gy, split), block=(128 * wg + 32 * ws, 1, 1),
          args=[x2, out, bias if bias is not None else out, pk["words"], pk["sz"], part, cnt, M, N, K,
                pk["words"].shape[1], pk["NG"], (pk["group"] // 64).bit_length() - 1, int(bias is not None)],
-         smem=smem_bytes(wg, bm, nst))
+         smem=smem_bytes(wg, bm, nst, epi))
     return out
