@@ -44,6 +44,13 @@ Above 128 rows :func:`config` may pick blocks of 256 batch rows (m64n256 wgmmas,
 warpgroups with 128 accumulators a thread, which fit because ``setmaxnreg`` moves registers from the producer
 warpgroup (40 a thread) to them (232). Each decoded weight then meets twice the batch rows.
 
+The outputs (``EPI``, on wherever the tile fits beside the stages): each thread's accumulators, bias added and
+rounded, into a [BM][R + 8] tile in shared memory, then out in 16-byte stores along the rows of ``out``
+(``LEANQ_WGMMA_EPI=0``: each value stored by the thread that holds it, 2 bytes at a time).
+
+Launch option ``abl`` (timing only, wrong outputs) leaves parts out: bit 1 x's copies after the first stages, bit 2
+the weights', bit 4 the decode after the first stages, bit 8 the output stores.
+
 The split-K sum issues the loads of all the other slots at once (the slot loop unrolled up to MAX_SPLIT = 4), in
 the same order of additions as before.
 
