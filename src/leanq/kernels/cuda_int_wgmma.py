@@ -277,6 +277,21 @@ __device__ __forceinline__ void store_tile(const float (&acc)[NACC], u32 epi, vo
     }
   }
 }
+#else
+// the outputs of a tile stored by the threads that hold them, one value at a time
+__device__ __forceinline__ void store_tile(const float (&acc)[NACC], u32, void* out, const void* bias, int n0, int m0,
+                                           int M, int N, int, int row, int t, int has_bias) {
+#pragma unroll
+  for (int i = 0; i < NACC; ++i) {
+    const int n = n0 + row + 8 * ((i >> 1) & 1);
+    const int m = m0 + 8 * (i >> 2) + 2 * t + (i & 1);
+    if (n < N && m < M) {
+      float y = acc[i];
+      if (has_bias) y += ldx(bias, n);
+      stx(out, (long long)m * N + n, y);
+    }
+  }
+}
 #endif
 
 extern "C" __global__ void __launch_bounds__(THREADS, MINB)
@@ -290,6 +305,8 @@ int_wgmma(const void* __restrict__ x, void* __restrict__ out, const void* __rest
   unsigned char* zs = ws + NST * WS_BYTES;                   // NST group-word stages
 #if EPI
   const u32 epi = smem_u32(zs + NST * SZ_BYTES);             // the output staging tile (16-byte aligned)
+#else
+  const u32 epi = 0;
 #endif
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 #if SK
@@ -488,20 +505,7 @@ int_wgmma(const void* __restrict__ x, void* __restrict__ out, const void* __rest
           }
         }
       }
-#if EPI
       store_tile(acc, epi, out, bias, sg.n0, sg.m0, M, N, tid, row, t, HAS_BIAS);
-#else
-#pragma unroll
-      for (int i = 0; i < NACC; ++i) {
-        const int n = sg.n0 + row + 8 * ((i >> 1) & 1);
-        const int m = sg.m0 + 8 * (i >> 2) + 2 * t + (i & 1);
-        if (n < N && m < M) {
-          float y = acc[i];
-          if (HAS_BIAS) y += ldx(bias, n);
-          stx(out, (long long)m * N + n, y);
-        }
-      }
-#endif
     }
 #pragma unroll
     for (int i = 0; i < NACC; ++i) acc[i] = 0.f;
@@ -633,20 +637,7 @@ int_wgmma(const void* __restrict__ x, void* __restrict__ out, const void* __rest
 #if WS
   if (tid >= CT) return;                                      // the producer warp has no outputs
 #endif
-#if EPI
   if (!(ABL & 8)) store_tile(acc, epi, out, bias, n0, m0, M, N, tid, row, t, HAS_BIAS);  // ABL bit 8: no stores
-#else
-#pragma unroll
-  for (int i = 0; i < NACC; ++i) {
-    const int n = n0 + row + 8 * ((i >> 1) & 1);
-    const int m = m0 + 8 * (i >> 2) + 2 * t + (i & 1);
-    if (n < N && m < M && (!(ABL & 8) || acc[i] == 12345.f)) {  // ABL bit 8: (almost) no output stores
-      float y = acc[i];
-      if (HAS_BIAS) y += ldx(bias, n);
-      stx(out, (long long)m * N + n, y);
-    }
-  }
-#endif
 #endif
 }
 """
