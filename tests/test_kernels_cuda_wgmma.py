@@ -30,13 +30,75 @@ def test_int_wgmma_matches_reference(n, k, m, group, sdtype, dtype):
                 dict(wg=2, bm=128, nst=4, split=2, ws=4), dict(wg=3, bm=64, nst=3, split=1, ws=2),
                 dict(wg=2, bm=256, nst=4, split=2, ws=4), dict(wg=2, bm=256, nst=5, split=0, ws=4),
                 dict(wg=2, bm=128, nst=6, split=4, ws=4), dict(wg=2, bm=256, nst=4, split=1, ws=4, sk=1),
-                dict(wg=2, bm=128, nst=6, split=1, ws=4, sk=1), dict(wg=3, bm=128, nst=3, split=1, ws=4, sk=1)):
+                dict(wg=2, bm=128, nst=6, split=1, ws=4, sk=1), dict(wg=3, bm=128, nst=3, split=1, ws=4, sk=1),
+                dict(wg=2, bm=256, nst=4, split=2, ws=4, gd=1), dict(wg=2, bm=128, nst=6, split=1, ws=4, sk=1, gd=1)):
         out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
         cw.run_int_wgmma(x, pk, layer.bias.to(dtype), cfg, out=out)
         err = ((out.float() - ref).norm() / ref.norm()).item()
         assert torch.isfinite(out).all() and err < 1e-2, (cfg, err)
         assert torch.equal(cw.run_int_wgmma(x, pk, layer.bias.to(dtype), cfg),
                            cw.run_int_wgmma(x, pk, layer.bias.to(dtype), cfg)), cfg
+    for _, cnt in cw._SCRATCH.values():
+        assert int(cnt.abs().sum()) == 0
+
+
+def test_int_wgmma_pdl_wait_precedes_every_read_of_x_and_the_ticket():
+    """With ``gd`` (warp-specialized forms): the producers' first weight copies may go out before
+    griddepcontrol.wait, x's copies only after it; the consumers wait too; stream-K waits before it takes its ticket
+    (the counter the grid before resets); the early trigger sits under ``#if GD == 1``; the barrier form (ws 0) has
+    no GD."""
+    from leanq.kernels import cuda_int_wgmma as cw
+
+    for gd in (1, 2):
+        src = cw.source(2, True, 2, 256, 4, 1, 1, 4, 0, 0, 1, gd)
+        assert f"#define GD {gd}\n" in src
+        body = src[src.index("int_wgmma("):]
+        prod = body[body.index("if (warp >= 4 * WG)"):body.index("} else {", body.index("if (warp >= 4 * WG)"))]
+        pre = prod[prod.index("#if GD && !SK"):]
+        assert pre.index("W_ISSUE(it, it, 8 * it)") < pre.index("gdc_wait();") < pre.index("cp16(xs0")
+        cons = body[body.index("} else {", body.index("if (warp >= 4 * WG)")):]
+        assert cons.index("gdc_wait();") < cons.index("mbar_wait(")
+        sk = body[body.index("#if SK"):body.index("atomicAdd(cnt + gridDim.x")]
+        assert "gdc_wait();" in sk
+        for part in (prod, sk):
+            lines = [ln.strip() for ln in part.splitlines()]
+            i = next(j for j, ln in enumerate(lines) if ln.startswith("gdc_launch();"))
+            assert lines[i - 1] == "#if GD == 1" and lines[i + 1] == "#endif"
+    assert "#define GD 0\n" in cw.source(2, True, 2, 64, 4, 1, 2, 0, 0, 0, 0, 1)
+
+
+@HOPPER
+@pytest.mark.parametrize("cfg", [dict(wg=2, bm=256, nst=4, split=2, ws=4), dict(wg=2, bm=128, nst=6, split=4, ws=4),
+                                 dict(wg=2, bm=256, nst=4, split=1, ws=4, sk=1)])
+@pytest.mark.parametrize("gd", [1, 2])
+def test_int_wgmma_pdl_chain_in_a_cuda_graph_reads_each_input_after_it_is_written(cfg, gd):
+    """Programmatic dependent launch of the warp-specialized forms (K split over blocks with its slots and counters;
+    stream-K with its ticket counter): in a captured chain where each layer reads what the kernel before it wrote,
+    every replay gives the bytes of the chain launched without it, for a new input each time."""
+    from leanq.kernels import cuda_int_wgmma as cw
+
+    pks = [ci.packed_rk(_layer(2048, 2048, 4, 128, device="cuda", seed=i)) for i in range(2)]
+    x0 = torch.randn(256, 2048, device="cuda", dtype=torch.bfloat16)
+
+    def chain(c):
+        x = x0
+        for i in range(12):
+            x = cw.run_int_wgmma(x, pks[i % 2], None, c)
+            x = x * 0.25 if i % 3 == 2 else x  # an elementwise kernel between some layers
+        return x
+
+    chain(dict(cfg, gd=gd))
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = chain(dict(cfg, gd=gd))
+    for _ in range(4):
+        x0.copy_(torch.randn(256, 2048, device="cuda", dtype=torch.bfloat16))
+        g.replay()
+        ref = chain(cfg)
+        torch.cuda.synchronize()
+        assert torch.isfinite(ref).all() and ref.abs().max() > 0
+        assert torch.equal(y, ref)
     for _, cnt in cw._SCRATCH.values():
         assert int(cnt.abs().sum()) == 0
 

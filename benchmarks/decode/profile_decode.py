@@ -29,6 +29,56 @@ def busy_us(spans: list) -> float:
     return tot
 
 
+def _median(v: list) -> float:
+    v = sorted(v)
+    return v[len(v) // 2] if v else float("nan")
+
+
+def timeline(events) -> dict:
+    """Per decode step, medians in microseconds. A step runs from the end of one stop check (the last
+    ``cudaStreamSynchronize`` before a ``cudaGraphLaunch``) to the end of the next:
+
+    - ``host_pre``: that synchronize's end to the launch's start, host work with nothing queued on the GPU
+      (``pre_kernels``: the eager kernels it launches);
+    - ``launch_host``: how long ``cudaGraphLaunch`` itself takes on the host;
+    - ``launch_to_gpu``: the launch's start to the first kernel after it;
+    - ``span``: that kernel's start to the end of the last kernel before the next synchronize ends (``kernels`` of
+      them); ``busy`` is the union of their intervals, so ``span - busy`` is the gaps between kernels inside it;
+    - ``wake``: the last kernel's end to the synchronize's end.
+
+    So ``host_pre + launch_to_gpu + span + wake`` is the step.
+    """
+    launches = sorted((e.time_range.start, e.time_range.end) for e in events
+                      if e.device_type.name == "CPU" and e.name == "cudaGraphLaunch")
+    sync_ends = sorted(e.time_range.end for e in events
+                       if e.device_type.name == "CPU" and e.name == "cudaStreamSynchronize")
+    kern = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type.name == "CUDA")
+    rows = collections.defaultdict(list)
+    for (l0, l1), (n0, _) in zip(launches[1:-1], launches[2:]):  # the first launch may be the prompt's graph
+        before = [t for t in sync_ends if t <= l0]
+        after = [t for t in sync_ends if l0 < t <= n0]
+        if not before or not after:
+            continue
+        s0, s1 = before[-1], after[-1]
+        pre = [k for k in kern if s0 <= k[0] < l0]
+        ks = [k for k in kern if l0 <= k[0] < s1]
+        if not ks:
+            continue
+        end = max(k[1] for k in ks)
+        rows["step"].append(s1 - s0)
+        rows["host_pre"].append(l0 - s0)
+        rows["pre_kernels"].append(len(pre))
+        rows["launch_host"].append(l1 - l0)
+        rows["launch_to_gpu"].append(ks[0][0] - l0)
+        rows["span"].append(end - ks[0][0])
+        rows["busy"].append(busy_us(ks))
+        rows["kernels"].append(len(ks))
+        rows["wake"].append(s1 - end)
+    out = {k: round(_median(v), 1) for k, v in rows.items()}
+    out["steps"] = len(rows["step"])
+    return out
+
+
 def profile_once(model, ids, kw: dict, new: int, table: bool, label: str = "int4") -> None:
     """Compile (first generate), two timed generates, one profiled: GPU kernel time per token by kernel name."""
     from torch.profiler import ProfilerActivity, profile
@@ -60,6 +110,8 @@ def profile_once(model, ids, kw: dict, new: int, table: bool, label: str = "int4
           f"{busy_us(spans) / new:.0f} us per token")
     for name, (n, us) in sorted(agg.items(), key=lambda kv: -kv[1][1])[:25]:
         print(f"{us / new:9.1f} us/token {n / new:7.1f} launches/token  {name}")
+    tl = timeline(prof.events())
+    print("timeline, medians per decode step (us): " + ", ".join(f"{k} {v}" for k, v in tl.items()))
     if table:
         print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=60))
 

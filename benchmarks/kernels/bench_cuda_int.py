@@ -35,6 +35,14 @@ SWEEP = [dict(threads=t, r=r, u=u, pf=pf, bps=b) for t in (128, 256, 512) for r 
     dict(threads=1024, r=r, u=u, pf=1, bps=None) for r, u in ((1, 1), (1, 2), (2, 1))]
 
 
+def _wg_cfg(text: str) -> dict:
+    """A --wgmma-cfgs entry: wg/bm/nst/split[/pipe/minb/ws[/sk[/abl]]], or key=value pairs joined by ':' laid over the
+    config the kernel chooses for the shape (``over``)."""
+    if "=" in text:
+        return dict(over=1, **{k: int(v) for k, v in (kv.split("=") for kv in text.split(":"))})
+    return dict(zip(("wg", "bm", "nst", "split", "pipe", "minb", "ws", "sk", "abl"), (int(f) for f in text.split("/"))))
+
+
 def check(pk: dict, n: int, k: int, w_ref: torch.Tensor, cfg: dict | None = None) -> float:
     """Worst relative error over three fresh activations (one with an outlier), output poisoned first."""
     worst = 0.0
@@ -79,8 +87,8 @@ def main() -> int:
     ap.add_argument("--wgmma-cfgs", default="", help="with --mma batches above 16: also these configs of the wgmma "
                     "kernel (kernels.cuda_int_wgmma), wg/bm/nst/split[/pipe/minb/ws[/sk[/abl]]] (split 0: chosen; ws 4: a "
                     "producer warpgroup and mbarriers; sk 1: stream-K, one block per SM; abl: timing-only ablation bits "
-                    "of cuda_int_wgmma's ABL), e.g. 2/128/4/0,1/256/3/2/1/1,"
-                    "2/256/4/1/1/1/4/1")
+                    "of cuda_int_wgmma's ABL), or key=value pairs joined by ':' over the config chosen for the shape, "
+                    "e.g. 2/128/4/0,1/256/3/2/1/1,2/256/4/1/1/1/4/1,gd=1,gd=1:abl=8")
     ap.add_argument("--gemm-cfgs", default="", help="with --mma batches above 16: also these configs of the Triton GEMM "
                     "on the rk words (kernels.triton_gemm), BN/BM/BK/warps/stages/split/GM[/XA], e.g. 128/128/64/8/4/1/8/1")
     ap.add_argument("--ablate", nargs="?", const="1,2,3", default="",
@@ -235,10 +243,11 @@ def main() -> int:
                             p = rk_pk(c)
                             return lambda: cw.run_int_wgmma(xm, p, None, cfg)
 
-                        wgcfgs = [None] + [dict(zip(("wg", "bm", "nst", "split", "pipe", "minb", "ws", "sk", "abl"), (int(f) for f in c.split("/"))))
-                                           for c in args.wgmma_cfgs.split(",") if c]
+                        wgcfgs = [None] + [_wg_cfg(c) for c in args.wgmma_cfgs.split(",") if c]
                         for cfg in wgcfgs:
-                            name = "cuda-int-wgmma" + ("" if cfg is None else " " + "/".join(str(v) for v in cfg.values()))
+                            name = "cuda-int-wgmma" + ("" if cfg is None else " " + (
+                                ":".join(f"{k}={v}" for k, v in cfg.items() if k != "over") if cfg.get("over")
+                                else "/".join(str(v) for v in cfg.values())))
                             name += " (ablation)" if cfg and cfg.get("abl") else ""  # timed though wrong
                             cands[name] = (lambda c, cfg=cfg: wg_fn(c, cfg), nb)
                     mma_cfgs = []

@@ -48,6 +48,13 @@ The outputs (``EPI``, on wherever the tile fits beside the stages): each thread'
 rounded, into a [BM][R + 8] tile in shared memory, then out in 16-byte stores along the rows of ``out``
 (``LEANQ_WGMMA_EPI=0``: each value stored by the thread that holds it, 2 bytes at a time).
 
+Programmatic dependent launch (launch option ``gd``, warp-specialized forms, on by default there): launched with
+programmatic stream serialization, the grid may start while the kernel before it ends. The producers issue the
+first NST stages' weight and group-word copies (which no kernel writes), then ``griddepcontrol.wait``, then x's; the
+consumers wait before their first stage; stream-K waits before it takes its ticket (the grid before resets that
+counter). ``gd`` 1 also lets the next grid in at once (``griddepcontrol.launch_dependents``), 2 only at the end
+(chosen by :func:`leanq.kernels.cuda_rt.pdl_mode` while TorchInductor's own PDL mode is on).
+
 Launch option ``abl`` (timing only, wrong outputs) leaves parts out: bit 1 x's copies after the first stages, bit 2
 the weights', bit 4 the decode after the first stages, bit 8 the output stores.
 
@@ -64,7 +71,7 @@ import os
 
 import torch
 
-from .cuda_rt import PRELUDE, XT, Launcher, device_index, grow_scratch, sm_count
+from .cuda_rt import PRELUDE, XT, Launcher, device_index, grow_scratch, pdl_mode, sm90, sm_count
 
 ON = os.environ.get("LEANQ_WGMMA", "1") != "0"
 EPI_ON = os.environ.get("LEANQ_WGMMA_EPI", "1") != "0"  # outputs staged in shared memory, stored 16 bytes at a time
@@ -72,11 +79,14 @@ MIN_M = int(os.environ.get("LEANQ_WGMMA_MIN_M", "64"))
 # warpgroups per block, batch rows per block, stages, K split (0: chosen by :func:`config`), the decode of the next stage
 # overlapping the current stage's wgmmas, and the blocks per SM the registers are capped for
 DEFAULT = dict(wg=2, bm=128, nst=4, split=0, pipe=1, minb=2)
-# above 64 rows (BM 128): warp specialization, a producer warpgroup (ws 4) and six stages, one block per SM
-WS_DEFAULT = dict(nst=6, minb=1, ws=4)
+# above 64 rows (BM 128): warp specialization, a producer warpgroup (ws 4) and six stages, one block per SM; gd 1:
+# programmatic dependent launch (the first stages' weights loaded while the kernel before ends, the next grid let in
+# early), 0.1-1.0 us faster on each of the ten shape x batch rows of 128 and 256 in a chain of launches on an H200
+# (benchmarks/kernels/NOTES.md, v26)
+WS_DEFAULT = dict(nst=6, minb=1, ws=4, gd=1)
 # above 128 rows where :func:`_estimate` favours it: m64n256 wgmmas, two warpgroups with 232 registers a thread
 # (``setmaxnreg``; the producer warpgroup keeps 40), four stages of 32 KB of x
-WS256 = dict(wg=2, bm=256, nst=4, minb=1, ws=4)
+WS256 = dict(wg=2, bm=256, nst=4, minb=1, ws=4, gd=1)
 
 
 def _wgmma_asm(bm: int, xt: int) -> str:
@@ -295,7 +305,7 @@ __device__ __forceinline__ void store_tile(const float (&acc)[NACC], u32, void* 
 #endif
 
 extern "C" __global__ void __launch_bounds__(THREADS, MINB)
-int_wgmma(const void* __restrict__ x, void* __restrict__ out, const void* __restrict__ bias,
+int_wgmma(const void* XR x, void* __restrict__ out, const void* __restrict__ bias,
           const u32* __restrict__ words, const u32* __restrict__ szw, float* __restrict__ part, int* __restrict__ cnt,
           int M, int N, int K, int WPR, int NG, int GSH, int HAS_BIAS) {
   extern __shared__ unsigned char smem_raw[];
@@ -310,6 +320,14 @@ int_wgmma(const void* __restrict__ x, void* __restrict__ out, const void* __rest
 #endif
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 #if SK
+#if GD
+  // programmatic dependent launch (launch option gd): the ticket counter is reset by the grid before's last block,
+  // so every thread waits for that grid first; the next grid is let in after
+  gdc_wait();
+#if GD == 1
+  gdc_launch();
+#endif
+#endif
   const int S = K >> 6, TN = (N + R - 1) / R;
   const long long U = (long long)TN * ((M + BM - 1) / BM) * S;
   // the block's ticket (taken in the order the blocks start: a block waits only for lower tickets, all of which have
@@ -403,6 +421,26 @@ int_wgmma(const void* __restrict__ x, void* __restrict__ out, const void* __rest
       zsrc[z] = szw + (long long)min(n0 + p + LT * z, N - 1) * NG;
       zok |= n0 + p + LT * z < N ? 1u << z : 0u;
     }
+    // stage IT's weight words and group words into slot S_ (OFF_: words past wsrc)
+#define W_ISSUE(S_, IT_, OFF_)                                                                                      \
+    _Pragma("unroll") for (int v = 0; v < WUW; ++v)                                                                 \
+      if (!(ABL & 2) || gi + (IT_) < NST)                                                                           \
+        cp16(ws0 + (S_) * WS_BYTES + wdst[v], wsrc[v] + (OFF_), (wok >> v) & 1 ? 16u : 0u);                        \
+    _Pragma("unroll") for (int z = 0; z < ZUW; ++z)                                                                 \
+      if ((!(ABL & 2) || gi + (IT_) < NST) && p + LT * z < R)                                                       \
+        cp4(zs0 + (S_) * SZ_BYTES + (p + LT * z) * 4, zsrc[z] + ((kt0 + (IT_)) >> GSH), (zok >> z) & 1 ? 4u : 0u);
+#if GD && !SK
+    // programmatic dependent launch (launch option gd): the first stages' weights and group words, which the grid
+    // before does not write, go out before the wait for it; x (its output, in a model) only after
+#define WPRE NST
+    for (int it = 0; it < nk && it < NST; ++it) { W_ISSUE(it, it, 8 * it) }
+    gdc_wait();
+#if GD == 1
+    gdc_launch();
+#endif
+#else
+#define WPRE 0
+#endif
     for (int it = 0; it < nk; ++it) {
       const u32 s = (gi + it) % NST;
       if (gi + it >= NST) mbar_wait(eb0 + 8 * s, (((gi + it) / NST) & 1) ^ 1);
@@ -416,12 +454,14 @@ int_wgmma(const void* __restrict__ x, void* __restrict__ out, const void* __rest
       xbase += 128;
 #pragma unroll
       for (int v = 0; v < WUW; ++v) {
-        if (!(ABL & 2) || gi + it < NST) cp16(ws0 + s * WS_BYTES + wdst[v], wsrc[v], (wok >> v) & 1 ? 16u : 0u);
+        if ((!(ABL & 2) || gi + it < NST) && it >= WPRE)
+          cp16(ws0 + s * WS_BYTES + wdst[v], wsrc[v], (wok >> v) & 1 ? 16u : 0u);
         wsrc[v] += 8;
       }
 #pragma unroll
       for (int z = 0; z < ZUW; ++z)
-        if ((!(ABL & 2) || gi + it < NST) && p + LT * z < R) cp4(zs0 + s * SZ_BYTES + (p + LT * z) * 4, zsrc[z] + ((kt0 + it) >> GSH), (zok >> z) & 1 ? 4u : 0u);
+        if ((!(ABL & 2) || gi + it < NST) && it >= WPRE && p + LT * z < R)
+          cp4(zs0 + s * SZ_BYTES + (p + LT * z) * 4, zsrc[z] + ((kt0 + it) >> GSH), (zok >> z) & 1 ? 4u : 0u);
       mbar_arrive_cp(fb0 + 8 * s);
     }
 #if SK
@@ -433,6 +473,12 @@ int_wgmma(const void* __restrict__ x, void* __restrict__ out, const void* __rest
   } else {
 #if MAXREG
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" :: "n"(MAXREG) : "memory");
+#endif
+#if GD && !SK
+    gdc_wait();  // every thread passes the wait before anything is written (see the producers)
+#if GD == 1
+    gdc_launch();
+#endif
 #endif
     const u32 wrow0 = ws0 + row * WROW, zrow0 = zs0 + row * 4, sh = 4 * t;
     u32 aA[4][4], aB[4][4];
@@ -644,11 +690,12 @@ int_wgmma(const void* __restrict__ x, void* __restrict__ out, const void* __rest
 
 
 def source(xt: int, sbf16: bool, wg: int, bm: int, nst: int, pipe: int = 1, minb: int = 1, ws: int = 0, sk: int = 0,
-           abl: int = 0, epi: int = 0) -> str:
+           abl: int = 0, epi: int = 0, gd: int = 0) -> str:
     from .cuda_int_mma import _HELPERS
 
     defs = dict(BITS=4, XT=xt, SBF16=int(sbf16), WG=wg, BM=bm, NST=nst, PIPE=int(pipe and nst >= 3), MINB=minb,
-                WS=int(ws), MAXREG=232 if ws == 4 and wg == 2 and bm > 128 else 0, SK=int(bool(sk and ws)), ABL=int(abl), EPI=int(epi))
+                WS=int(ws), MAXREG=232 if ws == 4 and wg == 2 and bm > 128 else 0, SK=int(bool(sk and ws)), ABL=int(abl), EPI=int(epi),
+                GD=int(gd) if ws else 0)
     return ("".join(f"#define {k} {v}\n" for k, v in defs.items()) + PRELUDE + _HELPERS + WGMMA_HELPERS
             + _wgmma_asm(bm, xt) + _SRC)
 
@@ -668,9 +715,9 @@ def _epi(wg: int, bm: int, nst: int, minb: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _compiled(xt: int, sbf16: bool, wg: int, bm: int, nst: int, pipe: int, minb: int, ws: int, sk: int,
-              device: int, abl: int = 0, epi: int = 0) -> Launcher:
+              device: int, abl: int = 0, epi: int = 0, gd: int = 0) -> Launcher:
     with torch.cuda.device(device):
-        return Launcher(torch.cuda._compile_kernel(source(xt, sbf16, wg, bm, nst, pipe, minb, ws, sk, abl, epi),
+        return Launcher(torch.cuda._compile_kernel(source(xt, sbf16, wg, bm, nst, pipe, minb, ws, sk, abl, epi, gd),
                                                    "int_wgmma",
                                                    compute_capability="90a"), "cuda-int-wgmma")
 
@@ -797,7 +844,10 @@ def run_int_wgmma(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: di
     N = pk["N"]
     dev = device_index(x2)
     base = config(M, N, K, sm_count(dev))
-    c = dict(DEFAULT, **cfg) if cfg else base  # a given config: DEFAULT's keys where it has none
+    if cfg and cfg.get("over"):  # a given config's keys over the chosen one's
+        c = dict(base, **{k: v for k, v in cfg.items() if k != "over"})
+    else:
+        c = dict(DEFAULT, **cfg) if cfg else base  # a given config: DEFAULT's keys where it has none
     c["wg"] = c["wg"] or base["wg"]  # 0: the chosen one
     if not c["split"]:  # 0: the split that fills the waves best for this block shape
         c["split"] = _fill_split(-(-N // (64 * c["wg"])) * -(-M // c["bm"]), K, sm_count(dev))
@@ -816,8 +866,9 @@ def run_int_wgmma(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: di
             sk, split, part, cnt = 1, 1, sc[0], sc[1]
             gx, gy = blocks, 1
     epi = _epi(wg, bm, nst, int(c.get("minb", 1))) if c.get("epi", 1) else 0
+    gd = pdl_mode(int(c.get("gd", 0)), sm90(dev)) if ws else 0
     kern = _compiled(XT[x2.dtype], bool(pk["sbf16"]), wg, bm, nst, int(c.get("pipe", 1)), int(c.get("minb", 1)), ws,
-                     sk, dev, int(c.get("abl", 0)) if ws else 0, epi)
+                     sk, dev, int(c.get("abl", 0)) if ws else 0, epi, gd)
     if split > 1:
         sc = _scratch(x2.device, gx * gy * split * 64 * wg * bm, gx * gy)
         if sc is None:
@@ -829,5 +880,5 @@ def run_int_wgmma(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: di
     kern(grid=(gx, gy, split), block=(128 * wg + 32 * ws, 1, 1),
          args=[x2, out, bias if bias is not None else out, pk["words"], pk["sz"], part, cnt, M, N, K,
                pk["words"].shape[1], pk["NG"], (pk["group"] // 64).bit_length() - 1, int(bias is not None)],
-         smem=smem_bytes(wg, bm, nst, epi))
+         smem=smem_bytes(wg, bm, nst, epi), pdl=bool(gd))
     return out

@@ -1,0 +1,48 @@
+"""The per-step timeline of benchmarks/decode/profile_decode.py, on synthetic profiler events (no GPU)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace as NS
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "decode"))
+
+import profile_decode as pd  # noqa: E402
+
+
+def _ev(dev: str, name: str, a: float, b: float):
+    return NS(device_type=NS(name=dev), name=name, time_range=NS(start=a, end=b))
+
+
+def _steps(n: int, host: float = 10.0, pre: bool = True) -> list:
+    """n decode steps 100 us apart: a stop check ending ``host`` us before each graph launch (20 us), one eager
+    kernel between them, then three kernels (gaps of 5 and 2 us) ending 25 us before the next stop check's end."""
+    ev = []
+    for i in range(n):
+        t = 100.0 * i
+        ev.append(_ev("CPU", "cudaStreamSynchronize", t - host - 20, t - host))
+        if pre:
+            ev.append(_ev("CUDA", "eager", t - host + 1, t - host + 2))
+        ev += [_ev("CPU", "cudaGraphLaunch", t, t + 20), _ev("CUDA", "k", t + 5, t + 30),
+               _ev("CUDA", "k", t + 35, t + 60), _ev("CUDA", "k", t + 62, t + 65)]
+    return ev
+
+
+def test_timeline_splits_each_step_at_the_stop_check_and_the_launch():
+    tl = pd.timeline(_steps(6))
+    # the first launch (the prompt's graph) and the last (no next launch) are left out
+    assert tl == dict(step=100.0, host_pre=10.0, pre_kernels=1, launch_host=20.0, launch_to_gpu=5.0, span=60.0,
+                      busy=53.0, kernels=3, wake=25.0, steps=4)
+    assert tl["host_pre"] + tl["launch_to_gpu"] + tl["span"] + tl["wake"] == tl["step"]
+
+
+def test_timeline_follows_the_host_time_and_skips_steps_without_a_stop_check():
+    assert pd.timeline(_steps(6, host=30.0))["host_pre"] == 30.0
+    assert pd.timeline(_steps(6, pre=False))["pre_kernels"] == 0
+    ev = [e for e in _steps(6) if e.name != "cudaStreamSynchronize"]
+    assert pd.timeline(ev)["steps"] == 0
+
+
+def test_busy_counts_overlapping_kernels_once():
+    assert pd.busy_us([(0, 10), (5, 12), (20, 25)]) == 17
