@@ -273,6 +273,14 @@ def test_cuda_int_pdl_chain_in_a_cuda_graph_reads_each_input_after_it_is_written
         assert cm.w_launch(m, 2048, 2048, cfg, 132)[1][1] > 1
         run = lambda x, pk, c: cm.run_int_mma_w(x, pk, None, c)  # noqa: E731
 
+    check_pdl_chain(run, pks, x0, cfg, gd)
+
+
+def check_pdl_chain(run, pks: list, x0: torch.Tensor, cfg: dict, gd: int) -> None:
+    """A chain of twelve layers (``run(x, pk, cfg)``, the layers ``pks`` in turn, an elementwise kernel between
+    some), captured in a CUDA graph with ``gd``: every replay gives the bytes of the chain launched without it,
+    for a new ``x0`` each time (the chain's buffers still hold the last replay's values, so an early read would
+    show)."""
     def chain(c):
         x = x0
         for i in range(12):
@@ -286,7 +294,7 @@ def test_cuda_int_pdl_chain_in_a_cuda_graph_reads_each_input_after_it_is_written
     with torch.cuda.graph(g):
         y = chain(dict(cfg, gd=gd))
     for _ in range(4):
-        x0.copy_(torch.randn(m, 2048, device="cuda", dtype=torch.bfloat16))
+        x0.copy_(torch.randn(x0.shape, device="cuda", dtype=x0.dtype))
         g.replay()
         ref = chain(cfg)
         torch.cuda.synchronize()

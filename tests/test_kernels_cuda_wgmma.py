@@ -7,7 +7,7 @@ import torch
 
 from leanq.kernels import cuda_int as ci
 
-from test_kernels_cuda_int import _gpu_case, _layer
+from test_kernels_cuda_int import _gpu_case, _layer, check_pdl_chain
 
 HOPPER = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
                             reason="wgmma needs a Hopper GPU (sm_90a)")
@@ -79,26 +79,7 @@ def test_int_wgmma_pdl_chain_in_a_cuda_graph_reads_each_input_after_it_is_writte
 
     pks = [ci.packed_rk(_layer(2048, 2048, 4, 128, device="cuda", seed=i)) for i in range(2)]
     x0 = torch.randn(256, 2048, device="cuda", dtype=torch.bfloat16)
-
-    def chain(c):
-        x = x0
-        for i in range(12):
-            x = cw.run_int_wgmma(x, pks[i % 2], None, c)
-            x = x * 0.25 if i % 3 == 2 else x  # an elementwise kernel between some layers
-        return x
-
-    chain(dict(cfg, gd=gd))
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        y = chain(dict(cfg, gd=gd))
-    for _ in range(4):
-        x0.copy_(torch.randn(256, 2048, device="cuda", dtype=torch.bfloat16))
-        g.replay()
-        ref = chain(cfg)
-        torch.cuda.synchronize()
-        assert torch.isfinite(ref).all() and ref.abs().max() > 0
-        assert torch.equal(y, ref)
+    check_pdl_chain(lambda x, pk, c: cw.run_int_wgmma(x, pk, None, c), pks, x0, cfg, gd)
     for _, cnt in cw._SCRATCH.values():
         assert int(cnt.abs().sum()) == 0
 

@@ -111,6 +111,56 @@ def test_no_transformers_in_the_process(float_folder):
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_fixed_shape_step_gives_the_tokens_of_the_cached_forward(tmp_path, family):
+    """generate(graph=True) runs the fixed-shape step (the next token and position as device tensors, the whole
+    cache attended with later positions masked): on the CPU eagerly, the same tokens as the usual path, and the
+    same logits as forward one position at a time."""
+    lm, _ = runtime.load(_folder(tmp_path / family, **FAMILIES[family]))
+    prompt = [5, 6, 7, 8]
+    free = lm.generate(prompt, 10, stop_at_eos=False)
+    assert lm.generate(prompt, 10, stop_at_eos=False, graph=True) == free
+    lm.reset(len(prompt) + 3)
+    with torch.inference_mode():
+        lm(torch.tensor(prompt), 0)
+        kc = torch.stack(lm._kv[0])
+        nxt = lm.step(torch.tensor([free[0]]), torch.tensor([len(prompt)]))
+        assert nxt.tolist() == [free[1]]
+        now = torch.stack(lm._kv[0])
+        assert not torch.equal(kc, now) and torch.equal(kc[:, :, :len(prompt)], now[:, :, :len(prompt)])
+        assert now[:, :, len(prompt) + 1:].abs().sum() == 0  # only its own position written
+
+
+def test_from_transformers_shares_the_model_and_computes_its_logits(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(_folder(tmp_path / "f", rope_theta=500.0), dtype=torch.float32).eval()
+    lm = runtime.from_transformers(hf)
+    assert lm.model.layers[1].mlp.up_proj.weight is hf.model.layers[1].mlp.up_proj.weight  # no copies
+    ids = torch.randint(0, lm.shape.vocab, (12,), generator=torch.Generator().manual_seed(4))
+    assert _rel(_lean_logits(lm, ids), _hf_logits(hf, ids)) < 1e-5
+    m, _ = quantized()
+    lq = runtime.from_transformers(m)
+    assert type(lq.model.layers[0].self_attn.q_proj).__name__ == "QuantLinear"
+    ids = torch.randint(0, 96, (10,), generator=torch.Generator().manual_seed(6))
+    assert _rel(_lean_logits(lq, ids), _hf_logits(m, ids)) < 1e-3
+    hf.config.num_hidden_layers += 1
+    with pytest.raises(LeanqError, match="layers"):
+        runtime.from_transformers(hf)
+
+
+def test_fixed_shape_generate_stops_at_eos_and_checks_its_arguments(float_folder):
+    lm, _ = runtime.load(float_folder)
+    prompt = [5, 6, 7]
+    free = lm.generate(prompt, 12, stop_at_eos=False)
+    object.__setattr__(lm, "shape", runtime.LlamaShape(**{**lm.shape.__dict__, "eos": (free[4],)}))
+    want = free[:free.index(free[4]) + 1]
+    for every in (1, 3, 16):  # the check's period changes how many steps run, not the tokens returned
+        assert lm.generate(prompt, 12, graph=True, check_every=every) == want
+    with pytest.raises(LeanqError, match="check_every"):
+        lm.generate(prompt, 4, graph=True, check_every=0)
+
+
 def test_stops_at_eos(float_folder):
     lm, _ = runtime.load(float_folder)
     prompt = [5, 6, 7]
@@ -196,6 +246,11 @@ def test_cli_generate_lean(tmp_path, float_folder, capsys):
     cap = capsys.readouterr()
     assert rc == 0 and cap.out.startswith("the quick brown") and "new tokens in" in cap.err, (rc, cap)
     assert cli.main(["generate", str(tmp_path / "nothing"), "--prompt", "x", "--runtime", "lean"]) != 0
+    rc = cli.main(["generate", str(float_folder), "--prompt", "the quick brown", "--max-new-tokens", "6",
+                   "--runtime", "lean", "--device", "cpu", "--graph"])
+    assert rc == 0 and capsys.readouterr().out == cap.out  # the fixed-shape steps: the same text
+    assert cli.main(["generate", str(float_folder), "--prompt", "x", "--graph"]) == 2
+    assert "--graph needs --runtime lean" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -211,6 +266,32 @@ def test_cuda_matches_cpu(tmp_path):
     got = _lean_logits(gpu, ids.cuda()).float().cpu()
     assert _rel(got, ref) < 3e-2
     assert len(gpu.generate(ids[:4].tolist(), 8, stop_at_eos=False)) == 8
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_generate_gives_the_eager_tokens(tmp_path):
+    """On a GPU, generate(graph=True) compiles the fixed-shape step and replays it as one CUDA graph: the tokens of
+    the same step run eagerly, on the first call (capture) and on a second (the graph reused), and after a
+    generate of another length."""
+    m, recipe = quantized()
+    ck = save(m, tiny_tokenizer(), recipe, tmp_path / "ck")
+    gpu, _ = runtime.load(ck, device="cuda")
+    prompt = [3, 9, 27, 81]
+    eager = []
+    with torch.inference_mode():
+        gpu.reset(len(prompt) + 20)
+        tok = gpu(torch.tensor(prompt, device="cuda"), 0).argmax().view(1)
+        pos = torch.tensor([len(prompt)], device="cuda")
+        eager.append(int(tok))
+        for _ in range(19):
+            tok = gpu.step(tok, pos)
+            pos += 1
+            eager.append(int(tok))
+    assert gpu.generate(prompt, 20, stop_at_eos=False, graph=True) == eager
+    assert len(gpu._graphs) == 1
+    assert gpu.generate(prompt, 20, stop_at_eos=False, graph=True) == eager
+    assert gpu.generate(prompt, 7, stop_at_eos=False, graph=True) == eager[:7]
+    assert gpu.generate(prompt, 20, stop_at_eos=False, graph=True) == eager
 
 
 def test_mistral_refuses_past_its_window(tmp_path):

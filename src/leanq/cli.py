@@ -180,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hf: transformers' generate; lean: leanq's own Llama decoder (leanq.runtime: no transformers "
                         "imported, float tensors kept as stored; Llama, Mistral and Qwen2 checkpoints and float folders, llama "
                         "GGUF files)")
+    g.add_argument("--graph", action="store_true",
+                   help="with --runtime lean: decode with fixed shapes, on a GPU one compiled CUDA graph replayed per "
+                        "token with no host synchronisation in between (the first call compiles)")
 
     x = sub.add_parser("export", help="write a checkpoint as compressed-tensors (vLLM, transformers) or GGUF (llama.cpp)",
                        description="compressed-tensors: int 4/8-bit group-wise or per-channel, sym or asym, exact. "
@@ -302,6 +305,8 @@ def cmd_info(a) -> int:
 def cmd_generate(a) -> int:
     if a.runtime == "lean":
         return _generate_lean(a)
+    if a.graph:
+        raise LeanqError("--graph needs --runtime lean")
     import torch
 
     from .api import load_any, pick_device
@@ -329,7 +334,7 @@ def _generate_lean(a) -> int:
         raise LeanqError(f"{a.model}: has no tokenizer.json")
     ids = tok.encode(a.prompt).ids
     t0 = time.perf_counter()
-    out = model.generate(ids, a.max_new_tokens)
+    out = model.generate(ids, a.max_new_tokens, graph=a.graph)
     dt = time.perf_counter() - t0
     print(tok.decode(ids + out, skip_special_tokens=True))
     print(f"{len(out)} new tokens in {dt:.2f} s ({len(out) / dt:.1f} tokens/s, prompt of {len(ids)} included)",

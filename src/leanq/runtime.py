@@ -13,6 +13,13 @@ as config.json says), "mistral" (within its sliding window) and "qwen2" (q/k/v b
 rotary position embeddings (the half-split convention of Hugging Face weights), grouped-query attention, SwiGLU.
 Anything else in config.json is refused with one line that names the field.
 
+On a GPU, ``generate(..., graph=True)`` runs the decode steps as :meth:`LeanLlama.step`, one fixed-shape step (the
+next token and position in device tensors, one cache tensor per layer, attention over the whole cache masked)
+compiled by torch.compile and captured as a CUDA graph, replayed once per token with no host synchronisation in
+between: the host's per-step work, which bounds transformers' ``generate`` on a fast GPU, leaves the critical path.
+:func:`from_transformers` puts the decoder over a transformers model's own modules (a model built or quantized in
+memory).
+
 Float tensors stay in the dtype they are stored in; float linears run in that dtype (a 16-bit tied embedding is
 the LM head's weight without a float32 copy: half the bytes, and on this project's 2-core CPU a 4x faster head
 product).  The residual stream, norms and attention are float32 on the CPU (``act_dtype``).
@@ -196,6 +203,19 @@ def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return (w.float() * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps))).to(x.dtype)
 
 
+def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One query per head over a whole cache with a mask, as plain products and an fp32 softmax: q [heads, 1, d],
+    k and v [kv heads, L, d], mask [L] (True: attend) -> [heads, d]. Written out rather than through
+    scaled_dot_product_attention, whose kernel for a masked query on a GPU (memory-efficient attention) measured
+    run-to-run differences in the last bits at some cache lengths (H200, torch 2.11): greedy tokens then differed
+    between repeated generates. These products and the softmax give the same bits every run."""
+    kvh, d = k.shape[0], q.shape[-1]
+    qg = q.reshape(kvh, -1, d)  # the query heads that share each key head
+    s = torch.matmul(qg, k.transpose(1, 2)).float() * (d ** -0.5)  # [kv heads, group, L]
+    p = torch.softmax(s.masked_fill(~mask, float("-inf")), -1).to(v.dtype)
+    return torch.matmul(p, v).reshape(q.shape[0], d)
+
+
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     h = x.shape[-1] // 2
     rot = torch.cat((-x[..., h:], x[..., :h]), -1)
@@ -218,8 +238,12 @@ class LeanLlama(nn.Module):
         elif recipe is not None and "lm_head" in recipe.modules:
             raise LeanqError("leanq.json: lm_head is quantized but config.json ties it to the embedding")
         self.act_dtype = torch.float32
-        self._kv: tuple[torch.Tensor, torch.Tensor] | None = None
+        # the static cache: keys and values, one [kv heads, positions, head dim] tensor per layer each (separate
+        # tensors, not views of one: a compiled step then updates each in place rather than copying a shared base)
+        self._kv: tuple[list, list] | None = None
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._graphs: dict = {}  # (cache length, new tokens) -> a captured decode step and its buffers (CUDA)
+        self._step_fn = None  # the compiled fixed-shape step (CUDA)
 
     # -- decoding -------------------------------------------------------------------------------------------
     def head(self, h: torch.Tensor) -> torch.Tensor:
@@ -248,8 +272,16 @@ class LeanLlama(nn.Module):
             raise LeanqError(f"{max_len} positions: past the model's sliding window ({s.window}), which the lean "
                              f"runtime does not apply; use the default runtime")
         dev = self.model.norm.weight.device
-        kv = torch.zeros(2, s.layers, s.kv_heads, max_len, s.head_dim, device=dev, dtype=self.act_dtype)
-        self._kv = (kv[0], kv[1])
+        shape = (s.kv_heads, max_len, s.head_dim)
+        kv = self._kv
+        t0 = kv[0][0] if kv is not None else None
+        if t0 is not None and tuple(t0.shape) == shape and t0.device == dev and t0.dtype == self.act_dtype:
+            for t in kv[0] + kv[1]:  # the same storage: a captured decode step keeps pointing at it
+                t.zero_()
+        else:
+            self._kv = tuple([torch.zeros(shape, device=dev, dtype=self.act_dtype) for _ in range(s.layers)]
+                             for _ in range(2))
+            self._graphs.clear()
         self._tables(max_len, dev)
 
     def forward(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
@@ -259,8 +291,8 @@ class LeanLlama(nn.Module):
         kc, vc = self._kv
         t = ids.shape[0]
         end = pos + t
-        if end > kc.shape[2]:
-            raise LeanqError(f"position {end} is past the cache ({kc.shape[2]}); reset() with a larger max_len")
+        if end > kc[0].shape[1]:
+            raise LeanqError(f"position {end} is past the cache ({kc[0].shape[1]}); reset() with a larger max_len")
         emb = self.model.embed_tokens.weight
         x = emb[ids].to(self.act_dtype)  # [T, hidden]
         cos, sin = self._rope[0][pos:end], self._rope[1][pos:end]
@@ -275,9 +307,9 @@ class LeanLlama(nn.Module):
             k = a.k_proj(h).view(t, s.kv_heads, s.head_dim).transpose(0, 1)
             v = a.v_proj(h).view(t, s.kv_heads, s.head_dim).transpose(0, 1)
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-            kc[i, :, pos:end] = k
-            vc[i, :, pos:end] = v
-            o = F.scaled_dot_product_attention(q.unsqueeze(0), kc[i, :, :end].unsqueeze(0), vc[i, :, :end].unsqueeze(0),
+            kc[i][:, pos:end] = k
+            vc[i][:, pos:end] = v
+            o = F.scaled_dot_product_attention(q.unsqueeze(0), kc[i][:, :end].unsqueeze(0), vc[i][:, :end].unsqueeze(0),
                                                attn_mask=mask, is_causal=causal and not pos,
                                                enable_gqa=s.heads != s.kv_heads)
             x = x + a.o_proj(o[0].transpose(0, 1).reshape(t, s.heads * s.head_dim))
@@ -286,13 +318,50 @@ class LeanLlama(nn.Module):
             x = x + m.down_proj(F.silu(m.gate_proj(h)) * m.up_proj(h))
         return self.head(_rms(x[-1:], self.model.norm.weight, s.eps))[0]
 
+    def step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """One decode step in fixed shapes (what a CUDA graph can hold): token ``tok`` [1] at position ``pos`` [1],
+        both device tensors; its keys and values go into the cache at ``pos`` and it attends over the whole cache
+        with the positions after ``pos`` masked. Returns the greedy next token [1]. The arithmetic of
+        :meth:`forward` for one token."""
+        s = self.shape
+        assert self._kv is not None and self._rope is not None, "call reset() first"
+        kc, vc = self._kv
+        x = self.model.embed_tokens.weight.index_select(0, tok).to(self.act_dtype)  # [1, hidden]
+        cos, sin = self._rope[0].index_select(0, pos), self._rope[1].index_select(0, pos)
+        mask = torch.arange(kc[0].shape[1], device=x.device) <= pos
+        for i, b in enumerate(self.model.layers):
+            a = b.self_attn
+            h = _rms(x, b.input_layernorm.weight, s.eps)
+            q = a.q_proj(h).view(1, s.heads, s.head_dim).transpose(0, 1)
+            k = a.k_proj(h).view(1, s.kv_heads, s.head_dim).transpose(0, 1)
+            v = a.v_proj(h).view(1, s.kv_heads, s.head_dim).transpose(0, 1)
+            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+            kc[i].index_copy_(1, pos, k)
+            vc[i].index_copy_(1, pos, v)
+            o = _attend_one(q, kc[i], vc[i], mask)
+            x = x + a.o_proj(o.reshape(1, s.heads * s.head_dim))
+            h = _rms(x, b.post_attention_layernorm.weight, s.eps)
+            m = b.mlp
+            x = x + m.down_proj(F.silu(m.gate_proj(h)) * m.up_proj(h))
+        return self.head(_rms(x, self.model.norm.weight, s.eps)).argmax(-1)
+
     @torch.inference_mode()
-    def generate(self, ids: list[int], max_new_tokens: int, stop_at_eos: bool = True) -> list[int]:
-        """Greedy continuation of ``ids``: the new token ids (fewer when an end-of-sequence token comes)."""
+    def generate(self, ids: list[int], max_new_tokens: int, stop_at_eos: bool = True, graph: bool = False,
+                 check_every: int = 16) -> list[int]:
+        """Greedy continuation of ``ids``: the new token ids (fewer when an end-of-sequence token comes).
+
+        ``graph``: the decode steps run :meth:`step` with the next token and position kept on the device. On a GPU
+        the step is compiled (torch.compile) and captured in a CUDA graph, replayed once per token with no host
+        synchronisation in between; the end-of-sequence check reads the tokens every ``check_every`` steps (the
+        steps past an end-of-sequence token are computed and dropped). Elsewhere the same step runs eagerly."""
         if not ids or max_new_tokens < 0:
             raise LeanqError("generate: needs at least one prompt token and max_new_tokens >= 0")
         if min(ids) < 0 or max(ids) >= self.shape.vocab:
             raise LeanqError(f"generate: token ids must lie in 0..{self.shape.vocab - 1}")
+        if check_every < 1:
+            raise LeanqError("generate: check_every must be at least 1")
+        if graph and max_new_tokens > 1:
+            return self._generate_fixed(ids, max_new_tokens, stop_at_eos, check_every)
         self.reset(len(ids) + max_new_tokens)
         dev = self.model.norm.weight.device
         logits = self(torch.tensor(ids, device=dev), 0)
@@ -306,6 +375,102 @@ class LeanLlama(nn.Module):
             logits = self(torch.tensor([nxt], device=dev), pos)
             pos += 1
         return out
+
+
+    def _generate_fixed(self, ids: list[int], n: int, stop_at_eos: bool, check_every: int) -> list[int]:
+        """:meth:`generate` with ``graph``: the prompt as usual, then n - 1 fixed-shape steps (see there)."""
+        self.reset(len(ids) + n)
+        dev = self.model.norm.weight.device
+        first = self(torch.tensor(ids, device=dev), 0).argmax().view(1)
+        key = (self._kv[0][0].shape[1], n)
+        bufs = self._graphs.get(key)
+        if bufs is None:
+            bufs = dict(tok=torch.zeros(1, dtype=torch.long, device=dev), pos=torch.zeros(1, dtype=torch.long, device=dev),
+                        out=torch.zeros(n, dtype=torch.long, device=dev), slot=torch.ones(1, dtype=torch.long, device=dev))
+        tok, pos, out, slot = bufs["tok"], bufs["pos"], bufs["out"], bufs["slot"]
+
+        def start() -> None:  # the state after the prompt: its greedy token, the next position
+            tok.copy_(first)
+            pos.fill_(len(ids))
+            out.zero_()
+            out[:1].copy_(first)
+            slot.fill_(1)
+
+        start()
+        cuda = dev.type == "cuda"
+        if cuda:
+            for t in self._kv[0] + self._kv[1]:  # static inputs of the compiled step, updated in place
+                torch._dynamo.mark_static_address(t)
+            if self._step_fn is None:
+                self._step_fn = torch.compile(self.step, fullgraph=True, dynamic=False)
+        fn = self._step_fn if cuda else self.step
+
+        def advance() -> None:
+            nxt = fn(tok, pos)
+            out.index_copy_(0, slot, nxt)
+            tok.copy_(nxt)
+            pos.add_(1)
+            slot.add_(1)
+
+        eos = torch.tensor(self.shape.eos, dtype=torch.long, device=dev) if stop_at_eos and self.shape.eos else None
+        done = 1
+        if cuda and "graph" not in bufs:
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):
+                advance()  # one step, eagerly: compiles, and sizes the kernels' scratch outside the graph
+            torch.cuda.current_stream(dev).wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                advance()  # captured, not run
+            bufs["graph"] = g
+            self._graphs[key] = bufs
+            start()  # every step from the graph, as in later calls (the warm-up's cache entry is written again)
+        run = bufs["graph"].replay if cuda else advance
+        while done < n:
+            if eos is not None and done % check_every == 0 and bool(torch.isin(out[:done], eos).any()):
+                break
+            run()
+            done += 1
+        toks = out[:done].tolist()
+        if eos is not None:
+            ends = [i for i, t in enumerate(toks) if t in self.shape.eos]
+            toks = toks[:ends[0] + 1] if ends else toks
+        return toks
+
+
+def from_transformers(model: nn.Module) -> LeanLlama:
+    """A LeanLlama over a transformers Llama-family model's own modules and tensors, without copies: its linears
+    (float ``nn.Linear``, or leanq's QuantLinear with whatever kernel layout they hold), norms and embedding. For
+    decoding a model built or quantized in memory; the activations as :func:`load` sets them for the device."""
+    cfg = model.config.to_dict()
+    s = LlamaShape.from_config(cfg, "model.config")
+    src = model.model
+    if len(src.layers) != s.layers:
+        raise LeanqError(f"model.config: {s.layers} layers, the model holds {len(src.layers)}")
+
+    def lin(m: nn.Module) -> nn.Module:
+        if isinstance(m, nn.Linear):
+            f = FloatLinear.__new__(FloatLinear)
+            nn.Module.__init__(f)
+            f.weight, f.bias = m.weight, m.bias
+            return f
+        return m
+
+    with torch.device("meta"):
+        lm = LeanLlama(s)
+    lm.model.embed_tokens.weight = src.embed_tokens.weight
+    lm.model.norm.weight = src.norm.weight
+    for b, layer in zip(lm.model.layers, src.layers):
+        b.input_layernorm.weight = layer.input_layernorm.weight
+        b.post_attention_layernorm.weight = layer.post_attention_layernorm.weight
+        for part, names in _PROJ.items():
+            for n in names:
+                setattr(getattr(b, part), n, lin(getattr(getattr(layer, part), n)))
+    if not s.tied:
+        lm.lm_head = lin(model.lm_head)
+    lm.act_dtype = torch.float32 if src.norm.weight.device.type == "cpu" else torch.bfloat16
+    return lm.eval()
 
 
 # -- loading --------------------------------------------------------------------------------------------------
@@ -337,7 +502,8 @@ def load(path: str | Path, device: str = "cpu", release: bool = True) -> tuple[L
     Checkpoints are verified as :func:`leanq.checkpoint.load` does (size and sha256 of the weights, every tensor's
     name, dtype, shape and finiteness, the codes' ranges); a GGUF file's tensors are dequantized to float32, as
     transformers does for the default runtime.  ``release``: on the CPU, 4-bit layers keep only the packed CPU
-    kernel's copy (:func:`leanq.kernels.cpu_int4.release_stored`)."""
+    kernel's copy (:func:`leanq.kernels.cpu_int4.release_stored`); on a GPU, integer layers only the CUDA kernels'
+    layout (:func:`leanq.kernels.cuda_int.release_stored_rk`)."""
     p = Path(path)
     if p.is_file() and p.suffix == ".gguf":
         model, tok = _load_gguf(p)
@@ -352,6 +518,10 @@ def load(path: str | Path, device: str = "cpu", release: bool = True) -> tuple[L
         from .kernels import cpu_int4
 
         cpu_int4.release_stored(model)
+    elif release and str(device).startswith("cuda"):
+        from .kernels import cuda_int
+
+        cuda_int.release_stored_rk(model)  # the CUDA GEMV alone, q/k/v and gate/up fused under torch.compile
     return model, tok
 
 
