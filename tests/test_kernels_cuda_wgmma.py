@@ -55,7 +55,7 @@ def test_int_wgmma_pdl_wait_precedes_every_read_of_x_and_the_ticket():
         body = src[src.index("int_wgmma("):]
         prod = body[body.index("if (warp >= 4 * WG)"):body.index("} else {", body.index("if (warp >= 4 * WG)"))]
         pre = prod[prod.index("#if GD && !SK"):]
-        assert pre.index("W_ISSUE(it, it, 8 * it)") < pre.index("gdc_wait();") < pre.index("cp16(xs0")
+        assert pre.index("W_ISSUE(it, it, 8 * it,") < pre.index("gdc_wait();") < pre.index("cp16(xs0")
         cons = body[body.index("} else {", body.index("if (warp >= 4 * WG)")):]
         assert cons.index("gdc_wait();") < cons.index("mbar_wait(")
         sk = body[body.index("#if SK"):body.index("atomicAdd(cnt + gridDim.x")]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import collections
 import hashlib
+import statistics
 import sys
 import time
 
@@ -27,11 +28,6 @@ def busy_us(spans: list) -> float:
             tot += b - max(a, end)
             end = b
     return tot
-
-
-def _median(v: list) -> float:
-    v = sorted(v)
-    return v[len(v) // 2] if v else float("nan")
 
 
 def timeline(events) -> dict:
@@ -74,7 +70,7 @@ def timeline(events) -> dict:
         rows["busy"].append(busy_us(ks))
         rows["kernels"].append(len(ks))
         rows["wake"].append(s1 - end)
-    out = {k: round(_median(v), 1) for k, v in rows.items()}
+    out = {k: round(statistics.median(v), 1) for k, v in rows.items()}
     out["steps"] = len(rows["step"])
     return out
 

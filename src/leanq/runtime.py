@@ -300,6 +300,24 @@ class LeanLlama(nn.Module):
         mask = None
         if causal and pos:
             mask = torch.ones(t, end, dtype=torch.bool, device=x.device).tril(pos)
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            kc[i][:, pos:end] = k
+            vc[i][:, pos:end] = v
+            o = F.scaled_dot_product_attention(q.unsqueeze(0), kc[i][:, :end].unsqueeze(0), vc[i][:, :end].unsqueeze(0),
+                                               attn_mask=mask, is_causal=causal and not pos,
+                                               enable_gqa=s.heads != s.kv_heads)
+            return o[0].transpose(0, 1)
+
+        x = self._layers(x, cos, sin, attend)
+        return self.head(_rms(x[-1:], self.model.norm.weight, s.eps))[0]
+
+    def _layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend) -> torch.Tensor:
+        """The decoder layers over x [T, hidden] at the rotary angles cos, sin [T, head dim]; ``attend(i, q, k, v)``
+        (q [heads, T, d], k and v [kv heads, T, d], rotated) stores layer i's keys and values in the cache and
+        returns the attention's output, [T, heads, d] in that order ([heads, d] for one token)."""
+        s = self.shape
+        t = x.shape[0]
         for i, b in enumerate(self.model.layers):
             a = b.self_attn
             h = _rms(x, b.input_layernorm.weight, s.eps)
@@ -307,16 +325,11 @@ class LeanLlama(nn.Module):
             k = a.k_proj(h).view(t, s.kv_heads, s.head_dim).transpose(0, 1)
             v = a.v_proj(h).view(t, s.kv_heads, s.head_dim).transpose(0, 1)
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-            kc[i][:, pos:end] = k
-            vc[i][:, pos:end] = v
-            o = F.scaled_dot_product_attention(q.unsqueeze(0), kc[i][:, :end].unsqueeze(0), vc[i][:, :end].unsqueeze(0),
-                                               attn_mask=mask, is_causal=causal and not pos,
-                                               enable_gqa=s.heads != s.kv_heads)
-            x = x + a.o_proj(o[0].transpose(0, 1).reshape(t, s.heads * s.head_dim))
+            x = x + a.o_proj(attend(i, q, k, v).reshape(t, s.heads * s.head_dim))
             h = _rms(x, b.post_attention_layernorm.weight, s.eps)
             m = b.mlp
             x = x + m.down_proj(F.silu(m.gate_proj(h)) * m.up_proj(h))
-        return self.head(_rms(x[-1:], self.model.norm.weight, s.eps))[0]
+        return x
 
     def step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """One decode step in fixed shapes (what a CUDA graph can hold): token ``tok`` [1] at position ``pos`` [1],
@@ -329,20 +342,13 @@ class LeanLlama(nn.Module):
         x = self.model.embed_tokens.weight.index_select(0, tok).to(self.act_dtype)  # [1, hidden]
         cos, sin = self._rope[0].index_select(0, pos), self._rope[1].index_select(0, pos)
         mask = torch.arange(kc[0].shape[1], device=x.device) <= pos
-        for i, b in enumerate(self.model.layers):
-            a = b.self_attn
-            h = _rms(x, b.input_layernorm.weight, s.eps)
-            q = a.q_proj(h).view(1, s.heads, s.head_dim).transpose(0, 1)
-            k = a.k_proj(h).view(1, s.kv_heads, s.head_dim).transpose(0, 1)
-            v = a.v_proj(h).view(1, s.kv_heads, s.head_dim).transpose(0, 1)
-            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             kc[i].index_copy_(1, pos, k)
             vc[i].index_copy_(1, pos, v)
-            o = _attend_one(q, kc[i], vc[i], mask)
-            x = x + a.o_proj(o.reshape(1, s.heads * s.head_dim))
-            h = _rms(x, b.post_attention_layernorm.weight, s.eps)
-            m = b.mlp
-            x = x + m.down_proj(F.silu(m.gate_proj(h)) * m.up_proj(h))
+            return _attend_one(q, kc[i], vc[i], mask)
+
+        x = self._layers(x, cos, sin, attend)
         return self.head(_rms(x, self.model.norm.weight, s.eps)).argmax(-1)
 
     @torch.inference_mode()
@@ -375,7 +381,6 @@ class LeanLlama(nn.Module):
             logits = self(torch.tensor([nxt], device=dev), pos)
             pos += 1
         return out
-
 
     def _generate_fixed(self, ids: list[int], n: int, stop_at_eos: bool, check_every: int) -> list[int]:
         """:meth:`generate` with ``graph``: the prompt as usual, then n - 1 fixed-shape steps (see there)."""
@@ -449,10 +454,10 @@ def from_transformers(model: nn.Module) -> LeanLlama:
     if len(src.layers) != s.layers:
         raise LeanqError(f"model.config: {s.layers} layers, the model holds {len(src.layers)}")
 
-    def lin(m: nn.Module) -> nn.Module:
+    def lin(m: nn.Module) -> nn.Module:  # nn.Linear as FloatLinear (activations cast to its dtype), on its tensors
         if isinstance(m, nn.Linear):
-            f = FloatLinear.__new__(FloatLinear)
-            nn.Module.__init__(f)
+            with torch.device("meta"):
+                f = FloatLinear(m.in_features, m.out_features, m.bias is not None)
             f.weight, f.bias = m.weight, m.bias
             return f
         return m

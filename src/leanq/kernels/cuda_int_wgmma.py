@@ -421,19 +421,21 @@ int_wgmma(const void* XR x, void* __restrict__ out, const void* __restrict__ bia
       zsrc[z] = szw + (long long)min(n0 + p + LT * z, N - 1) * NG;
       zok |= n0 + p + LT * z < N ? 1u << z : 0u;
     }
-    // stage IT's weight words and group words into slot S_ (OFF_: words past wsrc)
-#define W_ISSUE(S_, IT_, OFF_)                                                                                      \
-    _Pragma("unroll") for (int v = 0; v < WUW; ++v)                                                                 \
-      if (!(ABL & 2) || gi + (IT_) < NST)                                                                           \
+    // stage IT_'s weight words and group words into slot S_ where ON_ (OFF_: words past wsrc), then wsrc ADV_ on
+#define W_ISSUE(S_, IT_, OFF_, ADV_, ON_)                                                                           \
+    _Pragma("unroll") for (int v = 0; v < WUW; ++v) {                                                               \
+      if ((!(ABL & 2) || gi + (IT_) < NST) && (ON_))                                                                \
         cp16(ws0 + (S_) * WS_BYTES + wdst[v], wsrc[v] + (OFF_), (wok >> v) & 1 ? 16u : 0u);                        \
+      wsrc[v] += (ADV_);                                                                                            \
+    }                                                                                                               \
     _Pragma("unroll") for (int z = 0; z < ZUW; ++z)                                                                 \
-      if ((!(ABL & 2) || gi + (IT_) < NST) && p + LT * z < R)                                                       \
+      if ((!(ABL & 2) || gi + (IT_) < NST) && (ON_) && p + LT * z < R)                                              \
         cp4(zs0 + (S_) * SZ_BYTES + (p + LT * z) * 4, zsrc[z] + ((kt0 + (IT_)) >> GSH), (zok >> z) & 1 ? 4u : 0u);
 #if GD && !SK
     // programmatic dependent launch (launch option gd): the first stages' weights and group words, which the grid
     // before does not write, go out before the wait for it; x (its output, in a model) only after
 #define WPRE NST
-    for (int it = 0; it < nk && it < NST; ++it) { W_ISSUE(it, it, 8 * it) }
+    for (int it = 0; it < nk && it < NST; ++it) { W_ISSUE(it, it, 8 * it, 0, true) }
     gdc_wait();
 #if GD == 1
     gdc_launch();
@@ -452,16 +454,7 @@ int_wgmma(const void* XR x, void* __restrict__ out, const void* __restrict__ bia
           cp16(xs0 + s * XS_BYTES + xdst0 + u * (LT * 16), xbase + xoff[u], (xok >> u) & 1 ? 16u : 0u);
       }
       xbase += 128;
-#pragma unroll
-      for (int v = 0; v < WUW; ++v) {
-        if ((!(ABL & 2) || gi + it < NST) && it >= WPRE)
-          cp16(ws0 + s * WS_BYTES + wdst[v], wsrc[v], (wok >> v) & 1 ? 16u : 0u);
-        wsrc[v] += 8;
-      }
-#pragma unroll
-      for (int z = 0; z < ZUW; ++z)
-        if ((!(ABL & 2) || gi + it < NST) && it >= WPRE && p + LT * z < R)
-          cp4(zs0 + s * SZ_BYTES + (p + LT * z) * 4, zsrc[z] + ((kt0 + it) >> GSH), (zok >> z) & 1 ? 4u : 0u);
+      W_ISSUE(s, it, 0, 8, it >= WPRE)  // (the first NST stages' went out before the wait, with gd)
       mbar_arrive_cp(fb0 + 8 * s);
     }
 #if SK
