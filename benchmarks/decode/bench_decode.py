@@ -6,7 +6,10 @@ compiles the forward with torch.compile (mode reduce-overhead: CUDA graphs).
 The BF16 model and the same model quantized by leanq's RTN (4-bit g128) run
 in the same harness and process.  Reports tokens/s (new tokens over the wall
 time of generate, median of --reps, after a warm-up call that compiles),
-weight memory and peak GPU memory during generate.
+weight memory and peak GPU memory during generate.  --compile-modes graph: the
+same generate with leanq.hf_graph.enable (each decode step one CUDA graph of the
+compiled forward, replayed; the host's per-step work of torch.compile's graph
+trees off the path).
 
 gptq: GPTQ 4-bit g128 of the same-shaped model (kept on the CPU, one block at
 a time on the GPU) through leanq's sequential pipeline with
@@ -14,6 +17,7 @@ a time on the GPU) through leanq's sequential pipeline with
 
     PYTHONPATH=src python3 benchmarks/decode/bench_decode.py decode --out $OUT
     PYTHONPATH=src python3 benchmarks/decode/bench_decode.py decode --floor --out $OUT   # the harness's bound
+    PYTHONPATH=src python3 benchmarks/decode/bench_decode.py decode --compile-modes all,graph --out $OUT
     PYTHONPATH=src python3 benchmarks/decode/bench_decode.py gptq --out $OUT
     PYTHONPATH=src python3 benchmarks/decode/bench_decode.py lean --out $OUT    # leanq.runtime, CUDA graph
 
@@ -89,17 +93,19 @@ def weight_bytes(model) -> int:
 # Two more settings were tried on an H100 (2026-11-28) and dropped: inductor's plain CUDA graphs instead of graph
 # trees, and dynamo's inline_inbuilt_nn_modules off. With either, the BF16 model's next generate hit a device-side
 # index assert in an inductor kernel (benchmarks/kernels/NOTES.md, v10).
-COMPILE_MODES = ("all", "lean")
+COMPILE_MODES = ("all", "lean", "graph")
 
 
 def compile_config(mode: str):
     """transformers' CompileConfig for generate, by host-overhead setting (both compile the same graphs):
     ``all``: transformers' default (mode reduce-overhead: CUDA graph trees, every dynamo guard);
     ``lean``: the same with dynamo's guards on nn.Module attributes skipped
-    (torch.compiler.skip_guard_on_all_nn_modules_unsafe: a decode loop never swaps a layer's tensors)."""
+    (torch.compiler.skip_guard_on_all_nn_modules_unsafe: a decode loop never swaps a layer's tensors);
+    ``graph``: transformers' default config, the compiled call replaced by leanq.hf_graph's (the same compiled
+    forward without graph trees, each decode step replayed from one CUDA graph; see time_generate)."""
     from transformers import CompileConfig
 
-    if mode == "all":
+    if mode in ("all", "graph"):
         return CompileConfig()
     # mode "reduce-overhead" is the option triton.cudagraphs; torch.compile takes a mode or options, not both
     return CompileConfig(mode=None, options={"triton.cudagraphs": True,
@@ -107,6 +113,21 @@ def compile_config(mode: str):
 
 
 def time_generate(model, prompt_len: int, new: int, reps: int, mode: str = "all", host_profile: bool = False) -> dict:
+    from leanq import hf_graph
+
+    if mode == "graph":
+        hf_graph.enable(model)
+    try:
+        res = _time_generate(model, prompt_len, new, reps, mode, host_profile)
+        call = hf_graph.graphed_call(model)
+        if call is not None:
+            res.update(graphs_recorded=call.captures, graph_replays=call.replays)
+        return res
+    finally:
+        hf_graph.disable(model)
+
+
+def _time_generate(model, prompt_len: int, new: int, reps: int, mode: str, host_profile: bool) -> dict:
     ids = torch.randint(100, 30000, (1, prompt_len), device="cuda")
     kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, cache_implementation="static",
               pad_token_id=0, eos_token_id=None, compile_config=compile_config(mode))
@@ -204,7 +225,7 @@ def cmd_decode(a) -> dict:
         torch._dynamo.reset()
     if a.floor:  # the same harness with every decoder-layer linear free: what any linear kernel could reach
         res["null_linears"] = dict(replaced=null_linears(model),
-                                   **time_generate(model, a.prompt_len, a.new_tokens, a.reps))
+                                   **time_generate(model, a.prompt_len, a.new_tokens, a.reps, modes[0]))
         print("null_linears", json.dumps(res["null_linears"]), flush=True)
         res["speedup_bound"] = res["null_linears"]["tokens_per_s"] / res["bf16"]["tokens_per_s"]
         return res
@@ -337,7 +358,7 @@ def main() -> int:
                          "torch.compile: cuda_int.take_over)")
     ap.add_argument("--compile-modes", default="all",
                     help="generate's compile settings, comma-separated, each model timed under each in this run: "
-                         "all (transformers' default), lean (see compile_config)")
+                         "all (transformers' default), lean, graph (see compile_config)")
     ap.add_argument("--host-profile", action="store_true",
                     help="also profile the host side of a 32-token generate per model and config (CPU time by op)")
     ap.add_argument("--tuned", default="", help="bench_kernels.json whose tuned tile configs to use")

@@ -1,5 +1,6 @@
 """Where a 4-bit decode step's time goes on a GPU: the Llama-2-7B-shaped model of bench_decode.py,
-RTN 4-bit g128 on the rk layout (``--layout kn``: the Triton kn layout), transformers' generate with a static cache (torch.compile, CUDA graphs).
+RTN 4-bit g128 on the rk layout (``--layout kn``: the Triton kn layout), transformers' generate with a static cache (torch.compile, CUDA graphs;
+``--graph``: the decode step as one graph by leanq.hf_graph).
 
 Prints the tokens/s of two timed generates, then one profiled generate: the GPU kernels summed by name
 (per token), and the host-side table (PyTorch profiler, by CPU time).  Compare the GPU kernel time per
@@ -118,6 +119,9 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--layout", choices=["rk", "kn"], default="rk")
     ap.add_argument("--bf16", action="store_true", help="profile the BF16 model instead (no quantization)")
+    ap.add_argument("--graph", action="store_true",
+                    help="generate with leanq.hf_graph.enable: each decode step replayed from one CUDA graph of the "
+                         "compiled forward instead of torch.compile's graph trees")
     ap.add_argument("--table", action=argparse.BooleanOptionalAction, default=True,
                     help="print the host-side table")
     ap.add_argument("--gd", type=int, default=None,
@@ -147,6 +151,10 @@ def main() -> int:
         else:
             kn.release_stored_kn(model)
     torch.cuda.empty_cache()
+    if a.graph:
+        from leanq import hf_graph
+
+        hf_graph.enable(model)
     ids = torch.randint(100, 30000, (1, 16), device="cuda")
     new = a.new_tokens
     kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, cache_implementation="static", pad_token_id=0,

@@ -181,8 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "imported, float tensors kept as stored; Llama, Mistral and Qwen2 checkpoints and float folders, llama "
                         "GGUF files)")
     g.add_argument("--graph", action="store_true",
-                   help="with --runtime lean: decode with fixed shapes, on a GPU one compiled CUDA graph replayed per "
-                        "token with no host synchronisation in between (the first call compiles)")
+                   help="decode with fixed shapes, on a GPU one compiled CUDA graph replayed per token (the first "
+                        "call compiles). --runtime lean: no host synchronisation between tokens; hf: transformers' "
+                        "generate with a static cache, its decode step recorded by leanq.hf_graph")
 
     x = sub.add_parser("export", help="write a checkpoint as compressed-tensors (vLLM, transformers) or GGUF (llama.cpp)",
                        description="compressed-tensors: int 4/8-bit group-wise or per-channel, sym or asym, exact. "
@@ -305,8 +306,6 @@ def cmd_info(a) -> int:
 def cmd_generate(a) -> int:
     if a.runtime == "lean":
         return _generate_lean(a)
-    if a.graph:
-        raise LeanqError("--graph needs --runtime lean")
     import torch
 
     from .api import load_any, pick_device
@@ -316,9 +315,15 @@ def cmd_generate(a) -> int:
     if tok is None:
         raise LeanqError(f"{a.model}: has no tokenizer")
     ids = tok(a.prompt, return_tensors="pt").input_ids.to(dev)
+    kw = {}
+    if a.graph:  # a static cache: on a GPU generate then asks for the compiled call, which hf_graph replaces
+        from . import hf_graph
+
+        hf_graph.enable(model)
+        kw["cache_implementation"] = "static"
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=a.max_new_tokens, do_sample=False,
-                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id, **kw)
     print(tok.decode(out[0], skip_special_tokens=True))
     return 0
 

@@ -420,15 +420,9 @@ class LeanLlama(nn.Module):
         eos = torch.tensor(self.shape.eos, dtype=torch.long, device=dev) if stop_at_eos and self.shape.eos else None
         done = 1
         if cuda and "graph" not in bufs:
-            side = torch.cuda.Stream(dev)
-            side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side):
-                advance()  # one step, eagerly: compiles, and sizes the kernels' scratch outside the graph
-            torch.cuda.current_stream(dev).wait_stream(side)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                advance()  # captured, not run
-            bufs["graph"] = g
+            from .hf_graph import run_and_record
+
+            _, bufs["graph"], _ = run_and_record(advance, dev)  # one step for real (it compiles), then captured
             self._graphs[key] = bufs
             start()  # every step from the graph, as in later calls (the warm-up's cache entry is written again)
         run = bufs["graph"].replay if cuda else advance

@@ -1,0 +1,248 @@
+"""transformers' ``generate`` with each decode step replayed from one CUDA graph.
+
+With a static cache on a GPU, ``generate`` compiles the model's forward (torch.compile, mode reduce-overhead) and
+calls the compiled forward once per new token.  The host's work around each call (dynamo's guards, the CUDA graph
+trees' bookkeeping and input copies) leaves the GPU idle between steps, as long for a 4-bit model as for its BF16
+self, so a quantized model's faster kernels show up only in part (docs/PERFORMANCE.md, versions 26 and 27).
+
+:func:`enable` gives ``generate`` another compiled call.  The forward is compiled by torch.compile as before (the
+same fused kernels, no graph trees); the first decode step runs it on a side stream and records it as one CUDA
+graph, and every later step copies its few small inputs (token ids, positions, the 4D mask: fixed shapes under a
+static cache) into the graph's buffers and replays it.  The cache's tensors, its write position included (a device
+counter the step advances in place), are the ones the graph holds.  ``generate`` makes a new cache per call: one of
+the same layout is adopted (its contents and the graph's tensors trade places, so each cache keeps its own
+contents); another length or batch, dtype or shape records a new graph.  Anything a graph cannot hold (no static
+cache, positional arguments, other objects) runs the compiled forward as usual.
+
+    import leanq.hf_graph
+    leanq.hf_graph.enable(model)
+    model.generate(ids, max_new_tokens=256, cache_implementation="static")
+
+Prefill is untouched (transformers runs it uncompiled), and so is everything off a GPU (generate compiles only on a
+GPU with a static cache).  A replay runs the recorded kernels, so its logits are the compiled forward's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _bindings(cache) -> list[tuple[object, str, torch.Tensor]] | None:
+    """Every tensor a static cache's layers hold (keys, values, the write position) as (layer, attribute, tensor);
+    None for anything else (no layers, not compileable, not yet initialised)."""
+    layers = getattr(cache, "layers", None)
+    if not layers or not getattr(cache, "is_compileable", False):
+        return None
+    out = []
+    for layer in layers:
+        if not getattr(layer, "is_initialized", True):
+            return None
+        ts = [(layer, k, v) for k, v in sorted(vars(layer).items()) if isinstance(v, torch.Tensor)]
+        if not ts:
+            return None
+        out += ts
+    return out
+
+
+def _layout(b: list[tuple[object, str, torch.Tensor]]) -> tuple:
+    return tuple((a, tuple(t.shape), t.dtype, t.device) for _, a, t in b)
+
+
+def call_key(kw: dict[str, Any]) -> tuple | None:
+    """What a recorded graph depends on in a forward's keyword arguments: each tensor's shape, dtype and device,
+    the plain values themselves, and for a static cache the address, shape and dtype of every tensor it holds.
+    None when an argument is none of these (the call then runs without a graph)."""
+    key = []
+    for name in sorted(kw):
+        v = kw[name]
+        if isinstance(v, torch.Tensor):
+            key.append((name, "t", tuple(v.shape), v.dtype, str(v.device)))
+        elif isinstance(v, _PLAIN):
+            key.append((name, "v", v))
+        else:
+            b = _bindings(v)
+            if b is None:
+                return None
+            key.append((name, "c", tuple((a, t.data_ptr(), tuple(t.shape), t.dtype) for _, a, t in b)))
+    return tuple(key)
+
+
+@dataclass
+class _Recorded:
+    graph: torch.cuda.CUDAGraph
+    names: frozenset
+    tensors: dict[str, tuple]  # name -> (shape, dtype, device)
+    plain: dict[str, Any]
+    cache_name: str | None
+    cache: object
+    bindings: list  # the cache's (layer, attribute, tensor): the tensors the graph reads and writes
+    inputs: dict[str, torch.Tensor]  # the graph's copies of the call's tensors
+    out: Any
+
+
+class GraphedCall:
+    """A compiled forward whose calls on CUDA tensors replay a recorded CUDA graph (see the module's text).
+
+    A call matches the recorded graph when it has the same argument names, tensor shapes, dtypes and devices and
+    plain values, and the same cache tensors; that check is a few microseconds of host time (a 32-layer cache's
+    full key would be about 0.3 ms a step). A new cache of the same layout (``generate`` makes one per call) is
+    adopted instead of recorded again: its contents and the graph's tensors trade places, so the new cache holds the
+    graph's tensors with its own contents and the old one keeps its contents in the new cache's former tensors.
+
+    ``captures``: graphs recorded; ``adoptions``: new caches taken into the recorded graph; ``replays``: calls
+    answered by a replay."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+        self.rec: _Recorded | None = None
+        self.captures = self.adoptions = self.replays = 0
+
+    def __call__(self, *args, **kw):
+        rec = self.rec
+        if rec is not None and not args:
+            how = self._match(rec, kw)
+            if how:
+                if how == "adopt":
+                    self._adopt(rec, kw[rec.cache_name])
+                for name, buf in rec.inputs.items():
+                    buf.copy_(kw[name])
+                rec.graph.replay()
+                self.replays += 1
+                return rec.out
+        tensors = {k: v for k, v in kw.items() if isinstance(v, torch.Tensor)}
+        if args or not tensors or any(t.device.type != "cuda" for t in tensors.values()):
+            return self.fn(*args, **kw)
+        caches = [k for k, v in kw.items() if not isinstance(v, (torch.Tensor,) + _PLAIN)]
+        if len(caches) > 1 or call_key(kw) is None:
+            return self.fn(**kw)
+        return self._record(kw, tensors, caches[0] if caches else None)
+
+    @staticmethod
+    def _match(rec: _Recorded, kw: dict) -> str | None:
+        """"same" when the call fits the recorded graph, "adopt" when only its cache differs (same layout), else
+        None."""
+        if kw.keys() != rec.names:
+            return None
+        how = "same"
+        for name, v in kw.items():
+            if name in rec.tensors:
+                if not isinstance(v, torch.Tensor) or (v.shape, v.dtype, v.device) != rec.tensors[name]:
+                    return None
+            elif name == rec.cache_name:
+                if v is not rec.cache or any(getattr(layer, a) is not t for layer, a, t in rec.bindings):
+                    b = _bindings(v)
+                    if b is None or _layout(b) != _layout(rec.bindings):
+                        return None
+                    how = "adopt"
+            else:
+                want = rec.plain[name]
+                if type(v) is not type(want) or v != want:
+                    return None
+        return how
+
+    def _adopt(self, rec: _Recorded, cache) -> None:
+        """Swap the contents of ``cache``'s tensors with the graph's, and the tensors between the two caches."""
+        new = _bindings(cache)
+        with torch.no_grad():
+            for (old_layer, a, g), (new_layer, _, n) in zip(rec.bindings, new):
+                if n is g:
+                    continue
+                tmp = g.clone()
+                g.copy_(n)
+                n.copy_(tmp)
+                setattr(old_layer, a, n)
+                setattr(new_layer, a, g)
+        old, rec.cache = rec.cache, cache
+        rec.bindings = [(layer, a, g) for (layer, a, _), (_, _, g) in zip(new, rec.bindings)]
+        for k in list(rec.out.keys()) if hasattr(rec.out, "keys") else ():
+            if rec.out[k] is old:
+                rec.out[k] = cache
+        self.adoptions += 1
+
+    def _record(self, kw: dict, tensors: dict[str, torch.Tensor], cname: str | None):
+        """Run this step for real (on a side stream: compiles, sizes the kernels' scratch) and record it into a new
+        graph over copies of its tensor inputs; the real step's output is returned."""
+        self.rec = None  # the old graph's memory goes first
+        dev = next(iter(tensors.values())).device
+        static = {k: v.clone() for k, v in tensors.items()}
+        call = {**kw, **static}
+        # the step itself runs first: it writes this token's keys and values and advances the cache
+        out, g, gout = run_and_record(lambda: self.fn(**call), dev)
+        self.rec = _Recorded(graph=g, names=frozenset(kw), cache_name=cname,
+                             tensors={k: (v.shape, v.dtype, v.device) for k, v in tensors.items()},
+                             plain={k: v for k, v in kw.items() if isinstance(v, _PLAIN)},
+                             cache=kw[cname] if cname else None, bindings=_bindings(kw[cname]) if cname else [],
+                             inputs=static, out=gout)
+        self.captures += 1
+        return out
+
+
+def run_and_record(step: Callable[[], Any], device: torch.device) -> tuple[Any, torch.cuda.CUDAGraph, Any]:
+    """Run ``step`` once for real on a side stream (torch.compile compiles there, kernels size their scratch outside
+    any graph), then record it, not run, into a new CUDA graph. Returns (the real run's output, the graph, the
+    recorded output, which each replay rewrites)."""
+    main = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        out = step()
+    main.wait_stream(side)
+    for v in (out.values() if isinstance(out, dict) else [out]):
+        if isinstance(v, torch.Tensor):
+            v.record_stream(main)  # made on the side stream, read on this one
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        gout = step()
+    return out, g, gout
+
+
+def _compile_kwargs(compile_config) -> dict:
+    """torch.compile's arguments from transformers' CompileConfig (or its defaults), without CUDA graph trees: the
+    graph is ours."""
+    d = dict(compile_config.to_dict()) if compile_config is not None else {}
+    kw = {k: d[k] for k in ("fullgraph", "dynamic", "backend") if k in d}
+    if kw.get("dynamic") is None:  # every decode step has the same shapes
+        kw["dynamic"] = False
+    opts = {k: v for k, v in (d.get("options") or {}).items() if k != "triton.cudagraphs"}
+    if opts:
+        kw["options"] = opts
+    return kw
+
+
+def enable(model, compile: bool = True):
+    """Make ``model.generate`` (transformers) replay each decode step from a CUDA graph; returns the model.
+
+    ``generate`` asks the model for its compiled call when it decodes on a GPU with a static cache; this hands it a
+    :class:`GraphedCall` over ``torch.compile(model.__call__)`` (``compile=False``: over the plain call, each step's
+    kernels as eager PyTorch runs them), made on that first request. :func:`disable` undoes it."""
+    if not callable(getattr(model, "get_compiled_call", None)) or not hasattr(model, "generate"):
+        from .errors import LeanqError
+
+        raise LeanqError(f"hf_graph.enable: {type(model).__name__} is not a transformers generation model")
+
+    def get_compiled_call(compile_config=None) -> GraphedCall:
+        call = vars(model).get("_leanq_graphed")
+        if call is None:
+            fn = torch.compile(model.__call__, **_compile_kwargs(compile_config)) if compile else model.__call__
+            call = model._leanq_graphed = GraphedCall(fn)
+        return call
+
+    model.get_compiled_call = get_compiled_call  # an instance attribute: shadows the class's method
+    return model
+
+
+def disable(model):
+    """Undo :func:`enable` (generate compiles as transformers does by default again); returns the model."""
+    for name in ("get_compiled_call", "_leanq_graphed"):
+        vars(model).pop(name, None)
+    return model
+
+
+def graphed_call(model) -> GraphedCall | None:
+    """The :class:`GraphedCall` that :func:`enable` gave ``model`` (None before generate first asked for it)."""
+    return vars(model).get("_leanq_graphed")

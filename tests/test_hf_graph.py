@@ -1,0 +1,163 @@
+"""leanq.hf_graph: transformers' generate with each decode step replayed from one CUDA graph.
+
+On the CPU: the keys that decide when a graph is recorded again, the compiled call's arguments, enable/disable and
+the refusal of a model that cannot generate. On a GPU: the graph's logits against the same forward run eagerly
+(bit for bit when the graph holds eager kernels), one graph for a whole generate, a new one for a new cache, and a
+quantized checkpoint through the compiled forward."""
+
+import pytest
+import torch
+
+from leanq import hf_graph
+from leanq.checkpoint import load, save
+from leanq.errors import LeanqError
+
+from conftest import tiny_model, tiny_tokenizer
+from test_checkpoint import quantized
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _generate(m, ids, new: int, **kw):
+    with torch.no_grad():
+        out = m.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, cache_implementation="static",
+                         pad_token_id=0, eos_token_id=None, return_dict_in_generate=True, output_logits=True, **kw)
+    return out.sequences, torch.stack(out.logits, 1).float()
+
+
+def _every_device(m):
+    """A CompileConfig that lets generate ask for the compiled call off a GPU too (transformers' own switch)."""
+    from transformers import CompileConfig
+
+    cc = CompileConfig()
+    cc._compile_all_devices = True
+    return cc
+
+
+def test_keys_hold_for_a_generate_and_change_with_its_cache():
+    """Every decode step of one generate has the same key (fixed shapes, the same cache tensors); a generate of
+    another length gets a cache, and a key, of its own; the tokens are those of plain generate."""
+    m = tiny_model()
+    ids = torch.randint(0, 96, (1, 5), generator=torch.Generator().manual_seed(0))
+    ref, _ = _generate(m, ids, 6)
+    hf_graph.enable(m, compile=False)
+    keys = []
+    real = hf_graph.GraphedCall.__call__
+
+    def spy(self, *a, **kw):
+        keys.append(hf_graph.call_key(kw))
+        return real(self, *a, **kw)
+
+    try:
+        hf_graph.GraphedCall.__call__ = spy
+        got, _ = _generate(m, ids, 6, compile_config=_every_device(m))
+        n = len(keys)
+        _generate(m, ids, 11, compile_config=_every_device(m))
+    finally:
+        hf_graph.GraphedCall.__call__ = real
+    assert torch.equal(got, ref)
+    assert n == 5 and len(keys) == 15  # the decode steps (the first token comes from prefill)
+    assert None not in keys and len(set(keys[:n])) == 1 and len(set(keys[n:])) == 1 and keys[0] != keys[-1]
+    call = hf_graph.graphed_call(m)
+    assert call is not None and call.captures == 0 and call.replays == 0  # CPU tensors: no graph
+
+
+def test_call_key_refuses_what_a_graph_cannot_hold():
+    assert hf_graph.call_key({"x": torch.zeros(2), "flag": True}) == (("flag", "v", True),
+                                                                       ("x", "t", (2,), torch.float32, "cpu"))
+    assert hf_graph.call_key({"x": torch.zeros(2), "cache": object()}) is None
+    assert hf_graph.call_key({"x": torch.zeros(2), "opts": [1, 2]}) is None
+
+
+def _static_cache(fill: float, layers: int = 3, length: int = 8):
+    from transformers import LlamaConfig, StaticCache
+
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=2,
+                      num_key_value_heads=2, vocab_size=50)
+    c = StaticCache(config=cfg, max_cache_len=length)
+    for i in range(layers):
+        c.update(torch.full((1, 2, 1, 16), fill), torch.full((1, 2, 1, 16), -fill), i)
+    return c
+
+
+def test_a_new_cache_of_the_same_layout_is_adopted():
+    """The check that picks replay: the same call matches, a new cache of the same layout is adopted (its contents
+    move into the graph's tensors and the old cache keeps its own contents), any other change records anew."""
+    old, new = _static_cache(1.0), _static_cache(2.0)
+    kw = dict(input_ids=torch.zeros(1, 1, dtype=torch.long), past_key_values=old, use_cache=True)
+    out = {"logits": torch.zeros(1), "past_key_values": old}
+    ids = kw["input_ids"]
+    rec = hf_graph._Recorded(graph=None, names=frozenset(kw), tensors={"input_ids": (ids.shape, ids.dtype, ids.device)},
+                             plain={"use_cache": True}, cache_name="past_key_values", cache=old,
+                             bindings=hf_graph._bindings(old), inputs={}, out=out)
+    match = hf_graph.GraphedCall._match
+    assert match(rec, kw) == "same"
+    assert match(rec, dict(kw, use_cache=False)) is None and match(rec, dict(kw, input_ids=torch.zeros(1, 2))) is None
+    assert match(rec, dict(kw, past_key_values=_static_cache(1.0, length=9))) is None
+    assert match(rec, dict(kw, extra=1)) is None
+    graph_tensors = [t for _, _, t in rec.bindings]
+    assert match(rec, dict(kw, past_key_values=new)) == "adopt"
+    call = hf_graph.GraphedCall(None)
+    call._adopt(rec, new)
+    assert all(t is g for (_, _, t), g in zip(hf_graph._bindings(new), graph_tensors))
+    assert rec.cache is new and out["past_key_values"] is new
+    assert all(float(layer.keys.abs().max()) == 2.0 and int(layer.cumulative_length) == 1 for layer in new.layers)
+    assert all(float(layer.keys.abs().max()) == 1.0 for layer in old.layers)
+    assert not any(t is g for (_, _, t), g in zip(hf_graph._bindings(old), graph_tensors))
+    assert match(rec, dict(kw, past_key_values=new)) == "same" and call.adoptions == 1
+
+
+def test_compile_kwargs_drop_graph_trees():
+    from transformers import CompileConfig
+
+    kw = hf_graph._compile_kwargs(CompileConfig(options={"triton.cudagraphs": True, "max_autotune": False}))
+    assert "mode" not in kw and kw["options"] == {"max_autotune": False} and kw["dynamic"] is False
+    assert hf_graph._compile_kwargs(None) == {"dynamic": False}
+
+
+def test_enable_disable_and_refusal():
+    m = tiny_model()
+    cls_call = type(m).get_compiled_call
+    assert hf_graph.enable(m) is m and "get_compiled_call" in vars(m)
+    assert isinstance(m.get_compiled_call(None), hf_graph.GraphedCall) and hf_graph.graphed_call(m) is not None
+    hf_graph.disable(m)
+    assert "get_compiled_call" not in vars(m) and m.get_compiled_call.__func__ is cls_call
+    with pytest.raises(LeanqError, match="not a transformers generation model"):
+        hf_graph.enable(torch.nn.Linear(2, 2))
+
+
+@cuda
+def test_graph_replays_the_eager_step_bit_for_bit():
+    """compile=False: the graph holds the forward's eager kernels, so every step's logits equal generate's eager
+    run exactly; one graph serves the whole generate, and the next generate (same cache reset, or a new one)."""
+    m = tiny_model().to("cuda", torch.float16)
+    ids = torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(1)).cuda()
+    ref_tok, ref = _generate(m, ids, 12, disable_compile=True)
+    hf_graph.enable(m, compile=False)
+    for _ in range(2):
+        tok, got = _generate(m, ids, 12)
+        assert torch.equal(tok, ref_tok) and torch.equal(got, ref)
+    call = hf_graph.graphed_call(m)
+    assert (call.captures, call.adoptions, call.replays) == (1, 1, 21)  # the second generate's cache adopted
+    tok, got = _generate(m, ids, 20)  # another cache length: recorded again
+    assert call.captures == 2
+    ref_tok, ref = _generate(hf_graph.disable(m), ids, 20, disable_compile=True)
+    assert torch.equal(got, ref)
+
+
+@cuda
+def test_quantized_checkpoint_through_the_compiled_graph(tmp_path):
+    """A 4-bit checkpoint on the GPU (leanq's kernels inside torch.compile's graph): the graph's logits follow the
+    eager forward's to compiled-kernel rounding, the tokens agree, and a second generate repeats the first."""
+    m, recipe = quantized()
+    ck = save(m, tiny_tokenizer(), recipe, tmp_path / "ck")
+    gpu, _, _ = load(ck, device="cuda")
+    ids = torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(2)).cuda()
+    ref_tok, ref = _generate(gpu, ids, 16, disable_compile=True)
+    hf_graph.enable(gpu)
+    tok, got = _generate(gpu, ids, 16)
+    tok2, got2 = _generate(gpu, ids, 16)
+    assert float((got - ref).norm() / ref.norm()) < 1e-2
+    assert torch.equal(tok, ref_tok)
+    assert torch.equal(tok2, tok) and torch.equal(got2, got)
+    assert hf_graph.graphed_call(gpu).replays > 0
