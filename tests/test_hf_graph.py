@@ -113,6 +113,14 @@ def test_compile_kwargs_drop_graph_trees():
     kw = hf_graph._compile_kwargs(CompileConfig(options={"triton.cudagraphs": True, "max_autotune": False}))
     assert "mode" not in kw and kw["options"] == {"max_autotune": False} and kw["dynamic"] is False
     assert hf_graph._compile_kwargs(None) == {"dynamic": False}
+    import torch._inductor.config as inductor_config
+
+    before = inductor_config.triton.enable_pdl
+    with hf_graph._inductor_pdl(True):
+        assert inductor_config.triton.enable_pdl
+    with hf_graph._inductor_pdl(False):
+        assert inductor_config.triton.enable_pdl == before
+    assert inductor_config.triton.enable_pdl == before
 
 
 def test_enable_disable_and_refusal():
@@ -146,18 +154,24 @@ def test_graph_replays_the_eager_step_bit_for_bit():
 
 
 @cuda
-def test_quantized_checkpoint_through_the_compiled_graph(tmp_path):
-    """A 4-bit checkpoint on the GPU (leanq's kernels inside torch.compile's graph): the graph's logits follow the
-    eager forward's to compiled-kernel rounding, the tokens agree, and a second generate repeats the first."""
+@pytest.mark.parametrize("pdl", [False, True], ids=["plain", "inductor-pdl"])
+def test_quantized_checkpoint_through_the_compiled_graph(tmp_path, pdl):
+    """A 4-bit checkpoint on the GPU (leanq's kernels inside torch.compile's graph, with and without inductor's
+    programmatic dependent launch): the graph's logits follow the eager forward's to compiled-kernel rounding, the
+    tokens agree, and a second generate repeats the first."""
+    import torch._inductor.config as inductor_config
+
     m, recipe = quantized()
     ck = save(m, tiny_tokenizer(), recipe, tmp_path / "ck")
     gpu, _, _ = load(ck, device="cuda")
     ids = torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(2)).cuda()
     ref_tok, ref = _generate(gpu, ids, 16, disable_compile=True)
-    hf_graph.enable(gpu)
+    torch._dynamo.reset()
+    hf_graph.enable(gpu, pdl=pdl)
     tok, got = _generate(gpu, ids, 16)
     tok2, got2 = _generate(gpu, ids, 16)
     assert float((got - ref).norm() / ref.norm()) < 1e-2
     assert torch.equal(tok, ref_tok)
     assert torch.equal(tok2, tok) and torch.equal(got2, got)
     assert hf_graph.graphed_call(gpu).replays > 0
+    assert not inductor_config.triton.enable_pdl  # as it was

@@ -93,7 +93,7 @@ def weight_bytes(model) -> int:
 # Two more settings were tried on an H100 (2026-11-28) and dropped: inductor's plain CUDA graphs instead of graph
 # trees, and dynamo's inline_inbuilt_nn_modules off. With either, the BF16 model's next generate hit a device-side
 # index assert in an inductor kernel (benchmarks/kernels/NOTES.md, v10).
-COMPILE_MODES = ("all", "lean", "graph")
+COMPILE_MODES = ("all", "lean", "graph", "graph-pdl")
 
 
 def compile_config(mode: str):
@@ -102,10 +102,12 @@ def compile_config(mode: str):
     ``lean``: the same with dynamo's guards on nn.Module attributes skipped
     (torch.compiler.skip_guard_on_all_nn_modules_unsafe: a decode loop never swaps a layer's tensors);
     ``graph``: transformers' default config, the compiled call replaced by leanq.hf_graph's (the same compiled
-    forward without graph trees, each decode step replayed from one CUDA graph; see time_generate)."""
+    forward without graph trees, each decode step replayed from one CUDA graph; see time_generate);
+    ``graph-pdl``: as graph, compiled and recorded with inductor's programmatic dependent launch
+    (hf_graph.enable(model, pdl=True))."""
     from transformers import CompileConfig
 
-    if mode in ("all", "graph"):
+    if mode in ("all", "graph", "graph-pdl"):
         return CompileConfig()
     # mode "reduce-overhead" is the option triton.cudagraphs; torch.compile takes a mode or options, not both
     return CompileConfig(mode=None, options={"triton.cudagraphs": True,
@@ -115,8 +117,8 @@ def compile_config(mode: str):
 def time_generate(model, prompt_len: int, new: int, reps: int, mode: str = "all", host_profile: bool = False) -> dict:
     from leanq import hf_graph
 
-    if mode == "graph":
-        hf_graph.enable(model)
+    if mode.startswith("graph"):
+        hf_graph.enable(model, pdl=mode == "graph-pdl")
     try:
         res = _time_generate(model, prompt_len, new, reps, mode, host_profile)
         call = hf_graph.graphed_call(model)
@@ -358,7 +360,7 @@ def main() -> int:
                          "torch.compile: cuda_int.take_over)")
     ap.add_argument("--compile-modes", default="all",
                     help="generate's compile settings, comma-separated, each model timed under each in this run: "
-                         "all (transformers' default), lean, graph (see compile_config)")
+                         "all (transformers' default), lean, graph, graph-pdl (see compile_config)")
     ap.add_argument("--host-profile", action="store_true",
                     help="also profile the host side of a 32-token generate per model and config (CPU time by op)")
     ap.add_argument("--tuned", default="", help="bench_kernels.json whose tuned tile configs to use")
