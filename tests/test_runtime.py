@@ -253,8 +253,9 @@ def test_cli_generate_lean(tmp_path, float_folder, capsys):
     for extra in ([], ["--graph"]):  # transformers' generate; with --graph a static cache (no graph off a GPU)
         rc = cli.main(["generate", str(float_folder), "--prompt", "the quick brown", "--max-new-tokens", "6",
                        "--device", "cpu", *extra])
-        hf.append(capsys.readouterr().out)
-        assert rc == 0 and hf[-1].startswith("the quick brown")
+        cap = capsys.readouterr()
+        hf.append(cap.out)
+        assert rc == 0 and hf[-1].startswith("the quick brown") and "6 new tokens in" in cap.err
     assert hf[0] == hf[1]
 
 

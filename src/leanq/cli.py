@@ -321,10 +321,15 @@ def cmd_generate(a) -> int:
 
         hf_graph.enable(model)
         kw["cache_implementation"] = "static"
+    t0 = time.perf_counter()
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=a.max_new_tokens, do_sample=False,
                              pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id, **kw)
+    dt = time.perf_counter() - t0
+    new = out.shape[1] - ids.shape[1]
     print(tok.decode(out[0], skip_special_tokens=True))
+    print(f"{new} new tokens in {dt:.2f} s ({new / dt:.1f} tokens/s, prompt of {ids.shape[1]} included)",
+          file=sys.stderr)
     return 0
 
 
