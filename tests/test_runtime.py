@@ -388,3 +388,21 @@ def test_real_gguf_tokenizer_and_tokens():
     want = lf.model.generate(torch.tensor([prompt]), max_new_tokens=16, min_new_tokens=16, do_sample=False,
                              eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
     assert lm.generate(prompt, 16, stop_at_eos=False) == want
+
+
+def test_cli_generate_refuses_ids_past_the_vocabulary(tmp_path, capsys):
+    """A tokenizer larger than the model's vocabulary (quantized()'s model has 96 ids, tiny_tokenizer more): a prompt
+    with an id past the table is one clear line, not an index error (on a GPU a device-side assert)."""
+    from leanq import cli
+
+    m, recipe = quantized()
+    ck = save(m, tiny_tokenizer(), recipe, tmp_path / "ck")
+    _, tok, _ = load(ck)
+    vocab = m.config.vocab_size
+    assert len(tok) > vocab
+    # the tokenizer's byte alphabet is a random subset, so which characters map past the table varies: search
+    chars = (chr(c) for c in list(range(33, 127)) + list(range(0xA1, 0x800)) + list(range(0x800, 0x10000, 0x3F)))
+    bad = next(c for c in chars if max(tok(c).input_ids + [0]) >= vocab)
+    assert cli.main(["generate", str(ck), "--prompt", "a " + bad, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"token ids must lie in 0..{vocab - 1}" in err and "Traceback" not in err

@@ -315,6 +315,10 @@ def cmd_generate(a) -> int:
     if tok is None:
         raise LeanqError(f"{a.model}: has no tokenizer")
     ids = tok(a.prompt, return_tensors="pt").input_ids.to(dev)
+    vocab = model.get_input_embeddings().num_embeddings
+    if ids.numel() == 0 or int(ids.max()) >= vocab:  # on a GPU an id past the table is a device-side assert
+        raise LeanqError(f"{a.model}: the prompt's token ids must lie in 0..{vocab - 1} (the model's vocabulary); "
+                         f"its tokenizer gave {ids.tolist()[0][:8]}")
     kw = {}
     if a.graph:  # a static cache: on a GPU generate then asks for the compiled call, which hf_graph replaces
         from . import hf_graph
