@@ -175,3 +175,21 @@ def test_quantized_checkpoint_through_the_compiled_graph(tmp_path, pdl):
     assert torch.equal(tok2, tok) and torch.equal(got2, got)
     assert hf_graph.graphed_call(gpu).replays > 0
     assert not inductor_config.triton.enable_pdl  # as it was
+
+
+def test_calls_a_graph_cannot_hold_run_the_compiled_forward():
+    """Positional arguments, CPU tensors, no tensors, objects that are not a static cache, two caches: each call goes
+    to the wrapped forward as it is, and nothing is recorded."""
+    seen = []
+
+    def fn(*a, **kw):
+        seen.append((a, sorted(kw)))
+        return "out"
+
+    call = hf_graph.GraphedCall(fn)
+    x = torch.zeros(1, 1, dtype=torch.long)
+    c1, c2 = _static_cache(1.0), _static_cache(2.0)
+    for a, kw in [((x,), {}), ((), {"input_ids": x}), ((), {"use_cache": True}), ((), {"input_ids": x, "o": object()}),
+                  ((), {"input_ids": x, "a": c1, "b": c2})]:
+        assert call(*a, **kw) == "out"
+    assert len(seen) == 5 and call.rec is None and call.captures == call.replays == 0
