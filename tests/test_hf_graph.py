@@ -193,3 +193,28 @@ def test_calls_a_graph_cannot_hold_run_the_compiled_forward():
                   ((), {"input_ids": x, "a": c1, "b": c2})]:
         assert call(*a, **kw) == "out"
     assert len(seen) == 5 and call.rec is None and call.captures == call.replays == 0
+
+
+def test_gives_up_after_graphs_that_are_never_replayed(monkeypatch):
+    """A plain argument that changes every call would record a graph per call: after MAX_IDLE_RECORDS such graphs in
+    a row the call runs without graphs, with a warning; graphs that are replayed reset the count."""
+    monkeypatch.setattr(hf_graph, "_on_gpu", lambda tensors: True)  # the recording itself is faked below
+
+    def fake_record(self, kw, tensors, cname):
+        self.rec = hf_graph._Recorded(graph=None, names=frozenset(kw), plain={"step": kw["step"]}, cache_name=None,
+                                      tensors={"x": (kw["x"].shape, kw["x"].dtype, kw["x"].device)}, cache=None,
+                                      bindings=[], inputs={}, out=None)
+        self.captures += 1
+        return self.fn(**kw)
+
+    monkeypatch.setattr(hf_graph.GraphedCall, "_record", fake_record)
+    call = hf_graph.GraphedCall(lambda **kw: kw["step"])
+    x = torch.zeros(2)
+    assert [call(x=x, step=i) for i in range(3)] == [0, 1, 2] and call.captures == 3 and not call.given_up
+    call.rec.graph = type("G", (), {"replay": lambda self: None})()
+    assert call(x=x, step=2) is None and call.rec.replays == 1  # a replay (of the fake graph: no output)
+    assert [call(x=x, step=i) for i in range(3, 6)] == [3, 4, 5] and not call.given_up  # the count restarted
+    with pytest.warns(UserWarning, match="never replayed"):
+        assert call(x=x, step=6) == 6
+    assert call.given_up and call.rec is None and call.captures == 6
+    assert call(x=x, step=7) == 7 and call.captures == 6

@@ -33,6 +33,10 @@ import torch
 _PLAIN = (bool, int, float, str, type(None))
 
 
+def _on_gpu(tensors) -> bool:
+    return all(t.device.type == "cuda" for t in tensors)
+
+
 def _bindings(cache) -> list[tuple[object, str, torch.Tensor]] | None:
     """Every tensor a static cache's layers hold (keys, values, the write position) as (layer, attribute, tensor);
     None for anything else (no layers, not compileable, not yet initialised)."""
@@ -84,6 +88,7 @@ class _Recorded:
     bindings: list  # the cache's (layer, attribute, tensor): the tensors the graph reads and writes
     inputs: dict[str, torch.Tensor]  # the graph's copies of the call's tensors
     out: Any
+    replays: int = 0
 
 
 class GraphedCall:
@@ -95,16 +100,26 @@ class GraphedCall:
     adopted instead of recorded again: its contents and the graph's tensors trade places, so the new cache holds the
     graph's tensors with its own contents and the old one keeps its contents in the new cache's former tensors.
 
+    Calls that change what a graph depends on every time (a plain value that counts steps, say) would record a
+    graph per call: after ``MAX_IDLE_RECORDS`` graphs in a row that were never replayed, every call runs the compiled
+    forward without a graph (``given_up``), with one warning.
+
     ``captures``: graphs recorded; ``adoptions``: new caches taken into the recorded graph; ``replays``: calls
     answered by a replay."""
+
+    MAX_IDLE_RECORDS = 3
 
     def __init__(self, fn: Callable, pdl: bool = False):
         self.fn = fn
         self.pdl = pdl
         self.rec: _Recorded | None = None
         self.captures = self.adoptions = self.replays = 0
+        self.idle_records = 0
+        self.given_up = False
 
     def __call__(self, *args, **kw):
+        if self.given_up:
+            return self.fn(*args, **kw)
         rec = self.rec
         if rec is not None and not args:
             how = self._match(rec, kw)
@@ -114,14 +129,24 @@ class GraphedCall:
                 for name, buf in rec.inputs.items():
                     buf.copy_(kw[name])
                 rec.graph.replay()
+                rec.replays += 1
                 self.replays += 1
                 return rec.out
         tensors = {k: v for k, v in kw.items() if isinstance(v, torch.Tensor)}
-        if args or not tensors or any(t.device.type != "cuda" for t in tensors.values()):
+        if args or not tensors or not _on_gpu(tensors.values()):
             return self.fn(*args, **kw)
         caches = [k for k, v in kw.items() if not isinstance(v, (torch.Tensor,) + _PLAIN)]
         if len(caches) > 1 or call_key(kw) is None:
             return self.fn(**kw)
+        if self.rec is not None:
+            self.idle_records = 0 if self.rec.replays else self.idle_records + 1
+            if self.idle_records >= self.MAX_IDLE_RECORDS:
+                import warnings
+
+                warnings.warn(f"leanq.hf_graph: {self.idle_records} CUDA graphs in a row were recorded and never "
+                              "replayed (the forward's arguments change every call); running without a graph")
+                self.given_up, self.rec = True, None
+                return self.fn(**kw)
         return self._record(kw, tensors, caches[0] if caches else None)
 
     @staticmethod
