@@ -24,6 +24,9 @@
 #   MW=... bash benchmarks/kernels/device_call.sh mmaw  # session 19: the batch 2-16 kernel's GPU tests (-k mma_w, -x),
 #                                                    # then its configs MW beside the default at batches 16 and 4
 #                                                    # (EXTRA: more bench_cuda_int.py options, e.g. --rows-cfgs)
+#   bash benchmarks/kernels/device_call.sh hfgraph   # session 26: the hf_graph and runtime GPU tests, then the decode in
+#                                                    # transformers' generate under leanq.hf_graph with and without
+#                                                    # inductor's PDL beside transformers' default (MODES), one process
 #   bash benchmarks/kernels/device_call.sh vqc       # session 17: the 16-codeword cluster kernel's GPU tests, then
 #                                                    # its configs (CL) beside the 2-bit preset's kernel, graph harness
 # Each step runs under its own timeout so a slow step cannot eat the call; logs and JSON go to $OUT.
@@ -108,6 +111,11 @@ vqr)
   [ -n "$NOTESTS" ] || PYTHONPATH=src:tests timeout "${T1:-200}" python3 -m pytest -q -x -p no:cacheprovider \
     ${TESTS:-tests/test_kernels_vq.py tests/test_kernels_vq_cluster.py} 2>&1 | tail -60 | tee "$OUT/tests.log"
   vq_graph --settings "${SETS:-vq2}" --cuda 8 --cuda-cfgs "${VQCFGS:-stat/t128/n4/v16/vo8/b4/gd1/ec1/cw4}" ;;
+hfgraph)
+  [ -n "$NOTESTS" ] || PYTHONPATH=src:tests timeout "${T1:-150}" python3 -m pytest -q -p no:cacheprovider \
+    tests/test_hf_graph.py tests/test_runtime.py 2>&1 | tail -5 | tee "$OUT/tests.log"
+  timeout "${T2:-400}" python3 benchmarks/decode/bench_decode.py decode --out "$OUT" --reps 3 \
+    --compile-modes "${MODES:-graph-pdl,graph,all}" 2>&1 | tee "$OUT/decode.log" | grep -E "speedup|Error|Traceback" ;;
 mmaw)
   [ -n "$NOTESTS" ] || PYTHONPATH=src:tests timeout "${T1:-200}" python3 -m pytest -q -x -p no:cacheprovider \
     tests/test_kernels_cuda_int.py -k "${TK:-mma_w}" 2>&1 | tail -30 | tee "$OUT/tests.log"
