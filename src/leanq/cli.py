@@ -316,7 +316,9 @@ def cmd_generate(a) -> int:
         raise LeanqError(f"{a.model}: has no tokenizer")
     ids = tok(a.prompt, return_tensors="pt").input_ids.to(dev)
     vocab = model.get_input_embeddings().num_embeddings
-    if ids.numel() == 0 or int(ids.max()) >= vocab:  # on a GPU an id past the table is a device-side assert
+    if ids.numel() == 0:
+        raise LeanqError("--prompt: gives no tokens")
+    if int(ids.max()) >= vocab:  # on a GPU an id past the table is a device-side assert
         raise LeanqError(f"{a.model}: the prompt's token ids must lie in 0..{vocab - 1} (the model's vocabulary); "
                          f"its tokenizer gave {ids.tolist()[0][:8]}")
     kw = {}
@@ -330,11 +332,14 @@ def cmd_generate(a) -> int:
         out = model.generate(ids, max_new_tokens=a.max_new_tokens, do_sample=False,
                              pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id, **kw)
     dt = time.perf_counter() - t0
-    new = out.shape[1] - ids.shape[1]
     print(tok.decode(out[0], skip_special_tokens=True))
-    print(f"{new} new tokens in {dt:.2f} s ({new / dt:.1f} tokens/s, prompt of {ids.shape[1]} included)",
-          file=sys.stderr)
+    _speed_line(out.shape[1] - ids.shape[1], dt, ids.shape[1])
     return 0
+
+
+def _speed_line(new: int, seconds: float, prompt: int) -> None:
+    print(f"{new} new tokens in {seconds:.2f} s ({new / seconds:.1f} tokens/s, prompt of {prompt} included)",
+          file=sys.stderr)
 
 
 def _generate_lean(a) -> int:
@@ -351,8 +356,7 @@ def _generate_lean(a) -> int:
     out = model.generate(ids, a.max_new_tokens, graph=a.graph)
     dt = time.perf_counter() - t0
     print(tok.decode(ids + out, skip_special_tokens=True))
-    print(f"{len(out)} new tokens in {dt:.2f} s ({len(out) / dt:.1f} tokens/s, prompt of {len(ids)} included)",
-          file=sys.stderr)
+    _speed_line(len(out), dt, len(ids))
     return 0
 
 

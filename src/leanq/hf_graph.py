@@ -25,6 +25,7 @@ GPU with a static cache).  A replay runs the recorded kernels, so its logits are
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -141,8 +142,6 @@ class GraphedCall:
         if self.rec is not None:
             self.idle_records = 0 if self.rec.replays else self.idle_records + 1
             if self.idle_records >= self.MAX_IDLE_RECORDS:
-                import warnings
-
                 warnings.warn(f"leanq.hf_graph: {self.idle_records} CUDA graphs in a row were recorded and never "
                               "replayed (the forward's arguments change every call); running without a graph")
                 self.given_up, self.rec = True, None
@@ -263,8 +262,8 @@ def enable(model, compile: bool = True, pdl: bool = False):
     kernels as eager PyTorch runs them), made on that first request. ``pdl``: compile and record with TorchInductor's
     programmatic dependent launch (Hopper on; its kernels let the next one start while they finish, and leanq's own
     kernels then leave their trigger to their end): a 7B-shaped model's 4-bit decode measured 8-18% faster with it
-    on an H200, BF16 4-5% (docs/PERFORMANCE.md, version 27). Off by default: it is TorchInductor's opt-in mode. :func:`disable` undoes
-    it."""
+    on an H200, BF16 4-5% (docs/PERFORMANCE.md, version 27). Off by default: it is TorchInductor's opt-in mode.
+    :func:`disable` undoes it."""
     if not callable(getattr(model, "get_compiled_call", None)) or not hasattr(model, "generate"):
         from .errors import LeanqError
 
