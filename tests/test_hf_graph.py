@@ -5,6 +5,8 @@ the refusal of a model that cannot generate. On a GPU: the graph's logits agains
 (bit for bit when the graph holds eager kernels), one graph for a whole generate, a new one for a new cache, and a
 quantized checkpoint through the compiled forward."""
 
+import copy
+
 import pytest
 import torch
 
@@ -127,7 +129,10 @@ def test_enable_disable_and_refusal():
     m = tiny_model()
     cls_call = type(m).get_compiled_call
     assert hf_graph.enable(m) is m and "get_compiled_call" in vars(m)
+    twin = copy.deepcopy(m)  # a copy's calls are its own, not the original's
+    assert twin.get_compiled_call.__self__ is twin and twin.generate.__self__ is twin
     assert isinstance(m.get_compiled_call(None), hf_graph.GraphedCall) and hf_graph.graphed_call(m) is not None
+    assert hf_graph.graphed_call(twin) is None
     hf_graph.disable(m)
     assert "get_compiled_call" not in vars(m) and m.get_compiled_call.__func__ is cls_call
     with pytest.raises(LeanqError, match="not a transformers generation model"):
@@ -218,3 +223,80 @@ def test_gives_up_after_graphs_that_are_never_replayed(monkeypatch):
         assert call(x=x, step=6) == 6
     assert call.given_up and call.rec is None and call.captures == 6
     assert call(x=x, step=7) == 7 and call.captures == 6
+
+
+def test_deferred_stop_check_is_allowed_on_cuda_only_inside_an_enabled_generate():
+    """transformers' DeferredStopCheck (the stop decision read one step late) is allowed on CUDA while a generate of a
+    model given to enable(defer_stop=True) runs, for a cache that is not returned; everywhere else transformers' own
+    rule holds (Apple's GPUs only)."""
+    from transformers import LogitsProcessor
+    from transformers.generation.utils import DeferredStopCheck
+
+    class Seen(LogitsProcessor):
+        def __init__(self):
+            self.defer = []
+
+        def __call__(self, input_ids, scores):
+            self.defer.append(hf_graph._DEFER.get())
+            return scores
+
+    cuda_dev = torch.device("cuda")
+    m = tiny_model()
+    ids = torch.randint(0, 96, (1, 5), generator=torch.Generator().manual_seed(3))
+    seen = Seen()
+    plain = m.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0, logits_processor=[seen])
+    assert seen.defer == [False] * 4 and not DeferredStopCheck.is_supported(cuda_dev, None, False, False)
+    hf_graph.enable(m, compile=False)
+    assert "generate" in vars(m)
+    seen = Seen()
+    out = m.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0, logits_processor=[seen])
+    assert seen.defer == [True] * 4 and torch.equal(out, plain)  # on the CPU the check itself stays per step
+    assert not hf_graph._DEFER.get() and not DeferredStopCheck.is_supported(cuda_dev, None, False, False)
+    token = hf_graph._DEFER.set(True)
+    try:
+        assert DeferredStopCheck.is_supported(cuda_dev, None, False, False)
+        assert DeferredStopCheck.is_supported(cuda_dev, _static_cache(1.0), False, False)
+        assert not DeferredStopCheck.is_supported(cuda_dev, _static_cache(1.0), True, False)  # a returned cache
+        assert not DeferredStopCheck.is_supported(cuda_dev, None, False, True)  # an assistant model
+        assert not DeferredStopCheck.is_supported(torch.device("cpu"), None, False, False)
+    finally:
+        hf_graph._DEFER.reset(token)
+    hf_graph.disable(m)
+    assert "generate" not in vars(m)
+    hf_graph.enable(m, defer_stop=False)
+    assert "generate" not in vars(m)
+    hf_graph.disable(m)
+
+
+@cuda
+@pytest.mark.parametrize("eos_at", [None, 5], ids=["max-length", "eos"])
+def test_deferred_stop_check_leaves_the_tokens_as_they_were(eos_at):
+    """The graphed generate with the deferred stop check gives the tokens of the eager generate, stopping at the
+    length asked or at an end token (where the extra step it ran is undone), and it did defer."""
+    from transformers.generation import utils as gen_utils
+
+    m = tiny_model().to("cuda", torch.float16)
+    ids = torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(4)).cuda()
+    kw = dict(max_new_tokens=12, do_sample=False, cache_implementation="static", pad_token_id=0)
+    with torch.no_grad():
+        ref = m.generate(ids, eos_token_id=None, disable_compile=True, **kw)
+        eos = None if eos_at is None else int(ref[0, 6 + eos_at])
+        if eos is not None:
+            ref = m.generate(ids, eos_token_id=eos, disable_compile=True, **kw)
+            assert ref.shape[1] < 6 + 12  # it stopped at the end token
+        used = []
+        real = gen_utils.DeferredStopCheck.__init__
+
+        def spy(self, *a, **k):
+            used.append(True)
+            real(self, *a, **k)
+
+        gen_utils.DeferredStopCheck.__init__ = spy
+        try:
+            hf_graph.enable(m, compile=False)
+            got = [m.generate(ids, eos_token_id=eos, **kw) for _ in range(2)]
+        finally:
+            gen_utils.DeferredStopCheck.__init__ = real
+            hf_graph.disable(m)
+    assert used == [True, True]
+    assert all(torch.equal(g, ref) for g in got)

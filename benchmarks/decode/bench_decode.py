@@ -93,7 +93,7 @@ def weight_bytes(model) -> int:
 # Two more settings were tried on an H100 (2026-11-28) and dropped: inductor's plain CUDA graphs instead of graph
 # trees, and dynamo's inline_inbuilt_nn_modules off. With either, the BF16 model's next generate hit a device-side
 # index assert in an inductor kernel (benchmarks/kernels/NOTES.md, v10).
-COMPILE_MODES = ("all", "lean", "graph", "graph-pdl")
+COMPILE_MODES = ("all", "lean", "graph", "graph-pdl", "graph-sync", "graph-pdl-sync")
 
 
 def compile_config(mode: str):
@@ -104,10 +104,12 @@ def compile_config(mode: str):
     ``graph``: transformers' default config, the compiled call replaced by leanq.hf_graph's (the same compiled
     forward without graph trees, each decode step replayed from one CUDA graph; see time_generate);
     ``graph-pdl``: as graph, compiled and recorded with inductor's programmatic dependent launch
-    (hf_graph.enable(model, pdl=True))."""
+    (hf_graph.enable(model, pdl=True));
+    ``graph-sync``, ``graph-pdl-sync``: as graph and graph-pdl with generate's stop check read every step, as
+    transformers does on CUDA (hf_graph.enable(model, defer_stop=False); hf_graph defers it by default)."""
     from transformers import CompileConfig
 
-    if mode in ("all", "graph", "graph-pdl"):
+    if mode == "all" or mode.startswith("graph"):
         return CompileConfig()
     # mode "reduce-overhead" is the option triton.cudagraphs; torch.compile takes a mode or options, not both
     return CompileConfig(mode=None, options={"triton.cudagraphs": True,
@@ -118,7 +120,7 @@ def time_generate(model, prompt_len: int, new: int, reps: int, mode: str = "all"
     from leanq import hf_graph
 
     if mode.startswith("graph"):
-        hf_graph.enable(model, pdl=mode == "graph-pdl")
+        hf_graph.enable(model, pdl=mode.startswith("graph-pdl"), defer_stop=not mode.endswith("-sync"))
     try:
         res = _time_generate(model, prompt_len, new, reps, mode, host_profile)
         call = hf_graph.graphed_call(model)

@@ -76,6 +76,61 @@ def timeline(events) -> dict:
     return out
 
 
+def gpu_window(events) -> dict:
+    """Per decode step, averaged over the decode (from the third graph launch's first kernel to the last kernel's
+    end, whatever the host waits on): ``gpu_step`` the GPU's wall time, ``gpu_busy`` the union of its kernels'
+    intervals, ``gpu_idle`` the rest; of that idle, ``idle_before_graph`` (median) is the GPU waiting right before a
+    step's graph starts (the host late with the step's inputs or launch), the rest is gaps inside the steps.
+    ``launch_interval``: the time from one graph launch to the next on the host (median): the host's step where the
+    host is the bottleneck, the GPU's pace where the GPU is."""
+    launches = sorted(e.time_range.start for e in events
+                      if e.device_type.name == "CPU" and e.name == "cudaGraphLaunch")
+    kern = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type.name == "CUDA")
+    if len(launches) < 4:
+        return {}
+    ks = [k for k in kern if k[0] >= launches[2]]
+    if not ks:
+        return {}
+    steps = len(launches) - 2
+    wall = max(k[1] for k in ks) - ks[0][0]
+    busy = busy_us(ks)
+    before = []
+    for l0 in launches[3:]:
+        first = next((k for k in ks if k[0] >= l0), None)
+        if first is None:
+            continue
+        prev_end = max((k[1] for k in ks if k[0] < first[0]), default=first[0])
+        before.append(max(0.0, first[0] - prev_end))
+    out = dict(gpu_step=round(wall / steps, 1), gpu_busy=round(busy / steps, 1),
+               gpu_idle=round((wall - busy) / steps, 1), steps=steps)
+    if before:
+        out["idle_before_graph"] = round(statistics.median(before), 1)
+        out["launch_interval"] = round(statistics.median(b - a for a, b in zip(launches[2:], launches[3:])), 1)
+    return out
+
+
+def gaps_by_kernel(events, top: int = 12) -> list[tuple[str, float, float, float]]:
+    """The idle time before each kernel of the decode (its start minus the latest end of the kernels before it),
+    summed by the kernel's name and that of the kernel before it: (the two names, us per step, launches per step,
+    median gap in us), largest first. Says which transitions hold the GPU's idle time inside the steps."""
+    launches = sorted(e.time_range.start for e in events
+                      if e.device_type.name == "CPU" and e.name == "cudaGraphLaunch")
+    kern = sorted((e.time_range.start, e.time_range.end, e.name) for e in events if e.device_type.name == "CUDA")
+    if len(launches) < 4:
+        return []
+    ks = [k for k in kern if k[0] >= launches[2]]
+    steps = len(launches) - 2
+    by = collections.defaultdict(list)
+    end, prev = None, None
+    for a, b, name in ks:
+        if end is not None:
+            by[(prev[:34], name[:34])].append(max(0.0, a - end))
+        if end is None or b > end:
+            end, prev = b, name
+    rows = [(f"{p} -> {n}", sum(g) / steps, len(g) / steps, statistics.median(g)) for (p, n), g in by.items()]
+    return sorted(rows, key=lambda r: -r[1])[:top]
+
+
 def profile_once(model, ids, kw: dict, new: int, table: bool, label: str = "int4") -> None:
     """Compile (first generate), two timed generates, one profiled: GPU kernel time per token by kernel name."""
     from torch.profiler import ProfilerActivity, profile
@@ -109,6 +164,11 @@ def profile_once(model, ids, kw: dict, new: int, table: bool, label: str = "int4
         print(f"{us / new:9.1f} us/token {n / new:7.1f} launches/token  {name}")
     tl = timeline(prof.events())
     print("timeline, medians per decode step (us): " + ", ".join(f"{k} {v}" for k, v in tl.items()))
+    gw = gpu_window(prof.events())
+    print("GPU over the decode, per step (us): " + ", ".join(f"{k} {v}" for k, v in gw.items()))
+    print("idle before a kernel, by the kernel before it and the kernel (us per step, launches per step, median us):")
+    for name, us, n, med in gaps_by_kernel(prof.events()):
+        print(f"{us:9.1f} {n:7.1f} {med:7.2f}  {name}")
     if table:
         print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=60))
 
@@ -122,6 +182,11 @@ def main() -> int:
     ap.add_argument("--graph", action="store_true",
                     help="generate with leanq.hf_graph.enable: each decode step replayed from one CUDA graph of the "
                          "compiled forward instead of torch.compile's graph trees")
+    ap.add_argument("--pdl", action="store_true",
+                    help="with --graph: hf_graph.enable(model, pdl=True) (inductor's programmatic dependent launch)")
+    ap.add_argument("--sync", action="store_true",
+                    help="with --graph: hf_graph.enable(model, defer_stop=False) (generate's stop check read every "
+                         "step, as transformers does on CUDA)")
     ap.add_argument("--table", action=argparse.BooleanOptionalAction, default=True,
                     help="print the host-side table")
     ap.add_argument("--gd", type=int, default=None,
@@ -154,7 +219,7 @@ def main() -> int:
     if a.graph:
         from leanq import hf_graph
 
-        hf_graph.enable(model)
+        hf_graph.enable(model, pdl=a.pdl, defer_stop=not a.sync)
     ids = torch.randint(100, 30000, (1, 16), device="cuda")
     new = a.new_tokens
     kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, cache_implementation="static", pad_token_id=0,

@@ -24,9 +24,10 @@
 #   MW=... bash benchmarks/kernels/device_call.sh mmaw  # session 19: the batch 2-16 kernel's GPU tests (-k mma_w, -x),
 #                                                    # then its configs MW beside the default at batches 16 and 4
 #                                                    # (EXTRA: more bench_cuda_int.py options, e.g. --rows-cfgs)
-#   bash benchmarks/kernels/device_call.sh hfgraph   # session 26: the hf_graph and runtime GPU tests, then the decode in
-#                                                    # transformers' generate under leanq.hf_graph with and without
-#                                                    # inductor's PDL beside transformers' default (MODES), one process
+#   bash benchmarks/kernels/device_call.sh hfgraph   # sessions 26-27: the hf_graph and runtime GPU tests, then the decode
+#                                                    # in transformers' generate under leanq.hf_graph with inductor's
+#                                                    # PDL, without, and with the stop check every step (graph-sync)
+#                                                    # beside transformers' default (MODES), one process
 #   bash benchmarks/kernels/device_call.sh vqc       # session 17: the 16-codeword cluster kernel's GPU tests, then
 #                                                    # its configs (CL) beside the 2-bit preset's kernel, graph harness
 # Each step runs under its own timeout so a slow step cannot eat the call; logs and JSON go to $OUT.
@@ -114,8 +115,8 @@ vqr)
 hfgraph)
   [ -n "$NOTESTS" ] || PYTHONPATH=src:tests timeout "${T1:-150}" python3 -m pytest -q -p no:cacheprovider \
     tests/test_hf_graph.py tests/test_runtime.py 2>&1 | tail -5 | tee "$OUT/tests.log"
-  timeout "${T2:-400}" python3 benchmarks/decode/bench_decode.py decode --out "$OUT" --reps 3 \
-    --compile-modes "${MODES:-graph-pdl,graph,all}" 2>&1 | tee "$OUT/decode.log" | grep -E "speedup|Error|Traceback" ;;
+  timeout "${T2:-430}" python3 benchmarks/decode/bench_decode.py decode --out "$OUT" --reps 3 \
+    --compile-modes "${MODES:-graph-pdl,graph,graph-sync,all}" 2>&1 | tee "$OUT/decode.log" | grep -E "speedup|Error|Traceback" ;;
 mmaw)
   [ -n "$NOTESTS" ] || PYTHONPATH=src:tests timeout "${T1:-200}" python3 -m pytest -q -x -p no:cacheprovider \
     tests/test_kernels_cuda_int.py -k "${TK:-mma_w}" 2>&1 | tail -30 | tee "$OUT/tests.log"

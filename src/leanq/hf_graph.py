@@ -20,11 +20,19 @@ cache, positional arguments, other objects) runs the compiled forward as usual.
 
 Prefill is untouched (transformers runs it uncompiled), and so is everything off a GPU (generate compiles only on a
 GPU with a static cache).  A replay runs the recorded kernels, so its logits are the compiled forward's.
+
+``generate`` also asks the GPU after every step whether to stop, which holds the host until the step has run, so the
+next step's host work (its inputs, the mask, the launch) and the GPU's work never overlap.  transformers has a
+deferred check for this (``DeferredStopCheck``: the answer read one step late, one extra step undone at the end) and
+uses it on Apple's GPUs only; for the generates of a model given to :func:`enable` it is used on CUDA too
+(``defer_stop``).  The tokens and what ``generate`` returns are the same either way.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import types
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -32,6 +40,8 @@ from typing import Any, Callable
 import torch
 
 _PLAIN = (bool, int, float, str, type(None))
+# set while a generate of a model with defer_stop runs: transformers' deferred stop check is then allowed on CUDA
+_DEFER = contextvars.ContextVar("leanq_hf_graph_defer", default=False)
 
 
 def _on_gpu(tensors) -> bool:
@@ -254,7 +264,33 @@ def _compile_kwargs(compile_config) -> dict:
     return kw
 
 
-def enable(model, compile: bool = True, pdl: bool = False):
+def _install_deferred_stop() -> bool:
+    """Let transformers' ``DeferredStopCheck`` serve CUDA while ``_DEFER`` is set (its own rule otherwise: Apple's GPUs
+    only), for a generate without an assistant model whose cache is not returned: the extra step's cache entries then
+    go with the cache (a returned cache would be cropped back every step, which a recorded graph does not follow).
+    False when this transformers has no deferred check."""
+    try:
+        from transformers.generation import utils as gen_utils
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    cls = getattr(gen_utils, "DeferredStopCheck", None)
+    if cls is None or not hasattr(cls, "is_supported"):
+        return False
+    if getattr(cls.is_supported, "_leanq_original", None) is not None:
+        return True
+    original = cls.is_supported
+
+    def is_supported(device, cache, cache_is_returned, is_assistant):
+        if _DEFER.get() and torch.device(device).type == "cuda" and not is_assistant:
+            return cache is None or not cache_is_returned
+        return original(device, cache, cache_is_returned, is_assistant)
+
+    is_supported._leanq_original = original
+    cls.is_supported = staticmethod(is_supported)
+    return True
+
+
+def enable(model, compile: bool = True, pdl: bool = False, defer_stop: bool = True):
     """Make ``model.generate`` (transformers) replay each decode step from a CUDA graph; returns the model.
 
     ``generate`` asks the model for its compiled call when it decodes on a GPU with a static cache; this hands it a
@@ -263,26 +299,47 @@ def enable(model, compile: bool = True, pdl: bool = False):
     programmatic dependent launch (Hopper on; its kernels let the next one start while they finish, and leanq's own
     kernels then leave their trigger to their end): a 7B-shaped model's 4-bit decode measured 8-18% faster with it
     on an H200, BF16 4-5% (docs/PERFORMANCE.md, version 27). Off by default: it is TorchInductor's opt-in mode.
+    ``defer_stop``: this model's generates on CUDA read the stop decision one step late (transformers'
+    ``DeferredStopCheck``), so the host prepares and launches the next step while the GPU runs this one; generates
+    that return their cache (``return_dict_in_generate``, a cache passed in) keep the check of every step.
     :func:`disable` undoes it."""
     if not callable(getattr(model, "get_compiled_call", None)) or not hasattr(model, "generate"):
         from .errors import LeanqError
 
         raise LeanqError(f"hf_graph.enable: {type(model).__name__} is not a transformers generation model")
-
-    def get_compiled_call(compile_config=None) -> GraphedCall:
-        call = vars(model).get("_leanq_graphed")
-        if call is None:
-            fn = torch.compile(model.__call__, **_compile_kwargs(compile_config)) if compile else model.__call__
-            call = model._leanq_graphed = GraphedCall(fn, pdl=pdl)
-        return call
-
-    model.get_compiled_call = get_compiled_call  # an instance attribute: shadows the class's method
+    model._leanq_graph_options = dict(compile=compile, pdl=pdl)
+    # instance attributes that shadow the class's methods, bound methods so that a copy of the model binds its own
+    model.get_compiled_call = types.MethodType(_get_compiled_call, model)
+    vars(model).pop("generate", None)
+    if defer_stop and _install_deferred_stop():
+        model.generate = types.MethodType(_deferred_generate, model)
     return model
+
+
+def _get_compiled_call(model, compile_config=None) -> GraphedCall:
+    """``get_compiled_call`` of an enabled model: its GraphedCall, made on the first request."""
+    call = vars(model).get("_leanq_graphed")
+    if call is None:
+        opts = model._leanq_graph_options
+        fn = model.__call__
+        if opts["compile"]:
+            fn = torch.compile(fn, **_compile_kwargs(compile_config))
+        call = model._leanq_graphed = GraphedCall(fn, pdl=opts["pdl"])
+    return call
+
+
+def _deferred_generate(model, *args, **kwargs):
+    """``generate`` of a model enabled with defer_stop: the class's generate, with the deferred stop check allowed."""
+    token = _DEFER.set(True)
+    try:
+        return type(model).generate(model, *args, **kwargs)
+    finally:
+        _DEFER.reset(token)
 
 
 def disable(model):
     """Undo :func:`enable` (generate compiles as transformers does by default again); returns the model."""
-    for name in ("get_compiled_call", "_leanq_graphed"):
+    for name in ("get_compiled_call", "_leanq_graphed", "generate", "_leanq_graph_options"):
         vars(model).pop(name, None)
     return model
 
