@@ -159,11 +159,13 @@ def test_graph_replays_the_eager_step_bit_for_bit():
 
 
 @cuda
-@pytest.mark.parametrize("pdl", [False, True], ids=["plain", "inductor-pdl"])
-def test_quantized_checkpoint_through_the_compiled_graph(tmp_path, pdl):
+@pytest.mark.parametrize("pdl,prefill", [(False, False), (True, False), (False, True)],
+                         ids=["plain", "inductor-pdl", "compiled-prefill"])
+def test_quantized_checkpoint_through_the_compiled_graph(tmp_path, pdl, prefill):
     """A 4-bit checkpoint on the GPU (leanq's kernels inside torch.compile's graph, with and without inductor's
-    programmatic dependent launch): the graph's logits follow the eager forward's to compiled-kernel rounding, the
-    tokens agree, and a second generate repeats the first."""
+    programmatic dependent launch, and with the prompt through the dynamic-shape compile): the graph's logits
+    follow the eager forward's to compiled-kernel rounding, the tokens agree, and a second generate repeats the
+    first."""
     import torch._inductor.config as inductor_config
 
     m, recipe = quantized()
@@ -172,13 +174,14 @@ def test_quantized_checkpoint_through_the_compiled_graph(tmp_path, pdl):
     ids = torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(2)).cuda()
     ref_tok, ref = _generate(gpu, ids, 16, disable_compile=True)
     torch._dynamo.reset()
-    hf_graph.enable(gpu, pdl=pdl)
+    hf_graph.enable(gpu, pdl=pdl, prefill=prefill)
     tok, got = _generate(gpu, ids, 16)
     tok2, got2 = _generate(gpu, ids, 16)
     assert float((got - ref).norm() / ref.norm()) < 1e-2
     assert torch.equal(tok, ref_tok)
     assert torch.equal(tok2, tok) and torch.equal(got2, got)
     assert hf_graph.graphed_call(gpu).replays > 0
+    assert hf_graph.graphed_call(gpu).prefills == (2 if prefill else 0)
     assert not inductor_config.triton.enable_pdl  # as it was
 
 
@@ -300,3 +303,74 @@ def test_deferred_stop_check_leaves_the_tokens_as_they_were(eos_at):
             hf_graph.disable(m)
     assert used == [True, True]
     assert all(torch.equal(g, ref) for g in got)
+
+
+def test_calls_of_more_than_one_token_go_to_the_prefill_compile(monkeypatch):
+    """A prompt's forward (more tokens than one) runs the prefill function and records nothing, so alternating prompt
+    and decode calls keep the one decode graph instead of recording one graph per call."""
+    monkeypatch.setattr(hf_graph, "_on_gpu", lambda tensors: True)  # the recording itself is faked below
+
+    def fake_record(self, kw, tensors, cname):
+        x = kw["input_ids"]
+        self.rec = hf_graph._Recorded(graph=type("G", (), {"replay": lambda self: None})(), names=frozenset(kw),
+                                      plain={}, cache_name=None, tensors={"input_ids": (x.shape, x.dtype, x.device)},
+                                      cache=None, bindings=[], inputs={"input_ids": x.clone()}, out="graph")
+        self.captures += 1
+        return "recorded"
+
+    monkeypatch.setattr(hf_graph.GraphedCall, "_record", fake_record)
+    call = hf_graph.GraphedCall(lambda **kw: "decode", prefill_fn=lambda **kw: f"prefill {kw['input_ids'].shape[-1]}")
+    one = torch.zeros(1, 1, dtype=torch.long)
+    got = []
+    for t in (5, 7, 5):
+        got.append(call(input_ids=torch.zeros(1, t, dtype=torch.long)))
+        got += [call(input_ids=one) for _ in range(3)]
+    assert got == ["prefill 5", "recorded", "graph", "graph", "prefill 7", "graph", "graph", "graph",
+                   "prefill 5", "graph", "graph", "graph"]
+    assert (call.prefills, call.captures, call.replays) == (3, 1, 8) and not call.given_up
+    emb = hf_graph.GraphedCall(lambda **kw: "decode", prefill_fn=lambda **kw: "prefill")
+    assert emb(inputs_embeds=torch.zeros(1, 4, 8)) == "prefill" and hf_graph._tokens({"inputs_embeds": torch.zeros(1, 1, 8)}) == 1
+    assert hf_graph._tokens({"use_cache": True}) == 0
+
+
+def test_prefill_option_sends_the_prompt_to_the_compiled_call():
+    """enable(prefill=True): a generate with a static cache (and no chunk size of its own) runs transformers'
+    chunked prefill in one chunk, which asks for the compiled call: the prompt goes to the prefill function once per
+    generate, and the tokens are those of a plain generate. Without a static cache nothing changes."""
+    m = tiny_model()
+    ids = torch.randint(0, 96, (1, 7), generator=torch.Generator().manual_seed(5))
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        ref = m.generate(ids, cache_implementation="static", **kw)
+        hf_graph.enable(m, compile=False, prefill=True)
+        got = [m.generate(ids, cache_implementation="static", compile_config=_every_device(m), **kw) for _ in range(2)]
+        call = hf_graph.graphed_call(m)
+        assert call is not None and call.prefills == 2
+        assert all(torch.equal(g, ref) for g in got)
+        assert torch.equal(m.generate(ids, **kw), ref)  # a dynamic cache: no chunked prefill asked
+        assert call.prefills == 2
+        hf_graph.disable(m)
+        hf_graph.enable(m, compile=False)  # prefill off: the prompt runs as transformers runs it
+        m.generate(ids, cache_implementation="static", compile_config=_every_device(m), **kw)
+        assert hf_graph.graphed_call(m).prefills == 0
+    hf_graph.disable(m)
+
+
+def test_prompts_of_two_lengths_through_one_dynamic_compile():
+    """compile=True, prefill=True on the CPU (transformers' own switch lets generate ask for the compiled call off
+    a GPU): prompts of two lengths run through the prefill compile with dynamic shapes and give the eager tokens."""
+    m = tiny_model()
+    kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None,
+              cache_implementation="static")
+    prompts = [torch.randint(0, 96, (1, t), generator=torch.Generator().manual_seed(t)) for t in (7, 10)]
+    torch._dynamo.reset()
+    with torch.no_grad():
+        refs = [m.generate(p, **kw) for p in prompts]
+        hf_graph.enable(m, prefill=True)
+        try:
+            got = [m.generate(p, compile_config=_every_device(m), **kw) for p in prompts]
+            assert hf_graph.graphed_call(m).prefills == 2
+        finally:
+            hf_graph.disable(m)
+            torch._dynamo.reset()
+    assert all(torch.equal(g, r) for g, r in zip(got, refs))

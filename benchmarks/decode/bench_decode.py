@@ -93,7 +93,8 @@ def weight_bytes(model) -> int:
 # Two more settings were tried on an H100 (2026-11-28) and dropped: inductor's plain CUDA graphs instead of graph
 # trees, and dynamo's inline_inbuilt_nn_modules off. With either, the BF16 model's next generate hit a device-side
 # index assert in an inductor kernel (benchmarks/kernels/NOTES.md, v10).
-COMPILE_MODES = ("all", "lean", "graph", "graph-pdl", "graph-sync", "graph-pdl-sync")
+COMPILE_MODES = ("all", "lean", "graph", "graph-pdl", "graph-sync", "graph-pdl-sync", "graph-prefill",
+                 "graph-pdl-prefill")
 
 
 def compile_config(mode: str):
@@ -106,7 +107,9 @@ def compile_config(mode: str):
     ``graph-pdl``: as graph, compiled and recorded with inductor's programmatic dependent launch
     (hf_graph.enable(model, pdl=True));
     ``graph-sync``, ``graph-pdl-sync``: as graph and graph-pdl with generate's stop check read every step, as
-    transformers does on CUDA (hf_graph.enable(model, defer_stop=False); hf_graph defers it by default)."""
+    transformers does on CUDA (hf_graph.enable(model, defer_stop=False); hf_graph defers it by default);
+    ``graph-prefill``, ``graph-pdl-prefill``: as graph and graph-pdl with the prompt's forward compiled too
+    (hf_graph.enable(model, prefill=True): transformers' chunked prefill in one chunk, dynamic shapes)."""
     from transformers import CompileConfig
 
     if mode == "all" or mode.startswith("graph"):
@@ -120,7 +123,8 @@ def time_generate(model, prompt_len: int, new: int, reps: int, mode: str = "all"
     from leanq import hf_graph
 
     if mode.startswith("graph"):
-        hf_graph.enable(model, pdl=mode.startswith("graph-pdl"), defer_stop=not mode.endswith("-sync"))
+        hf_graph.enable(model, pdl=mode.startswith("graph-pdl"), defer_stop=not mode.endswith("-sync"),
+                        prefill=mode.endswith("-prefill"))
     try:
         res = _time_generate(model, prompt_len, new, reps, mode, host_profile)
         call = hf_graph.graphed_call(model)

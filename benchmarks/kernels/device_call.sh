@@ -28,6 +28,10 @@
 #                                                    # in transformers' generate under leanq.hf_graph with inductor's
 #                                                    # PDL, without, and with the stop check every step (graph-sync)
 #                                                    # beside transformers' default (MODES), one process
+#   bash benchmarks/kernels/device_call.sh prefill   # session 27 (prepared): the hf_graph GPU tests, then what a generate
+#                                                    # costs besides its steps with the prompt's forward compiled
+#                                                    # (fixed_cost_probe.py --prefill); then, as a second call,
+#                                                    # MODES=graph-pdl-prefill,graph-pdl,all ... hfgraph
 #   bash benchmarks/kernels/device_call.sh vqc       # session 17: the 16-codeword cluster kernel's GPU tests, then
 #                                                    # its configs (CL) beside the 2-bit preset's kernel, graph harness
 # Each step runs under its own timeout so a slow step cannot eat the call; logs and JSON go to $OUT.
@@ -117,6 +121,11 @@ hfgraph)
     tests/test_hf_graph.py tests/test_runtime.py 2>&1 | tail -5 | tee "$OUT/tests.log"
   timeout "${T2:-430}" python3 benchmarks/decode/bench_decode.py decode --out "$OUT" --reps 3 \
     --compile-modes "${MODES:-graph-pdl,graph,graph-sync,all}" 2>&1 | tee "$OUT/decode.log" | grep -E "speedup|Error|Traceback" ;;
+prefill)
+  [ -n "$NOTESTS" ] || PYTHONPATH=src:tests timeout "${T1:-150}" python3 -m pytest -q -p no:cacheprovider \
+    tests/test_hf_graph.py 2>&1 | tail -5 | tee "$OUT/tests.log"
+  timeout "${T2:-400}" python3 benchmarks/decode/fixed_cost_probe.py --out "$OUT" --prefill 2>&1 | \
+    tee "$OUT/fixed.log" | grep -E "^(bf16|int4) |Error|Traceback" ;;
 mmaw)
   [ -n "$NOTESTS" ] || PYTHONPATH=src:tests timeout "${T1:-200}" python3 -m pytest -q -x -p no:cacheprovider \
     tests/test_kernels_cuda_int.py -k "${TK:-mma_w}" 2>&1 | tail -30 | tee "$OUT/tests.log"

@@ -26,6 +26,12 @@ next step's host work (its inputs, the mask, the launch) and the GPU's work neve
 deferred check for this (``DeferredStopCheck``: the answer read one step late, one extra step undone at the end) and
 uses it on Apple's GPUs only; for the generates of a model given to :func:`enable` it is used on CUDA too
 (``defer_stop``).  The tokens and what ``generate`` returns are the same either way.
+
+transformers runs the prompt's forward (prefill) uncompiled, one Python call per module: for a short prompt that is
+most of what a generate costs besides its steps (28-40 ms of a 7B-shaped model's, docs/PERFORMANCE.md, version
+28).  With a chunked prefill (``prefill_chunk_size``) it asks for the compiled call for the prompt too; calls of more
+than one token then go to a compile of the forward with dynamic shapes (no graph: prompts differ in length), and
+``enable(model, prefill=True)`` asks for such a prefill on every generate with a static cache.
 """
 
 from __future__ import annotations
@@ -40,7 +46,8 @@ from typing import Any, Callable
 import torch
 
 _PLAIN = (bool, int, float, str, type(None))
-# set while a generate of a model with defer_stop runs: transformers' deferred stop check is then allowed on CUDA
+# True while a generate of a model enabled with defer_stop runs: transformers' deferred stop check is then allowed on
+# CUDA
 _DEFER = contextvars.ContextVar("leanq_hf_graph_defer", default=False)
 
 
@@ -88,6 +95,18 @@ def call_key(kw: dict[str, Any]) -> tuple | None:
     return tuple(key)
 
 
+def _tokens(kw: dict[str, Any]) -> int:
+    """Tokens per sequence of a forward's keyword arguments (input_ids [..., T] or inputs_embeds [..., T, H]); 0 when
+    neither is a tensor."""
+    ids = kw.get("input_ids")
+    if isinstance(ids, torch.Tensor) and ids.dim() >= 1:
+        return ids.shape[-1]
+    emb = kw.get("inputs_embeds")
+    if isinstance(emb, torch.Tensor) and emb.dim() >= 2:
+        return emb.shape[-2]
+    return 0
+
+
 @dataclass
 class _Recorded:
     graph: torch.cuda.CUDAGraph
@@ -115,20 +134,29 @@ class GraphedCall:
     graph per call: after ``MAX_IDLE_RECORDS`` graphs in a row that were never replayed, every call runs the compiled
     forward without a graph (``given_up``), with one warning.
 
+    Calls of more than one token (a prompt's forward, which transformers sends here under a chunked prefill) go to
+    ``prefill_fn`` (by default ``fn``) and record nothing: prompts differ in length, and a graph per length would
+    push out the decode step's.
+
     ``captures``: graphs recorded; ``adoptions``: new caches taken into the recorded graph; ``replays``: calls
-    answered by a replay."""
+    answered by a replay; ``prefills``: calls of more than one token."""
 
     MAX_IDLE_RECORDS = 3
 
-    def __init__(self, fn: Callable, pdl: bool = False):
+    def __init__(self, fn: Callable, pdl: bool = False, prefill_fn: Callable | None = None):
         self.fn = fn
+        self.prefill_fn = fn if prefill_fn is None else prefill_fn
         self.pdl = pdl
+        self.prefills = 0
         self.rec: _Recorded | None = None
         self.captures = self.adoptions = self.replays = 0
         self.idle_records = 0
         self.given_up = False
 
     def __call__(self, *args, **kw):
+        if _tokens(kw) > 1:
+            self.prefills += 1
+            return self.prefill_fn(*args, **kw)
         if self.given_up:
             return self.fn(*args, **kw)
         rec = self.rec
@@ -290,7 +318,7 @@ def _install_deferred_stop() -> bool:
     return True
 
 
-def enable(model, compile: bool = True, pdl: bool = False, defer_stop: bool = True):
+def enable(model, compile: bool = True, pdl: bool = False, defer_stop: bool = True, prefill: bool = False):
     """Make ``model.generate`` (transformers) replay each decode step from a CUDA graph; returns the model.
 
     ``generate`` asks the model for its compiled call when it decodes on a GPU with a static cache; this hands it a
@@ -302,35 +330,59 @@ def enable(model, compile: bool = True, pdl: bool = False, defer_stop: bool = Tr
     ``defer_stop``: this model's generates on CUDA read the stop decision one step late (transformers'
     ``DeferredStopCheck``), so the host prepares and launches the next step while the GPU runs this one; generates
     that return their cache (``return_dict_in_generate``, a cache passed in) keep the check of every step.
+    ``prefill``: generates with a static cache that set no ``prefill_chunk_size`` get one larger than any prompt, so
+    transformers sends the prompt's forward to the compiled call too (one chunk), where it runs compiled with
+    dynamic shapes (the first prompt compiles it). Off by default: prepared on the CPU, not yet timed on a GPU.
     :func:`disable` undoes it."""
     if not callable(getattr(model, "get_compiled_call", None)) or not hasattr(model, "generate"):
         from .errors import LeanqError
 
         raise LeanqError(f"hf_graph.enable: {type(model).__name__} is not a transformers generation model")
-    model._leanq_graph_options = dict(compile=compile, pdl=pdl)
+    defer = bool(defer_stop) and _install_deferred_stop()
+    model._leanq_graph_options = dict(compile=compile, pdl=pdl, defer_stop=defer, prefill=prefill)
     # instance attributes that shadow the class's methods, bound methods so that a copy of the model binds its own
     model.get_compiled_call = types.MethodType(_get_compiled_call, model)
     vars(model).pop("generate", None)
-    if defer_stop and _install_deferred_stop():
-        model.generate = types.MethodType(_deferred_generate, model)
+    if defer or prefill:
+        model.generate = types.MethodType(_graph_generate, model)
     return model
 
 
+# a prefill chunk larger than any prompt: transformers' chunked prefill in one chunk
+PREFILL_CHUNK = 1 << 30
+
+
 def _get_compiled_call(model, compile_config=None) -> GraphedCall:
-    """``get_compiled_call`` of an enabled model: its GraphedCall, made on the first request."""
+    """``get_compiled_call`` of an enabled model: its GraphedCall, made on the first request (with ``compile``, a
+    compile with fixed shapes for the decode steps and, made lazily by torch.compile, one with dynamic shapes for
+    prompts)."""
     call = vars(model).get("_leanq_graphed")
     if call is None:
         opts = model._leanq_graph_options
-        fn = model.__call__
+        fn = prefill_fn = model.__call__
         if opts["compile"]:
-            fn = torch.compile(fn, **_compile_kwargs(compile_config))
-        call = model._leanq_graphed = GraphedCall(fn, pdl=opts["pdl"])
+            kw = _compile_kwargs(compile_config)
+            fn = torch.compile(model.__call__, **kw)
+            prefill_fn = torch.compile(model.__call__, **dict(kw, dynamic=True))
+        call = model._leanq_graphed = GraphedCall(fn, pdl=opts["pdl"], prefill_fn=prefill_fn)
     return call
 
 
-def _deferred_generate(model, *args, **kwargs):
-    """``generate`` of a model enabled with defer_stop: the class's generate, with the deferred stop check allowed."""
-    token = _DEFER.set(True)
+def _static_cache_asked(model, kwargs: dict) -> bool:
+    cfg = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    impl = kwargs.get("cache_implementation", getattr(cfg, "cache_implementation", None))
+    return impl == "static"
+
+
+def _graph_generate(model, *args, **kwargs):
+    """``generate`` of an enabled model: the class's generate, with the deferred stop check allowed (``defer_stop``)
+    and the prompt sent to the compiled call (``prefill``, with a static cache and no chunk size given)."""
+    opts = model._leanq_graph_options
+    if opts["prefill"] and "prefill_chunk_size" not in kwargs and _static_cache_asked(model, kwargs):
+        cfg = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+        if getattr(cfg, "prefill_chunk_size", None) is None:
+            kwargs["prefill_chunk_size"] = PREFILL_CHUNK
+    token = _DEFER.set(opts["defer_stop"])
     try:
         return type(model).generate(model, *args, **kwargs)
     finally:
