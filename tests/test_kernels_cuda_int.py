@@ -879,3 +879,111 @@ def test_int_mma_matches_reference(bits, group, n, k, m, dtype):
         assert torch.isfinite(out).all() and ((out.float() - ref).norm() / ref.norm()).item() < 1e-2, cfg
     again = cm.run_int_mma(x, pk, layer.bias.to(dtype))
     assert torch.equal(again, cm.run_int_mma(x, pk, layer.bias.to(dtype)))  # same bytes every launch
+
+
+def _folded_tiny_llama():
+    model = _tiny_llama_4bit()
+    layers = [m for m in model.modules() if ci._ok(m) and hasattr(m, "qweight")]
+    assert ci.take_over(model, layers, fuse=True) > 0
+    return model
+
+
+def test_prologue_reference_is_the_module_it_replaces():
+    """The prologues in torch: 1 is transformers' RMSNorm, 2 is SiLU x up of the two halves."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    norm = LlamaRMSNorm(64, eps=1e-5).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(64) + 0.5)
+        assert torch.equal(ci.prologue(x, norm.weight, 1, 1e-5), norm(x))
+    a, b = torch.randn(2, 3, 32)
+    assert torch.equal(ci.prologue(torch.cat([a, b], -1), None, 2, 0.0), torch.nn.functional.silu(a) * b)
+    assert ci.prologue(x, None, 0, 0.0) is x
+
+
+def test_fold_decoder_keeps_the_logits_and_four_gemvs_a_layer(monkeypatch):
+    """fold_decoder on the CPU (the op's torch path): per layer two norms and SiLU x up folded, the norms become
+    identities; the logits stay those of the unfolded model, eagerly and compiled, and compiled each layer still
+    calls 4 GEMVs (q/k/v and gate/up each one, with the norm inside)."""
+    ids = torch.randint(0, 100, (1, 5))
+    model = _folded_tiny_llama()
+    with torch.no_grad():
+        ref = model(ids).logits
+    assert ci.fold_decoder(model) == 2 * 3  # two layers: two norms and the MLP each
+    assert ci.fold_decoder(model) == 0  # once only
+    layer = model.model.layers[0]
+    assert isinstance(layer.input_layernorm, torch.nn.Identity)
+    assert isinstance(layer.post_attention_layernorm, torch.nn.Identity)
+    assert layer.self_attn.q_proj.rk_pro[0] == 1 and layer.mlp.down_proj.rk_pro == (2, 0.0)
+    calls = []
+    cpu_linear = ci._cpu_linear
+    monkeypatch.setattr(ci, "_cpu_linear", lambda x2, pk, b: (calls.append(pk["N"]), cpu_linear(x2, pk, b))[1])
+    with torch.no_grad():
+        eager = model(ids).logits
+    assert sorted(calls) == sorted([128, 64, 64, 128, 256 + 256, 128] * 2), calls  # gate/up one call eagerly too
+    assert torch.allclose(eager, ref, rtol=1e-4, atol=1e-4)
+    torch._dynamo.reset()
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        compiled(ids)
+        calls.clear()
+        out = compiled(ids).logits
+    assert sorted(calls) == sorted([128 + 64 + 64, 128, 256 + 256, 128] * 2), calls
+    assert torch.allclose(out, ref, rtol=1e-4, atol=1e-4)
+    torch._dynamo.reset()
+
+
+def test_fold_decoder_declines_what_it_cannot_fold():
+    """Layers not taken over as fused groups, an unknown norm or activation: nothing is folded."""
+    model = _tiny_llama_4bit()
+    layers = [m for m in model.modules() if ci._ok(m) and hasattr(m, "qweight")]
+    ci.take_over(model, layers, fuse=False)
+    assert ci.fold_decoder(model) == 0
+    model = _folded_tiny_llama()
+    for layer in model.model.layers:
+        layer.mlp.act_fn = torch.nn.GELU()
+        layer.input_layernorm = torch.nn.LayerNorm(128)
+    assert ci.fold_decoder(model) == 2  # only the norms before the MLPs
+    assert not hasattr(model.model.layers[0].mlp.down_proj, "rk_pro")
+
+
+@GPU
+@pytest.mark.parametrize("bits,group,sym,sdtype,n,k", CASES)
+@pytest.mark.parametrize("pro", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "misaligned"])
+def test_cuda_int_prologue_matches_reference(bits, group, sym, sdtype, n, k, pro, dtype, offset):
+    """The batch-1 GEMV with a prologue folded into its staging (1: an RMSNorm, 2: SiLU x up) against the torch
+    prologue and the reference layer (relative error <= 1e-2), with x on 16-byte boundaries (vector loads) and off
+    them (element loads), bias included."""
+    m = _layer(n, k, bits, group, sym, sdtype, bias=True, device="cuda", seed=pro)
+    pk = ci.packed_rk(m)
+    g = torch.Generator(device="cuda").manual_seed(pro + offset)
+    width = (2 if pro == 2 else 1) * k
+    x = torch.randn(1, width + offset, device="cuda", generator=g).to(dtype)[:, offset:]
+    w = (torch.rand(k + offset, device="cuda", generator=g) + 0.5).to(dtype)[offset:] if pro == 1 else None
+    bias = m.bias.to(dtype)
+    ref = ci.prologue(x, w, pro, 1e-5).float() @ ci.reference_rk(pk, torch.float32).t() + bias.float()
+    y = ci.run_int_cuda(x.contiguous() if offset == 0 else x, pk, bias, pro=pro, aux=w, eps=1e-5).float()
+    assert torch.isfinite(y).all()
+    assert ((y - ref).norm() / ref.norm()).item() < 1e-2
+
+
+@GPU
+def test_release_stored_rk_folded_matches_dispatch_under_torch_compile():
+    """On the GPU: release_stored_rk(fuse=True, fold=True) keeps the dispatch table's logits at batch 1 (the folded
+    GEMVs) and for a prompt (the torch prologue), eagerly and compiled."""
+    model = _tiny_llama_4bit().to("cuda", torch.bfloat16)
+    torch.manual_seed(0)
+    ids = [torch.randint(0, 100, (1, t), device="cuda") for t in (1, 5)]
+    with torch.no_grad():
+        refs = [model(i).logits.float() for i in ids]
+    assert ci.release_stored_rk(model, fuse=True, fold=True) > 0
+    assert model.model.layers[0].mlp.down_proj.rk_pro == (2, 0.0)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        for i, ref in zip(ids, refs):
+            for out in (model(i).logits.float(), torch.compile(model)(i).logits.float()):
+                assert ((out - ref).norm() / ref.norm()).item() < 2e-2
+    torch._dynamo.reset()

@@ -267,6 +267,19 @@ def cmd_decode(a) -> dict:
         res["speedup" + sfx] = q["tokens_per_s"] / res[bkey]["tokens_per_s"]
         res["weight_memory_ratio" + sfx] = q["weights_gib"] / res[bkey]["weights_gib"]
         res["peak_memory_ratio" + sfx] = q["peak_gib"] / res[bkey]["peak_gib"]
+    if a.fold and a.layout == "rk" and a.release:  # the same model again, norms and SiLU x up folded into the GEMVs
+        from leanq.kernels import cuda_int as ci
+
+        res["folds"] = ci.fold_decoder(model)
+        for g in modes:
+            key, bkey = (f"int{a.bits}-fold", "bf16") if g == modes[0] else (f"int{a.bits}-fold-{g}", f"bf16-{g}")
+            res[key] = dict(weights_gib=weight_bytes(model) / 2**30,
+                            **time_generate(model, a.prompt_len, a.new_tokens, a.reps, g, a.host_profile))
+            print(key, json.dumps(res[key]), flush=True)
+            torch._dynamo.reset()
+            sfx = "_fold" if g == modes[0] else f"_fold_{g}"
+            res["speedup" + sfx] = res[key]["tokens_per_s"] / res[bkey]["tokens_per_s"]
+            res["peak_memory_ratio" + sfx] = res[key]["peak_gib"] / res[bkey]["peak_gib"]
     return res
 
 
@@ -370,6 +383,9 @@ def main() -> int:
     ap.add_argument("--host-profile", action="store_true",
                     help="also profile the host side of a 32-token generate per model and config (CPU time by op)")
     ap.add_argument("--tuned", default="", help="bench_kernels.json whose tuned tile configs to use")
+    ap.add_argument("--fold", action="store_true",
+                    help="decode: after the 4-bit model's settings, fold its RMSNorms and SiLU x up into the GEMVs "
+                         "(cuda_int.fold_decoder) and time every setting again in the same process")
     ap.add_argument("--floor", action="store_true",
                     help="decode: after BF16, time the same model with every decoder-layer linear replaced by a "
                          "free stand-in (the bound on any quantized model's speedup in this harness); no int4 run")

@@ -187,6 +187,8 @@ def main() -> int:
     ap.add_argument("--sync", action="store_true",
                     help="with --graph: hf_graph.enable(model, defer_stop=False) (generate's stop check read every "
                          "step, as transformers does on CUDA)")
+    ap.add_argument("--fold", action="store_true",
+                    help="fold the RMSNorms and SiLU x up into the 4-bit GEMVs (cuda_int.release_stored_rk(fold=True))")
     ap.add_argument("--table", action=argparse.BooleanOptionalAction, default=True,
                     help="print the host-side table")
     ap.add_argument("--gd", type=int, default=None,
@@ -212,7 +214,7 @@ def main() -> int:
         if a.layout == "rk":
             from leanq.kernels import cuda_int as ci
 
-            ci.release_stored_rk(model)
+            ci.release_stored_rk(model, fold=a.fold)
         else:
             kn.release_stored_kn(model)
     torch.cuda.empty_cache()

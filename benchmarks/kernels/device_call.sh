@@ -32,6 +32,9 @@
 #                                                    # costs besides its steps with the prompt's forward compiled
 #                                                    # (fixed_cost_probe.py --prefill); then, as a second call,
 #                                                    # MODES=graph-pdl-prefill,graph-pdl,all ... hfgraph
+#   bash benchmarks/kernels/device_call.sh fold      # session 27 (prepared): the prologue and fold GPU tests, then the
+#                                                    # decode with and without the norms and SiLU x up folded into
+#                                                    # the GEMVs (bench_decode.py --fold), one process
 #   bash benchmarks/kernels/device_call.sh vqc       # session 17: the 16-codeword cluster kernel's GPU tests, then
 #                                                    # its configs (CL) beside the 2-bit preset's kernel, graph harness
 # Each step runs under its own timeout so a slow step cannot eat the call; logs and JSON go to $OUT.
@@ -121,6 +124,11 @@ hfgraph)
     tests/test_hf_graph.py tests/test_runtime.py 2>&1 | tail -5 | tee "$OUT/tests.log"
   timeout "${T2:-430}" python3 benchmarks/decode/bench_decode.py decode --out "$OUT" --reps 3 \
     --compile-modes "${MODES:-graph-pdl,graph,graph-sync,all}" 2>&1 | tee "$OUT/decode.log" | grep -E "speedup|Error|Traceback" ;;
+fold)
+  [ -n "$NOTESTS" ] || PYTHONPATH=src:tests timeout "${T1:-200}" python3 -m pytest -q -x -p no:cacheprovider \
+    tests/test_kernels_cuda_int.py -k "prologue or fold or taken_over or fused" 2>&1 | tail -5 | tee "$OUT/tests.log"
+  timeout "${T2:-380}" python3 benchmarks/decode/bench_decode.py decode --out "$OUT" --reps 3 --fold \
+    --compile-modes "${MODES:-graph-pdl,graph}" 2>&1 | tee "$OUT/decode.log" | grep -E "speedup|folds|Error|Traceback" ;;
 prefill)
   [ -n "$NOTESTS" ] || PYTHONPATH=src:tests timeout "${T1:-150}" python3 -m pytest -q -p no:cacheprovider \
     tests/test_hf_graph.py 2>&1 | tail -5 | tee "$OUT/tests.log"

@@ -51,6 +51,7 @@ dequantize).  :func:`release_stored_rk` hands a model's layers to this kernel al
 from __future__ import annotations
 
 import functools
+import types
 
 import torch
 
@@ -82,6 +83,12 @@ TUNED: dict = {4: dict(threads=512, r=2, u=4, pf=1, bps=None, xf=1, gd=1, xs=1),
                2: dict(threads=512, r=2, u=2, pf=1, bps=None, xf=1, gd=1, xs=1),
                8: dict(threads=512, r=1, u=4, pf=1, bps=None, xf=1, gd=1, xs=1),
                3: dict(threads=512, r=2, u=2, pf=1, bps=None, xf=1, gd=1, xs=1)}
+
+# what the batch-1 GEMV's staging computes from its inputs before the products (launch option ``pro``): 0 x itself;
+# 1 an RMSNorm folded in, x * g staged and every row's sum scaled by rsqrt(mean x**2 + eps) (g: the norm's weight,
+# in x's dtype); 2 SiLU x up folded in, silu(a) * b staged from x = [a | b] (2K values). Off by default
+# (:func:`fold_decoder`); prepared in session 27, not yet timed on a GPU.
+PROLOGUES = (0, 1, 2)
 
 _SRC = r"""
 #if BITS == 3
@@ -295,8 +302,12 @@ __device__ __forceinline__ void load8raw(uint4 (&r)[XW], const void* XR x, int u
 // once. Whole warps past the end leave the step (a warp-uniform test); lanes of a warp's last chunk past KU compute on
 // zeros and store nothing, so the max and sum shuffles take the full mask (XS 0 builds the chunk's lane mask each
 // time). The element-load fallback builds the same raw words as the 16-byte loads, so both paths widen them alike.
+// PRO (launch option ``pro``; XS only): what is staged is not x itself. PRO 1: x * g (g: a norm's weight, second
+// pointer p2), and each thread's sum of x**2 into ss (the block then scales every row's sum by rsqrt(mean x**2 +
+// eps): an RMSNorm folded in). PRO 2: silu(a) * b, a = x[0, K), b = x[K, 2K) (p2 = x + K): SiLU x up folded in.
 __device__ __forceinline__ void x_store(uint4* xs, const uint4 (&raw)[SB][XW], const void* XR x, int u0,
-                                        int K, int KU, int XVEC, int lane) {
+                                        int K, int KU, int XVEC, int lane, const uint4 (&raw2)[SB][XW],
+                                        const void* XR p2, float& ss) {
 #if XS
   const int j = threadIdx.x & (S - 1);
   u32 pb[4];
@@ -319,6 +330,29 @@ __device__ __forceinline__ void x_store(uint4* xs, const uint4 (&raw)[SB][XW], c
     }
     float v[8];
     unpack8(v, rr);
+#if PRO
+    {
+      uint4 r2[XW];
+      if (XVEC && 8 * u + 8 <= K) {
+#pragma unroll
+        for (int i = 0; i < XW; ++i) r2[i] = raw2[b][i];
+      } else {
+        load8raw(r2, p2, u, K);
+      }
+      float g[8];
+      unpack8(g, r2);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+#if PRO == 1
+        ss = fmaf(v[i], v[i], ss);
+        v[i] *= g[i];
+#else
+        // silu(a) = a / (1 + e**-a); e**-a clamped to e**80, where the fast division is still exact enough
+        v[i] = __fdividef(v[i], 1.f + __expf(fminf(-v[i], 80.f))) * g[i];
+#endif
+      }
+    }
+#endif
     const bool st = c < KU;
 #else
     const int u = u0 + b * THREADS + threadIdx.x;
@@ -367,22 +401,32 @@ __device__ __forceinline__ void x_store(uint4* xs, const uint4 (&raw)[SB][XW], c
 }
 // the staging steps from unit ``from`` on
 __device__ __forceinline__ void stage_x(uint4* xs, const void* XR x, int K, int KU, int XVEC, int lane,
-                                        int from = 0) {
+                                        const void* XR p2, float& ss, int from = 0) {
   for (int u0 = from; u0 < KU * S; u0 += SB * THREADS) {
     uint4 raw[SB][XW];  // the 16-byte loads of SB units (XVEC), in flight together
+    uint4 raw2[SB][XW];  // PRO: the second vector's (unused otherwise)
     x_load(raw, x, u0, K, KU, XVEC);
-    x_store(xs, raw, x, u0, K, KU, XVEC, lane);
+#if PRO
+    x_load(raw2, p2, u0, K, KU, XVEC);
+#endif
+    x_store(xs, raw, x, u0, K, KU, XVEC, lane, raw2, p2, ss);
   }
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS) int_gemv(
     const void* XR x, void* __restrict__ out, const void* __restrict__ bias,
     const uint4* __restrict__ w, const u32* __restrict__ sz, int N, int K, int KU, int NG, int GCS, int HAS_BIAS,
-    int XVEC)
+    int XVEC, const void* XR aux, float eps)
 {
   extern __shared__ uint4 xs[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int NRG = (N + R - 1) / R;
+#if PRO && (SPLIT == 2 || !XS)
+#error "pro needs sp 1 and xs 1"
+#endif
+  // PRO 1: p2 the norm's weight (x's dtype); PRO 2: the second half of x (b of silu(a) * b)
+  const void* XR p2 = PRO == 2 ? (const void*)((const char*)x + (size_t)K * (XT == 0 ? 4 : 2)) : aux;
+  float ss = 0.f;  // PRO 1: this thread's sum of x**2
 #if SPLIT == 2
   // warps 2i and 2i + 1 share each row group: the first half of its chunks and the second, their sums meeting in
   // shared memory at the row's end (named barrier 1 + i, a slot per row-round parity). Meant to even out the last
@@ -415,24 +459,42 @@ extern "C" __global__ void __launch_bounds__(THREADS) int_gemv(
 #if GD == 1
   gdc_launch();  // the next grid may be scheduled now (its blocks take an SM as this grid's blocks leave)
 #endif
-  stage_x(xs, x, K, KU, XVEC, lane);
+  stage_x(xs, x, K, KU, XVEC, lane, p2, ss);
 #else
 #if XF
   // the activations' first staging step is issued before the weights' first tile, so that its loads (L2 hits) do
   // not queue behind the tile's DRAM reads
   uint4 xraw[SB][XW];
+  uint4 xraw2[SB][XW];
   x_load(xraw, x, 0, K, KU, XVEC);
+#if PRO
+  x_load(xraw2, p2, 0, K, KU, XVEC);
+#endif
 #endif
   if (rg0 < NRG) load_tile(q, qh, s, w, sz, rg0, cb, N, KU, NG, GCS, lane, ce);
 
 #if XF
-  x_store(xs, xraw, x, 0, K, KU, XVEC, lane);
-  stage_x(xs, x, K, KU, XVEC, lane, SB * THREADS);
+  x_store(xs, xraw, x, 0, K, KU, XVEC, lane, xraw2, p2, ss);
+  stage_x(xs, x, K, KU, XVEC, lane, p2, ss, SB * THREADS);
 #else
-  stage_x(xs, x, K, KU, XVEC, lane);
+  stage_x(xs, x, K, KU, XVEC, lane, p2, ss);
 #endif
 #endif
   __syncthreads();
+#if PRO == 1
+  // the block's sum of x**2, in a fixed order (every block gets the same scale): warps' sums in WARPS floats after
+  // the staged chunks
+  {
+    float* red1 = (float*)(xs + KU * CST);
+#pragma unroll
+    for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    if (lane == 0) red1[warp] = ss;
+    __syncthreads();
+    float tot = 0.f;
+    for (int i = 0; i < WARPS; ++i) tot += red1[i];
+    ss = rsqrtf(tot / (float)K + eps);  // from here on, the norm's scale
+  }
+#endif
 
   float acc[R];
 #pragma unroll
@@ -472,7 +534,13 @@ extern "C" __global__ void __launch_bounds__(THREADS) int_gemv(
       ++rnd;
     }
 #else
-    if (tkn == 0) finish_rows(acc, rg, lane, N, out, bias, HAS_BIAS, nullptr);
+    if (tkn == 0) {
+#if PRO == 1
+#pragma unroll
+      for (int r = 0; r < R; ++r) acc[r] *= ss;
+#endif
+      finish_rows(acc, rg, lane, N, out, bias, HAS_BIAS, nullptr);
+    }
 #endif
     rg = rgn;
     tk = tkn;
@@ -550,7 +618,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) int_gemv_stream(
   int row = blockIdx.x * WARPS + warp, tk = 0;
   u32 s[U][UC];
   tile_groups(s, sz, row, 0, N, UPR, NG, GCS, lane);
-  stage_x(xs, x, K, KU, XVEC, lane);
+  float ss = 0.f;  // (no prologue in this form)
+  stage_x(xs, x, K, KU, XVEC, lane, x, ss);
   __syncthreads();
 
   float acc = 0.f;
@@ -675,12 +744,13 @@ extern "C" __global__ void int_dequant(void* __restrict__ out, const uint4* __re
 
 
 def source(bits: int, xt: int, threads: int, r: int, u: int, pf: int, sbf16: bool, ablate: int = 0, sb: int = 4,
-           st: int = 4, sp: int = 1, xf: int = 0, gd: int = 0, xs: int = 0) -> str:
+           st: int = 4, sp: int = 1, xf: int = 0, gd: int = 0, xs: int = 0, pro: int = 0) -> str:
     """The CUDA source of one configuration (its constants as #defines): ``sb`` activation units per thread per
     staging step (their loads in flight together); ``gd`` programmatic dependent launch (int_gemv: 1 the first
     weight tile loaded before the wait for the previous grid and the next grid let in after it, 2 the same but the
     next grid let in only as this one ends; the launcher must pass ``pdl`` for it to overlap anything); ``xs`` 1 the
-    staging's per-thread constants computed once and its shuffles on the full mask (the same bytes).
+    staging's per-thread constants computed once and its shuffles on the full mask (the same bytes); ``pro`` what
+    the staging computes from its inputs (int_gemv only, with ``xs`` 1 and ``sp`` 1; see :data:`PROLOGUES`).
 
     ``ablate`` (timing experiments only; the results are wrong): bit 1 no decode or dot products (the loaded
     words are only XOR-ed), bit 2 no activation staging."""
@@ -688,8 +758,9 @@ def source(bits: int, xt: int, threads: int, r: int, u: int, pf: int, sbf16: boo
     assert sp == 1 or (sp == 2 and threads % 64 == 0 and threads <= 960), (sp, threads)  # a named barrier per pair
     assert pf in (0, 1), pf  # a ring of two tiles ahead measured slower on an H200 (NOTES.md, v14; commit 1a92040)
     assert gd in (0, 1, 2), gd
+    assert pro in PROLOGUES and (pro == 0 or (xs == 1 and sp == 1)), (pro, xs, sp)
     defs = dict(BITS=bits, XT=xt, THREADS=threads, R=r, U=u, PF=int(pf), SBF16=int(sbf16), ABLATE=ablate, SB=sb, ST=st,
-                SPLIT=sp, XF=int(xf), GD=int(gd), XS=int(xs))
+                SPLIT=sp, XF=int(xf), GD=int(gd), XS=int(xs), PRO=int(pro))
     return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + PRELUDE + _SRC
 
 
@@ -700,8 +771,8 @@ def available() -> bool:
 @functools.lru_cache(maxsize=None)
 def _compiled(bits: int, xt: int, threads: int, r: int, u: int, pf: int, sbf16: bool, device: int,
               name: str = "int_gemv", ablate: int = 0, sb: int = 4, st: int = 4, sp: int = 1,
-              xf: int = 0, gd: int = 0, xs: int = 0) -> Launcher:
-    src = source(bits, xt, threads, r, u, pf, sbf16, ablate, sb, st, sp, xf, gd, xs)
+              xf: int = 0, gd: int = 0, xs: int = 0, pro: int = 0) -> Launcher:
+    src = source(bits, xt, threads, r, u, pf, sbf16, ablate, sb, st, sp, xf, gd, xs, pro)
     with torch.cuda.device(device):
         return Launcher(torch.cuda._compile_kernel(src, name), "cuda-int")
 
@@ -867,29 +938,36 @@ def staging_units(cfg: dict, pk: dict) -> int:
 
 
 def run_int_cuda(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dict | None = None,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """x2 [1, K] (fp16/bf16/fp32, contiguous) -> [1, N] of x2.dtype (into ``out`` when given)."""
-    M, K = x2.shape
-    assert M == 1 and K == pk["K"] and x2.is_contiguous(), (M, K, pk["K"])
+                 out: torch.Tensor | None = None, pro: int = 0, aux: torch.Tensor | None = None,
+                 eps: float = 0.0) -> torch.Tensor:
+    """x2 [1, K] (fp16/bf16/fp32, contiguous) -> [1, N] of x2.dtype (into ``out`` when given). ``pro`` (see
+    :data:`PROLOGUES`): 1 the RMSNorm of weight ``aux`` [K] (x2's dtype) and ``eps`` folded in; 2 x2 is [1, 2K],
+    [a | b], and silu(a) * b is what the layer reads."""
+    M, Kx = x2.shape
+    K = pk["K"]
+    assert M == 1 and Kx == (2 if pro == 2 else 1) * K and x2.is_contiguous(), (M, Kx, K, pro)
+    assert pro != 1 or (aux is not None and aux.shape == (K,) and aux.dtype == x2.dtype and aux.is_contiguous())
     cfg = dict(cfg or _cfg(pk["bits"]))
     dev = device_index(x2)
+    if pro:
+        cfg.update(mode=None, sp=1, xs=1)
     launch = _stream_launch(cfg, pk, x2, dev) if cfg.get("mode") == "stream" else None
     pdl = False
     if launch is None:  # the per-warp form (also where the streaming form does not apply: GPU, width, K)
         if cfg.get("mode") == "stream":
             cfg = dict(TUNED.get(pk["bits"], DEFAULT_CFG))
         gd = gdc(cfg, dev)
-        launch = _rows_launch(cfg, pk, x2, dev, gd)
+        launch = _rows_launch(cfg, pk, x2, dev, gd, pro)
         pdl = gd > 0
     kern, threads, blocks, smem = launch
     N = pk["N"]
     if out is None:
         out = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
     assert out.shape == (M, N) and out.dtype == x2.dtype and out.is_contiguous()
-    xvec = int(K % 8 == 0 and x2.data_ptr() % 16 == 0)
+    xvec = int(K % 8 == 0 and x2.data_ptr() % 16 == 0 and (pro != 1 or aux.data_ptr() % 16 == 0))
     kern(grid=(blocks, 1, 1), block=(threads, 1, 1), smem=smem,
          args=[x2, out, bias if bias is not None else out, pk["words"], pk["sz"], N, K, pk["KU"], pk["NG"], pk["GCS"],
-               int(bias is not None), xvec], pdl=pdl)
+               int(bias is not None), xvec, aux if pro == 1 else x2, float(eps)], pdl=pdl)
     return out
 
 
@@ -901,15 +979,17 @@ def _grid(kern: Launcher, threads: int, smem: int, cfg: dict, groups: int, per_b
     return max(1, min(-(-groups // per_block), per_sm * sm_count(dev)))
 
 
-def _rows_launch(cfg: dict, pk: dict, x2: torch.Tensor, dev: int, gd: int) -> tuple:
-    """(kernel, threads, blocks, shared memory) of the per-warp form; ``gd`` its PDL mode (:func:`gdc`)."""
+def _rows_launch(cfg: dict, pk: dict, x2: torch.Tensor, dev: int, gd: int, pro: int = 0) -> tuple:
+    """(kernel, threads, blocks, shared memory) of the per-warp form; ``gd`` its PDL mode (:func:`gdc`), ``pro`` its
+    prologue (:data:`PROLOGUES`)."""
     threads, r, u, sp = cfg["threads"], cfg["r"], cfg["u"], int(cfg.get("sp", 1))
     kern = _compiled(pk["bits"], XT[x2.dtype], threads, r, u, int(cfg.get("pf", 1)), bool(pk["sbf16"]), dev,
                      "int_gemv", int(cfg.get("ablate", 0)), staging_units(cfg, pk), 4, sp, int(cfg.get("xf", 0)), gd,
-                     int(cfg.get("xs", 0)))
+                     int(cfg.get("xs", 0)), pro)
     warps = threads // 32 // sp  # row groups a block walks at once (sp = 2: two warps per row group)
     smem = pk["KU"] * (codes_per_chunk(pk["bits"]) * 2 + 16)  # fp16 activations, a chunk sum per chunk
     smem += 2 * warps * r * 4 if sp == 2 else 0  # the halves' meeting slots
+    smem += -(-threads // 32 * 4 // 16) * 16 if pro == 1 else 0  # the warps' sums of x**2
     return kern, threads, _grid(kern, threads, smem, cfg, -(-pk["N"] // r), warps, dev), smem
 
 
@@ -1069,6 +1149,48 @@ except Exception:  # an older torch without custom_op: compiled models use the T
     _op = None
 
 
+def prologue(x: torch.Tensor, aux: torch.Tensor | None, pro: int, eps: float) -> torch.Tensor:
+    """What a layer with prologue ``pro`` (:data:`PROLOGUES`) reads, in torch (the reference and the path off the
+    batch-1 GEMV): 1 transformers' RMSNorm of weight ``aux`` (fp32 statistics, the weight times the normalised x in
+    x's dtype); 2 silu(a) * b of x = [a | b]; 0 x."""
+    if pro == 1:
+        xf = x.float()
+        return aux.to(x.dtype) * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    if pro == 2:
+        a, b = x.chunk(2, dim=-1)
+        return torch.nn.functional.silu(a) * b
+    return x
+
+
+def _run_pro(x: torch.Tensor, pk: dict, bias: torch.Tensor | None, pro: int, aux: torch.Tensor | None,
+             eps: float) -> torch.Tensor:
+    """:func:`_run` with a prologue: computed by the GEMV's staging at batch 1 on a GPU, in torch first elsewhere."""
+    if pro and x.is_cuda and x.numel() == x.shape[-1] and x.dtype in XT:
+        x2 = x.reshape(1, -1).contiguous()
+        a = aux.to(x.dtype).contiguous() if pro == 1 else None
+        return run_int_cuda(x2, pk, bias, pro=pro, aux=a, eps=eps).reshape(*x.shape[:-1], pk["N"])
+    return _run(prologue(x, aux, pro, eps), pk, bias)
+
+
+def _impl_pro(x: torch.Tensor, aux: torch.Tensor | None, words: torch.Tensor, sz: torch.Tensor,
+              bias: torch.Tensor | None, pro: int, eps: float, bits: int, K: int, N: int, KU: int, NG: int, GCS: int,
+              sbf16: bool, group: int) -> torch.Tensor:
+    """:func:`_impl` with a prologue (:data:`PROLOGUES`) folded in: an RMSNorm before the layer (``aux`` its weight)
+    or SiLU x up (x holds both halves)."""
+    pk = dict(words=words, sz=sz, bits=bits, K=K, N=N, KU=KU, NG=NG, GCS=GCS, sbf16=sbf16, group=group)
+    return on_device_of(x, _run_pro, x, pk, bias, pro, aux, eps)
+
+
+try:
+    _op_pro = torch.library.custom_op("leanq::cuda_int_linear_pro", mutates_args=())(_impl_pro)
+
+    @_op_pro.register_fake
+    def _(x, aux, words, sz, bias, pro, eps, bits, K, N, KU, NG, GCS, sbf16, group):
+        return x.new_empty(*x.shape[:-1], N)
+except Exception:  # an older torch without custom_op: no folding (fold_decoder declines)
+    _op_pro = None
+
+
 def _meta(pk: dict) -> tuple:
     """The op's integer arguments of layout ``pk``, in order."""
     return (pk["bits"], pk["K"], pk["N"], pk["KU"], pk["NG"], pk["GCS"], pk["sbf16"], pk["group"])
@@ -1102,6 +1224,16 @@ def _fast_forward(m, x: torch.Tensor) -> torch.Tensor:
     :class:`DedupeOps` leaves one.  Outside torch.compile it runs on its own rows (views of the fused layout)."""
     b = m.bias.to(x.dtype) if m.bias is not None else None
     compiled = _op is not None and torch.compiler.is_compiling()
+    pro = getattr(m, "rk_pro", None)
+    if pro is not None:  # a prologue folded in (fold_decoder)
+        code, eps = pro
+        aux = getattr(m, "rk_norm_w", None)
+        if compiled and m.rk_rows is not None:
+            y = _op_pro(x, aux, m.rk_fused_words, m.rk_fused_sz, None, code, eps,
+                        *m.rk_fused_meta)[..., m.rk_rows[0]:m.rk_rows[1]]
+            return y + b if b is not None else y
+        args = (x, aux, m.rk_words, m.rk_sz, b, code, eps) + m.rk_meta
+        return _op_pro(*args) if compiled else _impl_pro(*args)
     if not compiled or m.rk_rows is None:
         args = (x, m.rk_words, m.rk_sz, b) + m.rk_meta
         return _op(*args) if compiled else _impl(*args)
@@ -1166,14 +1298,15 @@ def take_over(model: torch.nn.Module, layers: list, fuse: bool = True) -> int:
     return freed
 
 
-def release_stored_rk(model: torch.nn.Module, fuse: bool = True) -> int:
+def release_stored_rk(model: torch.nn.Module, fuse: bool = True, fold: bool = False) -> int:
     """Inference only: build every eligible CUDA int layer's rk layout now and free its stored buffers (the
     layer then runs only here: the GEMV at batch 1, tensor cores at 2-16, dequantize + cuBLAS above; its
     forward calls the kernel directly, without the dispatch table).  With ``fuse`` (the default), layers that
     read the same input share one GEMV under torch.compile (:func:`take_over`): on an H100 this took a
     32-layer 7B-shaped decode from 1.84x to 2.00x BF16 (docs/PERFORMANCE.md, version 9).  The kernel is
     compiled and checked on the first layer before any buffer is freed; if that fails, nothing is released.
-    Returns bytes freed."""
+    ``fold`` (with ``fuse``): also fold the decoder layers' RMSNorms and SiLU x up into their GEMVs
+    (:func:`fold_decoder`; prepared, not yet run on a GPU). Returns bytes freed."""
     layers = [m for m in model.modules()
               if _ok(m) and hasattr(m, "qweight") and m.qweight.numel() and m.qweight.device.type == "cuda"]
     if not layers or not available():
@@ -1190,7 +1323,96 @@ def release_stored_rk(model: torch.nn.Module, fuse: bool = True) -> int:
         return 0
     if not ((y.float() - ref).norm() <= 1e-2 * ref.norm()):
         raise RuntimeError("cuda-int-gemv disagrees with its reference on this GPU; stored buffers kept")
-    return take_over(model, layers, fuse)
+    freed = take_over(model, layers, fuse)
+    if fold and fuse:
+        fold_decoder(model)
+    return freed
+
+
+# ---------------------------------------------------------------------------
+# folding a decoder layer's RMSNorms and SiLU x up into its GEMVs
+
+# decoder layers whose two RMSNorms feed only their attention's q/k/v and their MLP's gate/up (pre-norm, one
+# residual stream), and whose MLP is down(act(gate(x)) * up(x))
+FOLD_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
+FOLD_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
+
+
+def _fused_group(ms: list) -> bool:
+    """The layers ``ms`` were taken over as one fused group, in this order (their rows stacked)."""
+    first = ms[0]
+    if getattr(first, "rk_rows", None) is None or first.rk_rows[0] != 0:
+        return False
+    r = 0
+    for m in ms:
+        if getattr(m, "rk_rows", None) is None or m.rk_rows[0] != r or m.rk_fused_words is not first.rk_fused_words:
+            return False
+        r = m.rk_rows[1]
+    return r == first.rk_fused_words.shape[0]
+
+
+def _fold_norm(layer, name: str, ms: list) -> bool:
+    norm = getattr(layer, name, None)
+    if type(norm).__name__ not in FOLD_NORMS or not _fused_group(ms) or any(hasattr(m, "rk_pro") for m in ms):
+        return False
+    eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+    w = norm.weight.detach().contiguous()
+    for m in ms:
+        m.register_buffer("rk_norm_w", w, persistent=False)
+        m.rk_pro = (1, eps)
+    setattr(layer, name, torch.nn.Identity())
+    return True
+
+
+def _folded_mlp_forward(mlp, x: torch.Tensor) -> torch.Tensor:
+    """The MLP of a folded layer: one GEMV over the fused gate/up rows (with the norm folded in, when it is), then
+    down's GEMV, which stages silu(gate) * up from them."""
+    g = mlp.gate_proj
+    pro = getattr(g, "rk_pro", None)
+    compiled = torch.compiler.is_compiling()
+    if pro is not None:
+        args = (x, g.rk_norm_w, g.rk_fused_words, g.rk_fused_sz, None, pro[0], pro[1]) + g.rk_fused_meta
+        gu = _op_pro(*args) if compiled else _impl_pro(*args)
+    else:
+        args = (x, g.rk_fused_words, g.rk_fused_sz, None) + g.rk_fused_meta
+        gu = _op(*args) if compiled else _impl(*args)
+    return mlp.down_proj(gu)
+
+
+def fold_decoder(model: torch.nn.Module) -> int:
+    """Inference only, after :func:`take_over` with ``fuse`` (``release_stored_rk(model, fold=True)``): in each decoder
+    layer of FOLD_LAYERS, the RMSNorm before attention goes into the fused q/k/v GEMV, the one before the MLP into the
+    fused gate/up GEMV, and SiLU x up into the down GEMV (:data:`PROLOGUES`); the norms become identities and the
+    MLP runs gate/up as one call. At batch 1 on a GPU the GEMVs' staging computes them (three kernels fewer a layer);
+    elsewhere the op computes them in torch first. Returns the number of folds. Prepared in session 27: checked on
+    the CPU and compiled for sm_90 here, not yet run on a GPU."""
+    if _op_pro is None:
+        return 0
+    n = 0
+    for layer in model.modules():
+        if type(layer).__name__ not in FOLD_LAYERS:
+            continue
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        qkv = [getattr(attn, k, None) for k in ("q_proj", "k_proj", "v_proj")]
+        gu = [getattr(mlp, k, None) for k in ("gate_proj", "up_proj")]
+        down = getattr(mlp, "down_proj", None)
+        if all(m is not None for m in qkv) and _fold_norm(layer, "input_layernorm", qkv):
+            n += 1
+        if all(m is not None for m in gu):
+            if _fold_norm(layer, "post_attention_layernorm", gu):
+                n += 1
+            act = getattr(mlp, "act_fn", None)
+            silu = isinstance(act, torch.nn.SiLU) or type(act).__name__ in ("SiLUActivation", "SiLU")
+            if (silu and _fused_group(gu) and getattr(down, "rk_words", None) is not None
+                    and down.rk_rows is None and not hasattr(down, "rk_pro")
+                    and 2 * down.in_features == gu[0].rk_fused_words.shape[0]
+                    and gu[0].rk_rows[1] == down.in_features):
+                down.rk_pro = (2, 0.0)
+                mlp.forward = types.MethodType(_folded_mlp_forward, mlp)
+                n += 1
+    if n:
+        install_dedupe()
+    return n
 
 
 # ---------------------------------------------------------------------------
@@ -1203,9 +1425,9 @@ except Exception:  # an older torch: no custom passes, fused layers then call th
 
 
 class DedupeOps(_PassBase):
-    """Identical calls of ``leanq::cuda_int_linear`` (same input node, same layout, same arguments) become one:
-    what makes a fused q/k/v or gate/up group one GEMV.  The op is pure (mutates nothing), so this is safe;
-    ``then``: a pass that was installed before, run first."""
+    """Identical calls of ``leanq::cuda_int_linear`` or ``leanq::cuda_int_linear_pro`` (same input node, same layout,
+    same arguments) become one: what makes a fused q/k/v or gate/up group one GEMV.  The ops are pure (they mutate
+    nothing), so this is safe; ``then``: a pass that was installed before, run first."""
 
     def __init__(self, then=None):
         self.then = then
@@ -1213,14 +1435,16 @@ class DedupeOps(_PassBase):
     def __call__(self, graph) -> None:
         if self.then is not None:
             self.then(graph)
-        target = getattr(getattr(torch.ops, "leanq", None), "cuda_int_linear", None)
-        if target is None:
+        ops = getattr(torch.ops, "leanq", None)
+        targets = {t.default for t in (getattr(ops, "cuda_int_linear", None), getattr(ops, "cuda_int_linear_pro", None))
+                   if t is not None}
+        if not targets:
             return
         seen: dict = {}
         for node in list(graph.nodes):
-            if node.op != "call_function" or node.target is not target.default:
+            if node.op != "call_function" or node.target not in targets:
                 continue
-            key = (node.args, tuple(sorted(node.kwargs.items())))
+            key = (node.target, node.args, tuple(sorted(node.kwargs.items())))
             try:
                 first = seen.setdefault(key, node)
             except TypeError:  # an unhashable argument: leave the call alone
@@ -1231,7 +1455,7 @@ class DedupeOps(_PassBase):
 
     def uuid(self):
         then = getattr(self.then, "uuid", lambda: None)() if self.then is not None else None
-        return ("leanq-dedupe-cuda-int-linear-1", then)
+        return ("leanq-dedupe-cuda-int-linear-2", then)
 
 
 def install_dedupe() -> None:

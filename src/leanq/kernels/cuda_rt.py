@@ -227,7 +227,8 @@ class Launcher:
     """cuLaunchKernel on the current stream, with the driver library loaded once (PyTorch's own wrapper
     re-opens libcuda on every launch, which costs tens of microseconds).  Capturable in CUDA graphs.
 
-    ``args``: tensors (passed as device pointers) and Python ints (passed as C ints), in the kernel's order.
+    ``args``: tensors (passed as device pointers), Python ints (passed as C ints) and floats (C floats), in the
+    kernel's order.
     """
 
     _lib = None
@@ -293,7 +294,8 @@ class Launcher:
         the kernel before it in the stream has completed: the kernel must call gdc_wait before it reads what that
         kernel wrote or writes anything (sm_90 on)."""
         self._smem(smem)
-        vals = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a) for a in args]
+        vals = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor)
+                else ctypes.c_float(a) if isinstance(a, float) else ctypes.c_int(a) for a in args]
         arr = (ctypes.c_void_p * len(vals))(*[ctypes.addressof(v) for v in vals])
         stream = torch.cuda.current_stream().cuda_stream
         if pdl and Launcher._has_ex:  # launched without the attribute, the kernels' gdc_wait returns at once
