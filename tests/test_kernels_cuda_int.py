@@ -902,20 +902,24 @@ def test_prologue_reference_is_the_module_it_replaces():
     assert ci.prologue(x, None, 0, 0.0) is x
 
 
-def test_fold_decoder_keeps_the_logits_and_four_gemvs_a_layer(monkeypatch):
-    """fold_decoder on the CPU (the op's torch path): per layer two norms and SiLU x up folded, the norms become
-    identities; the logits stay those of the unfolded model, eagerly and compiled, and compiled each layer still
-    calls 4 GEMVs (q/k/v and gate/up each one, with the norm inside)."""
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "no-residual"])
+def test_fold_decoder_keeps_the_logits_and_four_gemvs_a_layer(monkeypatch, residual):
+    """fold_decoder on the CPU (the op's torch path): per layer two norms and SiLU x up folded (and the two residual
+    adds, o_proj moved out of the attention), the norms become identities; the logits stay those of the unfolded
+    model, eagerly and compiled, and compiled each layer still calls 4 GEMVs (q/k/v and gate/up each one, with the
+    norm inside)."""
     ids = torch.randint(0, 100, (1, 5))
     model = _folded_tiny_llama()
     with torch.no_grad():
         ref = model(ids).logits
-    assert ci.fold_decoder(model) == 2 * 3  # two layers: two norms and the MLP each
-    assert ci.fold_decoder(model) == 0  # once only
+    assert ci.fold_decoder(model, residual=residual) == 2 * (4 if residual else 3)  # two layers
+    assert ci.fold_decoder(model, residual=residual) == 0  # once only
     layer = model.model.layers[0]
     assert isinstance(layer.input_layernorm, torch.nn.Identity)
     assert isinstance(layer.post_attention_layernorm, torch.nn.Identity)
     assert layer.self_attn.q_proj.rk_pro[0] == 1 and layer.mlp.down_proj.rk_pro == (2, 0.0)
+    assert isinstance(layer.self_attn.o_proj, torch.nn.Identity) == residual
+    assert hasattr(layer, "leanq_o_proj") == residual
     calls = []
     cpu_linear = ci._cpu_linear
     monkeypatch.setattr(ci, "_cpu_linear", lambda x2, pk, b: (calls.append(pk["N"]), cpu_linear(x2, pk, b))[1])
@@ -973,14 +977,15 @@ def test_cuda_int_prologue_matches_reference(bits, group, sym, sdtype, n, k, pro
 @GPU
 def test_release_stored_rk_folded_matches_dispatch_under_torch_compile():
     """On the GPU: release_stored_rk(fuse=True, fold=True) keeps the dispatch table's logits at batch 1 (the folded
-    GEMVs) and for a prompt (the torch prologue), eagerly and compiled."""
+    GEMVs, the residual added through their bias slot) and for a prompt (the torch prologue), eagerly and
+    compiled."""
     model = _tiny_llama_4bit().to("cuda", torch.bfloat16)
     torch.manual_seed(0)
     ids = [torch.randint(0, 100, (1, t), device="cuda") for t in (1, 5)]
     with torch.no_grad():
         refs = [model(i).logits.float() for i in ids]
     assert ci.release_stored_rk(model, fuse=True, fold=True) > 0
-    assert model.model.layers[0].mlp.down_proj.rk_pro == (2, 0.0)
+    assert model.model.layers[0].mlp.down_proj.rk_pro == (2, 0.0) and hasattr(model.model.layers[0], "leanq_o_proj")
     torch._dynamo.reset()
     with torch.no_grad():
         for i, ref in zip(ids, refs):

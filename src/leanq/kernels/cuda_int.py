@@ -1163,29 +1163,34 @@ def prologue(x: torch.Tensor, aux: torch.Tensor | None, pro: int, eps: float) ->
 
 
 def _run_pro(x: torch.Tensor, pk: dict, bias: torch.Tensor | None, pro: int, aux: torch.Tensor | None,
-             eps: float) -> torch.Tensor:
-    """:func:`_run` with a prologue: computed by the GEMV's staging at batch 1 on a GPU, in torch first elsewhere."""
-    if pro and x.is_cuda and x.numel() == x.shape[-1] and x.dtype in XT:
+             eps: float, res: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`_run` with a prologue and, with ``res`` (a layer without a bias), the residual added to the output: at
+    batch 1 on a GPU the GEMV's staging computes the prologue and its bias slot adds the residual (one read per row);
+    elsewhere both in torch around the layer."""
+    assert res is None or bias is None, "a residual takes the bias's place"
+    if x.is_cuda and x.numel() == x.shape[-1] and x.dtype in XT and (res is None or res.dtype == x.dtype):
         x2 = x.reshape(1, -1).contiguous()
         a = aux.to(x.dtype).contiguous() if pro == 1 else None
-        return run_int_cuda(x2, pk, bias, pro=pro, aux=a, eps=eps).reshape(*x.shape[:-1], pk["N"])
-    return _run(prologue(x, aux, pro, eps), pk, bias)
+        b = res.reshape(-1).contiguous() if res is not None else bias
+        return run_int_cuda(x2, pk, b, pro=pro, aux=a, eps=eps).reshape(*x.shape[:-1], pk["N"])
+    y = _run(prologue(x, aux, pro, eps), pk, bias)
+    return y + res if res is not None else y
 
 
-def _impl_pro(x: torch.Tensor, aux: torch.Tensor | None, words: torch.Tensor, sz: torch.Tensor,
-              bias: torch.Tensor | None, pro: int, eps: float, bits: int, K: int, N: int, KU: int, NG: int, GCS: int,
-              sbf16: bool, group: int) -> torch.Tensor:
+def _impl_pro(x: torch.Tensor, aux: torch.Tensor | None, res: torch.Tensor | None, words: torch.Tensor,
+              sz: torch.Tensor, bias: torch.Tensor | None, pro: int, eps: float, bits: int, K: int, N: int, KU: int,
+              NG: int, GCS: int, sbf16: bool, group: int) -> torch.Tensor:
     """:func:`_impl` with a prologue (:data:`PROLOGUES`) folded in: an RMSNorm before the layer (``aux`` its weight)
-    or SiLU x up (x holds both halves)."""
+    or SiLU x up (x holds both halves); and with ``res``, the residual stream added to the output."""
     pk = dict(words=words, sz=sz, bits=bits, K=K, N=N, KU=KU, NG=NG, GCS=GCS, sbf16=sbf16, group=group)
-    return on_device_of(x, _run_pro, x, pk, bias, pro, aux, eps)
+    return on_device_of(x, _run_pro, x, pk, bias, pro, aux, eps, res)
 
 
 try:
     _op_pro = torch.library.custom_op("leanq::cuda_int_linear_pro", mutates_args=())(_impl_pro)
 
     @_op_pro.register_fake
-    def _(x, aux, words, sz, bias, pro, eps, bits, K, N, KU, NG, GCS, sbf16, group):
+    def _(x, aux, res, words, sz, bias, pro, eps, bits, K, N, KU, NG, GCS, sbf16, group):
         return x.new_empty(*x.shape[:-1], N)
 except Exception:  # an older torch without custom_op: no folding (fold_decoder declines)
     _op_pro = None
@@ -1229,10 +1234,10 @@ def _fast_forward(m, x: torch.Tensor) -> torch.Tensor:
         code, eps = pro
         aux = getattr(m, "rk_norm_w", None)
         if compiled and m.rk_rows is not None:
-            y = _op_pro(x, aux, m.rk_fused_words, m.rk_fused_sz, None, code, eps,
+            y = _op_pro(x, aux, None, m.rk_fused_words, m.rk_fused_sz, None, code, eps,
                         *m.rk_fused_meta)[..., m.rk_rows[0]:m.rk_rows[1]]
             return y + b if b is not None else y
-        args = (x, aux, m.rk_words, m.rk_sz, b, code, eps) + m.rk_meta
+        args = (x, aux, None, m.rk_words, m.rk_sz, b, code, eps) + m.rk_meta
         return _op_pro(*args) if compiled else _impl_pro(*args)
     if not compiled or m.rk_rows is None:
         args = (x, m.rk_words, m.rk_sz, b) + m.rk_meta
@@ -1364,28 +1369,40 @@ def _fold_norm(layer, name: str, ms: list) -> bool:
     return True
 
 
-def _folded_mlp_forward(mlp, x: torch.Tensor) -> torch.Tensor:
+def _pro_call(m, x: torch.Tensor, res: torch.Tensor | None = None, fused: bool = False) -> torch.Tensor:
+    """Layer ``m`` (taken over; its prologue if it has one) on ``x``, with the residual ``res`` added: its own rows, or
+    with ``fused`` all the rows of its fused group."""
+    code, eps = getattr(m, "rk_pro", (0, 0.0))
+    words, sz, meta = (m.rk_fused_words, m.rk_fused_sz, m.rk_fused_meta) if fused else (m.rk_words, m.rk_sz, m.rk_meta)
+    args = (x, getattr(m, "rk_norm_w", None), res, words, sz, None, code, eps) + meta
+    return _op_pro(*args) if torch.compiler.is_compiling() else _impl_pro(*args)
+
+
+def _folded_mlp_forward(mlp, x: torch.Tensor, res: torch.Tensor | None = None) -> torch.Tensor:
     """The MLP of a folded layer: one GEMV over the fused gate/up rows (with the norm folded in, when it is), then
-    down's GEMV, which stages silu(gate) * up from them."""
-    g = mlp.gate_proj
-    pro = getattr(g, "rk_pro", None)
-    compiled = torch.compiler.is_compiling()
-    if pro is not None:
-        args = (x, g.rk_norm_w, g.rk_fused_words, g.rk_fused_sz, None, pro[0], pro[1]) + g.rk_fused_meta
-        gu = _op_pro(*args) if compiled else _impl_pro(*args)
-    else:
-        args = (x, g.rk_fused_words, g.rk_fused_sz, None) + g.rk_fused_meta
-        gu = _op(*args) if compiled else _impl(*args)
-    return mlp.down_proj(gu)
+    down's GEMV, which stages silu(gate) * up from them (and adds ``res``, the residual stream, when given)."""
+    return _pro_call(mlp.down_proj, _pro_call(mlp.gate_proj, x, fused=True), res)
 
 
-def fold_decoder(model: torch.nn.Module) -> int:
+def _folded_layer_forward(layer, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+    """The decoder layer with everything folded: attention with the norm inside q/k/v and without o_proj (an
+    identity there), then o_proj adding the residual, then the MLP with the norm inside gate/up and down adding the
+    residual. The same arguments reach the attention as in transformers' layer (all of them, by keyword)."""
+    attn_out, _ = layer.self_attn(hidden_states=hidden_states, **kwargs)
+    h = _pro_call(layer.leanq_o_proj, attn_out, hidden_states)
+    return _folded_mlp_forward(layer.mlp, h, h)
+
+
+def fold_decoder(model: torch.nn.Module, residual: bool = True) -> int:
     """Inference only, after :func:`take_over` with ``fuse`` (``release_stored_rk(model, fold=True)``): in each decoder
     layer of FOLD_LAYERS, the RMSNorm before attention goes into the fused q/k/v GEMV, the one before the MLP into the
     fused gate/up GEMV, and SiLU x up into the down GEMV (:data:`PROLOGUES`); the norms become identities and the
-    MLP runs gate/up as one call. At batch 1 on a GPU the GEMVs' staging computes them (three kernels fewer a layer);
-    elsewhere the op computes them in torch first. Returns the number of folds. Prepared in session 27: checked on
-    the CPU and compiled for sm_90 here, not yet run on a GPU."""
+    MLP runs gate/up as one call. With ``residual`` (and all three folded, o_proj and down without a bias), the
+    layer's two residual adds go into o_proj's and down's outputs: o_proj moves out of the attention (an identity
+    there; the layer keeps it as ``leanq_o_proj``) and the layer's forward calls the attention, o_proj with the
+    residual, then the MLP with the residual. At batch 1 on a GPU the GEMVs compute all of it (five kernels fewer a
+    layer); elsewhere the op computes it in torch around the layer. Returns the number of folds. Prepared in session
+    27: checked on the CPU and compiled for sm_90 here, not yet run on a GPU."""
     if _op_pro is None:
         return 0
     n = 0
@@ -1410,6 +1427,17 @@ def fold_decoder(model: torch.nn.Module) -> int:
                 down.rk_pro = (2, 0.0)
                 mlp.forward = types.MethodType(_folded_mlp_forward, mlp)
                 n += 1
+        o = getattr(attn, "o_proj", None)
+        if (residual and isinstance(layer.input_layernorm, torch.nn.Identity)
+                and isinstance(layer.post_attention_layernorm, torch.nn.Identity)
+                and getattr(down, "rk_pro", None) == (2, 0.0) and down.bias is None
+                and getattr(o, "rk_words", None) is not None and o.rk_rows is None and o.bias is None
+                and not hasattr(o, "rk_pro")):
+            # the residual adds go into o_proj's and down's outputs (their bias slot); o_proj leaves the attention
+            attn.o_proj = torch.nn.Identity()
+            layer.leanq_o_proj = o
+            layer.forward = types.MethodType(_folded_layer_forward, layer)
+            n += 1
     if n:
         install_dedupe()
     return n
