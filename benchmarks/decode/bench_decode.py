@@ -136,7 +136,8 @@ def time_generate(model, prompt_len: int, new: int, reps: int, mode: str = "all"
 
 
 def _time_generate(model, prompt_len: int, new: int, reps: int, mode: str, host_profile: bool) -> dict:
-    ids = torch.randint(100, 30000, (1, prompt_len), device="cuda")
+    # the same prompt for every setting and model, so that their first tokens can be compared
+    ids = torch.randint(100, 30000, (1, prompt_len), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, cache_implementation="static",
               pad_token_id=0, eos_token_id=None, compile_config=compile_config(mode))
     with torch.no_grad():
