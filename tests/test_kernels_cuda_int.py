@@ -341,16 +341,17 @@ def test_cuda_int_dequantize_matches_reference(bits, group, sym, sdtype, n, k, d
     assert torch.allclose(w.float(), ci.reference_rk(pk), rtol=1e-2, atol=1e-6)
 
 
-def _tiny_llama_4bit():
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _tiny_llama_4bit(family: str = "llama"):
+    import transformers
 
     from leanq.config import MethodConfig
     from leanq.pipeline import quantize_blocks
 
-    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=100)
+    name = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[family]
+    cfg = getattr(transformers, f"{name}Config")(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                                 num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).eval()
+    model = getattr(transformers, f"{name}ForCausalLM")(cfg).eval()
     quantize_blocks(model, QuantSpec(bits=4, group_size=64, sym=False), MethodConfig(name="rtn", mse_clip=False),
                     None, device="cpu", progress=False)
     return model
@@ -881,8 +882,8 @@ def test_int_mma_matches_reference(bits, group, n, k, m, dtype):
     assert torch.equal(again, cm.run_int_mma(x, pk, layer.bias.to(dtype)))  # same bytes every launch
 
 
-def _folded_tiny_llama():
-    model = _tiny_llama_4bit()
+def _folded_tiny_llama(family: str = "llama"):
+    model = _tiny_llama_4bit(family)
     layers = [m for m in model.modules() if ci._ok(m) and hasattr(m, "qweight")]
     assert ci.take_over(model, layers, fuse=True) > 0
     return model
@@ -936,6 +937,23 @@ def test_fold_decoder_keeps_the_logits_and_four_gemvs_a_layer(monkeypatch, resid
     assert sorted(calls) == sorted([128 + 64 + 64, 128, 256 + 256, 128] * 2), calls
     assert torch.allclose(out, ref, rtol=1e-4, atol=1e-4)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_fold_decoder_keeps_the_logits_of_the_other_families(family):
+    """Mistral and Qwen2 decoder layers (Qwen2's q/k/v with a bias, added after the norm's scale) fold as Llama's do
+    and keep their logits, for a prompt and for a token decoded after it."""
+    model = _folded_tiny_llama(family)
+    ids = torch.randint(0, 100, (1, 6), generator=torch.Generator().manual_seed(1))
+    kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None,
+              output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        ref = model.generate(ids, **kw)
+        assert ci.fold_decoder(model) == 2 * 4
+        got = model.generate(ids, **kw)
+    assert torch.equal(got.sequences, ref.sequences)
+    for a, b in zip(got.logits, ref.logits):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_fold_decoder_declines_what_it_cannot_fold():
