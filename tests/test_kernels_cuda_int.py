@@ -357,6 +357,19 @@ def _tiny_llama_4bit(family: str = "llama"):
     return model
 
 
+def _compiled_logits(model, ids, calls: list) -> torch.Tensor:
+    """The logits of ``torch.compile(model)`` on ``ids`` after a warm-up call; ``calls`` holds only the timed call's
+    GEMVs (dynamo reset before and after)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        compiled(ids)
+        calls.clear()
+        out = compiled(ids).logits
+    torch._dynamo.reset()
+    return out
+
+
 def test_taken_over_layers_fuse_siblings_into_one_gemv_under_torch_compile(monkeypatch):
     """take_over (what release_stored_rk does after its GPU check) on the CPU, where the op runs its pure-torch
     path: same logits as the dispatch table; eagerly every layer runs on its own rows; compiled, the q/k/v and
@@ -379,15 +392,9 @@ def test_taken_over_layers_fuse_siblings_into_one_gemv_under_torch_compile(monke
     assert len(calls) == 14
     # the table's CPU path may be PyTorch's packed int4 op (bf16 inside): within its rounding of the exact weight
     assert ((eager - ref).norm() / ref.norm()).item() < 1e-2
-    torch._dynamo.reset()
-    compiled = torch.compile(model)
-    with torch.no_grad():
-        compiled(ids)
-        calls.clear()
-        out = compiled(ids).logits
+    out = _compiled_logits(model, ids, calls)
     assert sorted(calls) == sorted([128 + 64 + 64, 128, 256 + 256, 128] * 2), calls  # qkv, o, gate+up, down
     assert torch.allclose(out, eager, rtol=1e-4, atol=1e-4)
-    torch._dynamo.reset()
 
 
 @GPU
@@ -928,15 +935,9 @@ def test_fold_decoder_keeps_the_logits_and_four_gemvs_a_layer(monkeypatch, resid
         eager = model(ids).logits
     assert sorted(calls) == sorted([128, 64, 64, 128, 256 + 256, 128] * 2), calls  # gate/up one call eagerly too
     assert torch.allclose(eager, ref, rtol=1e-4, atol=1e-4)
-    torch._dynamo.reset()
-    compiled = torch.compile(model)
-    with torch.no_grad():
-        compiled(ids)
-        calls.clear()
-        out = compiled(ids).logits
+    out = _compiled_logits(model, ids, calls)
     assert sorted(calls) == sorted([128 + 64 + 64, 128, 256 + 256, 128] * 2), calls
     assert torch.allclose(out, ref, rtol=1e-4, atol=1e-4)
-    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("family", ["mistral", "qwen2"])

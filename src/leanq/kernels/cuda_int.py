@@ -294,6 +294,16 @@ __device__ __forceinline__ void load8raw(uint4 (&r)[XW], const void* XR x, int u
   r[0] = make_uint4(e[0] | (e[1] << 16), e[2] | (e[3] << 16), e[4] | (e[5] << 16), e[6] | (e[7] << 16));
 #endif
 }
+// unit u's raw words: the step's 16-byte loads where they applied, else its values one at a time
+__device__ __forceinline__ void unit_raw(uint4 (&r)[XW], const uint4 (&loaded)[XW], const void* XR x, int u, int K,
+                                         int XVEC) {
+  if (XVEC && 8 * u + 8 <= K) {
+#pragma unroll
+    for (int i = 0; i < XW; ++i) r[i] = loaded[i];
+  } else {
+    load8raw(r, x, u, K);
+  }
+}
 #endif
 // ... and their scaled fp16 pairs and chunk sums into shared memory. Unit u of the activations is unit j = u % S of
 // chunk c = u / S. XS 1 (launch option ``xs``, the default; the same bytes as XS 0, the form before session 23, in
@@ -322,23 +332,13 @@ __device__ __forceinline__ void x_store(uint4* xs, const uint4 (&raw)[SB][XW], c
     if (w0 >= KU * S) break;
     const int u = w0 + lane, c = (int)((unsigned)u / S);
     uint4 rr[XW];
-    if (XVEC && 8 * u + 8 <= K) {
-#pragma unroll
-      for (int i = 0; i < XW; ++i) rr[i] = raw[b][i];
-    } else {
-      load8raw(rr, x, u, K);
-    }
+    unit_raw(rr, raw[b], x, u, K, XVEC);
     float v[8];
     unpack8(v, rr);
 #if PRO
     {
       uint4 r2[XW];
-      if (XVEC && 8 * u + 8 <= K) {
-#pragma unroll
-        for (int i = 0; i < XW; ++i) r2[i] = raw2[b][i];
-      } else {
-        load8raw(r2, p2, u, K);
-      }
+      unit_raw(r2, raw2[b], p2, u, K, XVEC);
       float g[8];
       unpack8(g, r2);
 #pragma unroll
