@@ -198,11 +198,12 @@ def test_pdl_mode_follows_the_gpu_and_inductor(monkeypatch):
     import torch._inductor.config as icfg
 
     monkeypatch.setattr(ci, "sm90", lambda dev: True)
-    monkeypatch.setattr(icfg.triton, "enable_pdl", False)
-    assert [ci.gdc(dict(gd=g), 0) for g in (0, 1, 2)] == [0, 1, 2]
-    assert ci.gdc({}, 0) == 0
-    monkeypatch.setattr(icfg.triton, "enable_pdl", True)
-    assert [ci.gdc(dict(gd=g), 0) for g in (0, 1, 2)] == [0, 2, 2]
+    # inductor's own patch: monkeypatch's undo would delete the option from inductor's config, not restore it
+    with icfg.patch({"triton.enable_pdl": False}):
+        assert [ci.gdc(dict(gd=g), 0) for g in (0, 1, 2)] == [0, 1, 2]
+        assert ci.gdc({}, 0) == 0
+    with icfg.patch({"triton.enable_pdl": True}):
+        assert [ci.gdc(dict(gd=g), 0) for g in (0, 1, 2)] == [0, 2, 2]
     monkeypatch.setattr(ci, "sm90", lambda dev: False)
     assert ci.gdc(dict(gd=1), 0) == 0
 

@@ -368,20 +368,21 @@ def _get_compiled_call(model, compile_config=None) -> GraphedCall:
     return call
 
 
-def _static_cache_asked(model, kwargs: dict) -> bool:
+def _one_chunk_prefill(model, kwargs: dict) -> bool:
+    """A generate with a static cache that gives no prefill chunk size (by argument or in its generation config)."""
+    if "prefill_chunk_size" in kwargs:
+        return False
     cfg = kwargs.get("generation_config") or getattr(model, "generation_config", None)
     impl = kwargs.get("cache_implementation", getattr(cfg, "cache_implementation", None))
-    return impl == "static"
+    return impl == "static" and getattr(cfg, "prefill_chunk_size", None) is None
 
 
 def _graph_generate(model, *args, **kwargs):
     """``generate`` of an enabled model: the class's generate, with the deferred stop check allowed (``defer_stop``)
     and the prompt sent to the compiled call (``prefill``, with a static cache and no chunk size given)."""
     opts = model._leanq_graph_options
-    if opts["prefill"] and "prefill_chunk_size" not in kwargs and _static_cache_asked(model, kwargs):
-        cfg = kwargs.get("generation_config") or getattr(model, "generation_config", None)
-        if getattr(cfg, "prefill_chunk_size", None) is None:
-            kwargs["prefill_chunk_size"] = PREFILL_CHUNK
+    if opts["prefill"] and _one_chunk_prefill(model, kwargs):
+        kwargs["prefill_chunk_size"] = PREFILL_CHUNK
     token = _DEFER.set(opts["defer_stop"])
     try:
         return type(model).generate(model, *args, **kwargs)

@@ -1229,20 +1229,17 @@ def _fast_forward(m, x: torch.Tensor) -> torch.Tensor:
     :class:`DedupeOps` leaves one.  Outside torch.compile it runs on its own rows (views of the fused layout)."""
     b = m.bias.to(x.dtype) if m.bias is not None else None
     compiled = _op is not None and torch.compiler.is_compiling()
-    pro = getattr(m, "rk_pro", None)
-    if pro is not None:  # a prologue folded in (fold_decoder)
-        code, eps = pro
-        aux = getattr(m, "rk_norm_w", None)
-        if compiled and m.rk_rows is not None:
-            y = _op_pro(x, aux, None, m.rk_fused_words, m.rk_fused_sz, None, code, eps,
-                        *m.rk_fused_meta)[..., m.rk_rows[0]:m.rk_rows[1]]
-            return y + b if b is not None else y
-        args = (x, aux, None, m.rk_words, m.rk_sz, b, code, eps) + m.rk_meta
-        return _op_pro(*args) if compiled else _impl_pro(*args)
-    if not compiled or m.rk_rows is None:
+    fused = compiled and m.rk_rows is not None
+    if hasattr(m, "rk_pro"):  # a prologue folded in (fold_decoder)
+        y = _pro_call(m, x, fused=fused, bias=None if fused else b)
+    elif fused:
+        y = _op(x, m.rk_fused_words, m.rk_fused_sz, None, *m.rk_fused_meta)
+    else:
         args = (x, m.rk_words, m.rk_sz, b) + m.rk_meta
-        return _op(*args) if compiled else _impl(*args)
-    y = _op(x, m.rk_fused_words, m.rk_fused_sz, None, *m.rk_fused_meta)[..., m.rk_rows[0]:m.rk_rows[1]]
+        y = _op(*args) if compiled else _impl(*args)
+    if not fused:
+        return y
+    y = y[..., m.rk_rows[0]:m.rk_rows[1]]
     return y + b if b is not None else y
 
 
@@ -1369,12 +1366,13 @@ def _fold_norm(layer, name: str, ms: list) -> bool:
     return True
 
 
-def _pro_call(m, x: torch.Tensor, res: torch.Tensor | None = None, fused: bool = False) -> torch.Tensor:
-    """Layer ``m`` (taken over; its prologue if it has one) on ``x``, with the residual ``res`` added: its own rows, or
-    with ``fused`` all the rows of its fused group."""
+def _pro_call(m, x: torch.Tensor, res: torch.Tensor | None = None, fused: bool = False,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Layer ``m`` (taken over; its prologue if it has one) on ``x``, with the residual ``res`` or ``bias`` added: its
+    own rows, or with ``fused`` all the rows of its fused group."""
     code, eps = getattr(m, "rk_pro", (0, 0.0))
     words, sz, meta = (m.rk_fused_words, m.rk_fused_sz, m.rk_fused_meta) if fused else (m.rk_words, m.rk_sz, m.rk_meta)
-    args = (x, getattr(m, "rk_norm_w", None), res, words, sz, None, code, eps) + meta
+    args = (x, getattr(m, "rk_norm_w", None), res, words, sz, bias, code, eps) + meta
     return _op_pro(*args) if torch.compiler.is_compiling() else _impl_pro(*args)
 
 
