@@ -194,7 +194,8 @@ def test_cuda_int_wide_inputs_take_more_than_48kb_of_shared_memory(bits, form):
 
 
 def test_pdl_mode_follows_the_gpu_and_inductor(monkeypatch):
-    """gd applies from sm_90 on; while TorchInductor's PDL mode is on, the early trigger (gd 1) becomes gd 2."""
+    """gd applies from sm_90 on; while TorchInductor's PDL mode is on, the early trigger (gd 1) becomes gd 2, except
+    in a chain of these GEMVs (``chain``: the next kernel waits)."""
     import torch._inductor.config as icfg
 
     monkeypatch.setattr(ci, "sm90", lambda dev: True)
@@ -204,8 +205,9 @@ def test_pdl_mode_follows_the_gpu_and_inductor(monkeypatch):
         assert ci.gdc({}, 0) == 0
     with icfg.patch({"triton.enable_pdl": True}):
         assert [ci.gdc(dict(gd=g), 0) for g in (0, 1, 2)] == [0, 2, 2]
+        assert [ci.gdc(dict(gd=g), 0, chain=True) for g in (0, 1, 2)] == [0, 1, 2]
     monkeypatch.setattr(ci, "sm90", lambda dev: False)
-    assert ci.gdc(dict(gd=1), 0) == 0
+    assert ci.gdc(dict(gd=1), 0) == 0 and ci.gdc(dict(gd=1), 0, chain=True) == 0
 
 
 def test_compile_kernels_compiles_a_source_once_for_all_its_kernels(monkeypatch):
@@ -400,12 +402,14 @@ def test_taken_over_layers_fuse_siblings_into_one_gemv_under_torch_compile(monke
 
 @GPU
 def test_release_stored_rk_fused_matches_dispatch_under_torch_compile():
-    """On the GPU: release_stored_rk(fuse=True) keeps the dispatch table's logits, eagerly and compiled."""
+    """On the GPU: release_stored_rk(fuse=True, fold=False) keeps the dispatch table's logits, eagerly and
+    compiled."""
     model = _tiny_llama_4bit().to("cuda", torch.bfloat16)
     ids = torch.randint(0, 100, (1, 5), device="cuda")
     with torch.no_grad():
         ref = model(ids).logits.float()
-    assert ci.release_stored_rk(model, fuse=True) > 0
+    assert ci.release_stored_rk(model, fuse=True, fold=False) > 0
+    assert not hasattr(model.model.layers[0].mlp.down_proj, "rk_pro")
     assert model.model.layers[0].mlp.gate_proj.rk_rows == (0, 256)
     torch._dynamo.reset()
     with torch.no_grad():
@@ -970,6 +974,21 @@ def test_fold_decoder_declines_what_it_cannot_fold():
         layer.input_layernorm = torch.nn.LayerNorm(128)
     assert ci.fold_decoder(model) == 2  # only the norms before the MLPs
     assert not hasattr(model.model.layers[0].mlp.down_proj, "rk_pro")
+    model = _folded_tiny_llama()
+    for layer in model.model.layers:  # gate/up with a bias: SiLU x up (and so the residual adds) not folded
+        layer.mlp.up_proj.bias = torch.nn.Parameter(torch.zeros(256))
+    assert ci.fold_decoder(model) == 2 * 2
+    assert not hasattr(model.model.layers[0].mlp.down_proj, "rk_pro")
+    assert not hasattr(model.model.layers[0], "leanq_o_proj")
+    model = _folded_tiny_llama()
+    for layer in model.model.layers:  # a decoder layer whose forward returns a tuple (transformers before 5)
+        layer.__class__ = type("LlamaDecoderLayer", (type(layer),), {"forward": _tuple_forward})
+    assert ci.fold_decoder(model) == 2 * 3  # norms and SiLU x up; the layer's forward kept
+    assert not hasattr(model.model.layers[0], "leanq_o_proj")
+
+
+def _tuple_forward(self, hidden_states, **kw) -> tuple:
+    return (hidden_states,)
 
 
 @GPU
@@ -995,16 +1014,24 @@ def test_cuda_int_prologue_matches_reference(bits, group, sym, sdtype, n, k, pro
 
 
 @GPU
-def test_release_stored_rk_folded_matches_dispatch_under_torch_compile():
+@pytest.mark.parametrize("pdl", [False, True], ids=["no-pdl", "inductor-pdl"])
+def test_release_stored_rk_folded_matches_dispatch_under_torch_compile(pdl):
     """On the GPU: release_stored_rk(fuse=True, fold=True) keeps the dispatch table's logits at batch 1 (the folded
-    GEMVs, the residual added through their bias slot) and for a prompt (the torch prologue), eagerly and
-    compiled."""
+    GEMVs, the residual added through their bias slot; o_proj, gate/up and down chained in one op) and for a prompt
+    (the torch prologue), eagerly and compiled, with TorchInductor's PDL mode off and on."""
+    import torch._inductor.config as icfg
+
+    with icfg.patch({"triton.enable_pdl": pdl}):
+        _check_folded_on_gpu()
+
+
+def _check_folded_on_gpu():
     model = _tiny_llama_4bit().to("cuda", torch.bfloat16)
     torch.manual_seed(0)
     ids = [torch.randint(0, 100, (1, t), device="cuda") for t in (1, 5)]
     with torch.no_grad():
         refs = [model(i).logits.float() for i in ids]
-    assert ci.release_stored_rk(model, fuse=True, fold=True) > 0
+    assert ci.release_stored_rk(model) > 0  # fuse and fold: the defaults
     assert model.model.layers[0].mlp.down_proj.rk_pro == (2, 0.0) and hasattr(model.model.layers[0], "leanq_o_proj")
     torch._dynamo.reset()
     with torch.no_grad():
@@ -1012,3 +1039,32 @@ def test_release_stored_rk_folded_matches_dispatch_under_torch_compile():
             for out in (model(i).logits.float(), torch.compile(model)(i).logits.float()):
                 assert ((out - ref).norm() / ref.norm()).item() < 2e-2
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=GPU)])
+@pytest.mark.parametrize("pdl", [False, True], ids=["no-pdl", "inductor-pdl"])
+def test_layer_tail_is_o_proj_norm_gate_up_silu_down(device, pdl):
+    """The folded layer's tail (o_proj + residual, the RMSNorm inside gate/up, SiLU x up inside down + residual): on
+    the GPU at batch 1 three chained GEMVs (each letting the next in early, also under TorchInductor's PDL mode), on
+    the CPU the torch path; both against the reference layers in float32 (relative error <= 1e-2), the same bytes
+    every call, and the GPU's chained launches equal to unchained ones."""
+    import torch._inductor.config as icfg
+
+    H, inter = 256, 384
+    o, gu, d = (ci.packed_rk(_layer(n, k, 4, 128, device=device, seed=s))
+                for s, (n, k) in enumerate(((H, H), (2 * inter, H), (H, inter))))
+    g = torch.Generator().manual_seed(5)
+    x, res = (torch.randn(1, H, generator=g).to(device, torch.bfloat16) for _ in range(2))
+    w = (torch.rand(H, generator=g) + 0.5).to(device, torch.bfloat16)
+    wo, wgu, wd = (ci.reference_rk(p, torch.float32) for p in (o, gu, d))
+    h = x.float() @ wo.t() + res.float()
+    ref = ci.prologue(ci.prologue(h, w.float(), 1, 1e-5) @ wgu.t(), None, 2, 0.0) @ wd.t() + h
+    with icfg.patch({"triton.enable_pdl": pdl}):
+        y = ci._run_tail(x, res, w, 1e-5, o, gu, d)
+        assert torch.equal(y, ci._run_tail(x, res, w, 1e-5, o, gu, d))
+    assert y.shape == (1, H) and y.dtype == torch.bfloat16
+    assert ((y.float() - ref).norm() / ref.norm()).item() < 1e-2
+    if device == "cuda":
+        h2 = ci.run_int_cuda(x, o, res.reshape(-1))
+        y2 = ci.run_int_cuda(ci.run_int_cuda(h2, gu, None, pro=1, aux=w, eps=1e-5), d, h2.reshape(-1), pro=2)
+        assert torch.equal(y, y2)

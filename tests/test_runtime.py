@@ -406,3 +406,15 @@ def test_cli_generate_refuses_ids_past_the_vocabulary(tmp_path, capsys):
     assert cli.main(["generate", str(ck), "--prompt", "a " + bad, "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert f"token ids must lie in 0..{vocab - 1}" in err and "Traceback" not in err
+
+
+def test_from_transformers_refuses_a_folded_model():
+    """A model whose decoder layers were folded into the CUDA GEMVs (release_stored_rk's default) is refused with
+    one clear error: its norms live inside the linears."""
+    from leanq.kernels import cuda_int as ci
+
+    m, _ = quantized()
+    ci.take_over(m, [x for x in m.modules() if ci._ok(x) and hasattr(x, "qweight")], fuse=True)
+    assert ci.fold_decoder(m) > 0
+    with pytest.raises(LeanqError, match="folded"):
+        runtime.from_transformers(m)

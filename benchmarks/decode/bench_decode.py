@@ -225,6 +225,10 @@ def cmd_decode(a) -> dict:
     if bad:
         raise SystemExit(f"--compile-modes: unknown {bad}; choose from {', '.join(COMPILE_MODES)}")
     res = {"tuned": install_tuned(a.tuned)}
+    if a.inductor_gd is not None:
+        from leanq.kernels import cuda_rt
+
+        cuda_rt.INDUCTOR_GD = res["inductor_gd"] = a.inductor_gd
     model = build(a.layers, "cuda")
     for g in modes:
         key = "bf16" if g == modes[0] else f"bf16-{g}"
@@ -247,7 +251,8 @@ def cmd_decode(a) -> dict:
     elif a.layout == "rk":  # batch 1 on the CUDA int GEMV, prefill dequantize + cuBLAS: one layout in memory
         from leanq.kernels import cuda_int as ci
 
-        freed = ci.release_stored_rk(model, fuse=a.fuse)
+        freed = ci.release_stored_rk(model, fuse=a.fuse, fold=not a.unfolded)
+        res["folded"] = sum(hasattr(m, "leanq_o_proj") for m in model.modules())
     elif a.layout == "kn":  # batch 1 on the kn GEMV, prefill dequantize + cuBLAS: one layout in memory
         from leanq.kernels import triton_kn as kn
 
@@ -268,7 +273,8 @@ def cmd_decode(a) -> dict:
         res["speedup" + sfx] = q["tokens_per_s"] / res[bkey]["tokens_per_s"]
         res["weight_memory_ratio" + sfx] = q["weights_gib"] / res[bkey]["weights_gib"]
         res["peak_memory_ratio" + sfx] = q["peak_gib"] / res[bkey]["peak_gib"]
-    if a.fold and a.layout == "rk" and a.release:  # the same model again, norms and SiLU x up folded into the GEMVs
+    # the same model again, its norms and SiLU x up folded into the GEMVs
+    if a.fold and a.unfolded and a.layout == "rk" and a.release:
         from leanq.kernels import cuda_int as ci
 
         res["folds"] = ci.fold_decoder(model)
@@ -323,7 +329,7 @@ def cmd_lean(a) -> dict:
     quantize_blocks(model, spec, MethodConfig(name="rtn", mse_clip=False), None, device="cuda", progress=False)
     from leanq.kernels import cuda_int as ci
 
-    ci.release_stored_rk(model, fuse=a.fuse)
+    ci.release_stored_rk(model, fuse=a.fuse, fold=False)  # the lean runtime runs its own layers
     torch.cuda.empty_cache()
     key = f"int{a.bits}"
     res[key] = dict(fuse=bool(a.fuse), weights_gib=weight_bytes(model) / 2**30,
@@ -384,9 +390,15 @@ def main() -> int:
     ap.add_argument("--host-profile", action="store_true",
                     help="also profile the host side of a 32-token generate per model and config (CPU time by op)")
     ap.add_argument("--tuned", default="", help="bench_kernels.json whose tuned tile configs to use")
+    ap.add_argument("--unfolded", action="store_true",
+                    help="decode: release the 4-bit model without folding its decoder layers' norms, SiLU x up and "
+                         "residual adds into the GEMVs (release_stored_rk(fold=False))")
     ap.add_argument("--fold", action="store_true",
-                    help="decode: after the 4-bit model's settings, fold its RMSNorms and SiLU x up into the GEMVs "
+                    help="decode, with --unfolded: after the 4-bit model's settings, fold them "
                          "(cuda_int.fold_decoder) and time every setting again in the same process")
+    ap.add_argument("--inductor-gd", type=int, choices=(0, 2), default=None,
+                    help="what the CUDA kernels' gd 1 becomes while TorchInductor's PDL mode is on "
+                         "(cuda_rt.INDUCTOR_GD; default as there)")
     ap.add_argument("--floor", action="store_true",
                     help="decode: after BF16, time the same model with every decoder-layer linear replaced by a "
                          "free stand-in (the bound on any quantized model's speedup in this harness); no int4 run")

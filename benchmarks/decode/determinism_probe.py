@@ -38,7 +38,7 @@ def probe(quant: bool, layers: int, new: int, compile_step: bool) -> None:
     if quant:
         quantize_blocks(model, QuantSpec(bits=4, group_size=128, sym=False), MethodConfig(name="rtn", mse_clip=False),
                         None, device="cuda", progress=False)
-        ci.release_stored_rk(model)
+        ci.release_stored_rk(model, fold=False)  # the lean runtime runs its own layers
     lm = runtime.from_transformers(model)
     if not compile_step:
         lm._step_fn = lm.step  # captured eagerly

@@ -187,8 +187,9 @@ def main() -> int:
     ap.add_argument("--sync", action="store_true",
                     help="with --graph: hf_graph.enable(model, defer_stop=False) (generate's stop check read every "
                          "step, as transformers does on CUDA)")
-    ap.add_argument("--fold", action="store_true",
-                    help="fold the RMSNorms and SiLU x up into the 4-bit GEMVs (cuda_int.release_stored_rk(fold=True))")
+    ap.add_argument("--fold", action=argparse.BooleanOptionalAction, default=True,
+                    help="fold the decoder layers' RMSNorms, SiLU x up and residual adds into the 4-bit GEMVs "
+                         "(cuda_int.release_stored_rk's fold, the default)")
     ap.add_argument("--table", action=argparse.BooleanOptionalAction, default=True,
                     help="print the host-side table")
     ap.add_argument("--gd", type=int, default=None,

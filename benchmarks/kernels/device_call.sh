@@ -34,7 +34,10 @@
 #                                                    # MODES=graph-pdl-prefill,graph-pdl,all ... hfgraph
 #   bash benchmarks/kernels/device_call.sh fold      # session 27 (prepared): the prologue and fold GPU tests, then the
 #                                                    # decode with and without the norms and SiLU x up folded into
-#                                                    # the GEMVs (bench_decode.py --fold), one process
+#                                                    # the GEMVs (bench_decode.py --unfolded --fold), one process
+#   bash benchmarks/kernels/device_call.sh tail      # session 28: the fold, layer-tail and PDL-mode GPU tests and the
+#                                                    # hf_graph ones (TK), then the decode (4-bit folded: the
+#                                                    # default; EXTRA=--unfolded) in MODES, one process
 #   bash benchmarks/kernels/device_call.sh vqc       # session 17: the 16-codeword cluster kernel's GPU tests, then
 #                                                    # its configs (CL) beside the 2-bit preset's kernel, graph harness
 # Each step runs under its own timeout so a slow step cannot eat the call; logs and JSON go to $OUT.
@@ -127,8 +130,15 @@ hfgraph)
 fold)
   [ -n "$NOTESTS" ] || PYTHONPATH=src:tests timeout "${T1:-200}" python3 -m pytest -q -x -p no:cacheprovider \
     tests/test_kernels_cuda_int.py -k "prologue or fold or taken_over or fused" 2>&1 | tail -5 | tee "$OUT/tests.log"
-  timeout "${T2:-380}" python3 benchmarks/decode/bench_decode.py decode --out "$OUT" --reps 3 --fold \
+  timeout "${T2:-380}" python3 benchmarks/decode/bench_decode.py decode --out "$OUT" --reps 3 --unfolded --fold \
     --compile-modes "${MODES:-graph-pdl,graph}" 2>&1 | tee "$OUT/decode.log" | grep -E "speedup|folds|Error|Traceback" ;;
+tail)
+  [ -n "$NOTESTS" ] || PYTHONPATH=src:tests timeout "${T1:-200}" python3 -m pytest -q -p no:cacheprovider \
+    tests/test_kernels_cuda_int.py tests/test_hf_graph.py tests/test_runtime.py -k "${TK:-fold or tail or pdl_mode or hf_graph or graph}" \
+    2>&1 | tail -15 | tee "$OUT/tests.log"
+  timeout "${T2:-400}" python3 benchmarks/decode/bench_decode.py decode --out "$OUT" --reps 3 $EXTRA \
+    --compile-modes "${MODES:-graph-pdl,graph,graph-pdl-prefill,graph-prefill}" 2>&1 | tee "$OUT/decode.log" \
+    | grep -E "speedup|folds|Error|Traceback" ;;
 prefill)
   [ -n "$NOTESTS" ] || PYTHONPATH=src:tests timeout "${T1:-150}" python3 -m pytest -q -p no:cacheprovider \
     tests/test_hf_graph.py 2>&1 | tail -5 | tee "$OUT/tests.log"

@@ -322,6 +322,10 @@ def cmd_generate(a) -> int:
         raise LeanqError(f"{a.model}: the prompt's token ids must lie in 0..{vocab - 1} (the model's vocabulary); "
                          f"its tokenizer gave {ids.tolist()[0][:8]}")
     kw = {}
+    if str(dev).startswith("cuda"):  # inference only: the integer layers to the CUDA kernels, decoder layers folded
+        from .kernels import cuda_int
+
+        cuda_int.release_stored_rk(model)
     if a.graph:  # a static cache: on a GPU generate then asks for the compiled call, which hf_graph replaces
         from . import hf_graph
 

@@ -447,6 +447,9 @@ def from_transformers(model: nn.Module) -> LeanLlama:
     src = model.model
     if len(src.layers) != s.layers:
         raise LeanqError(f"model.config: {s.layers} layers, the model holds {len(src.layers)}")
+    if any(hasattr(m, "rk_pro") for m in src.layers.modules()):
+        raise LeanqError("the model's decoder layers are folded into its GEMVs (cuda_int.release_stored_rk's "
+                         "default); release it with fold=False to run it here")
 
     def lin(m: nn.Module) -> nn.Module:  # nn.Linear as FloatLinear (activations cast to its dtype), on its tensors
         if isinstance(m, nn.Linear):

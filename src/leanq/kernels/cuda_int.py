@@ -51,6 +51,7 @@ dequantize).  :func:`release_stored_rk` hands a model's layers to this kernel al
 from __future__ import annotations
 
 import functools
+import inspect
 import types
 
 import torch
@@ -86,8 +87,8 @@ TUNED: dict = {4: dict(threads=512, r=2, u=4, pf=1, bps=None, xf=1, gd=1, xs=1),
 
 # what the batch-1 GEMV's staging computes from its inputs before the products (launch option ``pro``): 0 x itself;
 # 1 an RMSNorm folded in, x * g staged and every row's sum scaled by rsqrt(mean x**2 + eps) (g: the norm's weight,
-# in x's dtype); 2 SiLU x up folded in, silu(a) * b staged from x = [a | b] (2K values). Off by default
-# (:func:`fold_decoder`); prepared in session 27, not yet timed on a GPU.
+# in x's dtype); 2 SiLU x up folded in, silu(a) * b staged from x = [a | b] (2K values). Used where
+# :func:`fold_decoder` folds a decoder layer (release_stored_rk's default).
 PROLOGUES = (0, 1, 2)
 
 _SRC = r"""
@@ -939,10 +940,12 @@ def staging_units(cfg: dict, pk: dict) -> int:
 
 def run_int_cuda(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dict | None = None,
                  out: torch.Tensor | None = None, pro: int = 0, aux: torch.Tensor | None = None,
-                 eps: float = 0.0) -> torch.Tensor:
+                 eps: float = 0.0, chain: bool = False) -> torch.Tensor:
     """x2 [1, K] (fp16/bf16/fp32, contiguous) -> [1, N] of x2.dtype (into ``out`` when given). ``pro`` (see
     :data:`PROLOGUES`): 1 the RMSNorm of weight ``aux`` [K] (x2's dtype) and ``eps`` folded in; 2 x2 is [1, 2K],
-    [a | b], and silu(a) * b is what the layer reads."""
+    [a | b], and silu(a) * b is what the layer reads. ``chain``: the caller launches one of these GEMVs next on
+    the stream (which waits for this one before reading anything), so the next grid is let in early (gd 1) even
+    while TorchInductor's PDL mode would leave it to this grid's end (:func:`gdc`)."""
     M, Kx = x2.shape
     K = pk["K"]
     assert M == 1 and Kx == (2 if pro == 2 else 1) * K and x2.is_contiguous(), (M, Kx, K, pro)
@@ -956,7 +959,7 @@ def run_int_cuda(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dic
     if launch is None:  # the per-warp form (also where the streaming form does not apply: GPU, width, K)
         if cfg.get("mode") == "stream":
             cfg = dict(TUNED.get(pk["bits"], DEFAULT_CFG))
-        gd = gdc(cfg, dev)
+        gd = gdc(cfg, dev, chain)
         launch = _rows_launch(cfg, pk, x2, dev, gd, pro)
         pdl = gd > 0
     kern, threads, blocks, smem = launch
@@ -1002,10 +1005,14 @@ def stream_smem(pk: dict, threads: int, st: int, u: int) -> int:
     return warps * st * 32 * u * 16 + (warps * st + 1) // 2 * 16 + pk["KU"] * (codes_per_chunk(pk["bits"]) * 2 + 16)
 
 
-def gdc(cfg: dict, dev: int) -> int:
+def gdc(cfg: dict, dev: int, chain: bool = False) -> int:
     """The config's programmatic-dependent-launch mode (``gd``) where the GPU has it (sm_90 on), else 0; 1 becomes
-    2 (the next grid let in at this one's end) while TorchInductor's own PDL mode is on (see cuda_rt.inductor_pdl)."""
-    return pdl_mode(int(cfg.get("gd", 0)), sm90(dev))
+    2 (the next grid let in at this one's end) while TorchInductor's own PDL mode is on (see cuda_rt.inductor_pdl),
+    unless ``chain`` (the next kernel is one of these GEMVs, which waits: see :func:`run_int_cuda`)."""
+    gd = int(cfg.get("gd", 0))
+    if chain and gd == 1 and sm90(dev):
+        return 1
+    return pdl_mode(gd, sm90(dev))
 
 
 def _stream_launch(cfg: dict, pk: dict, x2: torch.Tensor, dev: int):
@@ -1196,6 +1203,47 @@ except Exception:  # an older torch without custom_op: no folding (fold_decoder 
     _op_pro = None
 
 
+def _run_tail(x: torch.Tensor, res: torch.Tensor, norm_w: torch.Tensor, eps: float, o: dict, gu: dict,
+              d: dict) -> torch.Tensor:
+    """The rest of a folded decoder layer after its attention (``x`` the attention's output before o_proj, ``res``
+    the residual stream): h = o_proj(x) + res, g = gate/up of RMSNorm(h) (``norm_w``, ``eps``; the fused rows),
+    down(silu(a) * b of g) + h. At batch 1 on a GPU three GEMVs back to back, each letting the next in early
+    (``chain``: nothing else runs between them); elsewhere :func:`_run_pro` three times."""
+    if x.is_cuda and x.numel() == x.shape[-1] and x.dtype in XT and res.dtype == x.dtype:
+        w = norm_w.to(x.dtype).contiguous()  # before the first launch: no other kernel between the three
+        r = res.reshape(-1).contiguous()
+        h = run_int_cuda(x.reshape(1, -1).contiguous(), o, r, chain=True)
+        g = run_int_cuda(h, gu, None, pro=1, aux=w, eps=eps, chain=True)
+        return run_int_cuda(g, d, h.reshape(-1), pro=2).reshape(*x.shape[:-1], d["N"])
+    h = _run_pro(x, o, None, 0, None, 0.0, res)
+    return _run_pro(_run_pro(h, gu, None, 1, norm_w, eps), d, None, 2, None, 0.0, h)
+
+
+_META = ("bits", "K", "N", "KU", "NG", "GCS", "sbf16", "group")
+
+
+def _impl_tail(x: torch.Tensor, res: torch.Tensor, norm_w: torch.Tensor, eps: float, o_words: torch.Tensor,
+               o_sz: torch.Tensor, gu_words: torch.Tensor, gu_sz: torch.Tensor, d_words: torch.Tensor,
+               d_sz: torch.Tensor, meta: list[int]) -> torch.Tensor:
+    """:func:`_run_tail` as one op (``meta``: the three layouts' :func:`_meta`, in order), so that under
+    torch.compile no kernel of TorchInductor's can come between its GEMVs."""
+    pks = [dict(zip(_META, meta[8 * i:8 * i + 8]), words=w, sz=z)
+           for i, (w, z) in enumerate(((o_words, o_sz), (gu_words, gu_sz), (d_words, d_sz)))]
+    for p in pks:
+        p["sbf16"] = bool(p["sbf16"])
+    return on_device_of(x, _run_tail, x, res, norm_w, eps, *pks)
+
+
+try:
+    _op_tail = torch.library.custom_op("leanq::cuda_int_layer_tail", mutates_args=())(_impl_tail)
+
+    @_op_tail.register_fake
+    def _(x, res, norm_w, eps, o_words, o_sz, gu_words, gu_sz, d_words, d_sz, meta):
+        return x.new_empty(*x.shape[:-1], meta[16 + 2])
+except Exception:  # an older torch without custom_op: the residual adds stay in torch (fold_decoder)
+    _op_tail = None
+
+
 def _meta(pk: dict) -> tuple:
     """The op's integer arguments of layout ``pk``, in order."""
     return (pk["bits"], pk["K"], pk["N"], pk["KU"], pk["NG"], pk["GCS"], pk["sbf16"], pk["group"])
@@ -1300,15 +1348,16 @@ def take_over(model: torch.nn.Module, layers: list, fuse: bool = True) -> int:
     return freed
 
 
-def release_stored_rk(model: torch.nn.Module, fuse: bool = True, fold: bool = False) -> int:
+def release_stored_rk(model: torch.nn.Module, fuse: bool = True, fold: bool = True) -> int:
     """Inference only: build every eligible CUDA int layer's rk layout now and free its stored buffers (the
     layer then runs only here: the GEMV at batch 1, tensor cores at 2-16, dequantize + cuBLAS above; its
     forward calls the kernel directly, without the dispatch table).  With ``fuse`` (the default), layers that
     read the same input share one GEMV under torch.compile (:func:`take_over`): on an H100 this took a
     32-layer 7B-shaped decode from 1.84x to 2.00x BF16 (docs/PERFORMANCE.md, version 9).  The kernel is
     compiled and checked on the first layer before any buffer is freed; if that fails, nothing is released.
-    ``fold`` (with ``fuse``): also fold the decoder layers' RMSNorms and SiLU x up into their GEMVs
-    (:func:`fold_decoder`; prepared, not yet run on a GPU). Returns bytes freed."""
+    ``fold`` (with ``fuse``, the default): also fold transformers' Llama, Mistral and Qwen2 decoder layers' RMSNorms,
+    SiLU x up and residual adds into their GEMVs (:func:`fold_decoder`): on an H200 this took the 7B-shaped decode
+    from 410 to 497-502 tokens/s (docs/PERFORMANCE.md, version 29). Returns bytes freed."""
     layers = [m for m in model.modules()
               if _ok(m) and hasattr(m, "qweight") and m.qweight.numel() and m.qweight.device.type == "cuda"]
     if not layers or not available():
@@ -1385,10 +1434,21 @@ def _folded_mlp_forward(mlp, x: torch.Tensor, res: torch.Tensor | None = None) -
 def _folded_layer_forward(layer, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
     """The decoder layer with everything folded: attention with the norm inside q/k/v and without o_proj (an
     identity there), then o_proj adding the residual, then the MLP with the norm inside gate/up and down adding the
-    residual. The same arguments reach the attention as in transformers' layer (all of them, by keyword)."""
+    residual, as one op (:func:`_run_tail`). The same arguments reach the attention as in transformers' layer (all
+    of them, by keyword)."""
     attn_out, _ = layer.self_attn(hidden_states=hidden_states, **kwargs)
-    h = _pro_call(layer.leanq_o_proj, attn_out, hidden_states)
-    return _folded_mlp_forward(layer.mlp, h, h)
+    o, gu, d = layer.leanq_o_proj, layer.mlp.gate_proj, layer.mlp.down_proj
+    meta = [int(v) for v in o.rk_meta + gu.rk_fused_meta + d.rk_meta]
+    args = (attn_out, hidden_states, gu.rk_norm_w, gu.rk_pro[1], o.rk_words, o.rk_sz, gu.rk_fused_words,
+            gu.rk_fused_sz, d.rk_words, d.rk_sz, meta)
+    return _op_tail(*args) if torch.compiler.is_compiling() else _impl_tail(*args)
+
+
+def _returns_tensor(layer) -> bool:
+    """The layer class's forward returns the hidden states alone (transformers 5's decoder layers; earlier ones
+    returned a tuple, which a replaced forward would break)."""
+    ann = inspect.signature(type(layer).forward).return_annotation
+    return ann is torch.Tensor or ann in ("torch.Tensor", "Tensor")
 
 
 def fold_decoder(model: torch.nn.Module, residual: bool = True) -> int:
@@ -1399,8 +1459,8 @@ def fold_decoder(model: torch.nn.Module, residual: bool = True) -> int:
     layer's two residual adds go into o_proj's and down's outputs: o_proj moves out of the attention (an identity
     there; the layer keeps it as ``leanq_o_proj``) and the layer's forward calls the attention, o_proj with the
     residual, then the MLP with the residual. At batch 1 on a GPU the GEMVs compute all of it (five kernels fewer a
-    layer); elsewhere the op computes it in torch around the layer. Returns the number of folds. Prepared in session
-    27: checked on the CPU and compiled for sm_90 here, not yet run on a GPU."""
+    layer; o_proj, gate/up and down one op, :func:`_run_tail`); elsewhere the op computes it in torch around the
+    layer. Returns the number of folds."""
     if _op_pro is None:
         return 0
     n = 0
@@ -1418,7 +1478,8 @@ def fold_decoder(model: torch.nn.Module, residual: bool = True) -> int:
                 n += 1
             act = getattr(mlp, "act_fn", None)
             silu = isinstance(act, torch.nn.SiLU) or type(act).__name__ in ("SiLUActivation", "SiLU")
-            if (silu and _fused_group(gu) and getattr(down, "rk_words", None) is not None
+            if (silu and _fused_group(gu) and all(m.bias is None for m in gu)
+                    and getattr(down, "rk_words", None) is not None
                     and down.rk_rows is None and not hasattr(down, "rk_pro")
                     and 2 * down.in_features == gu[0].rk_fused_words.shape[0]
                     and gu[0].rk_rows[1] == down.in_features):
@@ -1426,8 +1487,10 @@ def fold_decoder(model: torch.nn.Module, residual: bool = True) -> int:
                 mlp.forward = types.MethodType(_folded_mlp_forward, mlp)
                 n += 1
         o = getattr(attn, "o_proj", None)
-        if (residual and isinstance(layer.input_layernorm, torch.nn.Identity)
+        if (residual and _op_tail is not None and _returns_tensor(layer)
+                and isinstance(layer.input_layernorm, torch.nn.Identity)
                 and isinstance(layer.post_attention_layernorm, torch.nn.Identity)
+                and getattr(gu[0], "rk_pro", (0,))[0] == 1
                 and getattr(down, "rk_pro", None) == (2, 0.0) and down.bias is None
                 and getattr(o, "rk_words", None) is not None and o.rk_rows is None and o.bias is None
                 and not hasattr(o, "rk_pro")):

@@ -200,13 +200,18 @@ def inductor_pdl() -> bool:
     return bool(getattr(getattr(cfg, "triton", None), "enable_pdl", False))
 
 
+# what launch option gd 1 becomes while TorchInductor's PDL mode is on: 2 (the next grid let in at this grid's end)
+# or 0 (no programmatic launch: this grid starts after the kernel before it has ended)
+INDUCTOR_GD = 2
+
+
 def pdl_mode(gd: int, has_pdl: bool) -> int:
     """The programmatic-dependent-launch mode a kernel runs with: launch option ``gd`` where the GPU has PDL
-    (``has_pdl``: sm_90 on), else 0; 1 (the next grid let in early) becomes 2 (let in at this grid's end) while
+    (``has_pdl``: sm_90 on), else 0; 1 (the next grid let in early) becomes :data:`INDUCTOR_GD` while
     TorchInductor's PDL mode is on (see :func:`inductor_pdl`)."""
     if not gd or not has_pdl:
         return 0
-    return 2 if gd == 1 and inductor_pdl() else gd
+    return INDUCTOR_GD if gd == 1 and inductor_pdl() else gd
 
 
 def device_index(x: torch.Tensor | torch.device) -> int:
