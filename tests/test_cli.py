@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from leanq.cli import main
 
@@ -37,6 +38,25 @@ def test_quantize_eval_info_generate(tiny_hf_folder, text_file, tmp_path, capsys
 
     rc, o, e = run(capsys, "generate", str(out), "--prompt", "The quick", "--max-new-tokens", "5", "--device", "cpu")
     assert rc == 0 and o.startswith("The quick")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
+def test_generate_on_a_gpu_releases_the_integer_layers(tiny_hf_folder, tmp_path, capsys, monkeypatch, graph):
+    """On a GPU, generate hands the 4-bit layers to the CUDA kernels (their decoder layers folded) before decoding,
+    eagerly and through leanq.hf_graph."""
+    from leanq.kernels import cuda_int
+
+    out = tmp_path / "q"
+    rc, _, e = run(capsys, "quantize", str(tiny_hf_folder), "--method", "rtn", "--bits", "4", "--group-size", "32",
+                   "--out", str(out), "--device", "cpu")
+    assert rc == 0, e
+    freed, release = [], cuda_int.release_stored_rk
+    monkeypatch.setattr(cuda_int, "release_stored_rk", lambda m, **kw: freed.append(release(m, **kw)) or freed[-1])
+    rc, o, e = run(capsys, "generate", str(out), "--prompt", "The quick", "--max-new-tokens", "5", "--device", "cuda",
+                   *(["--graph"] if graph else []))
+    assert rc == 0, e
+    assert o.startswith("The quick") and freed and freed[0] > 0
 
 
 BAD = [

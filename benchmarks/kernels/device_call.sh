@@ -134,7 +134,8 @@ fold)
     --compile-modes "${MODES:-graph-pdl,graph}" 2>&1 | tee "$OUT/decode.log" | grep -E "speedup|folds|Error|Traceback" ;;
 tail)
   [ -n "$NOTESTS" ] || PYTHONPATH=src:tests timeout "${T1:-200}" python3 -m pytest -q -p no:cacheprovider \
-    tests/test_kernels_cuda_int.py tests/test_hf_graph.py tests/test_runtime.py -k "${TK:-fold or tail or pdl_mode or hf_graph or graph}" \
+    tests/test_kernels_cuda_int.py tests/test_hf_graph.py tests/test_runtime.py tests/test_cli.py \
+    -k "${TK:-fold or tail or pdl_mode or hf_graph or graph or releases_the_integer}" \
     2>&1 | tail -15 | tee "$OUT/tests.log"
   timeout "${T2:-400}" python3 benchmarks/decode/bench_decode.py decode --out "$OUT" --reps 3 $EXTRA \
     --compile-modes "${MODES:-graph-pdl,graph,graph-pdl-prefill,graph-prefill}" 2>&1 | tee "$OUT/decode.log" \
