@@ -1203,6 +1203,10 @@ except Exception:  # an older torch without custom_op: no folding (fold_decoder 
     _op_pro = None
 
 
+# the layout's integer fields, in the order the ops take them
+_META = ("bits", "K", "N", "KU", "NG", "GCS", "sbf16", "group")
+
+
 def _run_tail(x: torch.Tensor, res: torch.Tensor, norm_w: torch.Tensor, eps: float, o: dict, gu: dict,
               d: dict) -> torch.Tensor:
     """The rest of a folded decoder layer after its attention (``x`` the attention's output before o_proj, ``res``
@@ -1217,9 +1221,6 @@ def _run_tail(x: torch.Tensor, res: torch.Tensor, norm_w: torch.Tensor, eps: flo
         return run_int_cuda(g, d, h.reshape(-1), pro=2).reshape(*x.shape[:-1], d["N"])
     h = _run_pro(x, o, None, 0, None, 0.0, res)
     return _run_pro(_run_pro(h, gu, None, 1, norm_w, eps), d, None, 2, None, 0.0, h)
-
-
-_META = ("bits", "K", "N", "KU", "NG", "GCS", "sbf16", "group")
 
 
 def _impl_tail(x: torch.Tensor, res: torch.Tensor, norm_w: torch.Tensor, eps: float, o_words: torch.Tensor,
@@ -1245,8 +1246,8 @@ except Exception:  # an older torch without custom_op: the residual adds stay in
 
 
 def _meta(pk: dict) -> tuple:
-    """The op's integer arguments of layout ``pk``, in order."""
-    return (pk["bits"], pk["K"], pk["N"], pk["KU"], pk["NG"], pk["GCS"], pk["sbf16"], pk["group"])
+    """The op's integer arguments of layout ``pk``, in order (:data:`_META`)."""
+    return tuple(pk[k] for k in _META)
 
 
 def _linear(m, x: torch.Tensor) -> torch.Tensor:
