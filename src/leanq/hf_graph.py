@@ -18,8 +18,8 @@ cache, positional arguments, other objects) runs the compiled forward as usual.
     leanq.hf_graph.enable(model)
     model.generate(ids, max_new_tokens=256, cache_implementation="static")
 
-Prefill is untouched (transformers runs it uncompiled), and so is everything off a GPU (generate compiles only on a
-GPU with a static cache).  A replay runs the recorded kernels, so its logits are the compiled forward's.
+Prefill runs as transformers runs it (uncompiled; but see ``prefill`` below), and everything off a GPU is untouched
+(generate compiles only on a GPU with a static cache).  A replay runs the recorded kernels, so its logits are the compiled forward's.
 
 ``generate`` also asks the GPU after every step whether to stop, which holds the host until the step has run, so the
 next step's host work (its inputs, the mask, the launch) and the GPU's work never overlap.  transformers has a

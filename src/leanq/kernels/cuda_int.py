@@ -1009,10 +1009,8 @@ def gdc(cfg: dict, dev: int, chain: bool = False) -> int:
     """The config's programmatic-dependent-launch mode (``gd``) where the GPU has it (sm_90 on), else 0; 1 becomes
     2 (the next grid let in at this one's end) while TorchInductor's own PDL mode is on (see cuda_rt.inductor_pdl),
     unless ``chain`` (the next kernel is one of these GEMVs, which waits: see :func:`run_int_cuda`)."""
-    gd = int(cfg.get("gd", 0))
-    if chain and gd == 1 and sm90(dev):
-        return 1
-    return pdl_mode(gd, sm90(dev))
+    gd, has_pdl = int(cfg.get("gd", 0)), sm90(dev)
+    return 1 if chain and gd == 1 and has_pdl else pdl_mode(gd, has_pdl)
 
 
 def _stream_launch(cfg: dict, pk: dict, x2: torch.Tensor, dev: int):
@@ -1138,11 +1136,22 @@ def _try_gemm(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None) -> torch.Te
         return None
 
 
+# the layout's integer fields, in the order the ops take them
+_META = ("bits", "K", "N", "KU", "NG", "GCS", "sbf16", "group")
+
+
+def _layout_of(words: torch.Tensor, sz: torch.Tensor, meta) -> dict:
+    """The layout dict (as :func:`packed_rk` gives) of an op's tensors and integer fields ``meta`` (:data:`_META`)."""
+    pk = dict(zip(_META, meta), words=words, sz=sz)
+    pk["sbf16"] = bool(pk["sbf16"])
+    return pk
+
+
 def _impl(x: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, bias: torch.Tensor | None, bits: int, K: int,
           N: int, KU: int, NG: int, GCS: int, sbf16: bool, group: int) -> torch.Tensor:
     """The kernels as one opaque op, so torch.compile (and its CUDA graphs) take them whole: the GEMV at
     batch 1, dequantize + cuBLAS above."""
-    pk = dict(words=words, sz=sz, bits=bits, K=K, N=N, KU=KU, NG=NG, GCS=GCS, sbf16=sbf16, group=group)
+    pk = _layout_of(words, sz, (bits, K, N, KU, NG, GCS, sbf16, group))
     return on_device_of(x, _run, x, pk, bias)
 
 
@@ -1170,16 +1179,16 @@ def prologue(x: torch.Tensor, aux: torch.Tensor | None, pro: int, eps: float) ->
 
 
 def _run_pro(x: torch.Tensor, pk: dict, bias: torch.Tensor | None, pro: int, aux: torch.Tensor | None,
-             eps: float, res: torch.Tensor | None = None) -> torch.Tensor:
+             eps: float, res: torch.Tensor | None = None, chain: bool = False) -> torch.Tensor:
     """:func:`_run` with a prologue and, with ``res`` (a layer without a bias), the residual added to the output: at
-    batch 1 on a GPU the GEMV's staging computes the prologue and its bias slot adds the residual (one read per row);
-    elsewhere both in torch around the layer."""
+    batch 1 on a GPU the GEMV's staging computes the prologue and its bias slot adds the residual (one read per row;
+    ``chain`` as :func:`run_int_cuda` takes it); elsewhere both in torch around the layer."""
     assert res is None or bias is None, "a residual takes the bias's place"
     if x.is_cuda and x.numel() == x.shape[-1] and x.dtype in XT and (res is None or res.dtype == x.dtype):
         x2 = x.reshape(1, -1).contiguous()
         a = aux.to(x.dtype).contiguous() if pro == 1 else None
         b = res.reshape(-1).contiguous() if res is not None else bias
-        return run_int_cuda(x2, pk, b, pro=pro, aux=a, eps=eps).reshape(*x.shape[:-1], pk["N"])
+        return run_int_cuda(x2, pk, b, pro=pro, aux=a, eps=eps, chain=chain).reshape(*x.shape[:-1], pk["N"])
     y = _run(prologue(x, aux, pro, eps), pk, bias)
     return y + res if res is not None else y
 
@@ -1189,7 +1198,7 @@ def _impl_pro(x: torch.Tensor, aux: torch.Tensor | None, res: torch.Tensor | Non
               NG: int, GCS: int, sbf16: bool, group: int) -> torch.Tensor:
     """:func:`_impl` with a prologue (:data:`PROLOGUES`) folded in: an RMSNorm before the layer (``aux`` its weight)
     or SiLU x up (x holds both halves); and with ``res``, the residual stream added to the output."""
-    pk = dict(words=words, sz=sz, bits=bits, K=K, N=N, KU=KU, NG=NG, GCS=GCS, sbf16=sbf16, group=group)
+    pk = _layout_of(words, sz, (bits, K, N, KU, NG, GCS, sbf16, group))
     return on_device_of(x, _run_pro, x, pk, bias, pro, aux, eps, res)
 
 
@@ -1203,24 +1212,15 @@ except Exception:  # an older torch without custom_op: no folding (fold_decoder 
     _op_pro = None
 
 
-# the layout's integer fields, in the order the ops take them
-_META = ("bits", "K", "N", "KU", "NG", "GCS", "sbf16", "group")
-
-
 def _run_tail(x: torch.Tensor, res: torch.Tensor, norm_w: torch.Tensor, eps: float, o: dict, gu: dict,
               d: dict) -> torch.Tensor:
     """The rest of a folded decoder layer after its attention (``x`` the attention's output before o_proj, ``res``
     the residual stream): h = o_proj(x) + res, g = gate/up of RMSNorm(h) (``norm_w``, ``eps``; the fused rows),
-    down(silu(a) * b of g) + h. At batch 1 on a GPU three GEMVs back to back, each letting the next in early
-    (``chain``: nothing else runs between them); elsewhere :func:`_run_pro` three times."""
-    if x.is_cuda and x.numel() == x.shape[-1] and x.dtype in XT and res.dtype == x.dtype:
-        w = norm_w.to(x.dtype).contiguous()  # before the first launch: no other kernel between the three
-        r = res.reshape(-1).contiguous()
-        h = run_int_cuda(x.reshape(1, -1).contiguous(), o, r, chain=True)
-        g = run_int_cuda(h, gu, None, pro=1, aux=w, eps=eps, chain=True)
-        return run_int_cuda(g, d, h.reshape(-1), pro=2).reshape(*x.shape[:-1], d["N"])
-    h = _run_pro(x, o, None, 0, None, 0.0, res)
-    return _run_pro(_run_pro(h, gu, None, 1, norm_w, eps), d, None, 2, None, 0.0, h)
+    down(silu(a) * b of g) + h: :func:`_run_pro` three times. At batch 1 on a GPU that is three GEMVs back to back,
+    each letting the next in early (``chain``: nothing else runs between them)."""
+    w = norm_w.to(x.dtype).contiguous()  # before the first launch: no other kernel between the three
+    h = _run_pro(x, o, None, 0, None, 0.0, res, chain=True)
+    return _run_pro(_run_pro(h, gu, None, 1, w, eps, chain=True), d, None, 2, None, 0.0, h)
 
 
 def _impl_tail(x: torch.Tensor, res: torch.Tensor, norm_w: torch.Tensor, eps: float, o_words: torch.Tensor,
@@ -1228,10 +1228,8 @@ def _impl_tail(x: torch.Tensor, res: torch.Tensor, norm_w: torch.Tensor, eps: fl
                d_sz: torch.Tensor, meta: list[int]) -> torch.Tensor:
     """:func:`_run_tail` as one op (``meta``: the three layouts' :func:`_meta`, in order), so that under
     torch.compile no kernel of TorchInductor's can come between its GEMVs."""
-    pks = [dict(zip(_META, meta[8 * i:8 * i + 8]), words=w, sz=z)
+    pks = [_layout_of(w, z, meta[8 * i:8 * i + 8])
            for i, (w, z) in enumerate(((o_words, o_sz), (gu_words, gu_sz), (d_words, d_sz)))]
-    for p in pks:
-        p["sbf16"] = bool(p["sbf16"])
     return on_device_of(x, _run_tail, x, res, norm_w, eps, *pks)
 
 
