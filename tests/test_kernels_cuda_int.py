@@ -925,7 +925,7 @@ def test_fold_decoder_keeps_the_logits_and_four_gemvs_a_layer(monkeypatch, resid
     model = _folded_tiny_llama()
     with torch.no_grad():
         ref = model(ids).logits
-    assert ci.fold_decoder(model, residual=residual) == 2 * (4 if residual else 3)  # two layers
+    assert ci.fold_decoder(model, residual=residual) == 2 * (5 if residual else 4)  # two layers, rope included
     assert ci.fold_decoder(model, residual=residual) == 0  # once only
     layer = model.model.layers[0]
     assert isinstance(layer.input_layernorm, torch.nn.Identity)
@@ -955,7 +955,7 @@ def test_fold_decoder_keeps_the_logits_of_the_other_families(family):
               output_logits=True, return_dict_in_generate=True)
     with torch.no_grad():
         ref = model.generate(ids, **kw)
-        assert ci.fold_decoder(model) == 2 * 4
+        assert ci.fold_decoder(model) == 2 * 5
         got = model.generate(ids, **kw)
     assert torch.equal(got.sequences, ref.sequences)
     for a, b in zip(got.logits, ref.logits):
@@ -972,18 +972,18 @@ def test_fold_decoder_declines_what_it_cannot_fold():
     for layer in model.model.layers:
         layer.mlp.act_fn = torch.nn.GELU()
         layer.input_layernorm = torch.nn.LayerNorm(128)
-    assert ci.fold_decoder(model) == 2  # only the norms before the MLPs
+    assert ci.fold_decoder(model) == 2 * 2  # only the norms before the MLPs and the attention's rope
     assert not hasattr(model.model.layers[0].mlp.down_proj, "rk_pro")
     model = _folded_tiny_llama()
     for layer in model.model.layers:  # gate/up with a bias: SiLU x up (and so the residual adds) not folded
         layer.mlp.up_proj.bias = torch.nn.Parameter(torch.zeros(256))
-    assert ci.fold_decoder(model) == 2 * 2
+    assert ci.fold_decoder(model) == 2 * 3
     assert not hasattr(model.model.layers[0].mlp.down_proj, "rk_pro")
     assert not hasattr(model.model.layers[0], "leanq_o_proj")
     model = _folded_tiny_llama()
     for layer in model.model.layers:  # a decoder layer whose forward returns a tuple (transformers before 5)
         layer.__class__ = type("LlamaDecoderLayer", (type(layer),), {"forward": _tuple_forward})
-    assert ci.fold_decoder(model) == 2 * 3  # norms and SiLU x up; the layer's forward kept
+    assert ci.fold_decoder(model) == 2 * 4  # norms, SiLU x up and rope; the layer's forward kept
     assert not hasattr(model.model.layers[0], "leanq_o_proj")
 
 

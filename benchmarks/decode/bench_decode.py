@@ -251,8 +251,9 @@ def cmd_decode(a) -> dict:
     elif a.layout == "rk":  # batch 1 on the CUDA int GEMV, prefill dequantize + cuBLAS: one layout in memory
         from leanq.kernels import cuda_int as ci
 
-        freed = ci.release_stored_rk(model, fuse=a.fuse, fold=not a.unfolded)
+        freed = ci.release_stored_rk(model, fuse=a.fuse, fold=not a.unfolded, rope=not a.no_rope)
         res["folded"] = sum(hasattr(m, "leanq_o_proj") for m in model.modules())
+        res["rope_folded"] = sum(hasattr(m, "leanq_heads") for m in model.modules())
     elif a.layout == "kn":  # batch 1 on the kn GEMV, prefill dequantize + cuBLAS: one layout in memory
         from leanq.kernels import triton_kn as kn
 
@@ -273,11 +274,13 @@ def cmd_decode(a) -> dict:
         res["speedup" + sfx] = q["tokens_per_s"] / res[bkey]["tokens_per_s"]
         res["weight_memory_ratio" + sfx] = q["weights_gib"] / res[bkey]["weights_gib"]
         res["peak_memory_ratio" + sfx] = q["peak_gib"] / res[bkey]["peak_gib"]
-    # the same model again, its norms and SiLU x up folded into the GEMVs
-    if a.fold and a.unfolded and a.layout == "rk" and a.release:
+    # the same model again, its norms and SiLU x up folded into the GEMVs (after --unfolded), or its attention's
+    # rotary embedding and cache write (after --no-rope)
+    if a.fold and (a.unfolded or a.no_rope) and a.layout == "rk" and a.release:
         from leanq.kernels import cuda_int as ci
 
         res["folds"] = ci.fold_decoder(model)
+        res["second_pass"] = "fold" if a.unfolded else "rope"
         for g in modes:
             key, bkey = (f"int{a.bits}-fold", "bf16") if g == modes[0] else (f"int{a.bits}-fold-{g}", f"bf16-{g}")
             res[key] = dict(weights_gib=weight_bytes(model) / 2**30,
@@ -393,6 +396,10 @@ def main() -> int:
     ap.add_argument("--unfolded", action="store_true",
                     help="decode: release the 4-bit model without folding its decoder layers' norms, SiLU x up and "
                          "residual adds into the GEMVs (release_stored_rk(fold=False))")
+    ap.add_argument("--no-rope", action="store_true",
+                    help="decode: fold the 4-bit model's decoder layers without their attention's rotary embedding "
+                         "and cache write (release_stored_rk(rope=False)); with --fold, fold those after the first "
+                         "settings and time every setting again in the same process")
     ap.add_argument("--fold", action="store_true",
                     help="decode, with --unfolded: after the 4-bit model's settings, fold them "
                          "(cuda_int.fold_decoder) and time every setting again in the same process")

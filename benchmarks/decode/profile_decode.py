@@ -131,7 +131,56 @@ def gaps_by_kernel(events, top: int = 12) -> list[tuple[str, float, float, float
     return sorted(rows, key=lambda r: -r[1])[:top]
 
 
-def profile_once(model, ids, kw: dict, new: int, table: bool, label: str = "int4") -> None:
+def decode_steps(events) -> list[list[tuple[float, float, str]]]:
+    """The GPU kernels of each decode step replayed from a graph, (start, end, name) in start order: a step's kernels
+    run from the first kernel at or after its ``cudaGraphLaunch`` to the first kernel at or after the next launch
+    (the first two launches, which may hold the prompt, are skipped; the last step is open-ended)."""
+    launches = sorted(e.time_range.start for e in events
+                      if e.device_type.name == "CPU" and e.name == "cudaGraphLaunch")
+    kern = sorted((e.time_range.start, e.time_range.end, e.name) for e in events if e.device_type.name == "CUDA")
+    steps = []
+    for l0, l1 in zip(launches[2:], launches[3:]):
+        first = next((i for i, k in enumerate(kern) if k[0] >= l0), None)
+        nxt = next((i for i, k in enumerate(kern) if k[0] >= l1), None)
+        if first is None or nxt is None:
+            continue
+        steps.append(kern[first:nxt])
+    return steps
+
+
+def by_position(steps, name: str = "int_gemv", period: int = 4) -> list[tuple[int, int, float, float, float]]:
+    """The launches of kernel ``name`` in each step, by their position modulo ``period`` (a folded decoder layer runs
+    four GEMVs in order: q/k/v, o_proj, gate/up, down): (position, launches per step, median duration, median gap
+    before it, median time it adds), in microseconds. A kernel's added time is its end minus the latest end of the
+    kernels before it (its own duration less what overlapped its predecessor's, plus the gap before it), so the
+    added times of a step's kernels sum to the step's GPU time."""
+    rows = collections.defaultdict(lambda: ([], [], []))
+    for ks in steps:
+        end, j = None, 0
+        for a, b, n in ks:
+            if n.startswith(name):
+                d, g, ad = rows[j % period]
+                d.append(b - a)
+                g.append(0.0 if end is None else max(0.0, a - end))
+                ad.append(b - a if end is None else max(0.0, b - max(end, a)) + max(0.0, a - end))
+                j += 1
+            end = b if end is None else max(end, b)
+    med = statistics.median
+    return [(p, round(len(d) / max(1, len(steps))), med(d), med(g), med(ad)) for p, (d, g, ad) in sorted(rows.items())]
+
+
+def step_listing(ks) -> list[str]:
+    """One step's kernels in order: start offset, duration, gap before, added time (us) and name."""
+    out, end, t0 = [], None, ks[0][0] if ks else 0.0
+    for a, b, n in ks:
+        gap = 0.0 if end is None else a - end
+        add = b - a if end is None else max(0.0, b - max(end, a)) + max(0.0, a - end)
+        out.append(f"{a - t0:9.1f} {b - a:7.2f} {gap:7.2f} {add:7.2f}  {n[:90]}")
+        end = b if end is None else max(end, b)
+    return out
+
+
+def profile_once(model, ids, kw: dict, new: int, table: bool, label: str = "int4", listing: str | None = None) -> None:
     """Compile (first generate), two timed generates, one profiled: GPU kernel time per token by kernel name."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -169,6 +218,31 @@ def profile_once(model, ids, kw: dict, new: int, table: bool, label: str = "int4
     print("idle before a kernel, by the kernel before it and the kernel (us per step, launches per step, median us):")
     for name, us, n, med in gaps_by_kernel(prof.events()):
         print(f"{us:9.1f} {n:7.1f} {med:7.2f}  {name}")
+    steps = decode_steps(prof.events())
+    if steps:
+        print("int_gemv by position in the layer (folded: q/k/v, o_proj, gate/up, down), medians in us: "
+              "position, launches per step, duration, gap before, added time")
+        for p, n, d, g, ad in by_position(steps):
+            print(f"  {p} {n:5d} {d:8.2f} {g:8.2f} {ad:8.2f}")
+        per = collections.defaultdict(list)
+        for ks in steps:
+            c = collections.Counter()
+            end = None
+            for a, b, n in ks:
+                add = b - a if end is None else max(0.0, b - max(end, a)) + max(0.0, a - end)
+                c[n[:50]] += add
+                end = b if end is None else max(end, b)
+            for n, v in c.items():
+                per[n].append(v)
+        print("added time per step by kernel name (median over steps, us):")
+        for n, v in sorted(per.items(), key=lambda kv: -statistics.median(kv[1]))[:14]:
+            print(f"  {statistics.median(v):8.1f}  {n}")
+        if listing:
+            mid = steps[len(steps) // 2]
+            with open(listing, "w") as f:
+                f.write("start_us dur_us gap_us added_us name (one decode step, the middle one)\n")
+                f.write("\n".join(step_listing(mid)) + "\n")
+            print(f"one step's kernels ({len(mid)}): {listing}")
     if table:
         print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=60))
 
@@ -190,8 +264,13 @@ def main() -> int:
     ap.add_argument("--fold", action=argparse.BooleanOptionalAction, default=True,
                     help="fold the decoder layers' RMSNorms, SiLU x up and residual adds into the 4-bit GEMVs "
                          "(cuda_int.release_stored_rk's fold, the default)")
+    ap.add_argument("--rope", action=argparse.BooleanOptionalAction, default=True,
+                    help="with --fold: the attention's rotary embedding and cache write in one kernel too (the "
+                         "default)")
     ap.add_argument("--table", action=argparse.BooleanOptionalAction, default=True,
                     help="print the host-side table")
+    ap.add_argument("--listing", default=None, metavar="FILE",
+                    help="write one decode step's kernels in order (offset, duration, gap, added time) to FILE")
     ap.add_argument("--gd", type=int, default=None,
                     help="the batch-1 GEMV's programmatic dependent launch mode for every width (cuda_int's launch "
                          "option gd: 0 off, 1, 2); default: as cuda_int.TUNED")
@@ -215,7 +294,7 @@ def main() -> int:
         if a.layout == "rk":
             from leanq.kernels import cuda_int as ci
 
-            ci.release_stored_rk(model, fold=a.fold)
+            ci.release_stored_rk(model, fold=a.fold, rope=a.rope)
         else:
             kn.release_stored_kn(model)
     torch.cuda.empty_cache()
@@ -227,7 +306,7 @@ def main() -> int:
     new = a.new_tokens
     kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, cache_implementation="static", pad_token_id=0,
               eos_token_id=None)
-    profile_once(model, ids, kw, new, a.table, "bf16" if a.bf16 else "int4")
+    profile_once(model, ids, kw, new, a.table, "bf16" if a.bf16 else "int4", a.listing)
     return 0
 
 

@@ -38,6 +38,11 @@
 #   bash benchmarks/kernels/device_call.sh tail      # session 28: the fold, layer-tail and PDL-mode GPU tests and the
 #                                                    # hf_graph ones (TK), then the decode (4-bit folded: the
 #                                                    # default; EXTRA=--unfolded) in MODES, one process
+#   bash benchmarks/kernels/device_call.sh rope      # session 29: the rope-cache kernel's GPU tests and the fold/hf_graph
+#                                                    # ones (TK), then the profile of the folded decode (one step's
+#                                                    # kernels listed to $OUT/step-int4.txt); NOPROF=1 skips it
+#   bash benchmarks/kernels/device_call.sh ropedec   # session 29: the decode with the attention folded after the rest
+#                                                    # (bench_decode.py --no-rope --fold) in MODES, one process
 #   bash benchmarks/kernels/device_call.sh vqc       # session 17: the 16-codeword cluster kernel's GPU tests, then
 #                                                    # its configs (CL) beside the 2-bit preset's kernel, graph harness
 # Each step runs under its own timeout so a slow step cannot eat the call; logs and JSON go to $OUT.
@@ -140,6 +145,15 @@ tail)
   timeout "${T2:-400}" python3 benchmarks/decode/bench_decode.py decode --out "$OUT" --reps 3 $EXTRA \
     --compile-modes "${MODES:-graph-pdl,graph,graph-pdl-prefill,graph-prefill}" 2>&1 | tee "$OUT/decode.log" \
     | grep -E "speedup|folds|Error|Traceback" ;;
+rope)
+  [ -n "$NOTESTS" ] || PYTHONPATH=src:tests timeout "${T1:-260}" python3 -m pytest -q -p no:cacheprovider \
+    tests/test_kernels_rope_cache.py tests/test_kernels_cuda_int.py tests/test_hf_graph.py tests/test_cli.py \
+    -k "${TK:-rope or fold or tail or hf_graph or graph or releases_the_integer}" 2>&1 | tail -15 | tee "$OUT/tests.log"
+  [ -n "$NOPROF" ] || timeout "${T2:-200}" python3 benchmarks/decode/profile_decode.py --graph --new-tokens 64 \
+    --no-table --listing "$OUT/step-int4.txt" 2>&1 | grep -v Warning | tee "$OUT/profile.log" | tail -32 ;;
+ropedec)
+  timeout "${T2:-560}" python3 benchmarks/decode/bench_decode.py decode --out "$OUT" --reps 3 --no-rope --fold $EXTRA \
+    --compile-modes "${MODES:-graph,graph-pdl}" 2>&1 | tee "$OUT/decode.log" | grep -E "speedup|folds|Error|Traceback" ;;
 prefill)
   [ -n "$NOTESTS" ] || PYTHONPATH=src:tests timeout "${T1:-150}" python3 -m pytest -q -p no:cacheprovider \
     tests/test_hf_graph.py 2>&1 | tail -5 | tee "$OUT/tests.log"

@@ -201,6 +201,8 @@ def evaluate(model: str | torch.nn.Module, data: str | None = None, window: int 
              progress: bool = True) -> EvalResult:
     """Perplexity and size report of a model (path or module) on a text file."""
     dev = pick_device(device)
+    if isinstance(model, (str, Path)):
+        resolve(str(model))  # a missing model is named before the data is looked for
     text = read_text(find_file(data, EVAL_FILE, "--data"))
     if isinstance(model, (str, Path)):
         m, tok, p = load_any(str(model), dev)

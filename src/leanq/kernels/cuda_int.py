@@ -59,7 +59,7 @@ import torch
 from ..formats.intq import group_size_of, num_groups
 from ..formats.packing import unpack
 from . import Kernel, cached_layout, drop_stored, int_layer_for, register_kernel
-from . import cuda_int_mma, cuda_int_wgmma
+from . import cuda_int_mma, cuda_int_wgmma, rope_cache
 from .cuda_rt import (PRELUDE, XT, Launcher, device_index, nvrtc_available, on_device_of, pdl_mode, sm90,
                       sm_count)
 
@@ -1347,7 +1347,7 @@ def take_over(model: torch.nn.Module, layers: list, fuse: bool = True) -> int:
     return freed
 
 
-def release_stored_rk(model: torch.nn.Module, fuse: bool = True, fold: bool = True) -> int:
+def release_stored_rk(model: torch.nn.Module, fuse: bool = True, fold: bool = True, rope: bool = True) -> int:
     """Inference only: build every eligible CUDA int layer's rk layout now and free its stored buffers (the
     layer then runs only here: the GEMV at batch 1, tensor cores at 2-16, dequantize + cuBLAS above; its
     forward calls the kernel directly, without the dispatch table).  With ``fuse`` (the default), layers that
@@ -1356,7 +1356,8 @@ def release_stored_rk(model: torch.nn.Module, fuse: bool = True, fold: bool = Tr
     compiled and checked on the first layer before any buffer is freed; if that fails, nothing is released.
     ``fold`` (with ``fuse``, the default): also fold transformers' Llama, Mistral and Qwen2 decoder layers' RMSNorms,
     SiLU x up and residual adds into their GEMVs (:func:`fold_decoder`): on an H200 this took the 7B-shaped decode
-    from 410 to 497-502 tokens/s (docs/PERFORMANCE.md, version 29). Returns bytes freed."""
+    from 410 to 497-502 tokens/s (docs/PERFORMANCE.md, version 29); with ``rope`` (the default) the attention's
+    rotary embedding and cache write too (:func:`fold_decoder`). Returns bytes freed."""
     layers = [m for m in model.modules()
               if _ok(m) and hasattr(m, "qweight") and m.qweight.numel() and m.qweight.device.type == "cuda"]
     if not layers or not available():
@@ -1375,7 +1376,7 @@ def release_stored_rk(model: torch.nn.Module, fuse: bool = True, fold: bool = Tr
         raise RuntimeError("cuda-int-gemv disagrees with its reference on this GPU; stored buffers kept")
     freed = take_over(model, layers, fuse)
     if fold and fuse:
-        fold_decoder(model)
+        fold_decoder(model, rope=rope)
     return freed
 
 
@@ -1443,6 +1444,86 @@ def _folded_layer_forward(layer, hidden_states: torch.Tensor, **kwargs) -> torch
     return _op_tail(*args) if torch.compiler.is_compiling() else _impl_tail(*args)
 
 
+# attention modules whose decode step fold_decoder can take over, with what each passes its attention function
+# besides transformers' common arguments (the name of the value, read from the module or its config)
+FOLD_ATTENTION = {"LlamaAttention": None, "MistralAttention": "config.sliding_window",
+                  "Qwen2Attention": "sliding_window"}
+
+
+def _cache_layer(attn, cache):
+    """The static cache layer ``attn`` writes in ``cache``, when the folded decode step can write it: transformers'
+    StaticLayer, initialised (by the prompt's forward), the cache not offloading; else None."""
+    layers = getattr(cache, "layers", None)
+    i = getattr(attn, "layer_idx", None)
+    if not layers or not isinstance(i, int) or i >= len(layers) or getattr(cache, "offloading", False):
+        return None
+    layer = layers[i]
+    if type(layer).__name__ != "StaticLayer" or not getattr(layer, "is_initialized", False):
+        return None
+    return layer
+
+
+def _folded_attn_forward(attn, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
+                         **kwargs):
+    """The attention of a layer whose q/k/v fold_decoder fused: for one token at batch 1 with a static cache, one
+    GEMV over the fused q/k/v rows (the norm inside when folded), then one kernel for the rotary embedding and the
+    cache write (:mod:`.rope_cache`), then transformers' attention function and o_proj as transformers calls them;
+    anything else runs the class's own forward with the same arguments."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    layer = _cache_layer(attn, cache) if position_embeddings is not None else None
+    q_proj = attn.q_proj
+    hq, hkv = attn.leanq_heads
+    if layer is not None and hidden_states.shape[:-1] == (1, 1):
+        cos, sin = position_embeddings
+        qkv = _pro_call(q_proj, hidden_states, fused=True)
+        if rope_cache.fits(qkv, cos, layer.keys, layer.values, layer.cumulative_length, hq, hkv):
+            q = rope_cache.rope_cache(qkv, attn.leanq_qkv_bias, cos, sin, layer.keys, layer.values,
+                                      layer.cumulative_length, attn.leanq_ticket, hq, hkv)
+            rest = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")}
+            extra = FOLD_ATTENTION.get(type(attn).__name__)
+            if extra is not None:
+                obj = attn
+                for part in extra.split("."):
+                    obj = getattr(obj, part, None)
+                rest["sliding_window"] = obj
+            import sys
+
+            from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+            eager = getattr(sys.modules[type(attn).__module__], "eager_attention_forward", None)
+            fn = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager)
+            out, weights = fn(attn, q, layer.keys, layer.values, attention_mask,
+                              dropout=0.0 if not attn.training else attn.attention_dropout, scaling=attn.scaling,
+                              **rest)
+            return attn.o_proj(out.reshape(1, 1, -1).contiguous()), weights
+    return type(attn).forward(attn, hidden_states, position_embeddings=position_embeddings,
+                              attention_mask=attention_mask, **kwargs)
+
+
+def _fold_attention(attn, qkv: list) -> bool:
+    """Give ``attn``'s decode step to :func:`_folded_attn_forward` (its q/k/v one fused group, their heads known)."""
+    if (type(attn).__name__ not in FOLD_ATTENTION or rope_cache.op is None or not _fused_group(qkv)
+            or hasattr(attn, "leanq_heads") or not hasattr(attn, "head_dim")):
+        return False
+    d = attn.head_dim
+    rows = [m.rk_rows[1] - m.rk_rows[0] for m in qkv]
+    if d % 2 or rows[0] % d or rows[1] != rows[2] or rows[1] % d:
+        return False
+    hq, hkv = rows[0] // d, rows[1] // d
+    if hq % hkv:
+        return False
+    dev = qkv[0].rk_words.device
+    bias = None
+    if any(m.bias is not None for m in qkv):
+        bias = torch.cat([m.bias.detach() if m.bias is not None else torch.zeros(r, device=dev)
+                          for m, r in zip(qkv, rows)]).contiguous()
+    attn.register_buffer("leanq_qkv_bias", bias, persistent=False)
+    attn.register_buffer("leanq_ticket", torch.zeros(1, dtype=torch.int32, device=dev), persistent=False)
+    attn.leanq_heads = (hq, hkv)
+    attn.forward = types.MethodType(_folded_attn_forward, attn)
+    return True
+
+
 def _returns_tensor(layer) -> bool:
     """The layer class's forward returns the hidden states alone (transformers 5's decoder layers; earlier ones
     returned a tuple, which a replaced forward would break)."""
@@ -1450,7 +1531,7 @@ def _returns_tensor(layer) -> bool:
     return ann is torch.Tensor or ann in ("torch.Tensor", "Tensor")
 
 
-def fold_decoder(model: torch.nn.Module, residual: bool = True) -> int:
+def fold_decoder(model: torch.nn.Module, residual: bool = True, rope: bool = True) -> int:
     """Inference only, after :func:`take_over` with ``fuse`` (``release_stored_rk(model, fold=True)``): in each decoder
     layer of FOLD_LAYERS, the RMSNorm before attention goes into the fused q/k/v GEMV, the one before the MLP into the
     fused gate/up GEMV, and SiLU x up into the down GEMV (:data:`PROLOGUES`); the norms become identities and the
@@ -1459,7 +1540,10 @@ def fold_decoder(model: torch.nn.Module, residual: bool = True) -> int:
     there; the layer keeps it as ``leanq_o_proj``) and the layer's forward calls the attention, o_proj with the
     residual, then the MLP with the residual. At batch 1 on a GPU the GEMVs compute all of it (five kernels fewer a
     layer; o_proj, gate/up and down one op, :func:`_run_tail`); elsewhere the op computes it in torch around the
-    layer. Returns the number of folds."""
+    layer. With ``rope`` (FOLD_ATTENTION's modules, q/k/v fused), a decode step with a static cache runs one GEMV
+    over q/k/v and one kernel for the rotary embedding and the cache write (:func:`_folded_attn_forward`): two or
+    three kernels fewer a layer, and no separate advance of each layer's cache position. Returns the number of
+    folds."""
     if _op_pro is None:
         return 0
     n = 0
@@ -1471,6 +1555,8 @@ def fold_decoder(model: torch.nn.Module, residual: bool = True) -> int:
         gu = [getattr(mlp, k, None) for k in ("gate_proj", "up_proj")]
         down = getattr(mlp, "down_proj", None)
         if all(m is not None for m in qkv) and _fold_norm(layer, "input_layernorm", qkv):
+            n += 1
+        if rope and all(m is not None for m in qkv) and _fold_attention(attn, qkv):
             n += 1
         if all(m is not None for m in gu):
             if _fold_norm(layer, "post_attention_layernorm", gu):
