@@ -51,43 +51,42 @@ def _transformers_step(qkv, bias, cos, sin, keys, values, pos, hq, hkv):
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
 @pytest.mark.parametrize("how", ["triton", "reference"])
 def test_rope_cache_matches_transformers(hq, hkv, d, bias, how):
-    """Both forms (the Triton kernel: GPU or interpreter) rotate q, write the rotated k and v at the counter's
-    position and nowhere else, advance the counter by one and leave the ticket at zero; q and the cache as
-    transformers' code computes them (float32)."""
+    """Both forms (the Triton kernel: GPU or interpreter) rotate q and write the rotated k and v at the counter's
+    position and nowhere else (the counter left as it was); q and the cache as transformers' code computes them
+    (float32)."""
     pos, length = 5, 9
     qkv, b, cos, sin, keys, values, counter = _inputs(hq, hkv, d, length, pos, bias, seed=hq + d)
     q_ref, k_ref, v_ref = _transformers_step(qkv, b, cos, sin, keys, values, pos, hq, hkv)
-    ticket = torch.zeros(1, dtype=torch.int32, device=DEV)
     if how == "triton":
         pytest.importorskip("triton")
-        q = rc.run_triton(qkv, b, cos, sin, keys, values, counter, ticket, hq, hkv)
+        q = rc.run_triton(qkv, b, cos, sin, keys, values, counter, hq, hkv)
     else:
         q = rc.reference(qkv, b, cos, sin, keys, values, counter, hq, hkv)
     assert q.shape == (1, hq, 1, d)
     assert torch.allclose(q.float(), q_ref, rtol=1e-5, atol=1e-5)
     assert torch.allclose(keys.float(), k_ref, rtol=1e-5, atol=1e-5)
     assert torch.allclose(values.float(), v_ref, rtol=1e-5, atol=1e-5)
-    assert counter.item() == pos + 1 and ticket.item() == 0
+    assert counter.item() == pos
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_rope_cache_kernel_is_the_reference_in_half_precision(dtype):
     """In 16-bit the kernel and the reference round once from the same float32 values: equal bytes, over several
-    steps (the counter advancing each time). (Triton's interpreter truncates float32 to bfloat16 instead of
+    steps (the caller advancing the counter each time). (Triton's interpreter truncates float32 to bfloat16 instead of
     rounding, so bfloat16 is checked on a GPU only.)"""
     pytest.importorskip("triton")
     if DEV == "cpu" and dtype == torch.bfloat16:
         pytest.skip("Triton's interpreter truncates to bfloat16 (the GPU rounds): checked on a GPU")
     hq, hkv, d = 4, 2, 32
-    a = _inputs(hq, hkv, d, 8, 2, True, dtype, seed=3)
+    a = list(_inputs(hq, hkv, d, 8, 2, True, dtype, seed=3))
     b = [t.clone() if t is not None else None for t in a]
-    ticket = torch.zeros(1, dtype=torch.int32, device=DEV)
     for _ in range(3):
-        qa = rc.run_triton(*a, ticket, hq, hkv)
+        qa = rc.run_triton(*a, hq, hkv)
         qb = rc.reference(*b, hq, hkv)
         assert torch.equal(qa, qb)
+        a[-1] += 1
+        b[-1] += 1
     assert all(torch.equal(x, y) for x, y in zip(a, b) if x is not None)
-    assert a[-1].item() == 5 and ticket.item() == 0
 
 
 def test_fits_takes_one_token_of_a_static_cache_layer():
@@ -121,28 +120,31 @@ def _decode(model, ids, steps: int, compiled: bool, length: int = 16):
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_folded_attention_keeps_the_logits_and_the_cache(family, compiled):
-    """fold_decoder's attention fold on the CPU (the op's torch path; Qwen2 with q/k/v biases): a static-cache
-    decode keeps the unfolded model's logits, cache contents and write positions, eagerly and under torch.compile
-    (the op mutating the cache in place); each decode step calls the op once a layer, a prompt never."""
+@pytest.mark.parametrize("attend", [True, False], ids=["attention", "rope-only"])
+def test_folded_attention_keeps_the_logits_and_the_cache(family, compiled, attend):
+    """fold_decoder's attention fold on the CPU (the ops' torch paths; Qwen2 with q/k/v biases): a static-cache decode
+    keeps the unfolded model's logits, cache contents and write positions, eagerly and under torch.compile (the ops
+    writing the cache in place); each decode step calls the op (decode_attention with ``attend``, else rope_cache)
+    once a layer, a prompt never."""
     torch._dynamo.reset()
     from test_kernels_cuda_int import _folded_tiny_llama
 
     from leanq.kernels import cuda_int as ci
+    from leanq.kernels import decode_attention as da
 
     model = _folded_tiny_llama(family)
     ids = torch.randint(0, 100, (1, 6), generator=torch.Generator().manual_seed(1))
     ref, c0 = _decode(model, ids, 4, False)
-    assert ci.fold_decoder(model) == 2 * 5
+    assert ci.fold_decoder(model, attend=attend) == 2 * 5
     assert ci.fold_decoder(model) == 0
     calls = []
-    impl = rc._impl
-    rc_impl = lambda *a: (calls.append(a[-2:]), impl(*a))[1]  # noqa: E731
+    mod = da if attend else rc
+    impl = mod._impl
     try:
-        rc._impl = rc_impl
+        mod._impl = lambda *a: (calls.append(a[-2:]), impl(*a))[1]
         got, c1 = _decode(model, ids, 4, compiled)
     finally:
-        rc._impl = impl
+        mod._impl = impl
         torch._dynamo.reset()
     if not compiled:
         assert calls == [(4, 2)] * 8

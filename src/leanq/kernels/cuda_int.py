@@ -59,7 +59,7 @@ import torch
 from ..formats.intq import group_size_of, num_groups
 from ..formats.packing import unpack
 from . import Kernel, cached_layout, drop_stored, int_layer_for, register_kernel
-from . import cuda_int_mma, cuda_int_wgmma, rope_cache
+from . import cuda_int_mma, cuda_int_wgmma, decode_attention, rope_cache
 from .cuda_rt import (PRELUDE, XT, Launcher, device_index, nvrtc_available, on_device_of, pdl_mode, sm90,
                       sm_count)
 
@@ -1347,7 +1347,8 @@ def take_over(model: torch.nn.Module, layers: list, fuse: bool = True) -> int:
     return freed
 
 
-def release_stored_rk(model: torch.nn.Module, fuse: bool = True, fold: bool = True, rope: bool = True) -> int:
+def release_stored_rk(model: torch.nn.Module, fuse: bool = True, fold: bool = True, rope: bool = True,
+                      attend: bool = True) -> int:
     """Inference only: build every eligible CUDA int layer's rk layout now and free its stored buffers (the
     layer then runs only here: the GEMV at batch 1, tensor cores at 2-16, dequantize + cuBLAS above; its
     forward calls the kernel directly, without the dispatch table).  With ``fuse`` (the default), layers that
@@ -1356,8 +1357,8 @@ def release_stored_rk(model: torch.nn.Module, fuse: bool = True, fold: bool = Tr
     compiled and checked on the first layer before any buffer is freed; if that fails, nothing is released.
     ``fold`` (with ``fuse``, the default): also fold transformers' Llama, Mistral and Qwen2 decoder layers' RMSNorms,
     SiLU x up and residual adds into their GEMVs (:func:`fold_decoder`): on an H200 this took the 7B-shaped decode
-    from 410 to 497-502 tokens/s (docs/PERFORMANCE.md, version 29); with ``rope`` (the default) the attention's
-    rotary embedding and cache write too (:func:`fold_decoder`). Returns bytes freed."""
+    from 410 to 497-502 tokens/s (docs/PERFORMANCE.md, version 29); with ``rope`` and ``attend`` (the defaults) the
+    attention's rotary embedding, cache write and attention too (:func:`fold_decoder`). Returns bytes freed."""
     layers = [m for m in model.modules()
               if _ok(m) and hasattr(m, "qweight") and m.qweight.numel() and m.qweight.device.type == "cuda"]
     if not layers or not available():
@@ -1376,7 +1377,7 @@ def release_stored_rk(model: torch.nn.Module, fuse: bool = True, fold: bool = Tr
         raise RuntimeError("cuda-int-gemv disagrees with its reference on this GPU; stored buffers kept")
     freed = take_over(model, layers, fuse)
     if fold and fuse:
-        fold_decoder(model, rope=rope)
+        fold_decoder(model, rope=rope, attend=attend)
     return freed
 
 
@@ -1466,9 +1467,10 @@ def _cache_layer(attn, cache):
 def _folded_attn_forward(attn, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
                          **kwargs):
     """The attention of a layer whose q/k/v fold_decoder fused: for one token at batch 1 with a static cache, one
-    GEMV over the fused q/k/v rows (the norm inside when folded), then one kernel for the rotary embedding and the
-    cache write (:mod:`.rope_cache`), then transformers' attention function and o_proj as transformers calls them;
-    anything else runs the class's own forward with the same arguments."""
+    GEMV over the fused q/k/v rows (the norm inside when folded), then one kernel for the rotary embedding, the cache
+    write and the attention (:mod:`.decode_attention`; with ``leanq_attend`` and transformers' sdpa or eager
+    attention), or one for the rotary embedding and the cache write (:mod:`.rope_cache`) followed by transformers'
+    attention function; then o_proj. Anything else runs the class's own forward with the same arguments."""
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     layer = _cache_layer(attn, cache) if position_embeddings is not None else None
     q_proj = attn.q_proj
@@ -1476,9 +1478,18 @@ def _folded_attn_forward(attn, hidden_states: torch.Tensor, position_embeddings=
     if layer is not None and hidden_states.shape[:-1] == (1, 1):
         cos, sin = position_embeddings
         qkv = _pro_call(q_proj, hidden_states, fused=True)
+        mask = attention_mask if isinstance(attention_mask, torch.Tensor) or attention_mask is None else False
+        if (attn.leanq_attend and not attn.training and mask is not False
+                and getattr(attn.config, "_attn_implementation", None) in ("sdpa", "eager")
+                and decode_attention.fits(qkv, cos, layer.keys, layer.values, layer.cumulative_length, mask, hq, hkv)):
+            out = decode_attention.attend(qkv, attn.leanq_qkv_bias, cos, sin, layer.keys, layer.values,
+                                          layer.cumulative_length, attn.leanq_ticket, mask, attn.scaling, hq, hkv)
+            layer.cumulative_length.add_(1)  # as StaticLayer.update advances it (the op only reads it)
+            return attn.o_proj(out), None
         if rope_cache.fits(qkv, cos, layer.keys, layer.values, layer.cumulative_length, hq, hkv):
             q = rope_cache.rope_cache(qkv, attn.leanq_qkv_bias, cos, sin, layer.keys, layer.values,
-                                      layer.cumulative_length, attn.leanq_ticket, hq, hkv)
+                                      layer.cumulative_length, hq, hkv)
+            layer.cumulative_length.add_(1)
             rest = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")}
             extra = FOLD_ATTENTION.get(type(attn).__name__)
             if extra is not None:
@@ -1500,8 +1511,9 @@ def _folded_attn_forward(attn, hidden_states: torch.Tensor, position_embeddings=
                               attention_mask=attention_mask, **kwargs)
 
 
-def _fold_attention(attn, qkv: list) -> bool:
-    """Give ``attn``'s decode step to :func:`_folded_attn_forward` (its q/k/v one fused group, their heads known)."""
+def _fold_attention(attn, qkv: list, attend: bool = True) -> bool:
+    """Give ``attn``'s decode step to :func:`_folded_attn_forward` (its q/k/v one fused group, their heads known);
+    ``attend``: the attention itself in leanq's kernel too (``attn.leanq_attend``, which can be changed later)."""
     if (type(attn).__name__ not in FOLD_ATTENTION or rope_cache.op is None or not _fused_group(qkv)
             or hasattr(attn, "leanq_heads") or not hasattr(attn, "head_dim")):
         return False
@@ -1518,8 +1530,9 @@ def _fold_attention(attn, qkv: list) -> bool:
         bias = torch.cat([m.bias.detach() if m.bias is not None else torch.zeros(r, device=dev)
                           for m, r in zip(qkv, rows)]).contiguous()
     attn.register_buffer("leanq_qkv_bias", bias, persistent=False)
-    attn.register_buffer("leanq_ticket", torch.zeros(1, dtype=torch.int32, device=dev), persistent=False)
+    attn.register_buffer("leanq_ticket", torch.zeros(hkv, dtype=torch.int32, device=dev), persistent=False)
     attn.leanq_heads = (hq, hkv)
+    attn.leanq_attend = attend
     attn.forward = types.MethodType(_folded_attn_forward, attn)
     return True
 
@@ -1531,7 +1544,7 @@ def _returns_tensor(layer) -> bool:
     return ann is torch.Tensor or ann in ("torch.Tensor", "Tensor")
 
 
-def fold_decoder(model: torch.nn.Module, residual: bool = True, rope: bool = True) -> int:
+def fold_decoder(model: torch.nn.Module, residual: bool = True, rope: bool = True, attend: bool = True) -> int:
     """Inference only, after :func:`take_over` with ``fuse`` (``release_stored_rk(model, fold=True)``): in each decoder
     layer of FOLD_LAYERS, the RMSNorm before attention goes into the fused q/k/v GEMV, the one before the MLP into the
     fused gate/up GEMV, and SiLU x up into the down GEMV (:data:`PROLOGUES`); the norms become identities and the
@@ -1541,9 +1554,9 @@ def fold_decoder(model: torch.nn.Module, residual: bool = True, rope: bool = Tru
     residual, then the MLP with the residual. At batch 1 on a GPU the GEMVs compute all of it (five kernels fewer a
     layer; o_proj, gate/up and down one op, :func:`_run_tail`); elsewhere the op computes it in torch around the
     layer. With ``rope`` (FOLD_ATTENTION's modules, q/k/v fused), a decode step with a static cache runs one GEMV
-    over q/k/v and one kernel for the rotary embedding and the cache write (:func:`_folded_attn_forward`): two or
-    three kernels fewer a layer, and no separate advance of each layer's cache position. Returns the number of
-    folds."""
+    over q/k/v and one kernel for the rotary embedding and the cache write (:func:`_folded_attn_forward`), one or
+    two kernels fewer a layer; with ``attend`` the attention too (transformers' sdpa or eager attention replaced by
+    :mod:`.decode_attention`'s kernel: one kernel from q/k/v to o_proj). Returns the number of folds."""
     if _op_pro is None:
         return 0
     n = 0
@@ -1556,7 +1569,7 @@ def fold_decoder(model: torch.nn.Module, residual: bool = True, rope: bool = Tru
         down = getattr(mlp, "down_proj", None)
         if all(m is not None for m in qkv) and _fold_norm(layer, "input_layernorm", qkv):
             n += 1
-        if rope and all(m is not None for m in qkv) and _fold_attention(attn, qkv):
+        if rope and all(m is not None for m in qkv) and _fold_attention(attn, qkv, attend):
             n += 1
         if all(m is not None for m in gu):
             if _fold_norm(layer, "post_attention_layernorm", gu):

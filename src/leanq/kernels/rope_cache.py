@@ -3,11 +3,12 @@
 In transformers' Llama-family attention a decode step (batch 1, one token) does, after the q/k/v projection: the
 rotary embedding of q and k (``q * cos + rotate_half(q) * sin``), the static cache's write of k and v at its write
 position (``index_copy_``) and that position's advance (``cumulative_length += 1``).  Compiled, that is two or three
-kernels of TorchInductor's a layer and the 32 advances one kernel each at the end of the forward: about 4.5 us a
-layer of a 7B-shaped model's 1.76 ms step on an H200 (docs/PERFORMANCE.md, version 30).  :func:`rope_cache` does
-all of it in one launch: one program per q head (rotated into the output) and one per k/v head (k rotated, both
-written into the cache at the position read from the cache's counter); the last program to finish advances the
-counter (a ticket counted atomically, reset by that program), so every program reads the same position.
+kernels of TorchInductor's a layer (about 3 us a layer of a 7B-shaped model's 1.76 ms step on an H200,
+docs/PERFORMANCE.md, version 30).  :func:`rope_cache` does the rotation and the write in one launch: one program
+per q head (rotated into the output) and one per k/v head (k rotated, both written into the cache at the position
+read from the cache's counter).  The counter's advance stays with the caller, in torch: an op that advanced it
+would mutate a tensor TorchInductor also reads for the positions and the mask, and TorchInductor 2.13 was seen
+(on the CPU) to recompute those reads after such an op's in-place write, one position late.
 
 The arithmetic is in float32 with one rounding to the output's dtype, as TorchInductor's fused kernels compute it;
 transformers' eager code rounds each product to the model's dtype first, so the two differ by rounding only.
@@ -34,7 +35,7 @@ def reference(qkv: torch.Tensor, bias: torch.Tensor | None, cos: torch.Tensor, s
               values: torch.Tensor, counter: torch.Tensor, hq: int, hkv: int) -> torch.Tensor:
     """``qkv``: one token's q, k and v projections side by side ([..., (hq + 2 hkv) * d], ``bias`` added when
     given, in float32); ``cos``/``sin``: its rotary embedding ([..., d]); ``keys``/``values``: a static cache layer's tensors
-    [1, hkv, L, d], written at position ``counter`` (a 0-d integer tensor, advanced by one). Returns the rotated q as
+    [1, hkv, L, d], written at position ``counter`` (a 0-d integer tensor, read only). Returns the rotated q as
     [1, hq, 1, d] in qkv's dtype. No host synchronisation (the position stays on the device)."""
     d = keys.shape[-1]
     x = qkv.reshape(hq + 2 * hkv, d).float()
@@ -46,7 +47,6 @@ def reference(qkv: torch.Tensor, bias: torch.Tensor | None, cos: torch.Tensor, s
     pos = counter.reshape(1).to(torch.long)
     keys.index_copy_(2, pos, k.reshape(1, hkv, 1, d))
     values.index_copy_(2, pos, x[hq + hkv:].to(values.dtype).reshape(1, hkv, 1, d))
-    counter.add_(1)
     return q.reshape(1, hq, 1, d)
 
 
@@ -56,7 +56,7 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def rope_cache_kernel(qkv_ptr, bias_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, counter_ptr, ticket_ptr, q_ptr,
+    def rope_cache_kernel(qkv_ptr, bias_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, counter_ptr, q_ptr,
                           HQ, HKV, L, HAS_BIAS: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr):
         pid = tl.program_id(0)
         j = tl.arange(0, HALF)
@@ -85,12 +85,6 @@ def _kernel():
                 v2 += tl.load(bias_ptr + src + HALF + j).to(tl.float32)
             tl.store(values_ptr + dst + j, v1.to(values_ptr.dtype.element_ty))
             tl.store(values_ptr + dst + HALF + j, v2.to(values_ptr.dtype.element_ty))
-        # every thread of this program has read the position; the last program to get here advances it
-        tl.debug_barrier()
-        t = tl.atomic_add(ticket_ptr, 1)
-        last = t == HQ + HKV - 1
-        tl.store(counter_ptr, pos + 1, mask=last)
-        tl.store(ticket_ptr, 0, mask=last)
 
     return rope_cache_kernel
 
@@ -104,13 +98,12 @@ def triton_ok() -> bool:
 
 
 def run_triton(qkv: torch.Tensor, bias: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-               keys: torch.Tensor, values: torch.Tensor, counter: torch.Tensor, ticket: torch.Tensor, hq: int,
-               hkv: int) -> torch.Tensor:
-    """:func:`reference` as one Triton launch (``ticket``: an int32 zero the kernel counts on and leaves at zero)."""
+               keys: torch.Tensor, values: torch.Tensor, counter: torch.Tensor, hq: int, hkv: int) -> torch.Tensor:
+    """:func:`reference` as one Triton launch."""
     d = keys.shape[-1]
     q = torch.empty(1, hq, 1, d, device=qkv.device, dtype=qkv.dtype)
     b = bias.to(qkv.dtype).contiguous() if bias is not None else qkv
-    _kernel()[(hq + hkv,)](qkv.contiguous(), b, cos.contiguous(), sin.contiguous(), keys, values, counter, ticket, q,
+    _kernel()[(hq + hkv,)](qkv.contiguous(), b, cos.contiguous(), sin.contiguous(), keys, values, counter, q,
                            hq, hkv, keys.shape[2], HAS_BIAS=bias is not None, D=d, HALF=d // 2, num_warps=1)
     return q
 
@@ -128,27 +121,26 @@ def fits(qkv: torch.Tensor, cos: torch.Tensor, keys: torch.Tensor, values: torch
 
 
 def _impl(qkv: torch.Tensor, bias: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
-          values: torch.Tensor, counter: torch.Tensor, ticket: torch.Tensor, hq: int, hkv: int) -> torch.Tensor:
+          values: torch.Tensor, counter: torch.Tensor, hq: int, hkv: int) -> torch.Tensor:
     if qkv.is_cuda and triton_ok():
-        return run_triton(qkv, bias, cos, sin, keys, values, counter, ticket, hq, hkv)
+        return run_triton(qkv, bias, cos, sin, keys, values, counter, hq, hkv)
     return reference(qkv, bias, cos, sin, keys, values, counter, hq, hkv)
 
 
 try:
-    op = torch.library.custom_op("leanq::rope_cache", mutates_args=("keys", "values", "counter", "ticket"))(_impl)
+    op = torch.library.custom_op("leanq::rope_cache", mutates_args=("keys", "values"))(_impl)
 
     @op.register_fake
-    def _(qkv, bias, cos, sin, keys, values, counter, ticket, hq, hkv):
+    def _(qkv, bias, cos, sin, keys, values, counter, hq, hkv):
         return qkv.new_empty(1, hq, 1, keys.shape[-1])
 except Exception:  # an older torch without custom_op: the attention is not folded
     op = None
 
 
 def rope_cache(qkv: torch.Tensor, bias: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-               keys: torch.Tensor, values: torch.Tensor, counter: torch.Tensor, ticket: torch.Tensor, hq: int,
-               hkv: int) -> torch.Tensor:
+               keys: torch.Tensor, values: torch.Tensor, counter: torch.Tensor, hq: int, hkv: int) -> torch.Tensor:
     """:func:`reference`'s work: one Triton kernel on a GPU (the op ``leanq::rope_cache`` under torch.compile, so
     TorchInductor keeps it whole), the torch reference elsewhere."""
     if torch.compiler.is_compiling():
-        return op(qkv, bias, cos, sin, keys, values, counter, ticket, hq, hkv)
-    return _impl(qkv, bias, cos, sin, keys, values, counter, ticket, hq, hkv)
+        return op(qkv, bias, cos, sin, keys, values, counter, hq, hkv)
+    return _impl(qkv, bias, cos, sin, keys, values, counter, hq, hkv)
