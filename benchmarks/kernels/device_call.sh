@@ -147,8 +147,9 @@ tail)
     | grep -E "speedup|folds|Error|Traceback" ;;
 rope)
   [ -n "$NOTESTS" ] || PYTHONPATH=src:tests timeout "${T1:-260}" python3 -m pytest -q -p no:cacheprovider \
-    tests/test_kernels_rope_cache.py tests/test_kernels_cuda_int.py tests/test_hf_graph.py tests/test_cli.py \
-    -k "${TK:-rope or fold or tail or hf_graph or graph or releases_the_integer}" 2>&1 | tail -15 | tee "$OUT/tests.log"
+    tests/test_kernels_rope_cache.py tests/test_kernels_decode_attention.py tests/test_kernels_cuda_int.py \
+    tests/test_hf_graph.py tests/test_cli.py \
+    -k "${TK:-rope or attention or fold or tail or hf_graph or graph or releases_the_integer}" 2>&1 | tail -15 | tee "$OUT/tests.log"
   [ -n "$NOPROF" ] || timeout "${T2:-200}" python3 benchmarks/decode/profile_decode.py --graph --new-tokens 64 \
     --no-table --listing "$OUT/step-int4.txt" 2>&1 | grep -v Warning | tee "$OUT/profile.log" | tail -32 ;;
 ropedec)
