@@ -100,6 +100,8 @@ def _kernel():
             nm = n < end
             ka = tl.load(kbase + n[:, None] * D + j[None, :], mask=nm[:, None], other=0.0)
             kb = tl.load(kbase + n[:, None] * D + HALF + j[None, :], mask=nm[:, None], other=0.0)
+            va = tl.load(vbase + n[:, None] * D + j[None, :], mask=nm[:, None], other=0.0)  # in flight with k's
+            vb = tl.load(vbase + n[:, None] * D + HALF + j[None, :], mask=nm[:, None], other=0.0)
             sc = (tl.dot(qa, tl.trans(ka), input_precision=PREC) + tl.dot(qb, tl.trans(kb), input_precision=PREC)) * scaling
             if MASK_KIND == 1:
                 nm = nm & (tl.load(mask_ptr + n, mask=nm, other=0) != 0)
@@ -111,8 +113,6 @@ def _kernel():
             alpha = tl.exp(m_i - m_use)
             p = tl.exp(sc - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            va = tl.load(vbase + n[:, None] * D + j[None, :], mask=nm[:, None], other=0.0)
-            vb = tl.load(vbase + n[:, None] * D + HALF + j[None, :], mask=nm[:, None], other=0.0)
             pv = p.to(vd)
             acc1 = acc1 * alpha[:, None] + tl.dot(pv, va, input_precision=PREC)
             acc2 = acc2 * alpha[:, None] + tl.dot(pv, vb, input_precision=PREC)
@@ -157,10 +157,12 @@ def _kernel():
             m_i = m_new
         orow = (kvh * G + g) * D
         od = out_ptr.dtype.element_ty
-        if S == 1:
-            inv = 1.0 / tl.where(l_i > 0, l_i, 1.0)
-            tl.store(out_ptr + orow[:, None] + j[None, :], (acc1 * inv[:, None]).to(od), mask=gm[:, None])
-            tl.store(out_ptr + orow[:, None] + HALF + j[None, :], (acc2 * inv[:, None]).to(od), mask=gm[:, None])
+        if (pos < CHUNK) | (S == 1):  # one chunk holds every position so far: its program writes the output
+            if sp == 0:
+                inv = 1.0 / tl.where(l_i > 0, l_i, 1.0)
+                tl.store(out_ptr + orow[:, None] + j[None, :], (acc1 * inv[:, None]).to(od), mask=gm[:, None])
+                tl.store(out_ptr + orow[:, None] + HALF + j[None, :], (acc2 * inv[:, None]).to(od),
+                         mask=gm[:, None])
         else:
             part = (kvh * S + sp) * GP
             tl.store(acc_ptr + (part + g)[:, None] * D + j[None, :], acc1)
