@@ -1358,7 +1358,8 @@ def release_stored_rk(model: torch.nn.Module, fuse: bool = True, fold: bool = Tr
     ``fold`` (with ``fuse``, the default): also fold transformers' Llama, Mistral and Qwen2 decoder layers' RMSNorms,
     SiLU x up and residual adds into their GEMVs (:func:`fold_decoder`): on an H200 this took the 7B-shaped decode
     from 410 to 497-502 tokens/s (docs/PERFORMANCE.md, version 29); with ``rope`` and ``attend`` (the defaults) the
-    attention's rotary embedding, cache write and attention too (:func:`fold_decoder`). Returns bytes freed."""
+    attention's rotary embedding, cache write and attention too (:func:`fold_decoder`): 504 to 520 tokens/s, and 459
+    to 528 with TorchInductor's PDL mode (docs/PERFORMANCE.md, version 30). Returns bytes freed."""
     layers = [m for m in model.modules()
               if _ok(m) and hasattr(m, "qweight") and m.qweight.numel() and m.qweight.device.type == "cuda"]
     if not layers or not available():
