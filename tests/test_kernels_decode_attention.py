@@ -102,3 +102,19 @@ def test_decode_attention_in_half_precision_on_a_gpu(dtype, hq, hkv, d, length, 
     ref = da.reference(*[t.float() if t is not None and t.is_floating_point() else t for t in b], mask, d ** -0.5,
                        hq, hkv)
     assert ((out - ref).norm() / ref.norm()).item() < 1e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="needs an sm_90 GPU (programmatic dependent launch)")
+def test_decode_attention_with_pdl_is_the_same_kernel():
+    """Launched early (PDL: it waits for the kernel before it and lets the next one in) the kernel writes the same
+    bytes as launched plainly, after a GEMV that lets it in early."""
+    hq, hkv, d, length, pos = 32, 32, 128, 272, 200
+    a = _inputs(hq, hkv, d, length, pos, False, torch.bfloat16, seed=11)
+    b = [t.clone() if t is not None else None for t in a]
+    ticket = torch.zeros(hkv, dtype=torch.int32, device=DEV)
+    mask = _mask("bool", length, pos)
+    plain = da.run_triton(*a, ticket, mask, d ** -0.5, hq, hkv, pdl=False)
+    torch.mul(b[0], 1.0, out=b[0])  # a kernel before it
+    early = da.run_triton(*b, ticket, mask, d ** -0.5, hq, hkv, pdl=True)
+    assert torch.equal(plain, early) and torch.equal(a[4], b[4]) and not ticket.any()

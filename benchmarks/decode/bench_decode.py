@@ -251,6 +251,9 @@ def cmd_decode(a) -> dict:
     elif a.layout == "rk":  # batch 1 on the CUDA int GEMV, prefill dequantize + cuBLAS: one layout in memory
         from leanq.kernels import cuda_int as ci
 
+        from leanq.kernels import decode_attention
+
+        decode_attention.PDL = a.attn_pdl == "on"
         freed = ci.release_stored_rk(model, fuse=a.fuse, fold=not a.unfolded, rope=not a.no_rope)
         res["folded"] = sum(hasattr(m, "leanq_o_proj") for m in model.modules())
         res["rope_folded"] = sum(hasattr(m, "leanq_heads") for m in model.modules())
@@ -274,6 +277,20 @@ def cmd_decode(a) -> dict:
         res["speedup" + sfx] = q["tokens_per_s"] / res[bkey]["tokens_per_s"]
         res["weight_memory_ratio" + sfx] = q["weights_gib"] / res[bkey]["weights_gib"]
         res["peak_memory_ratio" + sfx] = q["peak_gib"] / res[bkey]["peak_gib"]
+    # the same model again, its attention kernel launched early (programmatic dependent launch)
+    if a.attn_pdl == "after" and a.layout == "rk" and a.release:
+        from leanq.kernels import decode_attention
+
+        decode_attention.PDL = True
+        for g in modes:
+            key, bkey = (f"int{a.bits}-apdl", "bf16") if g == modes[0] else (f"int{a.bits}-apdl-{g}", f"bf16-{g}")
+            res[key] = dict(weights_gib=weight_bytes(model) / 2**30,
+                            **time_generate(model, a.prompt_len, a.new_tokens, a.reps, g, a.host_profile))
+            res[key]["attn_pdl"] = decode_attention.PDL  # False when the launch fell back
+            print(key, json.dumps(res[key]), flush=True)
+            torch._dynamo.reset()
+            sfx = "_apdl" if g == modes[0] else f"_apdl_{g}"
+            res["speedup" + sfx] = res[key]["tokens_per_s"] / res[bkey]["tokens_per_s"]
     # the same model again, its norms and SiLU x up folded into the GEMVs (after --unfolded), or its attention's
     # rotary embedding and cache write (after --no-rope)
     if a.fold and (a.unfolded or a.no_rope) and a.layout == "rk" and a.release:
@@ -396,6 +413,9 @@ def main() -> int:
     ap.add_argument("--unfolded", action="store_true",
                     help="decode: release the 4-bit model without folding its decoder layers' norms, SiLU x up and "
                          "residual adds into the GEMVs (release_stored_rk(fold=False))")
+    ap.add_argument("--attn-pdl", choices=["off", "on", "after"], default="off",
+                    help="decode: the folded attention kernel with programmatic dependent launch "
+                         "(decode_attention.PDL): off, on, or after (every setting off, then on, in one process)")
     ap.add_argument("--no-rope", action="store_true",
                     help="decode: fold the 4-bit model's decoder layers without their attention's rotary embedding "
                          "and cache write (release_stored_rk(rope=False)); with --fold, fold those after the first "

@@ -33,6 +33,11 @@ import torch
 from . import rope_cache
 
 BLOCK_N = 64  # positions per step of a program's loop
+# Programmatic dependent launch (sm_90 on): the kernel is launched while the q/k/v GEMV before it ends, waits for it,
+# and lets the o_proj GEMV after it start early (its first weight tile loaded while the attention runs). Prepared in
+# session 29 and not yet run on a GPU, so off by default (docs/PERFORMANCE.md, version 30; bench_decode.py
+# --attn-pdl).
+PDL = False
 
 
 def reference(qkv: torch.Tensor, bias: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
@@ -70,7 +75,10 @@ def _kernel():
                                 mask_ptr, acc_ptr, ml_ptr, out_ptr, HQ, HKV, L, CHUNK, scaling,
                                 S: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                                 HALF: tl.constexpr, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr,
-                                MASK_KIND: tl.constexpr, PREC: tl.constexpr):
+                                MASK_KIND: tl.constexpr, PREC: tl.constexpr, GDC: tl.constexpr):
+        if GDC:  # launched early (programmatic dependent launch): wait for the q/k/v GEMV, then let o_proj in
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         kvh = tl.program_id(0)
         sp = tl.program_id(1)
         pos = tl.load(counter_ptr)
@@ -222,10 +230,10 @@ def _mask_kind(mask: torch.Tensor | None) -> int:
 
 def run_triton(qkv: torch.Tensor, bias: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
                keys: torch.Tensor, values: torch.Tensor, counter: torch.Tensor, ticket: torch.Tensor,
-               mask: torch.Tensor | None, scaling: float, hq: int, hkv: int, n_splits: int | None = None
-               ) -> torch.Tensor:
+               mask: torch.Tensor | None, scaling: float, hq: int, hkv: int, n_splits: int | None = None,
+               pdl: bool | None = None) -> torch.Tensor:
     """:func:`reference` as one Triton launch (``ticket``: hkv int32 zeros the kernel counts on and leaves at
-    zero; ``n_splits`` overrides :func:`splits`)."""
+    zero; ``n_splits`` overrides :func:`splits`; ``pdl`` overrides :data:`PDL`, used on sm_90 and later only)."""
     d, length = keys.shape[-1], keys.shape[2]
     g = hq // hkv
     gp = max(16, triton_next_pow2(g))
@@ -236,11 +244,29 @@ def run_triton(qkv: torch.Tensor, bias: torch.Tensor | None, cos: torch.Tensor, 
     ml = torch.empty(hkv * s * gp * 2 if s > 1 else 1, device=qkv.device, dtype=torch.float32)
     b = bias.to(qkv.dtype).contiguous() if bias is not None else qkv
     mk = mask.reshape(length).contiguous() if mask is not None else qkv
-    _kernel()[(hkv, s)](qkv.contiguous(), b, cos.contiguous(), sin.contiguous(), keys, values, counter, ticket, mk,
-                        acc, ml, out, hq, hkv, length, chunk, float(scaling), S=s, G=g, GP=gp, D=d, HALF=d // 2,
-                        BLOCK=BLOCK_N, HAS_BIAS=bias is not None, MASK_KIND=_mask_kind(mask),
-                        PREC="ieee" if keys.dtype == torch.float32 else "tf32", num_warps=4)
+    args = (qkv.contiguous(), b, cos.contiguous(), sin.contiguous(), keys, values, counter, ticket, mk, acc, ml, out,
+            hq, hkv, length, chunk, float(scaling))
+    meta = dict(S=s, G=g, GP=gp, D=d, HALF=d // 2, BLOCK=BLOCK_N, HAS_BIAS=bias is not None,
+                MASK_KIND=_mask_kind(mask), PREC="ieee" if keys.dtype == torch.float32 else "tf32", num_warps=4)
+    if pdl is None:
+        pdl = PDL
+    if pdl and qkv.is_cuda and torch.cuda.get_device_capability(qkv.device) >= (9, 0):
+        try:
+            _kernel()[(hkv, s)](*args, GDC=True, launch_pdl=True, **meta)
+            return out
+        except Exception as e:  # a Triton without launch_pdl or the gdc intrinsics: say so once, launch plainly
+            _no_pdl(e)
+    _kernel()[(hkv, s)](*args, GDC=False, **meta)
     return out
+
+
+def _no_pdl(e: Exception) -> None:
+    global PDL
+    if PDL:
+        import warnings
+
+        warnings.warn(f"leanq: decode attention without programmatic dependent launch ({str(e)[:160]})")
+    PDL = False
 
 
 def triton_next_pow2(n: int) -> int:
