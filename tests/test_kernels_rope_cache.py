@@ -196,3 +196,26 @@ def test_released_model_decodes_through_the_kernel_on_a_gpu():
         assert ((got.float() - ref.float()).norm() / ref.float().norm()).item() < 2e-2
         assert all(layer.cumulative_length.item() == 10 for layer in cache.layers)
     torch._dynamo.reset()
+
+
+def test_folded_attention_leaves_sliding_window_caches_to_transformers():
+    """Mistral's sliding-window layers get StaticSlidingWindowLayer caches (they roll when full): the folded
+    attention runs transformers' forward there (the op never called) and the logits stay the unfolded model's."""
+    from test_kernels_cuda_int import _folded_tiny_llama
+
+    from leanq.kernels import cuda_int as ci
+    from leanq.kernels import decode_attention as da
+
+    model = _folded_tiny_llama("mistral")
+    ids = torch.randint(0, 100, (1, 6), generator=torch.Generator().manual_seed(1))
+    ref, cache = _decode(model, ids, 3, False)
+    assert all(type(layer).__name__ != "StaticLayer" for layer in cache.layers)
+    assert ci.fold_decoder(model) == 2 * 5
+    calls, impls = [], (da._impl, rc._impl)
+    try:
+        da._impl = lambda *a: calls.append("attention")
+        rc._impl = lambda *a: calls.append("rope")
+        got, _ = _decode(model, ids, 3, False)
+    finally:
+        da._impl, rc._impl = impls
+    assert not calls and torch.allclose(got, ref, rtol=1e-5, atol=1e-5)
