@@ -219,3 +219,26 @@ def test_folded_attention_leaves_sliding_window_caches_to_transformers():
     finally:
         da._impl, rc._impl = impls
     assert not calls and torch.allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_folded_eager_attention_keeps_transformers_attention_function():
+    """With eager attention (chosen for its weights) the fold rotates and writes the cache in one kernel but leaves the
+    attention to transformers' function: rope_cache is called, decode_attention never."""
+    from test_kernels_cuda_int import _folded_tiny_llama
+
+    from leanq.kernels import cuda_int as ci
+    from leanq.kernels import decode_attention as da
+
+    model = _folded_tiny_llama()
+    model.config._attn_implementation = "eager"
+    ids = torch.randint(0, 100, (1, 6), generator=torch.Generator().manual_seed(1))
+    ref, _ = _decode(model, ids, 3, False)
+    assert ci.fold_decoder(model) == 2 * 5
+    calls, impls = [], (da._impl, rc._impl)
+    try:
+        da._impl = lambda *a: (calls.append("attention"), impls[0](*a))[1]
+        rc._impl = lambda *a: (calls.append("rope"), impls[1](*a))[1]
+        got, _ = _decode(model, ids, 3, False)
+    finally:
+        da._impl, rc._impl = impls
+    assert calls == ["rope"] * 6 and torch.allclose(got, ref, rtol=1e-4, atol=1e-4)

@@ -1469,8 +1469,8 @@ def _folded_attn_forward(attn, hidden_states: torch.Tensor, position_embeddings=
                          **kwargs):
     """The attention of a layer whose q/k/v fold_decoder fused: for one token at batch 1 with a static cache, one
     GEMV over the fused q/k/v rows (the norm inside when folded), then one kernel for the rotary embedding, the cache
-    write and the attention (:mod:`.decode_attention`; with ``leanq_attend`` and transformers' sdpa or eager
-    attention), or one for the rotary embedding and the cache write (:mod:`.rope_cache`) followed by transformers'
+    write and the attention (:mod:`.decode_attention`; with ``leanq_attend`` and transformers' sdpa attention, which
+    returns no weights), or one for the rotary embedding and the cache write (:mod:`.rope_cache`) followed by transformers'
     attention function; then o_proj. Anything else runs the class's own forward with the same arguments."""
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     layer = _cache_layer(attn, cache) if position_embeddings is not None else None
@@ -1481,7 +1481,7 @@ def _folded_attn_forward(attn, hidden_states: torch.Tensor, position_embeddings=
         qkv = _pro_call(q_proj, hidden_states, fused=True)
         mask = attention_mask if isinstance(attention_mask, torch.Tensor) or attention_mask is None else False
         if (attn.leanq_attend and not attn.training and mask is not False
-                and getattr(attn.config, "_attn_implementation", None) in ("sdpa", "eager")
+                and getattr(attn.config, "_attn_implementation", None) == "sdpa"  # eager: its weights are wanted
                 and decode_attention.fits(qkv, cos, layer.keys, layer.values, layer.cumulative_length, mask, hq, hkv)):
             out = decode_attention.attend(qkv, attn.leanq_qkv_bias, cos, sin, layer.keys, layer.values,
                                           layer.cumulative_length, attn.leanq_ticket, mask, attn.scaling, hq, hkv)
@@ -1556,7 +1556,7 @@ def fold_decoder(model: torch.nn.Module, residual: bool = True, rope: bool = Tru
     layer; o_proj, gate/up and down one op, :func:`_run_tail`); elsewhere the op computes it in torch around the
     layer. With ``rope`` (FOLD_ATTENTION's modules, q/k/v fused), a decode step with a static cache runs one GEMV
     over q/k/v and one kernel for the rotary embedding and the cache write (:func:`_folded_attn_forward`), one or
-    two kernels fewer a layer; with ``attend`` the attention too (transformers' sdpa or eager attention replaced by
+    two kernels fewer a layer; with ``attend`` the attention too (transformers' sdpa attention replaced by
     :mod:`.decode_attention`'s kernel: one kernel from q/k/v to o_proj). Returns the number of folds."""
     if _op_pro is None:
         return 0
