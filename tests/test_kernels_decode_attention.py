@@ -85,7 +85,8 @@ def test_fits_and_splits():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("hq,hkv,d,length,pos", [(32, 32, 128, 272, 200), (32, 8, 128, 4096, 3000), (14, 2, 64, 300, 17)])
+@pytest.mark.parametrize("hq,hkv,d,length,pos",
+                         [(32, 32, 128, 272, 200), (32, 8, 128, 4096, 3000), (14, 2, 64, 300, 17)])
 def test_decode_attention_in_half_precision_on_a_gpu(dtype, hq, hkv, d, length, pos):
     """In 16-bit on the GPU (the model shapes of a 7B Llama-2 and an 8B Llama-3, and a Qwen2-like GQA), with the
     default splits: within 1e-2 of the float32 reference, the cache written as the reference writes it."""

@@ -1469,9 +1469,9 @@ def _folded_attn_forward(attn, hidden_states: torch.Tensor, position_embeddings=
                          **kwargs):
     """The attention of a layer whose q/k/v fold_decoder fused: for one token at batch 1 with a static cache, one
     GEMV over the fused q/k/v rows (the norm inside when folded), then one kernel for the rotary embedding, the cache
-    write and the attention (:mod:`.decode_attention`; with ``leanq_attend`` and transformers' sdpa attention, which
-    returns no weights), or one for the rotary embedding and the cache write (:mod:`.rope_cache`) followed by transformers'
-    attention function; then o_proj. Anything else runs the class's own forward with the same arguments."""
+    write and the attention (:mod:`.decode_attention`; with ``leanq_attend`` and transformers' sdpa attention,
+    which returns no weights), or one for the rotary embedding and the cache write (:mod:`.rope_cache`) followed by
+    transformers' attention function; then o_proj. Anything else runs the class's own forward with the same arguments."""
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     layer = _cache_layer(attn, cache) if position_embeddings is not None else None
     q_proj = attn.q_proj

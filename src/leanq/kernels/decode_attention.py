@@ -115,7 +115,8 @@ def _kernel():
             kb = tl.load(kbase + n[:, None] * D + HALF + j[None, :], mask=nm[:, None], other=0.0)
             va = tl.load(vbase + n[:, None] * D + j[None, :], mask=nm[:, None], other=0.0)  # in flight with k's
             vb = tl.load(vbase + n[:, None] * D + HALF + j[None, :], mask=nm[:, None], other=0.0)
-            sc = (tl.dot(qa, tl.trans(ka), input_precision=PREC) + tl.dot(qb, tl.trans(kb), input_precision=PREC)) * scaling
+            sc = (tl.dot(qa, tl.trans(ka), input_precision=PREC)
+                  + tl.dot(qb, tl.trans(kb), input_precision=PREC)) * scaling
             if MASK_KIND == 1:
                 nm = nm & (tl.load(mask_ptr + n, mask=nm, other=0) != 0)
             if MASK_KIND == 2:

@@ -34,9 +34,9 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 def reference(qkv: torch.Tensor, bias: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
               values: torch.Tensor, counter: torch.Tensor, hq: int, hkv: int) -> torch.Tensor:
     """``qkv``: one token's q, k and v projections side by side ([..., (hq + 2 hkv) * d], ``bias`` added when
-    given, in float32); ``cos``/``sin``: its rotary embedding ([..., d]); ``keys``/``values``: a static cache layer's tensors
-    [1, hkv, L, d], written at position ``counter`` (a 0-d integer tensor, read only). Returns the rotated q as
-    [1, hq, 1, d] in qkv's dtype. No host synchronisation (the position stays on the device)."""
+    given, in float32); ``cos``/``sin``: its rotary embedding ([..., d]); ``keys``/``values``: a static cache
+    layer's tensors [1, hkv, L, d], written at position ``counter`` (a 0-d integer tensor, read only). Returns the
+    rotated q as [1, hq, 1, d] in qkv's dtype. No host synchronisation (the position stays on the device)."""
     d = keys.shape[-1]
     x = qkv.reshape(hq + 2 * hkv, d).float()
     if bias is not None:
