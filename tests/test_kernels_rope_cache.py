@@ -242,3 +242,36 @@ def test_folded_eager_attention_keeps_transformers_attention_function():
     finally:
         da._impl, rc._impl = impls
     assert calls == ["rope"] * 6 and torch.allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_cache_positions_advanced_once_by_the_last_folded_attention(monkeypatch, compiled):
+    """cuda_int.ADVANCE_ONCE: the folded layers leave their write positions to the model's last folded attention,
+    which advances them all in one op; the logits, caches and positions stay the unfolded model's, eagerly and
+    compiled, and nothing is left pending after a step."""
+    torch._dynamo.reset()
+    from test_kernels_cuda_int import _folded_tiny_llama
+
+    from leanq.kernels import cuda_int as ci
+
+    model = _folded_tiny_llama()
+    ids = torch.randint(0, 100, (1, 6), generator=torch.Generator().manual_seed(1))
+    ref, c0 = _decode(model, ids, 4, False)
+    assert ci.fold_decoder(model) == 2 * 5
+    attns = [layer.self_attn for layer in model.model.layers]
+    assert [a.leanq_order for a in attns] == ["first", "last"] and attns[0].leanq_pending is attns[1].leanq_pending
+    monkeypatch.setattr(ci, "ADVANCE_ONCE", True)
+    foreach = []
+    real = torch._foreach_add_
+    monkeypatch.setattr(torch, "_foreach_add_", lambda ts, v: (foreach.append(len(ts)), real(ts, v))[1])
+    try:
+        got, c1 = _decode(model, ids, 4, compiled)
+    finally:
+        torch._dynamo.reset()
+    if not compiled:
+        assert foreach == [2] * 4
+    assert not attns[0].leanq_pending
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4)
+    for a, b in zip(c0.layers, c1.layers):
+        assert a.cumulative_length.item() == b.cumulative_length.item() == 10
+        assert torch.allclose(a.keys, b.keys, rtol=1e-5, atol=1e-5)

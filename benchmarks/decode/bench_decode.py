@@ -251,9 +251,7 @@ def cmd_decode(a) -> dict:
     elif a.layout == "rk":  # batch 1 on the CUDA int GEMV, prefill dequantize + cuBLAS: one layout in memory
         from leanq.kernels import cuda_int as ci
 
-        from leanq.kernels import decode_attention
-
-        decode_attention.PDL = a.attn_pdl == "on"
+        set_attn_variant(a.attn)
         freed = ci.release_stored_rk(model, fuse=a.fuse, fold=not a.unfolded, rope=not a.no_rope)
         res["folded"] = sum(hasattr(m, "leanq_o_proj") for m in model.modules())
         res["rope_folded"] = sum(hasattr(m, "leanq_heads") for m in model.modules())
@@ -277,19 +275,20 @@ def cmd_decode(a) -> dict:
         res["speedup" + sfx] = q["tokens_per_s"] / res[bkey]["tokens_per_s"]
         res["weight_memory_ratio" + sfx] = q["weights_gib"] / res[bkey]["weights_gib"]
         res["peak_memory_ratio" + sfx] = q["peak_gib"] / res[bkey]["peak_gib"]
-    # the same model again, its attention kernel launched early (programmatic dependent launch)
-    if a.attn_pdl == "after" and a.layout == "rk" and a.release:
+    # the same model again with each prepared variant of the folded attention (ATTN_VARIANTS)
+    for v in (x for x in a.attn_after.split(",") if x) if a.layout == "rk" and a.release else ():
         from leanq.kernels import decode_attention
 
-        decode_attention.PDL = True
+        set_attn_variant(v)
+        tag = v.replace("+", "-")
         for g in modes:
-            key, bkey = (f"int{a.bits}-apdl", "bf16") if g == modes[0] else (f"int{a.bits}-apdl-{g}", f"bf16-{g}")
+            key, bkey = (f"int{a.bits}-{tag}", "bf16") if g == modes[0] else (f"int{a.bits}-{tag}-{g}", f"bf16-{g}")
             res[key] = dict(weights_gib=weight_bytes(model) / 2**30,
                             **time_generate(model, a.prompt_len, a.new_tokens, a.reps, g, a.host_profile))
             res[key]["attn_pdl"] = decode_attention.PDL  # False when the launch fell back
             print(key, json.dumps(res[key]), flush=True)
             torch._dynamo.reset()
-            sfx = "_apdl" if g == modes[0] else f"_apdl_{g}"
+            sfx = f"_{tag}" if g == modes[0] else f"_{tag}_{g}"
             res["speedup" + sfx] = res[key]["tokens_per_s"] / res[bkey]["tokens_per_s"]
     # the same model again, its norms and SiLU x up folded into the GEMVs (after --unfolded), or its attention's
     # rotary embedding and cache write (after --no-rope)
@@ -308,6 +307,21 @@ def cmd_decode(a) -> dict:
             res["speedup" + sfx] = res[key]["tokens_per_s"] / res[bkey]["tokens_per_s"]
             res["peak_memory_ratio" + sfx] = res[key]["peak_gib"] / res[bkey]["peak_gib"]
     return res
+
+
+ATTN_VARIANTS = ("plain", "pdl", "once", "pdl+once")
+
+
+def set_attn_variant(v: str) -> None:
+    """The folded attention's prepared options (session 29, off by default): ``pdl`` its kernel launched early
+    (decode_attention.PDL), ``once`` the cache positions advanced in one op (cuda_int.ADVANCE_ONCE)."""
+    from leanq.kernels import cuda_int as ci
+    from leanq.kernels import decode_attention
+
+    if v not in ATTN_VARIANTS:
+        raise SystemExit(f"--attn: one of {', '.join(ATTN_VARIANTS)}, not {v!r}")
+    decode_attention.PDL = "pdl" in v
+    ci.ADVANCE_ONCE = "once" in v
 
 
 def time_lean(model, prompt_len: int, new: int, reps: int) -> dict:
@@ -413,9 +427,12 @@ def main() -> int:
     ap.add_argument("--unfolded", action="store_true",
                     help="decode: release the 4-bit model without folding its decoder layers' norms, SiLU x up and "
                          "residual adds into the GEMVs (release_stored_rk(fold=False))")
-    ap.add_argument("--attn-pdl", choices=["off", "on", "after"], default="off",
-                    help="decode: the folded attention kernel with programmatic dependent launch "
-                         "(decode_attention.PDL): off, on, or after (every setting off, then on, in one process)")
+    ap.add_argument("--attn", choices=ATTN_VARIANTS, default="plain",
+                    help="decode: the folded attention's prepared variant (set_attn_variant): pdl launches its kernel "
+                         "early, once advances the cache positions in one op")
+    ap.add_argument("--attn-after", default="", metavar="LIST",
+                    help="decode: after the first settings, time every setting again with each of these variants "
+                         "(comma-separated, e.g. pdl,once,pdl+once), same process")
     ap.add_argument("--no-rope", action="store_true",
                     help="decode: fold the 4-bit model's decoder layers without their attention's rotary embedding "
                          "and cache write (release_stored_rk(rope=False)); with --fold, fold those after the first "

@@ -267,8 +267,8 @@ def main() -> int:
     ap.add_argument("--rope", action=argparse.BooleanOptionalAction, default=True,
                     help="with --fold: the attention's rotary embedding and cache write in one kernel too (the "
                          "default)")
-    ap.add_argument("--attn-pdl", action="store_true",
-                    help="the folded attention kernel with programmatic dependent launch (decode_attention.PDL)")
+    ap.add_argument("--attn", default="plain", choices=["plain", "pdl", "once", "pdl+once"],
+                    help="the folded attention's prepared variant (bench_decode.set_attn_variant)")
     ap.add_argument("--table", action=argparse.BooleanOptionalAction, default=True,
                     help="print the host-side table")
     ap.add_argument("--listing", default=None, metavar="FILE",
@@ -296,9 +296,7 @@ def main() -> int:
         if a.layout == "rk":
             from leanq.kernels import cuda_int as ci
 
-            from leanq.kernels import decode_attention
-
-            decode_attention.PDL = a.attn_pdl
+            bd.set_attn_variant(a.attn)
             ci.release_stored_rk(model, fold=a.fold, rope=a.rope)
         else:
             kn.release_stored_kn(model)

@@ -43,10 +43,11 @@
 #                                                    # kernels listed to $OUT/step-int4.txt); NOPROF=1 skips it
 #   bash benchmarks/kernels/device_call.sh ropedec   # session 29: the decode with the attention folded after the rest
 #                                                    # (bench_decode.py --no-rope --fold) in MODES, one process
-#   bash benchmarks/kernels/device_call.sh attnpdl   # session 29 (prepared, not run): the decode-attention GPU tests
-#                                                    # (PDL among them), then the decode with the attention kernel
-#                                                    # launched plainly and then early (--attn-pdl after) in MODES,
-#                                                    # then the profile with it (one step listed to $OUT/step-apdl.txt)
+#   bash benchmarks/kernels/device_call.sh attn      # session 29 (prepared, not run): the decode-attention and rope
+#                                                    # GPU tests (PDL, advance-once among them), then the decode
+#                                                    # plain and with each prepared variant (VARIANTS, default
+#                                                    # pdl,once,pdl+once) in MODES, one process; then the profile of
+#                                                    # PROF (default pdl+once; one step listed to $OUT/step-attn.txt)
 #   bash benchmarks/kernels/device_call.sh vqc       # session 17: the 16-codeword cluster kernel's GPU tests, then
 #                                                    # its configs (CL) beside the 2-bit preset's kernel, graph harness
 # Each step runs under its own timeout so a slow step cannot eat the call; logs and JSON go to $OUT.
@@ -159,14 +160,16 @@ rope)
 ropedec)
   timeout "${T2:-560}" python3 benchmarks/decode/bench_decode.py decode --out "$OUT" --reps 3 --no-rope --fold $EXTRA \
     --compile-modes "${MODES:-graph,graph-pdl}" 2>&1 | tee "$OUT/decode.log" | grep -E "speedup|folds|Error|Traceback" ;;
-attnpdl)
-  [ -n "$NOTESTS" ] || PYTHONPATH=src:tests timeout "${T1:-120}" python3 -m pytest -q -p no:cacheprovider \
-    tests/test_kernels_decode_attention.py tests/test_kernels_rope_cache.py -k "${TK:-pdl or gpu or released}" \
+attn)
+  [ -n "$NOTESTS" ] || PYTHONPATH=src:tests timeout "${T1:-150}" python3 -m pytest -q -p no:cacheprovider \
+    tests/test_kernels_decode_attention.py tests/test_kernels_rope_cache.py -k "${TK:-pdl or gpu or released or once}" \
     2>&1 | tail -5 | tee "$OUT/tests.log"
-  timeout "${T2:-300}" python3 benchmarks/decode/bench_decode.py decode --out "$OUT" --reps 3 --attn-pdl after $EXTRA \
-    --compile-modes "${MODES:-graph,graph-pdl}" 2>&1 | tee "$OUT/decode.log" | grep -E "speedup|Error|Traceback"
+  timeout "${T2:-400}" python3 benchmarks/decode/bench_decode.py decode --out "$OUT" --reps 3 \
+    --attn-after "${VARIANTS:-pdl,once,pdl+once}" $EXTRA --compile-modes "${MODES:-graph,graph-pdl}" 2>&1 \
+    | tee "$OUT/decode.log" | grep -E "speedup|Error|Traceback"
   [ -n "$NOPROF" ] || timeout "${T3:-150}" python3 benchmarks/decode/profile_decode.py --graph --new-tokens 64 \
-    --no-table --attn-pdl --listing "$OUT/step-apdl.txt" 2>&1 | grep -v Warning | tee "$OUT/profile.log" | tail -20 ;;
+    --no-table --attn "${PROF:-pdl+once}" --listing "$OUT/step-attn.txt" 2>&1 | grep -v Warning \
+    | tee "$OUT/profile.log" | tail -20 ;;
 prefill)
   [ -n "$NOTESTS" ] || PYTHONPATH=src:tests timeout "${T1:-150}" python3 -m pytest -q -p no:cacheprovider \
     tests/test_hf_graph.py 2>&1 | tail -5 | tee "$OUT/tests.log"

@@ -1465,8 +1465,37 @@ def _cache_layer(attn, cache):
     return layer
 
 
-def _folded_attn_forward(attn, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
-                         **kwargs):
+# The folded decode step's cache-position advances, one per layer (32 small kernels a step of a 7B-shaped model),
+# gathered and made by the model's last folded attention in one torch._foreach_add_ instead. Prepared in session 29
+# and not yet run on a GPU, so off by default (docs/PERFORMANCE.md, version 30; bench_decode.py --attn-after).
+ADVANCE_ONCE = False
+
+
+def _advance(attn, counter: torch.Tensor) -> None:
+    """Advance a cache layer's write position after the folded step wrote it: now, or with ADVANCE_ONCE by the
+    model's last folded attention (:func:`_folded_attn_forward`)."""
+    pending = getattr(attn, "leanq_pending", None)
+    if ADVANCE_ONCE and pending is not None:
+        pending.append(counter)
+    else:
+        counter.add_(1)
+
+
+def _folded_attn_forward(attn, hidden_states: torch.Tensor, **kwargs):
+    """:func:`_folded_attn_step`, and in the model's last folded attention the cache-position advances the others
+    left (ADVANCE_ONCE), all in one op."""
+    pending = getattr(attn, "leanq_pending", None)
+    if pending is not None and "first" in attn.leanq_order:
+        pending.clear()  # left over from a step that did not finish
+    out = _folded_attn_step(attn, hidden_states, **kwargs)
+    if pending and "last" in attn.leanq_order:
+        torch._foreach_add_(list(pending), 1)
+        pending.clear()
+    return out
+
+
+def _folded_attn_step(attn, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
+                      **kwargs):
     """The attention of a layer whose q/k/v fold_decoder fused: for one token at batch 1 with a static cache, one
     GEMV over the fused q/k/v rows (the norm inside when folded), then one kernel for the rotary embedding, the cache
     write and the attention (:mod:`.decode_attention`; with ``leanq_attend`` and transformers' sdpa attention,
@@ -1485,12 +1514,12 @@ def _folded_attn_forward(attn, hidden_states: torch.Tensor, position_embeddings=
                 and decode_attention.fits(qkv, cos, layer.keys, layer.values, layer.cumulative_length, mask, hq, hkv)):
             out = decode_attention.attend(qkv, attn.leanq_qkv_bias, cos, sin, layer.keys, layer.values,
                                           layer.cumulative_length, attn.leanq_ticket, mask, attn.scaling, hq, hkv)
-            layer.cumulative_length.add_(1)  # as StaticLayer.update advances it (the op only reads it)
+            _advance(attn, layer.cumulative_length)  # as StaticLayer.update advances it (the op only reads it)
             return attn.o_proj(out), None
         if rope_cache.fits(qkv, cos, layer.keys, layer.values, layer.cumulative_length, hq, hkv):
             q = rope_cache.rope_cache(qkv, attn.leanq_qkv_bias, cos, sin, layer.keys, layer.values,
                                       layer.cumulative_length, hq, hkv)
-            layer.cumulative_length.add_(1)
+            _advance(attn, layer.cumulative_length)
             rest = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")}
             extra = FOLD_ATTENTION.get(type(attn).__name__)
             if extra is not None:
@@ -1598,6 +1627,11 @@ def fold_decoder(model: torch.nn.Module, residual: bool = True, rope: bool = Tru
             layer.leanq_o_proj = o
             layer.forward = types.MethodType(_folded_layer_forward, layer)
             n += 1
+    folded = [m for m in model.modules() if hasattr(m, "leanq_heads")]
+    pending: list = []  # one list for the model's folded attentions (ADVANCE_ONCE)
+    for i, attn in enumerate(folded):
+        attn.leanq_pending = pending
+        attn.leanq_order = ("first" if i == 0 else "") + ("last" if i == len(folded) - 1 else "")
     if n:
         install_dedupe()
     return n
