@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import os
 import statistics
 import sys
@@ -309,19 +310,20 @@ def cmd_decode(a) -> dict:
     return res
 
 
-ATTN_VARIANTS = ("plain", "pdl", "once", "pdl+once")
-
-
 def set_attn_variant(v: str) -> None:
-    """The folded attention's prepared options (session 29, off by default): ``pdl`` its kernel launched early
-    (decode_attention.PDL), ``once`` the cache positions advanced in one op (cuda_int.ADVANCE_ONCE)."""
+    """The folded attention's prepared options (session 29, off by default), joined by '+': ``pdl`` its kernel
+    launched early (decode_attention.PDL), ``once`` the cache positions advanced in one op (cuda_int.ADVANCE_ONCE),
+    ``chunkN`` at least N cache positions a program (decode_attention.MIN_CHUNK); ``plain`` none of them."""
     from leanq.kernels import cuda_int as ci
     from leanq.kernels import decode_attention
 
-    if v not in ATTN_VARIANTS:
-        raise SystemExit(f"--attn: one of {', '.join(ATTN_VARIANTS)}, not {v!r}")
-    decode_attention.PDL = "pdl" in v
-    ci.ADVANCE_ONCE = "once" in v
+    parts = set(v.split("+")) - {"plain"}
+    chunks = [p for p in parts if re.fullmatch(r"chunk\d+", p)]
+    if parts - {"pdl", "once"} - set(chunks) or len(chunks) > 1:
+        raise SystemExit(f"--attn: plain, or pdl, once, chunkN joined by '+', not {v!r}")
+    decode_attention.PDL = "pdl" in parts
+    ci.ADVANCE_ONCE = "once" in parts
+    decode_attention.MIN_CHUNK = int(chunks[0][5:]) if chunks else decode_attention.BLOCK_N
 
 
 def time_lean(model, prompt_len: int, new: int, reps: int) -> dict:
@@ -427,12 +429,13 @@ def main() -> int:
     ap.add_argument("--unfolded", action="store_true",
                     help="decode: release the 4-bit model without folding its decoder layers' norms, SiLU x up and "
                          "residual adds into the GEMVs (release_stored_rk(fold=False))")
-    ap.add_argument("--attn", choices=ATTN_VARIANTS, default="plain",
+    ap.add_argument("--attn", default="plain",
                     help="decode: the folded attention's prepared variant (set_attn_variant): pdl launches its kernel "
-                         "early, once advances the cache positions in one op")
+                         "early, once advances the cache positions in one op, chunkN gives each program at least N "
+                         "positions; joined by '+'")
     ap.add_argument("--attn-after", default="", metavar="LIST",
                     help="decode: after the first settings, time every setting again with each of these variants "
-                         "(comma-separated, e.g. pdl,once,pdl+once), same process")
+                         "(comma-separated, e.g. pdl,once,chunk512,pdl+once), same process")
     ap.add_argument("--no-rope", action="store_true",
                     help="decode: fold the 4-bit model's decoder layers without their attention's rotary embedding "
                          "and cache write (release_stored_rk(rope=False)); with --fold, fold those after the first "

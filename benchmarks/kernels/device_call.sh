@@ -46,8 +46,9 @@
 #   bash benchmarks/kernels/device_call.sh attn      # session 29 (prepared, not run): the decode-attention and rope
 #                                                    # GPU tests (PDL, advance-once among them), then the decode
 #                                                    # plain and with each prepared variant (VARIANTS, default
-#                                                    # pdl,once,pdl+once) in MODES, one process; then the profile of
-#                                                    # PROF (default pdl+once; one step listed to $OUT/step-attn.txt)
+#                                                    # pdl,once,chunk512,pdl+once) in MODES, one process; then
+#                                                    # the profile of PROF (default pdl+once; one step listed to
+#                                                    # $OUT/step-attn.txt)
 #   bash benchmarks/kernels/device_call.sh vqc       # session 17: the 16-codeword cluster kernel's GPU tests, then
 #                                                    # its configs (CL) beside the 2-bit preset's kernel, graph harness
 # Each step runs under its own timeout so a slow step cannot eat the call; logs and JSON go to $OUT.
@@ -165,7 +166,7 @@ attn)
     tests/test_kernels_decode_attention.py tests/test_kernels_rope_cache.py -k "${TK:-pdl or gpu or released or once}" \
     2>&1 | tail -5 | tee "$OUT/tests.log"
   timeout "${T2:-400}" python3 benchmarks/decode/bench_decode.py decode --out "$OUT" --reps 3 \
-    --attn-after "${VARIANTS:-pdl,once,pdl+once}" $EXTRA --compile-modes "${MODES:-graph,graph-pdl}" 2>&1 \
+    --attn-after "${VARIANTS:-pdl,once,chunk512,pdl+once}" $EXTRA --compile-modes "${MODES:-graph,graph-pdl}" 2>&1 \
     | tee "$OUT/decode.log" | grep -E "speedup|Error|Traceback"
   [ -n "$NOPROF" ] || timeout "${T3:-150}" python3 benchmarks/decode/profile_decode.py --graph --new-tokens 64 \
     --no-table --attn "${PROF:-pdl+once}" --listing "$OUT/step-attn.txt" 2>&1 | grep -v Warning \

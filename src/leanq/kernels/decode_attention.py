@@ -38,6 +38,11 @@ BLOCK_N = 64  # positions per step of a program's loop
 # session 29 and not yet run on a GPU, so off by default (docs/PERFORMANCE.md, version 30; bench_decode.py
 # --attn-pdl).
 PDL = False
+# The fewest cache positions a program takes. One loop step (the measured setting): a 272-position cache of a 7B
+# model is split in 5 chunks a kv head, combined through the ticket. Larger (e.g. 512): a short cache is read by one
+# program a kv head, with no combine but a longer loop (Triton pipelines its loads). Which is faster is for a GPU to
+# say (bench_decode.py --attn-after chunk512); prepared in session 29, not run.
+MIN_CHUNK = BLOCK_N
 
 
 def reference(qkv: torch.Tensor, bias: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
@@ -221,8 +226,8 @@ def _sms(device: torch.device) -> int:
 
 def splits(length: int, hkv: int, device: torch.device) -> int:
     """Chunks of the cache per kv head: enough programs to cover the GPU's multiprocessors once, no chunk shorter
-    than one loop step."""
-    return max(1, min(-(-_sms(device) // hkv), -(-length // BLOCK_N)))
+    than :data:`MIN_CHUNK` positions."""
+    return max(1, min(-(-_sms(device) // hkv), -(-length // max(BLOCK_N, MIN_CHUNK))))
 
 
 def _mask_kind(mask: torch.Tensor | None) -> int:
