@@ -160,8 +160,8 @@ def _compile_sm90(specs: list) -> list[str]:
 
 def test_kernels_compile_for_sm90():
     """The decode-attention kernel in the 7B decode's configuration (bf16, 5 chunks, a boolean mask; MHA and GQA),
-    with and without programmatic dependent launch (griddepcontrol in its PTX only with), and the rope-cache kernel
-    compile for sm_90."""
+    with and without programmatic dependent launch (griddepcontrol in its PTX only with), in one chunk with a bias
+    and no mask, and the rope-cache kernel compile for sm_90."""
     if torch.cuda.is_available():
         pytest.skip("the GPU tests launch them")
     types = dict(qkv_ptr="*bf16", bias_ptr="*bf16", cos_ptr="*bf16", sin_ptr="*bf16", keys_ptr="*bf16",
@@ -171,7 +171,9 @@ def test_kernels_compile_for_sm90():
     specs = [("decode_attention", types, dict(S=5, G=g, GP=16, D=128, HALF=64, BLOCK=64, HAS_BIAS=False,
                                               MASK_KIND=1, PREC="tf32", GDC=gdc), dict(launch_pdl=gdc))
              for g in (1, 4) for gdc in (False, True)]
+    specs.append(("decode_attention", types, dict(S=1, G=1, GP=16, D=128, HALF=64, BLOCK=64, HAS_BIAS=True,
+                                                  MASK_KIND=0, PREC="tf32", GDC=False), {}))  # one chunk (MIN_CHUNK)
     specs.append(("rope_cache", types, dict(HAS_BIAS=True, D=128, HALF=64), {}))
     ptx = _compile_sm90(specs)
-    assert ["griddepcontrol" in p for p in ptx] == [False, True, False, True, False]
+    assert ["griddepcontrol" in p for p in ptx] == [False, True, False, True, False, False]
     assert all("st.global" in p for p in ptx)
