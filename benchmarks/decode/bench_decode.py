@@ -276,21 +276,12 @@ def cmd_decode(a) -> dict:
         res["speedup" + sfx] = q["tokens_per_s"] / res[bkey]["tokens_per_s"]
         res["weight_memory_ratio" + sfx] = q["weights_gib"] / res[bkey]["weights_gib"]
         res["peak_memory_ratio" + sfx] = q["peak_gib"] / res[bkey]["peak_gib"]
-    # the same model again with each prepared variant of the folded attention (ATTN_VARIANTS)
+    # the same model again with each prepared variant of the folded attention (set_attn_variant)
     for v in (x for x in a.attn_after.split(",") if x) if a.layout == "rk" and a.release else ():
         from leanq.kernels import decode_attention
 
         set_attn_variant(v)
-        tag = v.replace("+", "-")
-        for g in modes:
-            key, bkey = (f"int{a.bits}-{tag}", "bf16") if g == modes[0] else (f"int{a.bits}-{tag}-{g}", f"bf16-{g}")
-            res[key] = dict(weights_gib=weight_bytes(model) / 2**30,
-                            **time_generate(model, a.prompt_len, a.new_tokens, a.reps, g, a.host_profile))
-            res[key]["attn_pdl"] = decode_attention.PDL  # False when the launch fell back
-            print(key, json.dumps(res[key]), flush=True)
-            torch._dynamo.reset()
-            sfx = f"_{tag}" if g == modes[0] else f"_{tag}_{g}"
-            res["speedup" + sfx] = res[key]["tokens_per_s"] / res[bkey]["tokens_per_s"]
+        time_again(model, a, modes, res, v.replace("+", "-"), lambda r: r.update(attn_pdl=decode_attention.PDL))
     # the same model again, its norms and SiLU x up folded into the GEMVs (after --unfolded), or its attention's
     # rotary embedding and cache write (after --no-rope)
     if a.fold and (a.unfolded or a.no_rope) and a.layout == "rk" and a.release:
@@ -298,16 +289,24 @@ def cmd_decode(a) -> dict:
 
         res["folds"] = ci.fold_decoder(model)
         res["second_pass"] = "fold" if a.unfolded else "rope"
-        for g in modes:
-            key, bkey = (f"int{a.bits}-fold", "bf16") if g == modes[0] else (f"int{a.bits}-fold-{g}", f"bf16-{g}")
-            res[key] = dict(weights_gib=weight_bytes(model) / 2**30,
-                            **time_generate(model, a.prompt_len, a.new_tokens, a.reps, g, a.host_profile))
-            print(key, json.dumps(res[key]), flush=True)
-            torch._dynamo.reset()
-            sfx = "_fold" if g == modes[0] else f"_fold_{g}"
-            res["speedup" + sfx] = res[key]["tokens_per_s"] / res[bkey]["tokens_per_s"]
-            res["peak_memory_ratio" + sfx] = res[key]["peak_gib"] / res[bkey]["peak_gib"]
+        time_again(model, a, modes, res, "fold")
     return res
+
+
+def time_again(model, a, modes: list, res: dict, tag: str, note=None) -> None:
+    """The 4-bit model timed again in every mode after a change: res[int{bits}-{tag}[-mode]] (``note`` may add to
+    it), its speedup and peak-memory ratio against BF16 in the same mode (speedup_{tag}[_mode], ...)."""
+    for g in modes:
+        key, bkey = (f"int{a.bits}-{tag}", "bf16") if g == modes[0] else (f"int{a.bits}-{tag}-{g}", f"bf16-{g}")
+        res[key] = dict(weights_gib=weight_bytes(model) / 2**30,
+                        **time_generate(model, a.prompt_len, a.new_tokens, a.reps, g, a.host_profile))
+        if note is not None:
+            note(res[key])
+        print(key, json.dumps(res[key]), flush=True)
+        torch._dynamo.reset()
+        sfx = f"_{tag}" if g == modes[0] else f"_{tag}_{g}"
+        res["speedup" + sfx] = res[key]["tokens_per_s"] / res[bkey]["tokens_per_s"]
+        res["peak_memory_ratio" + sfx] = res[key]["peak_gib"] / res[bkey]["peak_gib"]
 
 
 def set_attn_variant(v: str) -> None:

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 import types
 
 import torch
@@ -1527,8 +1528,6 @@ def _folded_attn_step(attn, hidden_states: torch.Tensor, position_embeddings=Non
                 for part in extra.split("."):
                     obj = getattr(obj, part, None)
                 rest["sliding_window"] = obj
-            import sys
-
             from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
             eager = getattr(sys.modules[type(attn).__module__], "eager_attention_forward", None)

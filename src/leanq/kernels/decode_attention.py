@@ -31,6 +31,7 @@ import functools
 import torch
 
 from . import rope_cache
+from .cuda_rt import device_index, sm90, sm_count
 
 BLOCK_N = 64  # positions per step of a program's loop
 # Programmatic dependent launch (sm_90 on): the kernel is launched while the q/k/v GEMV before it ends, waits for it,
@@ -217,17 +218,11 @@ def _kernel():
     return decode_attention_kernel
 
 
-@functools.cache
-def _sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 8
-
-
 def splits(length: int, hkv: int, device: torch.device) -> int:
     """Chunks of the cache per kv head: enough programs to cover the GPU's multiprocessors once, no chunk shorter
     than :data:`MIN_CHUNK` positions."""
-    return max(1, min(-(-_sms(device) // hkv), -(-length // max(BLOCK_N, MIN_CHUNK))))
+    sms = sm_count(device_index(device)) if device.type == "cuda" else 8
+    return max(1, min(-(-sms // hkv), -(-length // max(BLOCK_N, MIN_CHUNK))))
 
 
 def _mask_kind(mask: torch.Tensor | None) -> int:
@@ -242,7 +237,9 @@ def run_triton(qkv: torch.Tensor, bias: torch.Tensor | None, cos: torch.Tensor, 
     zero; ``n_splits`` overrides :func:`splits`; ``pdl`` overrides :data:`PDL`, used on sm_90 and later only)."""
     d, length = keys.shape[-1], keys.shape[2]
     g = hq // hkv
-    gp = max(16, triton_next_pow2(g))
+    import triton
+
+    gp = max(16, triton.next_power_of_2(g))
     s = n_splits or splits(length, hkv, qkv.device)
     chunk = -(-length // s)
     out = torch.empty(1, 1, hq * d, device=qkv.device, dtype=qkv.dtype)
@@ -256,7 +253,7 @@ def run_triton(qkv: torch.Tensor, bias: torch.Tensor | None, cos: torch.Tensor, 
                 MASK_KIND=_mask_kind(mask), PREC="ieee" if keys.dtype == torch.float32 else "tf32", num_warps=4)
     if pdl is None:
         pdl = PDL
-    if pdl and qkv.is_cuda and torch.cuda.get_device_capability(qkv.device) >= (9, 0):
+    if pdl and qkv.is_cuda and sm90(device_index(qkv)):
         try:
             _kernel()[(hkv, s)](*args, GDC=True, launch_pdl=True, **meta)
             return out
@@ -273,10 +270,6 @@ def _no_pdl(e: Exception) -> None:
 
         warnings.warn(f"leanq: decode attention without programmatic dependent launch ({str(e)[:160]})")
     PDL = False
-
-
-def triton_next_pow2(n: int) -> int:
-    return 1 << (max(1, n) - 1).bit_length()
 
 
 def fits(qkv: torch.Tensor, cos: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, counter: torch.Tensor,
