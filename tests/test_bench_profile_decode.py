@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace as NS
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "decode"))
 
 import profile_decode as pd  # noqa: E402
@@ -46,3 +48,24 @@ def test_timeline_follows_the_host_time_and_skips_steps_without_a_stop_check():
 
 def test_busy_counts_overlapping_kernels_once():
     assert pd.busy_us([(0, 10), (5, 12), (20, 25)]) == 17
+
+
+def test_attn_variants_set_the_folded_attention_options_and_default_leaves_them(monkeypatch):
+    """bench_decode.set_attn_variant: ``default`` keeps the library's settings (the one-op cache advance on),
+    ``plain`` turns every option off, '+' joins them, and an unknown name is refused."""
+    import bench_decode as bd
+
+    from leanq.kernels import cuda_int as ci
+    from leanq.kernels import decode_attention as da
+
+    for mod, name in ((ci, "ADVANCE_ONCE"), (da, "PDL"), (da, "MIN_CHUNK")):
+        monkeypatch.setattr(mod, name, getattr(mod, name))
+    assert ci.ADVANCE_ONCE and not da.PDL and da.MIN_CHUNK == da.BLOCK_N
+    bd.set_attn_variant("default")
+    assert ci.ADVANCE_ONCE and not da.PDL
+    bd.set_attn_variant("plain")
+    assert not ci.ADVANCE_ONCE and not da.PDL and da.MIN_CHUNK == da.BLOCK_N
+    bd.set_attn_variant("pdl+once+chunk512")
+    assert ci.ADVANCE_ONCE and da.PDL and da.MIN_CHUNK == 512
+    with pytest.raises(SystemExit):
+        bd.set_attn_variant("fast")

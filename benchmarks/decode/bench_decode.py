@@ -310,12 +310,15 @@ def time_again(model, a, modes: list, res: dict, tag: str, note=None) -> None:
 
 
 def set_attn_variant(v: str) -> None:
-    """The folded attention's prepared options (session 29, off by default), joined by '+': ``pdl`` its kernel
-    launched early (decode_attention.PDL), ``once`` the cache positions advanced in one op (cuda_int.ADVANCE_ONCE),
-    ``chunkN`` at least N cache positions a program (decode_attention.MIN_CHUNK); ``plain`` none of them."""
+    """The folded attention's options, joined by '+': ``pdl`` its kernel launched early (decode_attention.PDL, off by
+    default), ``once`` the cache positions advanced in one op (cuda_int.ADVANCE_ONCE, the default since session 30),
+    ``chunkN`` at least N cache positions a program (decode_attention.MIN_CHUNK); ``plain`` none of them;
+    ``default`` leaves the library's settings as they are."""
     from leanq.kernels import cuda_int as ci
     from leanq.kernels import decode_attention
 
+    if v == "default":  # the library's own settings
+        return
     parts = set(v.split("+")) - {"plain"}
     chunks = [p for p in parts if re.fullmatch(r"chunk\d+", p)]
     if parts - {"pdl", "once"} - set(chunks) or len(chunks) > 1:
@@ -428,10 +431,10 @@ def main() -> int:
     ap.add_argument("--unfolded", action="store_true",
                     help="decode: release the 4-bit model without folding its decoder layers' norms, SiLU x up and "
                          "residual adds into the GEMVs (release_stored_rk(fold=False))")
-    ap.add_argument("--attn", default="plain",
-                    help="decode: the folded attention's prepared variant (set_attn_variant): pdl launches its kernel "
-                         "early, once advances the cache positions in one op, chunkN gives each program at least N "
-                         "positions; joined by '+'")
+    ap.add_argument("--attn", default="default",
+                    help="decode: the folded attention's variant (set_attn_variant): default (the library's), plain "
+                         "(none of these), or joined by '+': pdl launches its kernel early, once advances the cache "
+                         "positions in one op (part of the default), chunkN gives each program at least N positions")
     ap.add_argument("--attn-after", default="", metavar="LIST",
                     help="decode: after the first settings, time every setting again with each of these variants "
                          "(comma-separated, e.g. pdl,once,chunk512,pdl+once), same process")

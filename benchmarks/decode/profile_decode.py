@@ -267,8 +267,8 @@ def main() -> int:
     ap.add_argument("--rope", action=argparse.BooleanOptionalAction, default=True,
                     help="with --fold: the attention's rotary embedding and cache write in one kernel too (the "
                          "default)")
-    ap.add_argument("--attn", default="plain",
-                    help="the folded attention's prepared variant (bench_decode.set_attn_variant: plain, or pdl, "
+    ap.add_argument("--attn", default="default",
+                    help="the folded attention's variant (bench_decode.set_attn_variant: default, plain, or pdl, "
                          "once, chunkN joined by '+')")
     ap.add_argument("--table", action=argparse.BooleanOptionalAction, default=True,
                     help="print the host-side table")

@@ -1467,9 +1467,10 @@ def _cache_layer(attn, cache):
 
 
 # The folded decode step's cache-position advances, one per layer (32 small kernels a step of a 7B-shaped model),
-# gathered and made by the model's last folded attention in one torch._foreach_add_ instead. Prepared in session 29
-# and not yet run on a GPU, so off by default (docs/PERFORMANCE.md, version 30; bench_decode.py --attn-after).
-ADVANCE_ONCE = False
+# gathered and made by the model's last folded attention in one torch._foreach_add_ instead. On by default since
+# session 30: 1-3% more tokens/s on an H200 in two calls (docs/PERFORMANCE.md, version 31; bench_decode.py
+# --attn-after plain turns it off).
+ADVANCE_ONCE = True
 
 
 def _advance(attn, counter: torch.Tensor) -> None:
