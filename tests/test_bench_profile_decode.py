@@ -58,7 +58,7 @@ def test_attn_variants_set_the_folded_attention_options_and_default_leaves_them(
     from leanq.kernels import cuda_int as ci
     from leanq.kernels import decode_attention as da
 
-    for mod, name in ((ci, "ADVANCE_ONCE"), (da, "PDL"), (da, "MIN_CHUNK")):
+    for mod, name in ((ci, "ADVANCE_ONCE"), (da, "PDL"), (da, "TRIGGER"), (da, "MIN_CHUNK")):
         monkeypatch.setattr(mod, name, getattr(mod, name))
     assert ci.ADVANCE_ONCE and not da.PDL and da.MIN_CHUNK == da.BLOCK_N
     bd.set_attn_variant("default")
@@ -66,6 +66,8 @@ def test_attn_variants_set_the_folded_attention_options_and_default_leaves_them(
     bd.set_attn_variant("plain")
     assert not ci.ADVANCE_ONCE and not da.PDL and da.MIN_CHUNK == da.BLOCK_N
     bd.set_attn_variant("pdl+once+chunk512")
-    assert ci.ADVANCE_ONCE and da.PDL and da.MIN_CHUNK == 512
+    assert ci.ADVANCE_ONCE and da.PDL and not da.TRIGGER and da.MIN_CHUNK == 512
+    bd.set_attn_variant("trigger")
+    assert da.TRIGGER and not da.PDL and not ci.ADVANCE_ONCE
     with pytest.raises(SystemExit):
         bd.set_attn_variant("fast")

@@ -115,10 +115,14 @@ def test_decode_attention_with_pdl_is_the_same_kernel():
     b = [t.clone() if t is not None else None for t in a]
     ticket = torch.zeros(hkv, dtype=torch.int32, device=DEV)
     mask = _mask("bool", length, pos)
-    plain = da.run_triton(*a, ticket, mask, d ** -0.5, hq, hkv, pdl=False)
+    c = [t.clone() if t is not None else None for t in a]
+    plain = da.run_triton(*a, ticket, mask, d ** -0.5, hq, hkv, pdl=False, trigger=False)
     torch.mul(b[0], 1.0, out=b[0])  # a kernel before it
     early = da.run_triton(*b, ticket, mask, d ** -0.5, hq, hkv, pdl=True)
     assert torch.equal(plain, early) and torch.equal(a[4], b[4]) and not ticket.any()
+    trig = da.run_triton(*c, ticket, mask, d ** -0.5, hq, hkv, pdl=False, trigger=True)
+    after = torch.mul(trig, 2.0)  # a kernel after it
+    assert torch.equal(plain, trig) and torch.equal(after, plain * 2) and torch.equal(a[4], c[4]) and not ticket.any()
 
 
 
@@ -160,7 +164,8 @@ def _compile_sm90(specs: list) -> list[str]:
 
 def test_kernels_compile_for_sm90():
     """The decode-attention kernel in the 7B decode's configuration (bf16, 5 chunks, a boolean mask; MHA and GQA),
-    with and without programmatic dependent launch (griddepcontrol in its PTX only with), in one chunk with a bias
+    without programmatic dependent launch, launched early (griddepcontrol's wait and trigger in its PTX) and only
+    letting the next kernel in (the trigger alone), in one chunk with a bias
     and no mask, and the rope-cache kernel compile for sm_90."""
     if torch.cuda.is_available():
         pytest.skip("the GPU tests launch them")
@@ -169,11 +174,12 @@ def test_kernels_compile_for_sm90():
                  ml_ptr="*fp32", out_ptr="*bf16", HQ="i32", HKV="i32", L="i32", CHUNK="i32", scaling="fp32",
                  q_ptr="*bf16")
     specs = [("decode_attention", types, dict(S=5, G=g, GP=16, D=128, HALF=64, BLOCK=64, HAS_BIAS=False,
-                                              MASK_KIND=1, PREC="tf32", GDC=gdc), dict(launch_pdl=gdc))
-             for g in (1, 4) for gdc in (False, True)]
+                                              MASK_KIND=1, PREC="tf32", GDC=gdc), dict(launch_pdl=gdc == 1))
+             for g in (1, 4) for gdc in (0, 1, 2)]
     specs.append(("decode_attention", types, dict(S=1, G=1, GP=16, D=128, HALF=64, BLOCK=64, HAS_BIAS=True,
-                                                  MASK_KIND=0, PREC="tf32", GDC=False), {}))  # one chunk (MIN_CHUNK)
+                                                  MASK_KIND=0, PREC="tf32", GDC=0), {}))  # one chunk (MIN_CHUNK)
     specs.append(("rope_cache", types, dict(HAS_BIAS=True, D=128, HALF=64), {}))
     ptx = _compile_sm90(specs)
-    assert ["griddepcontrol" in p for p in ptx] == [False, True, False, True, False, False]
+    assert ["griddepcontrol.wait" in p for p in ptx] == [False, True, False] * 2 + [False, False]
+    assert ["griddepcontrol.launch_dependents" in p for p in ptx] == [False, True, True] * 2 + [False, False]
     assert all("st.global" in p for p in ptx)

@@ -311,9 +311,10 @@ def time_again(model, a, modes: list, res: dict, tag: str, note=None) -> None:
 
 def set_attn_variant(v: str) -> None:
     """The folded attention's options, joined by '+': ``pdl`` its kernel launched early (decode_attention.PDL, off by
-    default), ``once`` the cache positions advanced in one op (cuda_int.ADVANCE_ONCE, the default since session 30),
-    ``chunkN`` at least N cache positions a program (decode_attention.MIN_CHUNK); ``plain`` none of them;
-    ``default`` leaves the library's settings as they are."""
+    default), ``trigger`` the o_proj GEMV after it let in early (decode_attention.TRIGGER, off), ``once`` the cache
+    positions advanced in one op (cuda_int.ADVANCE_ONCE, the default since session 30), ``chunkN`` at least N cache
+    positions a program (decode_attention.MIN_CHUNK); ``plain`` none of them; ``default`` leaves the library's
+    settings as they are."""
     from leanq.kernels import cuda_int as ci
     from leanq.kernels import decode_attention
 
@@ -321,9 +322,10 @@ def set_attn_variant(v: str) -> None:
         return
     parts = set(v.split("+")) - {"plain"}
     chunks = [p for p in parts if re.fullmatch(r"chunk\d+", p)]
-    if parts - {"pdl", "once"} - set(chunks) or len(chunks) > 1:
-        raise SystemExit(f"--attn: plain, or pdl, once, chunkN joined by '+', not {v!r}")
+    if parts - {"pdl", "trigger", "once"} - set(chunks) or len(chunks) > 1:
+        raise SystemExit(f"--attn: default, plain, or pdl, trigger, once, chunkN joined by '+', not {v!r}")
     decode_attention.PDL = "pdl" in parts
+    decode_attention.TRIGGER = "trigger" in parts
     ci.ADVANCE_ONCE = "once" in parts
     decode_attention.MIN_CHUNK = int(chunks[0][5:]) if chunks else decode_attention.BLOCK_N
 
@@ -433,8 +435,9 @@ def main() -> int:
                          "residual adds into the GEMVs (release_stored_rk(fold=False))")
     ap.add_argument("--attn", default="default",
                     help="decode: the folded attention's variant (set_attn_variant): default (the library's), plain "
-                         "(none of these), or joined by '+': pdl launches its kernel early, once advances the cache "
-                         "positions in one op (part of the default), chunkN gives each program at least N positions")
+                         "(none of these), or joined by '+': pdl launches its kernel early, trigger lets o_proj's "
+                         "GEMV start during it, once advances the cache positions in one op (part of the default), "
+                         "chunkN gives each program at least N positions")
     ap.add_argument("--attn-after", default="", metavar="LIST",
                     help="decode: after the first settings, time every setting again with each of these variants "
                          "(comma-separated, e.g. pdl,once,chunk512,pdl+once), same process")

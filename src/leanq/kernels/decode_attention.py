@@ -35,10 +35,14 @@ from .cuda_rt import device_index, sm90, sm_count
 
 BLOCK_N = 64  # positions per step of a program's loop
 # Programmatic dependent launch (sm_90 on): the kernel is launched while the q/k/v GEMV before it ends, waits for it,
-# and lets the o_proj GEMV after it start early (its first weight tile loaded while the attention runs). Prepared in
-# session 29 and not yet run on a GPU, so off by default (docs/PERFORMANCE.md, version 30; bench_decode.py
-# --attn-pdl).
+# and lets the o_proj GEMV after it start early (its first weight tile loaded while the attention runs). Off: 4-7%
+# slower on an H200 in session 30, the early programs holding SM slots beside the q/k/v GEMV (docs/PERFORMANCE.md,
+# version 31; bench_decode.py --attn pdl).
 PDL = False
+# Only the second half of that: the kernel launched as usual, after the q/k/v GEMV, lets the o_proj GEMV after it
+# launch and load its first weight tile while the attention runs (griddepcontrol.launch_dependents; the GEMV waits
+# for the attention's end before reading its output). Prepared in session 30 (bench_decode.py --attn trigger).
+TRIGGER = False
 # The fewest cache positions a program takes. One loop step (the measured setting): a 272-position cache of a 7B
 # model is split in 5 chunks a kv head, combined through the ticket. Larger (e.g. 512): a short cache is read by one
 # program a kv head, with no combine but a longer loop (Triton pipelines its loads). Which is faster is for a GPU to
@@ -82,8 +86,9 @@ def _kernel():
                                 S: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                                 HALF: tl.constexpr, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr,
                                 MASK_KIND: tl.constexpr, PREC: tl.constexpr, GDC: tl.constexpr):
-        if GDC:  # launched early (programmatic dependent launch): wait for the q/k/v GEMV, then let o_proj in
+        if GDC == 1:  # launched early (programmatic dependent launch): wait for the q/k/v GEMV
             tl.extra.cuda.gdc_wait()
+        if GDC >= 1:  # let the o_proj GEMV launch (it waits for this kernel's end before reading its output)
             tl.extra.cuda.gdc_launch_dependents()
         kvh = tl.program_id(0)
         sp = tl.program_id(1)
@@ -232,9 +237,10 @@ def _mask_kind(mask: torch.Tensor | None) -> int:
 def run_triton(qkv: torch.Tensor, bias: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
                keys: torch.Tensor, values: torch.Tensor, counter: torch.Tensor, ticket: torch.Tensor,
                mask: torch.Tensor | None, scaling: float, hq: int, hkv: int, n_splits: int | None = None,
-               pdl: bool | None = None) -> torch.Tensor:
+               pdl: bool | None = None, trigger: bool | None = None) -> torch.Tensor:
     """:func:`reference` as one Triton launch (``ticket``: hkv int32 zeros the kernel counts on and leaves at
-    zero; ``n_splits`` overrides :func:`splits`; ``pdl`` overrides :data:`PDL`, used on sm_90 and later only)."""
+    zero; ``n_splits`` overrides :func:`splits`; ``pdl`` overrides :data:`PDL`, ``trigger`` :data:`TRIGGER`, both
+    used on sm_90 and later only)."""
     d, length = keys.shape[-1], keys.shape[2]
     g = hq // hkv
     import triton
@@ -251,25 +257,28 @@ def run_triton(qkv: torch.Tensor, bias: torch.Tensor | None, cos: torch.Tensor, 
             hq, hkv, length, chunk, float(scaling))
     meta = dict(S=s, G=g, GP=gp, D=d, HALF=d // 2, BLOCK=BLOCK_N, HAS_BIAS=bias is not None,
                 MASK_KIND=_mask_kind(mask), PREC="ieee" if keys.dtype == torch.float32 else "tf32", num_warps=4)
-    if pdl is None:
-        pdl = PDL
-    if pdl and qkv.is_cuda and sm90(device_index(qkv)):
+    pdl = PDL if pdl is None else pdl
+    trigger = TRIGGER if trigger is None else trigger
+    if (pdl or trigger) and qkv.is_cuda and sm90(device_index(qkv)):
         try:
-            _kernel()[(hkv, s)](*args, GDC=True, launch_pdl=True, **meta)
+            if pdl:
+                _kernel()[(hkv, s)](*args, GDC=1, launch_pdl=True, **meta)
+            else:
+                _kernel()[(hkv, s)](*args, GDC=2, **meta)
             return out
         except Exception as e:  # a Triton without launch_pdl or the gdc intrinsics: say so once, launch plainly
             _no_pdl(e)
-    _kernel()[(hkv, s)](*args, GDC=False, **meta)
+    _kernel()[(hkv, s)](*args, GDC=0, **meta)
     return out
 
 
 def _no_pdl(e: Exception) -> None:
-    global PDL
-    if PDL:
+    global PDL, TRIGGER
+    if PDL or TRIGGER:
         import warnings
 
         warnings.warn(f"leanq: decode attention without programmatic dependent launch ({str(e)[:160]})")
-    PDL = False
+    PDL = TRIGGER = False
 
 
 def fits(qkv: torch.Tensor, cos: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, counter: torch.Tensor,
