@@ -7,6 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace as NS
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "decode"))
 
@@ -71,3 +72,19 @@ def test_attn_variants_set_the_folded_attention_options_and_default_leaves_them(
     assert da.TRIGGER and not da.PDL and not ci.ADVANCE_ONCE
     with pytest.raises(SystemExit):
         bd.set_attn_variant("fast")
+
+
+def test_read_floor_kernel_reads_every_word_once():
+    """benchmarks/kernels/read_floor.py's streaming read (the ceiling it measures only counts if every word is
+    read): its per-block sums equal torch's, a partial last block included (Triton's interpreter on the CPU)."""
+    pytest.importorskip("triton")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "kernels"))
+    import read_floor as rf
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    w = torch.randint(-2 ** 31, 2 ** 31 - 1, (3 * 64 + 17,), dtype=torch.int32,
+                      generator=torch.Generator().manual_seed(0)).to(dev)
+    out = torch.empty(4, dtype=torch.int32, device=dev)
+    got = rf.read_sum(w, out, 64).long() & 0xFFFFFFFF
+    assert torch.equal(got, rf.reference(w, 64))
+    assert rf.layer_bytes(4096, 11008, 4) == 4096 * 11008 // 2 + 4096 * 86 * 4

@@ -140,6 +140,8 @@ def test_cuda_int_matches_reference(bits, group, sym, sdtype, n, k, dtype, form)
                                  dict(threads=64, r=3, u=1, pf=1, bps=1), dict(mode="stream", threads=256, st=4, u=2),
                                  dict(mode="stream", threads=128, st=2, u=1, bps=1),
                                  dict(mode="stream", threads=64, st=6, u=3), dict(threads=256, r=2, u=1, pf=1, sp=2),
+                                 dict(mode="stream", threads=256, st=5, u=2, bps=2, gd=3, xs=1),
+                                 dict(mode="stream", threads=128, st=3, u=1, gd=1),
                                  dict(threads=128, r=1, u=2, pf=0, sp=2, bps=1), dict(threads=64, r=3, u=1, pf=0, xf=1),
                                  dict(threads=256, r=2, u=2, pf=1, sp=2, xf=1, sb=1),
                                  dict(threads=64, r=3, u=1, pf=0, gd=1), dict(threads=256, r=2, u=2, pf=1, sp=2, gd=2),

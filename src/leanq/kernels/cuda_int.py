@@ -617,9 +617,22 @@ extern "C" __global__ void __launch_bounds__(THREADS) int_gemv_stream(
       if (++itk == TPR) { itk = 0; irow += rstep; }
     }
   }
+#if GD == 3
+  // programmatic dependent launch, the next grid let in at once: nothing before the wait below reads or writes
+  // memory another grid writes or reads (this grid's ring and barriers, the weights and their group words)
+  gdc_launch();
+#endif
   int row = blockIdx.x * WARPS + warp, tk = 0;
   u32 s[U][UC];
   tile_groups(s, sz, row, 0, N, UPR, NG, GCS, lane);
+#if GD
+  // the ring's first ST tiles and the first group words are on their way; x (the kernel before's output, in a
+  // decode) is read, and out written, only after this
+  gdc_wait();
+#if GD == 1
+  gdc_launch();
+#endif
+#endif
   float ss = 0.f;  // (no prologue in this form)
   stage_x(xs, x, K, KU, XVEC, lane, x, ss);
   __syncthreads();
@@ -759,7 +772,7 @@ def source(bits: int, xt: int, threads: int, r: int, u: int, pf: int, sbf16: boo
     assert bits in BITS and threads % 32 == 0 and 1 <= r <= 32 and u >= 1, (bits, threads, r, u)
     assert sp == 1 or (sp == 2 and threads % 64 == 0 and threads <= 960), (sp, threads)  # a named barrier per pair
     assert pf in (0, 1), pf  # a ring of two tiles ahead measured slower on an H200 (NOTES.md, v14; commit 1a92040)
-    assert gd in (0, 1, 2), gd
+    assert gd in (0, 1, 2, 3), gd  # 3: int_gemv_stream only (the next grid let in at the start)
     assert pro in PROLOGUES and (pro == 0 or (xs == 1 and sp == 1)), (pro, xs, sp)
     defs = dict(BITS=bits, XT=xt, THREADS=threads, R=r, U=u, PF=int(pf), SBF16=int(sbf16), ABLATE=ablate, SB=sb, ST=st,
                 SPLIT=sp, XF=int(xf), GD=int(gd), XS=int(xs), PRO=int(pro))
@@ -955,8 +968,8 @@ def run_int_cuda(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dic
     dev = device_index(x2)
     if pro:
         cfg.update(mode=None, sp=1, xs=1)
-    launch = _stream_launch(cfg, pk, x2, dev) if cfg.get("mode") == "stream" else None
-    pdl = False
+    launch = _stream_launch(cfg, pk, x2, dev, gdc(cfg, dev, chain)) if cfg.get("mode") == "stream" else None
+    pdl = launch is not None and gdc(cfg, dev, chain) > 0
     if launch is None:  # the per-warp form (also where the streaming form does not apply: GPU, width, K)
         if cfg.get("mode") == "stream":
             cfg = dict(TUNED.get(pk["bits"], DEFAULT_CFG))
@@ -1014,17 +1027,19 @@ def gdc(cfg: dict, dev: int, chain: bool = False) -> int:
     return 1 if chain and gd == 1 and has_pdl else pdl_mode(gd, has_pdl)
 
 
-def _stream_launch(cfg: dict, pk: dict, x2: torch.Tensor, dev: int):
+def _stream_launch(cfg: dict, pk: dict, x2: torch.Tensor, dev: int, gd: int = 0):
     """(kernel, threads, blocks, shared memory) of the streaming form, or None where it does not apply (3-bit,
-    before sm_90, or shared memory too small for this K)."""
+    before sm_90, or shared memory too small for this K); ``gd`` its PDL mode (:func:`gdc`; 3: the next grid let
+    in at the start, before this one's wait), ``xs`` in ``cfg`` its staging's lean form."""
     if pk["bits"] == 3 or not sm90(dev):
         return None
     threads, st, u = cfg.get("threads", 256), cfg.get("st", 4), cfg.get("u", 1)
     smem = stream_smem(pk, threads, st, u)
     if smem > SMEM_MAX:
         return None
+    xs = int(cfg.get("xs", 0))
     kern = _compiled(pk["bits"], XT[x2.dtype], threads, 1, u, 1, bool(pk["sbf16"]), dev, "int_gemv_stream", 0,
-                     staging_units(dict(threads=threads), pk), st)
+                     staging_units(dict(threads=threads, xs=xs), pk), st, 1, 0, gd, xs)
     return kern, threads, _grid(kern, threads, smem, cfg, pk["N"], threads // 32, dev), smem
 
 
