@@ -21,6 +21,8 @@
 #                                                    # presets (configs 8, 9) beside v15's (5, 7) and with th (10, 11)
 #   bash benchmarks/kernels/device_call.sh vqr       # session 18: the vq kernels' GPU tests (-x), then the 2-bit
 #                                                    # preset's split-K kernel at CUDA configs VQCFGS
+#   bash benchmarks/kernels/device_call.sh grain     # session 30: the batch-1 GEMV with room left on each SM for the
+#                                                    # next launch (rows configs RC with bps), then the read floor
 #   MW=... bash benchmarks/kernels/device_call.sh mmaw  # session 19: the batch 2-16 kernel's GPU tests (-k mma_w, -x),
 #                                                    # then its configs MW beside the default at batches 16 and 4
 #                                                    # (EXTRA: more bench_cuda_int.py options, e.g. --rows-cfgs)
@@ -176,6 +178,13 @@ prefill)
     tests/test_hf_graph.py 2>&1 | tail -5 | tee "$OUT/tests.log"
   timeout "${T2:-400}" python3 benchmarks/decode/fixed_cost_probe.py --out "$OUT" --prefill 2>&1 | \
     tee "$OUT/fixed.log" | grep -E "^(bf16|int4) |Error|Traceback" ;;
+grain)
+  # session 30's lead (NOTES v31): the per-warp GEMV in blocks that leave room on each SM for the next launch's
+  # block (bps), beside the default, then the read floor of the same bytes in the same call
+  timeout "${T2:-330}" python3 benchmarks/kernels/bench_cuda_int.py --out "$OUT" --bits "${BITS:-4}" --no-single \
+    --reps 20 --sweep-bits "${BITS:-4}" --rows-cfgs "${RC:-256/2/4/1/1/1/1/1/1,256/2/4/1/1/1/1/1/2,128/2/4/1/1/1/1/1/2,128/2/4/1/1/1/1/1/3,512/2/2/1/1/1/1/1/1}" \
+    2>&1 | tee "$OUT/bench.log" | grep -E "sweep|cuda-int |failed|Error"
+  timeout "${T3:-120}" python3 benchmarks/kernels/read_floor.py --bits "${BITS:-4}" --out "$OUT" 2>&1 | tail -8 ;;
 mmaw)
   [ -n "$NOTESTS" ] || PYTHONPATH=src:tests timeout "${T1:-200}" python3 -m pytest -q -x -p no:cacheprovider \
     tests/test_kernels_cuda_int.py -k "${TK:-mma_w}" 2>&1 | tail -30 | tee "$OUT/tests.log"
