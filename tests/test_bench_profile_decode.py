@@ -88,3 +88,8 @@ def test_read_floor_kernel_reads_every_word_once():
     got = rf.read_sum(w, out, 64).long() & 0xFFFFFFFF
     assert torch.equal(got, rf.reference(w, 64))
     assert rf.layer_bytes(4096, 11008, 4) == 4096 * 11008 // 2 + 4096 * 86 * 4
+    # the persistent form: program p sums blocks p, p + 3, ...; together every word once
+    po = torch.empty(3, dtype=torch.int32, device=dev)
+    got = rf.read_sum_persistent(w, po, 32, 3, warps=1).long() & 0xFFFFFFFF
+    blocks = rf.reference(w, 32)
+    assert torch.equal(got, torch.stack([blocks[p::3].sum() & 0xFFFFFFFF for p in range(3)]))

@@ -1,6 +1,6 @@
 """How fast can anything read a quantized layer's bytes?  A plain streaming read of the same byte count as each
 shape's 4-bit (or 2-bit) g128 layer, timed in the kernel harness's graph chain beside the batch-1 GEMV and BF16
-``F.linear``, against the same run's device copy.
+``F.linear``, against the same run's device copy (docs/PERFORMANCE.md, version 31).
 
 Issue 5 asks the 4-bit GEMV for 75% of the copy bandwidth on the large shapes.  A copy moves 2 GiB; a layer is 10-30
 MB, so a launch's fixed part (the first bytes' round trip, the last wave's tail) weighs more.  This probe measures
@@ -8,7 +8,7 @@ that ceiling for a kernel that only reads: each program sums one contiguous bloc
 value (so the loads cannot be dropped), optionally launched with programmatic dependent launch (``pdl``: the next
 launch in the chain may start while this one drains, as the GEMV's ``gd`` 1 does).
 
-    python benchmarks/kernels/read_floor.py [--bits 4] [--reps 20] [--out DIR]
+    python benchmarks/kernels/read_floor.py [--bits 4] [--reps 20] [--persistent] [--out DIR]
 """
 
 from __future__ import annotations
@@ -49,6 +49,47 @@ def _kernel():
     return read_sum
 
 
+@functools.cache
+def _persistent_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def read_sum_persistent(w_ptr, out_ptr, n, nblocks, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        # the GEMV's shape of work: a fixed set of programs (a few a SM) walking the blocks by the grid's stride, the
+        # first block loaded before the wait for the launch before, the rest pipelined by Triton (num_stages)
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        pid = tl.program_id(0)
+        nprog = tl.num_programs(0)
+        # int32 offsets: a layer's words are far fewer than 2**31
+        first = pid * BLOCK + tl.arange(0, BLOCK)
+        cur = tl.load(w_ptr + first, mask=first < n, other=0)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        acc = cur * 0  # a thread's own sums; one reduction over the program at the end, no barrier in the loop
+        for b in range(pid + nprog, nblocks, nprog):  # the next block loaded before this one is added: two in flight
+            offs = b * BLOCK + tl.arange(0, BLOCK)
+            nxt = tl.load(w_ptr + offs, mask=offs < n, other=0)
+            acc += cur
+            cur = nxt
+        tl.store(out_ptr + pid, tl.sum(acc + cur, axis=0))
+
+    return read_sum_persistent
+
+
+def read_sum_persistent(words: torch.Tensor, out: torch.Tensor, block: int, programs: int, pdl: bool = False,
+                        warps: int = 16, stages: int = 2) -> torch.Tensor:
+    """out[p] = the sum of the blocks p, p + programs, ... of ``words`` (int32, wrapping): a persistent grid of
+    ``programs`` (out has that many) of ``warps`` warps, each with its next block in flight while it sums one."""
+    n = words.numel()
+    kw = dict(BLOCK=block, PDL=pdl, num_warps=warps, num_stages=stages)
+    if pdl:
+        kw["launch_pdl"] = True
+    _persistent_kernel()[(programs,)](words, out, n, -(-n // block), **kw)
+    return out
+
+
 def read_sum(words: torch.Tensor, out: torch.Tensor, block: int, pdl: bool = False, wait: int = 0) -> torch.Tensor:
     """out[i] = sum of words[i * block:(i + 1) * block] (int32, wrapping): every word is read once.  ``pdl``: the
     next launch may start at once; ``wait`` (with pdl) 1: wait for the launch before after the loads, 2: before."""
@@ -79,6 +120,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--blocks", default="4096,16384", help="words a program reads (comma-separated)")
     ap.add_argument("--out", default=None, help="folder for read_floor.json")
+    ap.add_argument("--persistent", action="store_true",
+                    help="also the read in the GEMV's shape of work: 64 KB a SM a step (one 512-thread program a SM or "
+                         "two of 256) walking the blocks by the grid's stride, a step ahead in flight (PDL, the first "
+                         "block before the wait)")
     a = ap.parse_args()
     import bench_kernels as bk
 
@@ -117,6 +162,21 @@ def main() -> None:
         for wait in (1, 2):
             res[f"read_b{bb}_wait{wait}_us"] = bk.bench_graph(lambda c: make(c, bb, True, wait), nb, reps=a.reps) * 1e3
         res["read_wait1_pct_copy"] = 100 * nb / (res[f"read_b{bb}_wait1_us"] * 1e-6) / 1e9 / bw
+        # the GEMV's shape of work: 64 KB a SM a step (one 512-thread program a SM, or two of 256), the next step in
+        # flight while one is added (the default GEMV: one 512-thread block a SM, 4 KB a warp a tile, a tile ahead)
+        if a.persistent:
+            sms = torch.cuda.get_device_properties(0).multi_processor_count
+            for per_sm in (1, 2):
+                def pmake(c, per_sm=per_sm):
+                    if c not in bufs:
+                        bufs[c] = torch.randint(-2 ** 31, 2 ** 31 - 1, (words,), dtype=torch.int32, device="cuda")
+                    w = bufs[c]
+                    o = torch.empty(per_sm * sms, dtype=torch.int32, device="cuda")
+                    return lambda: read_sum_persistent(w, o, 16384 // per_sm, per_sm * sms, True, warps=16 // per_sm)
+
+                us = bk.bench_graph(pmake, nb, reps=a.reps) * 1e3
+                res[f"read_persistent{per_sm}_us"] = us
+                res[f"read_persistent{per_sm}_pct_copy"] = 100 * nb / (us * 1e-6) / 1e9 / bw
         res["read_pct_copy"] = 100 * nb / (best * 1e-6) / 1e9 / bw
         x = torch.randn(1, k, device="cuda").bfloat16()
         res["bf16_us"] = bk.bench_graph(bk.bf16_copies(n, k, x), 2 * n * k, reps=a.reps) * 1e3
