@@ -22,7 +22,8 @@
 #   bash benchmarks/kernels/device_call.sh vqr       # session 18: the vq kernels' GPU tests (-x), then the 2-bit
 #                                                    # preset's split-K kernel at CUDA configs VQCFGS
 #   bash benchmarks/kernels/device_call.sh grain     # session 30: the batch-1 GEMV with room left on each SM for the
-#                                                    # next launch (rows configs RC with bps), then the read floor
+#                                                    # next launch (rows configs RC with bps), then the read floor,
+#                                                    # also in the GEMV's shape of work (--persistent)
 #   MW=... bash benchmarks/kernels/device_call.sh mmaw  # session 19: the batch 2-16 kernel's GPU tests (-k mma_w, -x),
 #                                                    # then its configs MW beside the default at batches 16 and 4
 #                                                    # (EXTRA: more bench_cuda_int.py options, e.g. --rows-cfgs)
