@@ -1483,8 +1483,8 @@ def _cache_layer(attn, cache):
 
 # The folded decode step's cache-position advances, one per layer (32 small kernels a step of a 7B-shaped model),
 # gathered and made by the model's last folded attention in one torch._foreach_add_ instead. On by default since
-# session 30: 1-3% more tokens/s on an H200 in two calls (docs/PERFORMANCE.md, version 31; bench_decode.py
-# --attn-after plain turns it off).
+# session 30: one kernel instead of 32, 0-2.4% more tokens/s on an H200 over three calls (docs/PERFORMANCE.md,
+# version 31; bench_decode.py --attn plain turns it off).
 ADVANCE_ONCE = True
 
 

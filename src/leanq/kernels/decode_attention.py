@@ -41,12 +41,14 @@ BLOCK_N = 64  # positions per step of a program's loop
 PDL = False
 # Only the second half of that: the kernel launched as usual, after the q/k/v GEMV, lets the o_proj GEMV after it
 # launch and load its first weight tile while the attention runs (griddepcontrol.launch_dependents; the GEMV waits
-# for the attention's end before reading its output). Prepared in session 30 (bench_decode.py --attn trigger).
+# for the attention's end before reading its output). Off: on an H200 in session 30, o_proj's GEMV added 4.0 us a
+# layer after it instead of 5.7, but the decode's tokens/s did not move (docs/PERFORMANCE.md, version 31;
+# bench_decode.py --attn trigger).
 TRIGGER = False
 # The fewest cache positions a program takes. One loop step (the measured setting): a 272-position cache of a 7B
 # model is split in 5 chunks a kv head, combined through the ticket. Larger (e.g. 512): a short cache is read by one
-# program a kv head, with no combine but a longer loop (Triton pipelines its loads). Which is faster is for a GPU to
-# say (bench_decode.py --attn-after chunk512); prepared in session 29, not run.
+# program a kv head, with no combine but a longer loop (Triton pipelines its loads): 1.5-2% slower in the 7B decode
+# on an H200 in session 30 (docs/PERFORMANCE.md, version 31; bench_decode.py --attn chunk512).
 MIN_CHUNK = BLOCK_N
 
 
