@@ -184,7 +184,7 @@ grain)
   # block (bps), beside the default, then the read floor of the same bytes in the same call
   timeout "${T2:-330}" python3 benchmarks/kernels/bench_cuda_int.py --out "$OUT" --bits "${BITS:-4}" --no-single \
     --reps 20 --sweep-bits "${BITS:-4}" --rows-cfgs "${RC:-256/2/4/1/1/1/1/1/1,256/2/4/1/1/1/1/1/2,128/2/4/1/1/1/1/1/2,128/2/4/1/1/1/1/1/3,512/2/2/1/1/1/1/1/1}" \
-    2>&1 | tee "$OUT/bench.log" | grep -E "sweep|cuda-int |failed|Error"
+    --ablate "${ABL:-1,2,3}" 2>&1 | tee "$OUT/bench.log" | grep -E "sweep|ablate|cuda-int |failed|Error"
   timeout "${T3:-150}" python3 benchmarks/kernels/read_floor.py --bits "${BITS:-4}" --persistent --out "$OUT" 2>&1 \
     | tee "$OUT/floor.log" | grep -o '"shape[^,]*\|"read_persistent[0-9]_pct_copy": [0-9.]*' | paste - - - ;;
 mmaw)
