@@ -183,7 +183,7 @@ grain)
   # session 30's lead (NOTES v31): the per-warp GEMV in blocks that leave room on each SM for the next launch's
   # block (bps), beside the default, then the read floor of the same bytes in the same call
   timeout "${T2:-330}" python3 benchmarks/kernels/bench_cuda_int.py --out "$OUT" --bits "${BITS:-4}" --no-single \
-    --reps 20 --sweep-bits "${BITS:-4}" --rows-cfgs "${RC:-256/2/4/1/1/1/1/1/1,256/2/4/1/1/1/1/1/2,128/2/4/1/1/1/1/1/2,128/2/4/1/1/1/1/1/3,512/2/2/1/1/1/1/1/1}" \
+    --reps 20 --sweep-bits "${BITS:-4}" --rows-cfgs "${RC:-256/2/4/1/1/1/1/1/1,256/2/4/1/1/1/1/1/2,128/2/4/1/1/1/1/1/2,128/2/4/1/1/1/1/1/3,512/2/2/1/1/1/1/1/1,256/1/11/1/0/1/1/1/0}" \
     --ablate "${ABL:-1,2,3}" 2>&1 | tee "$OUT/bench.log" | grep -E "sweep|ablate|cuda-int |failed|Error"
   timeout "${T3:-150}" python3 benchmarks/kernels/read_floor.py --bits "${BITS:-4}" --persistent --out "$OUT" 2>&1 \
     | tee "$OUT/floor.log" | grep -o '"shape[^,]*\|"read_persistent[0-9]_pct_copy": [0-9.]*' | paste - - - ;;
