@@ -269,7 +269,7 @@ def main() -> int:
                          "default)")
     ap.add_argument("--attn", default="default",
                     help="the folded attention's variant (bench_decode.set_attn_variant: default, plain, or pdl, "
-                         "once, chunkN joined by '+')")
+                         "trigger, once, chunkN joined by '+')")
     ap.add_argument("--table", action=argparse.BooleanOptionalAction, default=True,
                     help="print the host-side table")
     ap.add_argument("--listing", default=None, metavar="FILE",

@@ -1024,14 +1024,14 @@ def run_int_cuda(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dic
     dev = device_index(x2)
     if pro:
         cfg.update(mode=None, sp=1, xs=1, ks=1)
-    launch = _stream_launch(cfg, pk, x2, dev, gdc(cfg, dev, chain)) if cfg.get("mode") == "stream" else None
-    pdl = launch is not None and gdc(cfg, dev, chain) > 0
+    gd = gdc(cfg, dev, chain)
+    launch = _stream_launch(cfg, pk, x2, dev, gd) if cfg.get("mode") == "stream" else None
     if launch is None:  # the per-warp form (also where the streaming form does not apply: GPU, width, K)
         if cfg.get("mode") == "stream":
             cfg = dict(TUNED.get(pk["bits"], DEFAULT_CFG))
-        gd = gdc(cfg, dev, chain)
+            gd = gdc(cfg, dev, chain)
         launch = _rows_launch(cfg, pk, x2, dev, gd, pro)
-        pdl = gd > 0
+    pdl = gd > 0
     kern, threads, blocks, smem = launch
     N = pk["N"]
     if out is None:
@@ -1048,12 +1048,13 @@ def run_int_cuda(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dic
     return out
 
 
-def _grid(kern: Launcher, threads: int, smem: int, cfg: dict, groups: int, per_block: int, dev: int) -> int:
+def _grid(kern: Launcher, threads: int, smem: int, cfg: dict, groups: int, per_block: int, dev: int,
+          ranges: int = 1) -> int:
     """Blocks of a persistent launch: warps walk their ``groups`` work items by the grid's stride, so the grid is at
     most what the GPU holds at once (a second wave of blocks would start late and finish last); ``bps`` caps the
-    blocks per SM below that."""
+    blocks per SM below that; ``ranges`` grids of this many blocks share the GPU (K split over the grid)."""
     per_sm = min(kern.blocks_per_sm(threads, smem), cfg.get("bps") or 64)
-    return max(1, min(-(-groups // per_block), per_sm * sm_count(dev)))
+    return max(1, min(-(-groups // per_block), per_sm * sm_count(dev) // ranges))
 
 
 def _rows_launch(cfg: dict, pk: dict, x2: torch.Tensor, dev: int, gd: int, pro: int = 0) -> tuple:
@@ -1069,11 +1070,8 @@ def _rows_launch(cfg: dict, pk: dict, x2: torch.Tensor, dev: int, gd: int, pro: 
     smem = pk["KU"] * (codes_per_chunk(pk["bits"]) * 2 + 16)  # fp16 activations, a chunk sum per chunk
     smem += 2 * warps * r * 4 if sp == 2 else 0  # the halves' meeting slots
     smem += -(-threads // 32 * 4 // 16) * 16 if pro == 1 else 0  # the warps' sums of x**2
-    groups = -(-pk["N"] // r)
-    if ks == 1:
-        return kern, threads, _grid(kern, threads, smem, cfg, groups, warps, dev), smem
-    per_sm = min(kern.blocks_per_sm(threads, smem), cfg.get("bps") or 64)
-    return kern, threads, (max(1, min(-(-groups // warps), per_sm * sm_count(dev) // ks)), ks), smem
+    blocks = _grid(kern, threads, smem, cfg, -(-pk["N"] // r), warps, dev, ks)
+    return kern, threads, (blocks if ks == 1 else (blocks, ks)), smem
 
 
 def ks_workspace(pk: dict, ks: int) -> torch.Tensor:
@@ -1115,9 +1113,8 @@ def _stream_launch(cfg: dict, pk: dict, x2: torch.Tensor, dev: int, gd: int = 0)
     smem = stream_smem(pk, threads, st, u)
     if smem > SMEM_MAX:
         return None
-    xs = int(cfg.get("xs", 0))
     kern = _compiled(pk["bits"], XT[x2.dtype], threads, 1, u, 1, bool(pk["sbf16"]), dev, "int_gemv_stream", 0,
-                     staging_units(dict(threads=threads, xs=xs), pk), st, 1, 0, gd, xs)
+                     staging_units(dict(threads=threads), pk), st, 1, 0, gd, int(cfg.get("xs", 0)))
     return kern, threads, _grid(kern, threads, smem, cfg, pk["N"], threads // 32, dev), smem
 
 
