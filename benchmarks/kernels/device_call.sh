@@ -25,6 +25,9 @@
 #                                                    # GEMV's configs RC (room left for the next launch: bps; K split
 #                                                    # over the grid: ks) and ablations, then the read floor, also in
 #                                                    # the GEMV's shape of work (--persistent)
+#   bash benchmarks/kernels/device_call.sh lastpiece # session 31: the last-piece GPU tests (lp) and the config tests, then
+#                                                    # the batch-1 GEMV with each warp's last piece of 32 or 64 chunks
+#                                                    # (RC) beside the default, in one process (BITS, default 4)
 #   MW=... bash benchmarks/kernels/device_call.sh mmaw  # session 19: the batch 2-16 kernel's GPU tests (-k mma_w, -x),
 #                                                    # then its configs MW beside the default at batches 16 and 4
 #                                                    # (EXTRA: more bench_cuda_int.py options, e.g. --rows-cfgs)
@@ -180,6 +183,13 @@ prefill)
     tests/test_hf_graph.py 2>&1 | tail -5 | tee "$OUT/tests.log"
   timeout "${T2:-400}" python3 benchmarks/decode/fixed_cost_probe.py --out "$OUT" --prefill 2>&1 | \
     tee "$OUT/fixed.log" | grep -E "^(bf16|int4) |Error|Traceback" ;;
+lastpiece)
+  [ -n "$NOTESTS" ] || PYTHONPATH=src:tests timeout "${T1:-150}" python3 -m pytest -q -x -p no:cacheprovider \
+    tests/test_kernels_cuda_int.py -k "${TK:-last_piece or configs_agree}" 2>&1 | tail -4 | tee "$OUT/tests.log"
+  # the default, then lp 1 and 2, the default again (a control in the same sweep), 256-thread blocks two a SM with lp 1
+  timeout "${T2:-300}" python3 benchmarks/kernels/bench_cuda_int.py --out "$OUT" --bits "${BITS:-4}" --no-single \
+    --reps 20 --sweep-bits "${BITS:-4}" --rows-cfgs "${RC:-512/2/4/1/1/1/1/1/0/1,512/2/4/1/1/1/1/1/0/2,512/2/4/1/1/1/1/1/0/0,256/2/4/1/1/1/1/1/2/1,256/2/4/1/1/1/1/1/2/0}" \
+    2>&1 | tee "$OUT/bench.log" | grep -E "sweep|cuda-int |failed|Error" ;;
 grain)
   [ -n "$NOTESTS" ] || PYTHONPATH=src:tests timeout "${T1:-120}" python3 -m pytest -q -x -p no:cacheprovider \
     tests/test_kernels_cuda_int.py -k "${TK:-k_split}" 2>&1 | tail -4 | tee "$OUT/tests.log"

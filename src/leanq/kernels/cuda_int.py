@@ -415,42 +415,6 @@ __device__ __forceinline__ void stage_x(uint4* xs, const void* XR x, int K, int 
   }
 }
 
-#if KS > 1
-// the end of a row group's range (launch option ks): its R partial sums into the workspace, then the ticket; the
-// range that takes the last ticket adds the KS partials of each row in range order, adds the bias, writes the row and
-// sets the ticket back to zero for the next launch (which touches it only after gdc_wait, so after this one's end)
-__device__ __forceinline__ void finish_split(float (&acc)[R], int rg, int lane, int N, void* out, const void* bias,
-                                             int HAS_BIAS, float* ws) {
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    float v = acc[r];
-#pragma unroll
-    for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    const int row = rg * R + r;
-    if (lane == r && row < N) __stcg(ws + (size_t)blockIdx.y * N + row, v);
-    acc[r] = 0.f;
-  }
-  __threadfence();  // each lane's partial visible before the ticket below (the pattern of a fenced reduction)
-  __syncwarp();
-  int* tickets = (int*)(ws + (size_t)KS * N);
-  int last = 0;
-  if (lane == 0) last = atomicAdd(tickets + rg, 1) == KS - 1;
-  last = __shfl_sync(0xffffffffu, last, 0);
-  if (!last) return;
-  __threadfence();
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    const int row = rg * R + r;
-    if (lane == r && row < N) {
-      float y = 0.f;
-      for (int k = 0; k < KS; ++k) y += __ldcg(ws + (size_t)k * N + row);
-      if (HAS_BIAS) y += ldx(bias, row);
-      stx(out, row, y);
-    }
-  }
-  if (lane == 0) tickets[rg] = 0;
-}
-#endif
 extern "C" __global__ void __launch_bounds__(THREADS) int_gemv(
     const void* XR x, void* __restrict__ out, const void* __restrict__ bias,
     const uint4* __restrict__ w, const u32* __restrict__ sz, int N, int K, int KU, int NG, int GCS, int HAS_BIAS,
@@ -465,18 +429,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) int_gemv(
   // PRO 1: p2 the norm's weight (x's dtype); PRO 2: the second half of x (b of silu(a) * b)
   const void* XR p2 = PRO == 2 ? (const void*)((const char*)x + (size_t)K * (XT == 0 ? 4 : 2)) : aux;
   float ss = 0.f;  // PRO 1: this thread's sum of x**2
-#if KS > 1
-#if PRO || SPLIT == 2
-#error "ks needs pro 0 and sp 1"
-#endif
-  // launch option ks: K split over the grid, gridDim.y = KS ranges of chunks, each block staging only its range of
-  // x (1 / KS of the staging). A row's KS partial sums meet in a workspace (aux: KS x N floats, then a ticket per row
-  // group, zero between launches) and are added in range order by the range that finishes last: the same bytes
-  // whichever range that is
-  const int KUS = (KU + KS - 1) / KS;
-  const int cb = min(KU, (int)blockIdx.y * KUS), ce = min(KU, cb + KUS);
-  const int rg0 = blockIdx.x * WARPS + warp, rstep = gridDim.x * WARPS;
-#elif SPLIT == 2
+#if SPLIT == 2
   // warps 2i and 2i + 1 share each row group: the first half of its chunks and the second, their sums meeting in
   // shared memory at the row's end (named barrier 1 + i, a slot per row-round parity). Meant to even out the last
   // round of rows (14336 rows over 4224 warps leave it 39% full); measured slower than one warp per row at every
@@ -490,15 +443,28 @@ extern "C" __global__ void __launch_bounds__(THREADS) int_gemv(
   const int cb = 0, ce = KU;
   const int rg0 = blockIdx.x * WARPS + warp, rstep = gridDim.x * WARPS;
 #endif
-#if SPLIT == 2 || KS > 1
-  const int TPR = max(1, (ce - cb + 32 * U - 1) / (32 * U));  // tiles per row group (an empty range: one, empty)
+#if SPLIT == 2
+  const int TPR = max(1, (ce - cb + 32 * U - 1) / (32 * U));  // tiles per row group (an empty half: one, empty)
 #else
   const int TPR = (KU + 32 * U - 1) / (32 * U);  // tiles per row group
 #endif
-#if KS > 1
-  const int XKU = ce, XU0 = cb * S;  // the activation chunks this block stages: its range
+#if LP
+#if SPLIT == 2
+#error "lp needs sp 1"
+#endif
+  // launch option lp: the warp's last row group (rgl) ends on a piece of 32 * LP chunks (u < LP only), after tiles
+  // of 32 * U chunks and one shorter tile, so that what is left to decode once the warp's last bytes arrive is that
+  // piece alone (its other tiles are decoded while the next one loads). Other row groups as before
+  const int rgl = rg0 < NRG ? rg0 + (NRG - 1 - rg0) / rstep * rstep : -1;
+  const bool lsplit = ce - cb > 32 * LP;
+  const int TPRL = lsplit ? (ce - cb - 32 * LP + 32 * U - 1) / (32 * U) + 1 : TPR;
+#define TPR_OF(g) ((g) == rgl ? TPRL : TPR)
+#define PC0(g, t) ((g) == rgl && lsplit && (t) == TPRL - 1 ? ce - 32 * LP : cb + (t) * 32 * U)
+#define PC1(g, t) ((g) == rgl && lsplit && (t) < TPRL - 1 ? min(cb + ((t) + 1) * 32 * U, ce - 32 * LP) : ce)
 #else
-  const int XKU = KU, XU0 = 0;
+#define TPR_OF(g) TPR
+#define PC0(g, t) (cb + (t) * 32 * U)
+#define PC1(g, t) ce
 #endif
 
   uint4 q[R][U];
@@ -508,30 +474,30 @@ extern "C" __global__ void __launch_bounds__(THREADS) int_gemv(
   // programmatic dependent launch (launch option gd): this grid may start while the kernel before it in the stream
   // ends. The weights do not depend on that kernel, so each warp's first tile is loaded at once; x (that kernel's
   // output, in a decode) is read, and out written, only after gdc_wait, which every thread passes
-  if (rg0 < NRG) load_tile(q, qh, s, w, sz, rg0, cb, N, KU, NG, GCS, lane, ce);
+  if (rg0 < NRG) load_tile(q, qh, s, w, sz, rg0, PC0(rg0, 0), N, KU, NG, GCS, lane, PC1(rg0, 0));
   gdc_wait();
 #if GD == 1
   gdc_launch();  // the next grid may be scheduled now (its blocks take an SM as this grid's blocks leave)
 #endif
-  stage_x(xs, x, K, XKU, XVEC, lane, p2, ss, XU0);
+  stage_x(xs, x, K, KU, XVEC, lane, p2, ss);
 #else
 #if XF
   // the activations' first staging step is issued before the weights' first tile, so that its loads (L2 hits) do
   // not queue behind the tile's DRAM reads
   uint4 xraw[SB][XW];
   uint4 xraw2[SB][XW];
-  x_load(xraw, x, XU0, K, XKU, XVEC);
+  x_load(xraw, x, 0, K, KU, XVEC);
 #if PRO
   x_load(xraw2, p2, 0, K, KU, XVEC);
 #endif
 #endif
-  if (rg0 < NRG) load_tile(q, qh, s, w, sz, rg0, cb, N, KU, NG, GCS, lane, ce);
+  if (rg0 < NRG) load_tile(q, qh, s, w, sz, rg0, PC0(rg0, 0), N, KU, NG, GCS, lane, PC1(rg0, 0));
 
 #if XF
-  x_store(xs, xraw, x, XU0, K, XKU, XVEC, lane, xraw2, p2, ss);
-  stage_x(xs, x, K, XKU, XVEC, lane, p2, ss, XU0 + SB * THREADS);
+  x_store(xs, xraw, x, 0, K, KU, XVEC, lane, xraw2, p2, ss);
+  stage_x(xs, x, K, KU, XVEC, lane, p2, ss, SB * THREADS);
 #else
-  stage_x(xs, x, K, XKU, XVEC, lane, p2, ss, XU0);
+  stage_x(xs, x, K, KU, XVEC, lane, p2, ss);
 #endif
 #endif
   __syncthreads();
@@ -557,14 +523,14 @@ extern "C" __global__ void __launch_bounds__(THREADS) int_gemv(
   int rg = rg0, tk = 0;
   while (rg < NRG) {
     int rgn = rg, tkn = tk + 1;
-    if (tkn == TPR) { tkn = 0; rgn += rstep; }
+    if (tkn == TPR_OF(rg)) { tkn = 0; rgn += rstep; }
 #if PF
     uint4 qn[R][U];
     uint2 qhn[R][U];
     u32 sn[R][U];
-    if (rgn < NRG) load_tile(qn, qhn, sn, w, sz, rgn, cb + tkn * 32 * U, N, KU, NG, GCS, lane, ce);
+    if (rgn < NRG) load_tile(qn, qhn, sn, w, sz, rgn, PC0(rgn, tkn), N, KU, NG, GCS, lane, PC1(rgn, tkn));
 #endif
-    compute_tile(acc, q, qh, s, xs, cb + tk * 32 * U, lane, ce);
+    compute_tile(acc, q, qh, s, xs, PC0(rg, tk), lane, PC1(rg, tk));
 #if SPLIT == 2
     if (tkn == 0) {
       float* slot = red + ((rnd & 1) * (WARPS / 2) + pair) * R;
@@ -587,8 +553,6 @@ extern "C" __global__ void __launch_bounds__(THREADS) int_gemv(
       }
       ++rnd;
     }
-#elif KS > 1
-    if (tkn == 0) finish_split(acc, rg, lane, N, out, bias, HAS_BIAS, (float*)aux);
 #else
     if (tkn == 0) {
 #if PRO == 1
@@ -606,10 +570,13 @@ extern "C" __global__ void __launch_bounds__(THREADS) int_gemv(
 #pragma unroll
       for (int u = 0; u < U; ++u) { q[r][u] = qn[r][u]; qh[r][u] = qhn[r][u]; s[r][u] = sn[r][u]; }
 #else
-    if (rg < NRG) load_tile(q, qh, s, w, sz, rg, cb + tk * 32 * U, N, KU, NG, GCS, lane, ce);
+    if (rg < NRG) load_tile(q, qh, s, w, sz, rg, PC0(rg, tk), N, KU, NG, GCS, lane, PC1(rg, tk));
 #endif
   }
 }
+#undef TPR_OF
+#undef PC0
+#undef PC1
 
 // ---- the streaming form (sm_90, 2-, 4- and 8-bit: 1-D bulk copies into shared memory) ----
 // The per-warp form with its weight loads replaced by bulk copies: each warp walks the same (row, tile) sequence,
@@ -813,14 +780,14 @@ extern "C" __global__ void int_dequant(void* __restrict__ out, const uint4* __re
 
 
 def source(bits: int, xt: int, threads: int, r: int, u: int, pf: int, sbf16: bool, ablate: int = 0, sb: int = 4,
-           st: int = 4, sp: int = 1, xf: int = 0, gd: int = 0, xs: int = 0, pro: int = 0, ks: int = 1) -> str:
+           st: int = 4, sp: int = 1, xf: int = 0, gd: int = 0, xs: int = 0, pro: int = 0, lp: int = 0) -> str:
     """The CUDA source of one configuration (its constants as #defines): ``sb`` activation units per thread per
     staging step (their loads in flight together); ``gd`` programmatic dependent launch (int_gemv: 1 the first
     weight tile loaded before the wait for the previous grid and the next grid let in after it, 2 the same but the
     next grid let in only as this one ends; the launcher must pass ``pdl`` for it to overlap anything); ``xs`` 1 the
     staging's per-thread constants computed once and its shuffles on the full mask (the same bytes); ``pro`` what
-    the staging computes from its inputs (int_gemv only, with ``xs`` 1 and ``sp`` 1; see :data:`PROLOGUES`); ``ks``
-    int_gemv's K split over the grid (``pro`` 0 and ``sp`` 1; the launcher passes the workspace as ``aux``).
+    the staging computes from its inputs (int_gemv only, with ``xs`` 1 and ``sp`` 1; see :data:`PROLOGUES`); ``lp``
+    (int_gemv, ``sp`` 1) each warp's last row group ending on a piece of 32 * lp chunks (0: tiles as usual).
 
     ``ablate`` (timing experiments only; the results are wrong): bit 1 no decode or dot products (the loaded
     words are only XOR-ed), bit 2 no activation staging."""
@@ -829,9 +796,9 @@ def source(bits: int, xt: int, threads: int, r: int, u: int, pf: int, sbf16: boo
     assert pf in (0, 1), pf  # a ring of two tiles ahead measured slower on an H200 (NOTES.md, v14; commit 1a92040)
     assert gd in (0, 1, 2, 3), gd  # 3: int_gemv_stream only (the next grid let in at the start)
     assert pro in PROLOGUES and (pro == 0 or (xs == 1 and sp == 1)), (pro, xs, sp)
-    assert ks >= 1 and (ks == 1 or (pro == 0 and sp == 1)), (ks, pro, sp)
+    assert 0 <= lp <= u and (lp == 0 or sp == 1), (lp, u, sp)
     defs = dict(BITS=bits, XT=xt, THREADS=threads, R=r, U=u, PF=int(pf), SBF16=int(sbf16), ABLATE=ablate, SB=sb, ST=st,
-                SPLIT=sp, XF=int(xf), GD=int(gd), XS=int(xs), PRO=int(pro), KS=int(ks))
+                SPLIT=sp, XF=int(xf), GD=int(gd), XS=int(xs), PRO=int(pro), LP=int(lp))
     return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + PRELUDE + _SRC
 
 
@@ -842,8 +809,8 @@ def available() -> bool:
 @functools.lru_cache(maxsize=None)
 def _compiled(bits: int, xt: int, threads: int, r: int, u: int, pf: int, sbf16: bool, device: int,
               name: str = "int_gemv", ablate: int = 0, sb: int = 4, st: int = 4, sp: int = 1,
-              xf: int = 0, gd: int = 0, xs: int = 0, pro: int = 0, ks: int = 1) -> Launcher:
-    src = source(bits, xt, threads, r, u, pf, sbf16, ablate, sb, st, sp, xf, gd, xs, pro, ks)
+              xf: int = 0, gd: int = 0, xs: int = 0, pro: int = 0, lp: int = 0) -> Launcher:
+    src = source(bits, xt, threads, r, u, pf, sbf16, ablate, sb, st, sp, xf, gd, xs, pro, lp)
     with torch.cuda.device(device):
         return Launcher(torch.cuda._compile_kernel(src, name), "cuda-int")
 
@@ -1023,7 +990,7 @@ def run_int_cuda(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dic
     cfg = dict(cfg or _cfg(pk["bits"]))
     dev = device_index(x2)
     if pro:
-        cfg.update(mode=None, sp=1, xs=1, ks=1)
+        cfg.update(mode=None, sp=1, xs=1)
     gd = gdc(cfg, dev, chain)
     launch = _stream_launch(cfg, pk, x2, dev, gd) if cfg.get("mode") == "stream" else None
     if launch is None:  # the per-warp form (also where the streaming form does not apply: GPU, width, K)
@@ -1038,52 +1005,32 @@ def run_int_cuda(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dic
         out = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
     assert out.shape == (M, N) and out.dtype == x2.dtype and out.is_contiguous()
     xvec = int(K % 8 == 0 and x2.data_ptr() % 16 == 0 and (pro != 1 or aux.data_ptr() % 16 == 0))
-    if isinstance(blocks, tuple):  # K split over the grid (ks): the layer's workspace rides in aux
-        aux = ks_workspace(pk, blocks[1])
-    else:
-        blocks = (blocks, 1)
-    kern(grid=(blocks[0], blocks[1], 1), block=(threads, 1, 1), smem=smem,
+    kern(grid=(blocks, 1, 1), block=(threads, 1, 1), smem=smem,
          args=[x2, out, bias if bias is not None else out, pk["words"], pk["sz"], N, K, pk["KU"], pk["NG"], pk["GCS"],
                int(bias is not None), xvec, aux if pro == 1 else x2, float(eps)], pdl=pdl)
     return out
 
 
-def _grid(kern: Launcher, threads: int, smem: int, cfg: dict, groups: int, per_block: int, dev: int,
-          ranges: int = 1) -> int:
+def _grid(kern: Launcher, threads: int, smem: int, cfg: dict, groups: int, per_block: int, dev: int) -> int:
     """Blocks of a persistent launch: warps walk their ``groups`` work items by the grid's stride, so the grid is at
     most what the GPU holds at once (a second wave of blocks would start late and finish last); ``bps`` caps the
-    blocks per SM below that; ``ranges`` grids of this many blocks share the GPU (K split over the grid)."""
+    blocks per SM below that."""
     per_sm = min(kern.blocks_per_sm(threads, smem), cfg.get("bps") or 64)
-    return max(1, min(-(-groups // per_block), per_sm * sm_count(dev) // ranges))
+    return max(1, min(-(-groups // per_block), per_sm * sm_count(dev)))
 
 
 def _rows_launch(cfg: dict, pk: dict, x2: torch.Tensor, dev: int, gd: int, pro: int = 0) -> tuple:
     """(kernel, threads, blocks, shared memory) of the per-warp form; ``gd`` its PDL mode (:func:`gdc`), ``pro`` its
-    prologue (:data:`PROLOGUES`). With ``ks`` above 1 in ``cfg`` (K split over the grid), blocks is (row blocks,
-    ks): the GPU's blocks at once shared among the ks ranges."""
+    prologue (:data:`PROLOGUES`)."""
     threads, r, u, sp = cfg["threads"], cfg["r"], cfg["u"], int(cfg.get("sp", 1))
-    ks = max(1, min(int(cfg.get("ks", 1)), pk["KU"])) if not pro and sp == 1 else 1
     kern = _compiled(pk["bits"], XT[x2.dtype], threads, r, u, int(cfg.get("pf", 1)), bool(pk["sbf16"]), dev,
                      "int_gemv", int(cfg.get("ablate", 0)), staging_units(cfg, pk), 4, sp, int(cfg.get("xf", 0)), gd,
-                     int(cfg.get("xs", 0)), pro, ks)
+                     int(cfg.get("xs", 0)), pro, int(cfg.get("lp", 0)) if sp == 1 else 0)
     warps = threads // 32 // sp  # row groups a block walks at once (sp = 2: two warps per row group)
     smem = pk["KU"] * (codes_per_chunk(pk["bits"]) * 2 + 16)  # fp16 activations, a chunk sum per chunk
     smem += 2 * warps * r * 4 if sp == 2 else 0  # the halves' meeting slots
     smem += -(-threads // 32 * 4 // 16) * 16 if pro == 1 else 0  # the warps' sums of x**2
-    blocks = _grid(kern, threads, smem, cfg, -(-pk["N"] // r), warps, dev, ks)
-    return kern, threads, (blocks if ks == 1 else (blocks, ks)), smem
-
-
-def ks_workspace(pk: dict, ks: int) -> torch.Tensor:
-    """The K-split GEMV's workspace of a layer (launch option ``ks``): ks x N partial sums, then a ticket per row
-    group (at most N), zero. Made on first use and kept with the layer: the kernel leaves the tickets at zero, and a
-    launch touches them only after the launch before it has ended (one stream; two streams must not share a layer's
-    K-split launches)."""
-    key = f"ks_workspace_{ks}"
-    ws = pk.get(key)
-    if ws is None:
-        ws = pk[key] = torch.zeros(ks * pk["N"] + pk["N"], dtype=torch.float32, device=pk["words"].device)
-    return ws
+    return kern, threads, _grid(kern, threads, smem, cfg, -(-pk["N"] // r), warps, dev), smem
 
 
 SMEM_MAX = 227 * 1024  # the H100's opt-in shared memory per block
