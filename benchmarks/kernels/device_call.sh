@@ -21,13 +21,11 @@
 #                                                    # presets (configs 8, 9) beside v15's (5, 7) and with th (10, 11)
 #   bash benchmarks/kernels/device_call.sh vqr       # session 18: the vq kernels' GPU tests (-x), then the 2-bit
 #                                                    # preset's split-K kernel at CUDA configs VQCFGS
-#   bash benchmarks/kernels/device_call.sh grain     # session 30: the K-split GEMV's GPU tests (ks), then the batch-1
-#                                                    # GEMV's configs RC (room left for the next launch: bps; K split
-#                                                    # over the grid: ks) and ablations, then the read floor, also in
-#                                                    # the GEMV's shape of work (--persistent)
-#   bash benchmarks/kernels/device_call.sh lastpiece # session 31: the last-piece GPU tests (lp) and the config tests, then
-#                                                    # the batch-1 GEMV with each warp's last piece of 32 or 64 chunks
-#                                                    # (RC) beside the default, in one process (BITS, default 4)
+#   bash benchmarks/kernels/device_call.sh grain     # sessions 30-31: the batch-1 GEMV's configs RC (room left for
+#                                                    # the next launch: bps; a whole row a tile) and ablations, then
+#                                                    # the read floor, also in the GEMV's shape of work (--persistent);
+#                                                    # session 31 also ran K split over the grid (ks; removed: slower)
+#   (session 31: lastpiece, each warp's last piece of 32 or 64 chunks: measured slower, removed with its launch option)
 #   MW=... bash benchmarks/kernels/device_call.sh mmaw  # session 19: the batch 2-16 kernel's GPU tests (-k mma_w, -x),
 #                                                    # then its configs MW beside the default at batches 16 and 4
 #                                                    # (EXTRA: more bench_cuda_int.py options, e.g. --rows-cfgs)
@@ -183,21 +181,14 @@ prefill)
     tests/test_hf_graph.py 2>&1 | tail -5 | tee "$OUT/tests.log"
   timeout "${T2:-400}" python3 benchmarks/decode/fixed_cost_probe.py --out "$OUT" --prefill 2>&1 | \
     tee "$OUT/fixed.log" | grep -E "^(bf16|int4) |Error|Traceback" ;;
-lastpiece)
-  [ -n "$NOTESTS" ] || PYTHONPATH=src:tests timeout "${T1:-150}" python3 -m pytest -q -x -p no:cacheprovider \
-    tests/test_kernels_cuda_int.py -k "${TK:-last_piece or configs_agree}" 2>&1 | tail -4 | tee "$OUT/tests.log"
-  # the default, then lp 1 and 2, the default again (a control in the same sweep), 256-thread blocks two a SM with lp 1
-  timeout "${T2:-300}" python3 benchmarks/kernels/bench_cuda_int.py --out "$OUT" --bits "${BITS:-4}" --no-single \
-    --reps 20 --sweep-bits "${BITS:-4}" --rows-cfgs "${RC:-512/2/4/1/1/1/1/1/0/1,512/2/4/1/1/1/1/1/0/2,512/2/4/1/1/1/1/1/0/0,256/2/4/1/1/1/1/1/2/1,256/2/4/1/1/1/1/1/2/0}" \
-    2>&1 | tee "$OUT/bench.log" | grep -E "sweep|cuda-int |failed|Error" ;;
 grain)
   [ -n "$NOTESTS" ] || PYTHONPATH=src:tests timeout "${T1:-120}" python3 -m pytest -q -x -p no:cacheprovider \
-    tests/test_kernels_cuda_int.py -k "${TK:-k_split}" 2>&1 | tail -4 | tee "$OUT/tests.log"
+    tests/test_kernels_cuda_int.py -k "${TK:-configs_agree}" 2>&1 | tail -4 | tee "$OUT/tests.log"
   # session 30's leads (NOTES v31): the per-warp GEMV in blocks that leave room on each SM for the next launch's
-  # block (bps), a whole row a tile, K split over the grid (ks), beside the default and its ablations, then the read
+  # block (bps), a whole row a tile, beside the default and its ablations, then the read
   # floor of the same bytes, also in the GEMV's shape of work
   timeout "${T2:-300}" python3 benchmarks/kernels/bench_cuda_int.py --out "$OUT" --bits "${BITS:-4}" --no-single \
-    --reps 20 --sweep-bits "${BITS:-4}" --rows-cfgs "${RC:-256/2/4/1/1/1/1/1/1,256/2/4/1/1/1/1/1/2,128/2/4/1/1/1/1/1/2,128/2/4/1/1/1/1/1/3,512/2/2/1/1/1/1/1/1,256/1/11/1/0/1/1/1/0,512/2/4/1/1/0/1/1/0/2,512/2/4/1/1/0/1/1/0/3,512/2/4/1/1/0/1/1/0/4,256/2/4/1/1/0/1/1/0/3}" \
+    --reps 20 --sweep-bits "${BITS:-4}" --rows-cfgs "${RC:-256/2/4/1/1/1/1/1/1,256/2/4/1/1/1/1/1/2,128/2/4/1/1/1/1/1/2,128/2/4/1/1/1/1/1/3,512/2/2/1/1/1/1/1/1,256/1/11/1/0/1/1/1/0}" \
     --ablate "${ABL:-1,2,3}" 2>&1 | tee "$OUT/bench.log" | grep -E "sweep|ablate|cuda-int |failed|Error"
   timeout "${T3:-120}" python3 benchmarks/kernels/read_floor.py --bits "${BITS:-4}" --persistent --out "$OUT" 2>&1 \
     | tee "$OUT/floor.log" | grep -o '"shape[^,]*\|"read_persistent[0-9]_pct_copy": [0-9.]*' | paste - - - ;;

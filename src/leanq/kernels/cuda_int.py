@@ -448,24 +448,6 @@ extern "C" __global__ void __launch_bounds__(THREADS) int_gemv(
 #else
   const int TPR = (KU + 32 * U - 1) / (32 * U);  // tiles per row group
 #endif
-#if LP
-#if SPLIT == 2
-#error "lp needs sp 1"
-#endif
-  // launch option lp: the warp's last row group (rgl) ends on a piece of 32 * LP chunks (u < LP only), after tiles
-  // of 32 * U chunks and one shorter tile, so that what is left to decode once the warp's last bytes arrive is that
-  // piece alone (its other tiles are decoded while the next one loads). Other row groups as before
-  const int rgl = rg0 < NRG ? rg0 + (NRG - 1 - rg0) / rstep * rstep : -1;
-  const bool lsplit = ce - cb > 32 * LP;
-  const int TPRL = lsplit ? (ce - cb - 32 * LP + 32 * U - 1) / (32 * U) + 1 : TPR;
-#define TPR_OF(g) ((g) == rgl ? TPRL : TPR)
-#define PC0(g, t) ((g) == rgl && lsplit && (t) == TPRL - 1 ? ce - 32 * LP : cb + (t) * 32 * U)
-#define PC1(g, t) ((g) == rgl && lsplit && (t) < TPRL - 1 ? min(cb + ((t) + 1) * 32 * U, ce - 32 * LP) : ce)
-#else
-#define TPR_OF(g) TPR
-#define PC0(g, t) (cb + (t) * 32 * U)
-#define PC1(g, t) ce
-#endif
 
   uint4 q[R][U];
   uint2 qh[R][U];
@@ -474,7 +456,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) int_gemv(
   // programmatic dependent launch (launch option gd): this grid may start while the kernel before it in the stream
   // ends. The weights do not depend on that kernel, so each warp's first tile is loaded at once; x (that kernel's
   // output, in a decode) is read, and out written, only after gdc_wait, which every thread passes
-  if (rg0 < NRG) load_tile(q, qh, s, w, sz, rg0, PC0(rg0, 0), N, KU, NG, GCS, lane, PC1(rg0, 0));
+  if (rg0 < NRG) load_tile(q, qh, s, w, sz, rg0, cb, N, KU, NG, GCS, lane, ce);
   gdc_wait();
 #if GD == 1
   gdc_launch();  // the next grid may be scheduled now (its blocks take an SM as this grid's blocks leave)
@@ -491,7 +473,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) int_gemv(
   x_load(xraw2, p2, 0, K, KU, XVEC);
 #endif
 #endif
-  if (rg0 < NRG) load_tile(q, qh, s, w, sz, rg0, PC0(rg0, 0), N, KU, NG, GCS, lane, PC1(rg0, 0));
+  if (rg0 < NRG) load_tile(q, qh, s, w, sz, rg0, cb, N, KU, NG, GCS, lane, ce);
 
 #if XF
   x_store(xs, xraw, x, 0, K, KU, XVEC, lane, xraw2, p2, ss);
@@ -523,14 +505,14 @@ extern "C" __global__ void __launch_bounds__(THREADS) int_gemv(
   int rg = rg0, tk = 0;
   while (rg < NRG) {
     int rgn = rg, tkn = tk + 1;
-    if (tkn == TPR_OF(rg)) { tkn = 0; rgn += rstep; }
+    if (tkn == TPR) { tkn = 0; rgn += rstep; }
 #if PF
     uint4 qn[R][U];
     uint2 qhn[R][U];
     u32 sn[R][U];
-    if (rgn < NRG) load_tile(qn, qhn, sn, w, sz, rgn, PC0(rgn, tkn), N, KU, NG, GCS, lane, PC1(rgn, tkn));
+    if (rgn < NRG) load_tile(qn, qhn, sn, w, sz, rgn, cb + tkn * 32 * U, N, KU, NG, GCS, lane, ce);
 #endif
-    compute_tile(acc, q, qh, s, xs, PC0(rg, tk), lane, PC1(rg, tk));
+    compute_tile(acc, q, qh, s, xs, cb + tk * 32 * U, lane, ce);
 #if SPLIT == 2
     if (tkn == 0) {
       float* slot = red + ((rnd & 1) * (WARPS / 2) + pair) * R;
@@ -570,13 +552,10 @@ extern "C" __global__ void __launch_bounds__(THREADS) int_gemv(
 #pragma unroll
       for (int u = 0; u < U; ++u) { q[r][u] = qn[r][u]; qh[r][u] = qhn[r][u]; s[r][u] = sn[r][u]; }
 #else
-    if (rg < NRG) load_tile(q, qh, s, w, sz, rg, PC0(rg, tk), N, KU, NG, GCS, lane, PC1(rg, tk));
+    if (rg < NRG) load_tile(q, qh, s, w, sz, rg, cb + tk * 32 * U, N, KU, NG, GCS, lane, ce);
 #endif
   }
 }
-#undef TPR_OF
-#undef PC0
-#undef PC1
 
 // ---- the streaming form (sm_90, 2-, 4- and 8-bit: 1-D bulk copies into shared memory) ----
 // The per-warp form with its weight loads replaced by bulk copies: each warp walks the same (row, tile) sequence,
@@ -780,14 +759,13 @@ extern "C" __global__ void int_dequant(void* __restrict__ out, const uint4* __re
 
 
 def source(bits: int, xt: int, threads: int, r: int, u: int, pf: int, sbf16: bool, ablate: int = 0, sb: int = 4,
-           st: int = 4, sp: int = 1, xf: int = 0, gd: int = 0, xs: int = 0, pro: int = 0, lp: int = 0) -> str:
+           st: int = 4, sp: int = 1, xf: int = 0, gd: int = 0, xs: int = 0, pro: int = 0) -> str:
     """The CUDA source of one configuration (its constants as #defines): ``sb`` activation units per thread per
     staging step (their loads in flight together); ``gd`` programmatic dependent launch (int_gemv: 1 the first
     weight tile loaded before the wait for the previous grid and the next grid let in after it, 2 the same but the
     next grid let in only as this one ends; the launcher must pass ``pdl`` for it to overlap anything); ``xs`` 1 the
     staging's per-thread constants computed once and its shuffles on the full mask (the same bytes); ``pro`` what
-    the staging computes from its inputs (int_gemv only, with ``xs`` 1 and ``sp`` 1; see :data:`PROLOGUES`); ``lp``
-    (int_gemv, ``sp`` 1) each warp's last row group ending on a piece of 32 * lp chunks (0: tiles as usual).
+    the staging computes from its inputs (int_gemv only, with ``xs`` 1 and ``sp`` 1; see :data:`PROLOGUES`).
 
     ``ablate`` (timing experiments only; the results are wrong): bit 1 no decode or dot products (the loaded
     words are only XOR-ed), bit 2 no activation staging."""
@@ -796,9 +774,8 @@ def source(bits: int, xt: int, threads: int, r: int, u: int, pf: int, sbf16: boo
     assert pf in (0, 1), pf  # a ring of two tiles ahead measured slower on an H200 (NOTES.md, v14; commit 1a92040)
     assert gd in (0, 1, 2, 3), gd  # 3: int_gemv_stream only (the next grid let in at the start)
     assert pro in PROLOGUES and (pro == 0 or (xs == 1 and sp == 1)), (pro, xs, sp)
-    assert 0 <= lp <= u and (lp == 0 or sp == 1), (lp, u, sp)
     defs = dict(BITS=bits, XT=xt, THREADS=threads, R=r, U=u, PF=int(pf), SBF16=int(sbf16), ABLATE=ablate, SB=sb, ST=st,
-                SPLIT=sp, XF=int(xf), GD=int(gd), XS=int(xs), PRO=int(pro), LP=int(lp))
+                SPLIT=sp, XF=int(xf), GD=int(gd), XS=int(xs), PRO=int(pro))
     return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + PRELUDE + _SRC
 
 
@@ -809,8 +786,8 @@ def available() -> bool:
 @functools.lru_cache(maxsize=None)
 def _compiled(bits: int, xt: int, threads: int, r: int, u: int, pf: int, sbf16: bool, device: int,
               name: str = "int_gemv", ablate: int = 0, sb: int = 4, st: int = 4, sp: int = 1,
-              xf: int = 0, gd: int = 0, xs: int = 0, pro: int = 0, lp: int = 0) -> Launcher:
-    src = source(bits, xt, threads, r, u, pf, sbf16, ablate, sb, st, sp, xf, gd, xs, pro, lp)
+              xf: int = 0, gd: int = 0, xs: int = 0, pro: int = 0) -> Launcher:
+    src = source(bits, xt, threads, r, u, pf, sbf16, ablate, sb, st, sp, xf, gd, xs, pro)
     with torch.cuda.device(device):
         return Launcher(torch.cuda._compile_kernel(src, name), "cuda-int")
 
@@ -1025,7 +1002,7 @@ def _rows_launch(cfg: dict, pk: dict, x2: torch.Tensor, dev: int, gd: int, pro: 
     threads, r, u, sp = cfg["threads"], cfg["r"], cfg["u"], int(cfg.get("sp", 1))
     kern = _compiled(pk["bits"], XT[x2.dtype], threads, r, u, int(cfg.get("pf", 1)), bool(pk["sbf16"]), dev,
                      "int_gemv", int(cfg.get("ablate", 0)), staging_units(cfg, pk), 4, sp, int(cfg.get("xf", 0)), gd,
-                     int(cfg.get("xs", 0)), pro, int(cfg.get("lp", 0)) if sp == 1 else 0)
+                     int(cfg.get("xs", 0)), pro)
     warps = threads // 32 // sp  # row groups a block walks at once (sp = 2: two warps per row group)
     smem = pk["KU"] * (codes_per_chunk(pk["bits"]) * 2 + 16)  # fp16 activations, a chunk sum per chunk
     smem += 2 * warps * r * 4 if sp == 2 else 0  # the halves' meeting slots
