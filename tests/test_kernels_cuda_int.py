@@ -160,6 +160,33 @@ def test_cuda_int_configs_agree(cfg, bits):
 
 @GPU
 @pytest.mark.parametrize("bits", [4, 3, 2, 8])
+@pytest.mark.parametrize("n,k,offset", [(333, 4160, 0), (4096, 11008, 0), (333, 1000, 1), (9000, 256, 0)])
+def test_cuda_int_l2_prefetch_gives_the_same_bytes(bits, n, k, offset):
+    """Launch option ``xp`` (the warp's next tiles requested into the L2 after x's first staging loads) only moves
+    when bytes arrive: every output is the same to the bit as without it, with a bias, element loads (``offset``),
+    rows of one and of several row groups a warp, each PDL mode, and each prologue."""
+    m = _layer(n, k, bits, 128, bias=True, device="cuda")
+    pk = ci.packed_rk(m)
+    buf = torch.randn(1, 2 * k + offset, device="cuda").to(torch.bfloat16)
+    x = buf[:, offset:offset + k]
+    b = m.bias.to(x.dtype)
+    for gd in (1, 2):
+        cfg = dict(ci._cfg(bits), gd=gd)
+        old = ci.run_int_cuda(x, pk, b, cfg)
+        for xp in (1, 2, 5):
+            assert torch.equal(ci.run_int_cuda(x, pk, b, dict(cfg, xp=xp)), old), (gd, xp)
+    ref = x.float() @ ci.reference_rk(pk).t() + m.bias.float()
+    assert ((old.float() - ref).norm() / ref.norm()).item() < 1e-2
+    g = torch.randn(k, device="cuda").to(x.dtype)
+    x2 = buf[:, offset:offset + 2 * k].contiguous()
+    for pro, xin, aux in ((1, x, g), (2, x2, None)):
+        old = ci.run_int_cuda(xin, pk, None, pro=pro, aux=aux, eps=1e-5)
+        new = ci.run_int_cuda(xin, pk, None, dict(ci._cfg(bits), xp=2), pro=pro, aux=aux, eps=1e-5)
+        assert torch.equal(old, new), pro
+
+
+@GPU
+@pytest.mark.parametrize("bits", [4, 3, 2, 8])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("k,offset", [(4160, 0), (4100, 0), (1000, 1), (200, 0)])
 def test_cuda_int_xs_staging_gives_the_same_bytes(bits, dtype, k, offset):
@@ -1075,8 +1102,9 @@ def test_layer_tail_is_o_proj_norm_gate_up_silu_down(device, pdl):
 
 @pytest.mark.skipif(torch.cuda.is_available() or shutil.which("nvcc") is None,
                     reason="a CPU machine with nvcc (the GPU tests launch the kernels)")
-@pytest.mark.parametrize("bits,opts", [(4, {}), (3, {}), (2, {}), (8, {}), (4, dict(xf=1, gd=0)),
-                                       (4, dict(stream_gd=3))], ids=["4bit", "3bit", "2bit", "8bit", "4bit-xf", "stream-gd3"])
+@pytest.mark.parametrize("bits,opts", [(4, {}), (3, {}), (2, {}), (8, {}), (4, dict(xf=1, gd=0)), (4, dict(xp=2)),
+                                       (3, dict(xp=1)), (4, dict(stream_gd=3))],
+                         ids=["4bit", "3bit", "2bit", "8bit", "4bit-xf", "4bit-xp2", "3bit-xp1", "stream-gd3"])
 def test_cuda_int_sources_compile_for_sm90(tmp_path, bits, opts):
     """The GEMV's CUDA source compiles for sm_90 with nvcc, without spills, in each width's default config, without
     PDL, and in the streaming form with gd 3: compile errors and register spills show on the CPU, before a GPU
@@ -1088,7 +1116,7 @@ def test_cuda_int_sources_compile_for_sm90(tmp_path, bits, opts):
     else:
         c = dict(ci._cfg(bits), **opts)
         src = ci.source(bits, 2, c["threads"], c["r"], c["u"], c["pf"], False, xf=int(c.get("xf", 0)),
-                        gd=int(c.get("gd", 0)), xs=int(c.get("xs", 0)))
+                        gd=int(c.get("gd", 0)), xs=int(c.get("xs", 0)), xp=int(c.get("xp", 0)))
     (tmp_path / "k.cu").write_text(src)
     r = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-o", str(tmp_path / "k.cubin"), str(tmp_path / "k.cu"),
                         "-Xptxas", "-v"], capture_output=True, text=True, timeout=300)

@@ -67,8 +67,9 @@ def main() -> int:
     ap.add_argument("--rows-cfgs", default="", help="per-warp-form configs to time with the sweep's widths, "
                     "threads/rows per warp/chunks per lane/warps per row (1 or 2)[/next tile prefetched (0 or 1)"
                     "[/x's first staging loads before the first tile (xf 0 or 1)[/programmatic dependent launch (gd 0, "
-                    "1 or 2)[/the staging's lean form (xs 0 or 1)[/blocks per SM at most (bps; 0: as many as fit)]]]]]: e.g. "
-                    "512/1/2/2 or 512/1/4/1/1/0/1/1 or 256/2/4/1/1/1/1/1/1")
+                    "1 or 2)[/the staging's lean form (xs 0 or 1)[/blocks per SM at most (bps; 0: as many as fit)[/the "
+                    "warp's next tiles requested into the L2 after x's first loads (xp, with gd)]]]]]]: e.g. 512/1/2/2 or "
+                    "512/1/4/1/1/0/1/1 or 256/2/4/1/1/1/1/1/1 or 512/2/4/1/1/1/1/1/0/2")
     ap.add_argument("--stream-cfgs", default="", help="streaming-form configs (cuda_int.int_gemv_stream, sm_90) to time "
                     "with the sweep's widths, threads/stages/units per lane[/blocks per SM (0: as many as fit)[/programmatic "
                     "dependent launch (gd 0, 1, or 3: the next grid let in at the start)[/the staging's lean form (xs)]]]: "
@@ -104,10 +105,11 @@ def main() -> int:
         for f in (c.split("/") for c in args.stream_cfgs.split(",") if c)] + [
         dict(threads=int(f[0]), r=int(f[1]), u=int(f[2]), pf=int(f[4]) if len(f) > 4 else 1,
              bps=int(f[8]) if len(f) > 8 and int(f[8]) else None, sp=int(f[3]),
-             xf=int(f[5]) if len(f) > 5 else 0, gd=int(f[6]) if len(f) > 6 else 0, xs=int(f[7]) if len(f) > 7 else 0)
+             xf=int(f[5]) if len(f) > 5 else 0, gd=int(f[6]) if len(f) > 6 else 0, xs=int(f[7]) if len(f) > 7 else 0,
+             xp=int(f[9]) if len(f) > 9 else 0)
         for f in (c.split("/") for c in args.rows_cfgs.split(",") if c)]
-    if any(len(c.split("/")) > 9 for c in args.rows_cfgs.split(",")):
-        ap.error(f"--rows-cfgs takes at most nine fields a config: {args.rows_cfgs}")
+    if any(len(c.split("/")) > 10 for c in args.rows_cfgs.split(",")):
+        ap.error(f"--rows-cfgs takes at most ten fields a config: {args.rows_cfgs}")
     os.makedirs(args.out, exist_ok=True)
     meta = bk.run_meta()
     bk.warm_clocks()

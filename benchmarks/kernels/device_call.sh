@@ -26,6 +26,10 @@
 #                                                    # the read floor, also in the GEMV's shape of work (--persistent);
 #                                                    # session 31 also ran K split over the grid (ks; removed: slower)
 #   (session 31: lastpiece, each warp's last piece of 32 or 64 chunks: measured slower, removed with its launch option)
+#   bash benchmarks/kernels/device_call.sh l2pf      # session 31: the L2-prefetch GPU tests (xp) and the config tests,
+#                                                    # then the batch-1 GEMV at 4 and 2 bits with the warp's next 1, 2
+#                                                    # or 4 tiles requested into the L2 after x's first loads (RC),
+#                                                    # beside the default configs (a control in the same sweep)
 #   MW=... bash benchmarks/kernels/device_call.sh mmaw  # session 19: the batch 2-16 kernel's GPU tests (-k mma_w, -x),
 #                                                    # then its configs MW beside the default at batches 16 and 4
 #                                                    # (EXTRA: more bench_cuda_int.py options, e.g. --rows-cfgs)
@@ -181,6 +185,12 @@ prefill)
     tests/test_hf_graph.py 2>&1 | tail -5 | tee "$OUT/tests.log"
   timeout "${T2:-400}" python3 benchmarks/decode/fixed_cost_probe.py --out "$OUT" --prefill 2>&1 | \
     tee "$OUT/fixed.log" | grep -E "^(bf16|int4) |Error|Traceback" ;;
+l2pf)
+  [ -n "$NOTESTS" ] || PYTHONPATH=src:tests timeout "${T1:-150}" python3 -m pytest -q -x -p no:cacheprovider \
+    tests/test_kernels_cuda_int.py -k "${TK:-prefetch or configs_agree}" 2>&1 | tail -4 | tee "$OUT/tests.log"
+  timeout "${T2:-330}" python3 benchmarks/kernels/bench_cuda_int.py --out "$OUT" --bits "${BITS:-4,2}" --no-single \
+    --reps 20 --sweep-bits "${BITS:-4,2}" --rows-cfgs "${RC:-512/2/4/1/1/1/1/1/0/1,512/2/4/1/1/1/1/1/0/2,512/2/4/1/1/1/1/1/0/4,512/2/4/1/1/1/1/1/0/0,512/2/2/1/1/1/1/1/0/2,512/2/2/1/1/1/1/1/0/0}" \
+    2>&1 | tee "$OUT/bench.log" | grep -E "sweep|cuda-int |failed|Error" ;;
 grain)
   [ -n "$NOTESTS" ] || PYTHONPATH=src:tests timeout "${T1:-120}" python3 -m pytest -q -x -p no:cacheprovider \
     tests/test_kernels_cuda_int.py -k "${TK:-configs_agree}" 2>&1 | tail -4 | tee "$OUT/tests.log"

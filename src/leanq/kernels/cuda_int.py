@@ -415,6 +415,29 @@ __device__ __forceinline__ void stage_x(uint4* xs, const void* XR x, int K, int 
   }
 }
 
+#if XP
+// launch option xp: the warp's next XP tiles after (rg, tk) requested into the L2 (prefetch.global.L2: no registers
+// held, nothing returned), issued once x's first staging loads are out, so that the DRAM keeps streaming this
+// warp's weights while x is converted; the loop's own loads of those tiles then meet them in the L2. Every 128-byte
+// line of each row's range (the first plane only at 3 bits), lanes taking lines in turn
+__device__ __forceinline__ void prefetch_tiles(const uint4* __restrict__ w, int rg, int tk, int TPR, int rstep,
+                                               int NRG, int N, int KU, int cb, int ce, int lane) {
+  constexpr int LPR = 4 * U + 1;  // the most 128-byte lines a row's 32 * U chunks touch
+#pragma unroll 1
+  for (int k = 0; k < XP; ++k) {
+    if (++tk == TPR) { tk = 0; rg += rstep; }
+    if (rg >= NRG) return;
+    const int c0 = cb + tk * 32 * U, c1 = min(c0 + 32 * U, ce);
+    for (int i = lane; i < R * LPR; i += 32) {
+      const int row = rg * R + i / LPR;
+      if (row >= N || c0 >= c1) continue;
+      const uint4* wr = w + (size_t)row * ROWU(KU);
+      const size_t a = ((size_t)(wr + c0) & ~(size_t)127) + (size_t)128 * (i % LPR);
+      if (a <= (size_t)(wr + c1 - 1)) asm volatile("prefetch.global.L2 [%0];" :: "l"(a));
+    }
+  }
+}
+#endif
 extern "C" __global__ void __launch_bounds__(THREADS) int_gemv(
     const void* XR x, void* __restrict__ out, const void* __restrict__ bias,
     const uint4* __restrict__ w, const u32* __restrict__ sz, int N, int K, int KU, int NG, int GCS, int HAS_BIAS,
@@ -461,7 +484,22 @@ extern "C" __global__ void __launch_bounds__(THREADS) int_gemv(
 #if GD == 1
   gdc_launch();  // the next grid may be scheduled now (its blocks take an SM as this grid's blocks leave)
 #endif
+#if XP
+  {
+    // x's first staging loads, then the next tiles' L2 requests, then x's conversion (stage_x's first step, split)
+    uint4 xraw[SB][XW];
+    uint4 xraw2[SB][XW];
+    x_load(xraw, x, 0, K, KU, XVEC);
+#if PRO
+    x_load(xraw2, p2, 0, K, KU, XVEC);
+#endif
+    if (rg0 < NRG) prefetch_tiles(w, rg0, 0, TPR, rstep, NRG, N, KU, cb, ce, lane);
+    x_store(xs, xraw, x, 0, K, KU, XVEC, lane, xraw2, p2, ss);
+  }
+  stage_x(xs, x, K, KU, XVEC, lane, p2, ss, SB * THREADS);
+#else
   stage_x(xs, x, K, KU, XVEC, lane, p2, ss);
+#endif
 #else
 #if XF
   // the activations' first staging step is issued before the weights' first tile, so that its loads (L2 hits) do
@@ -759,13 +797,14 @@ extern "C" __global__ void int_dequant(void* __restrict__ out, const uint4* __re
 
 
 def source(bits: int, xt: int, threads: int, r: int, u: int, pf: int, sbf16: bool, ablate: int = 0, sb: int = 4,
-           st: int = 4, sp: int = 1, xf: int = 0, gd: int = 0, xs: int = 0, pro: int = 0) -> str:
+           st: int = 4, sp: int = 1, xf: int = 0, gd: int = 0, xs: int = 0, pro: int = 0, xp: int = 0) -> str:
     """The CUDA source of one configuration (its constants as #defines): ``sb`` activation units per thread per
     staging step (their loads in flight together); ``gd`` programmatic dependent launch (int_gemv: 1 the first
     weight tile loaded before the wait for the previous grid and the next grid let in after it, 2 the same but the
     next grid let in only as this one ends; the launcher must pass ``pdl`` for it to overlap anything); ``xs`` 1 the
     staging's per-thread constants computed once and its shuffles on the full mask (the same bytes); ``pro`` what
-    the staging computes from its inputs (int_gemv only, with ``xs`` 1 and ``sp`` 1; see :data:`PROLOGUES`).
+    the staging computes from its inputs (int_gemv only, with ``xs`` 1 and ``sp`` 1; see :data:`PROLOGUES`); ``xp``
+    (int_gemv with ``gd``) the warp's next xp tiles requested into the L2 after x's first staging loads.
 
     ``ablate`` (timing experiments only; the results are wrong): bit 1 no decode or dot products (the loaded
     words are only XOR-ed), bit 2 no activation staging."""
@@ -774,8 +813,9 @@ def source(bits: int, xt: int, threads: int, r: int, u: int, pf: int, sbf16: boo
     assert pf in (0, 1), pf  # a ring of two tiles ahead measured slower on an H200 (NOTES.md, v14; commit 1a92040)
     assert gd in (0, 1, 2, 3), gd  # 3: int_gemv_stream only (the next grid let in at the start)
     assert pro in PROLOGUES and (pro == 0 or (xs == 1 and sp == 1)), (pro, xs, sp)
+    assert xp >= 0 and (xp == 0 or gd in (1, 2)), (xp, gd)
     defs = dict(BITS=bits, XT=xt, THREADS=threads, R=r, U=u, PF=int(pf), SBF16=int(sbf16), ABLATE=ablate, SB=sb, ST=st,
-                SPLIT=sp, XF=int(xf), GD=int(gd), XS=int(xs), PRO=int(pro))
+                SPLIT=sp, XF=int(xf), GD=int(gd), XS=int(xs), PRO=int(pro), XP=int(xp))
     return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + PRELUDE + _SRC
 
 
@@ -786,8 +826,8 @@ def available() -> bool:
 @functools.lru_cache(maxsize=None)
 def _compiled(bits: int, xt: int, threads: int, r: int, u: int, pf: int, sbf16: bool, device: int,
               name: str = "int_gemv", ablate: int = 0, sb: int = 4, st: int = 4, sp: int = 1,
-              xf: int = 0, gd: int = 0, xs: int = 0, pro: int = 0) -> Launcher:
-    src = source(bits, xt, threads, r, u, pf, sbf16, ablate, sb, st, sp, xf, gd, xs, pro)
+              xf: int = 0, gd: int = 0, xs: int = 0, pro: int = 0, xp: int = 0) -> Launcher:
+    src = source(bits, xt, threads, r, u, pf, sbf16, ablate, sb, st, sp, xf, gd, xs, pro, xp)
     with torch.cuda.device(device):
         return Launcher(torch.cuda._compile_kernel(src, name), "cuda-int")
 
@@ -1002,7 +1042,7 @@ def _rows_launch(cfg: dict, pk: dict, x2: torch.Tensor, dev: int, gd: int, pro: 
     threads, r, u, sp = cfg["threads"], cfg["r"], cfg["u"], int(cfg.get("sp", 1))
     kern = _compiled(pk["bits"], XT[x2.dtype], threads, r, u, int(cfg.get("pf", 1)), bool(pk["sbf16"]), dev,
                      "int_gemv", int(cfg.get("ablate", 0)), staging_units(cfg, pk), 4, sp, int(cfg.get("xf", 0)), gd,
-                     int(cfg.get("xs", 0)), pro)
+                     int(cfg.get("xs", 0)), pro, int(cfg.get("xp", 0)) if gd in (1, 2) else 0)
     warps = threads // 32 // sp  # row groups a block walks at once (sp = 2: two warps per row group)
     smem = pk["KU"] * (codes_per_chunk(pk["bits"]) * 2 + 16)  # fp16 activations, a chunk sum per chunk
     smem += 2 * warps * r * 4 if sp == 2 else 0  # the halves' meeting slots
