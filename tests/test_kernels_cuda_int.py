@@ -162,8 +162,8 @@ def test_cuda_int_configs_agree(cfg, bits):
 @pytest.mark.parametrize("bits", [4, 3, 2, 8])
 @pytest.mark.parametrize("n,k,offset", [(333, 4160, 0), (4096, 11008, 0), (333, 1000, 1), (9000, 256, 0)])
 def test_cuda_int_l2_prefetch_gives_the_same_bytes(bits, n, k, offset):
-    """Launch option ``xp`` (the warp's next tiles requested into the L2 after x's first staging loads) only moves
-    when bytes arrive: every output is the same to the bit as without it, with a bias, element loads (``offset``),
+    """Launch option ``xp`` (the rest of the warp's first row group requested into the L2 after x's first staging
+    loads) only moves when bytes arrive: every output is the same to the bit as without it, with a bias, element loads (``offset``),
     rows of one and of several row groups a warp, each PDL mode, and each prologue."""
     m = _layer(n, k, bits, 128, bias=True, device="cuda")
     pk = ci.packed_rk(m)
@@ -171,7 +171,7 @@ def test_cuda_int_l2_prefetch_gives_the_same_bytes(bits, n, k, offset):
     x = buf[:, offset:offset + k]
     b = m.bias.to(x.dtype)
     for gd in (1, 2):
-        cfg = dict(ci._cfg(bits), gd=gd)
+        cfg = dict(ci._cfg(bits), gd=gd, xp=0)
         old = ci.run_int_cuda(x, pk, b, cfg)
         for xp in (1, 2, 5):
             assert torch.equal(ci.run_int_cuda(x, pk, b, dict(cfg, xp=xp)), old), (gd, xp)
@@ -180,7 +180,7 @@ def test_cuda_int_l2_prefetch_gives_the_same_bytes(bits, n, k, offset):
     g = torch.randn(k, device="cuda").to(x.dtype)
     x2 = buf[:, offset:offset + 2 * k].contiguous()
     for pro, xin, aux in ((1, x, g), (2, x2, None)):
-        old = ci.run_int_cuda(xin, pk, None, pro=pro, aux=aux, eps=1e-5)
+        old = ci.run_int_cuda(xin, pk, None, dict(ci._cfg(bits), xp=0), pro=pro, aux=aux, eps=1e-5)
         new = ci.run_int_cuda(xin, pk, None, dict(ci._cfg(bits), xp=2), pro=pro, aux=aux, eps=1e-5)
         assert torch.equal(old, new), pro
 

@@ -30,6 +30,9 @@
 #                                                    # then the batch-1 GEMV at 4 and 2 bits with the warp's next 1, 2
 #                                                    # or 4 tiles requested into the L2 after x's first loads (RC),
 #                                                    # beside the default configs (a control in the same sweep)
+#   bash benchmarks/kernels/device_call.sh l2pf2     # session 31, second form (xp within the warp's first row group;
+#                                                    # 2-bit's default xp 2): its GPU tests, then 4/2/3/8 bits with and
+#                                                    # without xp 2 in each width's config shape (RC), one process
 #   MW=... bash benchmarks/kernels/device_call.sh mmaw  # session 19: the batch 2-16 kernel's GPU tests (-k mma_w, -x),
 #                                                    # then its configs MW beside the default at batches 16 and 4
 #                                                    # (EXTRA: more bench_cuda_int.py options, e.g. --rows-cfgs)
@@ -190,6 +193,12 @@ l2pf)
     tests/test_kernels_cuda_int.py -k "${TK:-prefetch or configs_agree}" 2>&1 | tail -4 | tee "$OUT/tests.log"
   timeout "${T2:-330}" python3 benchmarks/kernels/bench_cuda_int.py --out "$OUT" --bits "${BITS:-4,2}" --no-single \
     --reps 20 --sweep-bits "${BITS:-4,2}" --rows-cfgs "${RC:-512/2/4/1/1/1/1/1/0/1,512/2/4/1/1/1/1/1/0/2,512/2/4/1/1/1/1/1/0/4,512/2/4/1/1/1/1/1/0/0,512/2/2/1/1/1/1/1/0/2,512/2/2/1/1/1/1/1/0/0}" \
+    2>&1 | tee "$OUT/bench.log" | grep -E "sweep|cuda-int |failed|Error" ;;
+l2pf2)
+  [ -n "$NOTESTS" ] || PYTHONPATH=src:tests timeout "${T1:-120}" python3 -m pytest -q -x -p no:cacheprovider \
+    tests/test_kernels_cuda_int.py -k "${TK:-prefetch}" 2>&1 | tail -4 | tee "$OUT/tests.log"
+  timeout "${T2:-400}" python3 benchmarks/kernels/bench_cuda_int.py --out "$OUT" --bits "${BITS:-4,2,3,8}" --no-single \
+    --reps 20 --sweep-bits "${BITS:-4,2,3,8}" --rows-cfgs "${RC:-512/2/4/1/1/1/1/1/0/2,512/2/4/1/1/1/1/1/0/0,512/2/2/1/1/1/1/1/0/2,512/2/2/1/1/1/1/1/0/0,512/1/4/1/1/1/1/1/0/2,512/1/4/1/1/1/1/1/0/0}" \
     2>&1 | tee "$OUT/bench.log" | grep -E "sweep|cuda-int |failed|Error" ;;
 grain)
   [ -n "$NOTESTS" ] || PYTHONPATH=src:tests timeout "${T1:-120}" python3 -m pytest -q -x -p no:cacheprovider \

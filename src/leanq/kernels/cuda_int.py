@@ -82,7 +82,7 @@ STREAM: dict = {}
 # 1.5-2% at 3-bit on the 4096-row long-K shapes, 2-6% at 8-bit, and -2% to +3% at 2-bit over two calls on the five
 # shapes (NOTES.md, v24).
 TUNED: dict = {4: dict(threads=512, r=2, u=4, pf=1, bps=None, xf=1, gd=1, xs=1),
-               2: dict(threads=512, r=2, u=2, pf=1, bps=None, xf=1, gd=1, xs=1),
+               2: dict(threads=512, r=2, u=2, pf=1, bps=None, xf=1, gd=1, xs=1, xp=2),
                8: dict(threads=512, r=1, u=4, pf=1, bps=None, xf=1, gd=1, xs=1),
                3: dict(threads=512, r=2, u=2, pf=1, bps=None, xf=1, gd=1, xs=1)}
 
@@ -416,17 +416,16 @@ __device__ __forceinline__ void stage_x(uint4* xs, const void* XR x, int K, int 
 }
 
 #if XP
-// launch option xp: the warp's next XP tiles after (rg, tk) requested into the L2 (prefetch.global.L2: no registers
-// held, nothing returned), issued once x's first staging loads are out, so that the DRAM keeps streaming this
-// warp's weights while x is converted; the loop's own loads of those tiles then meet them in the L2. Every 128-byte
-// line of each row's range (the first plane only at 3 bits), lanes taking lines in turn
-__device__ __forceinline__ void prefetch_tiles(const uint4* __restrict__ w, int rg, int tk, int TPR, int rstep,
-                                               int NRG, int N, int KU, int cb, int ce, int lane) {
+// launch option xp: tiles 1 .. XP of the warp's first row group rg requested into the L2 (prefetch.global.L2: no
+// registers held, nothing returned), issued once x's first staging loads are out, so that the DRAM keeps streaming
+// this warp's weights while x is converted; the loop's own loads of those tiles then meet them in the L2. Every
+// 128-byte line of each row's range (the first plane only at 3 bits), lanes taking lines in turn. Not past the
+// first row group: requests for the next row groups (a 4096-column layer: one tile a row) measured slower
+__device__ __forceinline__ void prefetch_tiles(const uint4* __restrict__ w, int rg, int TPR, int N, int KU, int cb,
+                                               int ce, int lane) {
   constexpr int LPR = 4 * U + 1;  // the most 128-byte lines a row's 32 * U chunks touch
 #pragma unroll 1
-  for (int k = 0; k < XP; ++k) {
-    if (++tk == TPR) { tk = 0; rg += rstep; }
-    if (rg >= NRG) return;
+  for (int tk = 1; tk <= XP && tk < TPR; ++tk) {
     const int c0 = cb + tk * 32 * U, c1 = min(c0 + 32 * U, ce);
     for (int i = lane; i < R * LPR; i += 32) {
       const int row = rg * R + i / LPR;
@@ -493,7 +492,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) int_gemv(
 #if PRO
     x_load(xraw2, p2, 0, K, KU, XVEC);
 #endif
-    if (rg0 < NRG) prefetch_tiles(w, rg0, 0, TPR, rstep, NRG, N, KU, cb, ce, lane);
+    if (rg0 < NRG) prefetch_tiles(w, rg0, TPR, N, KU, cb, ce, lane);
     x_store(xs, xraw, x, 0, K, KU, XVEC, lane, xraw2, p2, ss);
   }
   stage_x(xs, x, K, KU, XVEC, lane, p2, ss, SB * THREADS);
@@ -804,7 +803,8 @@ def source(bits: int, xt: int, threads: int, r: int, u: int, pf: int, sbf16: boo
     next grid let in only as this one ends; the launcher must pass ``pdl`` for it to overlap anything); ``xs`` 1 the
     staging's per-thread constants computed once and its shuffles on the full mask (the same bytes); ``pro`` what
     the staging computes from its inputs (int_gemv only, with ``xs`` 1 and ``sp`` 1; see :data:`PROLOGUES`); ``xp``
-    (int_gemv with ``gd``) the warp's next xp tiles requested into the L2 after x's first staging loads.
+    (int_gemv with ``gd``) tiles 1 .. xp of the warp's first row group requested into the L2 after x's first
+    staging loads.
 
     ``ablate`` (timing experiments only; the results are wrong): bit 1 no decode or dot products (the loaded
     words are only XOR-ed), bit 2 no activation staging."""
