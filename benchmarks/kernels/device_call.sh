@@ -32,7 +32,9 @@
 #                                                    # beside the default configs (a control in the same sweep)
 #   bash benchmarks/kernels/device_call.sh l2pf2     # session 31, second form (xp within the warp's first row group;
 #                                                    # 2-bit's default xp 2): its GPU tests, then 4/2/3/8 bits with and
-#                                                    # without xp 2 in each width's config shape (RC), one process
+#                                                    # without xp 2 in each width's config shape (RC), one process;
+#                                                    # the third call (8-bit's default with xp 2 too, rows of one tile
+#                                                    # on the plain staging): BITS=2,8,4 and RC of the defaults, xp 0
 #   MW=... bash benchmarks/kernels/device_call.sh mmaw  # session 19: the batch 2-16 kernel's GPU tests (-k mma_w, -x),
 #                                                    # then its configs MW beside the default at batches 16 and 4
 #                                                    # (EXTRA: more bench_cuda_int.py options, e.g. --rows-cfgs)

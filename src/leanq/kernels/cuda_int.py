@@ -83,7 +83,7 @@ STREAM: dict = {}
 # shapes (NOTES.md, v24).
 TUNED: dict = {4: dict(threads=512, r=2, u=4, pf=1, bps=None, xf=1, gd=1, xs=1),
                2: dict(threads=512, r=2, u=2, pf=1, bps=None, xf=1, gd=1, xs=1, xp=2),
-               8: dict(threads=512, r=1, u=4, pf=1, bps=None, xf=1, gd=1, xs=1),
+               8: dict(threads=512, r=1, u=4, pf=1, bps=None, xf=1, gd=1, xs=1, xp=2),
                3: dict(threads=512, r=2, u=2, pf=1, bps=None, xf=1, gd=1, xs=1)}
 
 # what the batch-1 GEMV's staging computes from its inputs before the products (launch option ``pro``): 0 x itself;
@@ -485,7 +485,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) int_gemv(
 #endif
 #if XP
   {
-    // x's first staging loads, then the next tiles' L2 requests, then x's conversion (stage_x's first step, split)
+    // x's first staging loads, then the next tiles' L2 requests, then x's conversion (stage_x's first step, split);
+    // the launcher builds this only for rows of more than one tile
     uint4 xraw[SB][XW];
     uint4 xraw2[SB][XW];
     x_load(xraw, x, 0, K, KU, XVEC);
@@ -1042,12 +1043,18 @@ def _rows_launch(cfg: dict, pk: dict, x2: torch.Tensor, dev: int, gd: int, pro: 
     threads, r, u, sp = cfg["threads"], cfg["r"], cfg["u"], int(cfg.get("sp", 1))
     kern = _compiled(pk["bits"], XT[x2.dtype], threads, r, u, int(cfg.get("pf", 1)), bool(pk["sbf16"]), dev,
                      "int_gemv", int(cfg.get("ablate", 0)), staging_units(cfg, pk), 4, sp, int(cfg.get("xf", 0)), gd,
-                     int(cfg.get("xs", 0)), pro, int(cfg.get("xp", 0)) if gd in (1, 2) else 0)
+                     int(cfg.get("xs", 0)), pro, _xp(cfg, pk, gd))
     warps = threads // 32 // sp  # row groups a block walks at once (sp = 2: two warps per row group)
     smem = pk["KU"] * (codes_per_chunk(pk["bits"]) * 2 + 16)  # fp16 activations, a chunk sum per chunk
     smem += 2 * warps * r * 4 if sp == 2 else 0  # the halves' meeting slots
     smem += -(-threads // 32 * 4 // 16) * 16 if pro == 1 else 0  # the warps' sums of x**2
     return kern, threads, _grid(kern, threads, smem, cfg, -(-pk["N"] // r), warps, dev), smem
+
+
+def _xp(cfg: dict, pk: dict, gd: int) -> int:
+    """Launch option ``xp`` as built: only with PDL (gd 1 or 2) and for rows of more than one tile (32 * u chunks);
+    rows of one tile keep the plain staging, which measured 0.25 us faster on 2-bit 11008x4096 (NOTES.md, v32)."""
+    return int(cfg.get("xp", 0)) if gd in (1, 2) and pk["KU"] > 32 * cfg["u"] else 0
 
 
 SMEM_MAX = 227 * 1024  # the H100's opt-in shared memory per block
