@@ -30,7 +30,9 @@ Per block:
    of the codes it meets, and the chunk's sum of x with 2**(9 + e) in a spare 16 bytes (chunks at an odd
    stride of 16-byte units, so a quarter-warp's reads fall on distinct banks); with launch option ``xs`` (the
    default) what is fixed per thread (its unit of the chunk, the pairs' exponent bases) is computed once and the
-   chunk's max and sum are shared by full-warp shuffles;
+   chunk's max and sum are shared by full-warp shuffles; with launch option ``xp`` (2- and 8-bit defaults, rows
+   of more than one tile) each warp requests the rest of its first row group into the L2 between x's loads and
+   their conversion, so that the DRAM keeps streaming while x is staged;
 3. per chunk and row, one fp16x2 FMA per code pair into one sum (products q * x * 2**(-9 - e) of at most
    16 pairs: no overflow, no zero point), then in fp32 ``acc += scale * (2**(9 + e) * sum - zero * sum x)``;
    the next tile's loads are issued before this tile's arithmetic;
@@ -80,7 +82,9 @@ STREAM: dict = {}
 # the one-AND fields (session 20) r 2 u 2 stayed the best of eight geometries (NOTES.md, v21).
 # xs 1 (the staging's lean form, session 23: the same bytes in fewer instructions) measured 0-1.5% faster at 4-bit,
 # 1.5-2% at 3-bit on the 4096-row long-K shapes, 2-6% at 8-bit, and -2% to +3% at 2-bit over two calls on the five
-# shapes (NOTES.md, v24).
+# shapes (NOTES.md, v24). xp 2 (the rest of each warp's first row group requested into the L2 while x is staged,
+# session 31): 2-bit 0.3-0.7 us faster on the long-K 4096-row shapes, 8-bit 0.6-1.3 us on every large shape (91-96%
+# of copy); 4- and 3-bit within +-0.15 us, so without it (NOTES.md, v32).
 TUNED: dict = {4: dict(threads=512, r=2, u=4, pf=1, bps=None, xf=1, gd=1, xs=1),
                2: dict(threads=512, r=2, u=2, pf=1, bps=None, xf=1, gd=1, xs=1, xp=2),
                8: dict(threads=512, r=1, u=4, pf=1, bps=None, xf=1, gd=1, xs=1, xp=2),
