@@ -26,15 +26,11 @@
 #                                                    # the read floor, also in the GEMV's shape of work (--persistent);
 #                                                    # session 31 also ran K split over the grid (ks; removed: slower)
 #   (session 31: lastpiece, each warp's last piece of 32 or 64 chunks: measured slower, removed with its launch option)
-#   bash benchmarks/kernels/device_call.sh l2pf      # session 31: the L2-prefetch GPU tests (xp) and the config tests,
-#                                                    # then the batch-1 GEMV at 4 and 2 bits with the warp's next 1, 2
-#                                                    # or 4 tiles requested into the L2 after x's first loads (RC),
-#                                                    # beside the default configs (a control in the same sweep)
-#   bash benchmarks/kernels/device_call.sh l2pf2     # session 31, second form (xp within the warp's first row group;
-#                                                    # 2-bit's default xp 2): its GPU tests, then 4/2/3/8 bits with and
-#                                                    # without xp 2 in each width's config shape (RC), one process;
-#                                                    # the third call (8-bit's default with xp 2 too, rows of one tile
-#                                                    # on the plain staging): BITS=2,8,4 and RC of the defaults, xp 0
+#   bash benchmarks/kernels/device_call.sh l2pf2     # session 31: the L2-prefetch GPU tests (xp), then 4/2/3/8 bits
+#                                                    # with and without xp 2 in each width's config shape (RC), one
+#                                                    # process (the first call of that session, l2pf, timed an earlier
+#                                                    # form that also requested the next row groups' tiles); the third
+#                                                    # call: BITS=2,8,4 RC=the 2- and 8-bit defaults with xp 0, 4-bit xp 2
 #   MW=... bash benchmarks/kernels/device_call.sh mmaw  # session 19: the batch 2-16 kernel's GPU tests (-k mma_w, -x),
 #                                                    # then its configs MW beside the default at batches 16 and 4
 #                                                    # (EXTRA: more bench_cuda_int.py options, e.g. --rows-cfgs)
@@ -76,6 +72,16 @@ OUT=${OUT:-out}; mkdir -p "$OUT"
 vq_graph() {
   (cd benchmarks/kernels && PYTHONPATH=../../src timeout "${T3:-240}" python3 bench_vq.py --out "$OUT" --graph \
     --batches 1 --old-configs 0 --kn 2 "$@" 2>&1 | grep -E "graph|error" | tail -80 | tee "$OUT/vq.log")
+}
+# the GEMV's GPU tests -k TK (default $1), then bench_cuda_int.py at bits BITS (default $2) with the per-warp configs RC
+# (default $3) beside each width's default in one process; more options after the third argument
+rows_call() {
+  local tk=$1 bits=${BITS:-$2} rc=${RC:-$3}; shift 3
+  [ -n "$NOTESTS" ] || PYTHONPATH=src:tests timeout "${T1:-150}" python3 -m pytest -q -x -p no:cacheprovider \
+    tests/test_kernels_cuda_int.py -k "${TK:-$tk}" 2>&1 | tail -4 | tee "$OUT/tests.log"
+  timeout "${T2:-400}" python3 benchmarks/kernels/bench_cuda_int.py --out "$OUT" --bits "$bits" --no-single \
+    --reps 20 --sweep-bits "$bits" --rows-cfgs "$rc" "$@" 2>&1 | tee "$OUT/bench.log" \
+    | grep -E "sweep|ablate|cuda-int |failed|Error"
 }
 case "$1" in
 kernels)
@@ -190,27 +196,14 @@ prefill)
     tests/test_hf_graph.py 2>&1 | tail -5 | tee "$OUT/tests.log"
   timeout "${T2:-400}" python3 benchmarks/decode/fixed_cost_probe.py --out "$OUT" --prefill 2>&1 | \
     tee "$OUT/fixed.log" | grep -E "^(bf16|int4) |Error|Traceback" ;;
-l2pf)
-  [ -n "$NOTESTS" ] || PYTHONPATH=src:tests timeout "${T1:-150}" python3 -m pytest -q -x -p no:cacheprovider \
-    tests/test_kernels_cuda_int.py -k "${TK:-prefetch or configs_agree}" 2>&1 | tail -4 | tee "$OUT/tests.log"
-  timeout "${T2:-330}" python3 benchmarks/kernels/bench_cuda_int.py --out "$OUT" --bits "${BITS:-4,2}" --no-single \
-    --reps 20 --sweep-bits "${BITS:-4,2}" --rows-cfgs "${RC:-512/2/4/1/1/1/1/1/0/1,512/2/4/1/1/1/1/1/0/2,512/2/4/1/1/1/1/1/0/4,512/2/4/1/1/1/1/1/0/0,512/2/2/1/1/1/1/1/0/2,512/2/2/1/1/1/1/1/0/0}" \
-    2>&1 | tee "$OUT/bench.log" | grep -E "sweep|cuda-int |failed|Error" ;;
 l2pf2)
-  [ -n "$NOTESTS" ] || PYTHONPATH=src:tests timeout "${T1:-120}" python3 -m pytest -q -x -p no:cacheprovider \
-    tests/test_kernels_cuda_int.py -k "${TK:-prefetch}" 2>&1 | tail -4 | tee "$OUT/tests.log"
-  timeout "${T2:-400}" python3 benchmarks/kernels/bench_cuda_int.py --out "$OUT" --bits "${BITS:-4,2,3,8}" --no-single \
-    --reps 20 --sweep-bits "${BITS:-4,2,3,8}" --rows-cfgs "${RC:-512/2/4/1/1/1/1/1/0/2,512/2/4/1/1/1/1/1/0/0,512/2/2/1/1/1/1/1/0/2,512/2/2/1/1/1/1/1/0/0,512/1/4/1/1/1/1/1/0/2,512/1/4/1/1/1/1/1/0/0}" \
-    2>&1 | tee "$OUT/bench.log" | grep -E "sweep|cuda-int |failed|Error" ;;
+  rows_call prefetch 4,2,3,8 "512/2/4/1/1/1/1/1/0/2,512/2/4/1/1/1/1/1/0/0,512/2/2/1/1/1/1/1/0/2,512/2/2/1/1/1/1/1/0/0,512/1/4/1/1/1/1/1/0/2,512/1/4/1/1/1/1/1/0/0" ;;
 grain)
-  [ -n "$NOTESTS" ] || PYTHONPATH=src:tests timeout "${T1:-120}" python3 -m pytest -q -x -p no:cacheprovider \
-    tests/test_kernels_cuda_int.py -k "${TK:-configs_agree}" 2>&1 | tail -4 | tee "$OUT/tests.log"
   # session 30's leads (NOTES v31): the per-warp GEMV in blocks that leave room on each SM for the next launch's
-  # block (bps), a whole row a tile, beside the default and its ablations, then the read
-  # floor of the same bytes, also in the GEMV's shape of work
-  timeout "${T2:-300}" python3 benchmarks/kernels/bench_cuda_int.py --out "$OUT" --bits "${BITS:-4}" --no-single \
-    --reps 20 --sweep-bits "${BITS:-4}" --rows-cfgs "${RC:-256/2/4/1/1/1/1/1/1,256/2/4/1/1/1/1/1/2,128/2/4/1/1/1/1/1/2,128/2/4/1/1/1/1/1/3,512/2/2/1/1/1/1/1/1,256/1/11/1/0/1/1/1/0}" \
-    --ablate "${ABL:-1,2,3}" 2>&1 | tee "$OUT/bench.log" | grep -E "sweep|ablate|cuda-int |failed|Error"
+  # block (bps), a whole row a tile, beside the default and its ablations, then the read floor of the same bytes,
+  # also in the GEMV's shape of work
+  rows_call configs_agree 4 "256/2/4/1/1/1/1/1/1,256/2/4/1/1/1/1/1/2,128/2/4/1/1/1/1/1/2,128/2/4/1/1/1/1/1/3,512/2/2/1/1/1/1/1/1,256/1/11/1/0/1/1/1/0" \
+    --ablate "${ABL:-1,2,3}"
   timeout "${T3:-120}" python3 benchmarks/kernels/read_floor.py --bits "${BITS:-4}" --persistent --out "$OUT" 2>&1 \
     | tee "$OUT/floor.log" | grep -o '"shape[^,]*\|"read_persistent[0-9]_pct_copy": [0-9.]*' | paste - - - ;;
 mmaw)
