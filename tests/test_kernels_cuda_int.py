@@ -285,6 +285,27 @@ def test_pdl_wait_precedes_every_read_of_x_in_the_sources():
             assert lines[i - 1] == "#if GD == 1" and lines[i + 1] == "#endif"
     with pytest.raises(AssertionError):
         cm.source_w(2, 6, 2, 1, 128, True, 3, 0, 1, 0, 1, 1)  # not with mg
+    for gd in (1, 2):  # with xp (x's first loads split from their conversion): the wait still comes first
+        src = ci.source(2, 2, 512, 2, 2, 1, True, gd=gd, xs=1, xp=2)
+        body = src[src.index("int_gemv("):]
+        body = body[body.index("#if GD\n"):]
+        wait = body.index("gdc_wait();")
+        assert wait < body.index("x_load(xraw, x") < body.index("prefetch_tiles(w") < body.index("x_store(xs, xraw")
+
+
+def test_l2_prefetch_is_built_only_where_it_applies():
+    """Launch option xp: the source defines XP, needs PDL (gd 1 or 2), and the launcher builds it only for rows of
+    more than one tile of 32 * u chunks (rows of one tile keep the plain staging)."""
+    assert "#define XP 2\n" in ci.source(8, 2, 512, 1, 4, 1, True, gd=1, xs=1, xp=2)
+    assert "#define XP 0\n" in ci.source(8, 2, 512, 1, 4, 1, True, gd=1, xs=1)
+    with pytest.raises(AssertionError):
+        ci.source(4, 2, 512, 2, 4, 1, True, gd=0, xp=2)
+    cfg = dict(u=4, xp=2)
+    assert ci._xp(cfg, dict(KU=344), 1) == 2 and ci._xp(cfg, dict(KU=344), 2) == 2  # 4096x11008 at 4 bits
+    assert ci._xp(cfg, dict(KU=128), 1) == 0  # K 4096 at 4 bits: one tile a row
+    assert ci._xp(cfg, dict(KU=344), 0) == 0  # no PDL
+    assert ci._xp(dict(u=4), dict(KU=344), 1) == 0
+    assert ci._cfg(2).get("xp") == 2 and ci._cfg(8).get("xp") == 2 and not ci._cfg(4).get("xp")
 
 
 @GPU
