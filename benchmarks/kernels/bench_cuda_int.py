@@ -97,8 +97,13 @@ def main() -> int:
                     "on the rk words (kernels.triton_gemm), BN/BM/BK/warps/stages/split/GM[/XA], e.g. 128/128/64/8/4/1/8/1")
     ap.add_argument("--ablate", nargs="?", const="1,2,3", default="",
                     help="also time the tuned config with parts left out (cuda_int.source's ablate bits: 1, 2, 3 "
-                    "unless given, e.g. --ablate 3)")
+                    "unless given, e.g. --ablate 3; 0 leaves nothing out, a baseline for --ablate-cfg)")
+    ap.add_argument("--ablate-cfg", default="", help="with --ablate: changes to each width's tuned config for the "
+                    "ablations, key=value pairs joined by ':', several such sets joined by ',' (each timed with every "
+                    "ablation), e.g. xp=2 or xp=0,xp=2 or xp=0:u=2")
     args = ap.parse_args()
+    ablate_overs = [{kv.split("=")[0]: int(kv.split("=")[1]) for kv in part.split(":") if kv}
+                    for part in args.ablate_cfg.split(",")]
     sweep = (SWEEP if args.sweep else []) + [
         dict(mode="stream", threads=int(f[0]), st=int(f[1]), u=int(f[2]), bps=int(f[3]) if len(f) > 3 and int(f[3])
              else None, gd=int(f[4]) if len(f) > 4 else 0, xs=int(f[5]) if len(f) > 5 else 0)
@@ -314,14 +319,15 @@ def main() -> int:
                     emit(r)
                     print(f"  M={M:<3} {name:<28} single {t1 * 1e3:6.1f} us x{tb / t1:.2f}  graph {g1 * 1e3:6.1f} us "
                           f"x{gb / g1:.2f} bf16 ({r['pct_copy_graph']:.0f}% copy)  err {e:.1e}", flush=True)
-            if args.ablate:
+            for ablate_over in (ablate_overs if args.ablate else []):
                 for ab in (int(a) for a in args.ablate.split(",")):
-                    cfg = dict(ci._cfg(bits), ablate=ab)
+                    cfg = dict(ci._cfg(bits), **ablate_over, ablate=ab)
                     g1 = bk.bench_graph(lambda c: rk_fn(c, cfg), nb, reps=args.reps)
-                    r = dict(shape=f"{n}x{k}", n=n, k=k, bits=bits, impl=f"cuda-int-ablate{ab}", cfg=cfg,
+                    tag = "".join(f"-{key}{val}" for key, val in ablate_over.items())
+                    r = dict(shape=f"{n}x{k}", n=n, k=k, bits=bits, impl=f"cuda-int-ablate{ab}{tag}", cfg=cfg,
                              graph_us=g1 * 1e3, x_bf16_graph=base[1] / g1, pct_copy_graph=100 * nb / (g1 * 1e-3) / 1e9 / bw)
                     emit(r)
-                    print(f"  ablate {ab} graph {g1 * 1e3:6.1f} us x{r['x_bf16_graph']:.2f} {r['pct_copy_graph']:4.1f}%",
+                    print(f"  ablate {ab}{tag} graph {g1 * 1e3:6.1f} us x{r['x_bf16_graph']:.2f} {r['pct_copy_graph']:4.1f}%",
                           flush=True)
             del layers, pks, kns, pk0, m0, w_ref
             torch.cuda.empty_cache()

@@ -31,6 +31,10 @@
 #                                                    # process (the first call of that session, l2pf, timed an earlier
 #                                                    # form that also requested the next row groups' tiles); the third
 #                                                    # call: BITS=2,8,4 RC=the 2- and 8-bit defaults with xp 0, 4-bit xp 2
+#   bash benchmarks/kernels/device_call.sh xpprobe   # prepared in session 31 (not run): why xp pays at 2 and 8 bits but
+#                                                    # not at 4 (NOTES v32): each width's default with xp 0 and 2, each
+#                                                    # with no part, the decode, the staging and both left out, one
+#                                                    # process (BITS, default 4,2,8)
 #   MW=... bash benchmarks/kernels/device_call.sh mmaw  # session 19: the batch 2-16 kernel's GPU tests (-k mma_w, -x),
 #                                                    # then its configs MW beside the default at batches 16 and 4
 #                                                    # (EXTRA: more bench_cuda_int.py options, e.g. --rows-cfgs)
@@ -198,6 +202,9 @@ prefill)
     tee "$OUT/fixed.log" | grep -E "^(bf16|int4) |Error|Traceback" ;;
 l2pf2)
   rows_call prefetch 4,2,3,8 "512/2/4/1/1/1/1/1/0/2,512/2/4/1/1/1/1/1/0/0,512/2/2/1/1/1/1/1/0/2,512/2/2/1/1/1/1/1/0/0,512/1/4/1/1/1/1/1/0/2,512/1/4/1/1/1/1/1/0/0" ;;
+xpprobe)
+  timeout "${T2:-400}" python3 benchmarks/kernels/bench_cuda_int.py --out "$OUT" --bits "${BITS:-4,2,8}" --no-single \
+    --reps 20 --ablate 0,1,2,3 --ablate-cfg xp=0,xp=2 2>&1 | tee "$OUT/bench.log" | grep -E "ablate|cuda-int |Error" ;;
 grain)
   # session 30's leads (NOTES v31): the per-warp GEMV in blocks that leave room on each SM for the next launch's
   # block (bps), a whole row a tile, beside the default and its ablations, then the read floor of the same bytes,
