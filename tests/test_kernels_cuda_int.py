@@ -163,8 +163,8 @@ def test_cuda_int_configs_agree(cfg, bits):
 @pytest.mark.parametrize("n,k,offset", [(333, 4160, 0), (4096, 11008, 0), (333, 1000, 1), (9000, 256, 0)])
 def test_cuda_int_l2_prefetch_gives_the_same_bytes(bits, n, k, offset):
     """Launch option ``xp`` (the rest of the warp's first row group requested into the L2 after x's first staging
-    loads) only moves when bytes arrive: every output is the same to the bit as without it, with a bias, element loads (``offset``),
-    rows of one and of several row groups a warp, each PDL mode, and each prologue."""
+    loads) only moves when bytes arrive: every output is the same to the bit as without it, with a bias, element
+    loads (``offset``), rows of one and of several row groups a warp, each PDL mode, and each prologue."""
     m = _layer(n, k, bits, 128, bias=True, device="cuda")
     pk = ci.packed_rk(m)
     buf = torch.randn(1, 2 * k + offset, device="cuda").to(torch.bfloat16)

@@ -102,8 +102,13 @@ def main() -> int:
                     "ablations, key=value pairs joined by ':', several such sets joined by ',' (each timed with every "
                     "ablation), e.g. xp=2 or xp=0,xp=2 or xp=0:u=2")
     args = ap.parse_args()
-    ablate_overs = [{kv.split("=")[0]: int(kv.split("=")[1]) for kv in part.split(":") if kv}
-                    for part in args.ablate_cfg.split(",")]
+    if any(len(c.split("/")) > 10 for c in args.rows_cfgs.split(",")):
+        ap.error(f"--rows-cfgs takes at most ten fields a config: {args.rows_cfgs}")
+    try:
+        ablate_overs = [{key: int(val) for key, val in (kv.split("=") for kv in part.split(":") if kv)}
+                        for part in args.ablate_cfg.split(",")]
+    except ValueError:
+        ap.error(f"--ablate-cfg takes key=integer pairs joined by ':' and ',': {args.ablate_cfg}")
     sweep = (SWEEP if args.sweep else []) + [
         dict(mode="stream", threads=int(f[0]), st=int(f[1]), u=int(f[2]), bps=int(f[3]) if len(f) > 3 and int(f[3])
              else None, gd=int(f[4]) if len(f) > 4 else 0, xs=int(f[5]) if len(f) > 5 else 0)
@@ -113,8 +118,6 @@ def main() -> int:
              xf=int(f[5]) if len(f) > 5 else 0, gd=int(f[6]) if len(f) > 6 else 0, xs=int(f[7]) if len(f) > 7 else 0,
              xp=int(f[9]) if len(f) > 9 else 0)
         for f in (c.split("/") for c in args.rows_cfgs.split(",") if c)]
-    if any(len(c.split("/")) > 10 for c in args.rows_cfgs.split(",")):
-        ap.error(f"--rows-cfgs takes at most ten fields a config: {args.rows_cfgs}")
     os.makedirs(args.out, exist_ok=True)
     meta = bk.run_meta()
     bk.warm_clocks()
