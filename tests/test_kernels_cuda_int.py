@@ -187,6 +187,52 @@ def test_cuda_int_l2_prefetch_gives_the_same_bytes(bits, n, k, offset):
 
 @GPU
 @pytest.mark.parametrize("bits", [4, 3, 2, 8])
+@pytest.mark.parametrize("n,k,group", [(333, 4160, 128), (4096, 11008, 128), (9000, 256, 128), (100, 4096, 64),
+                                       (64, 8192, 2048), (257, 1000, 128)])
+def test_cuda_int_lean_tile_loop_gives_the_same_bytes(bits, n, k, group):
+    """Launch option ``lt`` (unpredicated loads for whole tiles) loads the same words and adds the same products in
+    the same order: every output is the same to the bit as without it, with a bias, rows that do not fill the last
+    row group, K that leaves a last partial tile, one and several tiles a row, groups of more than 32 chunks (the
+    predicated loads), each PDL mode with and without ``xp``, geometries of one and several rows and chunks a lane,
+    and each prologue."""
+    if not ci.group_ok(group, bits):
+        pytest.skip("group not in the rk layout for these bits")
+    m = _layer(n, k, bits, group, bias=True, device="cuda")
+    pk = ci.packed_rk(m)
+    x = torch.randn(1, 2 * k, device="cuda").to(torch.bfloat16)[:, :k]
+    b = m.bias.to(x.dtype)
+    cfgs = [dict(ci._cfg(bits), gd=gd, xp=xp) for gd in (0, 1, 2) for xp in ((0, 2) if gd else (0,))]
+    cfgs += [dict(threads=256, r=1, u=2, pf=1, xf=1, gd=1, xs=1), dict(threads=128, r=3, u=1, pf=1, xs=1),
+             dict(threads=512, r=2, u=4, pf=1, xf=1, gd=1, xs=0)]
+    for cfg in cfgs:
+        old = ci.run_int_cuda(x, pk, b, dict(cfg, lt=0))
+        assert torch.equal(ci.run_int_cuda(x, pk, b, dict(cfg, lt=1)), old), cfg
+    ref = x.float() @ ci.reference_rk(pk).t() + m.bias.float()
+    assert ((old.float() - ref).norm() / ref.norm()).item() < 1e-2
+    g = torch.randn(k, device="cuda").to(x.dtype)
+    x2 = torch.randn(1, 2 * k, device="cuda").to(x.dtype)
+    for pro, xin, aux in ((1, x.contiguous(), g), (2, x2, None)):
+        old = ci.run_int_cuda(xin, pk, None, dict(ci._cfg(bits), lt=0), pro=pro, aux=aux, eps=1e-5)
+        new = ci.run_int_cuda(xin, pk, None, dict(ci._cfg(bits), lt=1), pro=pro, aux=aux, eps=1e-5)
+        assert torch.equal(old, new), pro
+
+
+def test_lean_loads_group_index_holds_where_the_kernel_uses_it():
+    """The lean loads (launch option ``lt``) take chunk c0 + lane + 32 u's group word at ((c0 + lane) >> GCS) +
+    ((32 u) >> GCS), c0 a multiple of 32: the general index (c >> GCS) for every GCS up to 5, which is the bound
+    the kernel tests before it takes that path; from 6 on the split index is wrong, so the bound cannot be raised."""
+    src = ci.source(4, 2, 512, 2, 4, 1, False, gd=1, xs=1, lt=1)
+    assert "GCS <= 5" in src and "((32 * u) >> GCS)" in src and "((c0 + lane) >> GCS)" in src
+
+    def wrong(gcs):
+        return sum((c0 + lane + 32 * u) >> gcs != ((c0 + lane) >> gcs) + ((32 * u) >> gcs)
+                   for c0 in range(0, 2048, 32) for lane in range(32) for u in range(8))
+    assert all(wrong(g) == 0 for g in range(6))
+    assert wrong(6) > 0 and wrong(7) > 0
+
+
+@GPU
+@pytest.mark.parametrize("bits", [4, 3, 2, 8])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("k,offset", [(4160, 0), (4100, 0), (1000, 1), (200, 0)])
 def test_cuda_int_xs_staging_gives_the_same_bytes(bits, dtype, k, offset):
@@ -1124,8 +1170,10 @@ def test_layer_tail_is_o_proj_norm_gate_up_silu_down(device, pdl):
 @pytest.mark.skipif(torch.cuda.is_available() or shutil.which("nvcc") is None,
                     reason="a CPU machine with nvcc (the GPU tests launch the kernels)")
 @pytest.mark.parametrize("bits,opts", [(4, {}), (3, {}), (2, {}), (8, {}), (4, dict(xf=1, gd=0)), (4, dict(xp=2)),
-                                       (3, dict(xp=1)), (4, dict(stream_gd=3))],
-                         ids=["4bit", "3bit", "2bit", "8bit", "4bit-xf", "4bit-xp2", "3bit-xp1", "stream-gd3"])
+                                       (3, dict(xp=1)), (4, dict(stream_gd=3)), (4, dict(lt=0)), (3, dict(lt=0)),
+                                       (2, dict(lt=0)), (8, dict(lt=0))],
+                         ids=["4bit", "3bit", "2bit", "8bit", "4bit-xf", "4bit-xp2", "3bit-xp1", "stream-gd3",
+                              "4bit-lt0", "3bit-lt0", "2bit-lt0", "8bit-lt0"])
 def test_cuda_int_sources_compile_for_sm90(tmp_path, bits, opts):
     """The GEMV's CUDA source compiles for sm_90 with nvcc, without spills, in each width's default config, without
     PDL, and in the streaming form with gd 3: compile errors and register spills show on the CPU, before a GPU
@@ -1137,7 +1185,8 @@ def test_cuda_int_sources_compile_for_sm90(tmp_path, bits, opts):
     else:
         c = dict(ci._cfg(bits), **opts)
         src = ci.source(bits, 2, c["threads"], c["r"], c["u"], c["pf"], False, xf=int(c.get("xf", 0)),
-                        gd=int(c.get("gd", 0)), xs=int(c.get("xs", 0)), xp=int(c.get("xp", 0)))
+                        gd=int(c.get("gd", 0)), xs=int(c.get("xs", 0)), xp=int(c.get("xp", 0)),
+                        lt=int(c.get("lt", 0)))
     (tmp_path / "k.cu").write_text(src)
     r = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-o", str(tmp_path / "k.cubin"), str(tmp_path / "k.cu"),
                         "-Xptxas", "-v"], capture_output=True, text=True, timeout=300)

@@ -31,7 +31,12 @@
 #                                                    # process (the first call of that session, l2pf, timed an earlier
 #                                                    # form that also requested the next row groups' tiles); the third
 #                                                    # call: BITS=2,8,4 RC=the 2- and 8-bit defaults with xp 0, 4-bit xp 2
-#   bash benchmarks/kernels/device_call.sh xpprobe   # prepared in session 31 (not run): why xp pays at 2 and 8 bits but
+#   bash benchmarks/kernels/device_call.sh lean      # session 32: the lean loads' GPU tests (lt), then each width's
+#                                                    # default with lt 0 / 1 / 2 / 2 and xp 2 (AC), whole and without the
+#                                                    # decode (ABL), one process (BITS, default 4,2,3,8)
+#   bash benchmarks/kernels/device_call.sh table33   # session 32's close: the GPU tests of the GEMV's defaults, then the
+#                                                    # issue's kernel table (4-bit at batches 1/16/256, 3/2/8 bits)
+#   bash benchmarks/kernels/device_call.sh xpprobe   # prepared in session 31, run in session 32: why xp pays at 2 and 8 bits but
 #                                                    # not at 4 (NOTES v32): each width's default with xp 0 and 2, each
 #                                                    # with no part, the decode, the staging and both left out, one
 #                                                    # process (BITS, default 4,2,8)
@@ -202,6 +207,25 @@ prefill)
     tee "$OUT/fixed.log" | grep -E "^(bf16|int4) |Error|Traceback" ;;
 l2pf2)
   rows_call prefetch 4,2,3,8 "512/2/4/1/1/1/1/1/0/2,512/2/4/1/1/1/1/1/0/0,512/2/2/1/1/1/1/1/0/2,512/2/2/1/1/1/1/1/0/0,512/1/4/1/1/1/1/1/0/2,512/1/4/1/1/1/1/1/0/0" ;;
+lean)
+  # session 32: lean loads (lt 1: unpredicated for whole tiles; 2: also chunk by chunk, one tile buffer): GPU tests,
+  # then each width's default with the option sets AC, whole and without the decode (ABL), one process
+  [ -n "$NOTESTS" ] || PYTHONPATH=src:tests timeout "${T1:-260}" python3 -m pytest -q -x -p no:cacheprovider \
+    tests/test_kernels_cuda_int.py -k "${TK:-lean_tile_loop}" 2>&1 | tail -4 | tee "$OUT/tests.log"
+  timeout "${T2:-400}" python3 benchmarks/kernels/bench_cuda_int.py --out "$OUT" --bits "${BITS:-4,2,3,8}" --no-single \
+    --reps 20 --ablate "${ABL:-0,1}" --ablate-cfg "${AC:-lt=0,lt=1,lt=2,lt=2:xp=2}" 2>&1 | tee "$OUT/bench.log" \
+    | grep -E "ablate|cuda-int |Error" ;;
+table33)
+  # session 32's close: the GPU tests that run the batch-1 GEMV's defaults (lt 1 among them), then issue 5's kernel
+  # table (4-bit with batches 16 and 256, then 3/2/8 bits), two processes
+  [ -n "$NOTESTS" ] || PYTHONPATH=src:tests timeout "${T1:-330}" python3 -m pytest -q -x -p no:cacheprovider \
+    tests/test_kernels_cuda_int.py -k "${TK:-cuda_int_matches_reference or lean_tile_loop or pdl_chain or fold or layer_tail or release_stored or wide_inputs or torch_compile or chosen_at_batch}" \
+    2>&1 | tail -4 | tee "$OUT/tests.log"
+  mkdir -p "$OUT/a" "$OUT/b"
+  timeout "${T2:-110}" python3 benchmarks/kernels/bench_cuda_int.py --bits 4 --no-single --reps 20 --mma 16,256 \
+    --mma-lite --out "$OUT/a" 2>&1 | tee "$OUT/a/bench.log" | grep -E "^\|"
+  timeout "${T3:-100}" python3 benchmarks/kernels/bench_cuda_int.py --bits 3,2,8 --no-single --reps 20 \
+    --out "$OUT/b" 2>&1 | tee "$OUT/b/bench.log" | grep -E "^\|" ;;
 xpprobe)
   timeout "${T2:-400}" python3 benchmarks/kernels/bench_cuda_int.py --out "$OUT" --bits "${BITS:-4,2,8}" --no-single \
     --reps 20 --ablate 0,1,2,3 --ablate-cfg xp=0,xp=2 2>&1 | tee "$OUT/bench.log" | grep -E "ablate|cuda-int |Error" ;;

@@ -35,7 +35,8 @@ Per block:
    their conversion, so that the DRAM keeps streaming while x is staged;
 3. per chunk and row, one fp16x2 FMA per code pair into one sum (products q * x * 2**(-9 - e) of at most
    16 pairs: no overflow, no zero point), then in fp32 ``acc += scale * (2**(9 + e) * sum - zero * sum x)``;
-   the next tile's loads are issued before this tile's arithmetic;
+   the next tile's loads are issued before this tile's arithmetic (launch option ``lt``, the default: where that tile
+   lies wholly inside the rows and the row's chunks, without a predicate per load and from two pointers a row);
 4. a warp's R sums are reduced with shuffles; y = acc (+ bias), in the activation dtype.
 
 Warps walk row groups ``blockIdx.x * WARPS + warp`` stepping by the grid, and the grid holds no more
@@ -84,11 +85,13 @@ STREAM: dict = {}
 # 1.5-2% at 3-bit on the 4096-row long-K shapes, 2-6% at 8-bit, and -2% to +3% at 2-bit over two calls on the five
 # shapes (NOTES.md, v24). xp 2 (the rest of each warp's first row group requested into the L2 while x is staged,
 # session 31): 2-bit 0.3-0.7 us faster on the long-K 4096-row shapes, 8-bit 0.6-1.3 us on every large shape (91-96%
-# of copy); 4- and 3-bit within +-0.15 us, so without it (NOTES.md, v32).
-TUNED: dict = {4: dict(threads=512, r=2, u=4, pf=1, bps=None, xf=1, gd=1, xs=1),
-               2: dict(threads=512, r=2, u=2, pf=1, bps=None, xf=1, gd=1, xs=1, xp=2),
-               8: dict(threads=512, r=1, u=4, pf=1, bps=None, xf=1, gd=1, xs=1, xp=2),
-               3: dict(threads=512, r=2, u=2, pf=1, bps=None, xf=1, gd=1, xs=1)}
+# of copy); 4- and 3-bit within +-0.15 us, so without it (NOTES.md, v32). lt 1 (the next tile's loads without a
+# predicate each wherever the tile is whole, session 32; the same bytes): 0.1-0.3 us faster on 19 of the 20 width and
+# shape pairs in one call, none slower by more than 0.01 us (NOTES.md, v33).
+TUNED: dict = {4: dict(threads=512, r=2, u=4, pf=1, bps=None, xf=1, gd=1, xs=1, lt=1),
+               2: dict(threads=512, r=2, u=2, pf=1, bps=None, xf=1, gd=1, xs=1, xp=2, lt=1),
+               8: dict(threads=512, r=1, u=4, pf=1, bps=None, xf=1, gd=1, xs=1, xp=2, lt=1),
+               3: dict(threads=512, r=2, u=2, pf=1, bps=None, xf=1, gd=1, xs=1, lt=1)}
 
 # what the batch-1 GEMV's staging computes from its inputs before the products (launch option ``pro``): 0 x itself;
 # 1 an RMSNorm folded in, x * g staged and every row's sum scaled by rsqrt(mean x**2 + eps) (g: the norm's weight,
@@ -176,6 +179,35 @@ __device__ __forceinline__ void load_tile(uint4 (&q)[R][U], uint2 (&qh)[R][U], u
     }
   }
 }
+#if LT
+// launch option lt (lean loads): a tile wholly inside the rows and the row's chunks (every tile but a long
+// row's last) is loaded without a predicate per load, each row's two pointers formed once and the loads at constant
+// offsets from them: (c0 + lane + 32 u) >> GCS = ((c0 + lane) >> GCS) + ((32 u) >> GCS) for GCS <= 5, as c0 is a
+// multiple of 32. Other tiles take load_tile. The same words as load_tile's
+__device__ __forceinline__ void load_tile_lt(uint4 (&q)[R][U], uint2 (&qh)[R][U], u32 (&s)[R][U],
+                                             const uint4* __restrict__ w, const u32* __restrict__ sz, int rg, int c0,
+                                             int N, int KU, int NG, int GCS, int lane, int ce) {
+  if ((rg + 1) * R <= N && c0 + 32 * U <= ce && GCS <= 5) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int row = rg * R + r;
+      const uint4* wr = w + (size_t)row * ROWU(KU);
+      const uint4* wp = wr + (c0 + lane);
+      const u32* sp = sz + (size_t)row * NG + ((c0 + lane) >> GCS);
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        q[r][u] = ldw(wp + 32 * u);
+#if BITS == 3
+        qh[r][u] = ldw2(HPTR(wr, c0 + lane + 32 * u));
+#endif
+        s[r][u] = __ldg(sp + ((32 * u) >> GCS));
+      }
+    }
+  } else {
+    load_tile(q, qh, s, w, sz, rg, c0, N, KU, NG, GCS, lane, ce);
+  }
+}
+#endif
 
 
 // activations 8u .. 8u + 7 one at a time (zeros past K): when K % 8 != 0 or x is not 16-byte aligned
@@ -552,7 +584,11 @@ extern "C" __global__ void __launch_bounds__(THREADS) int_gemv(
     uint4 qn[R][U];
     uint2 qhn[R][U];
     u32 sn[R][U];
+#if LT
+    if (rgn < NRG) load_tile_lt(qn, qhn, sn, w, sz, rgn, cb + tkn * 32 * U, N, KU, NG, GCS, lane, ce);
+#else
     if (rgn < NRG) load_tile(qn, qhn, sn, w, sz, rgn, cb + tkn * 32 * U, N, KU, NG, GCS, lane, ce);
+#endif
 #endif
     compute_tile(acc, q, qh, s, xs, cb + tk * 32 * U, lane, ce);
 #if SPLIT == 2
@@ -801,7 +837,8 @@ extern "C" __global__ void int_dequant(void* __restrict__ out, const uint4* __re
 
 
 def source(bits: int, xt: int, threads: int, r: int, u: int, pf: int, sbf16: bool, ablate: int = 0, sb: int = 4,
-           st: int = 4, sp: int = 1, xf: int = 0, gd: int = 0, xs: int = 0, pro: int = 0, xp: int = 0) -> str:
+           st: int = 4, sp: int = 1, xf: int = 0, gd: int = 0, xs: int = 0, pro: int = 0, xp: int = 0,
+           lt: int = 0) -> str:
     """The CUDA source of one configuration (its constants as #defines): ``sb`` activation units per thread per
     staging step (their loads in flight together); ``gd`` programmatic dependent launch (int_gemv: 1 the first
     weight tile loaded before the wait for the previous grid and the next grid let in after it, 2 the same but the
@@ -809,7 +846,8 @@ def source(bits: int, xt: int, threads: int, r: int, u: int, pf: int, sbf16: boo
     staging's per-thread constants computed once and its shuffles on the full mask (the same bytes); ``pro`` what
     the staging computes from its inputs (int_gemv only, with ``xs`` 1 and ``sp`` 1; see :data:`PROLOGUES`); ``xp``
     (int_gemv with ``gd``) tiles 1 .. xp of the warp's first row group requested into the L2 after x's first
-    staging loads.
+    staging loads; ``lt`` 1 (int_gemv with ``pf`` 1 and ``sp`` 1; the same bytes) the next tile's loads without a
+    predicate each where the tile lies wholly inside the rows and the row's chunks.
 
     ``ablate`` (timing experiments only; the results are wrong): bit 1 no decode or dot products (the loaded
     words are only XOR-ed), bit 2 no activation staging."""
@@ -819,8 +857,10 @@ def source(bits: int, xt: int, threads: int, r: int, u: int, pf: int, sbf16: boo
     assert gd in (0, 1, 2, 3), gd  # 3: int_gemv_stream only (the next grid let in at the start)
     assert pro in PROLOGUES and (pro == 0 or (xs == 1 and sp == 1)), (pro, xs, sp)
     assert xp >= 0 and (xp == 0 or gd in (1, 2)), (xp, gd)
+    assert lt in (0, 1) and (lt == 0 or (pf == 1 and sp == 1)), (lt, pf, sp)
     defs = dict(BITS=bits, XT=xt, THREADS=threads, R=r, U=u, PF=int(pf), SBF16=int(sbf16), ABLATE=ablate, SB=sb, ST=st,
-                SPLIT=sp, XF=int(xf), GD=int(gd), XS=int(xs), PRO=int(pro), XP=int(xp))
+                SPLIT=sp, XF=int(xf), GD=int(gd), XS=int(xs), PRO=int(pro), XP=int(xp),
+                LT=int(lt))
     return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + PRELUDE + _SRC
 
 
@@ -831,8 +871,8 @@ def available() -> bool:
 @functools.lru_cache(maxsize=None)
 def _compiled(bits: int, xt: int, threads: int, r: int, u: int, pf: int, sbf16: bool, device: int,
               name: str = "int_gemv", ablate: int = 0, sb: int = 4, st: int = 4, sp: int = 1,
-              xf: int = 0, gd: int = 0, xs: int = 0, pro: int = 0, xp: int = 0) -> Launcher:
-    src = source(bits, xt, threads, r, u, pf, sbf16, ablate, sb, st, sp, xf, gd, xs, pro, xp)
+              xf: int = 0, gd: int = 0, xs: int = 0, pro: int = 0, xp: int = 0, lt: int = 0) -> Launcher:
+    src = source(bits, xt, threads, r, u, pf, sbf16, ablate, sb, st, sp, xf, gd, xs, pro, xp, lt)
     with torch.cuda.device(device):
         return Launcher(torch.cuda._compile_kernel(src, name), "cuda-int")
 
@@ -1047,7 +1087,8 @@ def _rows_launch(cfg: dict, pk: dict, x2: torch.Tensor, dev: int, gd: int, pro: 
     threads, r, u, sp = cfg["threads"], cfg["r"], cfg["u"], int(cfg.get("sp", 1))
     kern = _compiled(pk["bits"], XT[x2.dtype], threads, r, u, int(cfg.get("pf", 1)), bool(pk["sbf16"]), dev,
                      "int_gemv", int(cfg.get("ablate", 0)), staging_units(cfg, pk), 4, sp, int(cfg.get("xf", 0)), gd,
-                     int(cfg.get("xs", 0)), pro, _xp(cfg, pk, gd))
+                     int(cfg.get("xs", 0)), pro, _xp(cfg, pk, gd),
+                     int(cfg.get("lt", 0)) if int(cfg.get("pf", 1)) == 1 and sp == 1 else 0)
     warps = threads // 32 // sp  # row groups a block walks at once (sp = 2: two warps per row group)
     smem = pk["KU"] * (codes_per_chunk(pk["bits"]) * 2 + 16)  # fp16 activations, a chunk sum per chunk
     smem += 2 * warps * r * 4 if sp == 2 else 0  # the halves' meeting slots
