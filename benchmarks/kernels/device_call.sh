@@ -36,6 +36,8 @@
 #                                                    # decode (ABL), one process (BITS, default 4,2,3,8)
 #   bash benchmarks/kernels/device_call.sh table33   # session 32's close: the GPU tests of the GEMV's defaults, then the
 #                                                    # issue's kernel table (4-bit at batches 1/16/256, 3/2/8 bits)
+#   bash benchmarks/kernels/device_call.sh geo33     # session 32: row/chunk geometries and xp under lt 1 (AC), one process
+#   bash benchmarks/kernels/device_call.sh final33   # session 32's last call: the new defaults' GPU tests, then batch 1
 #   bash benchmarks/kernels/device_call.sh xpprobe   # prepared in session 31, run in session 32: why xp pays at 2 and 8 bits but
 #                                                    # not at 4 (NOTES v32): each width's default with xp 0 and 2, each
 #                                                    # with no part, the decode, the staging and both left out, one
@@ -226,6 +228,19 @@ table33)
     --mma-lite --out "$OUT/a" 2>&1 | tee "$OUT/a/bench.log" | grep -E "^\|"
   timeout "${T3:-100}" python3 benchmarks/kernels/bench_cuda_int.py --bits 3,2,8 --no-single --reps 20 \
     --out "$OUT/b" 2>&1 | tee "$OUT/b/bench.log" | grep -E "^\|" ;;
+geo33)
+  # session 32: under lt 1, each width's default beside other row/chunk geometries and xp (AC), one process
+  timeout "${T2:-400}" python3 benchmarks/kernels/bench_cuda_int.py --out "$OUT" --bits "${BITS:-4,2,3}" --no-single \
+    --reps 20 --ablate 0 --ablate-cfg "${AC:-lt=1,xp=2,xp=0,r=4:u=2,r=2:u=3,r=3:u=2,r=1:u=4,r=4:u=1,r=2:u=2,r=2:u=4}" \
+    2>&1 | tee "$OUT/bench.log" | grep -E "ablate|cuda-int |Error" ;;
+final33)
+  # session 32's last call: the GPU tests of the new defaults (4-bit xp 2, the SHAPES table), then batch 1 at 4 and
+  # 2 bits (and 3, 8) with the defaults, one process
+  [ -n "$NOTESTS" ] || PYTHONPATH=src:tests timeout "${T1:-270}" python3 -m pytest -q -x -p no:cacheprovider \
+    tests/test_kernels_cuda_int.py -k "${TK:-shape_table or cuda_int_matches_reference or l2_prefetch_gives or pdl_chain or fold or layer_tail}" \
+    2>&1 | tail -4 | tee "$OUT/tests.log"
+  timeout "${T2:-120}" python3 benchmarks/kernels/bench_cuda_int.py --bits "${BITS:-4,2,3,8}" --no-single --reps 20 \
+    --out "$OUT" 2>&1 | tee "$OUT/bench.log" | grep -E "^\|" ;;
 xpprobe)
   timeout "${T2:-400}" python3 benchmarks/kernels/bench_cuda_int.py --out "$OUT" --bits "${BITS:-4,2,8}" --no-single \
     --reps 20 --ablate 0,1,2,3 --ablate-cfg xp=0,xp=2 2>&1 | tee "$OUT/bench.log" | grep -E "ablate|cuda-int |Error" ;;

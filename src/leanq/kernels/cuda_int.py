@@ -87,11 +87,17 @@ STREAM: dict = {}
 # session 31): 2-bit 0.3-0.7 us faster on the long-K 4096-row shapes, 8-bit 0.6-1.3 us on every large shape (91-96%
 # of copy); 4- and 3-bit within +-0.15 us, so without it (NOTES.md, v32). lt 1 (the next tile's loads without a
 # predicate each wherever the tile is whole, session 32; the same bytes): 0.1-0.3 us faster on 19 of the 20 width and
-# shape pairs in one call, none slower by more than 0.01 us (NOTES.md, v33).
-TUNED: dict = {4: dict(threads=512, r=2, u=4, pf=1, bps=None, xf=1, gd=1, xs=1, lt=1),
+# shape pairs in one call, none slower by more than 0.01 us (NOTES.md, v33). 4-bit xp 2 with lt 1: 4096x14336 10.03 ->
+# 9.64 us in two calls, 4096x11008 +0.04 us, the rest unchanged (one-tile rows do not build it).
+TUNED: dict = {4: dict(threads=512, r=2, u=4, pf=1, bps=None, xf=1, gd=1, xs=1, lt=1, xp=2),
                2: dict(threads=512, r=2, u=2, pf=1, bps=None, xf=1, gd=1, xs=1, xp=2, lt=1),
                8: dict(threads=512, r=1, u=4, pf=1, bps=None, xf=1, gd=1, xs=1, xp=2, lt=1),
                3: dict(threads=512, r=2, u=2, pf=1, bps=None, xf=1, gd=1, xs=1, lt=1)}
+# by (bits, N, K), on parts with 132 SMs (the H100 SXM and the H200): a geometry that beat the width's tuned config at
+# that very shape in two calls of session 32 on an H200 (NOTES.md, v33), over the TUNED config. 4-bit 4096 x 4096
+# (o_proj of a Llama-2-7B / Llama-3-8B): r 2 u 2, 3.89 against 4.43 us (also ahead in every sweep since session 14);
+# 2-bit 11008 x 4096: r 3 u 2, 5.88-5.91 against 6.27-6.30 us; 2-bit 14336 x 4096: r 4 u 1, 6.81-6.83 against 7.03 us.
+SHAPES: dict = {(4, 4096, 4096): dict(r=2, u=2), (2, 11008, 4096): dict(r=3, u=2), (2, 14336, 4096): dict(r=4, u=1)}
 
 # what the batch-1 GEMV's staging computes from its inputs before the products (launch option ``pro``): 0 x itself;
 # 1 an RMSNorm folded in, x * g staged and every row's sum scaled by rsqrt(mean x**2 + eps) (g: the norm's weight,
@@ -1030,6 +1036,14 @@ def _cfg(bits: int) -> dict:
     return STREAM.get(bits) or TUNED.get(bits, DEFAULT_CFG)
 
 
+def default_cfg(pk: dict, dev: int) -> dict:
+    """The launch config a layer gets when none is given: its width's (:func:`_cfg`), with the geometry of
+    :data:`SHAPES` for its shape on a 132-SM part."""
+    cfg = _cfg(pk["bits"])
+    over = SHAPES.get((pk["bits"], pk["N"], pk["K"])) if sm_count(dev) == 132 else None
+    return dict(cfg, **over) if over and cfg.get("mode") != "stream" else cfg
+
+
 def staging_units(cfg: dict, pk: dict) -> int:
     """Activation units each thread loads at once while staging: enough for one step over all of x, at most 4 (each
     costs registers, which only wide inputs need)."""
@@ -1049,8 +1063,8 @@ def run_int_cuda(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dic
     K = pk["K"]
     assert M == 1 and Kx == (2 if pro == 2 else 1) * K and x2.is_contiguous(), (M, Kx, K, pro)
     assert pro != 1 or (aux is not None and aux.shape == (K,) and aux.dtype == x2.dtype and aux.is_contiguous())
-    cfg = dict(cfg or _cfg(pk["bits"]))
     dev = device_index(x2)
+    cfg = dict(cfg or default_cfg(pk, dev))
     if pro:
         cfg.update(mode=None, sp=1, xs=1)
     gd = gdc(cfg, dev, chain)
