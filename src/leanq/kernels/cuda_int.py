@@ -209,6 +209,37 @@ __device__ __forceinline__ void load_tile_lt(uint4 (&q)[R][U], uint2 (&qh)[R][U]
         s[r][u] = __ldg(sp + ((32 * u) >> GCS));
       }
     }
+#if LT == 2
+  } else if ((rg + 1) * R <= N && GCS <= 5) {
+    // lt 2: a tile of whole rows that runs past the row's end (a long row's last) by slices of 32 chunks: a slice
+    // wholly inside loaded as above, the one that straddles ce predicated per lane, those past it not loaded (their
+    // chunks are skipped by compute_tile)
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int row = rg * R + r;
+      const uint4* wr = w + (size_t)row * ROWU(KU);
+      const uint4* wp = wr + (c0 + lane);
+      const u32* sp = sz + (size_t)row * NG + ((c0 + lane) >> GCS);
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int cu = c0 + 32 * u;
+        if (cu + 32 <= ce) {
+          q[r][u] = ldw(wp + 32 * u);
+#if BITS == 3
+          qh[r][u] = ldw2(HPTR(wr, cu + lane));
+#endif
+          s[r][u] = __ldg(sp + ((32 * u) >> GCS));
+        } else if (cu < ce) {
+          const bool ok = cu + lane < ce;
+          q[r][u] = ok ? ldw(wp + 32 * u) : make_uint4(0u, 0u, 0u, 0u);
+#if BITS == 3
+          qh[r][u] = ok ? ldw2(HPTR(wr, cu + lane)) : make_uint2(0u, 0u);
+#endif
+          s[r][u] = ok ? __ldg(sp + ((32 * u) >> GCS)) : 0u;
+        }
+      }
+    }
+#endif
   } else {
     load_tile(q, qh, s, w, sz, rg, c0, N, KU, NG, GCS, lane, ce);
   }
@@ -852,8 +883,9 @@ def source(bits: int, xt: int, threads: int, r: int, u: int, pf: int, sbf16: boo
     staging's per-thread constants computed once and its shuffles on the full mask (the same bytes); ``pro`` what
     the staging computes from its inputs (int_gemv only, with ``xs`` 1 and ``sp`` 1; see :data:`PROLOGUES`); ``xp``
     (int_gemv with ``gd``) tiles 1 .. xp of the warp's first row group requested into the L2 after x's first
-    staging loads; ``lt`` 1 (int_gemv with ``pf`` 1 and ``sp`` 1; the same bytes) the next tile's loads without a
-    predicate each where the tile lies wholly inside the rows and the row's chunks.
+    staging loads; ``lt`` (int_gemv with ``pf`` 1 and ``sp`` 1; the same bytes) 1 the next tile's loads without a
+    predicate each where the tile lies wholly inside the rows and the row's chunks, 2 also a long row's last tile
+    by slices of 32 chunks (prepared in session 32, not yet timed).
 
     ``ablate`` (timing experiments only; the results are wrong): bit 1 no decode or dot products (the loaded
     words are only XOR-ed), bit 2 no activation staging."""
@@ -863,7 +895,7 @@ def source(bits: int, xt: int, threads: int, r: int, u: int, pf: int, sbf16: boo
     assert gd in (0, 1, 2, 3), gd  # 3: int_gemv_stream only (the next grid let in at the start)
     assert pro in PROLOGUES and (pro == 0 or (xs == 1 and sp == 1)), (pro, xs, sp)
     assert xp >= 0 and (xp == 0 or gd in (1, 2)), (xp, gd)
-    assert lt in (0, 1) and (lt == 0 or (pf == 1 and sp == 1)), (lt, pf, sp)
+    assert lt in (0, 1, 2) and (lt == 0 or (pf == 1 and sp == 1)), (lt, pf, sp)
     defs = dict(BITS=bits, XT=xt, THREADS=threads, R=r, U=u, PF=int(pf), SBF16=int(sbf16), ABLATE=ablate, SB=sb, ST=st,
                 SPLIT=sp, XF=int(xf), GD=int(gd), XS=int(xs), PRO=int(pro), XP=int(xp),
                 LT=int(lt))
