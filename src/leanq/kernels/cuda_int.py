@@ -85,10 +85,11 @@ STREAM: dict = {}
 # 1.5-2% at 3-bit on the 4096-row long-K shapes, 2-6% at 8-bit, and -2% to +3% at 2-bit over two calls on the five
 # shapes (NOTES.md, v24). xp 2 (the rest of each warp's first row group requested into the L2 while x is staged,
 # session 31): 2-bit 0.3-0.7 us faster on the long-K 4096-row shapes, 8-bit 0.6-1.3 us on every large shape (91-96%
-# of copy); 4- and 3-bit within +-0.15 us, so without it (NOTES.md, v32). lt 1 (the next tile's loads without a
-# predicate each wherever the tile is whole, session 32; the same bytes): 0.01-0.32 us faster on 18 of the 20 width and
-# shape pairs in one call, 2- and 3-bit 4096x4096 within +0.02 us (NOTES.md, v33). 4-bit xp 2 with lt 1: 4096x14336 10.03 ->
-# 9.64 us in two calls, 4096x11008 +0.04 us, the rest unchanged (one-tile rows do not build it).
+# of copy); 4- and 3-bit within +-0.15 us then (NOTES.md, v32). lt 1 (the next tile's loads without a predicate
+# each wherever the tile is whole, session 32; the same bytes): 0.01-0.32 us faster on 18 of the 20 width and shape
+# pairs in one call, 2- and 3-bit 4096x4096 within +0.02 us (NOTES.md, v33). Under lt 1, 4-bit xp 2 took 4096x14336
+# from 10.03 to 9.64 us in two calls, 4096x11008 +0.04 us, the rest unchanged (one-tile rows do not build it), so 4-bit
+# has it too; 3-bit was not timed with it.
 TUNED: dict = {4: dict(threads=512, r=2, u=4, pf=1, bps=None, xf=1, gd=1, xs=1, lt=1, xp=2),
                2: dict(threads=512, r=2, u=2, pf=1, bps=None, xf=1, gd=1, xs=1, xp=2, lt=1),
                8: dict(threads=512, r=1, u=4, pf=1, bps=None, xf=1, gd=1, xs=1, xp=2, lt=1),
