@@ -1208,9 +1208,10 @@ def test_layer_tail_is_o_proj_norm_gate_up_silu_down(device, pdl):
 @pytest.mark.parametrize("bits,opts", [(4, {}), (3, {}), (2, {}), (8, {}), (4, dict(xf=1, gd=0, xp=0)), (4, dict(xp=0)),
                                        (3, dict(xp=1)), (4, dict(stream_gd=3)), (4, dict(lt=0)), (3, dict(lt=0)),
                                        (2, dict(lt=0)), (8, dict(lt=0)), (4, dict(lt=2)), (3, dict(lt=2)),
-                                       (2, dict(lt=2))],
+                                       (2, dict(lt=2)), (8, dict(lt=2))],
                          ids=["4bit", "3bit", "2bit", "8bit", "4bit-xf", "4bit-xp0", "3bit-xp1", "stream-gd3",
-                              "4bit-lt0", "3bit-lt0", "2bit-lt0", "8bit-lt0", "4bit-lt2", "3bit-lt2", "2bit-lt2"])
+                              "4bit-lt0", "3bit-lt0", "2bit-lt0", "8bit-lt0", "4bit-lt2", "3bit-lt2", "2bit-lt2",
+                              "8bit-lt2"])
 def test_cuda_int_sources_compile_for_sm90(tmp_path, bits, opts):
     """The GEMV's CUDA source compiles for sm_90 with nvcc, without spills, in each width's default config, without
     PDL, and in the streaming form with gd 3: compile errors and register spills show on the CPU, before a GPU

@@ -38,7 +38,7 @@
 #                                                    # issue's kernel table (4-bit at batches 1/16/256, 3/2/8 bits)
 #   bash benchmarks/kernels/device_call.sh geo33     # session 32: row/chunk geometries and xp under lt 1 (AC), one process
 #   bash benchmarks/kernels/device_call.sh final33   # session 32's last call: the new defaults' GPU tests, then batch 1
-#   bash benchmarks/kernels/device_call.sh lean2     # prepared in session 32 (not run): lt 2 beside lt 1 (4/2/3 bits)
+#   bash benchmarks/kernels/device_call.sh lean2     # prepared in session 32 (not run): lt 2 beside lt 1, every width
 #   bash benchmarks/kernels/device_call.sh xpprobe   # prepared in session 31, run in session 32: why xp pays at 2 and 8 bits but
 #                                                    # not at 4 (NOTES v32): each width's default with xp 0 and 2, each
 #                                                    # with no part, the decode, the staging and both left out, one
@@ -244,8 +244,8 @@ final33)
     --out "$OUT" 2>&1 | tee "$OUT/bench.log" | grep -E "^\|" ;;
 lean2)
   # prepared in session 32 (not run): lt 2 (a long row's last tile also loaded by slices of 32 chunks) beside the
-  # default lt 1 at 4, 2 and 3 bits (8-bit spills with it), after its GPU tests; the long-K shapes are where it applies
-  TK="${TK:-lean_tile_loop}" NOTESTS="$NOTESTS" T1="${T1:-260}" BITS="${BITS:-4,2,3}" AC="${AC:-lt=1,lt=2}" ABL="${ABL:-0}" \
+  # default lt 1 at every width, after its GPU tests; the long-K shapes are where it applies
+  TK="${TK:-lean_tile_loop}" NOTESTS="$NOTESTS" T1="${T1:-260}" BITS="${BITS:-4,2,3,8}" AC="${AC:-lt=1,lt=2}" ABL="${ABL:-0}" \
     bash "$0" lean ;;
 xpprobe)
   timeout "${T2:-400}" python3 benchmarks/kernels/bench_cuda_int.py --out "$OUT" --bits "${BITS:-4,2,8}" --no-single \

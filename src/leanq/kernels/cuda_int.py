@@ -190,31 +190,13 @@ __device__ __forceinline__ void load_tile(uint4 (&q)[R][U], uint2 (&qh)[R][U], u
 // launch option lt (lean loads): a tile wholly inside the rows and the row's chunks (every tile but a long
 // row's last) is loaded without a predicate per load, each row's two pointers formed once and the loads at constant
 // offsets from them: (c0 + lane + 32 u) >> GCS = ((c0 + lane) >> GCS) + ((32 u) >> GCS) for GCS <= 5, as c0 is a
-// multiple of 32. Other tiles take load_tile. The same words as load_tile's
+// multiple of 32. Other tiles take load_tile. lt 2 also takes a long row's last tile (whole rows) by slices of 32
+// chunks: a slice wholly inside as above, the one that straddles ce predicated per lane, those past it not loaded
+// (compute_tile skips their chunks). The same words as load_tile's
 __device__ __forceinline__ void load_tile_lt(uint4 (&q)[R][U], uint2 (&qh)[R][U], u32 (&s)[R][U],
                                              const uint4* __restrict__ w, const u32* __restrict__ sz, int rg, int c0,
                                              int N, int KU, int NG, int GCS, int lane, int ce) {
-  if ((rg + 1) * R <= N && c0 + 32 * U <= ce && GCS <= 5) {
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const int row = rg * R + r;
-      const uint4* wr = w + (size_t)row * ROWU(KU);
-      const uint4* wp = wr + (c0 + lane);
-      const u32* sp = sz + (size_t)row * NG + ((c0 + lane) >> GCS);
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        q[r][u] = ldw(wp + 32 * u);
-#if BITS == 3
-        qh[r][u] = ldw2(HPTR(wr, c0 + lane + 32 * u));
-#endif
-        s[r][u] = __ldg(sp + ((32 * u) >> GCS));
-      }
-    }
-#if LT == 2
-  } else if ((rg + 1) * R <= N && GCS <= 5) {
-    // lt 2: a tile of whole rows that runs past the row's end (a long row's last) by slices of 32 chunks: a slice
-    // wholly inside loaded as above, the one that straddles ce predicated per lane, those past it not loaded (their
-    // chunks are skipped by compute_tile)
+  if ((rg + 1) * R <= N && (LT == 2 || c0 + 32 * U <= ce) && GCS <= 5) {
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       const int row = rg * R + r;
@@ -224,7 +206,7 @@ __device__ __forceinline__ void load_tile_lt(uint4 (&q)[R][U], uint2 (&qh)[R][U]
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int cu = c0 + 32 * u;
-        if (cu + 32 <= ce) {
+        if (LT == 1 || cu + 32 <= ce) {
           q[r][u] = ldw(wp + 32 * u);
 #if BITS == 3
           qh[r][u] = ldw2(HPTR(wr, cu + lane));
@@ -240,7 +222,6 @@ __device__ __forceinline__ void load_tile_lt(uint4 (&q)[R][U], uint2 (&qh)[R][U]
         }
       }
     }
-#endif
   } else {
     load_tile(q, qh, s, w, sz, rg, c0, N, KU, NG, GCS, lane, ce);
   }
