@@ -192,10 +192,9 @@ def test_cuda_int_l2_prefetch_gives_the_same_bytes(bits, n, k, offset):
 def test_cuda_int_lean_tile_loop_gives_the_same_bytes(bits, n, k, group):
     """Launch option ``lt`` (1: unpredicated loads for whole tiles; 2: also a long row's last tile by slices of 32
     chunks) loads the same words and adds the same products in the same order: every output is the same to the bit
-    as without it, with a bias, rows that do not fill the last
-    row group, K that leaves a last partial tile, one and several tiles a row, groups of more than 32 chunks (the
-    predicated loads), each PDL mode with and without ``xp``, geometries of one and several rows and chunks a lane,
-    and each prologue."""
+    as without it, with a bias, rows that do not fill the last row group, K that leaves a last partial tile, one and
+    several tiles a row, groups of more than 32 chunks (the predicated loads), each PDL mode with and without
+    ``xp``, geometries of one and several rows and chunks a lane, and each prologue."""
     if not ci.group_ok(group, bits):
         pytest.skip("group not in the rk layout for these bits")
     m = _layer(n, k, bits, group, bias=True, device="cuda")

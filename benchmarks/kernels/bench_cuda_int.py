@@ -170,6 +170,7 @@ def main() -> int:
             m0 = layer(0)
             w_ref = m0.int_weight().dequantize(torch.float32)
             pk0 = ci.packed_rk(m0)
+            cfg0 = ci.default_cfg(pk0, 0)  # the config the layer gets when none is given (its row, the ablations' base)
             assert torch.equal(ci.reference_rk(pk0), w_ref), "rk layout does not decode to the stored weight"
             err = check(pk0, n, k, w_ref)
             pks, kns = {}, {}
@@ -202,7 +203,7 @@ def main() -> int:
                 r = dict(shape=f"{n}x{k}", n=n, k=k, bits=bits, impl=name, single_us=s1 * 1e3, graph_us=g1 * 1e3,
                          rel_err=e, x_bf16_single=base[0] / s1, x_bf16_graph=base[1] / g1,
                          x_int4pack_graph=i4[1] / g1, pct_copy_graph=100 * nb / (g1 * 1e-3) / 1e9 / bw,
-                         pct_copy_single=100 * nb / (s1 * 1e-3) / 1e9 / bw, cfg=ci.default_cfg(pk0, 0) if name == "cuda-int" else None)
+                         pct_copy_single=100 * nb / (s1 * 1e-3) / 1e9 / bw, cfg=cfg0 if name == "cuda-int" else None)
                 emit(r)
                 print(f"{n:>5}x{k:<5} int{bits} {name:<9} single {r['single_us']:6.1f} us (x{r['x_bf16_single']:.2f})  "
                       f"graph {r['graph_us']:6.1f} us (x{r['x_bf16_graph']:.2f} bf16, {r['pct_copy_graph']:4.1f}% copy)"
@@ -324,7 +325,7 @@ def main() -> int:
                           f"x{gb / g1:.2f} bf16 ({r['pct_copy_graph']:.0f}% copy)  err {e:.1e}", flush=True)
             for ablate_over in (ablate_overs if args.ablate else []):
                 for ab in (int(a) for a in args.ablate.split(",")):
-                    cfg = dict(ci.default_cfg(pk0, 0), **ablate_over, ablate=ab)
+                    cfg = dict(cfg0, **ablate_over, ablate=ab)
                     g1 = bk.bench_graph(lambda c: rk_fn(c, cfg), nb, reps=args.reps)
                     tag = "".join(f"-{key}{val}" for key, val in ablate_over.items())
                     r = dict(shape=f"{n}x{k}", n=n, k=k, bits=bits, impl=f"cuda-int-ablate{ab}{tag}", cfg=cfg,
