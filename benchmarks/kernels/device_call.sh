@@ -32,13 +32,19 @@
 #                                                    # form that also requested the next row groups' tiles); the third
 #                                                    # call: BITS=2,8,4 RC=the 2- and 8-bit defaults with xp 0, 4-bit xp 2
 #   bash benchmarks/kernels/device_call.sh lean      # session 32: the lean loads' GPU tests (lt), then each width's
-#                                                    # default with lt 0 / 1 / 2 / 2 and xp 2 (AC), whole and without the
+#                                                    # default with lt 0 and 1 (AC), whole and without the
 #                                                    # decode (ABL), one process (BITS, default 4,2,3,8)
 #   bash benchmarks/kernels/device_call.sh table33   # session 32's close: the GPU tests of the GEMV's defaults, then the
 #                                                    # issue's kernel table (4-bit at batches 1/16/256, 3/2/8 bits)
 #   bash benchmarks/kernels/device_call.sh geo33     # session 32: row/chunk geometries and xp under lt 1 (AC), one process
 #   bash benchmarks/kernels/device_call.sh final33   # session 32's last call: the new defaults' GPU tests, then batch 1
-#   bash benchmarks/kernels/device_call.sh lean2     # prepared in session 32 (not run): lt 2 beside lt 1, every width
+#   (session 33: lean2, lt 2 beside lt 1 at every width: measured slower, removed with its launch option value)
+#   bash benchmarks/kernels/device_call.sh geo34     # session 33: per width its own config sets beside the default,
+#                                                    # one process a width (AC3, AC2, AC4): 3-bit xp 2, 2- and 4-bit
+#                                                    # geometries geo33 left out
+#   bash benchmarks/kernels/device_call.sh final34   # session 33's last call: the SHAPES GPU tests, 4096x4096 geometries
+#                                                    # at 4/3/8 bits, two more at 2-bit 11008x4096 and 4096x14336,
+#                                                    # then batch 1 with the defaults at every width
 #   bash benchmarks/kernels/device_call.sh xpprobe   # prepared in session 31, run in session 32: why xp pays at 2 and 8 bits but
 #                                                    # not at 4 (NOTES v32): each width's default with xp 0 and 2, each
 #                                                    # with no part, the decode, the staging and both left out, one
@@ -211,12 +217,12 @@ prefill)
 l2pf2)
   rows_call prefetch 4,2,3,8 "512/2/4/1/1/1/1/1/0/2,512/2/4/1/1/1/1/1/0/0,512/2/2/1/1/1/1/1/0/2,512/2/2/1/1/1/1/1/0/0,512/1/4/1/1/1/1/1/0/2,512/1/4/1/1/1/1/1/0/0" ;;
 lean)
-  # session 32: lean loads (lt 1: unpredicated for whole tiles; 2: also chunk by chunk, one tile buffer): GPU tests,
+  # session 32: lean loads (lt 1: unpredicated for whole tiles; the forms once named lt 2 were removed): GPU tests,
   # then each width's default with the option sets AC, whole and without the decode (ABL), one process
   [ -n "$NOTESTS" ] || PYTHONPATH=src:tests timeout "${T1:-260}" python3 -m pytest -q -x -p no:cacheprovider \
     tests/test_kernels_cuda_int.py -k "${TK:-lean_tile_loop}" 2>&1 | tail -4 | tee "$OUT/tests.log"
   timeout "${T2:-400}" python3 benchmarks/kernels/bench_cuda_int.py --out "$OUT" --bits "${BITS:-4,2,3,8}" --no-single \
-    --reps 20 --ablate "${ABL:-0,1}" --ablate-cfg "${AC:-lt=0,lt=1,lt=2,lt=2:xp=2}" 2>&1 | tee "$OUT/bench.log" \
+    --reps 20 --ablate "${ABL:-0,1}" --ablate-cfg "${AC:-lt=0,lt=1}" 2>&1 | tee "$OUT/bench.log" \
     | grep -E "ablate|cuda-int |Error" ;;
 table33)
   # session 32's close: the GPU tests that run the batch-1 GEMV's defaults (lt 1 among them), then issue 5's kernel
@@ -242,11 +248,31 @@ final33)
     2>&1 | tail -4 | tee "$OUT/tests.log"
   timeout "${T2:-120}" python3 benchmarks/kernels/bench_cuda_int.py --bits "${BITS:-4,2,3,8}" --no-single --reps 20 \
     --out "$OUT" 2>&1 | tee "$OUT/bench.log" | grep -E "^\|" ;;
-lean2)
-  # prepared in session 32 (not run): lt 2 (a long row's last tile also loaded by slices of 32 chunks) beside the
-  # default lt 1 at every width, after its GPU tests; the long-K shapes are where it applies
-  TK="${TK:-lean_tile_loop}" NOTESTS="$NOTESTS" T1="${T1:-260}" BITS="${BITS:-4,2,3,8}" AC="${AC:-lt=1,lt=2}" ABL="${ABL:-0}" \
-    bash "$0" lean ;;
+geo34)
+  # session 33: each width's default beside config sets of its own (3-bit xp 2; 2- and 4-bit geometries that geo33 did
+  # not time), one process a width
+  for w in 3 2 4; do
+    eval "ac=\${AC$w}"
+    [ -n "$ac" ] || case $w in
+      3) ac="lt=1,xp=2" ;;
+      2) ac="lt=1,r=1:u=2,r=1:u=3,r=2:u=1,r=3:u=1,threads=256,threads=256:r=1:u=2" ;;
+      4) ac="lt=1,r=1:u=3,r=1:u=6,threads=256:r=1:u=4" ;;
+    esac
+    mkdir -p "$OUT/w$w"
+    timeout "${T2:-150}" python3 benchmarks/kernels/bench_cuda_int.py --out "$OUT/w$w" --bits $w --no-single --reps 20 \
+      --ablate 0 --ablate-cfg "$ac" 2>&1 | tee "$OUT/w$w/bench.log" | grep -E "ablate|cuda-int |Error"
+  done ;;
+final34)
+  [ -n "$NOTESTS" ] || PYTHONPATH=src:tests timeout "${T1:-150}" python3 -m pytest -q -x -p no:cacheprovider \
+    tests/test_kernels_cuda_int.py -k "${TK:-shape_table}" 2>&1 | tail -4 | tee "$OUT/tests.log"
+  mkdir -p "$OUT/a" "$OUT/b" "$OUT/c"
+  timeout 120 python3 benchmarks/kernels/bench_cuda_int.py --out "$OUT/a" --bits 4,3,8 --shapes 4096x4096 --no-single \
+    --reps 20 --ablate 0 --ablate-cfg "${ACA:-r=2:u=1,r=4:u=1,r=1:u=2}" 2>&1 | tee "$OUT/a/bench.log" | grep -E "ablate|cuda-int |Error"
+  timeout 100 python3 benchmarks/kernels/bench_cuda_int.py --out "$OUT/b" --bits 2 --shapes 11008x4096,4096x14336 \
+    --no-single --reps 20 --ablate 0 --ablate-cfg "${ACB:-r=5:u=1,r=6:u=1}" 2>&1 | tee "$OUT/b/bench.log" \
+    | grep -E "ablate|cuda-int |Error"
+  timeout 120 python3 benchmarks/kernels/bench_cuda_int.py --out "$OUT/c" --bits 4,2,3,8 --no-single --reps 20 2>&1 \
+    | tee "$OUT/c/bench.log" | grep -E "^\|" ;;
 xpprobe)
   timeout "${T2:-400}" python3 benchmarks/kernels/bench_cuda_int.py --out "$OUT" --bits "${BITS:-4,2,8}" --no-single \
     --reps 20 --ablate 0,1,2,3 --ablate-cfg xp=0,xp=2 2>&1 | tee "$OUT/bench.log" | grep -E "ablate|cuda-int |Error" ;;

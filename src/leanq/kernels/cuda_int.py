@@ -89,7 +89,7 @@ STREAM: dict = {}
 # each wherever the tile is whole, session 32; the same bytes): 0.01-0.32 us faster on 18 of the 20 width and shape
 # pairs in one call, 2- and 3-bit 4096x4096 within +0.02 us (NOTES.md, v33). Under lt 1, 4-bit xp 2 took 4096x14336
 # from 10.03 to 9.64 us in two calls, 4096x11008 +0.04 us, the rest unchanged (one-tile rows do not build it), so 4-bit
-# has it too; 3-bit was not timed with it.
+# has it too; 3-bit under lt 1 stayed within 0.1 us with it in a call of session 33 (NOTES.md, v34), so without.
 TUNED: dict = {4: dict(threads=512, r=2, u=4, pf=1, bps=None, xf=1, gd=1, xs=1, lt=1, xp=2),
                2: dict(threads=512, r=2, u=2, pf=1, bps=None, xf=1, gd=1, xs=1, xp=2, lt=1),
                8: dict(threads=512, r=1, u=4, pf=1, bps=None, xf=1, gd=1, xs=1, xp=2, lt=1),
@@ -98,7 +98,10 @@ TUNED: dict = {4: dict(threads=512, r=2, u=4, pf=1, bps=None, xf=1, gd=1, xs=1, 
 # that very shape in two calls of session 32 on an H200 (NOTES.md, v33), over the TUNED config. 4-bit 4096 x 4096
 # (o_proj of a Llama-2-7B / Llama-3-8B): r 2 u 2, 3.89 against 4.43 us (also ahead in every sweep since session 14);
 # 2-bit 11008 x 4096: r 3 u 2, 5.88-5.91 against 6.27-6.30 us; 2-bit 14336 x 4096: r 4 u 1, 6.81-6.83 against 7.03 us.
-SHAPES: dict = {(4, 4096, 4096): dict(r=2, u=2), (2, 11008, 4096): dict(r=3, u=2), (2, 14336, 4096): dict(r=4, u=1)}
+# Session 33 (two calls each, NOTES.md v34), 4096 x 4096 at r 2 u 1 (each row in tiles of 32 chunks): 2-bit 3.1 against
+# 3.5 us, 3-bit 3.7 against 4.0-4.1 us.
+SHAPES: dict = {(4, 4096, 4096): dict(r=2, u=2), (2, 4096, 4096): dict(r=2, u=1), (3, 4096, 4096): dict(r=2, u=1),
+                (2, 11008, 4096): dict(r=3, u=2), (2, 14336, 4096): dict(r=4, u=1)}
 
 # what the batch-1 GEMV's staging computes from its inputs before the products (launch option ``pro``): 0 x itself;
 # 1 an RMSNorm folded in, x * g staged and every row's sum scaled by rsqrt(mean x**2 + eps) (g: the norm's weight,
@@ -190,13 +193,11 @@ __device__ __forceinline__ void load_tile(uint4 (&q)[R][U], uint2 (&qh)[R][U], u
 // launch option lt (lean loads): a tile wholly inside the rows and the row's chunks (every tile but a long
 // row's last) is loaded without a predicate per load, each row's two pointers formed once and the loads at constant
 // offsets from them: (c0 + lane + 32 u) >> GCS = ((c0 + lane) >> GCS) + ((32 u) >> GCS) for GCS <= 5, as c0 is a
-// multiple of 32. Other tiles take load_tile. lt 2 also takes a long row's last tile (whole rows) by slices of 32
-// chunks: a slice wholly inside as above, the one that straddles ce predicated per lane, those past it not loaded
-// (compute_tile skips their chunks). The same words as load_tile's
+// multiple of 32. Other tiles take load_tile. The same words as load_tile's
 __device__ __forceinline__ void load_tile_lt(uint4 (&q)[R][U], uint2 (&qh)[R][U], u32 (&s)[R][U],
                                              const uint4* __restrict__ w, const u32* __restrict__ sz, int rg, int c0,
                                              int N, int KU, int NG, int GCS, int lane, int ce) {
-  if ((rg + 1) * R <= N && (LT == 2 || c0 + 32 * U <= ce) && GCS <= 5) {
+  if ((rg + 1) * R <= N && c0 + 32 * U <= ce && GCS <= 5) {
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       const int row = rg * R + r;
@@ -205,21 +206,11 @@ __device__ __forceinline__ void load_tile_lt(uint4 (&q)[R][U], uint2 (&qh)[R][U]
       const u32* sp = sz + (size_t)row * NG + ((c0 + lane) >> GCS);
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        const int cu = c0 + 32 * u;
-        if (LT == 1 || cu + 32 <= ce) {
-          q[r][u] = ldw(wp + 32 * u);
+        q[r][u] = ldw(wp + 32 * u);
 #if BITS == 3
-          qh[r][u] = ldw2(HPTR(wr, cu + lane));
+        qh[r][u] = ldw2(HPTR(wr, c0 + lane + 32 * u));
 #endif
-          s[r][u] = __ldg(sp + ((32 * u) >> GCS));
-        } else if (cu < ce) {
-          const bool ok = cu + lane < ce;
-          q[r][u] = ok ? ldw(wp + 32 * u) : make_uint4(0u, 0u, 0u, 0u);
-#if BITS == 3
-          qh[r][u] = ok ? ldw2(HPTR(wr, cu + lane)) : make_uint2(0u, 0u);
-#endif
-          s[r][u] = ok ? __ldg(sp + ((32 * u) >> GCS)) : 0u;
-        }
+        s[r][u] = __ldg(sp + ((32 * u) >> GCS));
       }
     }
   } else {
@@ -865,9 +856,8 @@ def source(bits: int, xt: int, threads: int, r: int, u: int, pf: int, sbf16: boo
     staging's per-thread constants computed once and its shuffles on the full mask (the same bytes); ``pro`` what
     the staging computes from its inputs (int_gemv only, with ``xs`` 1 and ``sp`` 1; see :data:`PROLOGUES`); ``xp``
     (int_gemv with ``gd``) tiles 1 .. xp of the warp's first row group requested into the L2 after x's first
-    staging loads; ``lt`` (int_gemv with ``pf`` 1 and ``sp`` 1; the same bytes) 1 the next tile's loads without a
-    predicate each where the tile lies wholly inside the rows and the row's chunks, 2 also a long row's last tile
-    by slices of 32 chunks (prepared in session 32, not yet timed).
+    staging loads; ``lt`` 1 (int_gemv with ``pf`` 1 and ``sp`` 1; the same bytes) the next tile's loads without a
+    predicate each where the tile lies wholly inside the rows and the row's chunks.
 
     ``ablate`` (timing experiments only; the results are wrong): bit 1 no decode or dot products (the loaded
     words are only XOR-ed), bit 2 no activation staging."""
@@ -877,7 +867,7 @@ def source(bits: int, xt: int, threads: int, r: int, u: int, pf: int, sbf16: boo
     assert gd in (0, 1, 2, 3), gd  # 3: int_gemv_stream only (the next grid let in at the start)
     assert pro in PROLOGUES and (pro == 0 or (xs == 1 and sp == 1)), (pro, xs, sp)
     assert xp >= 0 and (xp == 0 or gd in (1, 2)), (xp, gd)
-    assert lt in (0, 1, 2) and (lt == 0 or (pf == 1 and sp == 1)), (lt, pf, sp)
+    assert lt in (0, 1) and (lt == 0 or (pf == 1 and sp == 1)), (lt, pf, sp)
     defs = dict(BITS=bits, XT=xt, THREADS=threads, R=r, U=u, PF=int(pf), SBF16=int(sbf16), ABLATE=ablate, SB=sb, ST=st,
                 SPLIT=sp, XF=int(xf), GD=int(gd), XS=int(xs), PRO=int(pro), XP=int(xp),
                 LT=int(lt))
