@@ -326,13 +326,16 @@ def main() -> int:
             for ablate_over in (ablate_overs if args.ablate else []):
                 for ab in (int(a) for a in args.ablate.split(",")):
                     cfg = dict(cfg0, **ablate_over, ablate=ab)
+                    # ablation 0 leaves nothing out: its outputs are the layer's, so they are checked like a sweep's
+                    e = check(pk0, n, k, w_ref, cfg) if ab == 0 else float("nan")
                     g1 = bk.bench_graph(lambda c: rk_fn(c, cfg), nb, reps=args.reps)
                     tag = "".join(f"-{key}{val}" for key, val in ablate_over.items())
                     r = dict(shape=f"{n}x{k}", n=n, k=k, bits=bits, impl=f"cuda-int-ablate{ab}{tag}", cfg=cfg,
-                             graph_us=g1 * 1e3, x_bf16_graph=base[1] / g1, pct_copy_graph=100 * nb / (g1 * 1e-3) / 1e9 / bw)
+                             graph_us=g1 * 1e3, x_bf16_graph=base[1] / g1, pct_copy_graph=100 * nb / (g1 * 1e-3) / 1e9 / bw,
+                             rel_err=e)
                     emit(r)
-                    print(f"  ablate {ab}{tag} graph {g1 * 1e3:6.1f} us x{r['x_bf16_graph']:.2f} {r['pct_copy_graph']:4.1f}%",
-                          flush=True)
+                    print(f"  ablate {ab}{tag} graph {g1 * 1e3:6.1f} us x{r['x_bf16_graph']:.2f} {r['pct_copy_graph']:4.1f}%"
+                          + (f" err {e:.1e}" + ("" if e <= 1e-2 else " FAILED") if ab == 0 else ""), flush=True)
             del layers, pks, kns, pk0, m0, w_ref
             torch.cuda.empty_cache()
     print("\n| W (out x in) | bits | impl | single us | x bf16 | graph us | x bf16 | % copy (graph) |")

@@ -45,6 +45,9 @@
 #   bash benchmarks/kernels/device_call.sh final34   # session 33's last call: the SHAPES GPU tests, 4096x4096 geometries
 #                                                    # at 4/3/8 bits, two more at 2-bit 11008x4096 and 4096x14336,
 #                                                    # then batch 1 with the defaults at every width
+#   bash benchmarks/kernels/device_call.sh t1024     # session 33: 1024-thread blocks (32 warps a SM, x staged once a SM
+#                                                    # by all of them) at every width, r 1-2 u 1-4 (AC), twice, one
+#                                                    # process each
 #   bash benchmarks/kernels/device_call.sh xpprobe   # prepared in session 31, run in session 32: why xp pays at 2 and 8 bits but
 #                                                    # not at 4 (NOTES v32): each width's default with xp 0 and 2, each
 #                                                    # with no part, the decode, the staging and both left out, one
@@ -273,6 +276,14 @@ final34)
     | grep -E "ablate|cuda-int |Error"
   timeout 120 python3 benchmarks/kernels/bench_cuda_int.py --out "$OUT/c" --bits 4,2,3,8 --no-single --reps 20 2>&1 \
     | tee "$OUT/c/bench.log" | grep -E "^\|" ;;
+t1024)
+  for rep in 1 2; do
+    mkdir -p "$OUT/p$rep"
+    timeout "${T2:-250}" python3 benchmarks/kernels/bench_cuda_int.py --out "$OUT/p$rep" --bits "${BITS:-2,4,3,8}" \
+      --no-single --reps 20 --ablate 0 \
+      --ablate-cfg "${AC:-threads=1024:r=1:u=2,threads=1024:r=1:u=4,threads=1024:r=2:u=2,threads=1024:r=2:u=1}" 2>&1 \
+      | tee "$OUT/p$rep/bench.log" | grep -E "ablate|cuda-int |Error"
+  done ;;
 xpprobe)
   timeout "${T2:-400}" python3 benchmarks/kernels/bench_cuda_int.py --out "$OUT" --bits "${BITS:-4,2,8}" --no-single \
     --reps 20 --ablate 0,1,2,3 --ablate-cfg xp=0,xp=2 2>&1 | tee "$OUT/bench.log" | grep -E "ablate|cuda-int |Error" ;;
