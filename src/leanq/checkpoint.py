@@ -24,6 +24,7 @@ from torch import nn
 from .config import Recipe
 from .errors import LeanqError
 from .export import move_into_place
+from .models import named_outputs
 from .modules import QuantLinear
 
 WEIGHTS = "model.safetensors"
@@ -187,6 +188,7 @@ def load(path: str | Path, device: str = "cpu", verify: bool = True):
         config = AutoConfig.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
     except Exception as e:  # transformers' config validation raises many types (ZeroDivisionError, AttributeError, ...)
         raise LeanqError(f"{cfgf}: unreadable model config ({_first_line(e)})") from None
+    named_outputs(config)
     if config.model_type != recipe.model_type:
         raise LeanqError(f"{cfgf}: model type {config.model_type!r} does not match the recipe's {recipe.model_type!r}")
 

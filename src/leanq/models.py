@@ -48,6 +48,14 @@ def is_checkpoint(p: Path) -> bool:
     return p.is_dir() and (p / "leanq.json").exists()
 
 
+def named_outputs(config) -> None:
+    """Have the model of ``config`` return named outputs (``.logits``), which every caller in leanq reads:
+    ``return_dict`` false or ``torchscript`` true in a config.json would make forward() return tuples, and
+    transformers' own causal-LM forward then fails (found by tests/test_fuzz_readers.py)."""
+    config.return_dict = True
+    config.torchscript = False
+
+
 def load_float(name: str, dtype: torch.dtype = torch.float32, with_tokenizer: bool = True) -> Loaded:
     """Load an unquantized model in ``dtype`` on the CPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -88,6 +96,7 @@ def load_float(name: str, dtype: torch.dtype = torch.float32, with_tokenizer: bo
     except Exception as e:  # a malformed file fails deep in transformers/gguf/tokenizers with many types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LeanqError(f"{p}: could not be loaded: {first}") from None
+    named_outputs(model.config)
     model.eval()
     return Loaded(model, tok, str(p))
 
