@@ -51,9 +51,11 @@ def is_checkpoint(p: Path) -> bool:
 def named_outputs(config) -> None:
     """Have the model of ``config`` return named outputs (``.logits``), which every caller in leanq reads:
     ``return_dict`` false or ``torchscript`` true in a config.json would make forward() return tuples, and
-    transformers' own causal-LM forward then fails (found by tests/test_fuzz_readers.py)."""
+    transformers' own causal-LM forward then fails (found by tests/test_fuzz_readers.py). ``torchscript`` is only
+    touched where the config has it (transformers 4.x), so that saved configs gain no field."""
     config.return_dict = True
-    config.torchscript = False
+    if getattr(config, "torchscript", False):
+        config.torchscript = False
 
 
 def load_float(name: str, dtype: torch.dtype = torch.float32, with_tokenizer: bool = True) -> Loaded:
