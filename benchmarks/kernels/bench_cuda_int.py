@@ -334,8 +334,9 @@ def main() -> int:
                              graph_us=g1 * 1e3, x_bf16_graph=base[1] / g1, pct_copy_graph=100 * nb / (g1 * 1e-3) / 1e9 / bw,
                              rel_err=e)
                     emit(r)
+                    checked = "" if ab else f" err {e:.1e}" + (" FAILED" if e > 1e-2 else "")
                     print(f"  ablate {ab}{tag} graph {g1 * 1e3:6.1f} us x{r['x_bf16_graph']:.2f} {r['pct_copy_graph']:4.1f}%"
-                          + (f" err {e:.1e}" + ("" if e <= 1e-2 else " FAILED") if ab == 0 else ""), flush=True)
+                          f"{checked}", flush=True)
             del layers, pks, kns, pk0, m0, w_ref
             torch.cuda.empty_cache()
     print("\n| W (out x in) | bits | impl | single us | x bf16 | graph us | x bf16 | % copy (graph) |")

@@ -869,8 +869,7 @@ def source(bits: int, xt: int, threads: int, r: int, u: int, pf: int, sbf16: boo
     assert xp >= 0 and (xp == 0 or gd in (1, 2)), (xp, gd)
     assert lt in (0, 1) and (lt == 0 or (pf == 1 and sp == 1)), (lt, pf, sp)
     defs = dict(BITS=bits, XT=xt, THREADS=threads, R=r, U=u, PF=int(pf), SBF16=int(sbf16), ABLATE=ablate, SB=sb, ST=st,
-                SPLIT=sp, XF=int(xf), GD=int(gd), XS=int(xs), PRO=int(pro), XP=int(xp),
-                LT=int(lt))
+                SPLIT=sp, XF=int(xf), GD=int(gd), XS=int(xs), PRO=int(pro), XP=int(xp), LT=int(lt))
     return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + PRELUDE + _SRC
 
 
