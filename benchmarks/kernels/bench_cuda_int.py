@@ -87,6 +87,10 @@ def main() -> int:
                     "loaded into registers; rs: the split sum's loads in flight together, 1 unless given; gd: "
                     "programmatic dependent launch, as W_DEFAULT unless given; tw: row tiles per warp, with rp; xv: x "
                     "staged by 16-byte copies), e.g. 4/4/0/4,2/8/2/4,7/1/32/2/1,7/2/16/3/0/1,8/2/16/3/0/0/0")
+    ap.add_argument("--mmax-cfgs", default="", help="with --mma batches up to 16: also time the x kernel "
+                    "(kernels.cuda_int_mmax: x in registers) at its default and at these configs, key=value pairs "
+                    "joined by ':' over X_DEFAULT, several joined by ',' (nw warps, sp super-steps per warp, pf tiles "
+                    "ahead, rb tiles per block, gd, abl timing-only ablation bits), e.g. nw=16:sp=1,pf=1; 'none' skips it")
     ap.add_argument("--mma-lite", action="store_true", help="with --mma: skip dequantize + cuBLAS and the Triton kn-dot")
     ap.add_argument("--wgmma-cfgs", default="", help="with --mma batches above 16: also these configs of the wgmma "
                     "kernel (kernels.cuda_int_wgmma), wg/bm/nst/split[/pipe/minb/ws[/sk[/abl]]] (split 0: chosen; ws 4: a "
@@ -302,6 +306,19 @@ def main() -> int:
                                                    + (f" wg{cfg['wg']}" if cfg.get("wg") else "")
                                                    + (f" xv{cfg['xv']}" if "xv" in cfg else ""))
                         cands[name] = (lambda c, cfg=cfg: mmaw_fn(c, cfg), nb)
+                if bits == 4 and M <= 16 and args.mmax_cfgs != "none":  # the x kernel (x in registers)
+                    from leanq.kernels import cuda_int_mmax as cx
+
+                    def mmax_fn(c, cfg=None, xm=xm):
+                        p = rk_pk(c)
+                        return lambda: cx.run_int_mma_x(xm, p, None, cfg)
+
+                    xcfgs = [None] + [{key: int(val) for key, val in (kv.split("=") for kv in part.split(":") if kv)}
+                                      for part in args.mmax_cfgs.split(",") if part]
+                    for cfg in xcfgs:
+                        name = "cuda-int-mma-x" + ("" if cfg is None else " " + ":".join(f"{k}={v}" for k, v in cfg.items()))
+                        name += " (ablation)" if cfg and cfg.get("abl") else ""  # timed though wrong
+                        cands[name] = (lambda c, cfg=cfg: mmax_fn(c, cfg), nb)
                 if not args.mma_lite:
                     cands["rk-dequant+cublas"] = (deq_fn, nb)
                     if bits in kn.DOT_BITS:

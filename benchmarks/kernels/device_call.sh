@@ -82,6 +82,10 @@
 #                                                    # $OUT/step-attn.txt)
 #   bash benchmarks/kernels/device_call.sh vqc       # session 17: the 16-codeword cluster kernel's GPU tests, then
 #                                                    # its configs (CL) beside the 2-bit preset's kernel, graph harness
+#   bash benchmarks/kernels/device_call.sh mmax      # session 34: the x kernel's GPU tests (x in registers, batches 2-16),
+#                                                    # then its configs XC beside the w kernel at batches MB (16)
+#   bash benchmarks/kernels/device_call.sh final35   # session 34's last call: the x kernel's GPU tests and the w kernel's
+#                                                    # (reference, graph, PDL chain), then batch 16 with both kernels
 # Each step runs under its own timeout so a slow step cannot eat the call; logs and JSON go to $OUT.
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=src
@@ -276,6 +280,18 @@ final34)
     | grep -E "ablate|cuda-int |Error"
   timeout 120 python3 benchmarks/kernels/bench_cuda_int.py --out "$OUT/c" --bits 4,2,3,8 --no-single --reps 20 2>&1 \
     | tee "$OUT/c/bench.log" | grep -E "^\|" ;;
+mmax)
+  [ -n "$NOTESTS" ] || PYTHONPATH=src:tests timeout "${T1:-120}" python3 -m pytest -q -x -p no:cacheprovider \
+    tests/test_kernels_cuda_int_mmax.py 2>&1 | tail -4 | tee "$OUT/tests.log"
+  timeout "${T2:-360}" python3 benchmarks/kernels/bench_cuda_int.py --out "$OUT" --bits 4 --no-single --reps 20 \
+    --shapes "${SH:-4096x4096,4096x11008,11008x4096,4096x14336,14336x4096}" --mma "${MB:-16}" --mma-lite \
+    --mmax-cfgs "${XC:-nw=8:sp=2,pf=3}" 2>&1 | tee "$OUT/bench.log" | grep -E "M=|Error|failed" ;;
+final35)
+  PYTHONPATH=src:tests timeout "${T1:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_kernels_cuda_int_mmax.py \
+    tests/test_kernels_cuda_int.py -k "mmax or mma_x or x_kernel or mma_w_matches_reference or mma_w_in_a_cuda_graph \
+    or pdl_chain" 2>&1 | tail -4 | tee "$OUT/tests.log"
+  timeout "${T2:-200}" python3 benchmarks/kernels/bench_cuda_int.py --out "$OUT" --bits 4 --no-single --reps 20 \
+    --mma 16 --mma-lite 2>&1 | tee "$OUT/bench.log" | grep -E "M=|Error|failed" ;;
 t1024)
   for rep in 1 2; do
     mkdir -p "$OUT/p$rep"

@@ -268,6 +268,46 @@ extern "C" __global__ void __launch_bounds__(THREADS) int_mma(
 """
 
 
+# the A registers of a 16-row tile decoded from its rk words and one super-step's products (w and x kernels)
+_W_TILE = r"""// the 8 tensor-core steps of one super-step for one row tile: its words qa4 (row g) and qb4 (row g + 8), their group
+// words, and the super-step's B registers xv (load_xfrag); the products scaled per row into acc
+// the A registers of step j (0-7) of a row tile: the code pairs of words qa (row g) and qb (row g + 8) at shift
+// 8 (j % 2) of word j / 2 and 4 further, each as M0 + q less M0 + z (za, zb: M0 + the rows' zero points)
+__device__ __forceinline__ void decode_a(u32 (&a)[4], const u32 (&qa)[4], const u32 (&qb)[4], const u32 za,
+                                         const u32 zb, const int j) {
+  const int wi = j >> 1, sh = 8 * (j & 1);
+  a[0] = sub2(lop3_ao(qa[wi] >> sh, 0x000F000Fu, MAGIC), za);
+  a[1] = sub2(lop3_ao(qb[wi] >> sh, 0x000F000Fu, MAGIC), zb);
+  a[2] = sub2(lop3_ao(qa[wi] >> (sh + 4), 0x000F000Fu, MAGIC), za);
+  a[3] = sub2(lop3_ao(qb[wi] >> (sh + 4), 0x000F000Fu, MAGIC), zb);
+}
+__device__ __forceinline__ void tile_wstep(float (&acc)[NT][4], const uint4 qa4, const uint4 qb4, const u32 swa,
+                                           const u32 swb, const uint2 (&xv)[8][NT]) {
+  const u32 za = pack2(M0 + (float)(swa & 0xFFFFu)), zb = pack2(M0 + (float)(swb & 0xFFFFu));
+  const u32 qa[4] = {qa4.x, qa4.y, qa4.z, qa4.w}, qb[4] = {qb4.x, qb4.y, qb4.z, qb4.w};
+  float c[NT][4];
+#pragma unroll
+  for (int n = 0; n < NT; ++n) c[n][0] = c[n][1] = c[n][2] = c[n][3] = 0.f;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    u32 a[4];
+    decode_a(a, qa, qb, za, zb, j);
+    mma16816(c[0], a, xv[j][0].x, xv[j][0].y);
+#if NT == 2
+    mma16816(c[1], a, xv[j][1].x, xv[j][1].y);
+#endif
+  }
+  const float s0 = scale_of(swa), s1 = scale_of(swb);
+#pragma unroll
+  for (int n = 0; n < NT; ++n) {
+    acc[n][0] = fmaf(s0, c[n][0], acc[n][0]); acc[n][1] = fmaf(s0, c[n][1], acc[n][1]);
+    acc[n][2] = fmaf(s1, c[n][2], acc[n][2]); acc[n][3] = fmaf(s1, c[n][3], acc[n][3]);
+  }
+}
+
+"""
+
+
 # ---- weights as the A operand ("w" kernel, 4-bit, groups a multiple of 128) ----
 # Thread (g, t) of a warp holds A[g | g+8][2t, 2t+1 | 2t+8, 2t+9] of a 16 x 16 weight tile: rows g and g + 8 of the
 # warp's 16, and the tile's 16 inputs in an order of our choosing, the same for every row and for x. In super-step S
@@ -376,43 +416,7 @@ __device__ __forceinline__ void load_xfrag(uint2 (&xv)[8][NT], const uint2* xs) 
 #endif
 }
 
-// the 8 tensor-core steps of one super-step for one row tile: its words qa4 (row g) and qb4 (row g + 8), their group
-// words, and the super-step's B registers xv (load_xfrag); the products scaled per row into acc
-// the A registers of step j (0-7) of a row tile: the code pairs of words qa (row g) and qb (row g + 8) at shift
-// 8 (j % 2) of word j / 2 and 4 further, each as M0 + q less M0 + z (za, zb: M0 + the rows' zero points)
-__device__ __forceinline__ void decode_a(u32 (&a)[4], const u32 (&qa)[4], const u32 (&qb)[4], const u32 za,
-                                         const u32 zb, const int j) {
-  const int wi = j >> 1, sh = 8 * (j & 1);
-  a[0] = sub2(lop3_ao(qa[wi] >> sh, 0x000F000Fu, MAGIC), za);
-  a[1] = sub2(lop3_ao(qb[wi] >> sh, 0x000F000Fu, MAGIC), zb);
-  a[2] = sub2(lop3_ao(qa[wi] >> (sh + 4), 0x000F000Fu, MAGIC), za);
-  a[3] = sub2(lop3_ao(qb[wi] >> (sh + 4), 0x000F000Fu, MAGIC), zb);
-}
-__device__ __forceinline__ void tile_wstep(float (&acc)[NT][4], const uint4 qa4, const uint4 qb4, const u32 swa,
-                                           const u32 swb, const uint2 (&xv)[8][NT]) {
-  const u32 za = pack2(M0 + (float)(swa & 0xFFFFu)), zb = pack2(M0 + (float)(swb & 0xFFFFu));
-  const u32 qa[4] = {qa4.x, qa4.y, qa4.z, qa4.w}, qb[4] = {qb4.x, qb4.y, qb4.z, qb4.w};
-  float c[NT][4];
-#pragma unroll
-  for (int n = 0; n < NT; ++n) c[n][0] = c[n][1] = c[n][2] = c[n][3] = 0.f;
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    u32 a[4];
-    decode_a(a, qa, qb, za, zb, j);
-    mma16816(c[0], a, xv[j][0].x, xv[j][0].y);
-#if NT == 2
-    mma16816(c[1], a, xv[j][1].x, xv[j][1].y);
-#endif
-  }
-  const float s0 = scale_of(swa), s1 = scale_of(swb);
-#pragma unroll
-  for (int n = 0; n < NT; ++n) {
-    acc[n][0] = fmaf(s0, c[n][0], acc[n][0]); acc[n][1] = fmaf(s0, c[n][1], acc[n][1]);
-    acc[n][2] = fmaf(s1, c[n][2], acc[n][2]); acc[n][3] = fmaf(s1, c[n][3], acc[n][3]);
-  }
-}
-
-// one super-step of the warp's row tile: x from the block's staged copy, weights from the ring (or registers)
+""" + _W_TILE + r"""// one super-step of the warp's row tile: x from the block's staged copy, weights from the ring (or registers)
 __device__ __forceinline__ void compute_wstep(float (&acc)[NT][4], const uint4 qa4, const uint4 qb4, const uint2 sw,
                                               const uint2* xs) {
   uint2 xv[8][NT];
@@ -1098,13 +1102,19 @@ def run_int_mma_w(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: di
         c, (gx, gy) = w_launch(M, N, K, dict(c, spw=whole), sms)
         if gy > 1:
             raise ValueError("cuda-int-mma-w: split-K scratch too small during CUDA graph capture (reserve_w)")
-    part, cnt = scratch if gy > 1 else (x2, x2)
-    if out is None:
-        out = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
-    kern(grid=(gx, gy, 1), block=(threads, 1, 1),
-         args=[x2, out, bias if bias is not None else out, pk["words"], pk["sz"], part, cnt, M, N, K, pk["KU"],
-               pk["NG"], int(bias is not None), c["spw"]], smem=w_smem(c, nt), pdl=bool(gd))
+    out = out if out is not None else torch.empty(M, N, device=x2.device, dtype=x2.dtype)
+    kern(grid=(gx, gy, 1), block=(threads, 1, 1), args=split_args(x2, pk, bias, out, scratch, c["spw"]),
+         smem=w_smem(c, nt), pdl=bool(gd))
     return out
+
+
+def split_args(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, out: torch.Tensor, scratch, last: int) -> list:
+    """The arguments of a batch 2-16 kernel that may split K over the grid (the w and x kernels): x, out, bias (out
+    when none), the rk words and group words, the split's slots and counters (x when it does not split), M, N, K,
+    KU, NG, whether there is a bias, and the kernel's own last argument."""
+    part, cnt = scratch if scratch is not None else (x2, x2)
+    return [x2, out, bias if bias is not None else out, pk["words"], pk["sz"], part, cnt, x2.shape[0], pk["N"],
+            pk["K"], pk["KU"], pk["NG"], int(bias is not None), last]
 
 
 def reserve_w(N: int, K: int, device: torch.device) -> None:
@@ -1117,6 +1127,9 @@ def reserve_w(N: int, K: int, device: torch.device) -> None:
         _, (gx, gy) = w_launch(m, N, K, w_config(m, N, K, sms), sms)
         if gy > 1:
             _w_scratch(device, gy * N * 16, gx)
+    from . import cuda_int_mmax as cx
+
+    cx.reserve_x(N, K, device)
 
 
 def try_int_mma(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None) -> torch.Tensor | None:
@@ -1124,6 +1137,18 @@ def try_int_mma(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None) -> torch.
     or launch warns once and sends that device's later calls to the caller's path."""
     try:
         if W_ON and supports_w(pk, x2):
+            from . import cuda_int_mmax as cx
+
+            if cx.chosen(pk, x2):  # the shapes where the x kernel measured faster (X_SHAPES)
+                try:
+                    return cx.run_int_mma_x(x2, pk, bias)
+                except ValueError:  # no scratch for its split during a capture: the w kernel serves this call
+                    pass
+                except RuntimeError as e:
+                    import warnings
+
+                    warnings.warn(f"leanq: cuda-int-mma-x unavailable ({str(e)[:200]}); the w kernel serves")
+                    cx.BROKEN.add(device_index(x2))
             try:
                 return run_int_mma_w(x2, pk, bias)
             except ValueError:  # no launch of it fits here (see run_int_mma_w): the first kernel serves this call
