@@ -86,6 +86,11 @@
 #                                                    # then its configs XC beside the w kernel at batches MB (16)
 #   bash benchmarks/kernels/device_call.sh final35   # session 34's last call: the x kernel's GPU tests and the w kernel's
 #                                                    # (reference, graph, PDL chain), then batch 16 with both kernels
+#   bash benchmarks/kernels/device_call.sh xncu      # prepared in session 34 (not run): where the batch-16 kernels stall,
+#                                                    # ncu (speed of light, memory, warp states, scheduler) of the x
+#                                                    # kernel whole and without decode (abl 2), the w kernel and the
+#                                                    # batch-1 GEMV at SH (14336x4096), then the x kernel's source-level
+#                                                    # stall samples (CSV) and the probe's timings with ablations
 # Each step runs under its own timeout so a slow step cannot eat the call; logs and JSON go to $OUT.
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=src
@@ -286,6 +291,23 @@ mmax)
   timeout "${T2:-360}" python3 benchmarks/kernels/bench_cuda_int.py --out "$OUT" --bits 4 --no-single --reps 20 \
     --shapes "${SH:-4096x4096,4096x11008,11008x4096,4096x14336,14336x4096}" --mma "${MB:-16}" --mma-lite \
     --mmax-cfgs "${XC:-nw=8:sp=2,pf=3}" 2>&1 | tee "$OUT/bench.log" | grep -E "M=|Error|failed" ;;
+xncu)
+  sh=${SH:-14336x4096}; n=${sh%x*}; k=${sh#*x}
+  sec="--section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats --section Occupancy"
+  for spec in "x" "x abl=2" "w"; do
+    cfg=$spec; [ "$spec" = w ] && cfg="7/2/16/3 rs=1 gd=1 xv=3"
+    timeout 120 ncu --clock-control none --kernel-name regex:int_mma_ --launch-skip 2 --launch-count 1 $sec \
+      python3 benchmarks/kernels/mma_w_probe.py "$n" "$k" 16 $cfg > "$OUT/ncu-${spec// /-}.txt" 2>&1
+    grep -E "Duration|Throughput|Issued|Eligible|Active Warps|Stall|cycles per" "$OUT/ncu-${spec// /-}.txt" | head -30
+  done
+  timeout 120 ncu --clock-control none --kernel-name int_gemv --launch-skip 2 --launch-count 1 $sec python3 -c \
+    "import sys; sys.path.insert(0, 'benchmarks/kernels'); import torch, bench_kernels as bk; from leanq.kernels import cuda_int as ci; p = ci.packed_rk(bk.random_layer($n, $k, 4)); x = torch.randn(1, $k, device='cuda', dtype=torch.bfloat16); [ci.run_int_cuda(x, p, None) for _ in range(5)]; torch.cuda.synchronize()" \
+    > "$OUT/ncu-gemv.txt" 2>&1
+  grep -E "Duration|DRAM Throughput|Issued" "$OUT/ncu-gemv.txt" | head -5
+  timeout 150 ncu --clock-control none --kernel-name int_mma_x --launch-skip 2 --launch-count 1 --section WarpStateStats \
+    --section SourceCounters --page source --print-source sass --csv python3 benchmarks/kernels/mma_w_probe.py "$n" "$k" 16 x \
+    > "$OUT/ncu-x-source.csv" 2>&1
+  timeout 120 python3 benchmarks/kernels/mma_w_probe.py "$n" "$k" 16 x --time --abl=1,2,3,4,8 2>&1 | tee "$OUT/probe-x.txt" ;;
 final35)
   PYTHONPATH=src:tests timeout "${T1:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_kernels_cuda_int_mmax.py \
     tests/test_kernels_cuda_int.py -k "mmax or mma_x or x_kernel or mma_w_matches_reference or mma_w_in_a_cuda_graph \
