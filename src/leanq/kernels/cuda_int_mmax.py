@@ -17,7 +17,9 @@ slots in slot order (deterministic, no float atomics) and writes the output.
 Launch config (:data:`X_DEFAULT`, :func:`x_launch`): ``nw`` warps per block, ``sp`` super-steps per warp (so a block
 covers nw * sp super-steps of K), ``pf`` row tiles in flight ahead of the one being multiplied, ``rb`` row tiles per
 block (0: the fewest that keep the grid within one block per SM), ``gd`` programmatic dependent launch (the first
-tiles' words are loaded before the wait for the previous grid, x after it).
+tiles' words are loaded before the wait for the previous grid, x after it), ``rg`` (prepared in session 34, not yet
+timed on a GPU; 0 by default) the words through a per-warp ring of rg slots in shared memory filled by cp.async
+rg - 1 tiles ahead, so that more bytes are in flight than registers could hold (76 registers at rg 4-8, against 114).
 
 Measured on an H200 (session 34, graph harness of ``bench_cuda_int.py``, batch 16, BF16 x; benchmarks/kernels/NOTES.md
 v35): 8.5 / 16.2 / 15.2 / 19.7 / 18.0 us on 4096x4096, 4096x11008, 11008x4096, 4096x14336, 14336x4096 against the
@@ -47,6 +49,15 @@ _SRC_X = r"""
 #define TOUT (NT * 128)      // outputs of one row tile: 16 rows x 8 NT batch columns
 #define FU 8                 // outputs per thread whose slot loads go out together in the split's sum
 struct XTile { uint4 qa[SP], qb[SP]; u32 za[SP], zb[SP]; };
+#if RG
+static_assert(SP == 1 && RG >= 2 && RG <= 8, "the shared-memory ring (rg) holds one super-step a tile, 2-8 slots");
+__device__ __forceinline__ void xcp(void* dst, const void* src, int bytes) {  // 16 or 4 bytes, global -> shared
+  if (bytes == 16)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"((u32)__cvta_generic_to_shared(dst)), "l"(src));
+  else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" :: "r"((u32)__cvta_generic_to_shared(dst)), "l"(src));
+}
+#endif
 
 // x: [M, K] 16-bit, 16-byte aligned rows (K % 128 == 0); out: [M, N]; w, sz: the rk layout; part, cnt: the slots
 // ([gridDim.y][tiles][TOUT] fp32) and the row bands' arrival counters (zero between launches), used when
@@ -88,11 +99,32 @@ extern "C" __global__ void __launch_bounds__(NW * 32, 1) int_mma_x(
 #endif
     }
   };
+#if RG
+  extern __shared__ uint4 xring[];  // [NW][RG][2][32] words, then [NW][RG][2][32] group words
+  uint4* rq = xring + (size_t)warp * RG * 64 + lane;
+  u32* rz = (u32*)(xring + NW * RG * 64) + (size_t)warp * RG * 64 + lane;
+  auto issue_tile = [&](int T, int d) {  // tile T's copies into slot d (nothing past K)
+    if (!vs[0]) return;
+    const int ra = min(16 * T + g, N - 1), rbw = min(16 * T + g + 8, N - 1);
+    xcp(rq + d * 64, w + (size_t)ra * KU + t + 4 * sc[0], 16);
+    xcp(rq + d * 64 + 32, w + (size_t)rbw * KU + t + 4 * sc[0], 16);
+    xcp(rz + d * 64, sz + (size_t)ra * NG + sc[0] / SPG, 4);
+    xcp(rz + d * 64 + 32, sz + (size_t)rbw * NG + sc[0] / SPG, 4);
+  };
+  // the first RG - 1 tiles' copies: they do not depend on the grid before (x does)
+#pragma unroll
+  for (int d = 0; d < RG - 1; ++d) {
+    if (T0 + d < T1) issue_tile(T0 + d, d);
+    asm volatile("cp.async.commit_group;");
+  }
+  (void)load_tile;
+#else
   XTile buf[PF + 1];
   // the first PF tiles' words: they do not depend on the grid before (x does)
 #pragma unroll
   for (int p = 0; p < PF; ++p)
     if (T0 + p < T1) load_tile(buf[p], T0 + p);
+#endif
 #if GD
   gdc_wait();
 #if GD == 1
@@ -115,58 +147,79 @@ extern "C" __global__ void __launch_bounds__(NW * 32, 1) int_mma_x(
       }
     }
   const bool split = gridDim.y > 1;
+  // one row tile: its products from the words in bq, then the sum over the warps (one barrier) and its outputs
+  auto tile_done = [&](const XTile& bq, const int Tq) {
+    float acc[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+#pragma unroll
+    for (int s = 0; s < SP; ++s)
+#if ABL & 2  // ablation (timing only): the words are loaded but not decoded or multiplied
+      acc[0][0] += __uint_as_float((bq.qa[s].x ^ bq.qa[s].y ^ bq.qa[s].z ^ bq.qa[s].w ^
+                                    bq.qb[s].x ^ bq.qb[s].y ^ bq.qb[s].z ^ bq.qb[s].w ^
+                                    bq.za[s] ^ bq.zb[s]) & 0x3F7FFFFFu);
+#else
+      tile_wstep(acc, bq.qa[s], bq.qb[s], bq.za[s], bq.zb[s], xv[s]);
+#endif
+    const int p = Tq & 1;
+#if ABL & 1  // ablation (timing only): no sum over the warps, no barrier; warp 0's values stand for the tile's
+    if (warp == 0) {
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) red[p][4 * n + i][0][lane] = acc[n][i];
+    }
+    __syncwarp();
+#else
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) red[p][4 * n + i][warp][lane] = acc[n][i];
+    __syncthreads();  // buffer p is whole; buffer p ^ 1 was read by everyone before they got here
+#endif
+    for (int o = threadIdx.x; o < TOUT; o += NW * 32) {
+      const int i = o >> 5, l = o & 31;
+      float y = 0.f;
+#if ABL & 1
+      y = red[p][i][0][l];
+#else
+#pragma unroll
+      for (int qw = 0; qw < NW; ++qw) y += red[p][i][qw][l];
+#endif
+      if (split) {
+        part[((size_t)blockIdx.y * NT16 + Tq) * TOUT + o] = y;
+      } else {  // value i of lane l: row g' + 8 (i % 4 / 2), batch column 8 (i / 4) + 2 t' + i % 2
+        const int r = 16 * Tq + (l >> 2) + 8 * ((i >> 1) & 1), b = 8 * (i >> 2) + 2 * (l & 3) + (i & 1);
+        if (r < N && b < M) stx(out, (long long)b * N + r, y + (HAS_BIAS ? ldx(bias, r) : 0.f));
+      }
+    }
+  };
+#if RG
+  // rg: each tile's words and group words copied by cp.async into a ring of RG slots per warp in shared memory, RG - 1
+  // tiles ahead (no registers held by the copies in flight); each lane reads back only what it copied itself
+  for (int T = T0, slot = 0; T < T1; ++T) {
+    const int ahead = slot == 0 ? RG - 1 : slot - 1;  // the slot of tile T - 1, read in the last iteration
+    if (T + RG - 1 < T1) issue_tile(T + RG - 1, ahead);
+    asm volatile("cp.async.commit_group;");
+    asm volatile("cp.async.wait_group %0;" :: "n"(RG - 1));  // this lane's copies of tile T have landed
+    XTile cur;
+    cur.qa[0] = rq[slot * 64]; cur.qb[0] = rq[slot * 64 + 32];
+    cur.za[0] = vs[0] ? rz[slot * 64] : 0u; cur.zb[0] = vs[0] ? rz[slot * 64 + 32] : 0u;  // past K: scale 0
+    tile_done(cur, T);
+    slot = slot == RG - 1 ? 0 : slot + 1;
+  }
+  asm volatile("cp.async.wait_group 0;");
+#else
   for (int T = T0; T < T1; T += PF + 1) {
 #pragma unroll
     for (int q = 0; q <= PF; ++q) {  // unrolled: every tile's registers have a fixed place (no moves)
       const int Tq = T + q;
       if (Tq >= T1) break;
       if (Tq + PF < T1) load_tile(buf[(q + PF) % (PF + 1)], Tq + PF);
-      float acc[NT][4];
-#pragma unroll
-      for (int n = 0; n < NT; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
-#pragma unroll
-      for (int s = 0; s < SP; ++s)
-#if ABL & 2  // ablation (timing only): the words are loaded but not decoded or multiplied
-        acc[0][0] += __uint_as_float((buf[q].qa[s].x ^ buf[q].qa[s].y ^ buf[q].qa[s].z ^ buf[q].qa[s].w ^
-                                      buf[q].qb[s].x ^ buf[q].qb[s].y ^ buf[q].qb[s].z ^ buf[q].qb[s].w ^
-                                      buf[q].za[s] ^ buf[q].zb[s]) & 0x3F7FFFFFu);
-#else
-        tile_wstep(acc, buf[q].qa[s], buf[q].qb[s], buf[q].za[s], buf[q].zb[s], xv[s]);
-#endif
-      const int p = Tq & 1;
-#if ABL & 1  // ablation (timing only): no sum over the warps, no barrier; warp 0's values stand for the tile's
-      if (warp == 0) {
-#pragma unroll
-        for (int n = 0; n < NT; ++n)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) red[p][4 * n + i][0][lane] = acc[n][i];
-      }
-      __syncwarp();
-#else
-#pragma unroll
-      for (int n = 0; n < NT; ++n)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) red[p][4 * n + i][warp][lane] = acc[n][i];
-      __syncthreads();  // buffer p is whole; buffer p ^ 1 was read by everyone before they got here
-#endif
-      for (int o = threadIdx.x; o < TOUT; o += NW * 32) {
-        const int i = o >> 5, l = o & 31;
-        float y = 0.f;
-#if ABL & 1
-        y = red[p][i][0][l];
-#else
-#pragma unroll
-        for (int qw = 0; qw < NW; ++qw) y += red[p][i][qw][l];
-#endif
-        if (split) {
-          part[((size_t)blockIdx.y * NT16 + Tq) * TOUT + o] = y;
-        } else {  // value i of lane l: row g' + 8 (i % 4 / 2), batch column 8 (i / 4) + 2 t' + i % 2
-          const int r = 16 * Tq + (l >> 2) + 8 * ((i >> 1) & 1), b = 8 * (i >> 2) + 2 * (l & 3) + (i & 1);
-          if (r < N && b < M) stx(out, (long long)b * N + r, y + (HAS_BIAS ? ldx(bias, r) : 0.f));
-        }
-      }
+      tile_done(buf[q], Tq);
     }
   }
+#endif
   if (!split) return;
   __threadfence();
   __syncthreads();
@@ -202,7 +255,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, 1) int_mma_x(
 # nw warps per block, sp super-steps per warp, pf row tiles ahead, rb row tiles per block (0: see x_launch), gd PDL.
 # nw 16 sp 1 (114 registers, one block of 16 warps a SM) was the fastest form on an H200 at batch 16 (session 34: nw 8
 # sp 2 18-34% slower on the Llama shapes, two blocks of 8 warps a SM 6-40% slower; pf 1 and 3 within 1% of pf 2)
-X_DEFAULT = dict(nw=16, sp=1, pf=2, rb=0, gd=1)
+X_DEFAULT = dict(nw=16, sp=1, pf=2, rb=0, gd=1, rg=0)
 # (N, K) where the x kernel serves batches 9-16 on a 132-SM part (the w kernel everywhere else). On an H200 (session
 # 34, four calls with both kernels in each): 4096 x 4096 8.5 us against the w kernel's 9.4 (1.60-1.63x BF16 against
 # 1.45-1.46x), 4096 x 14336 19.6-20.0 against 20.1-20.3; at 4096 x 11008, 11008 x 4096 and 14336 x 4096 it was 1-9%
@@ -212,12 +265,18 @@ X_ON = os.environ.get("LEANQ_MMA_X", "1") != "0"
 BROKEN: set = set()  # devices where compiling or launching failed once (the w kernel serves there)
 
 
-def source_x(xt: int, nw: int, sp: int, pf: int, nt: int, gs: int, sbf16: bool, gd: int = 0, abl: int = 0) -> str:
+def source_x(xt: int, nw: int, sp: int, pf: int, nt: int, gs: int, sbf16: bool, gd: int = 0, abl: int = 0,
+             rg: int = 0) -> str:
     """The x kernel's source. ``abl`` (timing only, wrong outputs): 1 no sum over the warps, 2 no decode or products,
-    4 the words read in 512-byte runs of one row, 8 no group words loaded."""
+    4 the words read in 512-byte runs of one row, 8 no group words loaded. ``rg`` 2-8 (with sp 1, abl 0 or 1): the
+    tiles' words through a ring of that many slots per warp in shared memory, copied by cp.async rg - 1 tiles ahead
+    (pf unused); 0: straight into registers pf tiles ahead."""
     assert nw in (1, 2, 4, 8, 16) and 1 <= sp <= 4 and 1 <= pf <= 4 and nt in (1, 2) and gd in (0, 1, 2), \
         (nw, sp, pf, nt, gd)
+    assert rg == 0 or (2 <= rg <= 8 and sp == 1 and abl in (0, 1)), (rg, sp, abl)
     defs = dict(BITS=4, XT=xt, NW=nw, SP=sp, PF=pf, NT=nt, GS=gs, SBF16=int(sbf16), GD=int(gd), ABL=abl)
+    if rg:
+        defs["RG"] = rg
     return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + PRELUDE + _HELPERS + _W_TILE + _SRC_X
 
 
@@ -226,10 +285,12 @@ def x_launch(M: int, N: int, K: int, cfg: dict | None, sms: int) -> tuple[dict, 
     super-steps (gridDim.y), the row tiles into bands of rb; without a given rb, the fewest tiles per band that keep
     the grid within ``sms`` blocks (one per SM)."""
     c = dict(X_DEFAULT, **(cfg or {}))
-    for key in ("nw", "sp", "pf", "rb"):
+    for key in ("nw", "sp", "pf", "rb", "rg"):
         c[key] = int(c[key])
-    if c["nw"] not in (1, 2, 4, 8, 16) or not 1 <= c["sp"] <= 4 or not 1 <= c["pf"] <= 4 or c["rb"] < 0:
-        raise ValueError(f"cuda-int-mma-x: config {cfg} outside nw 1-16 (powers of 2), sp 1-4, pf 1-4, rb >= 0")
+    if c["nw"] not in (1, 2, 4, 8, 16) or not 1 <= c["sp"] <= 4 or not 1 <= c["pf"] <= 4 or c["rb"] < 0 \
+            or (c["rg"] and not (2 <= c["rg"] <= 8 and c["sp"] == 1)):
+        raise ValueError(f"cuda-int-mma-x: config {cfg} outside nw 1-16 (powers of 2), sp 1-4, pf 1-4, rb >= 0, "
+                         "rg 0 or 2-8 (with sp 1)")
     tiles, ns = -(-N // 16), K // 128
     gy = -(-ns // (c["nw"] * c["sp"]))
     if not c["rb"]:
@@ -270,8 +331,9 @@ def reserve_x(N: int, K: int, device: torch.device) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_x(xt: int, nw: int, sp: int, pf: int, nt: int, gs: int, sbf16: bool, gd: int, abl: int, device: int):
-    return _launcher(source_x(xt, nw, sp, pf, nt, gs, sbf16, gd, abl), "int_mma_x", "cuda-int-mma-x", device)
+def _compiled_x(xt: int, nw: int, sp: int, pf: int, nt: int, gs: int, sbf16: bool, gd: int, abl: int, device: int,
+                rg: int = 0):
+    return _launcher(source_x(xt, nw, sp, pf, nt, gs, sbf16, gd, abl, rg), "int_mma_x", "cuda-int-mma-x", device)
 
 
 def run_int_mma_x(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dict | None = None,
@@ -283,11 +345,11 @@ def run_int_mma_x(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: di
     c, (gx, gy) = x_launch(x2.shape[0], pk["N"], pk["K"], cfg, sm_count(dev))
     gd = pdl_mode(int(c.get("gd", 0)), sm90(dev))
     kern = _compiled_x(XT[x2.dtype], c["nw"], c["sp"], c["pf"], nt, pk["group"], bool(pk["sbf16"]), gd,
-                       int(c.get("abl", 0)), dev)
+                       int(c.get("abl", 0)), dev, c["rg"])
     scratch = _w_scratch(x2.device, gy * -(-pk["N"] // 16) * nt * 128, gx) if gy > 1 else None
     if gy > 1 and scratch is None:
         raise ValueError("cuda-int-mma-x: split-K scratch too small during CUDA graph capture (reserve_x)")
     out = out if out is not None else torch.empty(x2.shape[0], pk["N"], device=x2.device, dtype=x2.dtype)
     kern(grid=(gx, gy, 1), block=(32 * c["nw"], 1, 1), args=split_args(x2, pk, bias, out, scratch, c["rb"]),
-         pdl=bool(gd))
+         smem=c["rg"] * c["nw"] * 64 * 20, pdl=bool(gd))  # rg: per warp and slot 64 words of 16 bytes and 64 of 4
     return out
