@@ -29,7 +29,7 @@ def test_x_launch_covers_every_tile_and_step_within_a_wave(n, k, sms, nw, sp):
 
 def test_x_launch_refuses_configs_it_cannot_run():
     for bad in (dict(nw=3), dict(sp=5), dict(pf=0), dict(rb=-1), dict(nw=32), dict(rg=1), dict(rg=9),
-                dict(rg=4, sp=2)):
+                dict(rg=4, sp=2), dict(pb=2)):
         with pytest.raises(ValueError, match="cuda-int-mma-x"):
             cx.x_launch(16, 4096, 4096, bad, 132)
     c, grid = cx.x_launch(16, 4096, 4096, dict(rb=7), 132)
@@ -60,7 +60,8 @@ def test_int_mma_x_matches_reference(group, n, k, m, sdtype, dtype):
     for cfg in (None, dict(nw=1, sp=1, pf=1, rb=1), dict(nw=2, sp=3, pf=2, rb=3), dict(nw=8, sp=1, pf=3),
                 dict(nw=16, sp=1, pf=2, rb=2), dict(nw=4, sp=2, pf=1, gd=0), dict(nw=8, sp=2, pf=2, gd=2),
                 dict(nw=4, sp=4, pf=1, rb=5), dict(nw=2, sp=1, pf=3, rb=3), dict(rg=4), dict(nw=4, sp=1, rg=2, rb=5),
-                dict(nw=2, sp=1, rg=8, rb=3, gd=0), dict(nw=16, sp=1, rg=6, gd=2)):
+                dict(nw=2, sp=1, rg=8, rb=3, gd=0), dict(nw=16, sp=1, rg=6, gd=2), dict(pb=1),
+                dict(nw=2, sp=3, pf=2, pb=1, rb=3), dict(nw=4, sp=1, rg=4, pb=1, rb=5)):
         out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
         cx.run_int_mma_x(x, pk, layer.bias.to(dtype), cfg, out=out)
         assert torch.isfinite(out).all() and ((out.float() - ref).norm() / ref.norm()).item() < 1e-2, cfg
@@ -69,6 +70,8 @@ def test_int_mma_x_matches_reference(group, n, k, m, sdtype, dtype):
         assert torch.equal(again, cx.run_int_mma_x(x, pk, layer.bias.to(dtype), dict(cfg or {}, gd=0))), cfg
         if cfg and cfg.get("rg"):  # the same words through shared memory: the same products and sums
             assert torch.equal(again, cx.run_int_mma_x(x, pk, layer.bias.to(dtype), dict(cfg, rg=0))), cfg
+        if cfg and cfg.get("pb"):  # the same rows, addressed by increments
+            assert torch.equal(again, cx.run_int_mma_x(x, pk, layer.bias.to(dtype), dict(cfg, pb=0))), cfg
     from leanq.kernels import cuda_int_mma as cm
 
     for _, cnt in cm._WSCRATCH.values():

@@ -19,7 +19,9 @@ covers nw * sp super-steps of K), ``pf`` row tiles in flight ahead of the one be
 block (0: the fewest that keep the grid within one block per SM), ``gd`` programmatic dependent launch (the first
 tiles' words are loaded before the wait for the previous grid, x after it), ``rg`` (prepared in session 34, not yet
 timed on a GPU; 0 by default) the words through a per-warp ring of rg slots in shared memory filled by cp.async
-rg - 1 tiles ahead, so that more bytes are in flight than registers could hold (76 registers at rg 4-8, against 114).
+rg - 1 tiles ahead, so that more bytes are in flight than registers could hold (76 registers at rg 4-8, against 114),
+and ``pb`` (prepared likewise, 0 by default) each next tile's rows by pointer increments where the per-tile address
+arithmetic took about 50 instructions of the tile's 250 in the SASS.
 
 Measured on an H200 (session 34, graph harness of ``bench_cuda_int.py``, batch 16, BF16 x; benchmarks/kernels/NOTES.md
 v35): 8.5 / 16.2 / 15.2 / 19.7 / 18.0 us on 4096x4096, 4096x11008, 11008x4096, 4096x14336, 14336x4096 against the
@@ -77,12 +79,33 @@ extern "C" __global__ void __launch_bounds__(NW * 32, 1) int_mma_x(
   int sc[SP];
 #pragma unroll
   for (int s = 0; s < SP; ++s) { vs[s] = s0 + s < NS; sc[s] = min(s0 + s, NS - 1); }
+#if PB
+  // pb: each next tile's rows by pointer increments (load_tile and issue_tile take the tiles in order, once each),
+  // the clamped rows only for a tile that reaches past N
+  const uint4* wrun = w + (size_t)(16 * T0 + g) * KU + t;
+  const u32* zrun = sz + (size_t)(16 * T0 + g) * NG;
+  auto tile_src = [&](int T, const uint4*& pa, const uint4*& pb, const u32*& ga, const u32*& gb) {
+    if (16 * T + 16 <= N) {
+      pa = wrun; pb = wrun + (size_t)8 * KU; ga = zrun; gb = zrun + (size_t)8 * NG;
+    } else {
+      const int ra = min(16 * T + g, N - 1), rbw = min(16 * T + g + 8, N - 1);
+      pa = w + (size_t)ra * KU + t; pb = w + (size_t)rbw * KU + t;
+      ga = sz + (size_t)ra * NG; gb = sz + (size_t)rbw * NG;
+    }
+    wrun += (size_t)16 * KU;
+    zrun += (size_t)16 * NG;
+  };
+#endif
   auto load_tile = [&](XTile& d, int T) {
     const int ra = min(16 * T + g, N - 1), rbw = min(16 * T + g + 8, N - 1);
 #if ABL & 4  // ablation (timing only, sp 1): the warp's 1 KB read as two 512-byte runs of one row, the block's 16 KB
             // a tile as 16 rows x its K range (nw 16)
     const uint4* pa = w + (size_t)min(16 * T + (warp & 15), N - 1) * KU + 4 * blockIdx.y * KSL + lane - 4 * sc[0];
     const uint4* pb = pa + 32;
+#elif PB
+    const uint4 *pa, *pb;
+    const u32 *ga, *gb;
+    tile_src(T, pa, pb, ga, gb);
 #else
     const uint4* pa = w + (size_t)ra * KU + t;
     const uint4* pb = w + (size_t)rbw * KU + t;
@@ -93,6 +116,9 @@ extern "C" __global__ void __launch_bounds__(NW * 32, 1) int_mma_x(
       d.qb[s] = vs[s] ? ldw(pb + 4 * sc[s]) : make_uint4(0, 0, 0, 0);
 #if ABL & 8  // ablation (timing only): no group words loaded
       d.za[s] = d.zb[s] = 0x3C000000u | (u32)s;
+#elif PB && !(ABL & 4)
+      d.za[s] = vs[s] ? __ldg(ga + sc[s] / SPG) : 0u;
+      d.zb[s] = vs[s] ? __ldg(gb + sc[s] / SPG) : 0u;
 #else
       d.za[s] = vs[s] ? __ldg(sz + (size_t)ra * NG + sc[s] / SPG) : 0u;
       d.zb[s] = vs[s] ? __ldg(sz + (size_t)rbw * NG + sc[s] / SPG) : 0u;
@@ -104,12 +130,23 @@ extern "C" __global__ void __launch_bounds__(NW * 32, 1) int_mma_x(
   uint4* rq = xring + (size_t)warp * RG * 64 + lane;
   u32* rz = (u32*)(xring + NW * RG * 64) + (size_t)warp * RG * 64 + lane;
   auto issue_tile = [&](int T, int d) {  // tile T's copies into slot d (nothing past K)
+#if PB
+    const uint4 *pa, *pb;
+    const u32 *ga, *gb;
+    tile_src(T, pa, pb, ga, gb);
+    if (!vs[0]) return;
+    xcp(rq + d * 64, pa + 4 * sc[0], 16);
+    xcp(rq + d * 64 + 32, pb + 4 * sc[0], 16);
+    xcp(rz + d * 64, ga + sc[0] / SPG, 4);
+    xcp(rz + d * 64 + 32, gb + sc[0] / SPG, 4);
+#else
     if (!vs[0]) return;
     const int ra = min(16 * T + g, N - 1), rbw = min(16 * T + g + 8, N - 1);
     xcp(rq + d * 64, w + (size_t)ra * KU + t + 4 * sc[0], 16);
     xcp(rq + d * 64 + 32, w + (size_t)rbw * KU + t + 4 * sc[0], 16);
     xcp(rz + d * 64, sz + (size_t)ra * NG + sc[0] / SPG, 4);
     xcp(rz + d * 64 + 32, sz + (size_t)rbw * NG + sc[0] / SPG, 4);
+#endif
   };
   // the first RG - 1 tiles' copies: they do not depend on the grid before (x does)
 #pragma unroll
@@ -255,7 +292,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, 1) int_mma_x(
 # nw warps per block, sp super-steps per warp, pf row tiles ahead, rb row tiles per block (0: see x_launch), gd PDL.
 # nw 16 sp 1 (114 registers, one block of 16 warps a SM) was the fastest form on an H200 at batch 16 (session 34: nw 8
 # sp 2 18-34% slower on the Llama shapes, two blocks of 8 warps a SM 6-40% slower; pf 1 and 3 within 1% of pf 2)
-X_DEFAULT = dict(nw=16, sp=1, pf=2, rb=0, gd=1, rg=0)
+X_DEFAULT = dict(nw=16, sp=1, pf=2, rb=0, gd=1, rg=0, pb=0)
 # (N, K) where the x kernel serves batches 9-16 on a 132-SM part (the w kernel everywhere else). On an H200 (session
 # 34, four calls with both kernels in each): 4096 x 4096 8.5 us against the w kernel's 9.4 (1.60-1.63x BF16 against
 # 1.45-1.46x), 4096 x 14336 19.6-20.0 against 20.1-20.3; at 4096 x 11008, 11008 x 4096 and 14336 x 4096 it was 1-9%
@@ -266,17 +303,20 @@ BROKEN: set = set()  # devices where compiling or launching failed once (the w k
 
 
 def source_x(xt: int, nw: int, sp: int, pf: int, nt: int, gs: int, sbf16: bool, gd: int = 0, abl: int = 0,
-             rg: int = 0) -> str:
+             rg: int = 0, pb: int = 0) -> str:
     """The x kernel's source. ``abl`` (timing only, wrong outputs): 1 no sum over the warps, 2 no decode or products,
     4 the words read in 512-byte runs of one row, 8 no group words loaded. ``rg`` 2-8 (with sp 1, abl 0 or 1): the
     tiles' words through a ring of that many slots per warp in shared memory, copied by cp.async rg - 1 tiles ahead
-    (pf unused); 0: straight into registers pf tiles ahead."""
+    (pf unused); 0: straight into registers pf tiles ahead. ``pb`` 1: each next tile's rows by pointer increments
+    (clamped rows only for a tile past N) instead of their addresses computed per tile, the same bytes."""
     assert nw in (1, 2, 4, 8, 16) and 1 <= sp <= 4 and 1 <= pf <= 4 and nt in (1, 2) and gd in (0, 1, 2), \
         (nw, sp, pf, nt, gd)
     assert rg == 0 or (2 <= rg <= 8 and sp == 1 and abl in (0, 1)), (rg, sp, abl)
     defs = dict(BITS=4, XT=xt, NW=nw, SP=sp, PF=pf, NT=nt, GS=gs, SBF16=int(sbf16), GD=int(gd), ABL=abl)
     if rg:
         defs["RG"] = rg
+    if pb:
+        defs["PB"] = 1
     return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + PRELUDE + _HELPERS + _W_TILE + _SRC_X
 
 
@@ -285,12 +325,12 @@ def x_launch(M: int, N: int, K: int, cfg: dict | None, sms: int) -> tuple[dict, 
     super-steps (gridDim.y), the row tiles into bands of rb; without a given rb, the fewest tiles per band that keep
     the grid within ``sms`` blocks (one per SM)."""
     c = dict(X_DEFAULT, **(cfg or {}))
-    for key in ("nw", "sp", "pf", "rb", "rg"):
+    for key in ("nw", "sp", "pf", "rb", "rg", "pb"):
         c[key] = int(c[key])
     if c["nw"] not in (1, 2, 4, 8, 16) or not 1 <= c["sp"] <= 4 or not 1 <= c["pf"] <= 4 or c["rb"] < 0 \
-            or (c["rg"] and not (2 <= c["rg"] <= 8 and c["sp"] == 1)):
+            or (c["rg"] and not (2 <= c["rg"] <= 8 and c["sp"] == 1)) or c["pb"] not in (0, 1):
         raise ValueError(f"cuda-int-mma-x: config {cfg} outside nw 1-16 (powers of 2), sp 1-4, pf 1-4, rb >= 0, "
-                         "rg 0 or 2-8 (with sp 1)")
+                         "rg 0 or 2-8 (with sp 1), pb 0 or 1")
     tiles, ns = -(-N // 16), K // 128
     gy = -(-ns // (c["nw"] * c["sp"]))
     if not c["rb"]:
@@ -332,8 +372,8 @@ def reserve_x(N: int, K: int, device: torch.device) -> None:
 
 @functools.lru_cache(maxsize=None)
 def _compiled_x(xt: int, nw: int, sp: int, pf: int, nt: int, gs: int, sbf16: bool, gd: int, abl: int, device: int,
-                rg: int = 0):
-    return _launcher(source_x(xt, nw, sp, pf, nt, gs, sbf16, gd, abl, rg), "int_mma_x", "cuda-int-mma-x", device)
+                rg: int = 0, pb: int = 0):
+    return _launcher(source_x(xt, nw, sp, pf, nt, gs, sbf16, gd, abl, rg, pb), "int_mma_x", "cuda-int-mma-x", device)
 
 
 def run_int_mma_x(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: dict | None = None,
@@ -345,7 +385,7 @@ def run_int_mma_x(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None, cfg: di
     c, (gx, gy) = x_launch(x2.shape[0], pk["N"], pk["K"], cfg, sm_count(dev))
     gd = pdl_mode(int(c.get("gd", 0)), sm90(dev))
     kern = _compiled_x(XT[x2.dtype], c["nw"], c["sp"], c["pf"], nt, pk["group"], bool(pk["sbf16"]), gd,
-                       int(c.get("abl", 0)), dev, c["rg"])
+                       int(c.get("abl", 0)), dev, c["rg"], c["pb"])
     scratch = _w_scratch(x2.device, gy * -(-pk["N"] // 16) * nt * 128, gx) if gy > 1 else None
     if gy > 1 and scratch is None:
         raise ValueError("cuda-int-mma-x: split-K scratch too small during CUDA graph capture (reserve_x)")
