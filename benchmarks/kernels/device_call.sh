@@ -286,7 +286,7 @@ final34)
   timeout 120 python3 benchmarks/kernels/bench_cuda_int.py --out "$OUT/c" --bits 4,2,3,8 --no-single --reps 20 2>&1 \
     | tee "$OUT/c/bench.log" | grep -E "^\|" ;;
 mmax)
-  [ -n "$NOTESTS" ] || PYTHONPATH=src:tests timeout "${T1:-120}" python3 -m pytest -q -x -p no:cacheprovider \
+  [ -n "$NOTESTS" ] || PYTHONPATH=src:tests timeout "${T1:-300}" python3 -m pytest -q -x -p no:cacheprovider \
     tests/test_kernels_cuda_int_mmax.py 2>&1 | tail -4 | tee "$OUT/tests.log"
   timeout "${T2:-360}" python3 benchmarks/kernels/bench_cuda_int.py --out "$OUT" --bits 4 --no-single --reps 20 \
     --shapes "${SH:-4096x4096,4096x11008,11008x4096,4096x14336,14336x4096}" --mma "${MB:-16}" --mma-lite \
