@@ -8,7 +8,7 @@ import torch
 from leanq.kernels import cuda_int as ci
 from leanq.kernels import cuda_int_mmax as cx
 
-from test_kernels_cuda_int import GPU, _gpu_case
+from test_kernels_cuda_int import GPU, _gpu_case, _layer
 
 
 @pytest.mark.parametrize("n,k,sms", [(4096, 4096, 132), (14336, 4096, 132), (4096, 14336, 132), (4096, 11008, 132),
@@ -44,6 +44,81 @@ def test_x_source_names_its_options():
     assert src.index("gdc_wait();") < src.index("uint2 xv[SP][8][NT];")  # x read only after the previous grid
     with pytest.raises(AssertionError):
         cx.source_x(2, 16, 2, 2, 2, 128, True, rg=4)  # the ring holds one super-step a tile
+
+
+def _x_out_index(i: int, lane: int, tile: int) -> tuple[int, int]:
+    """The x kernel's (row, batch column) of value i of a lane's C fragments in row tile ``tile`` (its formula)."""
+    return 16 * tile + (lane >> 2) + 8 * ((i >> 1) & 1), 8 * (i >> 2) + 2 * (lane & 3) + (i & 1)
+
+
+def _emulate_int_mma_x(x: torch.Tensor, pk: dict, nw: int, sp: int, rb: int, out_index=_x_out_index) -> torch.Tensor:
+    """The x kernel's structure in float64 on the CPU: blocks (row band, K block), warps owning super-steps (past K:
+    zero x), rows past N clamped, each warp's tile product placed in the mma C-fragment layout (value 4n + i' of lane
+    (g, t): row g + 8 (i' // 2), batch column 8n + 2t + i' % 2), the warps' values added in warp order per output o =
+    32 i + lane, the K blocks' slots added in slot order, and the outputs placed by ``out_index`` (the kernel's
+    formula unless a test passes another). The products of one super-step are taken in natural input order: their
+    order inside the super-step is the w kernel's (tile_wstep), checked by that kernel's emulation."""
+    M, K, N, G = x.shape[0], pk["K"], pk["N"], pk["group"]
+    w = ci.reference_rk(pk).double()  # (q - z) * scale, [N, K]
+    nt = 1 if M <= 8 else 2
+    ns, tiles = K // 128, -(-N // 16)
+    ksl = nw * sp
+    gx, gy = -(-tiles // rb), -(-ns // ksl)
+    xd = x.double()
+    part = torch.zeros(gy, tiles, 128 * nt, dtype=torch.float64)
+    for by in range(gy):
+        for bx in range(gx):
+            for tile in range(bx * rb, min(bx * rb + rb, tiles)):
+                rows = [min(16 * tile + r, N - 1) for r in range(16)]
+                vals = torch.zeros(nw, 4 * nt, 32, dtype=torch.float64)
+                for wp in range(nw):
+                    c = torch.zeros(16, 8 * nt, dtype=torch.float64)
+                    for s in range(sp):
+                        step = by * ksl + wp * sp + s
+                        if step >= ns:
+                            continue  # zero x: nothing added
+                        ks = slice(128 * step, 128 * step + 128)
+                        xb = torch.stack([xd[min(b, M - 1), ks] for b in range(8 * nt)])
+                        c += w[rows, ks] @ xb.t()
+                    for lane in range(32):
+                        g, t = lane >> 2, lane & 3
+                        for n in range(nt):
+                            for ii in range(4):
+                                vals[wp, 4 * n + ii, lane] = c[g + 8 * (ii >> 1), 8 * n + 2 * t + (ii & 1)]
+                y = torch.zeros(4 * nt, 32, dtype=torch.float64)
+                for wp in range(nw):  # warp order
+                    y += vals[wp]
+                part[by, tile] = y.reshape(-1)
+    out = torch.full((M, N), float("nan"), dtype=torch.float64)
+    total = part.sum(0) if gy > 1 else part[0]
+    for tile in range(tiles):
+        for o in range(128 * nt):
+            r, b = out_index(o >> 5, o & 31, tile)
+            if r < N and b < M:
+                out[b, r] = total[tile, o]
+    return out
+
+
+@pytest.mark.parametrize("n,k,m,cfg", [(40, 384, 16, (2, 1, 2)), (17, 256, 11, (1, 2, 1)), (33, 512, 5, (4, 1, 1)),
+                                       (24, 384, 3, (1, 1, 2))])
+def test_int_mma_x_structure_reproduces_the_product(n, k, m, cfg):
+    """The x kernel's index formulas emulated on the CPU rebuild x @ W^T: K blocks and warps past K, partial row
+    tiles, batches below 16; an output formula with row and batch halves swapped must fail the same check."""
+    layer = _layer(n, k, 4, 128, seed=3)
+    pk = ci.repack_rk(layer.qweight, layer.scales, layer.zeros, 4, False, k, 128)
+    x = torch.randn(m, k).to(torch.bfloat16)
+    ref = x.double() @ ci.reference_rk(pk).double().t()
+    got = _emulate_int_mma_x(x, pk, *cfg)
+    assert not got.isnan().any() and ((got - ref).norm() / ref.norm()).item() < 1e-9
+
+    def swapped(i, lane, tile):  # row half from bit 0, batch column's low bit from bit 1: a plausible slip
+        return 16 * tile + (lane >> 2) + 8 * (i & 1), 8 * (i >> 2) + 2 * (lane & 3) + ((i >> 1) & 1)
+
+    bad = _emulate_int_mma_x(x, pk, *cfg, out_index=swapped)
+    assert bad.isnan().any() or ((bad - ref).norm() / ref.norm()).item() > 1e-2
+    # the emulated formula is the kernel's, in both places it places outputs (a tile's sum and the split's)
+    formula = "+ (l >> 2) + 8 * ((i >> 1) & 1), b = 8 * (i >> 2) + 2 * (l & 3) + (i & 1);"
+    assert cx._SRC_X.count(formula) == 2
 
 
 @GPU
