@@ -963,15 +963,20 @@ def source_w(xt: int, rt: int, kw: int, nt: int, gs: int, sbf16: bool, pd: int =
     return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + PRELUDE + _HELPERS + wgmma + _SRC_W
 
 
-def supports_w(pk: dict, x2: torch.Tensor) -> bool:
-    """The w kernel's gate: 4-bit rk layouts with K and the group multiples of 128, 16-bit activations with
-    16-byte aligned rows, batches 2-16, on a GPU with mma.m16n8k16."""
+def gate_w(pk: dict, x2: torch.Tensor) -> bool:
+    """What the w kernel (and the x kernel, :mod:`leanq.kernels.cuda_int_mmax`) can compute: 4-bit rk layouts with K
+    and the group multiples of 128, 16-bit activations with 16-byte aligned rows, batches 2-16, on a GPU with
+    mma.m16n8k16."""
     M, K = x2.shape
     if not (2 <= M <= 16 and x2.is_cuda and x2.dtype in (torch.float16, torch.bfloat16) and pk["bits"] == 4
             and K % 128 == 0 and pk["group"] % 128 == 0 and x2.data_ptr() % 16 == 0 and x2.is_contiguous()):
         return False
-    dev = device_index(x2)
-    return dev not in _BROKEN_W and _has_mma(dev)
+    return _has_mma(device_index(x2))
+
+
+def supports_w(pk: dict, x2: torch.Tensor) -> bool:
+    """The w kernel's gate: :func:`gate_w`, on a device where it has not failed."""
+    return gate_w(pk, x2) and device_index(x2) not in _BROKEN_W
 
 
 _BROKEN_W: set = set()
@@ -1127,9 +1132,7 @@ def reserve_w(N: int, K: int, device: torch.device) -> None:
         _, (gx, gy) = w_launch(m, N, K, w_config(m, N, K, sms), sms)
         if gy > 1:
             _w_scratch(device, gy * N * 16, gx)
-    from . import cuda_int_mmax as cx
-
-    cx.reserve_x(N, K, device)
+    _cx.reserve_x(N, K, device)
 
 
 def try_int_mma(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None) -> torch.Tensor | None:
@@ -1137,18 +1140,16 @@ def try_int_mma(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None) -> torch.
     or launch warns once and sends that device's later calls to the caller's path."""
     try:
         if W_ON and supports_w(pk, x2):
-            from . import cuda_int_mmax as cx
-
-            if cx.chosen(pk, x2):  # the shapes where the x kernel measured faster (X_SHAPES)
+            if _cx.chosen(pk, x2):  # the shapes where the x kernel measured faster (X_SHAPES)
                 try:
-                    return cx.run_int_mma_x(x2, pk, bias)
+                    return _cx.run_int_mma_x(x2, pk, bias)
                 except ValueError:  # no scratch for its split during a capture: the w kernel serves this call
                     pass
                 except RuntimeError as e:
                     import warnings
 
                     warnings.warn(f"leanq: cuda-int-mma-x unavailable ({str(e)[:200]}); the w kernel serves")
-                    cx.BROKEN.add(device_index(x2))
+                    _cx.BROKEN.add(device_index(x2))
             try:
                 return run_int_mma_w(x2, pk, bias)
             except ValueError:  # no launch of it fits here (see run_int_mma_w): the first kernel serves this call
@@ -1167,3 +1168,8 @@ def try_int_mma(x2: torch.Tensor, pk: dict, bias: torch.Tensor | None) -> torch.
         warnings.warn(f"leanq: cuda-int-mma unavailable ({str(e)[:200]}); batches 2-16 dequantize")
         _BROKEN.add(device_index(x2))
         return None
+
+
+# the x kernel builds on this module (its tile code, gate, scratch and launch arguments): imported once everything
+# above is defined, so that either module may be imported first
+from . import cuda_int_mmax as _cx  # noqa: E402

@@ -41,7 +41,7 @@ import os
 
 import torch
 
-from .cuda_int_mma import _HELPERS, _W_TILE, _has_mma, _launcher, _w_scratch, split_args
+from .cuda_int_mma import _HELPERS, _W_TILE, _launcher, _w_scratch, gate_w, split_args
 from .cuda_rt import PRELUDE, XT, device_index, pdl_mode, sm90, sm_count
 
 _SRC_X = r"""
@@ -341,20 +341,13 @@ def x_launch(M: int, N: int, K: int, cfg: dict | None, sms: int) -> tuple[dict, 
     return c, (-(-tiles // c["rb"]), gy)
 
 
-def supports_x(pk: dict, x2: torch.Tensor) -> bool:
-    """The gate of the w kernel (4-bit rk layouts, K and the group multiples of 128, 16-bit x with 16-byte aligned
-    rows, batches 2-16, mma.m16n8k16)."""
-    M, K = x2.shape
-    if not (2 <= M <= 16 and x2.is_cuda and x2.dtype in (torch.float16, torch.bfloat16) and pk["bits"] == 4
-            and K % 128 == 0 and pk["group"] % 128 == 0 and x2.data_ptr() % 16 == 0 and x2.is_contiguous()):
-        return False
-    return _has_mma(device_index(x2))
+supports_x = gate_w  # what the x kernel computes is what the w kernel does
 
 
 def chosen(pk: dict, x2: torch.Tensor) -> bool:
-    """Whether batches 2-16 of this layer go to the x kernel: batches 9-16 of the shapes in :data:`X_SHAPES` on a
-    132-SM part, where :func:`supports_x` holds (``LEANQ_MMA_X=0`` turns it off)."""
-    if not (X_ON and 9 <= x2.shape[0] <= 16 and (pk["N"], pk["K"]) in X_SHAPES and supports_x(pk, x2)):
+    """Whether batches 2-16 of a layer that :func:`supports_x` takes go to the x kernel (the caller checks that):
+    batches 9-16 of the shapes in :data:`X_SHAPES` on a 132-SM part (``LEANQ_MMA_X=0`` turns it off)."""
+    if not (X_ON and 9 <= x2.shape[0] <= 16 and (pk["N"], pk["K"]) in X_SHAPES and x2.is_cuda):
         return False
     dev = device_index(x2)
     return dev not in BROKEN and sm_count(dev) == 132
